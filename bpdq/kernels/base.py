@@ -1,0 +1,90 @@
+"""The Kernel interface and dispatch (``kernel = "auto" | <registered name>``).
+
+A kernel computes ``y = x @ W_hat^T + bias`` for a :class:`~bpdq.linear.QuantLinear` directly from its
+packed buffers. ``supports(layer, x)`` returns ``None`` when the kernel can run the call, or a sentence
+saying why not. ``auto`` tries registered kernels by descending ``priority`` and takes the first that
+supports the call; the plain-PyTorch kernel (priority 0) supports everything and is the fallback. An
+explicit choice that cannot run raises :class:`KernelUnavailableError` with the reason.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from typing import TYPE_CHECKING, ClassVar
+
+import torch
+
+from bpdq.registry import KERNELS
+
+if TYPE_CHECKING:
+    from bpdq.linear import QuantLinear
+
+
+class KernelUnavailableError(RuntimeError):
+    """An explicitly requested kernel cannot run this call (the message says why)."""
+
+
+class Kernel(ABC):
+    name: ClassVar[str] = "<unregistered>"
+    #: ``auto`` prefers higher priorities.
+    priority: ClassVar[int] = 0
+
+    def supports(self, layer: "QuantLinear", x: torch.Tensor) -> str | None:
+        """``None`` if this kernel can compute ``layer(x)`` (``x`` is 2-D), else the reason it cannot."""
+        return None
+
+    def prepare(self, layer: "QuantLinear") -> object:
+        """Kernel-specific repacking of the layer's canonical buffers, computed once and cached on the layer.
+
+        The default keeps the canonical layout (returns ``None``).
+        """
+        return None
+
+    def packed(self, layer: "QuantLinear") -> object:
+        """Cached result of :meth:`prepare` for ``layer``."""
+        cache = layer._kernel_cache
+        if self.name not in cache:
+            cache[self.name] = self.prepare(layer)
+        return cache[self.name]
+
+    @abstractmethod
+    def forward(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        """``x: [M, in]`` -> ``[M, out]`` in ``x.dtype``, bias included."""
+
+
+_INSTANCES: dict[str, Kernel] = {}
+
+
+def get_kernel(name: str) -> Kernel:
+    """The (stateless, cached) instance of the kernel registered as ``name``."""
+    cls = KERNELS.get(name)
+    inst = _INSTANCES.get(name)
+    if inst is None or type(inst) is not cls:
+        inst = _INSTANCES[name] = cls()
+    return inst
+
+
+def check_kernel_name(name: object) -> str:
+    if not isinstance(name, str):
+        raise TypeError(f"kernel must be a string ('auto' or one of {KERNELS.names()}), got {type(name).__name__}")
+    if name != "auto":
+        KERNELS.get(name)  # raises with the known names
+    return name
+
+
+def select_kernel(choice: str, layer: "QuantLinear", x: torch.Tensor) -> Kernel:
+    """Resolve ``choice`` ("auto" or a name) to a kernel that can run ``layer(x)``."""
+    if choice != "auto":
+        kernel = get_kernel(choice)
+        reason = kernel.supports(layer, x)
+        if reason is not None:
+            raise KernelUnavailableError(f"kernel {choice!r} cannot run this layer: {reason}")
+        return kernel
+    reasons = []
+    for name in sorted(KERNELS.names(), key=lambda n: (-KERNELS.get(n).priority, n)):
+        kernel = get_kernel(name)
+        reason = kernel.supports(layer, x)
+        if reason is None:
+            return kernel
+        reasons.append(f"{name}: {reason}")
+    raise KernelUnavailableError("no registered kernel supports this call: " + "; ".join(reasons))

@@ -1,0 +1,225 @@
+"""QuantizedWeight: the one result type that travels from solver to kernel to checkpoint.
+
+Canonical layout (docs/format.md):
+- ``planes``: ``uint8[k, out, in // 8]``; bit ``j`` of byte ``b`` of plane ``i`` is bit ``i`` of the code
+  of input column ``8*b + j``;
+- ``coeffs``: ``float16[groups, k+1, out]``; ``coeffs[g, i, r]`` for ``i < k`` multiplies plane ``i`` in
+  group ``g`` of row ``r``, ``coeffs[g, k, r]`` is the offset ``c_0``.
+
+    W_hat[r, col] = coeffs[g, k, r] + sum_i coeffs[g, i, r] * bit_i(code[r, col]),   g = col // group_size
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+
+from bpdq.bits import codes_to_bits, pack_bits, unpack_bits
+from bpdq.grids.base import COEFF_DTYPE
+
+COEFF_BITS = 16
+
+_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def dtype_from_name(name: str) -> torch.dtype:
+    try:
+        return _DTYPES[name]
+    except KeyError:
+        raise ValueError(f"unsupported dtype {name!r}; allowed: {sorted(_DTYPES)}") from None
+
+
+@dataclass
+class SolveStats:
+    """What a solver reports about one layer."""
+
+    proxy_loss: float | None = None  # tr((W-Q) H (W-Q)^T), None without a Hessian
+    relative_loss: float | None = None  # proxy_loss / tr(W H W^T)
+    time_s: float = 0.0
+    best_iters: list[int] | None = None  # BPDQ: best iteration per group (original group order)
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "proxy_loss": self.proxy_loss,
+            "relative_loss": self.relative_loss,
+            "time_s": self.time_s,
+            "best_iters": self.best_iters,
+            **({"extra": self.extra} if self.extra else {}),
+        }
+
+
+@dataclass
+class QuantizedWeight:
+    """Packed bit-planes + coefficients of one linear layer's weight."""
+
+    planes: torch.Tensor
+    coeffs: torch.Tensor
+    group_size: int
+    shape: tuple[int, int]
+    dtype: torch.dtype = torch.float32
+    grid: dict[str, Any] = field(default_factory=dict)
+    solver: dict[str, Any] = field(default_factory=dict)
+    stats: SolveStats = field(default_factory=SolveStats)
+
+    def __post_init__(self) -> None:
+        self.shape = (int(self.shape[0]), int(self.shape[1]))
+        out, inp = self.shape
+        if self.planes.dtype != torch.uint8 or self.planes.dim() != 3:
+            raise ValueError(f"planes must be uint8[k, out, in/8], got {self.planes.dtype}{list(self.planes.shape)}")
+        k = self.planes.shape[0]
+        if not 1 <= k <= 8:
+            raise ValueError(f"number of planes must be in 1..8, got {k}")
+        if self.group_size <= 0 or self.group_size % 8 or inp % self.group_size:
+            raise ValueError(
+                f"group_size {self.group_size} must be a positive multiple of 8 dividing in_features {inp}"
+            )
+        if tuple(self.planes.shape) != (k, out, inp // 8):
+            raise ValueError(f"planes shape {tuple(self.planes.shape)} != expected {(k, out, inp // 8)}")
+        expected = (inp // self.group_size, k + 1, out)
+        if tuple(self.coeffs.shape) != expected:
+            raise ValueError(f"coeffs shape {tuple(self.coeffs.shape)} != expected {expected}")
+        if self.coeffs.dtype != COEFF_DTYPE:
+            raise ValueError(f"coeffs must be {COEFF_DTYPE}, got {self.coeffs.dtype}")
+
+    # ---- construction ---------------------------------------------------------------------------------
+
+    @classmethod
+    def from_codes(
+        cls,
+        codes: torch.Tensor,
+        coeffs: torch.Tensor,
+        *,
+        planes: int,
+        group_size: int,
+        dtype: torch.dtype = torch.float32,
+        grid: dict[str, Any] | None = None,
+        solver: dict[str, Any] | None = None,
+        stats: SolveStats | None = None,
+    ) -> "QuantizedWeight":
+        """Build from integer ``codes [out, in]`` and coefficients ``[out, groups, k+1]`` (solver layout).
+
+        Coefficients are rounded to fp16, their storage precision.
+        """
+        out, inp = codes.shape
+        if codes.min().item() < 0 or codes.max().item() >= 2**planes:
+            raise ValueError(f"codes must lie in [0, {2**planes}) for {planes} planes")
+        packed = pack_bits(codes_to_bits(codes, planes))
+        stored = coeffs.permute(1, 2, 0).contiguous().to(COEFF_DTYPE)
+        return cls(
+            planes=packed,
+            coeffs=stored,
+            group_size=group_size,
+            shape=(out, inp),
+            dtype=dtype,
+            grid=dict(grid or {}),
+            solver=dict(solver or {}),
+            stats=stats or SolveStats(),
+        )
+
+    # ---- views ----------------------------------------------------------------------------------------
+
+    @property
+    def k(self) -> int:
+        return self.planes.shape[0]
+
+    @property
+    def out_features(self) -> int:
+        return self.shape[0]
+
+    @property
+    def in_features(self) -> int:
+        return self.shape[1]
+
+    @property
+    def n_groups(self) -> int:
+        return self.shape[1] // self.group_size
+
+    @property
+    def bits_per_weight(self) -> float:
+        """``k + 16 (k+1) / g``: plane bits plus 16-bit coefficients amortised over a group."""
+        return self.k + COEFF_BITS * (self.k + 1) / self.group_size
+
+    @property
+    def nbytes(self) -> int:
+        return self.planes.numel() * self.planes.element_size() + self.coeffs.numel() * self.coeffs.element_size()
+
+    def bits(self) -> torch.Tensor:
+        """Unpacked planes ``uint8[k, out, in]``."""
+        return unpack_bits(self.planes)
+
+    def codes(self) -> torch.Tensor:
+        """Integer codes ``int64[out, in]``."""
+        b = self.bits().to(torch.int64)
+        weights = (1 << torch.arange(self.k, device=b.device)).view(-1, 1, 1)
+        return (b * weights).sum(0)
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The dense weight ``[out, in]`` (computed in fp32, then cast to ``dtype`` or the original dtype)."""
+        return dequantize_packed(self.planes, self.coeffs, self.group_size).to(dtype or self.dtype)
+
+    # ---- serialisation --------------------------------------------------------------------------------
+
+    def metadata(self) -> dict[str, Any]:
+        return {
+            "planes": self.k,
+            "group_size": self.group_size,
+            "shape": list(self.shape),
+            "dtype": dtype_name(self.dtype),
+            "grid": self.grid,
+            "solver": self.solver,
+        }
+
+    def to_tensors(self) -> tuple[dict[str, torch.Tensor], str]:
+        """``({"planes": ..., "coeffs": ...}, metadata_json)``: lossless, see :meth:`from_tensors`."""
+        return {"planes": self.planes, "coeffs": self.coeffs}, json.dumps(self.metadata(), sort_keys=True)
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], metadata: str | dict[str, Any]) -> "QuantizedWeight":
+        meta = json.loads(metadata) if isinstance(metadata, str) else metadata
+        missing = {"planes", "coeffs"} - set(tensors)
+        if missing:
+            raise ValueError(f"quantized weight is missing tensors {sorted(missing)}")
+        qw = cls(
+            planes=tensors["planes"],
+            coeffs=tensors["coeffs"],
+            group_size=int(meta["group_size"]),
+            shape=tuple(meta["shape"]),
+            dtype=dtype_from_name(meta["dtype"]),
+            grid=meta.get("grid", {}),
+            solver=meta.get("solver", {}),
+        )
+        if qw.k != int(meta["planes"]):
+            raise ValueError(f"planes tensor has {qw.k} planes but metadata says {meta['planes']}")
+        return qw
+
+    def __repr__(self) -> str:
+        return (
+            f"QuantizedWeight(shape={self.shape}, k={self.k}, group_size={self.group_size}, "
+            f"bpw={self.bits_per_weight:.3f}, grid={self.grid.get('type')}, solver={self.solver.get('type')})"
+        )
+
+
+def dequantize_packed(planes: torch.Tensor, coeffs: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Reference dequantization of the canonical layout to fp32 ``[out, in]``.
+
+    With fp16 coefficients every partial sum of a uniform grid is ``s * integer`` (exact in fp32), so a
+    uniform result dequantizes bit-for-bit like ``s * (q - z)``.
+    """
+    k, out, _ = planes.shape
+    bits = unpack_bits(planes).to(torch.float32)  # [k, out, in]
+    n_groups = coeffs.shape[0]
+    bits = bits.view(k, out, n_groups, group_size)
+    c = coeffs.to(torch.float32).permute(1, 2, 0).unsqueeze(-1)  # [k+1, out, groups, 1]
+    w = torch.empty(out, n_groups, group_size, dtype=torch.float32, device=planes.device)
+    w.copy_(c[k].expand(out, n_groups, group_size))
+    for i in range(k):
+        w.addcmul_(bits[i], c[i])
+    return w.view(out, n_groups * group_size)
