@@ -1,0 +1,188 @@
+"""Pydantic configuration of a quantization run: the per-module ``Recipe``, the ``Rule`` s that pick or
+override it by module name, and the ``CalibrationConfig``.
+
+Grids and solvers are given as registered names, ``{"type": name, **options}`` dicts or instances (as in
+:func:`bpdq.quantize_weight`); a recipe normalises them to dicts and validates them by building them through
+the registries, so an unknown name or option is an error naming the field.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any, Iterable
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from bpdq.grids.base import Grid
+from bpdq.kernels.base import check_kernel_name
+from bpdq.solvers.base import Solver
+
+DEFAULT_GRID: dict[str, Any] = {"type": "bitplane", "planes": 2}
+DEFAULT_SOLVER: dict[str, Any] = {"type": "bpdq"}
+
+
+class ConfigModel(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _numeric_strings(value: Any) -> Any:
+    """YAML 1.1 reads ``1e-4`` as a string: turn numeric-looking strings (recursively) into numbers."""
+    if isinstance(value, dict):
+        return {k: _numeric_strings(v) for k, v in value.items()}
+    if isinstance(value, str):
+        for cast in (int, float):
+            try:
+                return cast(value)
+            except ValueError:
+                continue
+    return value
+
+
+def normalize_spec(spec: Any, kind: str) -> dict[str, Any]:
+    """A grid/solver spec (name, dict, instance) as a validated ``{"type": name, **options}`` dict."""
+    from bpdq.api import build_grid, build_solver
+
+    builder, base = (build_grid, Grid) if kind == "grid" else (build_solver, Solver)
+    if isinstance(spec, dict):
+        spec = {k: (v if k == "type" else _numeric_strings(v)) for k, v in spec.items()}
+    elif not isinstance(spec, (str, base)):
+        raise TypeError(f"{kind} must be a registered name, a dict with 'type', or a {base.__name__} instance")
+    return builder(spec).to_config()
+
+
+def _check_group_size(value: int | None) -> int | None:
+    if value is not None and (value <= 0 or value % 8):
+        raise ValueError(f"group_size must be a positive multiple of 8 (e.g. 32, 64, 128), got {value}")
+    return value
+
+
+class Recipe(ConfigModel):
+    """How one linear layer is quantized."""
+
+    group_size: int = Field(default=64, description="columns per group sharing coefficients (multiple of 8)")
+    grid: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_GRID))
+    solver: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_SOLVER))
+    kernel: str = "auto"
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int) -> int:
+        return _check_group_size(value)  # type: ignore[return-value]
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid(cls, value: Any) -> dict[str, Any]:
+        return normalize_spec(value, "grid")
+
+    @field_validator("solver", mode="before")
+    @classmethod
+    def _solver(cls, value: Any) -> dict[str, Any]:
+        return normalize_spec(value, "solver")
+
+    @field_validator("kernel")
+    @classmethod
+    def _kernel(cls, value: str) -> str:
+        return check_kernel_name(value)
+
+    def build_grid(self) -> Grid:
+        from bpdq.api import build_grid
+
+        return build_grid(dict(self.grid))
+
+    def build_solver(self) -> Solver:
+        from bpdq.api import build_solver
+
+        return build_solver(dict(self.solver))
+
+
+class Rule(ConfigModel):
+    """Per-module override: ``match`` is a regex matched with ``re.fullmatch`` against module names
+    (e.g. ``model.layers.0.self_attn.q_proj``); ``skip`` leaves the module in full precision; other fields
+    replace the recipe's (``None`` = inherit)."""
+
+    match: str
+    skip: bool = False
+    group_size: int | None = None
+    grid: dict[str, Any] | None = None
+    solver: dict[str, Any] | None = None
+    kernel: str | None = None
+
+    @field_validator("match")
+    @classmethod
+    def _match(cls, value: str) -> str:
+        try:
+            re.compile(value)
+        except re.error as exc:
+            raise ValueError(f"match is not a valid regular expression ({exc}): {value!r}") from None
+        return value
+
+    @field_validator("group_size")
+    @classmethod
+    def _group_size(cls, value: int | None) -> int | None:
+        return _check_group_size(value)
+
+    @field_validator("grid", mode="before")
+    @classmethod
+    def _grid(cls, value: Any) -> dict[str, Any] | None:
+        return None if value is None else normalize_spec(value, "grid")
+
+    @field_validator("solver", mode="before")
+    @classmethod
+    def _solver(cls, value: Any) -> dict[str, Any] | None:
+        return None if value is None else normalize_spec(value, "solver")
+
+    @field_validator("kernel")
+    @classmethod
+    def _kernel(cls, value: str | None) -> str | None:
+        return None if value is None else check_kernel_name(value)
+
+    def matches(self, name: str) -> bool:
+        return re.fullmatch(self.match, name) is not None
+
+    def apply(self, recipe: Recipe) -> Recipe | None:
+        """The recipe with this rule's overrides, or ``None`` when the rule skips the module."""
+        if self.skip:
+            return None
+        overrides = {
+            k: getattr(self, k) for k in ("group_size", "grid", "solver", "kernel") if getattr(self, k) is not None
+        }
+        return recipe.model_copy(update=overrides) if overrides else recipe
+
+
+class CalibrationConfig(ConfigModel):
+    """Calibration text (a ``.txt``/``.jsonl`` path, a directory of those, or ``builtin:NAME``) and how many
+    windows of how many tokens to draw from it with which seed."""
+
+    text: str = "builtin:python-docs"
+    samples: int = Field(default=128, ge=1, le=100_000)
+    seq_len: int = Field(default=512, ge=2, le=1_000_000)
+    seed: int = Field(default=0, ge=0)
+
+
+def as_recipe(recipe: Recipe | dict[str, Any]) -> Recipe:
+    if isinstance(recipe, Recipe):
+        return recipe
+    if isinstance(recipe, dict):
+        return Recipe(**recipe)
+    raise TypeError(f"recipe must be a Recipe or a dict, got {type(recipe).__name__}")
+
+
+def as_rules(rules: Iterable[Rule | dict[str, Any]]) -> tuple[Rule, ...]:
+    if isinstance(rules, (str, dict, Rule)):
+        raise TypeError("rules must be a list of Rule objects or dicts")
+    out = []
+    for rule in rules:
+        if isinstance(rule, dict):
+            rule = Rule(**rule)
+        if not isinstance(rule, Rule):
+            raise TypeError(f"each rule must be a Rule or a dict, got {type(rule).__name__}")
+        out.append(rule)
+    return tuple(out)
+
+
+def resolve_recipe(name: str, recipe: Recipe, rules: Iterable[Rule] = ()) -> Recipe | None:
+    """The recipe for module ``name``: the first matching rule applied to ``recipe`` (``None`` = skip)."""
+    for rule in rules:
+        if rule.matches(name):
+            return rule.apply(recipe)
+    return recipe
