@@ -89,7 +89,7 @@ def check_weight(weight: object, group_size: object) -> None:
             f"layer: {divisors}"
         )
     if not torch.isfinite(weight).all():
-        raise ValueError("weight contains NaN or Inf values")
+        raise ValueError("weight contains NaN or Inf values; all entries must be finite")
 
 
 def check_hessian(hessian: object, in_features: int) -> None:
@@ -100,7 +100,7 @@ def check_hessian(hessian: object, in_features: int) -> None:
             f"hessian must be [in_features, in_features] = [{in_features}, {in_features}], got {tuple(hessian.shape)}"
         )
     if not torch.isfinite(hessian).all():
-        raise ValueError("hessian contains NaN or Inf values")
+        raise ValueError("hessian contains NaN or Inf values; all entries must be finite")
 
 
 def group_rows(W: torch.Tensor, group_size: int) -> torch.Tensor:
