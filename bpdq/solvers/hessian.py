@@ -1,8 +1,13 @@
-"""Hessian tools of the GPTQ family: streaming accumulation of ``H = 2/n * sum x x^T``."""
+"""Hessian tools of the GPTQ family: streaming accumulation of ``H = 2/n * sum x x^T``, dead-input
+handling, damping and the upper Cholesky factor of the inverse Hessian."""
 
 from __future__ import annotations
 
+import logging
+
 import torch
+
+logger = logging.getLogger(__name__)
 
 
 class HessianAccumulator:
@@ -24,7 +29,9 @@ class HessianAccumulator:
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
-        if x.shape[-1] != self.in_features:
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(f"inputs must be a torch.Tensor, got {type(x).__name__}")
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(f"inputs must end in in_features={self.in_features}, got shape {tuple(x.shape)}")
         x2 = x.detach().reshape(-1, self.in_features)
         if x2.shape[0] == 0:
@@ -40,4 +47,73 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         if self._sum is None or self.n == 0:
             raise ValueError("no calibration inputs were accumulated; the Hessian is undefined")
-        return self._sum * (2.0 / self.n)
+        H = self._sum * (2.0 / self.n)
+        if not torch.isfinite(H).all():
+            raise ValueError("the accumulated Hessian contains NaN or Inf values (non-finite calibration inputs?)")
+        return H
+
+
+def check_hessian_matrix(H: object, in_features: int | None = None) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``H`` is a finite square float matrix (of ``in_features``)."""
+    if not isinstance(H, torch.Tensor):
+        raise TypeError(f"hessian must be a torch.Tensor, got {type(H).__name__}")
+    if not H.is_floating_point():
+        raise TypeError(f"hessian must be floating point, got {H.dtype}")
+    n = H.shape[0] if H.dim() == 2 else -1
+    if H.dim() != 2 or H.shape[1] != n or (in_features is not None and n != in_features):
+        want = f"[{in_features}, {in_features}]" if in_features is not None else "square [n, n]"
+        raise ValueError(f"hessian must be {want}, got shape {tuple(H.shape)}")
+    if not torch.isfinite(H).all():
+        raise ValueError("hessian contains NaN or Inf values")
+
+
+def fix_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Dead inputs (``H_jj == 0``, never active in calibration): ``H_jj = 1`` and ``W[:, j] = 0``.
+
+    Returns new ``(W, H, n_dead)``; the inputs are not modified.
+    """
+    check_hessian_matrix(H, W.shape[1])
+    dead = torch.diagonal(H) == 0
+    n_dead = int(dead.sum())
+    if not n_dead:
+        return W, H, 0
+    H = H.clone()
+    H[dead, dead] = 1.0
+    W = W.clone()
+    W[:, dead] = 0.0
+    return W, H, n_dead
+
+
+def inverse_cholesky(
+    H: torch.Tensor, damp: float = 0.01, *, max_retries: int = 6, growth: float = 10.0
+) -> tuple[torch.Tensor, float, int]:
+    """Upper Cholesky factor ``U`` of the damped inverse Hessian: ``(H + lam * mean(diag H) I)^-1 = U^T U``.
+
+    ``lam`` starts at ``damp``; when a factorization fails (rank-deficient or indefinite ``H``) it is
+    multiplied by ``growth`` and retried, up to ``max_retries`` times, with a logged warning each time.
+    Returns ``(U, lam_used, retries)``; raises ``ValueError`` when every attempt fails.
+    """
+    check_hessian_matrix(H)
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    n = H.shape[0]
+    mean_diag = float(torch.diagonal(H).mean())
+    scale = mean_diag if mean_diag > 0 else 1.0
+    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    lam = damp
+    for attempt in range(max_retries + 1):
+        L, info = torch.linalg.cholesky_ex(H + (lam * scale) * eye)
+        if int(info) == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if int(info) == 0 and torch.isfinite(U).all():
+                return U, lam, attempt
+        if attempt < max_retries:
+            new_lam = lam * growth if lam > 0 else 1e-6
+            logger.warning(
+                "Cholesky factorization of the Hessian failed at damp=%.3g; retrying with damp=%.3g", lam, new_lam
+            )
+            lam = new_lam
+    raise ValueError(
+        f"the Hessian could not be factorized even with damp={lam:.3g} after {max_retries} retries; "
+        "check the calibration data (is the Hessian symmetric positive semi-definite?)"
+    )
