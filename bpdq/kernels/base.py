@@ -33,6 +33,13 @@ class Kernel(ABC):
         """``None`` if this kernel can compute ``layer(x)`` (``x`` is 2-D), else the reason it cannot."""
         return None
 
+    def auto_excluded(self, layer: "QuantLinear", x: torch.Tensor) -> str | None:
+        """Why ``auto`` should skip this kernel for a call it supports (``None``: ``auto`` may pick it).
+
+        For kernels that can run somewhere only for testing (Triton under ``TRITON_INTERPRET=1`` on the CPU).
+        """
+        return None
+
     def prepare(self, layer: "QuantLinear") -> object:
         """Kernel-specific repacking of the layer's canonical buffers, computed once and cached on the layer.
 
@@ -83,7 +90,7 @@ def select_kernel(choice: str, layer: "QuantLinear", x: torch.Tensor) -> Kernel:
     reasons = []
     for name in sorted(KERNELS.names(), key=lambda n: (-KERNELS.get(n).priority, n)):
         kernel = get_kernel(name)
-        reason = kernel.supports(layer, x)
+        reason = kernel.supports(layer, x) or kernel.auto_excluded(layer, x)
         if reason is None:
             return kernel
         reasons.append(f"{name}: {reason}")

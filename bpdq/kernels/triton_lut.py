@@ -1,0 +1,177 @@
+"""Triton lookup-table GEMV (``triton_lut``): ``y = x W_hat^T + bias`` for decode (``M <= 8`` tokens).
+
+With ``W = c_0 + sum_i c_i B_i`` (per row and group), a byte of plane ``i`` covers 8 inputs, and
+``B_i x`` over those 8 inputs is one of 256 subset sums of ``x``. Two launches:
+
+1. ``build_tables``: for every token and every chunk of 8 inputs, the 256 subset sums ``T[m, chunk, byte]``
+   (fp32); ``T[m, chunk, 255]`` is the chunk's sum, so group sums of ``x`` come from the same table.
+2. ``lut_gemv``: a program owns ``BN`` rows and a range of groups (split-K when there are few row blocks);
+   per group and plane it loads the rows' plane bytes, gathers ``T[m, chunk, byte]``, sums over the group's
+   chunks and combines: ``y[m, r] += sum_i c_i[r] * sum_chunks T + c_0[r] * sum(x_group)``.
+
+Every weight costs a table lookup instead of a multiply and memory traffic stays at ``k`` bits per weight.
+All arithmetic is fp32; the result is cast to the activations' dtype. The planes are repacked once per layer
+(cached, see :meth:`Kernel.packed`) to ``uint8[groups, k, out, g/8]`` so a block of rows' bytes for one
+group and plane is contiguous. Limits: as ``triton_gemm`` (1-4 planes, g in 32..256), plus ``M <= 8``.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from bpdq.kernels import _triton
+from bpdq.kernels.base import Kernel
+from bpdq.registry import KERNELS
+
+if TYPE_CHECKING:
+    from bpdq.linear import QuantLinear
+
+#: Largest number of tokens the LUT kernel takes; ``auto`` switches to ``triton_gemm`` above it.
+MAX_TOKENS = 8
+#: Chunks per table-building program.
+_TABLE_CHUNKS = 16
+#: Upper bound on the gathered ``[BM, BN, g/8]`` block, to keep it in registers.
+_GATHER_ELEMS = 4096
+
+
+@KERNELS.register("triton_lut")
+class TritonLutKernel(Kernel):
+    #: Highest: on CUDA, ``auto`` picks it whenever ``M <= 8``.
+    priority = 20
+
+    def supports(self, layer: "QuantLinear", x: torch.Tensor) -> str | None:
+        if x.shape[0] > MAX_TOKENS:
+            return f"the LUT kernel takes at most {MAX_TOKENS} tokens, got M={x.shape[0]}"
+        return _triton.call_reason(layer, x)
+
+    def auto_excluded(self, layer: "QuantLinear", x: torch.Tensor) -> str | None:
+        return _triton.auto_reason(x)
+
+    def prepare(self, layer: "QuantLinear") -> torch.Tensor:
+        return group_major_planes(layer.planes, layer.group_size)
+
+    def forward(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+        return lut_gemv(x, self.packed(layer), layer.coeffs, layer.bias)
+
+
+def group_major_planes(planes: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Canonical ``uint8[k, out, in/8]`` -> ``uint8[groups, k, out, g/8]`` (same bytes, group-major)."""
+    k, n, kb = planes.shape
+    cpg = group_size // 8
+    return planes.view(k, n, kb // cpg, cpg).permute(2, 0, 1, 3).contiguous()
+
+
+def split_count(row_blocks: int, groups: int, device: torch.device) -> int:
+    """How many ranges of groups to split the reduction into so that the GPU has enough programs."""
+    if device.type == "cuda":
+        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+    else:  # the interpreter: still exercise the split path on small layers
+        target = 4
+    return max(1, min(groups, _triton.cdiv(target, row_blocks)))
+
+
+def lut_gemv(x: torch.Tensor, planes_gm: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """Launch both kernels for ``x: [M, in]`` with group-major planes (see :func:`group_major_planes`)."""
+    groups, k, n, cpg = planes_gm.shape
+    m, kdim = x.shape
+    if m > MAX_TOKENS:
+        raise ValueError(f"lut_gemv takes at most {MAX_TOKENS} tokens, got {m}")
+    if kdim != groups * cpg * 8:
+        raise ValueError(f"x has {kdim} features but the planes hold {groups * cpg * 8}")
+    y = torch.empty(m, n, dtype=x.dtype, device=x.device)
+    if m == 0:
+        return y
+    kernels = _kernels()
+    x = x.contiguous()
+    chunks = kdim // 8
+    tables = torch.empty(m, chunks, 256, dtype=torch.float32, device=x.device)
+    kernels["tables"][(m, _triton.cdiv(chunks, _TABLE_CHUNKS))](x, tables, chunks, BC=_TABLE_CHUNKS)
+
+    bm = _triton.next_pow2(m)
+    bn = max(16, min(128, _GATHER_ELEMS // (bm * cpg)))
+    row_blocks = _triton.cdiv(n, bn)
+    splits = split_count(row_blocks, groups, x.device)
+    per_split = _triton.cdiv(groups, splits)
+    splits = _triton.cdiv(groups, per_split)
+    out = y if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
+    kernels["gemv"][(row_blocks, splits)](
+        tables,
+        planes_gm,
+        coeffs.contiguous(),
+        bias if bias is not None and splits == 1 else out,
+        out,
+        m,
+        n,
+        groups,
+        per_split,
+        KP=k,
+        CPG=cpg,
+        BM=bm,
+        BN=bn,
+        HAS_BIAS=bias is not None and splits == 1,
+    )
+    if splits == 1:
+        return y
+    total = out.sum(0)
+    if bias is not None:
+        total += bias.to(torch.float32)
+    return y.copy_(total)
+
+
+@_triton.lazy_jit
+def _kernels() -> Any:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def build_tables(x_ptr, t_ptr, C, BC: tl.constexpr):
+        m = tl.program_id(0)
+        offs_c = tl.program_id(1) * BC + tl.arange(0, BC)
+        c_mask = offs_c < C
+        subset = tl.arange(0, 256)
+        x_row = x_ptr + m.to(tl.int64) * C * 8 + offs_c * 8
+        t = tl.zeros([BC, 256], dtype=tl.float32)
+        for j in tl.static_range(8):
+            xj = tl.load(x_row + j, mask=c_mask, other=0.0).to(tl.float32)
+            t += tl.where(((subset >> j) & 1)[None, :] != 0, xj[:, None], 0.0)
+        t_ptrs = t_ptr + (m.to(tl.int64) * C + offs_c)[:, None] * 256 + subset[None, :]
+        tl.store(t_ptrs, t, mask=c_mask[:, None])
+
+    @triton.jit
+    def lut_gemv(
+        t_ptr, planes_ptr, coeffs_ptr, bias_ptr, y_ptr, M, N, G, GPS,
+        KP: tl.constexpr, CPG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+    ):  # fmt: skip
+        offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
+        split = tl.program_id(1)
+        offs_m = tl.arange(0, BM)
+        offs_j = tl.arange(0, CPG)
+        n_mask = offs_n < N
+        m_mask = offs_m < M
+        t_rows = t_ptr + offs_m.to(tl.int64) * (G * CPG * 256)  # [BM]
+        acc = tl.zeros([BM, BN], dtype=tl.float32)
+        g_end = tl.minimum(G, (split + 1) * GPS)
+        for g in range(split * GPS, g_end):
+            chunk_base = t_rows[:, None] + ((g * CPG + offs_j) * 256)[None, :]  # [BM, CPG]
+            x_sum = tl.sum(tl.load(chunk_base + 255, mask=m_mask[:, None], other=0.0), axis=1)  # [BM]
+            c_grp = coeffs_ptr + g * (KP + 1) * N + offs_n
+            c0 = tl.load(c_grp + KP * N, mask=n_mask, other=0.0).to(tl.float32)
+            acc += x_sum[:, None] * c0[None, :]
+            for i in tl.static_range(KP):
+                rows = (g * KP + i) * N + offs_n
+                byte = tl.load(planes_ptr + rows[:, None] * CPG + offs_j[None, :], mask=n_mask[:, None], other=0)
+                vals = tl.load(
+                    chunk_base[:, None, :] + byte.to(tl.int32)[None, :, :],
+                    mask=m_mask[:, None, None] & n_mask[None, :, None],
+                    other=0.0,
+                )  # [BM, BN, CPG]
+                ci = tl.load(c_grp + i * N, mask=n_mask, other=0.0).to(tl.float32)
+                acc += tl.sum(vals, axis=2) * ci[None, :]
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        y_ptrs = y_ptr + (split * M + offs_m)[:, None] * N + offs_n[None, :]
+        tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
+
+    return {"tables": build_tables, "gemv": lut_gemv}
