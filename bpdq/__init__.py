@@ -11,6 +11,11 @@ from bpdq.kernels import Kernel, KernelUnavailableError  # noqa: E402
 from bpdq.linear import QuantLinear  # noqa: E402
 from bpdq.quantized import QuantizedWeight, SolveStats  # noqa: E402
 from bpdq.solvers import RTN, Solver  # noqa: E402
+from bpdq import models  # noqa: E402,F401  (register the built-in model adapters)
+from bpdq.checkpoint import load, save  # noqa: E402
+from bpdq.config import CalibrationConfig, Recipe, Rule  # noqa: E402
+from bpdq.pipeline import quantize_model  # noqa: E402
+from bpdq.report import RunReport  # noqa: E402
 
 __all__ = [
     "ADAPTERS",
@@ -19,11 +24,15 @@ __all__ = [
     "SOLVERS",
     "RTN",
     "BitPlaneGrid",
+    "CalibrationConfig",
     "Grid",
     "Kernel",
     "KernelUnavailableError",
     "QuantLinear",
     "QuantizedWeight",
+    "Recipe",
+    "Rule",
+    "RunReport",
     "Registry",
     "SolveStats",
     "Solver",
@@ -32,5 +41,8 @@ __all__ = [
     "__version__",
     "build_grid",
     "build_solver",
+    "load",
+    "quantize_model",
     "quantize_weight",
+    "save",
 ]

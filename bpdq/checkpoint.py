@@ -1,0 +1,199 @@
+"""bpdq checkpoints: save a quantized model to a directory and load it back.
+
+A checkpoint directory holds ``config.json`` (the model config with a ``quantization_config``:
+``quant_method: "bpdq"``, ``format_version``, ``bpdq_version`` and a ``modules`` table giving every
+QuantLinear's planes, group size, bias, kernel, grid and solver), ``model.safetensors`` (``<module>.planes``,
+``<module>.coeffs``, ``<module>.bias`` of every QuantLinear plus every unquantized tensor; a tied weight is
+stored once), the tokenizer files and ``bpdq_report.json``. It is written to a temporary directory beside
+the target and renamed into place, so an interrupted save leaves no half checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from bpdq.linear import QuantLinear
+from bpdq.report import REPORT_FILE, RunReport
+
+QUANT_METHOD = "bpdq"
+FORMAT_VERSION = 1
+WEIGHTS_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+MODULE_FIELDS = {"planes", "group_size", "bias", "kernel", "grid", "solver"}
+
+
+def quantization_config(model: nn.Module, recipes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
+    """The ``quantization_config`` describing ``model``'s QuantLinear modules.
+
+    ``recipes`` gives each module's grid/solver; modules it lacks keep those of the model's current bpdq
+    ``quantization_config`` (a loaded checkpoint saved again keeps its metadata).
+    """
+    from bpdq import __version__
+
+    previous = getattr(getattr(model, "config", None), "quantization_config", None)
+    known = previous.get("modules", {}) if isinstance(previous, dict) and previous.get("quant_method") == QUANT_METHOD else {}
+    recipes = recipes or {}
+    modules = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantLinear):
+            entry = {"planes": m.k, "group_size": m.group_size, "bias": m.bias is not None, "kernel": m.kernel}
+            source = recipes.get(name) or known.get(name, {})
+            entry.update({k: source[k] for k in ("grid", "solver") if k in source})
+            modules[name] = entry
+    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bpdq_version": __version__, "modules": modules}
+
+
+def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """``model``'s state dict with every tensor once (a tied weight keeps its first name)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, t in model.state_dict(keep_vars=True).items():
+        if id(t) in seen:
+            continue
+        seen.add(id(t))
+        out[name] = t
+    return out
+
+
+def _config_dict(model: nn.Module) -> dict[str, Any]:
+    config = model.config.to_dict()
+    config["quantization_config"] = quantization_config(model)
+    if not config.get("architectures"):
+        config["architectures"] = [type(model).__name__]
+    return config
+
+
+def save(model: nn.Module, tokenizer: Any, directory: str | Path, *, report: RunReport | None = None, overwrite: bool = False) -> Path:
+    """Write ``model`` (with its QuantLinear modules), ``tokenizer`` and ``report`` to ``directory``."""
+    from safetensors.torch import save_file
+
+    target = Path(directory).expanduser()
+    if target.exists() and not target.is_dir():
+        raise FileExistsError(f"{target} exists and is not a directory")
+    if target.is_dir() and any(target.iterdir()) and not overwrite:
+        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    if report is not None and not isinstance(report, RunReport):
+        raise TypeError(f"report must be a RunReport or None, got {type(report).__name__}")
+    config = _config_dict(model)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    try:
+        tensors = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
+        tokenizer.save_pretrained(str(tmp))
+        if report is not None:
+            report.checkpoint_bytes = (tmp / WEIGHTS_FILE).stat().st_size
+            report.write(tmp / REPORT_FILE)
+        if target.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
+            target.rename(old / "previous")
+            tmp.rename(target)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return target
+
+
+def check_quantization_config(qc: Any) -> dict[str, dict[str, Any]]:
+    """Validate a checkpoint's ``quantization_config``; return its ``modules`` table."""
+    if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
+        method = qc.get("quant_method") if isinstance(qc, dict) else None
+        raise ValueError(f"not a bpdq checkpoint: quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
+    if qc.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"unsupported quantization_config.format_version {qc.get('format_version')!r}; this bpdq reads {FORMAT_VERSION}"
+        )
+    modules = qc.get("modules")
+    if not isinstance(modules, dict):
+        raise ValueError("quantization_config.modules must be an object mapping module names to their settings")
+    for name, entry in modules.items():
+        if not isinstance(entry, dict):
+            raise ValueError(f"quantization_config.modules[{name!r}] must be an object")
+        unknown = set(entry) - MODULE_FIELDS
+        if unknown:
+            raise ValueError(f"quantization_config.modules[{name!r}] has unknown fields {sorted(unknown)}; allowed {sorted(MODULE_FIELDS)}")
+        for key in ("planes", "group_size"):
+            if not isinstance(entry.get(key), int) or isinstance(entry.get(key), bool):
+                raise ValueError(f"quantization_config.modules[{name!r}].{key} must be an integer, got {entry.get(key)!r}")
+    return modules
+
+
+def replace_linears(model: nn.Module, modules: dict[str, dict[str, Any]], *, kernel: str | None = None) -> None:
+    """Swap the ``nn.Linear`` named in ``modules`` (a checkpoint's table) for empty QuantLinear modules of
+    the same shape, on the linear's device (``meta`` included). ``kernel`` overrides the stored kernel."""
+    for name, entry in modules.items():
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"quantization_config names module {name!r}, which the model does not have") from None
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"quantization_config names {name!r}, a {type(linear).__name__}, not an nn.Linear")
+        try:
+            q = QuantLinear(
+                linear.in_features,
+                linear.out_features,
+                planes=entry["planes"],
+                group_size=entry["group_size"],
+                bias=linear.bias is not None,
+                dtype=linear.weight.dtype,
+                kernel=kernel or entry.get("kernel", "auto"),
+                device=linear.weight.device,
+            )
+        except ValueError as exc:
+            raise ValueError(f"quantization_config.modules[{name!r}]: {exc}") from None
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent) if parent else model, child, q)
+
+
+def _check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+    missing = sorted(set(expected) - set(found))
+    unexpected = sorted(set(found) - set(expected))
+    if missing or unexpected:
+        raise ValueError(f"checkpoint tensors do not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+    for name, ref in expected.items():
+        t = found[name]
+        if tuple(t.shape) != tuple(ref.shape):
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+        if t.dtype != ref.dtype:
+            raise ValueError(f"checkpoint tensor {name!r} has dtype {t.dtype}, the model expects {ref.dtype}")
+
+
+def load(directory: str | Path, *, device: str = "cpu", kernel: str = "auto") -> tuple[nn.Module, Any]:
+    """``(model, tokenizer)`` from a bpdq checkpoint; quantized linears are QuantLinear modules (no dense
+    weight is ever materialised)."""
+    from accelerate import init_empty_weights
+    from safetensors.torch import load_file
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    path = Path(directory).expanduser()
+    for needed in (CONFIG_FILE, WEIGHTS_FILE):
+        if not (path / needed).is_file():
+            raise ValueError(f"{path} is not a bpdq checkpoint: {needed} is missing")
+    config_data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    qc = config_data.pop("quantization_config", None)
+    modules = check_quantization_config(qc)
+    if "model_type" not in config_data:
+        raise ValueError(f"{path / CONFIG_FILE} has no 'model_type'")
+    config = AutoConfig.for_model(**config_data)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+    replace_linears(model, modules, kernel=kernel)
+    model.tie_weights()
+    tensors = load_file(str(path / WEIGHTS_FILE))
+    _check_tensors(unique_state_dict(model), tensors)
+    model.load_state_dict(tensors, strict=False, assign=True)
+    model.tie_weights()
+    model.config.quantization_config = qc
+    tokenizer = AutoTokenizer.from_pretrained(str(path))
+    return model.to(device).eval(), tokenizer

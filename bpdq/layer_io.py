@@ -1,0 +1,139 @@
+"""Running calibration data through decoder layers one at a time.
+
+``capture_layer_inputs`` runs the model on batches of token windows and stops it, with a forward pre-hook,
+at the first decoder layer: what that layer receives (hidden states and keyword arguments: attention mask,
+position embeddings...) is kept on the CPU, in the model's dtype. ``run_layer`` feeds the batches through
+one layer on the compute device; ``collect_hessians`` accumulates the Hessians of a group of linears in one
+pass that stops as soon as every linear of the group has seen its input.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from bpdq.solvers.hessian import HessianAccumulator
+
+
+class _Stop(Exception):
+    """Raised from a hook to end a forward pass early."""
+
+
+@dataclass
+class Batch:
+    hidden: torch.Tensor  # [batch, seq, hidden] on the CPU, model dtype
+    args: tuple[Any, ...]
+    kwargs: dict[str, Any]
+
+
+def to_device(value: Any, device: torch.device) -> Any:
+    if isinstance(value, torch.Tensor):
+        return value.to(device)
+    if isinstance(value, tuple):
+        return tuple(to_device(v, device) for v in value)
+    if isinstance(value, list):
+        return [to_device(v, device) for v in value]
+    if isinstance(value, dict):
+        return {k: to_device(v, device) for k, v in value.items()}
+    return value
+
+
+def batch_windows(windows: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Stack consecutive windows of equal length into ``[b, seq]`` batches of at most ``batch_size``."""
+    batches: list[torch.Tensor] = []
+    run: list[torch.Tensor] = []
+    for w in windows:
+        if run and (len(run) == batch_size or run[0].numel() != w.numel()):
+            batches.append(torch.stack(run))
+            run = []
+        run.append(w)
+    if run:
+        batches.append(torch.stack(run))
+    return batches
+
+
+def _first_output(out: Any) -> torch.Tensor:
+    return out[0] if isinstance(out, (tuple, list)) else out
+
+
+def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, batches: Sequence[torch.Tensor]) -> list[Batch]:
+    """The inputs of ``first_layer`` for every batch of token ids (computed where the model lives)."""
+    captured: list[Batch] = []
+    device = next(model.parameters()).device
+
+    def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
+        captured.append(Batch(hidden.detach().cpu(), to_device(args[1:], torch.device("cpu")), to_device(kwargs, torch.device("cpu"))))
+        raise _Stop
+
+    handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        for ids in batches:
+            try:
+                model(input_ids=ids.to(device), use_cache=False)
+            except _Stop:
+                continue
+            raise RuntimeError("the model's forward never reached its first decoder layer")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _call(layer: nn.Module, batch: Batch, device: torch.device) -> Any:
+    return layer(batch.hidden.to(device), *to_device(batch.args, device), **to_device(batch.kwargs, device))
+
+
+def run_layer(layer: nn.Module, batches: Sequence[Batch], device: torch.device) -> list[Batch]:
+    """``layer``'s outputs for every batch, as the next layer's inputs (same keyword arguments)."""
+    out = []
+    for b in batches:
+        hidden = _first_output(_call(layer, b, device))
+        out.append(Batch(hidden.detach().to("cpu", b.hidden.dtype), b.args, b.kwargs))
+    return out
+
+
+def collect_hessians(
+    layer: nn.Module, names: Sequence[str], batches: Sequence[Batch], device: torch.device
+) -> dict[str, torch.Tensor]:
+    """``H = 2/n sum x x^T`` of the inputs of the linears ``names`` (relative to ``layer``) over all batches.
+
+    Linears called on the very same input tensor (q/k/v, gate/up) share one accumulation.
+    """
+    modules = {n: layer.get_submodule(n) for n in names}
+    accs: dict[str, HessianAccumulator] = {}
+    alias: dict[str, str] = {}
+    seen: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str) -> Any:
+        def hook(module: nn.Module, args: tuple[Any, ...]) -> None:
+            x = args[0]
+            same = next((other for other, ox in seen.items() if ox is x), None)
+            if same is not None:
+                alias[name] = alias.get(same, same)
+            else:
+                accs.setdefault(name, HessianAccumulator(module.in_features, device=device)).add(x)
+            seen[name] = x
+            if len(seen) == len(modules):
+                raise _Stop
+
+        return hook
+
+    handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
+    try:
+        for b in batches:
+            seen.clear()
+            try:
+                _call(layer, b, device)
+            except _Stop:
+                pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in accs and n not in alias]
+    if missing:
+        raise RuntimeError(f"linears {missing} never received an input during calibration")
+    return {n: accs[alias.get(n, n)].hessian for n in names}

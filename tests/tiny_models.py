@@ -1,0 +1,58 @@
+"""Tiny random Llama / Qwen2 / Qwen3 models and a small BPE tokenizer trained on the built-in text
+(everything offline and fast)."""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+ARCHITECTURES = ("llama", "qwen2", "qwen3")
+
+
+@functools.lru_cache(maxsize=1)
+def tiny_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    from bpdq.calibration import load_text
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    trainer = trainers.BpeTrainer(vocab_size=384, special_tokens=["<unk>", "<eos>"], show_progress=False)
+    tok.train_from_iterator([load_text("builtin:python-docs")[:200_000]], trainer)
+    from tokenizers import decoders
+
+    tok.decoder = decoders.ByteLevel()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
+
+
+def tiny_model(arch: str = "llama", *, layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32):
+    """A randomly initialised causal LM of the given family (hidden 64, intermediate 128)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+
+    common = dict(
+        vocab_size=len(tiny_tokenizer()),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+    )
+    config_cls, model_cls = {
+        "llama": (LlamaConfig, LlamaForCausalLM),
+        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
+    }[arch]
+    extra = {"head_dim": 16} if arch == "qwen3" else {}
+    config = config_cls(**common, **extra)
+    config.architectures = [model_cls.__name__]
+    torch.manual_seed(seed)
+    model = model_cls(config).to(dtype).eval()
+    return model
+
+
+TINY_CALIBRATION = {"text": "builtin:python-docs", "samples": 8, "seq_len": 32, "seed": 0}
+TINY_RECIPE = {"group_size": 32, "grid": {"type": "bitplane", "planes": 2}, "solver": "rtn"}
