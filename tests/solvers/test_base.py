@@ -1,0 +1,128 @@
+"""bpdq/solvers/base.py: the Solver template (validation, float32 copy, timing, proxy loss) and helpers."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bpdq.grids import BitPlaneGrid, UniformGrid
+from bpdq.quantized import SolveStats
+from bpdq.solvers import RTN, Solver, check_hessian, check_weight, group_rows, proxy_loss
+
+
+class Recorder(Solver):
+    """An unregistered solver that records what ``_solve`` receives and returns all-zero codes."""
+
+    requires_hessian = False
+
+    def _solve(self, W, H, grid, group_size):
+        self.seen = (W, H)
+        W.mul_(0)  # must not touch the caller's tensor
+        out, inp = W.shape
+        coeffs = torch.zeros(out, inp // group_size, grid.planes + 1)
+        coeffs[..., -1] = 1.0
+        return torch.zeros(out, inp, dtype=torch.int64), coeffs, SolveStats(extra={"called": True})
+
+
+def test_solve_gets_a_float32_copy_and_the_result_keeps_the_input_dtype():
+    weight = torch.randn(4, 64, dtype=torch.float16)
+    original = weight.clone()
+    solver = Recorder()
+    qw = solver(weight, None, UniformGrid(bits=2), 32)
+    W, H = solver.seen
+    assert W.dtype == torch.float32 and H is None
+    assert torch.equal(weight, original)
+    assert qw.dtype == torch.float16 and qw.shape == (4, 64) and qw.group_size == 32
+    assert torch.equal(qw.dequantize(torch.float32), torch.ones(4, 64))
+    assert qw.grid == {"type": "uniform", "bits": 2, "symmetric": False}
+    assert qw.solver == {"type": "<unregistered>"}
+    assert qw.stats.extra == {"called": True} and qw.stats.time_s >= 0
+    assert qw.stats.proxy_loss is None
+
+
+def test_proxy_loss_is_filled_in_when_a_hessian_is_given():
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(3, 32, generator=gen)
+    x = torch.randn(100, 32, generator=gen)
+    H = 2 / 100 * x.T @ x
+    qw = Recorder()(weight, H, UniformGrid(bits=2), 32)
+    loss, rel = proxy_loss(weight, torch.ones(3, 32), H)
+    assert qw.stats.proxy_loss == pytest.approx(loss) and qw.stats.relative_loss == pytest.approx(rel)
+
+
+def test_proxy_loss_values():
+    W = torch.tensor([[1.0, 2.0]])
+    Q = torch.tensor([[0.0, 2.0]])
+    assert proxy_loss(W, Q, torch.eye(2)) == (1.0, 0.2)
+    H = torch.tensor([[2.0, 1.0], [1.0, 3.0]])
+    # D = [1, 0]: D H D^T = 2; W H W^T = 2 + 4 + 12 = 18
+    assert proxy_loss(W, Q, H) == pytest.approx((2.0, 2.0 / 18.0))
+    assert proxy_loss(torch.zeros(1, 2), torch.zeros(1, 2), H) == (0.0, 0.0)
+    assert proxy_loss(torch.zeros(1, 2), Q, H)[1] == float("inf")
+
+
+def test_group_rows_layout():
+    W = torch.arange(2 * 16.0).view(2, 16)
+    rows = group_rows(W, 8)
+    assert rows.shape == (4, 8)
+    assert torch.equal(rows[1], W[0, 8:]) and torch.equal(rows[2], W[1, :8])
+
+
+def test_hessian_required_solver_raises_without_one():
+    class NeedsH(Recorder):
+        requires_hessian = True
+        name = "needs-h"
+
+    with pytest.raises(ValueError, match="solver 'needs-h' needs a Hessian"):
+        NeedsH()(torch.randn(2, 32), None, UniformGrid(bits=2), 32)
+
+
+def test_grid_must_be_a_grid_instance():
+    with pytest.raises(TypeError, match="grid must be a Grid instance, got str"):
+        RTN()(torch.randn(2, 32), None, "uniform", 32)
+
+
+@pytest.mark.parametrize(
+    ("weight", "group_size", "error", "pattern"),
+    [
+        ([[1.0]], 32, TypeError, "weight must be a torch.Tensor, got list"),
+        (torch.randn(64), 32, ValueError, r"weight must be 2-D \[out_features, in_features\], got shape \(64,\)"),
+        (torch.randn(2, 2, 64), 32, ValueError, r"weight must be 2-D .*got shape \(2, 2, 64\)"),
+        (torch.ones(2, 64, dtype=torch.int32), 32, TypeError, "weight must be floating point, got torch.int32"),
+        (torch.randn(0, 64), 32, ValueError, r"weight is empty: shape \(0, 64\)"),
+        (torch.randn(2, 64), 32.0, TypeError, "group_size must be an int, got float"),
+        (torch.randn(2, 64), True, TypeError, "group_size must be an int, got bool"),
+        (torch.randn(2, 64), 12, ValueError, "group_size must be a positive multiple of 8 .*got 12"),
+        (torch.randn(2, 64), -8, ValueError, "group_size must be a positive multiple of 8 .*got -8"),
+        (torch.randn(2, 96), 64, ValueError,
+         r"in_features 96 is not divisible by group_size 64; allowed group sizes for this layer: \[8, 16, 24, 32, 48, 96\]"),
+    ],
+)
+def test_check_weight_errors_name_the_argument_and_allowed_values(weight, group_size, error, pattern):
+    with pytest.raises(error, match=pattern):
+        check_weight(weight, group_size)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_non_finite_weights_are_rejected(bad):
+    weight = torch.randn(2, 32)
+    weight[1, 3] = bad
+    with pytest.raises(ValueError, match="weight contains NaN or Inf values; all entries must be finite"):
+        RTN()(weight, None, BitPlaneGrid(planes=2), 32)
+
+
+def test_check_hessian_errors():
+    with pytest.raises(TypeError, match="hessian must be a torch.Tensor or None, got ndarray"):
+        check_hessian(torch.eye(4).numpy(), 4)
+    with pytest.raises(ValueError, match=r"hessian must be \[in_features, in_features\] = \[4, 4\], got \(4, 3\)"):
+        check_hessian(torch.zeros(4, 3), 4)
+    H = torch.eye(4)
+    H[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="hessian contains NaN or Inf values; all entries must be finite"):
+        check_hessian(H, 4)
+    check_hessian(torch.eye(4), 4)  # valid
+
+
+def test_wrong_hessian_shape_through_a_solver_call():
+    with pytest.raises(ValueError, match=r"\[32, 32\], got \(16, 16\)"):
+        RTN()(torch.randn(2, 32), torch.eye(16), UniformGrid(bits=2), 32)
