@@ -1,0 +1,54 @@
+"""Helpers for kernel tests: random layers in the canonical format and a precision-aware comparison.
+
+A kernel's result is compared with an fp64 reference ``x.double() @ W_hat.double().T + bias``; its error
+must stay within a small multiple of the torch kernel's error at the same activation dtype, plus a floor
+of a few units of roundoff of that dtype at the size of the largest output.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from bpdq.linear import QuantLinear
+
+#: The kernel may be this many times less accurate than the torch kernel (different summation orders).
+ERROR_FACTOR = 4.0
+#: Floor, in units of the dtype's epsilon times the largest output magnitude.
+FLOOR_EPS = 4.0
+
+
+def random_layer(k: int, group_size: int, out_features: int, in_features: int, *, bias: bool, seed: int) -> QuantLinear:
+    """A QuantLinear with random planes, coefficients of mixed signs and scales, and optionally a bias."""
+    gen = torch.Generator().manual_seed(seed)
+    layer = QuantLinear(in_features, out_features, planes=k, group_size=group_size, bias=bias)
+    layer.planes.copy_(torch.randint(0, 256, layer.planes.shape, dtype=torch.uint8, generator=gen))
+    groups = in_features // group_size
+    scale = torch.rand(groups, 1, out_features, generator=gen) * 0.1 + 0.01
+    plane_coeffs = scale * (2.0 ** torch.arange(k).view(1, k, 1)) * (1 + 0.3 * torch.randn(groups, k, out_features, generator=gen))
+    offset = torch.randn(groups, 1, out_features, generator=gen) * scale * 2**k
+    layer.coeffs.copy_(torch.cat([plane_coeffs, offset], dim=1).half())
+    if bias:
+        layer.bias.data.copy_(torch.randn(out_features, generator=gen))
+    return layer
+
+
+def reference(layer: QuantLinear, x: torch.Tensor) -> torch.Tensor:
+    """fp64 ``x @ W_hat^T + bias``."""
+    w = layer.quantized_weight().dequantize(torch.float64)
+    y = x.double() @ w.T
+    return y + layer.bias.double() if layer.bias is not None else y
+
+
+def assert_matches_reference(layer: QuantLinear, x: torch.Tensor, kernel: str) -> None:
+    """Run ``layer`` with ``kernel`` and with the torch kernel; bound the kernel's error by the torch one's."""
+    ref = reference(layer, x)
+    layer.set_kernel("torch")
+    torch_err = (layer(x).double() - ref).abs().max().item() if x.shape[0] else 0.0
+    layer.set_kernel(kernel)
+    y = layer(x)
+    assert y.dtype == x.dtype and y.shape == ref.shape
+    if not x.shape[0]:
+        return
+    err = (y.double() - ref).abs().max().item()
+    bound = ERROR_FACTOR * torch_err + FLOOR_EPS * torch.finfo(x.dtype).eps * ref.abs().max().item()
+    assert err <= bound, f"{kernel}: max error {err:.3g} > bound {bound:.3g} (torch kernel: {torch_err:.3g})"

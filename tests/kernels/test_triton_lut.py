@@ -1,0 +1,60 @@
+"""The Triton lookup-table GEMV under TRITON_INTERPRET=1, against the fp64 reference."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bpdq.kernels import KernelUnavailableError
+from bpdq.kernels.triton_lut import MAX_TOKENS, group_major_planes, split_count
+from tests.kernels.reference import assert_matches_reference, random_layer
+
+TOKENS = (1, 3, 8)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=["fp32", "fp16"])
+@pytest.mark.parametrize("group_size", [32, 64, 128, 256])
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_matches_reference(interpret, k, group_size, dtype):
+    in_features = max(256, 2 * group_size)
+    layer = random_layer(k, group_size, 40, in_features, bias=k % 2 == 1, seed=10 * k + group_size)
+    gen = torch.Generator().manual_seed(k)
+    for m in TOKENS:
+        assert_matches_reference(layer, torch.randn(m, in_features, generator=gen).to(dtype), "triton_lut")
+
+
+@pytest.mark.parametrize("bias", [False, True])
+def test_single_and_split_reduction(interpret, bias):
+    # 40 rows: one row block -> the groups are split over programs; 600 rows: enough blocks for no split.
+    assert split_count(1, 8, torch.device("cpu")) > 1
+    assert split_count(5, 8, torch.device("cpu")) == 1
+    for out_features in (40, 600):
+        layer = random_layer(2, 32, out_features, 256, bias=bias, seed=out_features)
+        assert_matches_reference(layer, torch.randn(2, 256), "triton_lut")
+
+
+def test_group_major_repack_is_a_permutation_of_bytes():
+    planes = torch.randint(0, 256, (3, 5, 16), dtype=torch.uint8)  # 128 inputs, group size 64 -> 2 groups
+    packed = group_major_planes(planes, 64)
+    assert packed.shape == (2, 3, 5, 8)
+    for g in range(2):
+        assert torch.equal(packed[g], planes[:, :, 8 * g : 8 * (g + 1)])
+
+
+def test_repack_is_cached_and_dropped_on_move(interpret):
+    layer = random_layer(2, 64, 16, 128, bias=False, seed=0)
+    layer.set_kernel("triton_lut")
+    x = torch.randn(1, 128)
+    layer(x)
+    cached = layer._kernel_cache["triton_lut"]
+    layer(x)
+    assert layer._kernel_cache["triton_lut"] is cached
+    layer.to("cpu")
+    assert "triton_lut" not in layer._kernel_cache
+
+
+def test_more_than_eight_tokens_is_refused(interpret):
+    layer = random_layer(2, 64, 16, 128, bias=False, seed=0)
+    layer.set_kernel("triton_lut")
+    with pytest.raises(KernelUnavailableError, match=f"at most {MAX_TOKENS} tokens"):
+        layer(torch.randn(MAX_TOKENS + 1, 128))
