@@ -39,21 +39,27 @@ def triton_importable() -> bool:
     return importlib.util.find_spec("triton") is not None
 
 
+def on_cuda(x: torch.Tensor) -> bool:
+    """The device probe behind dispatch (tests monkeypatch it to dispatch as if on a GPU)."""
+    return x.device.type == "cuda"
+
+
 def call_reason(layer: "QuantLinear", x: torch.Tensor) -> str | None:
     """Why a Triton kernel cannot run ``layer(x)`` (device, dtype, plane count, group size), or ``None``."""
     if not triton_importable():
         return "triton is not installed (pip install triton)"
     if x.device != layer.planes.device:
         return f"the input is on {x.device} but the layer's planes are on {layer.planes.device}"
-    if x.device.type != "cuda" and not interpret_mode():
+    interpret = interpret_mode()
+    if not on_cuda(x) and not interpret:
         return (
             f"tensors are on {x.device.type!r}; Triton kernels need a CUDA device "
             "(or TRITON_INTERPRET=1 to run them on the CPU for testing)"
         )
     if x.dtype not in DTYPES:
         return f"input dtype {x.dtype} is not supported; allowed: {[str(d) for d in DTYPES]}"
-    if x.dtype == torch.bfloat16 and x.device.type == "cpu":
-        return "the Triton interpreter computes bfloat16 wrongly; use float16/float32 on the CPU or a CUDA device"
+    if x.dtype == torch.bfloat16 and interpret:
+        return "the Triton interpreter computes bfloat16 wrongly; use float16/float32, or a GPU without TRITON_INTERPRET"
     if layer.k not in PLANES:
         return f"{layer.k} planes are not supported; allowed: {list(PLANES)}"
     if layer.group_size not in GROUP_SIZES:
@@ -63,7 +69,7 @@ def call_reason(layer: "QuantLinear", x: torch.Tensor) -> str | None:
 
 def auto_reason(x: torch.Tensor) -> str | None:
     """Why ``auto`` should not pick a Triton kernel for ``x`` (anything not on CUDA), or ``None``."""
-    if x.device.type != "cuda":
+    if not on_cuda(x):
         return "auto uses Triton kernels only on CUDA (the interpreter is for testing; ask for it by name)"
     return None
 
