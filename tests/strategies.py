@@ -50,11 +50,13 @@ def student_t(rows: int, cols: int, *, df: float, generator: torch.Generator) ->
 
 
 @st.composite
-def weights(draw, *, cols: int | None = None, max_rows: int = 6, distributions=DISTRIBUTIONS) -> torch.Tensor:
-    """A float32 weight ``[rows, cols]`` (``cols`` drawn as a multiple of 8 up to 256 if not given)."""
+def weights(
+    draw, *, cols: int | None = None, max_rows: int = 6, max_cols: int = 256, distributions=DISTRIBUTIONS
+) -> torch.Tensor:
+    """A float32 weight ``[rows, cols]`` (``cols`` drawn as a multiple of 8 up to ``max_cols`` if not given)."""
     rows = draw(st.integers(min_value=1, max_value=max_rows))
     if cols is None:
-        cols = 8 * draw(st.integers(min_value=1, max_value=32))
+        cols = 8 * draw(st.integers(min_value=1, max_value=max_cols // 8))
     return make_weight(rows, cols, draw(st.sampled_from(distributions)), draw(scales), draw(seeds))
 
 

@@ -139,3 +139,10 @@ def test_repr_and_stats():
     assert repr(qw) == "QuantizedWeight(shape=(2, 64), k=2, group_size=64, bpw=2.750, grid=bitplane, solver=rtn)"
     assert qw.stats.to_dict() == {"proxy_loss": 1.5, "relative_loss": None, "time_s": 0.1, "best_iters": None}
     assert SolveStats(extra={"a": 1}).to_dict()["extra"] == {"a": 1}
+
+
+def test_docs_format_example_bytes():
+    """The worked example of docs/format.md: k=2, codes [3, 0, 1, 2, 0, 0, 0, 1] -> bytes [133, 9]."""
+    codes = torch.tensor([[3, 0, 1, 2, 0, 0, 0, 1] * 4])
+    qw = build(codes, torch.zeros(1, 1, 3), 2, 32)
+    assert qw.planes[:, 0, 0].tolist() == [133, 9]
