@@ -3,7 +3,8 @@
 On a GPU: Llama-7B-sized layers (in x out = 4096x4096 and 4096x11008), k = 2, 3 planes, g = 64, 128, fp16
 activations; decode (M=1) and prefill (M=512) with ``triton_lut`` / ``triton_gemm`` / ``torch``
 (dequantize-then-matmul), against a dense fp16 matmul. Each timed call runs the kernel ``REPS`` times and
-synchronises once (the table shows per-batch times; ``extra_info["us_per_call"]`` is per call).
+synchronises once (the table shows per-batch times; ``extra_info["us_per_call"]`` is per call). Kernels are
+called through ``Kernel.forward``: QuantLinear's per-call dispatch checks are not timed.
 
 On the CPU (no GPU): the same grid with layers 4x smaller in each dimension (1024x1024, 1024x2752), only
 the torch kernel, against a dense fp32 matmul, plus the memory of a QuantLinear vs the nn.Linear it replaces.
@@ -26,6 +27,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from bpdq.kernels import get_kernel, select_kernel
 from bpdq.linear import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -102,14 +104,15 @@ def test_kernel(benchmark, copy_gbps, phase, kernel, shape, k, group_size):
     layer = _random_layer(in_features, out_features, k, group_size)
     x = torch.randn(TOKENS[phase], in_features, device=DEVICE).to(DTYPE)
     dense = layer.quantized_weight().dequantize(DTYPE)
-    layer.set_kernel(kernel)
-    layer(x)  # compile / repack outside the timings
+    run = get_kernel(kernel)
+    if select_kernel(kernel, layer, x) is not run:
+        raise RuntimeError(f"{kernel} does not run here")
+    run.forward(layer, x)  # compile / repack outside the timings; QuantLinear's dispatch is not timed
 
-    benchmark.pedantic(_batch(lambda: layer(x)), rounds=ROUNDS, warmup_rounds=1)
+    benchmark.pedantic(_batch(lambda: run.forward(layer, x)), rounds=ROUNDS, warmup_rounds=1)
     seconds = benchmark.stats.stats.median / REPS
     dense_s = _seconds_per_call(lambda: F.linear(x, dense))
-    layer.set_kernel("torch")
-    dequant_s = _seconds_per_call(lambda: layer(x))
+    dequant_s = _seconds_per_call(lambda: get_kernel("torch").forward(layer, x))
     gbps = _weight_bytes(layer) / seconds / 1e9
     info = {
         "device": torch.cuda.get_device_name(DEVICE) if GPU else "cpu",

@@ -96,6 +96,8 @@ def _kernels() -> Any:
         offs_m = tl.program_id(0) * BM + tl.arange(0, BM)
         offs_n = tl.program_id(1) * BN + tl.arange(0, BN)
         offs_k = tl.arange(0, BK)
+        offs_b = tl.arange(0, BK // 8)
+        offs_bit = tl.arange(0, 8)
         m_mask = offs_m < M
         n_mask = offs_n < N
         kb = K // 8
@@ -109,13 +111,12 @@ def _kernels() -> Any:
             c_grp = coeffs_ptr + (k0 // GS) * (KP + 1) * N + offs_n
             c0 = tl.load(c_grp + KP * N, mask=n_mask, other=0.0).to(tl.float32)
             w = tl.zeros([BK, BN], dtype=tl.float32) + c0[None, :]
-            byte_ptrs = plane_rows + (kk // 8)[:, None]  # [BK, BN]
-            shift = (kk % 8)[:, None]
+            byte_ptrs = plane_rows + (k0 // 8 + offs_b)[:, None]  # [BK/8, BN]: each byte loaded once
             for i in tl.static_range(KP):
-                byte = tl.load(byte_ptrs + i * plane_stride, mask=n_mask[None, :], other=0)
-                bit = (byte.to(tl.int32) >> shift) & 1
+                byte = tl.load(byte_ptrs + i * plane_stride, mask=n_mask[None, :], other=0).to(tl.int32)
+                bits = (byte[:, None, :] >> offs_bit[None, :, None]) & 1  # [BK/8, 8, BN]: column 8*b + j
                 ci = tl.load(c_grp + i * N, mask=n_mask, other=0.0).to(tl.float32)
-                w += bit.to(tl.float32) * ci[None, :]
+                w += tl.reshape(bits, [BK, BN]).to(tl.float32) * ci[None, :]
             if IEEE:
                 acc = tl.dot(xt, w, acc, input_precision="ieee")
             else:

@@ -17,6 +17,7 @@ group and plane is contiguous. Limits: as ``triton_gemm`` (1-4 planes, g in 32..
 
 from __future__ import annotations
 
+import functools
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -66,10 +67,15 @@ def group_major_planes(planes: torch.Tensor, group_size: int) -> torch.Tensor:
 def split_count(row_blocks: int, groups: int, device: torch.device) -> int:
     """How many ranges of groups to split the reduction into so that the GPU has enough programs."""
     if device.type == "cuda":
-        target = 4 * torch.cuda.get_device_properties(device).multi_processor_count
+        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
     else:  # the interpreter: still exercise the split path on small layers
         target = 4
     return max(1, min(groups, _triton.cdiv(target, row_blocks)))
+
+
+@functools.cache
+def _sm_count(device_index: int) -> int:
+    return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
 def lut_gemv(x: torch.Tensor, planes_gm: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
@@ -100,7 +106,7 @@ def lut_gemv(x: torch.Tensor, planes_gm: torch.Tensor, coeffs: torch.Tensor, bia
         tables,
         planes_gm,
         coeffs.contiguous(),
-        bias if bias is not None and splits == 1 else out,
+        bias if bias is not None else out,
         out,
         m,
         n,
@@ -110,14 +116,9 @@ def lut_gemv(x: torch.Tensor, planes_gm: torch.Tensor, coeffs: torch.Tensor, bia
         CPG=cpg,
         BM=bm,
         BN=bn,
-        HAS_BIAS=bias is not None and splits == 1,
+        HAS_BIAS=bias is not None,
     )
-    if splits == 1:
-        return y
-    total = out.sum(0)
-    if bias is not None:
-        total += bias.to(torch.float32)
-    return y.copy_(total)
+    return y if splits == 1 else y.copy_(out.sum(0))
 
 
 @_triton.lazy_jit
@@ -169,8 +170,9 @@ def _kernels() -> Any:
                 )  # [BM, BN, CPG]
                 ci = tl.load(c_grp + i * N, mask=n_mask, other=0.0).to(tl.float32)
                 acc += tl.sum(vals, axis=2) * ci[None, :]
-        if HAS_BIAS:
-            acc += tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)[None, :]
+        if HAS_BIAS:  # added once, by the first range of groups
+            bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
+            acc += tl.where(split == 0, bias, 0.0)[None, :]
         y_ptrs = y_ptr + (split * M + offs_m)[:, None] * N + offs_n[None, :]
         tl.store(y_ptrs, acc.to(y_ptr.dtype.element_ty), mask=m_mask[:, None] & n_mask[None, :])
 
