@@ -45,16 +45,15 @@ class UniformGrid(Grid):
         maxq = 2**self.planes - 1
         if self.options.symmetric:
             amax = w.abs().amax(dim=1)
-            scale = 2 * amax / maxq
+            scale = round_coeffs(2 * amax / maxq)
             scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-            scale = round_coeffs(scale)
             zero = torch.full_like(scale, float((maxq + 1) // 2))
         else:
             lo = w.amin(dim=1).clamp(max=0)
             hi = w.amax(dim=1).clamp(min=0)
-            scale = (hi - lo) / maxq
+            # a range below fp16 resolution rounds to scale 0: use 1 (all values then snap to about 0)
+            scale = round_coeffs((hi - lo) / maxq)
             scale = torch.where(scale == 0, torch.ones_like(scale), scale)
-            scale = round_coeffs(scale)
             zero = torch.round(-lo / scale).clamp(0, maxq)
         # the offset -s*z is rounded to fp16 too: the grid's levels are exactly what storage holds
         return round_coeffs(self.coeffs_from_scale(scale, zero))

@@ -6,6 +6,7 @@ import pytest
 import torch
 from hypothesis import given
 
+import bpdq
 from bpdq.grids import BitPlaneGrid, UniformGrid
 from tests.strategies import seeds, uniform_grids, weights
 
@@ -113,3 +114,16 @@ def test_planes_and_config():
     assert UniformGrid(bits=3).planes == 3
     assert UniformGrid(bits=3, symmetric=True).to_config() == {"type": "uniform", "bits": 3, "symmetric": True}
     assert UniformGrid().options.bits == 4
+
+
+@pytest.mark.parametrize(
+    "grid", [{"type": "uniform", "bits": 2}, {"type": "uniform", "bits": 4, "symmetric": True}, {"type": "bitplane", "planes": 2}]
+)
+@pytest.mark.parametrize("sign", [1.0, -1.0])
+def test_ranges_below_fp16_resolution_quantize_to_about_zero(grid, sign):
+    """Regression: a scale that rounds to 0 in fp16 used to give NaN zero points and out-of-range codes."""
+    w = sign * torch.rand(3, 64, generator=torch.Generator().manual_seed(0)) * 1e-8
+    qw = bpdq.quantize_weight(w, grid=grid, group_size=32)
+    q = qw.dequantize()
+    assert torch.isfinite(q).all()
+    assert (q - w).abs().max() <= w.abs().max()
