@@ -127,6 +127,11 @@ class QuantLinear(nn.Module):
         self.coeffs = coeffs.to(dev)
         return self
 
+    def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
+        # Loading overwrites the packed buffers in place: repacks made from the old values are stale.
+        self._kernel_cache = {}
+        super()._load_from_state_dict(*args, **kwargs)
+
     @property
     def bits_per_weight(self) -> float:
         return self.k + COEFF_BITS * (self.k + 1) / self.group_size

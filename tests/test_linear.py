@@ -155,3 +155,25 @@ def test_from_quantized_and_from_linear_argument_checks():
         QuantLinear.from_quantized(layer.quantized_weight(), torch.zeros(8))
     with pytest.raises(TypeError, match="linear must be an nn.Linear, got Conv1d"):
         QuantLinear.from_linear(nn.Conv1d(2, 2, 1), grid="uniform", group_size=32)
+
+
+class Repacking(Kernel):
+    """Test kernel computing from its own cached copy of the weight (like a kernel that repacks)."""
+
+    priority = -1
+
+    def prepare(self, layer):
+        return layer.quantized_weight().dequantize(torch.float32)
+
+    def forward(self, layer, x):
+        return torch.nn.functional.linear(x, self.packed(layer).to(x.dtype), layer.bias)
+
+
+def test_load_state_dict_invalidates_kernel_repacks(register):
+    register(KERNELS, "test-repacking", Repacking)
+    layer, _ = quantized_linear(8, kernel="test-repacking")
+    other, _ = quantized_linear(9)
+    x = torch.randn(2, 128)
+    layer(x)  # fills the cache from the old weights
+    layer.load_state_dict(other.state_dict())
+    torch.testing.assert_close(layer(x), other(x))
