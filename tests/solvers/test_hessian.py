@@ -1,0 +1,103 @@
+"""bpdq/solvers/hessian.py: streaming accumulation, dead inputs, damped inverse Cholesky with retries."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+
+from bpdq.solvers.hessian import HessianAccumulator, check_hessian_matrix, fix_dead_inputs, inverse_cholesky
+from tests.solvers.cases import correlated_hessian
+from tests.strategies import seeds
+
+
+@given(seed=seeds, n=st.sampled_from([8, 24]), leading=st.sampled_from([(5,), (2, 3), (1, 4, 2)]))
+def test_accumulator_equals_batch_formula_for_any_leading_shape(seed, n, leading):
+    gen = torch.Generator().manual_seed(seed)
+    batches = [torch.randn(*leading, n, generator=gen) for _ in range(3)]
+    acc = HessianAccumulator(n)
+    for b in batches:
+        acc.add(b)
+    X = torch.cat([b.reshape(-1, n) for b in batches]).double()
+    expected = 2.0 / X.shape[0] * X.T @ X
+    assert acc.n == X.shape[0]
+    torch.testing.assert_close(acc.hessian.double(), expected, rtol=1e-5, atol=1e-5)
+    acc64 = HessianAccumulator(n, dtype=torch.float64)
+    for b in batches:
+        acc64.add(b)
+    assert acc64.hessian.dtype == torch.float64
+    torch.testing.assert_close(acc64.hessian, expected, rtol=1e-12, atol=1e-12)
+
+
+def test_accumulator_rejects_bad_inputs():
+    acc = HessianAccumulator(4)
+    with pytest.raises(ValueError, match="no calibration inputs"):
+        acc.hessian
+    with pytest.raises(ValueError, match="in_features=4"):
+        acc.add(torch.randn(3, 5))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        acc.add([[1.0, 2.0, 3.0, 4.0]])
+    acc.add(torch.tensor([[1.0, float("nan"), 0.0, 0.0]]))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        acc.hessian
+    with pytest.raises(ValueError, match="float32 or torch.float64"):
+        HessianAccumulator(4, dtype=torch.float16)
+
+
+def test_check_hessian_matrix_names_the_problem():
+    with pytest.raises(ValueError, match=r"\[3, 3\]"):
+        check_hessian_matrix(torch.eye(4), 3)
+    with pytest.raises(ValueError, match="square"):
+        check_hessian_matrix(torch.ones(2, 3))
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        check_hessian_matrix(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]))
+    with pytest.raises(TypeError, match="torch.Tensor"):
+        check_hessian_matrix([[1.0]])
+
+
+def test_dead_inputs_get_unit_diagonal_and_zero_weights():
+    H = correlated_hessian(8, 0)
+    H[2, :] = 0
+    H[:, 2] = 0
+    H[5, :] = 0
+    H[:, 5] = 0
+    W = torch.randn(3, 8)
+    W2, H2, n_dead = fix_dead_inputs(W, H)
+    assert n_dead == 2
+    assert torch.all(W2[:, [2, 5]] == 0) and torch.equal(W2[:, [0, 1, 3, 4, 6, 7]], W[:, [0, 1, 3, 4, 6, 7]])
+    assert H2[2, 2] == 1 and H2[5, 5] == 1 and H[2, 2] == 0  # input untouched
+    same_W, same_H, none = fix_dead_inputs(W, correlated_hessian(8, 1))
+    assert none == 0 and same_W is W
+
+
+@given(seed=seeds, damp=st.sampled_from([0.0, 0.01, 0.1]))
+def test_inverse_cholesky_factorizes_the_damped_inverse(seed, damp):
+    H = correlated_hessian(16, seed).double()
+    U, used, retries = inverse_cholesky(H, damp)
+    assert retries == 0 and used == damp
+    assert torch.equal(U, torch.triu(U))
+    Hd = H + damp * torch.diagonal(H).mean() * torch.eye(16, dtype=H.dtype)
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(Hd), rtol=1e-8, atol=1e-10)
+
+
+def test_rank_deficient_hessian_retries_with_larger_damping_and_warns(caplog):
+    x = torch.randn(3, 12, dtype=torch.float64)  # rank 3 < 12
+    H = x.T @ x
+    with caplog.at_level(logging.WARNING, logger="bpdq.solvers.hessian"):
+        U, used, retries = inverse_cholesky(H, 0.0)
+    assert retries >= 1 and used > 0
+    assert "retrying with damp" in caplog.text
+    assert torch.isfinite(U).all()
+    Hd = H + used * torch.diagonal(H).mean() * torch.eye(12, dtype=H.dtype)
+    torch.testing.assert_close(U.T @ U, torch.linalg.inv(Hd), rtol=1e-6, atol=1e-8)
+
+
+def test_indefinite_hessian_that_damping_cannot_fix_is_a_value_error():
+    H = -torch.eye(4)
+    with pytest.raises(ValueError, match="could not be factorized"):
+        inverse_cholesky(H, 0.01, max_retries=2)
+    with pytest.raises(ValueError, match="damp must be >= 0"):
+        inverse_cholesky(torch.eye(4), -1.0)
