@@ -4,10 +4,14 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from bpdq.kernels.triton_gemm import tile_config
 from bpdq.linear import QuantLinear
-from tests.kernels.reference import assert_matches_reference, random_layer
+from bpdq.quantized import QuantizedWeight
+from tests.kernels.reference import assert_matches_reference, random_layer, reference
+from tests.strategies import codes_and_coeffs, seeds
 
 TOKENS = (1, 3, 8, 17, 64)
 
@@ -38,6 +42,8 @@ def test_quantized_linear_batches_and_zero_tokens(interpret):
     assert got.shape == (2, 5, 24)
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
     assert layer(torch.randn(0, 128)).shape == (0, 24)
+    strided = torch.randn(128, 20).T  # [20, 128], not contiguous
+    assert_matches_reference(layer, strided, "triton_gemm")
 
 
 @pytest.mark.parametrize("m", [1, 16, 17, 100, 5000])
@@ -49,3 +55,24 @@ def test_tile_config_fits_dot_and_groups(m, group_size):
     for key in ("BM", "BN", "BK"):
         assert cfg[key] & (cfg[key] - 1) == 0, f"{key} must be a power of two"
     assert cfg["BM"] >= min(m, 128)
+
+
+@settings(max_examples=10)
+@given(
+    case=codes_and_coeffs(max_out=40),
+    tokens=st.integers(min_value=1, max_value=70),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    bias=st.booleans(),
+    seed=seeds,
+)
+def test_property_matches_reference_on_any_format(case, tokens, dtype, bias, seed):
+    codes, coeffs, k, g = case
+    qweight = QuantizedWeight.from_codes(codes, coeffs, planes=k, group_size=g)
+    gen = torch.Generator().manual_seed(seed)
+    out_features, in_features = qweight.shape
+    layer = QuantLinear.from_quantized(qweight, torch.randn(out_features, generator=gen) if bias else None)
+    x = torch.randn(tokens, in_features, generator=gen).to(dtype)
+    assume(reference(layer, x).abs().max() < 0.1 * torch.finfo(dtype).max)  # fp16 outputs stay finite
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs examples outside function-scoped fixtures
+        mp.setenv("TRITON_INTERPRET", "1")
+        assert_matches_reference(layer, x, "triton_gemm")

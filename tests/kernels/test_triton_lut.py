@@ -4,10 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from bpdq.kernels import KernelUnavailableError
 from bpdq.kernels.triton_lut import MAX_TOKENS, group_major_planes, split_count
-from tests.kernels.reference import assert_matches_reference, random_layer
+from bpdq.linear import QuantLinear
+from bpdq.quantized import QuantizedWeight
+from tests.kernels.reference import assert_matches_reference, random_layer, reference
+from tests.strategies import codes_and_coeffs, seeds
 
 TOKENS = (1, 3, 8)
 
@@ -41,6 +46,14 @@ def test_group_major_repack_is_a_permutation_of_bytes():
         assert torch.equal(packed[g], planes[:, :, 8 * g : 8 * (g + 1)])
 
 
+def test_strided_input_and_zero_tokens(interpret):
+    layer = random_layer(3, 32, 24, 128, bias=True, seed=3)
+    x = torch.randn(128, 5).T  # [5, 128], not contiguous
+    assert not x.is_contiguous()
+    assert_matches_reference(layer, x, "triton_lut")
+    assert layer(torch.randn(0, 128)).shape == (0, 24)
+
+
 def test_repack_is_cached_and_dropped_on_move(interpret):
     layer = random_layer(2, 64, 16, 128, bias=False, seed=0)
     layer.set_kernel("triton_lut")
@@ -58,3 +71,24 @@ def test_more_than_eight_tokens_is_refused(interpret):
     layer.set_kernel("triton_lut")
     with pytest.raises(KernelUnavailableError, match=f"at most {MAX_TOKENS} tokens"):
         layer(torch.randn(MAX_TOKENS + 1, 128))
+
+
+@settings(max_examples=10)
+@given(
+    case=codes_and_coeffs(max_out=40),
+    tokens=st.integers(min_value=1, max_value=8),
+    dtype=st.sampled_from([torch.float32, torch.float16]),
+    bias=st.booleans(),
+    seed=seeds,
+)
+def test_property_matches_reference_on_any_format(case, tokens, dtype, bias, seed):
+    codes, coeffs, k, g = case
+    qweight = QuantizedWeight.from_codes(codes, coeffs, planes=k, group_size=g)
+    gen = torch.Generator().manual_seed(seed)
+    out_features, in_features = qweight.shape
+    layer = QuantLinear.from_quantized(qweight, torch.randn(out_features, generator=gen) if bias else None)
+    x = torch.randn(tokens, in_features, generator=gen).to(dtype)
+    assume(reference(layer, x).abs().max() < 0.1 * torch.finfo(dtype).max)  # fp16 outputs stay finite
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs examples outside function-scoped fixtures
+        mp.setenv("TRITON_INTERPRET", "1")
+        assert_matches_reference(layer, x, "triton_lut")
