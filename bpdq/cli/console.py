@@ -13,10 +13,12 @@ from typing import Any
 from rich.console import Console
 from rich.table import Table
 
+_HANDLER_NAME = "bpdq-cli"
+
 
 def setup_logging(debug: bool = False) -> None:
-    """Log to stderr: rich formatting on a terminal, plain timestamped lines (no ANSI) otherwise."""
-    level = logging.DEBUG if debug else logging.INFO
+    """Send the ``bpdq`` loggers to stderr: rich formatting on a terminal, plain timestamped lines (no ANSI)
+    otherwise. Only the ``bpdq`` logger is touched (a second call replaces the handler it added)."""
     if sys.stderr.isatty():
         from rich.logging import RichHandler
 
@@ -25,10 +27,10 @@ def setup_logging(debug: bool = False) -> None:
     else:
         handler = logging.StreamHandler(sys.stderr)
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(logging.WARNING)
-    logging.getLogger("bpdq").setLevel(level)
+    handler.set_name(_HANDLER_NAME)
+    logger = logging.getLogger("bpdq")
+    logger.handlers[:] = [h for h in logger.handlers if h.get_name() != _HANDLER_NAME] + [handler]
+    logger.setLevel(logging.DEBUG if debug else logging.INFO)
 
 
 def stdout_console() -> Console:

@@ -51,32 +51,29 @@ def _model_at(model: type[BaseModel] | None, loc: Loc) -> type[BaseModel] | None
     return model
 
 
-def _bounds(model: type[BaseModel] | None, loc: Loc) -> tuple[Any, Any]:
-    """``(lower, upper)`` inclusive bounds declared on the field at ``loc`` (``None`` when absent)."""
+def _bounds(model: type[BaseModel] | None, loc: Loc) -> list[tuple[str, Any]]:
+    """The ``(operator, bound)`` constraints declared on the field at ``loc``, e.g. ``[(">=", 1), ("<=", 8)]``."""
     names = [p for p in loc if isinstance(p, str)]
     owner = _model_at(model, loc[:-1]) if names else None
     if owner is None or names[-1] not in owner.model_fields:
-        return None, None
-    lo = hi = None
+        return []
+    found = []
     for meta in owner.model_fields[names[-1]].metadata:
-        if isinstance(meta, annotated_types.Ge):
-            lo = meta.ge
-        elif isinstance(meta, annotated_types.Gt):
-            lo = f">{meta.gt}"
-        elif isinstance(meta, annotated_types.Le):
-            hi = meta.le
-        elif isinstance(meta, annotated_types.Lt):
-            hi = f"<{meta.lt}"
-    return lo, hi
+        for attr, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
+            if isinstance(meta, annotated_types.BaseMetadata) and getattr(meta, attr, None) is not None:
+                found.append((op, getattr(meta, attr)))
+    return found
 
 
-def _range_phrase(lo: Any, hi: Any, ctx: dict[str, Any]) -> str:
-    if lo is not None and hi is not None and not isinstance(lo, str) and not isinstance(hi, str):
-        return f"is not in {lo}..{hi}"
-    for key, word in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")):
-        if key in ctx:
-            return f"is not allowed: must be {word} {ctx[key]}"
-    return "is out of range"
+def _range_phrase(bounds: list[tuple[str, Any]], ctx: dict[str, Any]) -> str:
+    ops = dict(bounds)
+    if set(ops) == {">=", "<="}:
+        return f"is not in {ops['>=']}..{ops['<=']}"
+    if not bounds:  # no declared bounds found: fall back to the one pydantic reports
+        bounds = [(op, ctx[key]) for key, op in (("ge", ">="), ("gt", ">"), ("le", "<="), ("lt", "<")) if key in ctx]
+    if not bounds:
+        return "is out of range"
+    return "is not allowed: must be " + " and ".join(f"{op} {value}" for op, value in bounds)
 
 
 _TYPE_WORDS = {
@@ -93,7 +90,7 @@ _TYPE_WORDS = {
 def _phrase(err: dict[str, Any], model: type[BaseModel] | None) -> str:
     kind, ctx, loc = err["type"], err.get("ctx") or {}, err["loc"]
     if kind in ("greater_than", "greater_than_equal", "less_than", "less_than_equal"):
-        return _range_phrase(*_bounds(model, loc), ctx)
+        return _range_phrase(_bounds(model, loc), ctx)
     if kind == "missing":
         return "is required"
     if kind in ("enum", "literal_error"):
