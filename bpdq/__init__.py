@@ -16,6 +16,9 @@ from bpdq.checkpoint import load, save  # noqa: E402
 from bpdq.config import CalibrationConfig, Recipe, Rule  # noqa: E402
 from bpdq.pipeline import quantize_model  # noqa: E402
 from bpdq.report import RunReport  # noqa: E402
+from bpdq import hf  # noqa: E402  (transformers loads bpdq checkpoints once bpdq is imported)
+
+hf.register()
 
 __all__ = [
     "ADAPTERS",

@@ -27,6 +27,11 @@ FORMAT_VERSION = 1
 WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MODULE_FIELDS = {"planes", "group_size", "bias", "kernel", "grid", "solver"}
+LOADING_NOTE = (
+    "bpdq checkpoint: pip install bpdq, then load it with bpdq.load(dir), or import bpdq before "
+    "transformers' AutoModelForCausalLM.from_pretrained(dir). Without bpdq, transformers skips this "
+    "quantization_config and builds a dense model whose quantized linear layers are randomly initialised."
+)
 
 
 def quantization_config(model: nn.Module, recipes: dict[str, dict[str, Any]] | None = None) -> dict[str, Any]:
@@ -38,6 +43,8 @@ def quantization_config(model: nn.Module, recipes: dict[str, dict[str, Any]] | N
     from bpdq import __version__
 
     previous = getattr(getattr(model, "config", None), "quantization_config", None)
+    if hasattr(previous, "to_dict"):  # a transformers config object (model loaded with from_pretrained)
+        previous = previous.to_dict()
     known = previous.get("modules", {}) if isinstance(previous, dict) and previous.get("quant_method") == QUANT_METHOD else {}
     recipes = recipes or {}
     modules = {}
@@ -47,7 +54,13 @@ def quantization_config(model: nn.Module, recipes: dict[str, dict[str, Any]] | N
             source = recipes.get(name) or known.get(name, {})
             entry.update({k: source[k] for k in ("grid", "solver") if k in source})
             modules[name] = entry
-    return {"quant_method": QUANT_METHOD, "format_version": FORMAT_VERSION, "bpdq_version": __version__, "modules": modules}
+    return {
+        "quant_method": QUANT_METHOD,
+        "format_version": FORMAT_VERSION,
+        "bpdq_version": __version__,
+        "loading": LOADING_NOTE,
+        "modules": modules,
+    }
 
 
 def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
