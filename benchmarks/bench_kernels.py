@@ -45,7 +45,13 @@ def _cases() -> list[tuple[str, str]]:
     """(phase, kernel) pairs that make sense on this machine."""
     if not GPU:
         return [("decode", "torch"), ("prefill", "torch")]
-    return [("decode", "triton_lut"), ("decode", "triton_gemm"), ("decode", "torch"), ("prefill", "triton_gemm"), ("prefill", "torch")]
+    return [
+        ("decode", "triton_lut"),
+        ("decode", "triton_gemm"),
+        ("decode", "torch"),
+        ("prefill", "triton_gemm"),
+        ("prefill", "torch"),
+    ]
 
 
 def _sync() -> None:

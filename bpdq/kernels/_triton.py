@@ -59,7 +59,7 @@ def call_reason(layer: "QuantLinear", x: torch.Tensor) -> str | None:
     if x.dtype not in DTYPES:
         return f"input dtype {x.dtype} is not supported; allowed: {[str(d) for d in DTYPES]}"
     if x.dtype == torch.bfloat16 and interpret:
-        return "the Triton interpreter computes bfloat16 wrongly; use float16/float32, or a GPU without TRITON_INTERPRET"
+        return "the Triton interpreter computes bfloat16 wrongly; use float16/float32 (or a GPU, uninterpreted)"
     if layer.k not in PLANES:
         return f"{layer.k} planes are not supported; allowed: {list(PLANES)}"
     if layer.group_size not in GROUP_SIZES:

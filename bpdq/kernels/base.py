@@ -3,8 +3,10 @@
 A kernel computes ``y = x @ W_hat^T + bias`` for a :class:`~bpdq.linear.QuantLinear` directly from its
 packed buffers. ``supports(layer, x)`` returns ``None`` when the kernel can run the call, or a sentence
 saying why not. ``auto`` tries registered kernels by descending ``priority`` and takes the first that
-supports the call; the plain-PyTorch kernel (priority 0) supports everything and is the fallback. An
-explicit choice that cannot run raises :class:`KernelUnavailableError` with the reason.
+supports the call and does not exclude itself from automatic choice (``auto_excluded``: Triton kernels run
+on the CPU only under the interpreter, for tests, so ``auto`` leaves them out there); the plain-PyTorch
+kernel (priority 0) supports everything and is the fallback. An explicit choice that cannot run raises
+:class:`KernelUnavailableError` with the reason.
 """
 
 from __future__ import annotations

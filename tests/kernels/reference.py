@@ -24,7 +24,8 @@ def random_layer(k: int, group_size: int, out_features: int, in_features: int, *
     layer.planes.copy_(torch.randint(0, 256, layer.planes.shape, dtype=torch.uint8, generator=gen))
     groups = in_features // group_size
     scale = torch.rand(groups, 1, out_features, generator=gen) * 0.1 + 0.01
-    plane_coeffs = scale * (2.0 ** torch.arange(k).view(1, k, 1)) * (1 + 0.3 * torch.randn(groups, k, out_features, generator=gen))
+    jitter = 1 + 0.3 * torch.randn(groups, k, out_features, generator=gen)
+    plane_coeffs = scale * (2.0 ** torch.arange(k).view(1, k, 1)) * jitter
     offset = torch.randn(groups, 1, out_features, generator=gen) * scale * 2**k
     layer.coeffs.copy_(torch.cat([plane_coeffs, offset], dim=1).half())
     if bias:
