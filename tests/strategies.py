@@ -61,7 +61,9 @@ def weights(
 
 
 @st.composite
-def grouped_weights(draw, *, max_rows: int = 6, max_groups: int = 3, group_size=group_sizes) -> tuple[torch.Tensor, int]:
+def grouped_weights(
+    draw, *, max_rows: int = 6, max_groups: int = 3, group_size=group_sizes
+) -> tuple[torch.Tensor, int]:
     """``(weight [out, groups * g], g)`` with ``g`` from :data:`GROUP_SIZES`."""
     g = draw(group_size)
     n_groups = draw(st.integers(min_value=1, max_value=max_groups))

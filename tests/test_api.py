@@ -44,7 +44,8 @@ class SnapOnce(Solver):
         coeffs = grid.init(rows)
         codes = grid.snap(rows, coeffs)
         out, inp = W.shape
-        return codes.view(out, inp), coeffs.view(out, inp // group_size, -1), SolveStats(extra={"tag": self.options.tag})
+        stats = SolveStats(extra={"tag": self.options.tag})
+        return codes.view(out, inp), coeffs.view(out, inp // group_size, -1), stats
 
 
 def test_user_grid_and_solver_work_by_name_and_by_dict_spec(register):
@@ -100,7 +101,8 @@ def test_build_grid_and_solver_specs():
         ({"weight": torch.randn(64)}, ValueError, r"weight must be 2-D \[out_features, in_features\]"),
         ({"weight": torch.tensor([[float("nan")] * 64])}, ValueError, "weight contains NaN or Inf.*must be finite"),
         ({"weight": torch.full((1, 64), float("inf"))}, ValueError, "weight contains NaN or Inf.*must be finite"),
-        ({"hessian": torch.eye(32)}, ValueError, r"hessian must be \[in_features, in_features\] = \[64, 64\], got \(32, 32\)"),
+        ({"hessian": torch.eye(32)}, ValueError,
+         r"hessian must be \[in_features, in_features\] = \[64, 64\], got \(32, 32\)"),
     ],
 )
 def test_bad_input_raises_naming_the_argument_and_allowed_values(kwargs, error, pattern):

@@ -88,7 +88,8 @@ def test_build_from_name_dict_instance_and_pydantic_model():
 
 
 def test_build_dict_without_type_names_argument_and_known_names():
-    with pytest.raises(ValueError, match=r"grid: a dict spec needs a 'type' key .*'bitplane'.*'uniform'.*got keys \['bits'\]"):
+    pattern = r"grid: a dict spec needs a 'type' key .*'bitplane'.*'uniform'.*got keys \['bits'\]"
+    with pytest.raises(ValueError, match=pattern):
         build(GRIDS, {"bits": 2}, Grid, "grid")
 
 

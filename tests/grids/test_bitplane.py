@@ -12,7 +12,7 @@ import bpdq
 from bpdq.bits import codes_to_bits
 from bpdq.grids import BitPlaneGrid, UniformGrid
 from bpdq.solvers import group_rows
-from tests.strategies import grouped_weights, low_bits, seeds, weights
+from tests.strategies import grouped_weights, low_bits, make_weight, seeds, weights
 
 
 @given(data=grouped_weights(), bits=low_bits, symmetric=st.booleans())
@@ -88,9 +88,9 @@ def test_bitplane_levels_can_be_uneven():
 
 
 def test_heavy_tailed_rows_fit_better_on_the_variable_grid_from_the_same_start():
-    """Least squares on the 8-bit-derived planes beats min-max uniform on Student-t rows (aggregate)."""
-    from tests.strategies import make_weight
+    """Least squares on the 8-bit-derived planes beats min-max uniform on Student-t rows (aggregate).
 
+    Measured ratio 0.597 for this seed (0.60-0.65 for seeds 0-4); the bound 0.8 leaves margin."""
     w = make_weight(64, 128, "student_t", 0.02, seed=7)
     uni = UniformGrid(bits=2)
     c = uni.init(w)

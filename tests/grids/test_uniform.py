@@ -117,7 +117,12 @@ def test_planes_and_config():
 
 
 @pytest.mark.parametrize(
-    "grid", [{"type": "uniform", "bits": 2}, {"type": "uniform", "bits": 4, "symmetric": True}, {"type": "bitplane", "planes": 2}]
+    "grid",
+    [
+        {"type": "uniform", "bits": 2},
+        {"type": "uniform", "bits": 4, "symmetric": True},
+        {"type": "bitplane", "planes": 2},
+    ],
 )
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_ranges_below_fp16_resolution_quantize_to_about_zero(grid, sign):

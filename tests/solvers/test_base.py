@@ -95,7 +95,8 @@ def test_grid_must_be_a_grid_instance():
         (torch.randn(2, 64), 12, ValueError, "group_size must be a positive multiple of 8 .*got 12"),
         (torch.randn(2, 64), -8, ValueError, "group_size must be a positive multiple of 8 .*got -8"),
         (torch.randn(2, 96), 64, ValueError,
-         r"in_features 96 is not divisible by group_size 64; allowed group sizes for this layer: \[8, 16, 24, 32, 48, 96\]"),
+         r"in_features 96 is not divisible by group_size 64; allowed group sizes for this layer: "
+         r"\[8, 16, 24, 32, 48, 96\]"),
     ],
 )
 def test_check_weight_errors_name_the_argument_and_allowed_values(weight, group_size, error, pattern):
