@@ -20,6 +20,7 @@ from transformers.quantizers import auto as _auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bpdq.checkpoint import QUANT_METHOD, _check_tensors, check_quantization_config, replace_linears
+from bpdq.linear import QuantLinear
 
 # safetensors header dtype names -> torch dtypes (the ones a checkpoint of a causal LM can hold)
 _SAFETENSORS_DTYPES = {
@@ -79,7 +80,20 @@ class BpdqHfQuantizer(HfQuantizer):
 
 def check_checkpoint_files(model: torch.nn.Module, files: list[str]) -> None:
     """Compare the tensors listed in the safetensors ``files`` headers (no data is read) with what ``model``
-    expects: a missing, extra, mis-shaped or wrongly typed tensor raises ``ValueError`` naming it."""
+    expects: a missing, extra, mis-shaped or wrongly typed tensor raises ``ValueError`` naming it. Floating
+    tensors outside the packed buffers may differ in dtype: ``from_pretrained(dtype=...)`` casts them."""
+    found = _header_tensors(files)
+    expected = _expected_tensors(model, found)
+    packed = {f"{name}.{buf}" for name, m in model.named_modules() if isinstance(m, QuantLinear) for buf in ("planes", "coeffs")}
+    for name, ref in expected.items():
+        t = found.get(name)
+        if t is not None and name not in packed and t.is_floating_point() and ref.is_floating_point():
+            found[name] = torch.empty(t.shape, dtype=ref.dtype, device="meta")
+    _check_tensors(expected, found)
+
+
+def _header_tensors(files: list[str]) -> dict[str, torch.Tensor]:
+    """Meta tensors with the names, shapes and dtypes listed in the safetensors ``files`` headers."""
     from safetensors import safe_open
 
     if not files:
@@ -95,7 +109,7 @@ def check_checkpoint_files(model: torch.nn.Module, files: list[str]) -> None:
                 if dtype is None:
                     raise ValueError(f"checkpoint tensor {name!r} has unsupported dtype {info.get_dtype()}")
                 found[name] = torch.empty(info.get_shape(), dtype=dtype, device="meta")
-    _check_tensors(_expected_tensors(model, found), found)
+    return found
 
 
 def _expected_tensors(model: torch.nn.Module, found: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

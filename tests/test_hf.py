@@ -108,6 +108,29 @@ def test_save_pretrained_writes_a_checkpoint_both_loaders_read(checkpoints, tmp_
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "again")(ids).logits, expected)
 
 
+def test_sharded_save_pretrained_loads(checkpoints, tmp_path):
+    directory = checkpoints("llama")
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="40KB")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 1
+    ids = _input_ids(directory)
+    with torch.no_grad():
+        assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "sharded")(ids).logits, model(ids).logits)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_requested_dtype_casts_float_tensors_but_not_packed_buffers(checkpoints, dtype):
+    directory = checkpoints("qwen2")
+    model = AutoModelForCausalLM.from_pretrained(directory, dtype=dtype)
+    layer = model.get_submodule(Q)
+    assert (layer.planes.dtype, layer.coeffs.dtype, layer.bias.dtype) == (torch.uint8, torch.float16, dtype)
+    assert model.get_input_embeddings().weight.dtype == dtype
+    ids = _input_ids(directory)
+    with torch.no_grad():
+        logits, reference = model(ids).logits.float(), bpdq.load(directory)[0](ids).logits
+    assert torch.allclose(logits, reference, atol=0.02 * reference.abs().max().item())
+
+
 def test_checkpoint_config_says_how_to_load_it(checkpoints):
     qc = json.loads((checkpoints("llama") / CONFIG_FILE).read_text())["quantization_config"]
     assert "pip install bpdq" in qc["loading"] and "import bpdq" in qc["loading"] and "bpdq.load" in qc["loading"]
