@@ -131,6 +131,13 @@ def test_requested_dtype_casts_float_tensors_but_not_packed_buffers(checkpoints,
     assert torch.allclose(logits, reference, atol=0.02 * reference.abs().max().item())
 
 
+def test_docs_example_runs(checkpoints):
+    text = (Path(__file__).parents[1] / "docs" / "transformers.md").read_text()
+    example = text.split("```python\n", 1)[1].split("```", 1)[0]
+    assert '"runs/smollm2-bpdq-2bit"' in example
+    exec(example.replace('"runs/smollm2-bpdq-2bit"', repr(str(checkpoints("llama")))), {})
+
+
 def test_checkpoint_config_says_how_to_load_it(checkpoints):
     qc = json.loads((checkpoints("llama") / CONFIG_FILE).read_text())["quantization_config"]
     assert "pip install bpdq" in qc["loading"] and "import bpdq" in qc["loading"] and "bpdq.load" in qc["loading"]
