@@ -108,6 +108,15 @@ def test_save_pretrained_writes_a_checkpoint_both_loaders_read(checkpoints, tmp_
         assert torch.equal(AutoModelForCausalLM.from_pretrained(tmp_path / "again")(ids).logits, expected)
 
 
+def test_bpdq_save_of_a_from_pretrained_model_keeps_the_recipes(checkpoints, tmp_path):
+    directory = checkpoints("llama")
+    model = AutoModelForCausalLM.from_pretrained(directory)
+    bpdq.save(model, bpdq.load(directory)[1], tmp_path / "resaved")
+    modules = json.loads((tmp_path / "resaved" / CONFIG_FILE).read_text())["quantization_config"]["modules"]
+    assert modules == json.loads((directory / CONFIG_FILE).read_text())["quantization_config"]["modules"]
+    assert modules[Q]["solver"]["type"] == "rtn" and modules[Q]["grid"]["type"] == "bitplane"
+
+
 def test_sharded_save_pretrained_loads(checkpoints, tmp_path):
     directory = checkpoints("llama")
     model = AutoModelForCausalLM.from_pretrained(directory)
