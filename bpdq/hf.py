@@ -136,8 +136,8 @@ def register() -> None:
         if owner is not None and _qualified_name(owner) != _qualified_name(ours):
             raise ValueError(
                 f"transformers already has a {kind} registered for quant_method {QUANT_METHOD!r}: "
-                f"{_qualified_name(owner)}, not bpdq's {_qualified_name(ours)}; bpdq checkpoints cannot be loaded "
-                "with from_pretrained while it is registered (use bpdq.load instead)"
+                f"{_qualified_name(owner)}, not bpdq's {_qualified_name(ours)}. bpdq does not override it: remove "
+                "that registration, or import bpdq before the package that makes it"
             )
     for table, ours, register_fn, _ in tables:
         if table.get(QUANT_METHOD) is not ours:

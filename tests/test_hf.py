@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoModelForCausalLM
 from transformers.quantizers import auto as hf_auto
 from transformers.quantizers.quantizer_eetq import EetqHfQuantizer
-from transformers.utils.quantization_config import QuantizationConfigMixin
+from transformers.utils.quantization_config import EetqConfig, QuantizationConfigMixin
 
 import bpdq
 from bpdq import hf
@@ -246,6 +246,15 @@ def test_a_name_owned_by_another_package_is_an_error(monkeypatch):
     with pytest.raises(ValueError, match=r"quantizer registered for quant_method 'bpdq': .*EetqHfQuantizer"):
         hf.register()
     assert hf_auto.AUTO_QUANTIZER_MAPPING["bpdq"] is EetqHfQuantizer
+
+
+def test_a_conflict_changes_nothing(monkeypatch):
+    monkeypatch.setitem(hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING, "bpdq", EetqConfig)
+    monkeypatch.delitem(hf_auto.AUTO_QUANTIZER_MAPPING, "bpdq")
+    with pytest.raises(ValueError, match=r"quantization config registered for quant_method 'bpdq': .*EetqConfig"):
+        hf.register()
+    assert "bpdq" not in hf_auto.AUTO_QUANTIZER_MAPPING
+    assert hf_auto.AUTO_QUANTIZATION_CONFIG_MAPPING["bpdq"] is EetqConfig
 
 
 def test_without_bpdq_transformers_warns_and_builds_a_dense_model(checkpoints):
