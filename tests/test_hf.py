@@ -259,18 +259,23 @@ def test_a_conflict_changes_nothing(monkeypatch):
 
 def test_without_bpdq_transformers_warns_and_builds_a_dense_model(checkpoints):
     """What docs/transformers.md describes: no crash, a warning and a load report, nn.Linear layers whose
-    weights are missing from the checkpoint (randomly initialised), and the config's loading note."""
+    weights are missing from the checkpoint (randomly initialised), and the config's loading note. Then, in
+    the same process, importing bpdq late and reloading it makes the same call load QuantLinear modules."""
     script = (
-        "import json, sys\n"
+        "import importlib, json, sys\n"
         "from transformers import AutoModelForCausalLM\n"
-        f"model = AutoModelForCausalLM.from_pretrained({str(checkpoints('llama'))!r})\n"
-        f"print(json.dumps([type(model.get_submodule({Q!r})).__name__, 'bpdq' in sys.modules,\n"
-        "    model.config.quantization_config['loading']]))\n"
+        f"path, name = {str(checkpoints('llama'))!r}, {Q!r}\n"
+        "model = AutoModelForCausalLM.from_pretrained(path)\n"
+        "seen = [type(model.get_submodule(name)).__name__, 'bpdq' in sys.modules, model.config.quantization_config['loading']]\n"
+        "import bpdq, bpdq.hf\n"
+        "importlib.reload(bpdq.hf); importlib.reload(bpdq)\n"
+        "seen.append(type(AutoModelForCausalLM.from_pretrained(path).get_submodule(name)).__name__)\n"
+        "print(json.dumps(seen))\n"
     )
     env = {**os.environ, "TRANSFORMERS_VERBOSITY": "warning"}
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120, check=True)
-    layer, imported, note = json.loads(done.stdout.strip().splitlines()[-1])
-    assert (layer, imported) == ("Linear", False)
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180, check=True)
+    layer, imported, note, after_import = json.loads(done.stdout.strip().splitlines()[-1])
+    assert (layer, imported, after_import) == ("Linear", False, "QuantLinear")
     assert "import bpdq" in note
-    assert "Unknown quantization type, got bpdq" in done.stderr
+    assert done.stderr.count("Unknown quantization type, got bpdq") == 1
     assert "MISSING" in done.stderr and "UNEXPECTED" in done.stderr
