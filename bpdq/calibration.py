@@ -27,11 +27,18 @@ _HELD_OUT_EVERY = 4  # every 4th topic (sorted by name) belongs to the held-out 
 
 
 def _python_docs(held_out: bool) -> str:
+    """Topics are split by name (every 4th, sorted, is held out). Some topics repeat paragraphs of others;
+    the calibration split drops every paragraph that also occurs in the held-out split."""
     from pydoc_data.topics import topics
 
     names = sorted(topics)
-    chosen = [n for i, n in enumerate(names) if (i % _HELD_OUT_EVERY == _HELD_OUT_EVERY - 1) == held_out]
-    return "\n\n".join(topics[n].strip() for n in chosen)
+    test_names = names[_HELD_OUT_EVERY - 1 :: _HELD_OUT_EVERY]
+    test_paras = [p for n in test_names for p in topics[n].strip().split("\n\n")]
+    if held_out:
+        return "\n\n".join(test_paras)
+    taken = set(test_paras)
+    cal_names = [n for n in names if n not in set(test_names)]
+    return "\n\n".join(p for n in cal_names for p in topics[n].strip().split("\n\n") if p not in taken)
 
 
 BUILTIN_TEXTS: dict[str, Callable[[], str]] = {

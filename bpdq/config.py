@@ -46,7 +46,8 @@ def normalize_spec(spec: Any, kind: str) -> dict[str, Any]:
     if isinstance(spec, dict):
         spec = {k: (v if k == "type" else _numeric_strings(v)) for k, v in spec.items()}
     elif not isinstance(spec, (str, base)):
-        raise TypeError(f"{kind} must be a registered name, a dict with 'type', or a {base.__name__} instance")
+        # a ValueError, so that pydantic reports it as a validation error of the field
+        raise ValueError(f"{kind} must be a registered name, a dict with 'type', or a {base.__name__} instance")
     return builder(spec).to_config()
 
 
