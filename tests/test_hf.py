@@ -164,6 +164,8 @@ TENSOR_DAMAGE = {
     "extra": (lambda t: t.update({f"{Q}.scales": torch.ones(4)}), rf"unexpected \['{Q}.scales'\]"),
     "shape": (lambda t: t.update({f"{Q}.planes": t[f"{Q}.planes"][:1].clone()}), rf"'{Q}.planes' has shape \(1, 64, 8\)"),
     "dtype": (lambda t: t.update({f"{Q}.coeffs": t[f"{Q}.coeffs"].float()}), rf"'{Q}.coeffs' has dtype torch.float32"),
+    "float8": (lambda t: t.update({f"{Q}.coeffs": t[f"{Q}.coeffs"].to(torch.float8_e4m3fn)}), rf"'{Q}.coeffs' has dtype torch.float8_e4m3fn"),
+    "signed": (lambda t: t.update({f"{Q}.planes": t[f"{Q}.planes"].to(torch.int8)}), rf"'{Q}.planes' has dtype torch.int8"),
     "dense": (lambda t: t.update({f"{Q}.weight": torch.zeros(64, 64)}), rf"unexpected \['{Q}.weight'\]"),
 }
 LOADERS = {"from_pretrained": AutoModelForCausalLM.from_pretrained, "bpdq.load": bpdq.load}
