@@ -1,0 +1,140 @@
+"""Checkpoint save/load: layout, exact logits, atomic writes, strict loading with named errors."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import bpdq
+from bpdq.checkpoint import replace_linears
+from bpdq.linear import QuantLinear
+from tests.tiny_models import TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_tokenizer
+
+PROBE = torch.tensor([[1, 2, 3, 50, 60, 70, 300]])
+
+
+@pytest.fixture(scope="module")
+def quantized():
+    model, tok = tiny_model("llama", layers=1), tiny_tokenizer()
+    report = bpdq.quantize_model(model, tok, recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, progress=False)
+    return model, tok, report
+
+
+@pytest.fixture
+def ckpt(quantized, tmp_path):
+    model, tok, report = quantized
+    return bpdq.save(model, tok, tmp_path / "ckpt", report=report)
+
+
+def test_layout(ckpt, quantized):
+    files = {p.name for p in ckpt.iterdir()}
+    assert {"config.json", "model.safetensors", "bpdq_report.json", "tokenizer.json"} <= files
+    config = json.loads((ckpt / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert qc["quant_method"] == "bpdq" and qc["format_version"] == 1 and qc["bpdq_version"] == bpdq.__version__
+    q = qc["modules"]["model.layers.0.self_attn.q_proj"]
+    assert q["planes"] == 2 and q["group_size"] == 32 and q["grid"]["type"] == "bitplane" and q["solver"]["type"] == "rtn"
+    assert len(qc["modules"]) == 7
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    assert tensors["model.layers.0.self_attn.q_proj.planes"].dtype == torch.uint8
+    assert tensors["model.layers.0.self_attn.q_proj.coeffs"].dtype == torch.float16
+    assert "model.layers.0.self_attn.q_proj.weight" not in tensors
+    assert "model.embed_tokens.weight" in tensors and "lm_head.weight" not in tensors  # tied: stored once
+    report = bpdq.RunReport.read(ckpt / "bpdq_report.json")
+    assert report.checkpoint_bytes == (ckpt / "model.safetensors").stat().st_size
+    assert report.n_quantized == quantized[2].n_quantized
+
+
+def test_load_gives_equal_logits_and_no_dense_weights(ckpt, quantized):
+    model, tok, _ = quantized
+    loaded, tok2 = bpdq.load(ckpt)
+    assert torch.equal(loaded(PROBE).logits, model(PROBE).logits)
+    assert loaded.lm_head.weight is loaded.model.embed_tokens.weight
+    q = loaded.model.layers[0].mlp.down_proj
+    assert isinstance(q, QuantLinear) and not hasattr(q, "weight")
+    assert tok2("some text")["input_ids"] == tok("some text")["input_ids"]
+    # saving a loaded checkpoint again reproduces it
+    again = bpdq.save(loaded, tok2, ckpt.parent / "again")
+    assert (again / "model.safetensors").read_bytes() == (ckpt / "model.safetensors").read_bytes()
+    assert json.loads((again / "config.json").read_text())["quantization_config"] == json.loads((ckpt / "config.json").read_text())["quantization_config"]
+
+
+def test_refuses_non_empty_directory_unless_overwrite(ckpt, quantized):
+    model, tok, _ = quantized
+    with pytest.raises(FileExistsError, match="overwrite"):
+        bpdq.save(model, tok, ckpt)
+    (ckpt / "stale.txt").write_text("old")
+    bpdq.save(model, tok, ckpt, overwrite=True)
+    assert not (ckpt / "stale.txt").exists() and (ckpt / "model.safetensors").exists()
+    assert sorted(p.name for p in ckpt.parent.iterdir()) == ["ckpt"]
+
+
+def test_interrupted_save_leaves_nothing(quantized, tmp_path, monkeypatch):
+    model, tok, _ = quantized
+
+    def boom(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(tok, "save_pretrained", boom)
+    with pytest.raises(KeyboardInterrupt):
+        bpdq.save(model, tok, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def _rewrite(ckpt, edit):
+    tensors = load_file(str(ckpt / "model.safetensors"))
+    edit(tensors)
+    save_file(tensors, str(ckpt / "model.safetensors"))
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda t: t.pop("model.layers.0.self_attn.o_proj.planes"), "missing.*o_proj.planes"),
+        (lambda t: t.update(extra=torch.zeros(2)), "unexpected.*extra"),
+        (lambda t: t.update({"model.norm.weight": torch.zeros(3)}), "model.norm.weight.*shape"),
+        (lambda t: t.update({"model.layers.0.mlp.up_proj.coeffs": t["model.layers.0.mlp.up_proj.coeffs"].float()}), "up_proj.coeffs.*dtype"),
+    ],
+)
+def test_damaged_tensors_are_named(ckpt, edit, message):
+    _rewrite(ckpt, edit)
+    with pytest.raises(ValueError, match=message):
+        bpdq.load(ckpt)
+
+
+@pytest.mark.parametrize(
+    ("edit", "message"),
+    [
+        (lambda qc: qc.update(format_version=99), "format_version 99"),
+        (lambda qc: qc.update(quant_method="gptq"), "quant_method is 'gptq'"),
+        (lambda qc: qc["modules"]["model.layers.0.mlp.up_proj"].update(color="red"), r"up_proj.*unknown fields \['color'\]"),
+        (lambda qc: qc["modules"]["model.layers.0.mlp.up_proj"].update(planes="two"), r"up_proj.*planes must be an integer"),
+        (lambda qc: qc["modules"].update({"model.layers.0.nope": {"planes": 2, "group_size": 32}}), "model.layers.0.nope"),
+        (lambda qc: qc["modules"].update({"model.layers.0.input_layernorm": {"planes": 2, "group_size": 32}}), "not an nn.Linear"),
+    ],
+)
+def test_damaged_config_is_named(ckpt, edit, message):
+    config = json.loads((ckpt / "config.json").read_text())
+    edit(config["quantization_config"])
+    (ckpt / "config.json").write_text(json.dumps(config))
+    with pytest.raises(ValueError, match=message):
+        bpdq.load(ckpt)
+
+
+def test_not_a_checkpoint(tmp_path):
+    with pytest.raises(ValueError, match="config.json is missing"):
+        bpdq.load(tmp_path)
+
+
+def test_replace_linears_builds_empty_quant_modules():
+    model = tiny_model("qwen2", layers=1)
+    replace_linears(model, {"model.layers.0.self_attn.k_proj": {"planes": 3, "group_size": 32}})
+    k = model.model.layers[0].self_attn.k_proj
+    assert isinstance(k, QuantLinear) and k.k == 3 and k.bias is not None and k.planes.shape == (3, 32, 8)
+    assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
+    with pytest.raises(ValueError, match="group_size"):
+        replace_linears(model, {"model.layers.0.self_attn.q_proj": {"planes": 2, "group_size": 48}})
