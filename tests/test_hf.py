@@ -42,7 +42,7 @@ def checkpoints(tmp_path_factory):
 
 
 @pytest.fixture
-def copy(checkpoints, tmp_path):
+def scratch(checkpoints, tmp_path):
     """A private copy of the llama checkpoint that a test may corrupt."""
     return Path(shutil.copytree(checkpoints("llama"), tmp_path / "ckpt"))
 
@@ -173,11 +173,11 @@ LOADERS = {"from_pretrained": AutoModelForCausalLM.from_pretrained, "bpdq.load":
 
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("damage", TENSOR_DAMAGE)
-def test_damaged_tensors_fail_naming_the_tensor(copy, damage, loader):
+def test_damaged_tensors_fail_naming_the_tensor(scratch, damage, loader):
     edit, message = TENSOR_DAMAGE[damage]
-    _edit_tensors(copy, edit)
+    _edit_tensors(scratch, edit)
     with pytest.raises(ValueError, match=message):
-        LOADERS[loader](copy)
+        LOADERS[loader](scratch)
 
 
 CONFIG_DAMAGE = {
@@ -189,22 +189,22 @@ CONFIG_DAMAGE = {
 
 @pytest.mark.parametrize("loader", LOADERS)
 @pytest.mark.parametrize("damage", CONFIG_DAMAGE)
-def test_damaged_quantization_config_fails_naming_the_field(copy, damage, loader):
+def test_damaged_quantization_config_fails_naming_the_field(scratch, damage, loader):
     edit, message = CONFIG_DAMAGE[damage]
-    config = json.loads((copy / CONFIG_FILE).read_text())
+    config = json.loads((scratch / CONFIG_FILE).read_text())
     edit(config["quantization_config"])
-    (copy / CONFIG_FILE).write_text(json.dumps(config))
+    (scratch / CONFIG_FILE).write_text(json.dumps(config))
     with pytest.raises(ValueError, match=message):
-        LOADERS[loader](copy)
+        LOADERS[loader](scratch)
 
 
-def test_only_safetensors_files_are_read(copy):
-    torch.save(load_file(str(copy / WEIGHTS_FILE)), copy / "pytorch_model.bin")
-    (copy / WEIGHTS_FILE).unlink()
+def test_only_safetensors_files_are_read(scratch):
+    torch.save(load_file(str(scratch / WEIGHTS_FILE)), scratch / "pytorch_model.bin")
+    (scratch / WEIGHTS_FILE).unlink()
     with pytest.raises(ValueError, match="safetensors files only, got 'pytorch_model.bin'"):
-        AutoModelForCausalLM.from_pretrained(copy)
+        AutoModelForCausalLM.from_pretrained(scratch)
     with pytest.raises(ValueError, match="model.safetensors is missing"):
-        bpdq.load(copy)
+        bpdq.load(scratch)
 
 
 def test_weights_only_false_is_refused(checkpoints):
