@@ -75,8 +75,6 @@ def get_adapter(model: nn.Module) -> Adapter:
     arch = architecture_of(model)
     if arch in ADAPTERS:
         return ADAPTERS.get(arch)
-    if type(model).__name__ in ADAPTERS:
-        return ADAPTERS.get(type(model).__name__)
     raise ValueError(
         f"unsupported architecture {arch!r}; supported: {', '.join(ADAPTERS.names())}. To add one, register an "
         f"Adapter (bpdq.models.register_adapter, or bpdq.models.generic_adapter for a Llama-shaped model): "
