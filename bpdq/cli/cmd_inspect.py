@@ -112,7 +112,7 @@ def _tables(info: dict[str, Any]) -> list[Table]:
     )
     mods = Table(title="modules", title_justify="left")
     for col in ("module", "recipe", "bpw", "proxy loss", "relative loss"):
-        mods.add_column(col, justify="left" if col in ("module", "recipe") else "right")
+        mods.add_column(col, justify="left" if col in ("module", "recipe") else "right", no_wrap=True)
     for m in info["modules"]:
         recipe = "skipped (full precision)" if m["skipped"] else _recipe_text(m["recipe"])
         mods.add_row(m["name"], recipe, fmt_float(m["bits_per_weight"]), fmt_float(m["proxy_loss"]),

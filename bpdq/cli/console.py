@@ -35,7 +35,7 @@ def setup_logging(debug: bool = False) -> None:
 
 def stdout_console() -> Console:
     """A console on stdout; no colours or cursor control when stdout is not a terminal."""
-    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 120)
+    return Console(soft_wrap=False, width=None if sys.stdout.isatty() else 160)
 
 
 def emit_json(obj: dict[str, Any]) -> None:

@@ -95,3 +95,16 @@ def in_process():
     yield main
     logger.handlers[:] = handlers
     logger.setLevel(level)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory, tiny_model_dir):
+    """``(process, output dir)`` of one ``quantize`` run on the tiny model; the config says group_size 64,
+    ``--set`` makes it 32."""
+    d = tmp_path_factory.mktemp("tiny-quantize")
+    data = tiny_strategy(tiny_model_dir, d / "ckpt")
+    data["quantize"]["group_size"] = 64
+    cfg = write_config(d / "strategy.yaml", data)
+    proc = run_cli("quantize", str(cfg), "--set", "quantize.group_size=32")
+    assert proc.returncode == 0, proc.stderr
+    return proc, d / "ckpt"

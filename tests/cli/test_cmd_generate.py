@@ -1,0 +1,34 @@
+"""``bpdq generate`` on the tiny checkpoint: the CLI's greedy completion is the library's
+(bpdq/cli/cmd_generate.py)."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+import bpdq
+from tests.cli.conftest import run_cli
+
+PROMPT = "The function returns"
+
+
+def test_greedy_completion_matches_the_library(tiny_checkpoint):
+    proc = run_cli("generate", str(tiny_checkpoint[1]), "--prompt", PROMPT, "--max-new-tokens", "6", "--json")
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    model, tok = bpdq.load(tiny_checkpoint[1])
+    ids = tok(PROMPT, return_tensors="pt")["input_ids"]
+    with torch.no_grad():
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=6, do_sample=False,
+                             pad_token_id=tok.eos_token_id)
+    expected = out[0, ids.shape[1]:]
+    assert result["new_tokens"] == expected.numel() and 1 <= result["new_tokens"] <= 6
+    assert result["completion"] == tok.decode(expected, skip_special_tokens=True)
+
+
+def test_plain_output_and_chat_without_a_template(in_process, capsys, tiny_checkpoint):
+    assert in_process(["generate", str(tiny_checkpoint[1]), "--prompt", PROMPT, "--max-new-tokens", "3"]) == 0
+    assert capsys.readouterr().out.strip()
+    assert in_process(["generate", str(tiny_checkpoint[1]), "--prompt", PROMPT, "--chat"]) == 2
+    assert "has no chat template" in capsys.readouterr().err

@@ -1,0 +1,48 @@
+"""``bpdq inspect`` on the tiny checkpoint (bpdq/cli/cmd_inspect.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bpdq.report import RunReport
+from tests.cli.conftest import run_cli
+
+
+@pytest.fixture(scope="module")
+def info(tiny_checkpoint):
+    proc = run_cli("inspect", str(tiny_checkpoint[1]), "--json")
+    assert proc.returncode == 0, proc.stderr
+    return json.loads(proc.stdout)
+
+
+def test_method_sizes_and_totals(info, tiny_checkpoint):
+    out = tiny_checkpoint[1]
+    report = RunReport.read(out / "bpdq_report.json")
+    assert (info["quant_method"], info["format_version"], info["solvers"]) == ("bpdq", 1, ["rtn"])
+    assert info["architecture"] == "LlamaForCausalLM"
+    assert (info["modules_quantized"], info["modules_skipped"]) == (13, 1)
+    assert info["checkpoint_bytes"] == (out / "model.safetensors").stat().st_size
+    assert info["fp16_bytes"] == report.fp16_bytes
+    assert info["avg_bpw_quantized"] == pytest.approx(report.avg_bpw_quantized)
+
+
+def test_recipe_bpw_and_loss_per_module(info, tiny_checkpoint):
+    report = {m.name: m for m in RunReport.read(tiny_checkpoint[1] / "bpdq_report.json").modules}
+    modules = {m["name"]: m for m in info["modules"]}
+    assert list(modules) == list(report)  # every module, in the pipeline's order
+    down = modules["model.layers.0.mlp.down_proj"]
+    assert down["planes"] == 3 and down["recipe"]["grid"]["planes"] == 3 and down["bits_per_weight"] == 5.0
+    assert modules["model.layers.1.self_attn.o_proj"]["skipped"] is True
+    q = modules["model.layers.1.self_attn.q_proj"]
+    assert (q["planes"], q["recipe"]["group_size"], q["bits_per_weight"]) == (2, 32, 3.5)
+    for name, m in modules.items():
+        assert m["proxy_loss"] == report[name].proxy_loss and m["relative_loss"] == report[name].relative_loss
+
+
+def test_plain_output_is_a_table(in_process, capsys, tiny_checkpoint):
+    assert in_process(["inspect", str(tiny_checkpoint[1])]) == 0
+    out = capsys.readouterr().out
+    assert "bpdq (format 1, bpdq " in out and "skipped (full precision)" in out
+    assert "bitplane(init_bits=8,planes=3) rtn(refits=2) g=32" in out

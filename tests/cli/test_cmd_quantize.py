@@ -1,0 +1,77 @@
+"""``bpdq quantize`` on a tiny random Llama: summary, checkpoint contents, --set, --overwrite
+(bpdq/cli/cmd_quantize.py)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch import nn
+
+import bpdq
+from bpdq import QuantLinear
+from bpdq.strategy import load_strategy
+from tests.cli.conftest import json_stdout, run_cli
+
+
+@pytest.fixture(scope="module")
+def reloaded(tiny_checkpoint):
+    model, _ = bpdq.load(tiny_checkpoint[1])
+    return model
+
+
+def test_prints_a_plain_summary_table_and_plain_progress_lines(tiny_checkpoint):
+    proc, out = tiny_checkpoint
+    for label in ("modules quantized", "modules skipped", "bits/weight (whole model)", "size vs fp16", "worst 5"):
+        assert label in proc.stdout
+    assert f"checkpoint written to {out}" in proc.stdout
+    assert "layer 1/2" in proc.stderr and "layer 2/2" in proc.stderr
+    assert "\x1b[" not in proc.stdout + proc.stderr  # not a terminal: no ANSI codes
+
+
+def test_the_recipe_rules_and_set_override_reach_the_checkpoint(reloaded):
+    quant = {n: m for n, m in reloaded.named_modules() if isinstance(m, QuantLinear)}
+    assert len(quant) == 13
+    assert isinstance(reloaded.get_submodule("model.layers.1.self_attn.o_proj"), nn.Linear)
+    assert {m.group_size for m in quant.values()} == {32}  # --set quantize.group_size=32 over the config's 64
+    assert quant.pop("model.layers.0.mlp.down_proj").k == 3
+    assert {m.k for m in quant.values()} == {2}
+
+
+def test_saved_summary_matches_the_checkpoint(tiny_checkpoint, reloaded):
+    _, out = tiny_checkpoint
+    summary = json.loads((out / "bpdq_summary.json").read_text())
+    quant = [m for m in reloaded.modules() if isinstance(m, QuantLinear)]
+    n = sum(m.in_features * m.out_features for m in quant)
+    bits = sum(m.in_features * m.out_features * (m.k + 16 * (m.k + 1) / m.group_size) for m in quant)
+    total = sum(p.numel() for p in reloaded.parameters()) + n  # a QuantLinear's weight is buffers, not a parameter
+    assert summary["modules_quantized"] == 13 and summary["modules_skipped"] == 1
+    assert summary["avg_bpw_quantized"] == pytest.approx(bits / n)
+    assert summary["checkpoint_bytes"] == (out / "model.safetensors").stat().st_size
+    assert summary["fp16_bytes"] == 2 * total
+    assert summary["avg_bpw_model"] == pytest.approx((bits + 16 * (total - n)) / total)
+    worst = [m["relative_loss"] for m in summary["worst_modules"]]
+    assert len(worst) == 5 and worst == sorted(worst, reverse=True) and worst[0] > 0
+
+
+def test_the_strategy_is_saved_beside_the_checkpoint(tiny_checkpoint):
+    _, out = tiny_checkpoint
+    saved = load_strategy(out / "strategy.yaml")
+    assert saved.quantize.group_size == 32 and saved.output == str(out)
+    assert [r.match for r in saved.rules] == [r"model\.layers\.0\.mlp\.down_proj", r"model\.layers\.1\.self_attn\.o_proj"]
+
+
+def test_overwrite_replaces_a_directory_and_reproduces_the_weights(tiny_checkpoint, tmp_path):
+    _, out = tiny_checkpoint
+    target = tmp_path / "again"
+    target.mkdir()
+    (target / "stale.txt").write_text("old")
+    proc = run_cli("quantize", str(out / "strategy.yaml"), "--output", str(target), "--overwrite", "--json")
+    summary = json_stdout(proc)  # --json: stdout is exactly one JSON object
+    assert summary["output"] == str(target) and summary["modules_quantized"] == 13
+    assert not (target / "stale.txt").exists()
+    first, second = load_file(str(out / "model.safetensors")), load_file(str(target / "model.safetensors"))
+    assert first.keys() == second.keys()
+    assert all(torch.equal(first[k], second[k]) for k in first)  # same seed, same windows: same checkpoint
