@@ -157,11 +157,12 @@ class _GroupResult:
 
 
 class _GroupSweeper:
-    """Steps a-c for one group, reusing its work buffers across groups."""
+    """Steps a-c for one group, reusing its work buffer (and the views into it) across groups."""
 
     def __init__(self, out: int, g: int, dtype: torch.dtype, device: torch.device) -> None:
         self.work = torch.empty(g, out, dtype=dtype, device=device)  # transposed: column t is a contiguous row
-        self.pos = torch.empty(g, out, 1, dtype=torch.int64, device=device)
+        self.cols = [self.work[t].unsqueeze(1) for t in range(g)]  # [out, 1] views
+        self.tails = [self.work[t + 1 :] for t in range(g)]  # the columns right of t, inside the group
         self.eye = torch.eye(g, dtype=dtype, device=device)
 
     def solve(
@@ -174,20 +175,22 @@ class _GroupSweeper:
         fit = WhitenedFit(entry, Uinv.T, alpha, grid.planes)
         codes = grid.init_codes(entry)
         coeffs = round_coeffs(fit(codes))
-        diag = Ug.diagonal()
-        work, pos = self.work, self.pos
+        diag = Ug.diagonal().tolist()
+        urows = [Ug[t, t + 1 :] for t in range(g)]
         best: _GroupResult | None = None
         it = 0
         for it in range(1, iters + 1):
             sorted_lv, canon, mids = level_thresholds(grid.levels(coeffs))
-            work.copy_(entry_t)
+            self.work.copy_(entry_t)
+            positions = []
             for t in range(g):
-                x = work[t]
-                torch.sum(x.unsqueeze(1) > mids, dim=1, keepdim=True, out=pos[t])
-                err = (x - sorted_lv.gather(1, pos[t]).squeeze(1)).div_(diag[t])
+                x = self.cols[t]
+                pos = (x > mids).sum(1, keepdim=True)  # nearest level's position among the sorted levels
+                err = (x - sorted_lv.gather(1, pos)).div_(diag[t])
                 if t + 1 < g:
-                    work[t + 1 :].addr_(Ug[t, t + 1 :], err, alpha=-1.0)
-            codes = canon.gather(1, pos.squeeze(2).T)
+                    self.tails[t].addr_(urows[t], err.view(-1), alpha=-1.0)
+                positions.append(pos)
+            codes = canon.gather(1, torch.cat(positions, dim=1))
             coeffs = round_coeffs(fit(codes))
             values = grid.dequant(codes, coeffs)
             errors = (entry - values) @ Uinv

@@ -1,0 +1,92 @@
+"""Solver speed and quality on CPU: ``python -m pytest benchmarks/bench_solvers.py --benchmark-json=solvers.json``.
+
+Layers (weight ``[out, in]``): 1536x576 and 576x1536 (SmolLM2-135M's MLP shapes) and 2048x2048, heavy-tailed
+weights, a realistic correlated Hessian (mixed Student-t inputs with outlier channels), g = 64. For k = 2 and
+3 it times, in one run: RTN and GPTQ over the k-bit uniform grid, the literal BPDQ oracle of the test suite,
+and the product's BPDQ (10 iterations). Each case runs once (``rounds=1``).
+
+``extra_info`` of the BPDQ cases holds the ratios (computed from the other cases of the same run):
+``time_vs_gptq`` (target <= 8), ``speedup_vs_oracle`` (target >= 1.5), ``same_planes_as_oracle`` (fraction of
+equal codes), ``loss_vs_gptq`` (BPDQ / GPTQ relative proxy loss) and ``gptq_loss_vs_rtn``. Timings taken on a
+shared machine are noisy; compare ratios within one run. Torch runs single-threaded unless
+``BPDQ_BENCH_THREADS`` says otherwise (the sweeps are bound by per-operation overhead, not arithmetic).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+
+import pytest
+import torch
+
+from bpdq.grids import BitPlaneGrid, UniformGrid
+from bpdq.solvers import BPDQ, GPTQ, RTN
+from tests.solvers.cases import correlated_hessian, heavy_weight
+from tests.solvers.oracle import oracle_bpdq
+
+log = logging.getLogger(__name__)
+
+G = 64
+LAYERS = [(1536, 576), (576, 1536), (2048, 2048)]
+SOLVERS = ["rtn", "gptq", "oracle", "bpdq"]
+CASES = [(layer, k, solver) for layer in LAYERS for k in (2, 3) for solver in SOLVERS]
+
+THREADS = int(os.environ.get("BPDQ_BENCH_THREADS", "1"))
+
+_layers: dict[tuple[int, int], tuple[torch.Tensor, torch.Tensor]] = {}
+_results: dict[tuple[tuple[int, int], int, str], dict[str, object]] = {}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _threads():
+    """Single-threaded by default (``BPDQ_BENCH_THREADS``): on a shared machine, ratios stay comparable."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(THREADS)
+    yield
+    torch.set_num_threads(before)
+
+
+def _layer(shape: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+    if shape not in _layers:
+        out, inp = shape
+        _layers[shape] = heavy_weight(out, inp, seed=out + inp), correlated_hessian(inp, seed=inp)
+    return _layers[shape]
+
+
+def _run(solver: str, W: torch.Tensor, H: torch.Tensor, k: int) -> dict[str, object]:
+    start = time.perf_counter()
+    if solver == "oracle":
+        res = oracle_bpdq(W, H, BitPlaneGrid(planes=k), G)
+        codes, loss = res.codes, None
+    else:
+        impl = {"rtn": RTN(), "gptq": GPTQ(), "bpdq": BPDQ()}[solver]
+        grid = BitPlaneGrid(planes=k) if solver == "bpdq" else UniformGrid(bits=k)
+        qw = impl(W, H, grid, G)
+        codes, loss = qw.codes(), qw.stats.relative_loss
+    return {"time": time.perf_counter() - start, "codes": codes, "loss": loss}
+
+
+@pytest.mark.parametrize("layer, k, solver", CASES, ids=[f"{o}x{i}-k{k}-{s}" for (o, i), k, s in CASES])
+def test_solver(benchmark, layer, k, solver):
+    W, H = _layer(layer)
+    result = benchmark.pedantic(_run, args=(solver, W, H, k), rounds=1, iterations=1)
+    _results[(layer, k, solver)] = result
+    benchmark.extra_info["seconds"] = result["time"]
+    if result["loss"] is not None:
+        benchmark.extra_info["relative_loss"] = result["loss"]
+    if solver != "bpdq":
+        return
+    rtn, gptq, oracle = (_results.get((layer, k, s)) for s in ("rtn", "gptq", "oracle"))
+    if gptq is None or oracle is None or rtn is None:
+        pytest.skip("ratios need the rtn, gptq and oracle cases of the same run")
+    info = {
+        "time_vs_gptq": result["time"] / gptq["time"],
+        "speedup_vs_oracle": oracle["time"] / result["time"],
+        "same_planes_as_oracle": (result["codes"] == oracle["codes"]).double().mean().item(),
+        "loss_vs_gptq": result["loss"] / gptq["loss"],
+        "gptq_loss_vs_rtn": gptq["loss"] / rtn["loss"],
+    }
+    benchmark.extra_info.update(info)
+    log.info("%dx%d k=%d: %s", *layer, k, ", ".join(f"{key}={v:.3f}" for key, v in info.items()))
