@@ -19,7 +19,7 @@ from torch import nn
 
 from bpdq.registry import ADAPTERS
 
-GUIDE = "docs/add-a-model.md"
+GUIDE = "docs/guides/add-a-model.md"
 
 
 @dataclass(frozen=True)

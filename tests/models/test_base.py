@@ -18,7 +18,7 @@ def test_unsupported_architecture_lists_supported_and_guide():
         get_adapter(model)
     msg = str(exc.value)
     assert "MyLlamaForCausalLM" in msg and "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in msg
-    assert "docs/add-a-model.md" in msg
+    assert "docs/guides/add-a-model.md" in msg
 
 
 def test_generic_fallback_one_group_per_linear(register):
