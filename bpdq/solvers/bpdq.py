@@ -13,7 +13,8 @@ d. the kept errors are propagated to the rest of the block once per group, and t
 
 Speed: per column only the group's own columns are updated (the block tail is updated once per group with a
 matmul, which equals the literal per-column + delta-correction updates), levels are snapped by a
-sorted-threshold search, and the work buffers are reused. The literal step-by-step version lives in the
+sorted-threshold search, a refit only solves the rows whose planes changed, and the work buffers are
+reused. The literal step-by-step version lives in the
 test suite (``tests/solvers/oracle.py``) and the tests check both give the same planes.
 """
 
@@ -190,8 +191,9 @@ class _GroupSweeper:
                 if t + 1 < g:
                     self.tails[t].addr_(urows[t], err.view(-1), alpha=-1.0)
                 positions.append(pos)
-            codes = canon.gather(1, torch.cat(positions, dim=1))
-            coeffs = round_coeffs(fit(codes))
+            new_codes = canon.gather(1, torch.cat(positions, dim=1))
+            coeffs = _refit(fit, new_codes, codes, coeffs)
+            codes = new_codes
             values = grid.dequant(codes, coeffs)
             errors = (entry - values) @ Uinv
             score = float(errors.pow(2).sum())
@@ -205,6 +207,17 @@ class _GroupSweeper:
         assert best is not None
         best.iters_run = it
         return best
+
+
+def _refit(fit: WhitenedFit, codes: torch.Tensor, old_codes: torch.Tensor, old_coeffs: torch.Tensor) -> torch.Tensor:
+    """fp16-rounded coefficients for ``codes``; rows whose codes did not change keep ``old_coeffs``."""
+    changed = (codes != old_codes).any(dim=1).nonzero().squeeze(1)
+    if changed.numel() == codes.shape[0]:
+        return round_coeffs(fit(codes))
+    coeffs = old_coeffs.clone()
+    if changed.numel():
+        coeffs[changed] = round_coeffs(fit(codes[changed], changed))
+    return coeffs
 
 
 def level_thresholds(levels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:

@@ -25,3 +25,13 @@ def test_whitened_fit_equals_grid_fit(seed, k, g, alpha):
     fast = WhitenedFit(w, whiten, alpha, k)(codes)
     ref = grid.fit(w, codes, whiten=whiten, alpha=alpha)
     torch.testing.assert_close(fast, ref, rtol=1e-9, atol=1e-12)
+
+
+def test_whitened_fit_of_a_row_subset_equals_those_rows_of_the_full_fit():
+    H = correlated_hessian(32, 3).double()
+    U, _, _ = inverse_cholesky(H, 0.01)
+    w = heavy_weight(10, 32, 3).double()
+    fit = WhitenedFit(w, torch.linalg.inv(U).T, 1e-4, 2)
+    codes = torch.randint(0, 4, (10, 32), generator=torch.Generator().manual_seed(3))
+    rows = torch.tensor([1, 4, 9])
+    torch.testing.assert_close(fit(codes[rows], rows), fit(codes)[rows], rtol=1e-12, atol=1e-14)
