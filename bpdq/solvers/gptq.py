@@ -43,6 +43,8 @@ class GPTQ(Solver):
 
 def gptq_sweep(W: torch.Tensor, U: torch.Tensor, grid: Grid, group_size: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
     """GPTQ over ``W`` (modified in place) in sweep order: ``(codes [out, in], coeffs [out, groups, k+1])``."""
+    if block <= 0 or block % group_size:
+        raise ValueError(f"block ({block}) must be a positive multiple of group_size ({group_size})")
     out, inp = W.shape
     codes = torch.empty(out, inp, dtype=torch.int64, device=W.device)
     coeffs = torch.empty(out, inp // group_size, grid.planes + 1, dtype=W.dtype, device=W.device)

@@ -166,3 +166,12 @@ def test_stats_best_iters_and_optional_early_stop():
     # init_bits=k starts from the k-bit uniform codes instead of the top planes of 8-bit ones
     coarse = BPDQ(init_bits=2, iters=1)(W, H, grid, 32)
     assert coarse.solver["init_bits"] == 2 and torch.isfinite(coarse.dequantize()).all()
+
+
+def test_sweeps_need_blocks_of_whole_groups():
+    W, H = _case(4, 64, 12)
+    layer = prepare_layer(W, H, 32, "none", 0.01)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        bpdq_sweep(layer.W.clone(), layer.U, BitPlaneGrid(planes=2), 32, block=48)
+    with pytest.raises(ValueError, match="multiple of group_size"):
+        bpdq.solvers.gptq_sweep(layer.W.clone(), layer.U, UniformGrid(bits=2), 32, 48)
