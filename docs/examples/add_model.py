@@ -64,11 +64,11 @@ def main() -> None:
     if report.n_quantized != 2 * 6:
         raise SystemExit(f"expected 6 linears per layer, 2 layers; got {report.n_quantized}")
 
-    # 2. From a strategy config: a 2-plane bit-plane grid (GPTQ), layer 0 left in full precision by a rule.
+    # 2. From a strategy config: 2-bit BPDQ (2 iterations to stay fast), layer 0 left in full precision.
     strategy = strategy_from_dict({
         "model": "tiny-random-phi",  # the pipeline below gets the model object directly
         "quantize": {"group_size": 32, "grid": {"type": "bitplane", "planes": 2},
-                     "solver": {"type": "gptq"}},
+                     "solver": {"type": "bpdq", "iters": 2}},
         "rules": [{"match": r"model\.layers\.0\..*", "skip": True}],
     })
     model = tiny_phi()
