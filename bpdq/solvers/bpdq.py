@@ -11,6 +11,10 @@ c. ``iters`` times, from the group's entry weights: a GPTQ column sweep over all
    ``dE``); the iterate with the smallest ``||E||^2`` over the group is kept;
 d. the kept errors are propagated to the rest of the block once per group, and to later blocks once per block.
 
+The score is taken over the whole group (all rows), so ``stats.best_iters`` has one kept iteration (1-based)
+per group, in original group order; ``stats.extra`` records ``damp`` (after retries), ``cholesky_retries``,
+``dead_inputs``, ``order`` and ``iters_run`` (fewer than ``iters`` only with ``tol``).
+
 Speed: per column only the group's own columns are updated (the block tail is updated once per group with a
 matmul, which equals the literal per-column + delta-correction updates), levels are snapped by a
 sorted-threshold search, a refit only solves the rows whose planes changed, and the work buffers are
