@@ -5,14 +5,16 @@ With ``W = c_0 + sum_i c_i B_i`` (per row and group), a byte of plane ``i`` cove
 
 1. ``build_tables``: for every token and every chunk of 8 inputs, the 256 subset sums ``T[m, chunk, byte]``
    (fp32); ``T[m, chunk, 255]`` is the chunk's sum, so group sums of ``x`` come from the same table.
-2. ``lut_gemv``: a program owns ``BN`` rows and a range of groups (split-K when there are few row blocks);
-   per group and plane it loads the rows' plane bytes, gathers ``T[m, chunk, byte]``, sums over the group's
+2. ``lut_gemv``: a program owns ``BN`` rows (up to 1024) and a range of groups (split-K when there are few
+   row blocks). Per block of ``CB`` chunks it loads the tables ``[BM, CB, 256]`` once and, per plane, looks
+   the rows' plane bytes up in them with ``tl.gather`` (on a GPU a shared-memory gather), sums over the
    chunks and combines: ``y[m, r] += sum_i c_i[r] * sum_chunks T + c_0[r] * sum(x_group)``.
 
-Every weight costs a table lookup instead of a multiply and memory traffic stays at ``k`` bits per weight.
-All arithmetic is fp32; the result is cast to the activations' dtype. The planes are repacked once per layer
-(cached, see :meth:`Kernel.packed`) to ``uint8[groups, k, out, g/8]`` so a block of rows' bytes for one
-group and plane is contiguous. Limits: as ``triton_gemm`` (1-4 planes, g in 32..256), plus ``M <= 8``.
+Every weight costs a table lookup instead of a multiply and memory traffic stays at ``k`` bits per weight
+(plus the tables, re-read once per row block from L2). All arithmetic is fp32; the result is cast to the
+activations' dtype. The planes are repacked once per layer (cached, see :meth:`Kernel.packed`) to
+``uint8[groups, k, g/8, out]`` so a block of rows' bytes for one chunk is contiguous. Limits: as
+``triton_gemm`` (1-4 planes, g in 32..256), plus ``M <= 8``.
 """
 
 from __future__ import annotations
@@ -33,8 +35,13 @@ if TYPE_CHECKING:
 MAX_TOKENS = 8
 #: Chunks per table-building program.
 _TABLE_CHUNKS = 16
-#: Upper bound on the gathered ``[BM, BN, g/8]`` block, to keep it in registers.
+#: Most rows per program (the tables of a group are loaded once per program), and most ``BM * BN``.
+_MAX_ROWS = 1024
+_MAX_TOKEN_ROWS = 2048
+#: Upper bounds on the gathered ``[BM, CB, BN]`` block and on the table block ``[BM, CB, 256]`` (registers,
+#: shared memory and compile time grow with them).
 _GATHER_ELEMS = 4096
+_TABLE_ROWS = 32
 
 
 @KERNELS.register("triton_lut")
@@ -58,18 +65,18 @@ class TritonLutKernel(Kernel):
 
 
 def group_major_planes(planes: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Canonical ``uint8[k, out, in/8]`` -> ``uint8[groups, k, out, g/8]`` (same bytes, group-major)."""
+    """Canonical ``uint8[k, out, in/8]`` -> ``uint8[groups, k, g/8, out]`` (same bytes, group-major)."""
     k, n, kb = planes.shape
     cpg = group_size // 8
-    return planes.view(k, n, kb // cpg, cpg).permute(2, 0, 1, 3).contiguous()
+    return planes.view(k, n, kb // cpg, cpg).permute(2, 0, 3, 1).contiguous()
 
 
 def split_count(row_blocks: int, groups: int, device: torch.device) -> int:
     """How many ranges of groups to split the reduction into so that the GPU has enough programs."""
     if device.type == "cuda":
-        target = 4 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
-    else:  # the interpreter: still exercise the split path on small layers
-        target = 4
+        target = 2 * _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    else:  # the interpreter: still exercise the split path on layers with a single row block
+        target = 2
     return max(1, min(groups, _triton.cdiv(target, row_blocks)))
 
 
@@ -80,7 +87,7 @@ def _sm_count(device_index: int) -> int:
 
 def lut_gemv(x: torch.Tensor, planes_gm: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
     """Launch both kernels for ``x: [M, in]`` with group-major planes (see :func:`group_major_planes`)."""
-    groups, k, n, cpg = planes_gm.shape
+    groups, k, cpg, n = planes_gm.shape
     m, kdim = x.shape
     if m > MAX_TOKENS:
         raise ValueError(f"lut_gemv takes at most {MAX_TOKENS} tokens, got {m}")
@@ -96,7 +103,8 @@ def lut_gemv(x: torch.Tensor, planes_gm: torch.Tensor, coeffs: torch.Tensor, bia
     kernels["tables"][(m, _triton.cdiv(chunks, _TABLE_CHUNKS))](x, tables, chunks, BC=_TABLE_CHUNKS)
 
     bm = _triton.next_pow2(m)
-    bn = max(16, min(128, _GATHER_ELEMS // (bm * cpg)))
+    bn = max(16, min(_MAX_ROWS, _MAX_TOKEN_ROWS // bm, _triton.next_pow2(n)))
+    cb = max(1, min(cpg, _GATHER_ELEMS // (bm * bn), _TABLE_ROWS // bm))
     row_blocks = _triton.cdiv(n, bn)
     splits = split_count(row_blocks, groups, x.device)
     per_split = _triton.cdiv(groups, splits)
@@ -114,9 +122,11 @@ def lut_gemv(x: torch.Tensor, planes_gm: torch.Tensor, coeffs: torch.Tensor, bia
         per_split,
         KP=k,
         CPG=cpg,
+        CB=cb,
         BM=bm,
         BN=bn,
         HAS_BIAS=bias is not None,
+        num_warps=8 if bm * cb * bn >= 4096 else 4,
     )
     return y if splits == 1 else y.copy_(out.sum(0))
 
@@ -143,33 +153,34 @@ def _kernels() -> Any:
     @triton.jit
     def lut_gemv(
         t_ptr, planes_ptr, coeffs_ptr, bias_ptr, y_ptr, M, N, G, GPS,
-        KP: tl.constexpr, CPG: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, HAS_BIAS: tl.constexpr,
+        KP: tl.constexpr, CPG: tl.constexpr, CB: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr,
+        HAS_BIAS: tl.constexpr,
     ):  # fmt: skip
         offs_n = tl.program_id(0) * BN + tl.arange(0, BN)
         split = tl.program_id(1)
         offs_m = tl.arange(0, BM)
-        offs_j = tl.arange(0, CPG)
+        offs_c = tl.arange(0, CB)
+        subset = tl.arange(0, 256)
         n_mask = offs_n < N
         m_mask = offs_m < M
         t_rows = t_ptr + offs_m.to(tl.int64) * (G * CPG * 256)  # [BM]
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         g_end = tl.minimum(G, (split + 1) * GPS)
         for g in range(split * GPS, g_end):
-            chunk_base = t_rows[:, None] + ((g * CPG + offs_j) * 256)[None, :]  # [BM, CPG]
-            x_sum = tl.sum(tl.load(chunk_base + 255, mask=m_mask[:, None], other=0.0), axis=1)  # [BM]
             c_grp = coeffs_ptr + g * (KP + 1) * N + offs_n
             c0 = tl.load(c_grp + KP * N, mask=n_mask, other=0.0).to(tl.float32)
-            acc += x_sum[:, None] * c0[None, :]
-            for i in tl.static_range(KP):
-                rows = (g * KP + i) * N + offs_n
-                byte = tl.load(planes_ptr + rows[:, None] * CPG + offs_j[None, :], mask=n_mask[:, None], other=0)
-                vals = tl.load(
-                    chunk_base[:, None, :] + byte.to(tl.int32)[None, :, :],
-                    mask=m_mask[:, None, None] & n_mask[None, :, None],
-                    other=0.0,
-                )  # [BM, BN, CPG]
-                ci = tl.load(c_grp + i * N, mask=n_mask, other=0.0).to(tl.float32)
-                acc += tl.sum(vals, axis=2) * ci[None, :]
+            for cb in range(0, CPG, CB):
+                chunk_base = t_rows[:, None] + ((g * CPG + cb + offs_c) * 256)[None, :]  # [BM, CB]
+                x_sum = tl.sum(tl.load(chunk_base + 255, mask=m_mask[:, None], other=0.0), axis=1)  # [BM]
+                acc += x_sum[:, None] * c0[None, :]
+                table = tl.load(chunk_base[:, :, None] + subset[None, None, :], mask=m_mask[:, None, None], other=0.0)
+                for i in tl.static_range(KP):
+                    rows = ((g * KP + i) * CPG + cb + offs_c) * N  # [CB]
+                    byte = tl.load(planes_ptr + rows[:, None] + offs_n[None, :], mask=n_mask[None, :], other=0)
+                    index = tl.broadcast_to(byte.to(tl.int32)[None, :, :], [BM, CB, BN])
+                    vals = tl.gather(table, index, axis=2)  # [BM, CB, BN]: T[m, chunk, byte]
+                    ci = tl.load(c_grp + i * N, mask=n_mask, other=0.0).to(tl.float32)
+                    acc += tl.sum(vals, axis=1) * ci[None, :]
         if HAS_BIAS:  # added once, by the first range of groups
             bias = tl.load(bias_ptr + offs_n, mask=n_mask, other=0.0).to(tl.float32)
             acc += tl.where(split == 0, bias, 0.0)[None, :]
