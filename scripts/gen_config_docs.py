@@ -183,10 +183,11 @@ def field_table(model: type[BaseModel], owner: str | None = None) -> str:
     owner = owner or model.__name__
     rows = ["| field | type | default | allowed | description |", "|---|---|---|---|---|"]
     for name, field in model.model_fields.items():
-        rows.append(
-            f"| `{name}` | {_type_name(field.annotation)} | {_default(model, name, field)} | {_allowed(owner, name, field)} "
-            f"| {_description(owner, name, field)} |"
+        cells = (
+            f"`{name}`", _type_name(field.annotation), _default(model, name, field), _allowed(owner, name, field),
+            _description(owner, name, field),
         )
+        rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 

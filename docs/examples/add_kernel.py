@@ -4,8 +4,9 @@ With ``W_hat = c_0 + sum_i c_i B_i`` per row and group (docs/format.md), ``y = x
 ``sum_i c_i * (x_group . B_i) + c_0 * sum(x_group)``: one 0/1 matmul per plane, then a weighted sum by the
 coefficients. The unpacked planes are prepared once per layer and cached (``Kernel.prepare``). Its
 ``[groups, tokens, out]`` intermediate must fit a fixed budget (``supports`` says why not otherwise), so
-``auto`` falls back to the ``torch`` kernel for large calls. Importing this file registers it as ``planewise``; running it checks it against the
-reference kernel and uses it from Python and from a strategy config. See docs/guides/add-a-kernel.md.
+``auto`` falls back to the ``torch`` kernel for large calls. Importing this file registers it as
+``planewise``; running it checks it against the reference kernel and uses it from Python and from a
+strategy config. See docs/guides/add-a-kernel.md.
 """
 
 from __future__ import annotations
