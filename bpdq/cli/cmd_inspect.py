@@ -75,14 +75,17 @@ def describe(directory: Path) -> dict[str, Any]:
             "proxy_loss": rec.proxy_loss if rec else None,
             "relative_loss": rec.relative_loss if rec else None,
         })
-    solvers = sorted({m["recipe"]["solver"]["type"] for m in out_modules if m["recipe"] and "solver" in m["recipe"]})
+    def types(key: str) -> list[str]:
+        return sorted({m["recipe"][key]["type"] for m in out_modules if m["recipe"] and key in m["recipe"]})
+
     return {
         "directory": str(directory),
         "quant_method": qc["quant_method"],
         "format_version": qc.get("format_version"),
         "bpdq_version": qc.get("bpdq_version"),
         "architecture": (config.get("architectures") or [config.get("model_type")])[0],
-        "solvers": solvers,
+        "solvers": types("solver"),
+        "grids": types("grid"),
         "modules_quantized": len(modules),
         "modules_skipped": sum(1 for m in out_modules if m["skipped"]),
         "avg_bpw_quantized": report.avg_bpw_quantized if report else None,
@@ -102,6 +105,7 @@ def _tables(info: dict[str, Any]) -> list[Table]:
             ("method", f"{info['quant_method']} (format {info['format_version']}, bpdq {info['bpdq_version']})"),
             ("architecture", info["architecture"]),
             ("solvers", ", ".join(info["solvers"]) or "n/a"),
+            ("grids", ", ".join(info["grids"]) or "n/a"),
             ("modules quantized / skipped", f"{info['modules_quantized']} / {info['modules_skipped']}"),
             ("bits/weight (quantized weights)", fmt_float(info["avg_bpw_quantized"])),
             ("bits/weight (whole model)", fmt_float(info["avg_bpw_model"])),

@@ -20,7 +20,7 @@ def info(tiny_checkpoint):
 def test_method_sizes_and_totals(info, tiny_checkpoint):
     out = tiny_checkpoint[1]
     report = RunReport.read(out / "bpdq_report.json")
-    assert (info["quant_method"], info["format_version"], info["solvers"]) == ("bpdq", 1, ["rtn"])
+    assert (info["quant_method"], info["format_version"], info["solvers"], info["grids"]) == ("bpdq", 1, ["rtn"], ["bitplane"])
     assert info["architecture"] == "LlamaForCausalLM"
     assert (info["modules_quantized"], info["modules_skipped"]) == (13, 1)
     assert info["checkpoint_bytes"] == (out / "model.safetensors").stat().st_size

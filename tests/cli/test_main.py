@@ -10,7 +10,7 @@ import json
 
 import pytest
 
-from tests.cli.conftest import run_cli, run_many, tiny_strategy, write_config
+from tests.cli.conftest import run_many, tiny_strategy, write_config
 
 PLUGIN = '''
 from bpdq import SOLVERS
@@ -186,8 +186,3 @@ def test_version(in_process, capsys):
     with pytest.raises(SystemExit) as info:
         in_process(["--version"])
     assert info.value.code == 0 and capsys.readouterr().out.startswith("bpdq ")
-
-
-def test_subprocess_smoke_help():
-    proc = run_cli("--help")
-    assert proc.returncode == 0 and "quantize" in proc.stdout and "generate" in proc.stdout
