@@ -45,7 +45,8 @@ def quantization_config(model: nn.Module, recipes: dict[str, dict[str, Any]] | N
     previous = getattr(getattr(model, "config", None), "quantization_config", None)
     if hasattr(previous, "to_dict"):  # a transformers config object (model loaded with from_pretrained)
         previous = previous.to_dict()
-    known = previous.get("modules", {}) if isinstance(previous, dict) and previous.get("quant_method") == QUANT_METHOD else {}
+    is_bpdq = isinstance(previous, dict) and previous.get("quant_method") == QUANT_METHOD
+    known = previous.get("modules", {}) if is_bpdq else {}
     recipes = recipes or {}
     modules = {}
     for name, m in model.named_modules():
@@ -83,7 +84,14 @@ def _config_dict(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-def save(model: nn.Module, tokenizer: Any, directory: str | Path, *, report: RunReport | None = None, overwrite: bool = False) -> Path:
+def save(
+    model: nn.Module,
+    tokenizer: Any,
+    directory: str | Path,
+    *,
+    report: RunReport | None = None,
+    overwrite: bool = False,
+) -> Path:
     """Write ``model`` (with its QuantLinear modules), ``tokenizer`` and ``report`` to ``directory``."""
     from safetensors.torch import save_file
 
@@ -99,7 +107,8 @@ def save(model: nn.Module, tokenizer: Any, directory: str | Path, *, report: Run
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
     try:
         tensors = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt", "quant_method": QUANT_METHOD})
+        # one metadata key only: safetensors writes metadata in hash-map order (not reproducible)
+        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
         (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
         tokenizer.save_pretrained(str(tmp))
         if report is not None:
@@ -122,10 +131,13 @@ def check_quantization_config(qc: Any) -> dict[str, dict[str, Any]]:
     """Validate a checkpoint's ``quantization_config``; return its ``modules`` table."""
     if not isinstance(qc, dict) or qc.get("quant_method") != QUANT_METHOD:
         method = qc.get("quant_method") if isinstance(qc, dict) else None
-        raise ValueError(f"not a bpdq checkpoint: quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}")
+        raise ValueError(
+            f"not a bpdq checkpoint: quantization_config.quant_method is {method!r}, expected {QUANT_METHOD!r}"
+        )
     if qc.get("format_version") != FORMAT_VERSION:
         raise ValueError(
-            f"unsupported quantization_config.format_version {qc.get('format_version')!r}; this bpdq reads {FORMAT_VERSION}"
+            f"unsupported quantization_config.format_version {qc.get('format_version')!r}; "
+            f"this bpdq reads {FORMAT_VERSION}"
         )
     modules = qc.get("modules")
     if not isinstance(modules, dict):
@@ -135,10 +147,15 @@ def check_quantization_config(qc: Any) -> dict[str, dict[str, Any]]:
             raise ValueError(f"quantization_config.modules[{name!r}] must be an object")
         unknown = set(entry) - MODULE_FIELDS
         if unknown:
-            raise ValueError(f"quantization_config.modules[{name!r}] has unknown fields {sorted(unknown)}; allowed {sorted(MODULE_FIELDS)}")
+            raise ValueError(
+                f"quantization_config.modules[{name!r}] has unknown fields {sorted(unknown)}; "
+                f"allowed {sorted(MODULE_FIELDS)}"
+            )
         for key in ("planes", "group_size"):
             if not isinstance(entry.get(key), int) or isinstance(entry.get(key), bool):
-                raise ValueError(f"quantization_config.modules[{name!r}].{key} must be an integer, got {entry.get(key)!r}")
+                raise ValueError(
+                    f"quantization_config.modules[{name!r}].{key} must be an integer, got {entry.get(key)!r}"
+                )
     return modules
 
 
@@ -173,11 +190,15 @@ def _check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Ten
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
-        raise ValueError(f"checkpoint tensors do not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}")
+        raise ValueError(
+            f"checkpoint tensors do not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
+        )
     for name, ref in expected.items():
         t = found[name]
         if tuple(t.shape) != tuple(ref.shape):
-            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}")
+            raise ValueError(
+                f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}"
+            )
         if t.dtype != ref.dtype:
             raise ValueError(f"checkpoint tensor {name!r} has dtype {t.dtype}, the model expects {ref.dtype}")
 

@@ -36,7 +36,13 @@ def eval_windows(tokenizer: Any, text: str, seq_len: int, max_windows: int | Non
 
 @torch.no_grad()
 def perplexity(
-    model: nn.Module, tokenizer: Any, text: str, *, seq_len: int = 512, max_windows: int | None = None, batch_size: int = 4
+    model: nn.Module,
+    tokenizer: Any,
+    text: str,
+    *,
+    seq_len: int = 512,
+    max_windows: int | None = None,
+    batch_size: int = 4,
 ) -> float:
     """Perplexity of ``model`` on ``text`` (see the module docstring for the protocol)."""
     if not isinstance(batch_size, int) or batch_size < 1:

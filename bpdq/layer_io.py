@@ -67,7 +67,8 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, batches: Sequ
     def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
         kwargs = {k: v for k, v in kwargs.items() if k != "hidden_states"}
-        captured.append(Batch(hidden.detach().cpu(), to_device(args[1:], torch.device("cpu")), to_device(kwargs, torch.device("cpu"))))
+        cpu = torch.device("cpu")
+        captured.append(Batch(hidden.detach().cpu(), to_device(args[1:], cpu), to_device(kwargs, cpu)))
         raise _Stop
 
     handle = first_layer.register_forward_pre_hook(grab, with_kwargs=True)

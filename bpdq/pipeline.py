@@ -27,6 +27,7 @@ from bpdq.linear import QuantLinear
 from bpdq.models.base import Adapter, architecture_of, get_adapter
 from bpdq.progress import RunProgress
 from bpdq.report import ModuleRecord, RunReport
+from bpdq.solvers.hessian import HessianAccumulator
 
 logger = logging.getLogger(__name__)
 
@@ -78,10 +79,14 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def _quantize_linear(root: nn.Module, rel: str, full: str, recipe: Recipe, hessian: torch.Tensor | None) -> ModuleRecord:
+def _quantize_linear(
+    root: nn.Module, rel: str, full: str, recipe: Recipe, hessian: torch.Tensor | None
+) -> ModuleRecord:
     linear = root.get_submodule(rel)
     try:
-        qw = quantize_weight(linear.weight, hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size)
+        qw = quantize_weight(
+            linear.weight, hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size
+        )
     except ValueError as exc:
         raise ValueError(f"cannot quantize {full}: {exc}") from None
     _replace(root, rel, QuantLinear.from_quantized(qw, linear.bias, kernel=recipe.kernel))
@@ -107,7 +112,8 @@ def _quantize_layer(
         todo = [rel for rel, r in plan.items() if r is not None]
         for rel in group:
             if plan[rel] is None:
-                records.append(ModuleRecord(f"{prefix}.{rel}", skipped=True, n_params=layer.get_submodule(rel).weight.numel()))
+                n_params = layer.get_submodule(rel).weight.numel()
+                records.append(ModuleRecord(f"{prefix}.{rel}", skipped=True, n_params=n_params))
                 progress.advance()
         if not todo:
             continue
@@ -120,13 +126,13 @@ def _quantize_layer(
     return records
 
 
-def _quantize_head(model: nn.Module, adapter: Adapter, recipe: Recipe, rule: Rule, batches: list[Batch], device: torch.device) -> ModuleRecord:
+def _quantize_head(
+    model: nn.Module, adapter: Adapter, recipe: Recipe, rule: Rule, batches: list[Batch], device: torch.device
+) -> ModuleRecord:
     head = model.get_submodule(adapter.head)
     norm = model.get_submodule(adapter.norm)
     head_recipe = rule.apply(recipe)
     assert head_recipe is not None  # the caller handles skip rules
-    from bpdq.solvers.hessian import HessianAccumulator
-
     acc = HessianAccumulator(head.in_features, device=device)
     norm.to(device)
     for b in batches:
@@ -144,7 +150,9 @@ def _check_rules(model: nn.Module, adapter: Adapter, rules: Sequence[Rule]) -> N
     if emb_name is not None:
         rule = _first_rule(emb_name, rules)
         if rule is not None and not rule.skip:
-            raise ValueError(f"rule {rule.match!r} asks to quantize the embedding {emb_name!r}; bpdq quantizes linears only")
+            raise ValueError(
+                f"rule {rule.match!r} asks to quantize the embedding {emb_name!r}; bpdq quantizes linears only"
+            )
     for rule in rules:
         if not any(rule.matches(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)):
             logger.warning("rule %r matches no linear module of the model", rule.match)

@@ -74,7 +74,9 @@ def _is_bpdq_checkpoint(directory: Path) -> bool:
     return qc.get("quant_method") == "bpdq"
 
 
-def load_pretrained(name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str = "cpu") -> tuple[Any, Any]:
+def load_pretrained(
+    name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str = "cpu"
+) -> tuple[Any, Any]:
     """``(model, tokenizer)`` for a built-in alias (see ``BUILTIN_MODELS``), a bpdq checkpoint directory
     (delegates to :func:`bpdq.load`), a transformers model directory, a ``.gguf`` file, or a hub id."""
     if not isinstance(name_or_path, str) or not name_or_path:
