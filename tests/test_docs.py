@@ -89,8 +89,9 @@ def test_example_runs(path, registrations):
     assert out.getvalue().strip(), f"{path.name} printed nothing"
 
 
-def test_example_is_a_cli_plugin(tmp_path):
-    """``bpdq quantize --plugin docs/examples/add_grid.py`` uses the example's grid from a config file."""
+def test_examples_are_cli_plugins(tmp_path):
+    """``bpdq quantize --plugin docs/examples/add_*.py`` uses the examples' grid, solver and kernel from a
+    config file, as the guides say."""
     from tests.cli.conftest import run_cli, write_config
     from tests.tiny_models import tiny_model, tiny_tokenizer
 
@@ -100,15 +101,19 @@ def test_example_is_a_cli_plugin(tmp_path):
     config = write_config(tmp_path / "clipped.yaml", {
         "model": str(model_dir),
         "calibration": {"text": "builtin:python-docs", "samples": 2, "seq_len": 16},
-        "quantize": {"group_size": 32, "grid": {"type": "clipped_uniform", "bits": 3, "clip": 0.8}, "solver": "rtn"},
+        "quantize": {"group_size": 32, "grid": {"type": "clipped_uniform", "bits": 3, "clip": 0.8},
+                     "solver": {"type": "diag_rtn", "refits": 1}, "kernel": "planewise"},
         "device": "cpu",
     })
     out = tmp_path / "out"
-    proc = run_cli("quantize", str(config), "--output", str(out), "--json", "--plugin", "docs/examples/add_grid.py")
+    plugins = [arg for name in ("grid", "solver", "kernel") for arg in ("--plugin", f"docs/examples/add_{name}.py")]
+    proc = run_cli("quantize", str(config), "--output", str(out), "--json", *plugins)
     assert proc.returncode == 0, proc.stderr
     modules = json.loads((out / "config.json").read_text())["quantization_config"]["modules"]
-    assert modules and {m["grid"]["type"] for m in modules.values()} == {"clipped_uniform"}
-    assert {m["planes"] for m in modules.values()} == {3}
+    assert len(modules) == 7  # every linear of the one decoder layer
+    for entry in modules.values():
+        assert (entry["grid"]["type"], entry["grid"]["clip"], entry["planes"]) == ("clipped_uniform", 0.8, 3)
+        assert (entry["solver"], entry["kernel"]) == ({"type": "diag_rtn", "refits": 1}, "planewise")
 
 
 # ---- markdown -------------------------------------------------------------------------------------------
