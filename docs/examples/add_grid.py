@@ -36,7 +36,8 @@ class ClippedUniformGrid(Grid):
         maxq = 2**self.planes - 1
         lo = w.amin(dim=1).clamp(max=0) * self.options.clip
         hi = w.amax(dim=1).clamp(min=0) * self.options.clip
-        scale = round_coeffs(((hi - lo) / maxq).clamp_min(1e-8))  # fp16 storage precision
+        scale = round_coeffs((hi - lo) / maxq)  # fp16 storage precision
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))  # a constant row, or one below fp16's range
         zero = torch.round(-lo / scale).clamp(0, maxq)
         return round_coeffs(self._uniform(scale, -scale * zero.to(scale.dtype)))
 
