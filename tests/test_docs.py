@@ -6,7 +6,8 @@ shown parses, and the config reference lists every field of the pydantic models 
   namespace), except excerpts whose first line is ``# from docs/examples/NAME.py`` (those must appear
   verbatim in that file) and blocks another test runs (``RUN_ELSEWHERE``, only compiled here);
 - fenced ``yaml`` blocks with a ``model:`` key validate as strategy configs (example plug-ins imported);
-- ``bpdq ...`` lines in ``bash`` blocks parse with the CLI's argument parser;
+- ``bpdq ...`` lines in ``bash`` blocks parse with the CLI's argument parser, and relative links and quoted
+  repository paths exist (also in ``README.md`` and ``configs/README.md``);
 - ``docs/config.md`` equals what ``scripts/gen_config_docs.py`` generates, and its tables agree with the
   models field by field.
 """
@@ -34,6 +35,8 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
 EXAMPLES = sorted((DOCS / "examples").glob("*.py"))
 MARKDOWN = sorted(DOCS.rglob("*.md")) + [REPO / "CONTRIBUTING.md"]
+#: Other markdown files whose links and ``bpdq`` command lines are checked too (their code is not run here).
+LINKED = MARKDOWN + [p for p in (REPO / "README.md", REPO / "configs" / "README.md") if p.is_file()]
 REGISTRIES = (bpdq.GRIDS, bpdq.SOLVERS, bpdq.KERNELS, bpdq.ADAPTERS)
 #: Docs whose python blocks need artifacts and are run by another test (with the artifact substituted):
 #: here they are only compiled.
@@ -147,7 +150,7 @@ def test_yaml_configs_validate(path, registrations):
             strategy_from_dict(data, f"a config in {_rel(path)}")
 
 
-@pytest.mark.parametrize("path", MARKDOWN, ids=_rel)
+@pytest.mark.parametrize("path", LINKED, ids=_rel)
 def test_cli_commands_parse(path):
     from bpdq.cli import build_parser
 
@@ -164,7 +167,7 @@ def test_cli_commands_parse(path):
 LINK = re.compile(r"\]\(([^)\s]+)\)")
 
 
-@pytest.mark.parametrize("path", MARKDOWN, ids=_rel)
+@pytest.mark.parametrize("path", LINKED, ids=_rel)
 def test_relative_links_exist(path):
     for target in LINK.findall(path.read_text(encoding="utf-8")):
         if re.match(r"[a-z]+:", target) or target.startswith("#"):
@@ -175,7 +178,7 @@ def test_relative_links_exist(path):
 
 def test_source_paths_named_in_docs_exist():
     """Paths like `bpdq/kernels/triton_gemm.py` or `tests/strategies.py` quoted in the docs exist."""
-    for path in MARKDOWN:
+    for path in LINKED:
         for quoted in re.findall(r"`((?:bpdq|tests|benchmarks|scripts|configs|docs)/[\w./-]+)`", path.read_text()):
             assert (REPO / quoted).exists(), f"{_rel(path)} names `{quoted}`, which does not exist"
 
