@@ -81,5 +81,5 @@ def run(args: argparse.Namespace) -> int:
         console = stdout_console()
         for table in summary_tables(summary):
             console.print(table)
-        console.print(f"checkpoint written to {output}")
+        console.print(f"checkpoint written to {output}", markup=False, highlight=False)
     return 0
