@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import resource
 import subprocess
 import sys
@@ -46,7 +47,7 @@ def run_one(method: str, *, samples: int, eval_windows: int | None) -> dict:
     if recipe is not None:
         start = time.perf_counter()
         report = bpdq.quantize_model(
-            model, tok, recipe={"group_size": 64, **recipe}, calibration={**CALIBRATION, "samples": samples}, device="cpu", progress=False
+            model, tok, recipe={"group_size": 64, **recipe}, calibration={**CALIBRATION, "samples": samples}, device="cpu", progress=True
         )
         result["quantize_s"] = time.perf_counter() - start
         result["bpw"] = report.avg_bpw_quantized
@@ -79,6 +80,7 @@ def main() -> None:
     parser.add_argument("--json", help="also write the results to this JSON file")
     args = parser.parse_args()
     if args.one:
+        logging.basicConfig(level=logging.INFO, format=f"%(asctime)s {args.one}: %(message)s")
         print(json.dumps(run_one(args.one, samples=args.samples, eval_windows=args.eval_windows)), flush=True)
         return
     results = []
@@ -89,7 +91,7 @@ def main() -> None:
         if args.eval_windows:
             cmd += ["--eval-windows", str(args.eval_windows)]
         start = time.perf_counter()
-        out = subprocess.run(cmd, check=True, capture_output=True, text=True).stdout.strip().splitlines()[-1]
+        out = subprocess.run(cmd, check=True, stdout=subprocess.PIPE, text=True).stdout.strip().splitlines()[-1]
         result = json.loads(out) | {"wall_s": time.perf_counter() - start}
         results.append(result)
         print(json.dumps(result), file=sys.stderr, flush=True)
