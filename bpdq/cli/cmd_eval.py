@@ -13,6 +13,8 @@ from bpdq.cli.runtime import positive_int, device_for, load_model, load_plugins,
 
 log = logging.getLogger("bpdq.cli")
 
+DTYPES = ("auto", "float32", "bfloat16", "float16")
+
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
@@ -30,6 +32,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--max-windows", type=positive_int, default=None, metavar="N", help="score at most N windows")
     p.add_argument("--batch-size", type=positive_int, default=4, help="windows per forward pass (default 4)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
+                   help="dtype of a full-precision model (default auto: as stored); a checkpoint keeps its own")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(run=run)
 
@@ -45,7 +49,7 @@ def run(args: argparse.Namespace) -> int:
     load_plugins(args.plugin)
     device = device_for(args.device)
     text = load_text(args.text)
-    model, tokenizer = load_model(args.model, device)
+    model, tokenizer = load_model(args.model, device, dtype=args.dtype)
     with usage_phase("--text"):
         windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
     start = time.perf_counter()
@@ -58,6 +62,7 @@ def run(args: argparse.Namespace) -> int:
         "seq_len": args.seq_len,
         "windows": int(windows.shape[0]),
         "tokens": int(windows.numel()),
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "perplexity": ppl,
         "time_s": time.perf_counter() - start,
     }

@@ -62,7 +62,7 @@ def run(args: argparse.Namespace) -> int:
     output = _output_dir(args, strategy.output)
     device = device_for(strategy.device)
     load_text(strategy.calibration.text, "calibration.text")
-    model, tokenizer = load_model(strategy.model, "cpu")
+    model, tokenizer = load_model(strategy.model, "cpu", dtype=strategy.dtype)
     with usage_phase("calibration"):
         windows = calibration_windows(tokenizer, strategy.calibration)
     log.info("quantizing %s on %s: %d calibration windows of %d tokens", strategy.model, device, len(windows),

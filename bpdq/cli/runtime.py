@@ -34,12 +34,15 @@ def device_for(spec: str) -> Any:
         return resolve_device(spec)
 
 
-def load_model(name_or_path: str, device: Any, what: str = "model") -> tuple[Any, Any]:
-    """``(model, tokenizer)`` for an alias, a model directory, a bpdq checkpoint or a hub id."""
+def load_model(name_or_path: str, device: Any, what: str = "model", dtype: str = "auto") -> tuple[Any, Any]:
+    """``(model, tokenizer)`` for an alias, a model directory, a bpdq checkpoint or a hub id.
+
+    ``dtype`` ("auto" = as stored) applies to full-precision models; a bpdq checkpoint keeps its own dtype.
+    """
     from bpdq.models import load_pretrained
 
     with usage_phase(f"{what} {name_or_path!r}"):
-        return load_pretrained(name_or_path, device=str(device))
+        return load_pretrained(name_or_path, device=str(device), dtype=None if dtype == "auto" else dtype)
 
 
 def load_checkpoint(directory: str, device: Any) -> tuple[Any, Any]:

@@ -40,6 +40,12 @@ class Strategy(BaseModel):
     rules: list[Rule] = Field(default_factory=list, description="first match wins; regex on module names")
     output: str | None = Field(default=None, description="checkpoint directory (or --output)")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
+        default="auto",
+        description="dtype the model is loaded in (auto: as stored; a GGUF file loads as float32). bfloat16 "
+        "makes calibration several times faster on CPUs with bf16 matrix units; unquantized tensors are saved "
+        "in this dtype",
+    )
 
     @field_validator("model")
     @classmethod

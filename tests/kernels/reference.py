@@ -7,9 +7,12 @@ of a few units of roundoff of that dtype at the size of the largest output.
 
 from __future__ import annotations
 
+import pytest
 import torch
+from hypothesis import assume
 
 from bpdq.linear import QuantLinear
+from bpdq.quantized import QuantizedWeight
 
 #: The kernel may be this many times less accurate than the torch kernel (different summation orders).
 ERROR_FACTOR = 4.0
@@ -53,3 +56,17 @@ def assert_matches_reference(layer: QuantLinear, x: torch.Tensor, kernel: str) -
     err = (y.double() - ref).abs().max().item()
     bound = ERROR_FACTOR * torch_err + FLOOR_EPS * torch.finfo(x.dtype).eps * ref.abs().max().item()
     assert err <= bound, f"{kernel}: max error {err:.3g} > bound {bound:.3g} (torch kernel: {torch_err:.3g})"
+
+
+def check_random_format(case: tuple, tokens: int, dtype: torch.dtype, bias: bool, seed: int, kernel: str) -> None:
+    """Property body shared by the Triton kernels: a random format from ``tests.strategies.codes_and_coeffs``."""
+    codes, coeffs, k, g = case
+    qweight = QuantizedWeight.from_codes(codes, coeffs, planes=k, group_size=g)
+    gen = torch.Generator().manual_seed(seed)
+    out_features, in_features = qweight.shape
+    layer = QuantLinear.from_quantized(qweight, torch.randn(out_features, generator=gen) if bias else None)
+    x = torch.randn(tokens, in_features, generator=gen).to(dtype)
+    assume(reference(layer, x).abs().max() < 0.1 * torch.finfo(dtype).max)  # fp16 outputs stay finite
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs examples outside function-scoped fixtures
+        mp.setenv("TRITON_INTERPRET", "1")
+        assert_matches_reference(layer, x, kernel)

@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import assume, given, settings
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpdq.kernels.triton_gemm import tile_config
 from bpdq.linear import QuantLinear
-from bpdq.quantized import QuantizedWeight
-from tests.kernels.reference import assert_matches_reference, random_layer, reference
+from tests.kernels.reference import assert_matches_reference, check_random_format, random_layer
 from tests.strategies import codes_and_coeffs, seeds
 
 TOKENS = (1, 3, 8, 17, 64)
@@ -66,13 +65,4 @@ def test_tile_config_fits_dot_and_groups(m, group_size):
     seed=seeds,
 )
 def test_property_matches_reference_on_any_format(case, tokens, dtype, bias, seed):
-    codes, coeffs, k, g = case
-    qweight = QuantizedWeight.from_codes(codes, coeffs, planes=k, group_size=g)
-    gen = torch.Generator().manual_seed(seed)
-    out_features, in_features = qweight.shape
-    layer = QuantLinear.from_quantized(qweight, torch.randn(out_features, generator=gen) if bias else None)
-    x = torch.randn(tokens, in_features, generator=gen).to(dtype)
-    assume(reference(layer, x).abs().max() < 0.1 * torch.finfo(dtype).max)  # fp16 outputs stay finite
-    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs examples outside function-scoped fixtures
-        mp.setenv("TRITON_INTERPRET", "1")
-        assert_matches_reference(layer, x, "triton_gemm")
+    check_random_format(case, tokens, dtype, bias, seed, "triton_gemm")

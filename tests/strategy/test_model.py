@@ -112,3 +112,10 @@ def test_a_grid_registered_from_user_code_is_usable_with_its_own_options(registe
     assert _problems({"model": "m", "quantize": {"grid": {"type": "coarse-test", "coarseness": 5}, "solver": "rtn"}}) == [
         "quantize.grid.coarseness: 5 is not in 1..4"
     ]
+
+
+def test_dtype_defaults_to_auto_and_names_the_allowed_values():
+    assert strategy_from_dict({"model": "m"}).dtype == "auto"
+    assert strategy_from_dict({"model": "m", "dtype": "bfloat16"}).dtype == "bfloat16"
+    (problem,) = _problems({"model": "m", "dtype": "fp8"})
+    assert problem.startswith("dtype: 'fp8' ") and "bfloat16" in problem and "float32" in problem
