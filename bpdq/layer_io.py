@@ -9,8 +9,9 @@ pass that stops as soon as every linear of the group has seen its input.
 
 from __future__ import annotations
 
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -84,21 +85,80 @@ def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, batches: Sequ
     return captured
 
 
+class Replay:
+    """Records the outputs of finished sub-blocks of one layer and replays them in later passes.
+
+    A sub-block is *finished* once all its linears are quantized and its input depends on nothing that can
+    still change (the adapter vouches for that by listing it in ``Adapter.replay``). The pass after
+    :meth:`finish` records its output for every batch; the passes after that return the recording instead
+    of running the block. A pass that stops before the block ran records nothing, and the next one retries.
+    """
+
+    def __init__(self, layer: nn.Module) -> None:
+        self.layer = layer
+        self._pending: dict[str, list[Any]] = {}
+        self._ready: dict[str, list[Any]] = {}
+
+    def finish(self, name: str) -> None:
+        if name not in self._ready:
+            self._pending.setdefault(name, [])
+
+    @contextmanager
+    def batch(self, index: int) -> Iterator[None]:
+        with ExitStack() as stack:
+            for name, outputs in self._ready.items():
+                module = self.layer.get_submodule(name)
+                stack.enter_context(_replaced_forward(module, outputs[index]))
+            for name, outputs in self._pending.items():
+                if len(outputs) == index:
+                    hook = self.layer.get_submodule(name).register_forward_hook(lambda _m, _a, out, o=outputs: o.append(out))
+                    stack.callback(hook.remove)
+            yield
+
+    def end_pass(self, n_batches: int) -> None:
+        for name in list(self._pending):
+            if len(self._pending[name]) == n_batches:
+                self._ready[name] = self._pending.pop(name)
+            else:
+                self._pending[name] = []
+
+
+@contextmanager
+def _replaced_forward(module: nn.Module, output: Any) -> Iterator[None]:
+    module.forward = lambda *args, **kwargs: output  # instance attribute shadows the class's forward
+    try:
+        yield
+    finally:
+        del module.forward
+
+
 def _call(layer: nn.Module, batch: Batch, device: torch.device) -> Any:
     return layer(batch.hidden.to(device), *to_device(batch.args, device), **to_device(batch.kwargs, device))
 
 
-def run_layer(layer: nn.Module, batches: Sequence[Batch], device: torch.device) -> list[Batch]:
+def _passes(batches: Sequence[Batch], replay: Replay | None) -> Iterator[tuple[int, Batch]]:
+    """Enumerate the batches of one pass, with ``replay`` active for each batch."""
+    for i, b in enumerate(batches):
+        if replay is None:
+            yield i, b
+            continue
+        with replay.batch(i):
+            yield i, b
+    if replay is not None:
+        replay.end_pass(len(batches))
+
+
+def run_layer(layer: nn.Module, batches: Sequence[Batch], device: torch.device, replay: Replay | None = None) -> list[Batch]:
     """``layer``'s outputs for every batch, as the next layer's inputs (same keyword arguments)."""
     out = []
-    for b in batches:
+    for _, b in _passes(batches, replay):
         hidden = _first_output(_call(layer, b, device))
         out.append(Batch(hidden.detach().to("cpu", b.hidden.dtype), b.args, b.kwargs))
     return out
 
 
 def collect_hessians(
-    layer: nn.Module, names: Sequence[str], batches: Sequence[Batch], device: torch.device
+    layer: nn.Module, names: Sequence[str], batches: Sequence[Batch], device: torch.device, replay: Replay | None = None
 ) -> dict[str, torch.Tensor]:
     """``H = 2/n sum x x^T`` of the inputs of the linears ``names`` (relative to ``layer``) over all batches.
 
@@ -125,7 +185,7 @@ def collect_hessians(
 
     handles = [m.register_forward_pre_hook(make_hook(n)) for n, m in modules.items()]
     try:
-        for b in batches:
+        for _, b in _passes(batches, replay):
             seen.clear()
             try:
                 _call(layer, b, device)

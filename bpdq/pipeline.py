@@ -22,7 +22,7 @@ from bpdq.api import quantize_weight
 from bpdq.calibration import calibration_windows
 from bpdq.checkpoint import quantization_config
 from bpdq.config import CalibrationConfig, Recipe, Rule, as_recipe, as_rules, resolve_recipe
-from bpdq.layer_io import Batch, batch_windows, capture_layer_inputs, collect_hessians, run_layer
+from bpdq.layer_io import Batch, Replay, batch_windows, capture_layer_inputs, collect_hessians, run_layer
 from bpdq.linear import QuantLinear
 from bpdq.models.base import Adapter, architecture_of, get_adapter
 from bpdq.progress import RunProgress
@@ -105,25 +105,31 @@ def _quantize_linear(
 def _quantize_layer(
     layer: nn.Module, prefix: str, adapter: Adapter, recipe: Recipe, rules: Sequence[Rule],
     batches: list[Batch], device: torch.device, progress: RunProgress,
-) -> list[ModuleRecord]:
+) -> tuple[list[ModuleRecord], Replay]:
+    """Quantize one layer's linears group by group; the returned Replay serves the layer's final rerun."""
     records = []
-    for group in adapter.linear_groups(layer):
+    groups = adapter.linear_groups(layer)
+    replay = Replay(layer)
+    done: set[str] = set()
+    for group in groups:
         plan = {rel: resolve_recipe(f"{prefix}.{rel}", recipe, rules) for rel in group}
         todo = [rel for rel, r in plan.items() if r is not None]
         for rel in group:
             if plan[rel] is None:
-                n_params = layer.get_submodule(rel).weight.numel()
-                records.append(ModuleRecord(f"{prefix}.{rel}", skipped=True, n_params=n_params))
+                records.append(ModuleRecord(f"{prefix}.{rel}", skipped=True, n_params=layer.get_submodule(rel).weight.numel()))
                 progress.advance()
-        if not todo:
-            continue
-        progress.describe(f"{prefix}: calibrating {', '.join(todo)}")
-        hessians = collect_hessians(layer, todo, batches, device)
-        for rel in todo:
-            progress.describe(f"{prefix}.{rel}")
-            records.append(_quantize_linear(layer, rel, f"{prefix}.{rel}", plan[rel], hessians.pop(rel)))
-            progress.advance()
-    return records
+        if todo:
+            progress.describe(f"{prefix}: calibrating {', '.join(todo)}")
+            hessians = collect_hessians(layer, todo, batches, device, replay)
+            for rel in todo:
+                progress.describe(f"{prefix}.{rel}")
+                records.append(_quantize_linear(layer, rel, f"{prefix}.{rel}", plan[rel], hessians.pop(rel)))
+                progress.advance()
+        done.update(group)
+        for block in adapter.replay:
+            if all(rel in done for g in groups for rel in g if rel.startswith(f"{block}.")):
+                replay.finish(block)
+    return records, replay
 
 
 def _quantize_head(
@@ -198,8 +204,9 @@ def quantize_model(
             home = next(layer.parameters()).device
             layer.to(dev)
             prefix = f"{adapter.layers}.{i}"
-            report.modules += _quantize_layer(layer, prefix, adapter, recipe, rules, batches, dev, bar)
-            batches = run_layer(layer, batches, dev)
+            records, replay = _quantize_layer(layer, prefix, adapter, recipe, rules, batches, dev, bar)
+            report.modules += records
+            batches = run_layer(layer, batches, dev, replay)
             layer.to(home)
         if quantize_head:
             bar.describe(adapter.head)

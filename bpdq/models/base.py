@@ -5,7 +5,10 @@ An :class:`Adapter` is data. ``layers`` is the dotted path of the ``nn.ModuleLis
 a group sees the same calibration pass, and the next group is calibrated on the outputs of the already
 quantized ones (q,k,v -> o -> gate,up -> down). ``groups=None`` is the generic fallback: every linear of
 the layer is its own group, in definition order. ``norm`` and ``head`` name the final norm and the output
-projection (quantized only when a rule asks for it).
+projection (quantized only when a rule asks for it). ``replay`` names sub-blocks of a layer (e.g. the
+attention block of a pre-norm layer) whose output is final once all their linears are quantized, because
+their input only depends on earlier groups: the pipeline records that output once and replays it in the
+layer's remaining calibration passes instead of recomputing it.
 
 Adapters are registered in ``bpdq.ADAPTERS`` under the ``architectures`` name of a transformers config.
 """
@@ -29,6 +32,7 @@ class Adapter:
     groups: tuple[tuple[str, ...], ...] | None = None
     norm: str = "model.norm"
     head: str = "lm_head"
+    replay: tuple[str, ...] = ()
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         try:

@@ -12,4 +12,4 @@ LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.down_proj",),
 )
 
-LLAMA = register_adapter(Adapter("LlamaForCausalLM", groups=LLAMA_GROUPS))
+LLAMA = register_adapter(Adapter("LlamaForCausalLM", groups=LLAMA_GROUPS, replay=("self_attn",)))

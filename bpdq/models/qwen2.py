@@ -5,4 +5,4 @@ from __future__ import annotations
 from bpdq.models.base import Adapter, register_adapter
 from bpdq.models.llama import LLAMA_GROUPS
 
-QWEN2 = register_adapter(Adapter("Qwen2ForCausalLM", groups=LLAMA_GROUPS))
+QWEN2 = register_adapter(Adapter("Qwen2ForCausalLM", groups=LLAMA_GROUPS, replay=("self_attn",)))
