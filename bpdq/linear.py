@@ -1,7 +1,9 @@
 """QuantLinear: an ``nn.Linear`` replacement holding packed bit-planes and fp16 coefficients.
 
 Buffers (its ``state_dict``): ``planes`` ``uint8[k, out, in/8]``, ``coeffs`` ``float16[groups, k+1, out]``
-and an optional ``bias``. ``forward`` goes through the kernel registry (``kernel="auto"`` by default).
+and an optional ``bias``. ``forward`` goes through the kernel registry (``kernel="auto"`` by default); the
+choice is made once per input signature. A lookup-table kernel may relay ``planes`` out column-major in
+place (same shape and values, other strides; see :mod:`bpdq.kernels.layout`).
 """
 
 from __future__ import annotations
@@ -11,8 +13,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from bpdq.kernels.base import check_kernel_name, select_kernel
-from bpdq.quantized import COEFF_BITS, QuantizedWeight
+from bpdq.kernels.base import Kernel, check_kernel_name, select_kernel
+from bpdq.quantized import QuantizedWeight, bits_per_weight
+from bpdq.registry import KERNELS
+
+#: Most input signatures whose kernel choice a layer remembers (then it forgets them all and starts over).
+_DISPATCH_CACHE_SIZE = 64
 
 
 class QuantLinear(nn.Module):
@@ -27,6 +33,8 @@ class QuantLinear(nn.Module):
         dtype: torch.dtype = torch.float32,
         kernel: str = "auto",
         device: torch.device | str | None = None,
+        grid: dict[str, Any] | None = None,
+        solver: dict[str, Any] | None = None,
     ) -> None:
         super().__init__()
         if not 1 <= planes <= 8:
@@ -40,6 +48,11 @@ class QuantLinear(nn.Module):
         self.k = planes
         self.group_size = group_size
         self.kernel = check_kernel_name(kernel)
+        #: What the weight came from (as in :class:`QuantizedWeight`): the original weight's dtype and the
+        #: grid/solver configs that produced it (``{}`` when unknown).
+        self.weight_dtype = dtype
+        self.grid: dict[str, Any] = dict(grid or {})
+        self.solver: dict[str, Any] = dict(solver or {})
         self.register_buffer("planes", torch.zeros(planes, out_features, in_features // 8, dtype=torch.uint8, device=device))
         self.register_buffer(
             "coeffs", torch.zeros(in_features // group_size, planes + 1, out_features, dtype=torch.float16, device=device)
@@ -49,6 +62,7 @@ class QuantLinear(nn.Module):
         else:
             self.register_parameter("bias", None)
         self._kernel_cache: dict[str, Any] = {}
+        self._dispatch: dict[tuple, Kernel] = {}
 
     # ---- construction ---------------------------------------------------------------------------------
 
@@ -68,7 +82,10 @@ class QuantLinear(nn.Module):
             dtype=bias.dtype if bias is not None else qweight.dtype,
             kernel=kernel,
             device=qweight.planes.device,
+            grid=qweight.grid,
+            solver=qweight.solver,
         )
+        layer.weight_dtype = qweight.dtype
         layer.planes.copy_(qweight.planes)
         layer.coeffs.copy_(qweight.coeffs)
         if bias is not None:
@@ -101,7 +118,9 @@ class QuantLinear(nn.Module):
             coeffs=self.coeffs,
             group_size=self.group_size,
             shape=(self.out_features, self.in_features),
-            dtype=self.bias.dtype if self.bias is not None else torch.float32,
+            dtype=self.weight_dtype,
+            grid=dict(self.grid),
+            solver=dict(self.solver),
         )
 
     # ---- compute --------------------------------------------------------------------------------------
@@ -111,30 +130,49 @@ class QuantLinear(nn.Module):
             raise ValueError(f"input's last dimension must be in_features={self.in_features}, got {tuple(x.shape)}")
         lead = x.shape[:-1]
         x2 = x.reshape(-1, self.in_features)
-        y = select_kernel(self.kernel, self, x2).forward(self, x2)
-        return y.reshape(*lead, self.out_features)
+        return self.kernel_for(x2).forward(self, x2).reshape(*lead, self.out_features)
+
+    def kernel_for(self, x2: torch.Tensor) -> Kernel:
+        """The kernel that runs ``self(x2)`` (``x2``: ``[M, in]``), chosen once per input signature
+        (kernel setting, device, dtype, M) and remembered until the layer moves or the registry changes."""
+        key = (self.kernel, x2.device, x2.dtype, x2.shape[0], KERNELS.version)
+        kernel = self._dispatch.get(key)
+        if kernel is None:
+            kernel = select_kernel(self.kernel, self, x2)
+            if len(self._dispatch) >= _DISPATCH_CACHE_SIZE:
+                self._dispatch.clear()
+            self._dispatch[key] = kernel
+        return kernel
 
     def set_kernel(self, kernel: str) -> None:
         self.kernel = check_kernel_name(kernel)
 
     def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "QuantLinear":
-        # Moving or casting the module invalidates kernel repacks; packed buffers keep their dtypes.
+        # Moving or casting the module invalidates kernel repacks and choices. Packed buffers keep their
+        # dtypes: a floating-point cast (``.half()``, ``.to(torch.bfloat16)``) would round the fp16
+        # coefficients, so then they are moved from the originals instead (``planes`` are uint8, which
+        # module casts leave alone). A plain move copies each buffer once.
         self._kernel_cache = {}
-        planes, coeffs = self.planes, self.coeffs
+        self._dispatch = {}
+        coeffs = self.coeffs
         super()._apply(fn, *args, **kwargs)
-        dev = self.planes.device
-        self.planes = planes.to(dev)
-        self.coeffs = coeffs.to(dev)
+        if self.coeffs.dtype != coeffs.dtype:
+            moved = self.coeffs
+            self.coeffs = (
+                torch.empty_like(coeffs, device=moved.device) if coeffs.is_meta else coeffs.to(moved.device)
+            )
         return self
 
     def _load_from_state_dict(self, *args: Any, **kwargs: Any) -> None:
-        # Loading overwrites the packed buffers in place: repacks made from the old values are stale.
+        # Loading overwrites the packed buffers (in place, or replaces them with ``assign=True``): repacks
+        # made from the old values are stale.
         self._kernel_cache = {}
+        self._dispatch = {}
         super()._load_from_state_dict(*args, **kwargs)
 
     @property
     def bits_per_weight(self) -> float:
-        return self.k + COEFF_BITS * (self.k + 1) / self.group_size
+        return bits_per_weight(self.k, self.group_size)
 
     def extra_repr(self) -> str:
         return (

@@ -25,6 +25,11 @@ COEFF_BITS = 16
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
 
 
+def bits_per_weight(k: int, group_size: int) -> float:
+    """``k + 16 (k+1) / g``: plane bits plus 16-bit coefficients amortised over a group."""
+    return k + COEFF_BITS * (k + 1) / group_size
+
+
 def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
@@ -144,8 +149,7 @@ class QuantizedWeight:
 
     @property
     def bits_per_weight(self) -> float:
-        """``k + 16 (k+1) / g``: plane bits plus 16-bit coefficients amortised over a group."""
-        return self.k + COEFF_BITS * (self.k + 1) / self.group_size
+        return bits_per_weight(self.k, self.group_size)
 
     @property
     def nbytes(self) -> int:

@@ -25,6 +25,8 @@ class Registry(Generic[T]):
     def __init__(self, kind: str) -> None:
         self.kind = kind
         self._items: dict[str, T] = {}
+        #: Bumped by every (un)registration, so that caches of lookups (kernel dispatch) can tell.
+        self.version = 0
 
     def register(self, name: str) -> Callable[[T], T]:
         """Class decorator: ``@GRIDS.register("mygrid")``. Raises ``ValueError`` if the name is taken."""
@@ -38,6 +40,7 @@ class Registry(Generic[T]):
                     f"choose another name or unregister it first"
                 )
             self._items[name] = obj
+            self.version += 1
             if isinstance(obj, type):
                 obj.name = name  # type: ignore[attr-defined]
             return obj
@@ -48,6 +51,7 @@ class Registry(Generic[T]):
         """Remove a registration (mainly for tests and interactive sessions)."""
         self.get(name)
         del self._items[name]
+        self.version += 1
 
     def get(self, name: str) -> T:
         if not isinstance(name, str):

@@ -12,14 +12,26 @@ kernel (priority 0) supports everything and is the fallback. An explicit choice 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from typing import TYPE_CHECKING, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 
 from bpdq.registry import KERNELS
 
-if TYPE_CHECKING:
-    from bpdq.linear import QuantLinear
+
+class PackedLinear(Protocol):
+    """What a kernel reads from a layer (:class:`~bpdq.linear.QuantLinear` is one): the packed buffers
+    (docs/format.md), their sizes, and a per-layer cache for :meth:`Kernel.packed`. Kernels depend on this
+    protocol rather than on ``bpdq.linear``, which itself imports the dispatch below."""
+
+    in_features: int
+    out_features: int
+    k: int
+    group_size: int
+    planes: torch.Tensor
+    coeffs: torch.Tensor
+    bias: torch.Tensor | None
+    _kernel_cache: dict[str, Any]
 
 
 class KernelUnavailableError(RuntimeError):
@@ -31,25 +43,25 @@ class Kernel(ABC):
     #: ``auto`` prefers higher priorities.
     priority: ClassVar[int] = 0
 
-    def supports(self, layer: "QuantLinear", x: torch.Tensor) -> str | None:
+    def supports(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         """``None`` if this kernel can compute ``layer(x)`` (``x`` is 2-D), else the reason it cannot."""
         return None
 
-    def auto_excluded(self, layer: "QuantLinear", x: torch.Tensor) -> str | None:
+    def auto_excluded(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         """Why ``auto`` should skip this kernel for a call it supports (``None``: ``auto`` may pick it).
 
         For kernels that can run somewhere only for testing (Triton under ``TRITON_INTERPRET=1`` on the CPU).
         """
         return None
 
-    def prepare(self, layer: "QuantLinear") -> object:
+    def prepare(self, layer: PackedLinear) -> object:
         """Kernel-specific repacking of the layer's canonical buffers, computed once and cached on the layer.
 
         The default keeps the canonical layout (returns ``None``).
         """
         return None
 
-    def packed(self, layer: "QuantLinear") -> object:
+    def packed(self, layer: PackedLinear) -> object:
         """Cached result of :meth:`prepare` for ``layer``."""
         cache = layer._kernel_cache
         if self.name not in cache:
@@ -57,7 +69,7 @@ class Kernel(ABC):
         return cache[self.name]
 
     @abstractmethod
-    def forward(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
         """``x: [M, in]`` -> ``[M, out]`` in ``x.dtype``, bias included."""
 
 
@@ -81,7 +93,7 @@ def check_kernel_name(name: object) -> str:
     return name
 
 
-def select_kernel(choice: str, layer: "QuantLinear", x: torch.Tensor) -> Kernel:
+def select_kernel(choice: str, layer: PackedLinear, x: torch.Tensor) -> Kernel:
     """Resolve ``choice`` ("auto" or a name) to a kernel that can run ``layer(x)``."""
     if choice != "auto":
         kernel = get_kernel(choice)

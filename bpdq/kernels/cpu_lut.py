@@ -1,0 +1,242 @@
+"""Native CPU kernel (``cpu_lut``): ``y = x W_hat^T + bias`` from the bit-planes, in C, without a dense weight.
+
+- **Decode** (``M <= 8`` tokens): lookup tables. Per token and per chunk of 4 inputs a 16-entry fp32 table
+  of subset sums; each plane byte holds two 4-bit indices into the tables of its two chunks. Per row, group
+  and plane the looked-up sums are scaled by ``c_i``, plus ``c_0`` times the group's input sum. The tables
+  are exact fp32 sums (no table quantization): AVX-512 looks 16 rows up with one ``vpermps`` over the
+  whole table, AVX2 8 rows with two 8-entry ``vpermps`` and a blend, the portable C path one at a time.
+- **Larger M**: tiles of about 2^18 weights (a few hundred KiB, cache-sized) are dequantized by the C
+  library into one reused buffer in the activations' dtype and multiplied with ``torch.mm``; no
+  whole-weight temporary.
+
+The C library (``bpdq/kernels/native/cpu_lut.c``) is built by ``setup.py`` when the package is installed
+(optional: without a compiler the install still succeeds) and loaded through ``ctypes`` with tensor data
+pointers, so it does not depend on torch's C++ ABI. It picks the AVX-512 / AVX2 / portable path at run
+time from the CPU's features. Without the library, ``auto`` falls back to the ``torch`` kernel with one
+warning saying why.
+
+Planes are read column-major (see :mod:`bpdq.kernels.layout`): the first call relays the layer's ``planes``
+buffer out in place (same shape and values, other strides), once, without keeping a second copy.
+
+Environment variables (read at each call, so tests can switch paths):
+
+- ``BPDQ_CPU_ISA``: ``auto`` (default; the best the CPU has), ``avx512``, ``avx2`` or ``portable``; a
+  path the CPU lacks makes the kernel unavailable for the call (with the reason);
+- ``BPDQ_CPU_LUT_DISABLE=1``: act as if the library were absent (read when it is first loaded; see
+  :func:`load_library`).
+
+Limits: CPU tensors, float32 or bfloat16 activations (output in the same dtype), 1-8 planes, every group
+size of the format (a multiple of 8). Threads follow ``torch.get_num_threads()``.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import importlib.machinery
+import os
+import warnings
+from pathlib import Path
+
+import torch
+
+from bpdq.kernels.base import Kernel, PackedLinear
+from bpdq.kernels.layout import column_major_planes
+from bpdq.registry import KERNELS
+
+#: Largest number of tokens the lookup-table path takes; above it the tiled dequantize + matmul path runs.
+MAX_TOKENS = 8
+#: Weights per dequantized tile of the large-M path (fp32: 1 MiB).
+TILE_WEIGHTS = 1 << 18
+DTYPES = (torch.float32, torch.bfloat16)
+#: The C library's ABI version this module calls (``bpdq_abi_version()``).
+ABI_VERSION = 1
+ISAS = ("portable", "avx2", "avx512")
+ISA_ENV = "BPDQ_CPU_ISA"
+DISABLE_ENV = "BPDQ_CPU_LUT_DISABLE"
+
+_DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+_LIB_STEM = "_cpu_lut_native"
+_warned = False
+
+_P = ctypes.c_void_p
+_I64 = ctypes.c_int64
+_INT = ctypes.c_int
+
+
+@functools.cache
+def load_library() -> tuple[ctypes.CDLL | None, str | None]:
+    """``(library, None)``, or ``(None, why it is unavailable)``. Cached: ``load_library.cache_clear()``
+    makes the next call look again (and re-read ``BPDQ_CPU_LUT_DISABLE``)."""
+    if os.environ.get(DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
+        return None, f"{DISABLE_ENV} is set"
+    here = Path(__file__).parent
+    candidates = [here / f"{_LIB_STEM}{suffix}" for suffix in importlib.machinery.EXTENSION_SUFFIXES]
+    path = next((p for p in candidates if p.is_file()), None)
+    if path is None:
+        return None, (
+            f"the native library {_LIB_STEM} was not built (no C compiler at install time?); reinstall bpdq "
+            "with a compiler (pip install -e .) or build it in place: python setup.py build_ext --inplace"
+        )
+    try:
+        lib = ctypes.CDLL(str(path))
+        version = lib.bpdq_abi_version()
+    except (OSError, AttributeError) as exc:
+        return None, f"the native library {path.name} cannot be loaded: {exc}"
+    if version != ABI_VERSION:
+        return None, (
+            f"the native library {path.name} has ABI version {version}, this bpdq needs {ABI_VERSION}; "
+            "rebuild it (pip install -e . or python setup.py build_ext --inplace)"
+        )
+    lib.bpdq_lut_gemv.restype = _INT
+    lib.bpdq_lut_gemv.argtypes = [_P, _INT, _I64, _I64, _I64, _P, _P, _I64, _I64, _I64, _P, _INT, _P, _INT, _I64, _INT, _INT]
+    lib.bpdq_dequant.restype = _INT
+    lib.bpdq_dequant.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _INT, _INT]
+    lib.bpdq_best_isa.restype = _INT
+    return lib, None
+
+
+def best_isa() -> str | None:
+    """The fastest path this CPU supports (``None`` without the library)."""
+    lib, _ = load_library()
+    return ISAS[lib.bpdq_best_isa()] if lib is not None else None
+
+
+def requested_isa() -> tuple[int | None, str | None]:
+    """``(isa index, None)`` for the path to run (``BPDQ_CPU_ISA``), or ``(None, why it cannot run)``."""
+    want = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    best = best_isa()
+    assert best is not None
+    if want == "auto":
+        return ISAS.index(best), None
+    if want not in ISAS:
+        return None, f"{ISA_ENV}={want!r} is not one of {['auto', *ISAS]}"
+    if ISAS.index(want) > ISAS.index(best):
+        return None, f"{ISA_ENV}={want} but this CPU's best path is {best}"
+    return ISAS.index(want), None
+
+
+def unavailable_reason() -> str | None:
+    """Why the native kernel cannot run at all here (library or ISA), or ``None``."""
+    lib, reason = load_library()
+    if lib is None:
+        return reason
+    return requested_isa()[1]
+
+
+@KERNELS.register("cpu_lut")
+class CpuLutKernel(Kernel):
+    #: Above ``torch`` (0); the Triton kernels (10, 20) refuse CPU tensors under ``auto``, so ``auto``
+    #: takes this one for every CPU call it supports.
+    priority = 5
+
+    def supports(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
+        if x.device.type != "cpu" or layer.planes.device.type != "cpu":
+            return f"the native kernel runs on CPU tensors; got input on {x.device}, planes on {layer.planes.device}"
+        if x.dtype not in DTYPES:
+            return f"input dtype {x.dtype} is not supported; allowed: {[str(d) for d in DTYPES]}"
+        reason = unavailable_reason()
+        if reason is not None:
+            _warn_fallback(reason)
+        return reason
+
+    def forward(self, layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        planes = column_major_planes(layer)
+        if torch.compiler.is_compiling():
+            return torch.ops.bpdq.cpu_lut_linear(x, planes, layer.coeffs, layer.bias, layer.group_size)
+        return cpu_lut_linear(x, planes, layer.coeffs, layer.bias, layer.group_size)
+
+
+def _warn_fallback(reason: str) -> None:
+    global _warned
+    if not _warned:
+        _warned = True
+        warnings.warn(
+            f"bpdq: the native CPU kernel 'cpu_lut' is unavailable ({reason}); CPU layers use the slower "
+            "'torch' kernel",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+def _check(x: torch.Tensor, planes: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> None:
+    k, n, c = planes.shape
+    if x.dim() != 2 or x.shape[1] != 8 * c:
+        raise ValueError(f"x must be [M, {8 * c}], got {tuple(x.shape)}")
+    if x.dtype not in DTYPES:
+        raise TypeError(f"x dtype {x.dtype} is not supported; allowed: {[str(d) for d in DTYPES]}")
+    if planes.dtype != torch.uint8 or not planes.transpose(1, 2).is_contiguous():
+        raise ValueError("planes must be uint8 [k, out, in/8] stored column-major (bpdq.kernels.layout)")
+    if group_size <= 0 or group_size % 8 or (8 * c) % group_size:
+        raise ValueError(f"group_size {group_size} must be a positive multiple of 8 dividing {8 * c}")
+    if coeffs.dtype != torch.float16 or tuple(coeffs.shape) != ((8 * c) // group_size, k + 1, n):
+        raise ValueError(f"coeffs must be float16 {[(8 * c) // group_size, k + 1, n]}, got {coeffs.dtype}{list(coeffs.shape)}")
+    if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype not in _DT):
+        raise ValueError(f"bias must be float32/bfloat16/float16 of shape ({n},), got {bias.dtype}{list(bias.shape)}")
+
+
+def cpu_lut_linear(
+    x: torch.Tensor, planes: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """``x [M, in] @ W_hat^T + bias`` in ``x.dtype``; ``planes`` column-major (:func:`column_major_planes`)."""
+    _check(x, planes, coeffs, bias, group_size)
+    lib, reason = load_library()
+    if lib is None:
+        raise RuntimeError(f"the native CPU kernel is unavailable: {reason}")
+    isa, reason = requested_isa()
+    if isa is None:
+        raise RuntimeError(reason)
+    k, n, c = planes.shape
+    m = x.shape[0]
+    threads = torch.get_num_threads()
+    if x.stride(1) != 1:
+        x = x.contiguous()
+    coeffs = coeffs.contiguous()
+    if bias is not None:
+        bias = bias.contiguous()
+    if m > MAX_TOKENS:
+        return _tiled(lib, x, planes, coeffs, bias, group_size, threads)
+    y = torch.empty(m, n, dtype=x.dtype)
+    status = lib.bpdq_lut_gemv(
+        x.data_ptr(), _DT[x.dtype], x.stride(0), m, 8 * c,
+        planes.data_ptr(), coeffs.data_ptr(), k, n, group_size,
+        bias.data_ptr() if bias is not None else None, _DT[bias.dtype] if bias is not None else 0,
+        y.data_ptr(), _DT[y.dtype], n, isa, threads,
+    )  # fmt: skip
+    if status:
+        raise MemoryError(f"bpdq_lut_gemv failed (status {status}) for M={m}, shape ({n}, {8 * c})")
+    return y
+
+
+def _tiled(lib, x, planes, coeffs, bias, group_size, threads) -> torch.Tensor:
+    """Large M: dequantize row tiles into one reused buffer and multiply each with ``torch.mm``."""
+    k, n, c = planes.shape
+    kdim = 8 * c
+    rows = max(32, TILE_WEIGHTS // kdim // 32 * 32)
+    tile = torch.empty(min(rows, n), kdim, dtype=x.dtype)
+    yt = torch.empty(n, x.shape[0], dtype=x.dtype)  # y^T: each tile's rows are contiguous
+    xt = x.t()
+    for r0 in range(0, n, rows):
+        r1 = min(n, r0 + rows)
+        status = lib.bpdq_dequant(
+            planes.data_ptr(), coeffs.data_ptr(), k, n, kdim, group_size, r0, r1, tile.data_ptr(), _DT[x.dtype], threads
+        )
+        if status:
+            raise RuntimeError(f"bpdq_dequant failed (status {status}) for rows {r0}..{r1}")
+        torch.mm(tile[: r1 - r0], xt, out=yt[r0:r1])
+    y = yt.t().contiguous()
+    if bias is not None:
+        y += bias.to(y.dtype)
+    return y
+
+
+@torch.library.custom_op("bpdq::cpu_lut_linear", mutates_args=())
+def _cpu_lut_linear_op(
+    x: torch.Tensor, planes: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    return cpu_lut_linear(x, planes, coeffs, bias, group_size)
+
+
+@_cpu_lut_linear_op.register_fake
+def _(x: torch.Tensor, planes: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    return x.new_empty(x.shape[0], planes.shape[1])

@@ -1,0 +1,497 @@
+/* Native CPU kernels for bit-plane weights (loaded by bpdq/kernels/cpu_lut.py through ctypes).
+ *
+ * Planes are read in the "column-major" layout planes[i][col][r] (uint8, k x C x N with C = in/8 byte
+ * columns and N = out rows): the bytes of one byte column of all rows are contiguous, so one vector load
+ * fetches the same byte column of 8/16/32 consecutive rows. Python keeps the layer's `planes` buffer as a
+ * [k, out, in/8] tensor with strides (C*N, 1, N) that stores exactly this layout (see cpu_lut.py).
+ * Coefficients are the canonical fp16 [groups][k+1][N].
+ *
+ * bpdq_lut_gemv: y[m, r] = sum_G ( sum_i c_i[G, r] * (B_i x_m)_G  +  c_0[G, r] * sum(x_m over G) ) + bias[r]
+ * Per token and per chunk of 4 inputs a 16-entry fp32 table of subset sums is built (T-MAC style); a plane
+ * byte holds two 4-bit indices (inputs 8c..8c+3 and 8c+4..8c+7). AVX-512 looks 16 rows up at once with
+ * vpermps over the whole 16-entry table; AVX2 looks 8 rows up with two 8-entry vpermps and a blend on the
+ * index's bit 3; the portable path does scalar lookups. Tables are exact fp32 sums (no quantization).
+ *
+ * bpdq_dequant: rows [r0, r1) of W_hat into a dense row-major fp32/bf16 tile (the large-M path multiplies
+ * such tiles with torch).
+ *
+ * Threads: the caller passes a thread count; rows are split into contiguous ranges, one pthread each
+ * (created per call, only when the call is large enough to pay for it).
+ */
+#include <pthread.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+
+#if defined(__x86_64__) || defined(__i386__)
+#define BPDQ_X86 1
+#include <immintrin.h>
+#endif
+
+#define ISA_PORTABLE 0
+#define ISA_AVX2 1
+#define ISA_AVX512 2
+
+/* dtype codes shared with cpu_lut.py */
+#define DT_F32 0
+#define DT_BF16 1
+#define DT_F16 2
+
+/* Row block: every path processes 32 consecutive rows at a time (tail rows go through the scalar code). */
+#define RB 32
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* scalar conversions                                                                                    */
+
+static inline float bf16_to_f32(uint16_t h) {
+    uint32_t u = (uint32_t)h << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline uint16_t f32_to_bf16(float f) {
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return (uint16_t)((u >> 16) | 0x40); /* quiet NaN */
+    u += 0x7fffu + ((u >> 16) & 1u);                                            /* round to nearest even */
+    return (uint16_t)(u >> 16);
+}
+
+static inline float f16_to_f32(uint16_t h) {
+    uint32_t sign = (uint32_t)(h & 0x8000u) << 16;
+    uint32_t exp = (h >> 10) & 0x1fu;
+    uint32_t man = h & 0x3ffu;
+    uint32_t u;
+    if (exp == 0) {
+        if (man == 0) {
+            u = sign;
+        } else { /* subnormal: normalise */
+            int e = -1;
+            do {
+                e++;
+                man <<= 1;
+            } while (!(man & 0x400u));
+            u = sign | ((uint32_t)(127 - 15 - e) << 23) | ((man & 0x3ffu) << 13);
+        }
+    } else if (exp == 31) {
+        u = sign | 0x7f800000u | (man << 13);
+    } else {
+        u = sign | ((exp + 127 - 15) << 23) | (man << 13);
+    }
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline float load_val(const void *p, int dt, int64_t i) {
+    if (dt == DT_F32) return ((const float *)p)[i];
+    if (dt == DT_BF16) return bf16_to_f32(((const uint16_t *)p)[i]);
+    return f16_to_f32(((const uint16_t *)p)[i]);
+}
+
+static inline void store_val(void *p, int dt, int64_t i, float v) {
+    if (dt == DT_F32)
+        ((float *)p)[i] = v;
+    else
+        ((uint16_t *)p)[i] = f32_to_bf16(v);
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* threads                                                                                               */
+
+typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
+
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int64_t begin, end;
+} range_task;
+
+static void *run_range(void *arg) {
+    range_task *t = (range_task *)arg;
+    t->fn(t->ctx, t->begin, t->end);
+    return NULL;
+}
+
+/* Split [0, n) into `threads` contiguous ranges; the calling thread runs the first. If a thread cannot be
+ * created its range runs on the caller, so the result never depends on the thread count. */
+static void parallel_for(int threads, int64_t n, range_fn fn, void *ctx) {
+    if (threads > n) threads = (int)n;
+    if (threads <= 1) {
+        if (n > 0) fn(ctx, 0, n);
+        return;
+    }
+    if (threads > 64) threads = 64;
+    range_task tasks[64];
+    pthread_t ids[64];
+    int started[64];
+    for (int t = 0; t < threads; t++) {
+        tasks[t].fn = fn;
+        tasks[t].ctx = ctx;
+        tasks[t].begin = n * t / threads;
+        tasks[t].end = n * (t + 1) / threads;
+        started[t] = 0;
+    }
+    for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, run_range, &tasks[t]) == 0;
+    fn(ctx, tasks[0].begin, tasks[0].end);
+    for (int t = 1; t < threads; t++) {
+        if (started[t])
+            pthread_join(ids[t], NULL);
+        else
+            fn(ctx, tasks[t].begin, tasks[t].end);
+    }
+}
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* lookup-table GEMV                                                                                     */
+
+typedef struct {
+    const float *tables; /* [M][C*2][16] */
+    const float *xsum;   /* [M][G] */
+    const uint8_t *planes;
+    const uint16_t *coeffs;
+    const void *bias;
+    void *y;
+    int64_t M, N, C, k, cpg, groups, y_stride;
+    int bias_dt, y_dt;
+} gemv_ctx;
+
+/* Scalar rows [r0, r1) (the portable path, and the tail rows of the vector paths). */
+static void gemv_rows_scalar(const gemv_ctx *c, int64_t r0, int64_t r1) {
+    const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg;
+    for (int64_t r = r0; r < r1; r++) {
+        for (int64_t m = 0; m < c->M; m++) {
+            const float *tab = c->tables + m * C * 32;
+            const float *xs = c->xsum + m * c->groups;
+            float y = 0.0f;
+            for (int64_t g = 0; g < c->groups; g++) {
+                const uint16_t *cg = c->coeffs + g * (k + 1) * N + r;
+                float acc_g = f16_to_f32(cg[k * N]) * xs[g];
+                for (int64_t i = 0; i < k; i++) {
+                    const uint8_t *p = c->planes + (i * C + g * cpg) * N + r;
+                    const float *t = tab + g * cpg * 32;
+                    float s = 0.0f;
+                    for (int64_t cc = 0; cc < cpg; cc++) {
+                        uint8_t b = p[cc * N];
+                        s += t[cc * 32 + (b & 15)] + t[cc * 32 + 16 + (b >> 4)];
+                    }
+                    acc_g += f16_to_f32(cg[i * N]) * s;
+                }
+                y += acc_g;
+            }
+            if (c->bias) y += load_val(c->bias, c->bias_dt, r);
+            store_val(c->y, c->y_dt, m * c->y_stride + r, y);
+        }
+    }
+}
+
+static void gemv_portable(void *ctx, int64_t b0, int64_t b1) {
+    const gemv_ctx *c = (const gemv_ctx *)ctx;
+    int64_t r1 = b1 * RB < c->N ? b1 * RB : c->N;
+    gemv_rows_scalar(c, b0 * RB, r1);
+}
+
+#ifdef BPDQ_X86
+
+/* Store 8 fp32 results (+bias) for rows r..r+7 of token m. */
+__attribute__((target("avx2,fma,f16c"))) static inline void store8_avx2(const gemv_ctx *c, int64_t m, int64_t r,
+                                                                        __m256 v) {
+    if (c->bias) {
+        __m256 b;
+        if (c->bias_dt == DT_F32)
+            b = _mm256_loadu_ps((const float *)c->bias + r);
+        else if (c->bias_dt == DT_F16)
+            b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)c->bias + r)));
+        else
+            b = _mm256_castsi256_ps(_mm256_slli_epi32(
+                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)c->bias + r))), 16));
+        v = _mm256_add_ps(v, b);
+    }
+    if (c->y_dt == DT_F32) {
+        _mm256_storeu_ps((float *)c->y + m * c->y_stride + r, v);
+    } else {
+        float tmp[8];
+        _mm256_storeu_ps(tmp, v);
+        uint16_t *y = (uint16_t *)c->y + m * c->y_stride + r;
+        for (int j = 0; j < 8; j++) y[j] = f32_to_bf16(tmp[j]);
+    }
+}
+
+/* 16-entry fp32 table lookup for 8 lanes: entries 0..7 in lo, 8..15 in hi, indices in idx (0..15). */
+__attribute__((target("avx2,fma,f16c"))) static inline __m256 lookup16_avx2(__m256 lo, __m256 hi, __m256i idx) {
+    __m256 a = _mm256_permutevar8x32_ps(lo, idx);
+    __m256 b = _mm256_permutevar8x32_ps(hi, idx);
+    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+}
+
+__attribute__((target("avx2,fma,f16c"))) static void gemv_avx2(void *ctx, int64_t b0, int64_t b1) {
+    const gemv_ctx *c = (const gemv_ctx *)ctx;
+    const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg;
+    const __m256i nib = _mm256_set1_epi32(15);
+    for (int64_t blk = b0; blk < b1; blk++) {
+        const int64_t r = blk * RB;
+        if (r + RB > N) {
+            gemv_rows_scalar(c, r, N);
+            continue;
+        }
+        for (int64_t m = 0; m < c->M; m++) {
+            const float *tab = c->tables + m * C * 32;
+            const float *xs = c->xsum + m * c->groups;
+            __m256 y0 = _mm256_setzero_ps(), y1 = y0, y2 = y0, y3 = y0;
+            for (int64_t g = 0; g < c->groups; g++) {
+                const uint16_t *cg = c->coeffs + g * (k + 1) * N + r;
+                __m256 xg = _mm256_set1_ps(xs[g]);
+                y0 = _mm256_fmadd_ps(xg, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cg + k * N))), y0);
+                y1 = _mm256_fmadd_ps(xg, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cg + k * N + 8))), y1);
+                y2 = _mm256_fmadd_ps(xg, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cg + k * N + 16))), y2);
+                y3 = _mm256_fmadd_ps(xg, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cg + k * N + 24))), y3);
+                for (int64_t i = 0; i < k; i++) {
+                    const uint8_t *p = c->planes + (i * C + g * cpg) * N + r;
+                    const float *t = tab + g * cpg * 32;
+                    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+                    for (int64_t cc = 0; cc < cpg; cc++) {
+                        const uint8_t *pb = p + cc * N;
+                        const float *tc = t + cc * 32;
+                        __m256 tl0 = _mm256_loadu_ps(tc), tl1 = _mm256_loadu_ps(tc + 8);
+                        __m256 th0 = _mm256_loadu_ps(tc + 16), th1 = _mm256_loadu_ps(tc + 24);
+#define BPDQ_AVX2_STEP(acc, off)                                                                 \
+    {                                                                                            \
+        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(pb + (off))));        \
+        __m256 lo = lookup16_avx2(tl0, tl1, _mm256_and_si256(b, nib));                           \
+        __m256 hi = lookup16_avx2(th0, th1, _mm256_srli_epi32(b, 4));                            \
+        acc = _mm256_add_ps(acc, _mm256_add_ps(lo, hi));                                         \
+    }
+                        BPDQ_AVX2_STEP(a0, 0)
+                        BPDQ_AVX2_STEP(a1, 8)
+                        BPDQ_AVX2_STEP(a2, 16)
+                        BPDQ_AVX2_STEP(a3, 24)
+#undef BPDQ_AVX2_STEP
+                    }
+                    const uint16_t *ci = cg + i * N;
+                    y0 = _mm256_fmadd_ps(a0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ci)), y0);
+                    y1 = _mm256_fmadd_ps(a1, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ci + 8))), y1);
+                    y2 = _mm256_fmadd_ps(a2, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ci + 16))), y2);
+                    y3 = _mm256_fmadd_ps(a3, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ci + 24))), y3);
+                }
+            }
+            store8_avx2(c, m, r, y0);
+            store8_avx2(c, m, r + 8, y1);
+            store8_avx2(c, m, r + 16, y2);
+            store8_avx2(c, m, r + 24, y3);
+        }
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) static inline void store16_avx512(
+    const gemv_ctx *c, int64_t m, int64_t r, __m512 v) {
+    if (c->bias) {
+        __m512 b;
+        const __m256i *bp = (const __m256i *)((const uint16_t *)c->bias + r);
+        if (c->bias_dt == DT_F32)
+            b = _mm512_loadu_ps((const float *)c->bias + r);
+        else if (c->bias_dt == DT_F16)
+            b = _mm512_cvtph_ps(_mm256_loadu_si256(bp));
+        else
+            b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(bp)), 16));
+        v = _mm512_add_ps(v, b);
+    }
+    if (c->y_dt == DT_F32) {
+        _mm512_storeu_ps((float *)c->y + m * c->y_stride + r, v);
+    } else {
+        float tmp[16];
+        _mm512_storeu_ps(tmp, v);
+        uint16_t *y = (uint16_t *)c->y + m * c->y_stride + r;
+        for (int j = 0; j < 16; j++) y[j] = f32_to_bf16(tmp[j]);
+    }
+}
+
+__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) static void gemv_avx512(void *ctx, int64_t b0,
+                                                                                          int64_t b1) {
+    const gemv_ctx *c = (const gemv_ctx *)ctx;
+    const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg;
+    const __m512i nib = _mm512_set1_epi32(15);
+    for (int64_t blk = b0; blk < b1; blk++) {
+        const int64_t r = blk * RB;
+        if (r + RB > N) {
+            gemv_rows_scalar(c, r, N);
+            continue;
+        }
+        for (int64_t m = 0; m < c->M; m++) {
+            const float *tab = c->tables + m * C * 32;
+            const float *xs = c->xsum + m * c->groups;
+            __m512 y0 = _mm512_setzero_ps(), y1 = y0;
+            for (int64_t g = 0; g < c->groups; g++) {
+                const uint16_t *cg = c->coeffs + g * (k + 1) * N + r;
+                __m512 xg = _mm512_set1_ps(xs[g]);
+                y0 = _mm512_fmadd_ps(xg, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(cg + k * N))), y0);
+                y1 = _mm512_fmadd_ps(xg, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(cg + k * N + 16))), y1);
+                for (int64_t i = 0; i < k; i++) {
+                    const uint8_t *p = c->planes + (i * C + g * cpg) * N + r;
+                    const float *t = tab + g * cpg * 32;
+                    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
+                    for (int64_t cc = 0; cc < cpg; cc++) {
+                        const uint8_t *pb = p + cc * N;
+                        __m512 tl = _mm512_loadu_ps(t + cc * 32), th = _mm512_loadu_ps(t + cc * 32 + 16);
+                        __m512i b0v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)pb));
+                        __m512i b1v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pb + 16)));
+                        a0 = _mm512_add_ps(a0, _mm512_add_ps(_mm512_permutexvar_ps(_mm512_and_si512(b0v, nib), tl),
+                                                             _mm512_permutexvar_ps(_mm512_srli_epi32(b0v, 4), th)));
+                        a1 = _mm512_add_ps(a1, _mm512_add_ps(_mm512_permutexvar_ps(_mm512_and_si512(b1v, nib), tl),
+                                                             _mm512_permutexvar_ps(_mm512_srli_epi32(b1v, 4), th)));
+                    }
+                    const uint16_t *ci = cg + i * N;
+                    y0 = _mm512_fmadd_ps(a0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ci)), y0);
+                    y1 = _mm512_fmadd_ps(a1, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ci + 16))), y1);
+                }
+            }
+            store16_avx512(c, m, r, y0);
+            store16_avx512(c, m, r + 16, y1);
+        }
+    }
+}
+
+#endif /* BPDQ_X86 */
+
+/* ---------------------------------------------------------------------------------------------------- */
+/* public entry points                                                                                   */
+
+/* Bumped whenever an entry point's signature changes; cpu_lut.py refuses a library built from another. */
+int bpdq_abi_version(void) { return 1; }
+
+/* Best path this CPU and the compiler support: 0 portable, 1 AVX2 (+FMA, F16C), 2 AVX-512 (F, BW, VL). */
+int bpdq_best_isa(void) {
+#ifdef BPDQ_X86
+    __builtin_cpu_init();
+    int avx2 = __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") && __builtin_cpu_supports("f16c");
+    if (avx2 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+        __builtin_cpu_supports("avx512vl"))
+        return ISA_AVX512;
+    if (avx2) return ISA_AVX2;
+#endif
+    return ISA_PORTABLE;
+}
+
+/* Per-thread scratch for tables, grown on demand and kept for the next call. */
+static __thread float *scratch = NULL;
+static __thread size_t scratch_len = 0;
+
+static float *get_scratch(size_t n) {
+    if (n > scratch_len) {
+        free(scratch);
+        scratch = (float *)malloc(n * sizeof(float));
+        scratch_len = scratch ? n : 0;
+    }
+    return scratch;
+}
+
+/* y[M, N] (row stride y_stride, dtype y_dt) = x[M, K] (row stride x_stride, dtype x_dt) @ W_hat^T + bias.
+ * Returns 0, or -1 when out of memory / bad arguments. */
+int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t K, const uint8_t *planes,
+                  const uint16_t *coeffs, int64_t k, int64_t N, int64_t group_size, const void *bias, int bias_dt,
+                  void *y, int y_dt, int64_t y_stride, int isa, int threads) {
+    if (M <= 0 || N <= 0) return 0;
+    if (K <= 0 || K % 8 || group_size <= 0 || group_size % 8 || K % group_size || k < 1) return -1;
+    const int64_t C = K / 8, groups = K / group_size, cpg = group_size / 8;
+    float *tables = get_scratch((size_t)(M * C * 32 + M * groups));
+    if (!tables) return -1;
+    float *xsum = tables + M * C * 32;
+    for (int64_t m = 0; m < M; m++) {
+        float *tm = tables + m * C * 32;
+        for (int64_t q = 0; q < 2 * C; q++) { /* chunk q: inputs 4q..4q+3 */
+            float *t = tm + q * 16;
+            t[0] = 0.0f;
+            for (int b = 0; b < 4; b++) {
+                float v = load_val(x, x_dt, m * x_stride + 4 * q + b);
+                int half = 1 << b;
+                for (int j = 0; j < half; j++) t[half + j] = t[j] + v;
+            }
+        }
+        for (int64_t g = 0; g < groups; g++) {
+            float s = 0.0f;
+            for (int64_t q = 2 * g * cpg; q < 2 * (g + 1) * cpg; q++) s += tm[q * 16 + 15];
+            xsum[m * groups + g] = s;
+        }
+    }
+    gemv_ctx c = {tables, xsum, planes, coeffs, bias, y, M, N, C, k, cpg, groups, y_stride, bias_dt, y_dt};
+    range_fn fn = gemv_portable;
+#ifdef BPDQ_X86
+    if (isa >= ISA_AVX512 && bpdq_best_isa() >= ISA_AVX512)
+        fn = gemv_avx512;
+    else if (isa >= ISA_AVX2 && bpdq_best_isa() >= ISA_AVX2)
+        fn = gemv_avx2;
+#endif
+    /* threads only pay off past ~1M lookups per thread */
+    int64_t work = M * N * C * k;
+    int64_t useful = work / (1 << 20);
+    if (threads > useful) threads = useful > 1 ? (int)useful : 1;
+    parallel_for(threads, (N + RB - 1) / RB, fn, &c);
+    return 0;
+}
+
+typedef struct {
+    const uint8_t *planes;
+    const uint16_t *coeffs;
+    void *out;
+    int64_t N, C, k, cpg, r0;
+    int out_dt;
+} dequant_ctx;
+
+/* spread[b]: byte b's 8 bits as 8 bytes of 0/1 (bit j -> byte j), so the k plane bytes of 8 columns combine
+ * into 8 codes with k shifts and ors. */
+static uint64_t spread[256];
+static pthread_once_t spread_once = PTHREAD_ONCE_INIT;
+
+static void init_spread(void) {
+    for (int b = 0; b < 256; b++) {
+        uint64_t v = 0;
+        for (int j = 0; j < 8; j++) v |= (uint64_t)((b >> j) & 1) << (8 * j);
+        spread[b] = v;
+    }
+}
+
+static void dequant_rows(void *ctx, int64_t a, int64_t b) {
+    const dequant_ctx *d = (const dequant_ctx *)ctx;
+    const int64_t N = d->N, C = d->C, k = d->k, K = C * 8;
+    float lv[256];
+    for (int64_t rr = a; rr < b; rr++) {
+        const int64_t r = d->r0 + rr;
+        for (int64_t g = 0; g < C / d->cpg; g++) {
+            const uint16_t *cg = d->coeffs + g * (k + 1) * N + r;
+            float cf[8];
+            for (int64_t i = 0; i < k; i++) cf[i] = f16_to_f32(cg[i * N]);
+            /* levels in code order: c_0, then the plane terms added in plane order (as dequantize_packed) */
+            for (int q = 0; q < (1 << k); q++) {
+                float v = f16_to_f32(cg[k * N]);
+                for (int64_t i = 0; i < k; i++)
+                    if ((q >> i) & 1) v += cf[i];
+                lv[q] = v;
+            }
+            for (int64_t cc = g * d->cpg; cc < (g + 1) * d->cpg; cc++) {
+                uint64_t codes = 0;
+                for (int64_t i = 0; i < k; i++) codes |= spread[d->planes[(i * C + cc) * N + r]] << i;
+                int64_t o = rr * K + cc * 8;
+                if (d->out_dt == DT_F32) {
+                    float *out = (float *)d->out + o;
+                    for (int j = 0; j < 8; j++) out[j] = lv[(codes >> (8 * j)) & 0xff];
+                } else {
+                    uint16_t *out = (uint16_t *)d->out + o;
+                    for (int j = 0; j < 8; j++) out[j] = f32_to_bf16(lv[(codes >> (8 * j)) & 0xff]);
+                }
+            }
+        }
+    }
+}
+
+/* Rows [r0, r1) of W_hat as a dense row-major [r1 - r0, K] tile of dtype out_dt (fp32 or bf16). */
+int bpdq_dequant(const uint8_t *planes, const uint16_t *coeffs, int64_t k, int64_t N, int64_t K, int64_t group_size,
+                 int64_t r0, int64_t r1, void *out, int out_dt, int threads) {
+    if (K <= 0 || K % 8 || group_size <= 0 || group_size % 8 || K % group_size || k < 1 || k > 8) return -1;
+    if (r0 < 0 || r1 > N || r0 > r1) return -1;
+    pthread_once(&spread_once, init_spread);
+    dequant_ctx d = {planes, coeffs, out, N, K / 8, k, group_size / 8, r0, out_dt};
+    int64_t useful = (r1 - r0) * K / (1 << 16);
+    if (threads > useful) threads = useful > 1 ? (int)useful : 1;
+    parallel_for(threads, r1 - r0, dequant_rows, &d);
+    return 0;
+}
