@@ -121,14 +121,19 @@ class Doubling(Kernel):
 def test_registered_kernel_is_used_by_name_and_by_auto_when_its_priority_is_higher(register):
     layer, _ = quantized_linear(7)
     x = torch.randn(3, 128)
+    layer.set_kernel("torch")
     reference = layer(x)
+    layer.set_kernel("auto")
     Doubling.calls, Doubling.priority = 0, -1
     register(KERNELS, "test-doubling", Doubling)
-    assert torch.equal(layer(x), reference)  # lower priority than torch: auto keeps torch
+    layer(x)
+    assert layer.kernel_for(x).name != "test-doubling" and Doubling.calls == 0  # lowest priority: not auto's pick
     layer.set_kernel("test-doubling")
     assert torch.equal(layer(x), 2 * reference) and Doubling.calls == 1
     layer.set_kernel("auto")
+    KERNELS.unregister("test-doubling")
     Doubling.priority = 1000
+    register(KERNELS, "test-doubling", Doubling)  # a registry change: the layer chooses again
     assert torch.equal(layer(x), 2 * reference) and Doubling.calls == 2
 
 
@@ -177,3 +182,57 @@ def test_load_state_dict_invalidates_kernel_repacks(register):
     layer(x)  # fills the cache from the old weights
     layer.load_state_dict(other.state_dict())
     torch.testing.assert_close(layer(x), other(x))
+
+
+def test_kernel_choice_is_cached_per_signature_and_dropped_on_changes(register):
+    from bpdq import KERNELS
+    from bpdq.kernels import Kernel
+
+    calls = []
+
+    class Counting(Kernel):
+        priority = 1000
+
+        def supports(self, layer, x):
+            calls.append(x.shape[0])
+            return None
+
+        def forward(self, layer, x):
+            return torch.zeros(x.shape[0], layer.out_features, dtype=x.dtype)
+
+    layer = QuantLinear(64, 8, planes=2, group_size=32)
+    register(KERNELS, "test-counting", Counting)
+    layer(torch.randn(3, 64))
+    layer(torch.randn(3, 64))
+    assert calls == [3] and layer.kernel_for(torch.randn(3, 64)).name == "test-counting"
+    layer(torch.randn(5, 64))
+    assert calls == [3, 5]
+    layer.to("cpu")  # moving forgets the choices
+    layer(torch.randn(3, 64))
+    assert calls == [3, 5, 3]
+    KERNELS.unregister("test-counting")  # so does a registry change
+    assert layer.kernel_for(torch.randn(3, 64)).name != "test-counting"
+
+
+def test_meta_layer_to_empty_and_single_copy_moves():
+    meta = QuantLinear(64, 8, planes=2, group_size=32, bias=True, device="meta")
+    layer = meta.to_empty(device="cpu")
+    assert layer.planes.device.type == "cpu" and layer.planes.dtype == torch.uint8
+    assert layer.coeffs.dtype == torch.float16 and layer.coeffs.shape == (2, 3, 8)
+    layer.coeffs.copy_(torch.randn(2, 3, 8).half())
+    coeffs = layer.coeffs.clone()
+    layer.to(torch.bfloat16)  # only the bias follows a float cast; the coefficients keep their exact values
+    assert layer.bias.dtype == torch.bfloat16 and torch.equal(layer.coeffs, coeffs)
+    planes = layer.planes
+    layer.to("cpu")  # no copy when nothing changes
+    assert layer.planes is planes
+
+
+def test_layer_keeps_what_its_quantized_weight_knew():
+    w = torch.randn(8, 64)
+    qw = bpdq.quantize_weight(w, None, grid={"type": "bitplane", "planes": 2}, solver="rtn", group_size=32)
+    qw.dtype = torch.bfloat16
+    layer = QuantLinear.from_quantized(qw)
+    back = layer.quantized_weight()
+    assert back.dtype == torch.bfloat16 and back.grid == qw.grid and back.solver == qw.solver and qw.grid
+    assert layer.grid == qw.grid and layer.weight_dtype == torch.bfloat16

@@ -13,12 +13,11 @@ from __future__ import annotations
 import functools
 import importlib.util
 import os
-from typing import TYPE_CHECKING, Any, Callable
+from typing import Any, Callable
 
 import torch
 
-if TYPE_CHECKING:
-    from bpdq.linear import QuantLinear
+from bpdq.kernels.base import PackedLinear
 
 #: Activation dtypes the Triton kernels accept (outputs have the same dtype).
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -44,7 +43,7 @@ def on_cuda(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
 
 
-def call_reason(layer: "QuantLinear", x: torch.Tensor) -> str | None:
+def call_reason(layer: PackedLinear, x: torch.Tensor) -> str | None:
     """Why a Triton kernel cannot run ``layer(x)`` (device, dtype, plane count, group size), or ``None``."""
     if not triton_importable():
         return "triton is not installed (pip install triton)"

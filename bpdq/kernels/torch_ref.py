@@ -5,24 +5,19 @@ The reference every accelerated kernel is tested against, and the fallback that 
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 import torch.nn.functional as F
 
-from bpdq.kernels.base import Kernel
+from bpdq.kernels.base import Kernel, PackedLinear
 from bpdq.quantized import dequantize_packed
 from bpdq.registry import KERNELS
-
-if TYPE_CHECKING:
-    from bpdq.linear import QuantLinear
 
 
 @KERNELS.register("torch")
 class TorchKernel(Kernel):
     priority = 0
 
-    def forward(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
         w = dequantize_packed(layer.planes, layer.coeffs, layer.group_size).to(x.dtype)
         bias = layer.bias.to(x.dtype) if layer.bias is not None else None
         return F.linear(x, w, bias)

@@ -11,16 +11,13 @@ any ``M`` and ``N`` (masked). Reads the checkpoint's canonical layout directly (
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from bpdq.kernels import _triton
-from bpdq.kernels.base import Kernel
+from bpdq.kernels.base import Kernel, PackedLinear
 from bpdq.registry import KERNELS
-
-if TYPE_CHECKING:
-    from bpdq.linear import QuantLinear
 
 
 @KERNELS.register("triton_gemm")
@@ -28,13 +25,13 @@ class TritonGemmKernel(Kernel):
     #: Below the LUT kernel (decode) and above the torch kernel: on CUDA, ``auto`` uses it for M > 8.
     priority = 10
 
-    def supports(self, layer: "QuantLinear", x: torch.Tensor) -> str | None:
+    def supports(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         return _triton.call_reason(layer, x)
 
-    def auto_excluded(self, layer: "QuantLinear", x: torch.Tensor) -> str | None:
+    def auto_excluded(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         return _triton.auto_reason(x)
 
-    def forward(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
+    def forward(self, layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
         return gemm(x, layer.planes, layer.coeffs, layer.bias, layer.group_size)
 
 
@@ -62,13 +59,16 @@ def gemm(
     grid = (_triton.cdiv(m, cfg["BM"]), _triton.cdiv(n, cfg["BN"]))
     _kernels()[grid](
         x,
-        planes.contiguous(),
+        planes,  # any strides (row-major as stored, or column-major after a LUT kernel relaid it out)
         coeffs.contiguous(),
         bias if bias is not None else y,
         y,
         m,
         n,
         kdim,
+        planes.stride(0),
+        planes.stride(1),
+        planes.stride(2),
         KP=k,
         GS=group_size,
         BM=cfg["BM"],
@@ -89,7 +89,7 @@ def _kernels() -> Any:
 
     @triton.jit
     def dequant_gemm(
-        x_ptr, planes_ptr, coeffs_ptr, bias_ptr, y_ptr, M, N, K,
+        x_ptr, planes_ptr, coeffs_ptr, bias_ptr, y_ptr, M, N, K, stride_p, stride_r, stride_b,
         KP: tl.constexpr, GS: tl.constexpr, BM: tl.constexpr, BN: tl.constexpr, BK: tl.constexpr,
         HAS_BIAS: tl.constexpr, IEEE: tl.constexpr,
     ):  # fmt: skip
@@ -100,10 +100,8 @@ def _kernels() -> Any:
         offs_bit = tl.arange(0, 8)
         m_mask = offs_m < M
         n_mask = offs_n < N
-        kb = K // 8
         x_rows = x_ptr + offs_m.to(tl.int64)[:, None] * K
-        plane_rows = planes_ptr + offs_n.to(tl.int64)[None, :] * kb  # [1, BN]
-        plane_stride = N * kb  # int32: fine below 2^31 plane bytes
+        plane_rows = planes_ptr + offs_n.to(tl.int64)[None, :] * stride_r  # [1, BN]
         acc = tl.zeros([BM, BN], dtype=tl.float32)
         for k0 in range(0, K, BK):
             kk = k0 + offs_k
@@ -111,9 +109,9 @@ def _kernels() -> Any:
             c_grp = coeffs_ptr + (k0 // GS) * (KP + 1) * N + offs_n
             c0 = tl.load(c_grp + KP * N, mask=n_mask, other=0.0).to(tl.float32)
             w = tl.zeros([BK, BN], dtype=tl.float32) + c0[None, :]
-            byte_ptrs = plane_rows + (k0 // 8 + offs_b)[:, None]  # [BK/8, BN]: each byte loaded once
+            byte_ptrs = plane_rows + ((k0 // 8 + offs_b) * stride_b)[:, None]  # [BK/8, BN]: each byte loaded once
             for i in tl.static_range(KP):
-                byte = tl.load(byte_ptrs + i * plane_stride, mask=n_mask[None, :], other=0).to(tl.int32)
+                byte = tl.load(byte_ptrs + i * stride_p, mask=n_mask[None, :], other=0).to(tl.int32)
                 bits = (byte[:, None, :] >> offs_bit[None, :, None]) & 1  # [BK/8, 8, BN]: column 8*b + j
                 ci = tl.load(c_grp + i * N, mask=n_mask, other=0.0).to(tl.float32)
                 w += tl.reshape(bits, [BK, BN]).to(tl.float32) * ci[None, :]

@@ -12,24 +12,23 @@ With ``W = c_0 + sum_i c_i B_i`` (per row and group), a byte of plane ``i`` cove
 
 Every weight costs a table lookup instead of a multiply and memory traffic stays at ``k`` bits per weight
 (plus the tables, re-read once per row block from L2). All arithmetic is fp32; the result is cast to the
-activations' dtype. The planes are repacked once per layer (cached, see :meth:`Kernel.packed`) to
-``uint8[groups, k, g/8, out]`` so a block of rows' bytes for one chunk is contiguous. Limits: as
-``triton_gemm`` (1-4 planes, g in 32..256), plus ``M <= 8``.
+activations' dtype. The planes are read column-major (``[k, in/8, out]`` storage, so a block of rows'
+bytes for one chunk is contiguous): the first call relays the layer's ``planes`` buffer out in place
+(:mod:`bpdq.kernels.layout`; same shape and values, no second copy). Limits: as ``triton_gemm`` (1-4
+planes, g in 32..256), plus ``M <= 8``.
 """
 
 from __future__ import annotations
 
 import functools
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
 from bpdq.kernels import _triton
-from bpdq.kernels.base import Kernel
+from bpdq.kernels.base import Kernel, PackedLinear
+from bpdq.kernels.layout import column_major_planes, is_column_major
 from bpdq.registry import KERNELS
-
-if TYPE_CHECKING:
-    from bpdq.linear import QuantLinear
 
 #: Largest number of tokens the LUT kernel takes; ``auto`` switches to ``triton_gemm`` above it.
 MAX_TOKENS = 8
@@ -49,26 +48,16 @@ class TritonLutKernel(Kernel):
     #: Highest: on CUDA, ``auto`` picks it whenever ``M <= 8``.
     priority = 20
 
-    def supports(self, layer: "QuantLinear", x: torch.Tensor) -> str | None:
+    def supports(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         if x.shape[0] > MAX_TOKENS:
             return f"the LUT kernel takes at most {MAX_TOKENS} tokens, got M={x.shape[0]}"
         return _triton.call_reason(layer, x)
 
-    def auto_excluded(self, layer: "QuantLinear", x: torch.Tensor) -> str | None:
+    def auto_excluded(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         return _triton.auto_reason(x)
 
-    def prepare(self, layer: "QuantLinear") -> torch.Tensor:
-        return group_major_planes(layer.planes, layer.group_size)
-
-    def forward(self, layer: "QuantLinear", x: torch.Tensor) -> torch.Tensor:
-        return lut_gemv(x, self.packed(layer), layer.coeffs, layer.bias)
-
-
-def group_major_planes(planes: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Canonical ``uint8[k, out, in/8]`` -> ``uint8[groups, k, g/8, out]`` (same bytes, group-major)."""
-    k, n, kb = planes.shape
-    cpg = group_size // 8
-    return planes.view(k, n, kb // cpg, cpg).permute(2, 0, 3, 1).contiguous()
+    def forward(self, layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
+        return lut_gemv(x, column_major_planes(layer), layer.coeffs, layer.bias, layer.group_size)
 
 
 def split_count(row_blocks: int, groups: int, device: torch.device) -> int:
@@ -85,14 +74,20 @@ def _sm_count(device_index: int) -> int:
     return torch.cuda.get_device_properties(device_index).multi_processor_count
 
 
-def lut_gemv(x: torch.Tensor, planes_gm: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-    """Launch both kernels for ``x: [M, in]`` with group-major planes (see :func:`group_major_planes`)."""
-    groups, k, cpg, n = planes_gm.shape
+def lut_gemv(
+    x: torch.Tensor, planes: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None, group_size: int
+) -> torch.Tensor:
+    """Launch both kernels for ``x: [M, in]`` with column-major planes (see :mod:`bpdq.kernels.layout`)."""
+    k, n, kb = planes.shape
     m, kdim = x.shape
     if m > MAX_TOKENS:
         raise ValueError(f"lut_gemv takes at most {MAX_TOKENS} tokens, got {m}")
-    if kdim != groups * cpg * 8:
-        raise ValueError(f"x has {kdim} features but the planes hold {groups * cpg * 8}")
+    if kdim != kb * 8 or kdim % group_size:
+        raise ValueError(f"x has {kdim} features but the planes hold {kb * 8} (group size {group_size})")
+    if not is_column_major(planes):
+        raise ValueError("lut_gemv needs column-major planes (bpdq.kernels.layout.column_major_planes)")
+    cpg = group_size // 8
+    groups = kdim // group_size
     y = torch.empty(m, n, dtype=x.dtype, device=x.device)
     if m == 0:
         return y
@@ -112,7 +107,7 @@ def lut_gemv(x: torch.Tensor, planes_gm: torch.Tensor, coeffs: torch.Tensor, bia
     out = y if splits == 1 else torch.empty(splits, m, n, dtype=torch.float32, device=x.device)
     kernels["gemv"][(row_blocks, splits)](
         tables,
-        planes_gm,
+        planes,
         coeffs.contiguous(),
         bias if bias is not None else out,
         out,
@@ -175,7 +170,7 @@ def _kernels() -> Any:
                 acc += x_sum[:, None] * c0[None, :]
                 table = tl.load(chunk_base[:, :, None] + subset[None, None, :], mask=m_mask[:, None, None], other=0.0)
                 for i in tl.static_range(KP):
-                    rows = ((g * KP + i) * CPG + cb + offs_c) * N  # [CB]
+                    rows = (i * G * CPG + g * CPG + cb + offs_c) * N  # [CB]: column-major plane bytes
                     byte = tl.load(planes_ptr + rows[:, None] + offs_n[None, :], mask=n_mask[None, :], other=0)
                     index = tl.broadcast_to(byte.to(tl.int32)[None, :, :], [BM, CB, BN])
                     vals = tl.gather(table, index, axis=2)  # [BM, CB, BN]: T[m, chunk, byte]

@@ -64,8 +64,9 @@ def test_check_kernel_name():
         check_kernel_name(1)
 
 
-def test_auto_selects_torch_on_cpu(layer):
-    assert select_kernel("auto", layer, X).name == "torch"
+def test_auto_on_cpu_selects_the_native_kernel_else_torch(layer, monkeypatch):
+    assert select_kernel("auto", layer, X).name == "cpu_lut"  # the library is built for the tests
+    assert select_kernel("auto", layer, X.half()).name == "torch"  # a dtype the native kernel declines
 
 
 def test_auto_prefers_the_highest_priority_kernel_that_supports_the_call(layer, register):

@@ -8,7 +8,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpdq.kernels import KernelUnavailableError
-from bpdq.kernels.triton_lut import MAX_TOKENS, group_major_planes, split_count
+from bpdq.kernels.layout import is_column_major
+from bpdq.kernels.triton_lut import MAX_TOKENS, split_count
 from tests.kernels.reference import assert_matches_reference, check_random_format, random_layer
 from tests.strategies import codes_and_coeffs, seeds
 
@@ -36,14 +37,6 @@ def test_single_and_split_reduction(interpret, bias):
         assert_matches_reference(layer, torch.randn(2, 256), "triton_lut")
 
 
-def test_group_major_repack_is_a_permutation_of_bytes():
-    planes = torch.randint(0, 256, (3, 5, 16), dtype=torch.uint8)  # 128 inputs, group size 64 -> 2 groups
-    packed = group_major_planes(planes, 64)
-    assert packed.shape == (2, 3, 8, 5)
-    for g in range(2):
-        assert torch.equal(packed[g], planes[:, :, 8 * g : 8 * (g + 1)].transpose(1, 2))
-
-
 def test_strided_input_and_zero_tokens(interpret):
     layer = random_layer(3, 32, 24, 128, bias=True, seed=3)
     x = torch.randn(128, 5).T  # [5, 128], not contiguous
@@ -52,16 +45,19 @@ def test_strided_input_and_zero_tokens(interpret):
     assert layer(torch.randn(0, 128)).shape == (0, 24)
 
 
-def test_repack_is_cached_and_dropped_on_move(interpret):
+def test_planes_are_relaid_out_in_place_once(interpret):
     layer = random_layer(2, 64, 16, 128, bias=False, seed=0)
+    canonical = layer.planes.clone()
     layer.set_kernel("triton_lut")
     x = torch.randn(1, 128)
+    y = layer(x)
+    relaid = layer.planes
+    assert is_column_major(relaid) and torch.equal(relaid, canonical)  # same values, other strides
+    assert layer._kernel_cache == {}  # no second copy kept beside the buffer
     layer(x)
-    cached = layer._kernel_cache["triton_lut"]
-    layer(x)
-    assert layer._kernel_cache["triton_lut"] is cached
-    layer.to("cpu")
-    assert "triton_lut" not in layer._kernel_cache
+    assert layer.planes is relaid
+    layer.set_kernel("triton_gemm")  # the GEMM kernel reads the relaid planes through their strides
+    torch.testing.assert_close(layer(x), y, rtol=1e-5, atol=1e-5)
 
 
 def test_more_than_eight_tokens_is_refused(interpret):

@@ -154,10 +154,10 @@ typedef struct {
     const void *bias;
     void *y;
     int64_t M, N, C, k, cpg, groups, y_stride;
-    int bias_dt, y_dt;
+    int bias_dt, y_dt, isa;
 } gemv_ctx;
 
-/* Scalar rows [r0, r1) (the portable path, and the tail rows of the vector paths). */
+/* Scalar rows [r0, r1): the tail rows (fewer than RB) of every path. */
 static void gemv_rows_scalar(const gemv_ctx *c, int64_t r0, int64_t r1) {
     const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg;
     for (int64_t r = r0; r < r1; r++) {
@@ -186,172 +186,177 @@ static void gemv_rows_scalar(const gemv_ctx *c, int64_t r0, int64_t r1) {
     }
 }
 
-static void gemv_portable(void *ctx, int64_t b0, int64_t b1) {
-    const gemv_ctx *c = (const gemv_ctx *)ctx;
-    int64_t r1 = b1 * RB < c->N ? b1 * RB : c->N;
-    gemv_rows_scalar(c, b0 * RB, r1);
+/* The row-block kernels below work on n consecutive rows (n a multiple of RB) and M tokens at once:
+ *   lut_pass:  s[m][r] += sum over the cpg byte columns of table lookups   (one plane of one group)
+ *   combine:   y[m][r] += c[r] * s[m][r]                                    (c fp16: a plane coefficient)
+ *   offset:    y[m][r] += c[r] * xs[m * xs_stride]                           (c fp16: the offset c_0)
+ * Byte column cc of the plane is p[cc * N + r]: n contiguous bytes, so memory is streamed. */
+
+static void lut_pass_portable(const float *tab, int64_t ts, int64_t M, const uint8_t *p, int64_t N, int64_t cpg,
+                              int64_t n, float *s) {
+    for (int64_t cc = 0; cc < cpg; cc++) {
+        const uint8_t *pb = p + cc * N;
+        for (int64_t m = 0; m < M; m++) {
+            const float *t = tab + m * ts + cc * 32;
+            float *sm = s + m * n;
+            for (int64_t r = 0; r < n; r++) sm[r] += t[pb[r] & 15] + t[16 + (pb[r] >> 4)];
+        }
+    }
+}
+
+static void combine_portable(const uint16_t *c16, const float *s, float *y, int64_t M, int64_t n) {
+    for (int64_t r = 0; r < n; r++) {
+        float cf = f16_to_f32(c16[r]);
+        for (int64_t m = 0; m < M; m++) y[m * n + r] += cf * s[m * n + r];
+    }
+}
+
+static void offset_portable(const uint16_t *c16, const float *xs, int64_t xs_stride, float *y, int64_t M, int64_t n) {
+    for (int64_t r = 0; r < n; r++) {
+        float cf = f16_to_f32(c16[r]);
+        for (int64_t m = 0; m < M; m++) y[m * n + r] += cf * xs[m * xs_stride];
+    }
 }
 
 #ifdef BPDQ_X86
 
-/* Store 8 fp32 results (+bias) for rows r..r+7 of token m. */
-__attribute__((target("avx2,fma,f16c"))) static inline void store8_avx2(const gemv_ctx *c, int64_t m, int64_t r,
-                                                                        __m256 v) {
-    if (c->bias) {
-        __m256 b;
-        if (c->bias_dt == DT_F32)
-            b = _mm256_loadu_ps((const float *)c->bias + r);
-        else if (c->bias_dt == DT_F16)
-            b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)((const uint16_t *)c->bias + r)));
-        else
-            b = _mm256_castsi256_ps(_mm256_slli_epi32(
-                _mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)((const uint16_t *)c->bias + r))), 16));
-        v = _mm256_add_ps(v, b);
-    }
-    if (c->y_dt == DT_F32) {
-        _mm256_storeu_ps((float *)c->y + m * c->y_stride + r, v);
-    } else {
-        float tmp[8];
-        _mm256_storeu_ps(tmp, v);
-        uint16_t *y = (uint16_t *)c->y + m * c->y_stride + r;
-        for (int j = 0; j < 8; j++) y[j] = f32_to_bf16(tmp[j]);
-    }
-}
+#define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
+#define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
 /* 16-entry fp32 table lookup for 8 lanes: entries 0..7 in lo, 8..15 in hi, indices in idx (0..15). */
-__attribute__((target("avx2,fma,f16c"))) static inline __m256 lookup16_avx2(__m256 lo, __m256 hi, __m256i idx) {
+AVX2_TARGET static inline __m256 lookup16_avx2(__m256 lo, __m256 hi, __m256i idx) {
     __m256 a = _mm256_permutevar8x32_ps(lo, idx);
     __m256 b = _mm256_permutevar8x32_ps(hi, idx);
     return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
 }
 
-__attribute__((target("avx2,fma,f16c"))) static void gemv_avx2(void *ctx, int64_t b0, int64_t b1) {
-    const gemv_ctx *c = (const gemv_ctx *)ctx;
-    const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg;
+AVX2_TARGET static void lut_pass_avx2(const float *tab, int64_t ts, int64_t M, const uint8_t *p, int64_t N,
+                                      int64_t cpg, int64_t n, float *s) {
     const __m256i nib = _mm256_set1_epi32(15);
-    for (int64_t blk = b0; blk < b1; blk++) {
-        const int64_t r = blk * RB;
-        if (r + RB > N) {
-            gemv_rows_scalar(c, r, N);
-            continue;
-        }
-        for (int64_t m = 0; m < c->M; m++) {
-            const float *tab = c->tables + m * C * 32;
-            const float *xs = c->xsum + m * c->groups;
-            __m256 y0 = _mm256_setzero_ps(), y1 = y0, y2 = y0, y3 = y0;
-            for (int64_t g = 0; g < c->groups; g++) {
-                const uint16_t *cg = c->coeffs + g * (k + 1) * N + r;
-                __m256 xg = _mm256_set1_ps(xs[g]);
-                y0 = _mm256_fmadd_ps(xg, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cg + k * N))), y0);
-                y1 = _mm256_fmadd_ps(xg, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cg + k * N + 8))), y1);
-                y2 = _mm256_fmadd_ps(xg, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cg + k * N + 16))), y2);
-                y3 = _mm256_fmadd_ps(xg, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(cg + k * N + 24))), y3);
-                for (int64_t i = 0; i < k; i++) {
-                    const uint8_t *p = c->planes + (i * C + g * cpg) * N + r;
-                    const float *t = tab + g * cpg * 32;
-                    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-                    for (int64_t cc = 0; cc < cpg; cc++) {
-                        const uint8_t *pb = p + cc * N;
-                        const float *tc = t + cc * 32;
-                        __m256 tl0 = _mm256_loadu_ps(tc), tl1 = _mm256_loadu_ps(tc + 8);
-                        __m256 th0 = _mm256_loadu_ps(tc + 16), th1 = _mm256_loadu_ps(tc + 24);
-#define BPDQ_AVX2_STEP(acc, off)                                                                 \
-    {                                                                                            \
-        __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(pb + (off))));        \
-        __m256 lo = lookup16_avx2(tl0, tl1, _mm256_and_si256(b, nib));                           \
-        __m256 hi = lookup16_avx2(th0, th1, _mm256_srli_epi32(b, 4));                            \
-        acc = _mm256_add_ps(acc, _mm256_add_ps(lo, hi));                                         \
-    }
-                        BPDQ_AVX2_STEP(a0, 0)
-                        BPDQ_AVX2_STEP(a1, 8)
-                        BPDQ_AVX2_STEP(a2, 16)
-                        BPDQ_AVX2_STEP(a3, 24)
-#undef BPDQ_AVX2_STEP
-                    }
-                    const uint16_t *ci = cg + i * N;
-                    y0 = _mm256_fmadd_ps(a0, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ci)), y0);
-                    y1 = _mm256_fmadd_ps(a1, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ci + 8))), y1);
-                    y2 = _mm256_fmadd_ps(a2, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ci + 16))), y2);
-                    y3 = _mm256_fmadd_ps(a3, _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ci + 24))), y3);
-                }
+    for (int64_t cc = 0; cc < cpg; cc++) {
+        const uint8_t *pb = p + cc * N;
+        for (int64_t m = 0; m < M; m++) {
+            const float *t = tab + m * ts + cc * 32;
+            const __m256 tl0 = _mm256_loadu_ps(t), tl1 = _mm256_loadu_ps(t + 8);
+            const __m256 th0 = _mm256_loadu_ps(t + 16), th1 = _mm256_loadu_ps(t + 24);
+            float *sm = s + m * n;
+            for (int64_t r = 0; r < n; r += 8) {
+                __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(pb + r)));
+                __m256 lo = lookup16_avx2(tl0, tl1, _mm256_and_si256(b, nib));
+                __m256 hi = lookup16_avx2(th0, th1, _mm256_srli_epi32(b, 4));
+                _mm256_storeu_ps(sm + r, _mm256_add_ps(_mm256_loadu_ps(sm + r), _mm256_add_ps(lo, hi)));
             }
-            store8_avx2(c, m, r, y0);
-            store8_avx2(c, m, r + 8, y1);
-            store8_avx2(c, m, r + 16, y2);
-            store8_avx2(c, m, r + 24, y3);
         }
     }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) static inline void store16_avx512(
-    const gemv_ctx *c, int64_t m, int64_t r, __m512 v) {
-    if (c->bias) {
-        __m512 b;
-        const __m256i *bp = (const __m256i *)((const uint16_t *)c->bias + r);
-        if (c->bias_dt == DT_F32)
-            b = _mm512_loadu_ps((const float *)c->bias + r);
-        else if (c->bias_dt == DT_F16)
-            b = _mm512_cvtph_ps(_mm256_loadu_si256(bp));
-        else
-            b = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(bp)), 16));
-        v = _mm512_add_ps(v, b);
-    }
-    if (c->y_dt == DT_F32) {
-        _mm512_storeu_ps((float *)c->y + m * c->y_stride + r, v);
-    } else {
-        float tmp[16];
-        _mm512_storeu_ps(tmp, v);
-        uint16_t *y = (uint16_t *)c->y + m * c->y_stride + r;
-        for (int j = 0; j < 16; j++) y[j] = f32_to_bf16(tmp[j]);
+AVX2_TARGET static void combine_avx2(const uint16_t *c16, const float *s, float *y, int64_t M, int64_t n) {
+    for (int64_t r = 0; r < n; r += 8) {
+        __m256 cf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c16 + r)));
+        for (int64_t m = 0; m < M; m++)
+            _mm256_storeu_ps(y + m * n + r,
+                             _mm256_fmadd_ps(cf, _mm256_loadu_ps(s + m * n + r), _mm256_loadu_ps(y + m * n + r)));
     }
 }
 
-__attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c"))) static void gemv_avx512(void *ctx, int64_t b0,
-                                                                                          int64_t b1) {
-    const gemv_ctx *c = (const gemv_ctx *)ctx;
-    const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg;
+AVX2_TARGET static void offset_avx2(const uint16_t *c16, const float *xs, int64_t xs_stride, float *y, int64_t M,
+                                    int64_t n) {
+    for (int64_t r = 0; r < n; r += 8) {
+        __m256 cf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c16 + r)));
+        for (int64_t m = 0; m < M; m++)
+            _mm256_storeu_ps(y + m * n + r,
+                             _mm256_fmadd_ps(cf, _mm256_set1_ps(xs[m * xs_stride]), _mm256_loadu_ps(y + m * n + r)));
+    }
+}
+
+AVX512_TARGET static void lut_pass_avx512(const float *tab, int64_t ts, int64_t M, const uint8_t *p, int64_t N,
+                                          int64_t cpg, int64_t n, float *s) {
     const __m512i nib = _mm512_set1_epi32(15);
-    for (int64_t blk = b0; blk < b1; blk++) {
-        const int64_t r = blk * RB;
-        if (r + RB > N) {
-            gemv_rows_scalar(c, r, N);
-            continue;
-        }
-        for (int64_t m = 0; m < c->M; m++) {
-            const float *tab = c->tables + m * C * 32;
-            const float *xs = c->xsum + m * c->groups;
-            __m512 y0 = _mm512_setzero_ps(), y1 = y0;
-            for (int64_t g = 0; g < c->groups; g++) {
-                const uint16_t *cg = c->coeffs + g * (k + 1) * N + r;
-                __m512 xg = _mm512_set1_ps(xs[g]);
-                y0 = _mm512_fmadd_ps(xg, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(cg + k * N))), y0);
-                y1 = _mm512_fmadd_ps(xg, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(cg + k * N + 16))), y1);
-                for (int64_t i = 0; i < k; i++) {
-                    const uint8_t *p = c->planes + (i * C + g * cpg) * N + r;
-                    const float *t = tab + g * cpg * 32;
-                    __m512 a0 = _mm512_setzero_ps(), a1 = a0;
-                    for (int64_t cc = 0; cc < cpg; cc++) {
-                        const uint8_t *pb = p + cc * N;
-                        __m512 tl = _mm512_loadu_ps(t + cc * 32), th = _mm512_loadu_ps(t + cc * 32 + 16);
-                        __m512i b0v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)pb));
-                        __m512i b1v = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pb + 16)));
-                        a0 = _mm512_add_ps(a0, _mm512_add_ps(_mm512_permutexvar_ps(_mm512_and_si512(b0v, nib), tl),
-                                                             _mm512_permutexvar_ps(_mm512_srli_epi32(b0v, 4), th)));
-                        a1 = _mm512_add_ps(a1, _mm512_add_ps(_mm512_permutexvar_ps(_mm512_and_si512(b1v, nib), tl),
-                                                             _mm512_permutexvar_ps(_mm512_srli_epi32(b1v, 4), th)));
-                    }
-                    const uint16_t *ci = cg + i * N;
-                    y0 = _mm512_fmadd_ps(a0, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ci)), y0);
-                    y1 = _mm512_fmadd_ps(a1, _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(ci + 16))), y1);
-                }
+    for (int64_t cc = 0; cc < cpg; cc++) {
+        const uint8_t *pb = p + cc * N;
+        for (int64_t m = 0; m < M; m++) {
+            const float *t = tab + m * ts + cc * 32;
+            const __m512 tl = _mm512_loadu_ps(t), th = _mm512_loadu_ps(t + 16);
+            float *sm = s + m * n;
+            for (int64_t r = 0; r < n; r += 16) {
+                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pb + r)));
+                __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), tl);
+                __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), th);
+                _mm512_storeu_ps(sm + r, _mm512_add_ps(_mm512_loadu_ps(sm + r), _mm512_add_ps(lo, hi)));
             }
-            store16_avx512(c, m, r, y0);
-            store16_avx512(c, m, r + 16, y1);
         }
+    }
+}
+
+AVX512_TARGET static void combine_avx512(const uint16_t *c16, const float *s, float *y, int64_t M, int64_t n) {
+    for (int64_t r = 0; r < n; r += 16) {
+        __m512 cf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c16 + r)));
+        for (int64_t m = 0; m < M; m++)
+            _mm512_storeu_ps(y + m * n + r,
+                             _mm512_fmadd_ps(cf, _mm512_loadu_ps(s + m * n + r), _mm512_loadu_ps(y + m * n + r)));
+    }
+}
+
+AVX512_TARGET static void offset_avx512(const uint16_t *c16, const float *xs, int64_t xs_stride, float *y, int64_t M,
+                                        int64_t n) {
+    for (int64_t r = 0; r < n; r += 16) {
+        __m512 cf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c16 + r)));
+        for (int64_t m = 0; m < M; m++)
+            _mm512_storeu_ps(y + m * n + r,
+                             _mm512_fmadd_ps(cf, _mm512_set1_ps(xs[m * xs_stride]), _mm512_loadu_ps(y + m * n + r)));
     }
 }
 
 #endif /* BPDQ_X86 */
+
+/* Accumulators of one chunk of rows: ACC floats each for y and s, [M][n] with n = (ACC / M) rounded down to RB. */
+#define ACC 8192
+
+/* Rows of row blocks [b0, b1) (RB rows each; the last block may be short). */
+static void gemv_range(void *ctx, int64_t b0, int64_t b1) {
+    const gemv_ctx *c = (const gemv_ctx *)ctx;
+    const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg, M = c->M;
+    const int64_t rb = b0 * RB, re = b1 * RB < N ? b1 * RB : N;
+    const int64_t rv = rb + (re - rb) / RB * RB; /* rows [rb, rv) in vector chunks, [rv, re) scalar */
+    const int64_t R = ACC / M / RB * RB;
+    float yacc[ACC] __attribute__((aligned(64))); /* 2 x 32 KiB on the stack */
+    float s[ACC] __attribute__((aligned(64)));
+    void (*pass)(const float *, int64_t, int64_t, const uint8_t *, int64_t, int64_t, int64_t, float *) =
+        lut_pass_portable;
+    void (*combine)(const uint16_t *, const float *, float *, int64_t, int64_t) = combine_portable;
+    void (*offset)(const uint16_t *, const float *, int64_t, float *, int64_t, int64_t) = offset_portable;
+#ifdef BPDQ_X86
+    if (c->isa == ISA_AVX512) {
+        pass = lut_pass_avx512;
+        combine = combine_avx512;
+        offset = offset_avx512;
+    } else if (c->isa == ISA_AVX2) {
+        pass = lut_pass_avx2;
+        combine = combine_avx2;
+        offset = offset_avx2;
+    }
+#endif
+    for (int64_t r0 = rb; r0 < rv; r0 += R) {
+        const int64_t n = R < rv - r0 ? R : rv - r0;
+        memset(yacc, 0, (size_t)(M * n) * sizeof(float));
+        for (int64_t g = 0; g < c->groups; g++) {
+            const uint16_t *cg = c->coeffs + g * (k + 1) * N + r0;
+            for (int64_t i = 0; i < k; i++) {
+                memset(s, 0, (size_t)(M * n) * sizeof(float));
+                pass(c->tables + g * cpg * 32, C * 32, M, c->planes + (i * C + g * cpg) * N + r0, N, cpg, n, s);
+                combine(cg + i * N, s, yacc, M, n);
+            }
+            offset(cg + k * N, c->xsum + g, c->groups, yacc, M, n);
+        }
+        for (int64_t m = 0; m < M; m++)
+            for (int64_t r = 0; r < n; r++) {
+                float v = yacc[m * n + r];
+                if (c->bias) v += load_val(c->bias, c->bias_dt, r0 + r);
+                store_val(c->y, c->y_dt, m * c->y_stride + r0 + r, v);
+            }
+    }
+    gemv_rows_scalar(c, rv, re);
+}
 
 /* ---------------------------------------------------------------------------------------------------- */
 /* public entry points                                                                                   */
@@ -391,6 +396,7 @@ int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t 
                   const uint16_t *coeffs, int64_t k, int64_t N, int64_t group_size, const void *bias, int bias_dt,
                   void *y, int y_dt, int64_t y_stride, int isa, int threads) {
     if (M <= 0 || N <= 0) return 0;
+    if (M > ACC / RB) return -1; /* a chunk of accumulators must hold RB rows of every token */
     if (K <= 0 || K % 8 || group_size <= 0 || group_size % 8 || K % group_size || k < 1) return -1;
     const int64_t C = K / 8, groups = K / group_size, cpg = group_size / 8;
     float *tables = get_scratch((size_t)(M * C * 32 + M * groups));
@@ -413,19 +419,15 @@ int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t 
             xsum[m * groups + g] = s;
         }
     }
-    gemv_ctx c = {tables, xsum, planes, coeffs, bias, y, M, N, C, k, cpg, groups, y_stride, bias_dt, y_dt};
-    range_fn fn = gemv_portable;
-#ifdef BPDQ_X86
-    if (isa >= ISA_AVX512 && bpdq_best_isa() >= ISA_AVX512)
-        fn = gemv_avx512;
-    else if (isa >= ISA_AVX2 && bpdq_best_isa() >= ISA_AVX2)
-        fn = gemv_avx2;
-#endif
+    int best = bpdq_best_isa();
+    gemv_ctx c = {tables, xsum, planes,   coeffs, bias,  y,    M,
+                  N,      C,    k,        cpg,    groups, y_stride, bias_dt,
+                  y_dt,   isa < best ? isa : best};
     /* threads only pay off past ~1M lookups per thread */
     int64_t work = M * N * C * k;
     int64_t useful = work / (1 << 20);
     if (threads > useful) threads = useful > 1 ? (int)useful : 1;
-    parallel_for(threads, (N + RB - 1) / RB, fn, &c);
+    parallel_for(threads, (N + RB - 1) / RB, gemv_range, &c);
     return 0;
 }
 
@@ -450,33 +452,44 @@ static void init_spread(void) {
     }
 }
 
+/* Rows [r0 + a, r0 + b) of the tile, in chunks of DQ_ROWS rows: per group the 2^k levels of every row of the
+ * chunk, then per byte column the chunk's contiguous plane bytes (memory is streamed). */
+#define DQ_ROWS 64
+
 static void dequant_rows(void *ctx, int64_t a, int64_t b) {
     const dequant_ctx *d = (const dequant_ctx *)ctx;
-    const int64_t N = d->N, C = d->C, k = d->k, K = C * 8;
-    float lv[256];
-    for (int64_t rr = a; rr < b; rr++) {
-        const int64_t r = d->r0 + rr;
+    const int64_t N = d->N, C = d->C, k = d->k, K = C * 8, L = (int64_t)1 << k;
+    float lv[DQ_ROWS * 256]; /* 64 KiB on the stack */
+    for (int64_t c0 = a; c0 < b; c0 += DQ_ROWS) {
+        const int64_t c1 = c0 + DQ_ROWS < b ? c0 + DQ_ROWS : b;
         for (int64_t g = 0; g < C / d->cpg; g++) {
-            const uint16_t *cg = d->coeffs + g * (k + 1) * N + r;
-            float cf[8];
-            for (int64_t i = 0; i < k; i++) cf[i] = f16_to_f32(cg[i * N]);
-            /* levels in code order: c_0, then the plane terms added in plane order (as dequantize_packed) */
-            for (int q = 0; q < (1 << k); q++) {
-                float v = f16_to_f32(cg[k * N]);
-                for (int64_t i = 0; i < k; i++)
-                    if ((q >> i) & 1) v += cf[i];
-                lv[q] = v;
+            for (int64_t rr = c0; rr < c1; rr++) {
+                const uint16_t *cg = d->coeffs + g * (k + 1) * N + d->r0 + rr;
+                float cf[8];
+                for (int64_t i = 0; i < k; i++) cf[i] = f16_to_f32(cg[i * N]);
+                /* levels in code order: c_0, then the plane terms added in plane order (as dequantize_packed) */
+                float *l = lv + (rr - c0) * L;
+                for (int64_t q = 0; q < L; q++) {
+                    float v = f16_to_f32(cg[k * N]);
+                    for (int64_t i = 0; i < k; i++)
+                        if ((q >> i) & 1) v += cf[i];
+                    l[q] = v;
+                }
             }
             for (int64_t cc = g * d->cpg; cc < (g + 1) * d->cpg; cc++) {
-                uint64_t codes = 0;
-                for (int64_t i = 0; i < k; i++) codes |= spread[d->planes[(i * C + cc) * N + r]] << i;
-                int64_t o = rr * K + cc * 8;
-                if (d->out_dt == DT_F32) {
-                    float *out = (float *)d->out + o;
-                    for (int j = 0; j < 8; j++) out[j] = lv[(codes >> (8 * j)) & 0xff];
-                } else {
-                    uint16_t *out = (uint16_t *)d->out + o;
-                    for (int j = 0; j < 8; j++) out[j] = f32_to_bf16(lv[(codes >> (8 * j)) & 0xff]);
+                for (int64_t rr = c0; rr < c1; rr++) {
+                    const uint8_t *pb = d->planes + cc * N + d->r0 + rr;
+                    uint64_t codes = 0;
+                    for (int64_t i = 0; i < k; i++) codes |= spread[pb[i * C * N]] << i;
+                    const float *l = lv + (rr - c0) * L;
+                    const int64_t o = rr * K + cc * 8;
+                    if (d->out_dt == DT_F32) {
+                        float *out = (float *)d->out + o;
+                        for (int j = 0; j < 8; j++) out[j] = l[(codes >> (8 * j)) & 0xff];
+                    } else {
+                        uint16_t *out = (uint16_t *)d->out + o;
+                        for (int j = 0; j < 8; j++) out[j] = f32_to_bf16(l[(codes >> (8 * j)) & 0xff]);
+                    }
                 }
             }
         }

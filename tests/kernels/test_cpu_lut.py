@@ -1,0 +1,239 @@
+"""bpdq/kernels/cpu_lut.py: the native CPU kernel against the fp64 reference, on every path this CPU has.
+
+The library must be built (``pip install -e .`` or ``python setup.py build_ext --inplace``); without it these
+tests fail with the reason. Paths the CPU lacks are checked to be refused, not skipped.
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from torch import nn
+
+from bpdq.kernels import KernelUnavailableError, cpu_lut, select_kernel
+from bpdq.kernels.layout import column_major_planes, is_column_major
+from bpdq.linear import QuantLinear
+from bpdq.quantized import QuantizedWeight
+from tests.kernels.reference import assert_matches_reference, random_layer, reference
+from tests.strategies import codes_and_coeffs, seeds
+
+ISAS = ("portable", "avx2", "avx512")
+DTYPES = [torch.float32, torch.bfloat16]
+DTYPE_IDS = ["fp32", "bf16"]
+#: Every group size is a multiple of 8; these cover one byte per group, odd byte counts and the usual sizes.
+GROUP_SIZES = (8, 24, 32, 64, 128, 192, 256)
+#: M = 1..8 take the lookup tables, 13 the tiled dequantize + matmul path.
+TOKENS = (1, 2, 3, 4, 5, 6, 7, 8, 13)
+
+
+@pytest.fixture(autouse=True)
+def _library():
+    cpu_lut.load_library.cache_clear()
+    lib, reason = cpu_lut.load_library()
+    assert lib is not None, f"the native library is needed for these tests: {reason}"
+    yield
+    cpu_lut.load_library.cache_clear()
+
+
+@pytest.fixture(params=ISAS)
+def isa(request, monkeypatch):
+    """Force one path; a path this CPU lacks must be refused with the reason."""
+    monkeypatch.setenv(cpu_lut.ISA_ENV, request.param)
+    if ISAS.index(request.param) > ISAS.index(cpu_lut.best_isa()):
+        layer = random_layer(2, 32, 8, 64, bias=False, seed=0)
+        layer.set_kernel("cpu_lut")
+        with pytest.raises(KernelUnavailableError, match=f"{cpu_lut.ISA_ENV}={request.param} but this CPU"):
+            layer(torch.randn(1, 64))
+        return None
+    return request.param
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+@pytest.mark.parametrize("group_size", GROUP_SIZES)
+@pytest.mark.parametrize("k", [1, 2, 3, 4])
+def test_matches_reference(isa, k, group_size, dtype):
+    if isa is None:
+        return  # refused, checked by the fixture
+    in_features = 2 * group_size if group_size >= 64 else 6 * group_size
+    # 75 rows: two 32-row blocks on the vector paths plus 11 tail rows
+    layer = random_layer(k, group_size, 75, in_features, bias=k % 2 == 1, seed=10 * k + group_size)
+    gen = torch.Generator().manual_seed(k)
+    for m in TOKENS:
+        assert_matches_reference(layer, torch.randn(m, in_features, generator=gen).to(dtype), "cpu_lut")
+
+
+@pytest.mark.parametrize("out_features", [1, 7, 31, 32, 33, 97, 200])
+def test_odd_output_sizes(isa, out_features):
+    if isa is None:
+        return
+    layer = random_layer(2, 64, out_features, 128, bias=True, seed=out_features)
+    for m in (1, 8, 9):
+        assert_matches_reference(layer, torch.randn(m, 128), "cpu_lut")
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_strided_inputs_zero_rows_and_batches(isa, dtype):
+    if isa is None:
+        return
+    layer = random_layer(3, 32, 40, 128, bias=True, seed=3)
+    layer.set_kernel("cpu_lut")
+    for m in (5, 12):
+        x = torch.randn(128, m).T.to(dtype)  # column-major: each row's features are strided
+        assert not x.is_contiguous()
+        assert_matches_reference(layer, x, "cpu_lut")
+        x = torch.randn(m, 256)[:, ::2].to(dtype)  # rows 256 apart, features stride 2
+        assert_matches_reference(layer, x, "cpu_lut")
+        x = torch.randn(m, 300)[:, 100:228].to(dtype)  # contiguous features, row stride 300
+        assert_matches_reference(layer, x, "cpu_lut")
+    layer.set_kernel("cpu_lut")
+    assert layer(torch.randn(0, 128, dtype=dtype)).shape == (0, 40)
+    batch = torch.randn(2, 3, 128, dtype=dtype)
+    torch.testing.assert_close(layer(batch), layer(batch.reshape(6, 128)).reshape(2, 3, 40), rtol=0, atol=0)
+    zeros = torch.zeros(3, 128, dtype=dtype)  # zero activations: the bias alone
+    torch.testing.assert_close(layer(zeros), layer.bias.to(dtype).expand(3, 40), rtol=0, atol=0)
+
+
+@settings(max_examples=40, deadline=None)
+@given(case=codes_and_coeffs(group_size=st.sampled_from(GROUP_SIZES), max_out=40), tokens=st.integers(1, 12),
+       bf16=st.booleans(), bias=st.booleans(), seed=seeds, isa=st.sampled_from(ISAS))  # fmt: skip
+def test_random_formats(case, tokens, bf16, bias, seed, isa):
+    if ISAS.index(isa) > ISAS.index(cpu_lut.best_isa()):
+        isa = cpu_lut.best_isa()
+    codes, coeffs, k, g = case
+    qweight = QuantizedWeight.from_codes(codes, coeffs, planes=k, group_size=g)
+    gen = torch.Generator().manual_seed(seed)
+    out_features, in_features = qweight.shape
+    layer = QuantLinear.from_quantized(qweight, torch.randn(out_features, generator=gen) if bias else None)
+    x = torch.randn(tokens, in_features, generator=gen).to(torch.bfloat16 if bf16 else torch.float32)
+    with pytest.MonkeyPatch.context() as mp:  # hypothesis runs examples outside function-scoped fixtures
+        mp.setenv(cpu_lut.ISA_ENV, isa)
+        assert_matches_reference(layer, x, "cpu_lut")
+
+
+def test_paths_agree_and_threads_do_not_change_the_result(monkeypatch):
+    # 2048 x 4096 at k=2 is large enough for the C code to split rows over two threads
+    layer = random_layer(2, 64, 2048, 4096, bias=False, seed=1)
+    layer.set_kernel("cpu_lut")
+    x = torch.randn(2, 4096)
+    results = {}
+    threads = torch.get_num_threads()
+    try:
+        for isa in ISAS[: ISAS.index(cpu_lut.best_isa()) + 1]:
+            monkeypatch.setenv(cpu_lut.ISA_ENV, isa)
+            torch.set_num_threads(1)
+            results[isa] = layer(x)
+            torch.set_num_threads(2)
+            assert torch.equal(layer(x), results[isa])  # each row is computed the same way by any thread
+    finally:
+        torch.set_num_threads(threads)
+    ref = reference(layer, x)
+    for isa, y in results.items():
+        assert (y.double() - ref).abs().max() < 1e-4 * ref.abs().max(), isa
+
+
+def test_unknown_isa_value_is_refused(monkeypatch):
+    monkeypatch.setenv(cpu_lut.ISA_ENV, "sse9")
+    layer = random_layer(2, 32, 8, 64, bias=False, seed=0)
+    layer.set_kernel("cpu_lut")
+    with pytest.raises(KernelUnavailableError, match=r"BPDQ_CPU_ISA='sse9' is not one of \['auto', 'portable'"):
+        layer(torch.randn(1, 64))
+
+
+def test_missing_library_falls_back_to_torch_with_one_warning(monkeypatch):
+    monkeypatch.setenv(cpu_lut.DISABLE_ENV, "1")
+    monkeypatch.setattr(cpu_lut, "_warned", False)
+    cpu_lut.load_library.cache_clear()
+    layers = [random_layer(2, 32, 8, 64, bias=False, seed=s) for s in range(2)]
+    x = torch.randn(1, 64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for layer in layers:
+            assert select_kernel("auto", layer, x).name == "torch"
+            torch.testing.assert_close(layer(x), reference(layer, x).float(), rtol=1e-5, atol=1e-5)
+    assert [str(w.message) for w in caught] == [
+        f"bpdq: the native CPU kernel 'cpu_lut' is unavailable ({cpu_lut.DISABLE_ENV} is set); CPU layers use "
+        "the slower 'torch' kernel"
+    ]
+    layers[0].set_kernel("cpu_lut")
+    with pytest.raises(KernelUnavailableError, match=f"kernel 'cpu_lut' cannot run this layer: {cpu_lut.DISABLE_ENV}"):
+        layers[0](x)
+
+
+def test_auto_picks_the_native_kernel_for_cpu_float_and_bfloat16_only():
+    layer = random_layer(2, 32, 8, 64, bias=False, seed=0)
+    for dtype in DTYPES:
+        assert select_kernel("auto", layer, torch.randn(3, 64, dtype=dtype)).name == "cpu_lut"
+    assert select_kernel("auto", layer, torch.randn(3, 64, dtype=torch.float16)).name == "torch"
+    layer.set_kernel("cpu_lut")
+    with pytest.raises(KernelUnavailableError, match=r"input dtype torch.float16 is not supported; allowed"):
+        layer(torch.randn(1, 64, dtype=torch.float16))
+
+
+def test_planes_are_relaid_out_once_in_place_and_saved_canonically():
+    layer = random_layer(3, 32, 40, 128, bias=False, seed=0)
+    canonical = layer.planes.clone()
+    layer.set_kernel("cpu_lut")
+    layer(torch.randn(1, 128))
+    relaid = layer.planes
+    assert is_column_major(relaid) and torch.equal(relaid, canonical) and layer._kernel_cache == {}
+    assert relaid.untyped_storage().nbytes() == canonical.nbytes  # one copy of the planes
+    assert column_major_planes(layer) is relaid
+    layer(torch.randn(2, 128))
+    assert layer.planes is relaid
+    state = layer.state_dict()
+    assert torch.equal(state["planes"].contiguous(), canonical)
+    fresh = QuantLinear(128, 40, planes=3, group_size=32)
+    fresh.load_state_dict(state)
+    assert torch.equal(fresh.planes, canonical)
+    layer.to("cpu")  # a move keeps the layout (strides are preserved) and the values
+    assert is_column_major(layer.planes) and torch.equal(layer.planes, canonical)
+
+
+def test_native_functions_check_their_inputs():
+    layer = random_layer(2, 32, 8, 64, bias=False, seed=0)
+    x = torch.randn(1, 64)
+    with pytest.raises(ValueError, match="stored column-major"):
+        cpu_lut.cpu_lut_linear(x, layer.planes, layer.coeffs, None, 32)
+    planes = column_major_planes(layer)
+    with pytest.raises(ValueError, match=r"x must be \[M, 64\]"):
+        cpu_lut.cpu_lut_linear(torch.randn(1, 32), planes, layer.coeffs, None, 32)
+    with pytest.raises(ValueError, match="group_size 12 must be a positive multiple of 8"):
+        cpu_lut.cpu_lut_linear(x, planes, layer.coeffs, None, 12)
+    with pytest.raises(TypeError, match="x dtype torch.float64 is not supported"):
+        cpu_lut.cpu_lut_linear(x.double(), planes, layer.coeffs, None, 32)
+
+
+def test_torch_compile_traces_without_graph_breaks():
+    torch._dynamo.reset()
+    model = nn.Sequential(random_layer(2, 32, 48, 64, bias=True, seed=0), nn.ReLU(), random_layer(3, 16, 8, 48, bias=False, seed=1))
+    x, x11 = torch.randn(2, 64), torch.randn(11, 64)  # 11 tokens: the tiled path, through the same custom op
+    # Eager calls first: they choose the kernel per input size and relay the planes out (module mutations
+    # that stay out of the traced graph); the compiled graph then only looks the choice up.
+    eager, eager11 = model(x), model(x11)
+    compiled = torch.compile(model, backend="aot_eager", fullgraph=True, dynamic=False)  # a graph break raises
+    torch.testing.assert_close(compiled(x), eager, rtol=0, atol=0)
+    torch.testing.assert_close(compiled(x11), eager11, rtol=0, atol=0)
+
+
+def test_greedy_generation_matches_the_torch_kernel():
+    from tests.tiny_models import tiny_model
+
+    model = tiny_model("llama", layers=2, seed=0)
+    for name, module in list(model.model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                q = QuantLinear.from_linear(child, grid={"type": "bitplane", "planes": 2}, group_size=32, kernel="torch")
+                setattr(module, child_name, q)
+    ids = torch.tensor([[1, 5, 9, 14, 3, 7]])
+    kwargs = dict(max_new_tokens=12, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        expected = model.generate(ids, **kwargs)
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.set_kernel("cpu_lut")
+        got = model.generate(ids, **kwargs)
+    assert torch.equal(got, expected)
