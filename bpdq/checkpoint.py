@@ -52,8 +52,8 @@ def quantization_config(model: nn.Module, recipes: dict[str, dict[str, Any]] | N
     for name, m in model.named_modules():
         if isinstance(m, QuantLinear):
             entry = {"planes": m.k, "group_size": m.group_size, "bias": m.bias is not None, "kernel": m.kernel}
-            source = recipes.get(name) or known.get(name, {})
-            entry.update({k: source[k] for k in ("grid", "solver") if k in source})
+            source = recipes.get(name) or known.get(name) or {"grid": m.grid, "solver": m.solver}
+            entry.update({k: source[k] for k in ("grid", "solver") if source.get(k)})
             modules[name] = entry
     return {
         "quant_method": QUANT_METHOD,
@@ -179,6 +179,8 @@ def replace_linears(model: nn.Module, modules: dict[str, dict[str, Any]], *, ker
                 dtype=linear.weight.dtype,
                 kernel=kernel or entry.get("kernel", "auto"),
                 device=linear.weight.device,
+                grid=entry.get("grid"),
+                solver=entry.get("solver"),
             )
         except ValueError as exc:
             raise ValueError(f"quantization_config.modules[{name!r}]: {exc}") from None

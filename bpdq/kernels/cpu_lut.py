@@ -18,12 +18,14 @@ warning saying why.
 Planes are read column-major (see :mod:`bpdq.kernels.layout`): the first call relays the layer's ``planes``
 buffer out in place (same shape and values, other strides), once, without keeping a second copy.
 
-Environment variables (read at each call, so tests can switch paths):
+Environment variables (so that CI runs every path):
 
 - ``BPDQ_CPU_ISA``: ``auto`` (default; the best the CPU has), ``avx512``, ``avx2`` or ``portable``; a
-  path the CPU lacks makes the kernel unavailable for the call (with the reason);
-- ``BPDQ_CPU_LUT_DISABLE=1``: act as if the library were absent (read when it is first loaded; see
-  :func:`load_library`).
+  path the CPU lacks makes the kernel unavailable (with the reason);
+- ``BPDQ_CPU_LUT_DISABLE=1``: act as if the library were absent.
+
+Both are read once, when the library is first needed (:func:`native`; ``native.cache_clear()`` re-reads
+them).
 
 Limits: CPU tensors, float32 or bfloat16 activations (output in the same dtype), 1-8 planes, every group
 size of the format (a multiple of 8). Threads follow ``torch.get_num_threads()``.
@@ -36,12 +38,13 @@ import functools
 import importlib.machinery
 import os
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 
 from bpdq.kernels.base import Kernel, PackedLinear
-from bpdq.kernels.layout import column_major_planes
+from bpdq.kernels.layout import column_major_planes, is_column_major
 from bpdq.registry import KERNELS
 
 #: Largest number of tokens the lookup-table path takes; above it the tiled dequantize + matmul path runs.
@@ -64,10 +67,35 @@ _I64 = ctypes.c_int64
 _INT = ctypes.c_int
 
 
+@dataclass(frozen=True)
+class Native:
+    """The loaded library and the path to run, or why the kernel cannot run here (see :func:`native`)."""
+
+    lib: ctypes.CDLL | None
+    reason: str | None  # None: the kernel can run
+    isa: int  # index into ISAS of the path to run
+    best: str | None  # the best path this CPU has (None without the library)
+
+
 @functools.cache
-def load_library() -> tuple[ctypes.CDLL | None, str | None]:
-    """``(library, None)``, or ``(None, why it is unavailable)``. Cached: ``load_library.cache_clear()``
-    makes the next call look again (and re-read ``BPDQ_CPU_LUT_DISABLE``)."""
+def native() -> Native:
+    """Load the library and resolve the path from ``BPDQ_CPU_ISA``. Cached: the environment variables are
+    read on the first call; ``native.cache_clear()`` makes the next call look again."""
+    lib, reason = _load()
+    if lib is None:
+        return Native(None, reason, 0, None)
+    best = ISAS[lib.bpdq_best_isa()]
+    want = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
+    if want == "auto":
+        return Native(lib, None, ISAS.index(best), best)
+    if want not in ISAS:
+        return Native(lib, f"{ISA_ENV}={want!r} is not one of {['auto', *ISAS]}", 0, best)
+    if ISAS.index(want) > ISAS.index(best):
+        return Native(lib, f"{ISA_ENV}={want} but this CPU's best path is {best}", 0, best)
+    return Native(lib, None, ISAS.index(want), best)
+
+
+def _load() -> tuple[ctypes.CDLL | None, str | None]:
     if os.environ.get(DISABLE_ENV, "").strip().lower() in {"1", "true", "yes", "on"}:
         return None, f"{DISABLE_ENV} is set"
     here = Path(__file__).parent
@@ -96,34 +124,6 @@ def load_library() -> tuple[ctypes.CDLL | None, str | None]:
     return lib, None
 
 
-def best_isa() -> str | None:
-    """The fastest path this CPU supports (``None`` without the library)."""
-    lib, _ = load_library()
-    return ISAS[lib.bpdq_best_isa()] if lib is not None else None
-
-
-def requested_isa() -> tuple[int | None, str | None]:
-    """``(isa index, None)`` for the path to run (``BPDQ_CPU_ISA``), or ``(None, why it cannot run)``."""
-    want = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
-    best = best_isa()
-    assert best is not None
-    if want == "auto":
-        return ISAS.index(best), None
-    if want not in ISAS:
-        return None, f"{ISA_ENV}={want!r} is not one of {['auto', *ISAS]}"
-    if ISAS.index(want) > ISAS.index(best):
-        return None, f"{ISA_ENV}={want} but this CPU's best path is {best}"
-    return ISAS.index(want), None
-
-
-def unavailable_reason() -> str | None:
-    """Why the native kernel cannot run at all here (library or ISA), or ``None``."""
-    lib, reason = load_library()
-    if lib is None:
-        return reason
-    return requested_isa()[1]
-
-
 @KERNELS.register("cpu_lut")
 class CpuLutKernel(Kernel):
     #: Above ``torch`` (0); the Triton kernels (10, 20) refuse CPU tensors under ``auto``, so ``auto``
@@ -135,16 +135,19 @@ class CpuLutKernel(Kernel):
             return f"the native kernel runs on CPU tensors; got input on {x.device}, planes on {layer.planes.device}"
         if x.dtype not in DTYPES:
             return f"input dtype {x.dtype} is not supported; allowed: {[str(d) for d in DTYPES]}"
-        reason = unavailable_reason()
+        reason = native().reason
         if reason is not None:
             _warn_fallback(reason)
         return reason
 
     def forward(self, layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
-        planes = column_major_planes(layer)
+        plan = layer._kernel_cache.get(self.name)
+        if plan is None or plan.planes is not layer.planes or plan.coeffs is not layer.coeffs or plan.bias is not layer.bias:
+            column_major_planes(layer)
+            plan = layer._kernel_cache[self.name] = _Plan(layer.planes, layer.coeffs, layer.bias, layer.group_size)
         if torch.compiler.is_compiling():
-            return torch.ops.bpdq.cpu_lut_linear(x, planes, layer.coeffs, layer.bias, layer.group_size)
-        return cpu_lut_linear(x, planes, layer.coeffs, layer.bias, layer.group_size)
+            return torch.ops.bpdq.cpu_lut_linear(x, plan.planes, plan.coeffs, plan.bias, plan.group_size)
+        return plan(x)
 
 
 def _warn_fallback(reason: str) -> None:
@@ -159,75 +162,78 @@ def _warn_fallback(reason: str) -> None:
         )
 
 
-def _check(x: torch.Tensor, planes: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> None:
-    k, n, c = planes.shape
-    if x.dim() != 2 or x.shape[1] != 8 * c:
-        raise ValueError(f"x must be [M, {8 * c}], got {tuple(x.shape)}")
-    if x.dtype not in DTYPES:
-        raise TypeError(f"x dtype {x.dtype} is not supported; allowed: {[str(d) for d in DTYPES]}")
-    if planes.dtype != torch.uint8 or not planes.transpose(1, 2).is_contiguous():
-        raise ValueError("planes must be uint8 [k, out, in/8] stored column-major (bpdq.kernels.layout)")
-    if group_size <= 0 or group_size % 8 or (8 * c) % group_size:
-        raise ValueError(f"group_size {group_size} must be a positive multiple of 8 dividing {8 * c}")
-    if coeffs.dtype != torch.float16 or tuple(coeffs.shape) != ((8 * c) // group_size, k + 1, n):
-        raise ValueError(f"coeffs must be float16 {[(8 * c) // group_size, k + 1, n]}, got {coeffs.dtype}{list(coeffs.shape)}")
-    if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype not in _DT):
-        raise ValueError(f"bias must be float32/bfloat16/float16 of shape ({n},), got {bias.dtype}{list(bias.shape)}")
+class _Plan:
+    """A layer's buffers, checked once, with the arguments of the C calls that do not change per call
+    (cached on the layer; remade when a buffer is replaced)."""
+
+    def __init__(self, planes: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None, group_size: int) -> None:
+        k, n, c = planes.shape
+        if planes.dtype != torch.uint8 or not is_column_major(planes):
+            raise ValueError("planes must be uint8 [k, out, in/8] stored column-major (bpdq.kernels.layout)")
+        if group_size <= 0 or group_size % 8 or (8 * c) % group_size:
+            raise ValueError(f"group_size {group_size} must be a positive multiple of 8 dividing {8 * c}")
+        if coeffs.dtype != torch.float16 or tuple(coeffs.shape) != ((8 * c) // group_size, k + 1, n) or not coeffs.is_contiguous():
+            raise ValueError(
+                f"coeffs must be contiguous float16 {[(8 * c) // group_size, k + 1, n]}, got {coeffs.dtype}{list(coeffs.shape)}"
+            )
+        if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype not in _DT or not bias.is_contiguous()):
+            raise ValueError(f"bias must be contiguous float32/bfloat16/float16 ({n},), got {bias.dtype}{list(bias.shape)}")
+        self.planes, self.coeffs, self.bias, self.group_size = planes, coeffs, bias, group_size
+        self.k, self.n, self.kdim = k, n, 8 * c
+        self.bias_ptr = bias.data_ptr() if bias is not None else None
+        self.bias_dt = _DT[bias.dtype] if bias is not None else 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dim() != 2 or x.shape[1] != self.kdim:
+            raise ValueError(f"x must be [M, {self.kdim}], got {tuple(x.shape)}")
+        if x.dtype not in DTYPES:
+            raise TypeError(f"x dtype {x.dtype} is not supported; allowed: {[str(d) for d in DTYPES]}")
+        nat = native()
+        if nat.reason is not None:
+            raise RuntimeError(f"the native CPU kernel is unavailable: {nat.reason}")
+        m = x.shape[0]
+        if x.stride(1) != 1:
+            x = x.contiguous()
+        if m > MAX_TOKENS:
+            return self._tiled(nat, x)
+        y = torch.empty((m, self.n), dtype=x.dtype)
+        status = nat.lib.bpdq_lut_gemv(
+            x.data_ptr(), _DT[x.dtype], x.stride(0), m, self.kdim,
+            self.planes.data_ptr(), self.coeffs.data_ptr(), self.k, self.n, self.group_size,
+            self.bias_ptr, self.bias_dt, y.data_ptr(), _DT[x.dtype], self.n, nat.isa, torch.get_num_threads(),
+        )  # fmt: skip
+        if status:
+            raise MemoryError(f"bpdq_lut_gemv failed (status {status}) for M={m}, shape ({self.n}, {self.kdim})")
+        return y
+
+    def _tiled(self, nat: Native, x: torch.Tensor) -> torch.Tensor:
+        """Large M: dequantize row tiles into one reused buffer and multiply each with ``torch.mm``."""
+        n, kdim = self.n, self.kdim
+        rows = max(32, TILE_WEIGHTS // kdim // 32 * 32)
+        tile = torch.empty(min(rows, n), kdim, dtype=x.dtype)
+        yt = torch.empty(n, x.shape[0], dtype=x.dtype)  # y^T: each tile's rows are contiguous
+        xt = x.t()
+        threads = torch.get_num_threads()
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            status = nat.lib.bpdq_dequant(
+                self.planes.data_ptr(), self.coeffs.data_ptr(), self.k, n, kdim, self.group_size, r0, r1,
+                tile.data_ptr(), _DT[x.dtype], threads,
+            )  # fmt: skip
+            if status:
+                raise RuntimeError(f"bpdq_dequant failed (status {status}) for rows {r0}..{r1}")
+            torch.mm(tile[: r1 - r0], xt, out=yt[r0:r1])
+        y = yt.t().contiguous()
+        if self.bias is not None:
+            y += self.bias.to(y.dtype)
+        return y
 
 
 def cpu_lut_linear(
     x: torch.Tensor, planes: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
     """``x [M, in] @ W_hat^T + bias`` in ``x.dtype``; ``planes`` column-major (:func:`column_major_planes`)."""
-    _check(x, planes, coeffs, bias, group_size)
-    lib, reason = load_library()
-    if lib is None:
-        raise RuntimeError(f"the native CPU kernel is unavailable: {reason}")
-    isa, reason = requested_isa()
-    if isa is None:
-        raise RuntimeError(reason)
-    k, n, c = planes.shape
-    m = x.shape[0]
-    threads = torch.get_num_threads()
-    if x.stride(1) != 1:
-        x = x.contiguous()
-    coeffs = coeffs.contiguous()
-    if bias is not None:
-        bias = bias.contiguous()
-    if m > MAX_TOKENS:
-        return _tiled(lib, x, planes, coeffs, bias, group_size, threads)
-    y = torch.empty(m, n, dtype=x.dtype)
-    status = lib.bpdq_lut_gemv(
-        x.data_ptr(), _DT[x.dtype], x.stride(0), m, 8 * c,
-        planes.data_ptr(), coeffs.data_ptr(), k, n, group_size,
-        bias.data_ptr() if bias is not None else None, _DT[bias.dtype] if bias is not None else 0,
-        y.data_ptr(), _DT[y.dtype], n, isa, threads,
-    )  # fmt: skip
-    if status:
-        raise MemoryError(f"bpdq_lut_gemv failed (status {status}) for M={m}, shape ({n}, {8 * c})")
-    return y
-
-
-def _tiled(lib, x, planes, coeffs, bias, group_size, threads) -> torch.Tensor:
-    """Large M: dequantize row tiles into one reused buffer and multiply each with ``torch.mm``."""
-    k, n, c = planes.shape
-    kdim = 8 * c
-    rows = max(32, TILE_WEIGHTS // kdim // 32 * 32)
-    tile = torch.empty(min(rows, n), kdim, dtype=x.dtype)
-    yt = torch.empty(n, x.shape[0], dtype=x.dtype)  # y^T: each tile's rows are contiguous
-    xt = x.t()
-    for r0 in range(0, n, rows):
-        r1 = min(n, r0 + rows)
-        status = lib.bpdq_dequant(
-            planes.data_ptr(), coeffs.data_ptr(), k, n, kdim, group_size, r0, r1, tile.data_ptr(), _DT[x.dtype], threads
-        )
-        if status:
-            raise RuntimeError(f"bpdq_dequant failed (status {status}) for rows {r0}..{r1}")
-        torch.mm(tile[: r1 - r0], xt, out=yt[r0:r1])
-    y = yt.t().contiguous()
-    if bias is not None:
-        y += bias.to(y.dtype)
-    return y
+    return _Plan(planes, coeffs, bias, group_size)(x)
 
 
 @torch.library.custom_op("bpdq::cpu_lut_linear", mutates_args=())

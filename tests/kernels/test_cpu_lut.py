@@ -30,20 +30,30 @@ GROUP_SIZES = (8, 24, 32, 64, 128, 192, 256)
 TOKENS = (1, 2, 3, 4, 5, 6, 7, 8, 13)
 
 
+def best() -> str:
+    return cpu_lut.native().best
+
+
+def use_env(mp, name: str, value: str) -> None:
+    """Set a variable the kernel reads when the library is loaded, and make it load again."""
+    mp.setenv(name, value)
+    cpu_lut.native.cache_clear()
+
+
 @pytest.fixture(autouse=True)
 def _library():
-    cpu_lut.load_library.cache_clear()
-    lib, reason = cpu_lut.load_library()
-    assert lib is not None, f"the native library is needed for these tests: {reason}"
+    cpu_lut.native.cache_clear()
+    lib = cpu_lut.native().lib
+    assert lib is not None, f"the native library is needed for these tests: {cpu_lut.native().reason}"
     yield
-    cpu_lut.load_library.cache_clear()
+    cpu_lut.native.cache_clear()  # after monkeypatch restored the environment
 
 
 @pytest.fixture(params=ISAS)
 def isa(request, monkeypatch):
     """Force one path; a path this CPU lacks must be refused with the reason."""
-    monkeypatch.setenv(cpu_lut.ISA_ENV, request.param)
-    if ISAS.index(request.param) > ISAS.index(cpu_lut.best_isa()):
+    use_env(monkeypatch, cpu_lut.ISA_ENV, request.param)
+    if ISAS.index(request.param) > ISAS.index(best()):
         layer = random_layer(2, 32, 8, 64, bias=False, seed=0)
         layer.set_kernel("cpu_lut")
         with pytest.raises(KernelUnavailableError, match=f"{cpu_lut.ISA_ENV}={request.param} but this CPU"):
@@ -101,8 +111,8 @@ def test_strided_inputs_zero_rows_and_batches(isa, dtype):
 @given(case=codes_and_coeffs(group_size=st.sampled_from(GROUP_SIZES), max_out=40), tokens=st.integers(1, 12),
        bf16=st.booleans(), bias=st.booleans(), seed=seeds, isa=st.sampled_from(ISAS))  # fmt: skip
 def test_random_formats(case, tokens, bf16, bias, seed, isa):
-    if ISAS.index(isa) > ISAS.index(cpu_lut.best_isa()):
-        isa = cpu_lut.best_isa()
+    if ISAS.index(isa) > ISAS.index(best()):
+        isa = best()
     codes, coeffs, k, g = case
     qweight = QuantizedWeight.from_codes(codes, coeffs, planes=k, group_size=g)
     gen = torch.Generator().manual_seed(seed)
@@ -110,8 +120,9 @@ def test_random_formats(case, tokens, bf16, bias, seed, isa):
     layer = QuantLinear.from_quantized(qweight, torch.randn(out_features, generator=gen) if bias else None)
     x = torch.randn(tokens, in_features, generator=gen).to(torch.bfloat16 if bf16 else torch.float32)
     with pytest.MonkeyPatch.context() as mp:  # hypothesis runs examples outside function-scoped fixtures
-        mp.setenv(cpu_lut.ISA_ENV, isa)
+        use_env(mp, cpu_lut.ISA_ENV, isa)
         assert_matches_reference(layer, x, "cpu_lut")
+    cpu_lut.native.cache_clear()
 
 
 def test_paths_agree_and_threads_do_not_change_the_result(monkeypatch):
@@ -122,8 +133,8 @@ def test_paths_agree_and_threads_do_not_change_the_result(monkeypatch):
     results = {}
     threads = torch.get_num_threads()
     try:
-        for isa in ISAS[: ISAS.index(cpu_lut.best_isa()) + 1]:
-            monkeypatch.setenv(cpu_lut.ISA_ENV, isa)
+        for isa in ISAS[: ISAS.index(best()) + 1]:
+            use_env(monkeypatch, cpu_lut.ISA_ENV, isa)
             torch.set_num_threads(1)
             results[isa] = layer(x)
             torch.set_num_threads(2)
@@ -136,7 +147,7 @@ def test_paths_agree_and_threads_do_not_change_the_result(monkeypatch):
 
 
 def test_unknown_isa_value_is_refused(monkeypatch):
-    monkeypatch.setenv(cpu_lut.ISA_ENV, "sse9")
+    use_env(monkeypatch, cpu_lut.ISA_ENV, "sse9")
     layer = random_layer(2, 32, 8, 64, bias=False, seed=0)
     layer.set_kernel("cpu_lut")
     with pytest.raises(KernelUnavailableError, match=r"BPDQ_CPU_ISA='sse9' is not one of \['auto', 'portable'"):
@@ -144,9 +155,8 @@ def test_unknown_isa_value_is_refused(monkeypatch):
 
 
 def test_missing_library_falls_back_to_torch_with_one_warning(monkeypatch):
-    monkeypatch.setenv(cpu_lut.DISABLE_ENV, "1")
+    use_env(monkeypatch, cpu_lut.DISABLE_ENV, "1")
     monkeypatch.setattr(cpu_lut, "_warned", False)
-    cpu_lut.load_library.cache_clear()
     layers = [random_layer(2, 32, 8, 64, bias=False, seed=s) for s in range(2)]
     x = torch.randn(1, 64)
     with warnings.catch_warnings(record=True) as caught:
@@ -179,7 +189,9 @@ def test_planes_are_relaid_out_once_in_place_and_saved_canonically():
     layer.set_kernel("cpu_lut")
     layer(torch.randn(1, 128))
     relaid = layer.planes
-    assert is_column_major(relaid) and torch.equal(relaid, canonical) and layer._kernel_cache == {}
+    assert is_column_major(relaid) and torch.equal(relaid, canonical)
+    plan = layer._kernel_cache["cpu_lut"]  # the call arguments, holding the same buffers (no copies)
+    assert plan.planes is relaid and plan.coeffs is layer.coeffs
     assert relaid.untyped_storage().nbytes() == canonical.nbytes  # one copy of the planes
     assert column_major_planes(layer) is relaid
     layer(torch.randn(2, 128))
