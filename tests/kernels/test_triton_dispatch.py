@@ -53,10 +53,10 @@ def test_auto_on_cuda_falls_back_to_torch_for_unsupported_layers(fake_cuda, lin,
 
 
 @pytest.mark.parametrize("interpreted", [False, True])
-def test_auto_on_cpu_is_torch_even_under_the_interpreter(monkeypatch, interpreted):
+def test_auto_on_cpu_is_never_triton_even_under_the_interpreter(monkeypatch, interpreted):
     monkeypatch.setenv("TRITON_INTERPRET", "1" if interpreted else "0")
     for m in (1, 8, 9, 64):
-        assert select_kernel("auto", layer(), torch.zeros(m, 128)).name == "torch"
+        assert select_kernel("auto", layer(), torch.zeros(m, 128)).name == "cpu_lut"  # the native CPU kernel
 
 
 @pytest.mark.parametrize("name", TRITON_KERNELS)
@@ -90,7 +90,7 @@ def test_missing_triton_is_reported_and_auto_falls_back(fake_cuda, monkeypatch, 
     monkeypatch.setattr(_triton, "triton_importable", lambda: False)
     with pytest.raises(KernelUnavailableError, match="triton is not installed"):
         select_kernel(name, layer(), torch.zeros(1, 128))
-    assert select_kernel("auto", layer(), torch.zeros(1, 128)).name == "torch"
+    assert select_kernel("auto", layer(), torch.zeros(1, 128)).name == "cpu_lut"  # the CPU tensors' next best
 
 
 def test_kernels_are_built_for_the_mode_in_force_at_first_use(monkeypatch):
