@@ -126,9 +126,9 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
 
 @KERNELS.register("cpu_lut")
 class CpuLutKernel(Kernel):
-    #: Above ``torch`` (0); the Triton kernels (10, 20) refuse CPU tensors under ``auto``, so ``auto``
-    #: takes this one for every CPU call it supports.
-    priority = 5
+    #: Just above ``torch`` (0): ``auto`` takes it for every CPU call it supports (the Triton kernels, 10
+    #: and 20, skip CPU tensors under ``auto``), unless a plugin kernel with a higher priority does too.
+    priority = 1
 
     def supports(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         if x.device.type != "cpu" or layer.planes.device.type != "cpu":
