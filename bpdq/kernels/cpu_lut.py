@@ -28,7 +28,9 @@ Both are read once, when the library is first needed (:func:`native`; ``native.c
 them).
 
 Limits: CPU tensors, float32 or bfloat16 activations (output in the same dtype), 1-8 planes, every group
-size of the format (a multiple of 8). Threads follow ``torch.get_num_threads()``.
+size of the format (a multiple of 8). Threads follow ``torch.get_num_threads()``. The C calls run as the
+custom op ``torch.ops.bpdq.cpu_lut_linear`` when autograd or ``torch.compile`` needs one (gradients flow
+to the input only, through the reference dequantization); plain inference calls the library directly.
 """
 
 from __future__ import annotations
@@ -45,6 +47,7 @@ import torch
 
 from bpdq.kernels.base import Kernel, PackedLinear
 from bpdq.kernels.layout import column_major_planes, is_column_major
+from bpdq.quantized import dequantize_packed
 from bpdq.registry import KERNELS
 
 #: Largest number of tokens the lookup-table path takes; above it the tiled dequantize + matmul path runs.
@@ -145,7 +148,7 @@ class CpuLutKernel(Kernel):
         if plan is None or plan.planes is not layer.planes or plan.coeffs is not layer.coeffs or plan.bias is not layer.bias:
             column_major_planes(layer)
             plan = layer._kernel_cache[self.name] = _Plan(layer.planes, layer.coeffs, layer.bias, layer.group_size)
-        if torch.compiler.is_compiling():
+        if torch.compiler.is_compiling() or (x.requires_grad and torch.is_grad_enabled()):
             return torch.ops.bpdq.cpu_lut_linear(x, plan.planes, plan.coeffs, plan.bias, plan.group_size)
         return plan(x)
 
@@ -241,6 +244,23 @@ def _cpu_lut_linear_op(
     x: torch.Tensor, planes: torch.Tensor, coeffs: torch.Tensor, bias: torch.Tensor | None, group_size: int
 ) -> torch.Tensor:
     return cpu_lut_linear(x, planes, coeffs, bias, group_size)
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    x, planes, coeffs, _, group_size = inputs
+    ctx.save_for_backward(planes, coeffs)
+    ctx.group_size, ctx.dtype = group_size, x.dtype
+
+
+def _backward(ctx, grad):
+    """Gradient for ``x`` only (``grad @ W_hat``, through the reference dequantization): packed weights
+    and the bias of a quantized layer are not trained."""
+    planes, coeffs = ctx.saved_tensors
+    w = dequantize_packed(planes, coeffs, ctx.group_size).to(ctx.dtype)
+    return grad.to(ctx.dtype) @ w, None, None, None, None
+
+
+_cpu_lut_linear_op.register_autograd(_backward, setup_context=_setup_context)
 
 
 @_cpu_lut_linear_op.register_fake

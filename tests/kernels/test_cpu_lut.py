@@ -249,3 +249,17 @@ def test_greedy_generation_matches_the_torch_kernel():
                 m.set_kernel("cpu_lut")
         got = model.generate(ids, **kwargs)
     assert torch.equal(got, expected)
+
+
+@pytest.mark.parametrize("m", [1, 12])
+def test_gradient_flows_to_the_input(m):
+    layer = random_layer(2, 32, 24, 64, bias=True, seed=0)
+    layer.set_kernel("cpu_lut")
+    x = torch.randn(m, 64, requires_grad=True)
+    layer(x).square().sum().backward()
+    expected = torch.randn(m, 64, requires_grad=True)
+    with torch.no_grad():
+        expected.copy_(x)
+    layer.set_kernel("torch")
+    layer(expected).square().sum().backward()
+    torch.testing.assert_close(x.grad, expected.grad, rtol=1e-4, atol=1e-5)
