@@ -138,3 +138,21 @@ def test_replace_linears_builds_empty_quant_modules():
     assert isinstance(model.model.layers[0].self_attn.q_proj, nn.Linear)
     with pytest.raises(ValueError, match="group_size"):
         replace_linears(model, {"model.layers.0.self_attn.q_proj": {"planes": 2, "group_size": 48}})
+
+
+def test_modules_quantized_outside_the_pipeline_keep_their_recipe_and_relaid_planes_save_canonically(tmp_path):
+    model, tok = tiny_model("llama", layers=1), tiny_tokenizer()
+    for module in list(model.model.layers.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):
+                setattr(module, name, QuantLinear.from_linear(child, grid={"type": "uniform", "bits": 2}, group_size=32))
+    ids = torch.tensor([[1, 2, 3, 4]])
+    with torch.no_grad():
+        reference = model(ids).logits  # on CPU the cpu_lut kernel relays the planes out (strided) first
+    bpdq.save(model, tok, tmp_path / "ck")
+    entry = json.loads((tmp_path / "ck" / "config.json").read_text())["quantization_config"]["modules"]["model.layers.0.mlp.up_proj"]
+    assert entry["grid"]["type"] == "uniform" and entry["solver"]["type"] == "rtn"  # from the module itself
+    loaded, _ = bpdq.load(tmp_path / "ck")
+    assert loaded.model.layers[0].mlp.up_proj.grid == entry["grid"]
+    with torch.no_grad():
+        assert torch.equal(loaded(ids).logits, reference)
