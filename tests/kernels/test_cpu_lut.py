@@ -263,3 +263,23 @@ def test_gradient_flows_to_the_input(m):
     layer.set_kernel("torch")
     layer(expected).square().sum().backward()
     torch.testing.assert_close(x.grad, expected.grad, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.slow
+def test_smollm2_k2_greedy_tokens_match_the_torch_kernel():
+    from bpdq.models import load_pretrained
+
+    model, tok = load_pretrained("smollm2-135m")
+    for module in list(model.model.layers.modules()):
+        for name, child in list(module.named_children()):
+            if isinstance(child, nn.Linear):  # RTN, 2 planes, g=64: fast to build; the kernels see the format only
+                setattr(module, name, QuantLinear.from_linear(child, grid={"type": "uniform", "bits": 2}, group_size=64))
+    ids = tok("The capital of France is", return_tensors="pt")["input_ids"]
+    tokens = {}
+    for kernel in ("torch", "cpu_lut"):
+        for m in model.modules():
+            if isinstance(m, QuantLinear):
+                m.set_kernel(kernel)
+        with torch.no_grad():
+            tokens[kernel] = model.generate(ids, max_new_tokens=8, do_sample=False)
+    assert torch.equal(tokens["cpu_lut"], tokens["torch"])
