@@ -31,6 +31,10 @@ Limits: CPU tensors, float32 or bfloat16 activations (output in the same dtype),
 size of the format (a multiple of 8). Threads follow ``torch.get_num_threads()``. The C calls run as the
 custom op ``torch.ops.bpdq.cpu_lut_linear`` when autograd or ``torch.compile`` needs one (gradients flow
 to the input only, through the reference dequantization); plain inference calls the library directly.
+Before ``torch.compile``, run the model once eagerly per input size: that call chooses the kernel and
+relays the planes out (module mutations kept out of the traced graph); the compiled graph then holds one
+custom-op call per layer, without graph breaks (``tests/kernels/test_cpu_lut.py`` compiles with
+``fullgraph=True``).
 """
 
 from __future__ import annotations
