@@ -5,6 +5,11 @@
   and plane the looked-up sums are scaled by ``c_i``, plus ``c_0`` times the group's input sum. The tables
   are exact fp32 sums (no table quantization): AVX-512 looks 16 rows up with one ``vpermps`` over the
   whole table, AVX2 8 rows with two 8-entry ``vpermps`` and a blend, the portable C path one at a time.
+  Why 4 inputs and not 8: a 16-entry fp32 table sits in registers (one zmm, two ymm), so one permute looks
+  up 8-16 rows at once; a 256-entry table (what ``triton_lut`` uses) needs one scalar or gather load per
+  row and byte. Why fp32 tables: no error to bound, and the vector paths already do about one instruction
+  per 4-8 weights; T-MAC's int8 tables with ``vpshufb`` (32 lookups per instruction) would be the next step
+  where the AVX2 path turns out compute-bound rather than memory-bound.
 - **Larger M**: tiles of about 2^18 weights (a few hundred KiB, cache-sized) are dequantized by the C
   library into one reused buffer in the activations' dtype and multiplied with ``torch.mm``; no
   whole-weight temporary.
