@@ -68,8 +68,8 @@ def check_hessian(H: object, in_features: int | None = None) -> None:
         raise TypeError(f"hessian must be floating point, got {H.dtype}")
     n = H.shape[0] if H.dim() == 2 else -1
     if H.dim() != 2 or H.shape[1] != n or (in_features is not None and n != in_features):
-        want = f"[{in_features}, {in_features}]" if in_features is not None else "square [n, n]"
-        raise ValueError(f"hessian must be {want}, got shape {tuple(H.shape)}")
+        want = f"[in_features, in_features] = [{in_features}, {in_features}]" if in_features is not None else "square [n, n]"
+        raise ValueError(f"hessian must be {want}, got {tuple(H.shape)}")
     if not torch.isfinite(H).all():
         raise ValueError("hessian contains NaN or Inf values; all entries must be finite")
     scale = float(H.abs().max()) if H.numel() else 0.0

@@ -118,5 +118,5 @@ def test_a_solver_call_rejects_a_hessian_that_is_not_a_tensor():
 
 
 def test_wrong_hessian_shape_through_a_solver_call():
-    with pytest.raises(ValueError, match=r"hessian must be \[32, 32\], got shape \(16, 16\)"):
+    with pytest.raises(ValueError, match=r"hessian must be \[in_features, in_features\] = \[32, 32\], got \(16, 16\)"):
         RTN()(torch.randn(2, 32), torch.eye(16), UniformGrid(bits=2), 32)
