@@ -1,15 +1,18 @@
 """Solvers: RTN, GPTQ, BPDQ. ``bpdq.SOLVERS`` lists them by name."""
 
+from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target
 from bpdq.solvers.bpdq import BPDQ, BPDQOptions, BPDQSweep, bpdq_sweep, level_thresholds
 from bpdq.solvers.base import Solver, check_weight, group_rows, proxy_loss
 from bpdq.solvers.gptq import GPTQ, GPTQOptions, gptq_sweep
 from bpdq.solvers.fit import WhitenedFit
 from bpdq.solvers.hessian import HessianAccumulator, check_hessian, fix_dead_inputs, inverse_cholesky
 from bpdq.solvers.ordering import Order, column_permutation, gar_permutation, invert_permutation
+from bpdq.solvers.refit import Refit, RefitResult, refit_coefficients
 from bpdq.solvers.rtn import RTN, RTNOptions
 from bpdq.solvers.sweep import SweepLayer, prepare_layer, restore_order
 
 __all__ = [
+    "AsymmetricAccumulator",
     "BPDQ",
     "BPDQOptions",
     "BPDQSweep",
@@ -18,10 +21,13 @@ __all__ = [
     "HessianAccumulator",
     "Order",
     "RTN",
+    "Refit",
+    "RefitResult",
     "RTNOptions",
     "Solver",
     "SweepLayer",
     "WhitenedFit",
+    "asymmetric_target",
     "bpdq_sweep",
     "check_hessian",
     "check_weight",
@@ -35,5 +41,6 @@ __all__ = [
     "level_thresholds",
     "prepare_layer",
     "proxy_loss",
+    "refit_coefficients",
     "restore_order",
 ]
