@@ -52,7 +52,7 @@ class Solver(Configurable, ABC):
         )
         qw.stats.time_s = elapsed
         if H is not None and qw.stats.proxy_loss is None:
-            qw.stats.proxy_loss, qw.stats.relative_loss = proxy_loss(weight.to(torch.float32), qw.dequantize(torch.float32), H)
+            qw.stats.proxy_loss, qw.stats.relative_loss = proxy_loss(weight.detach().to(torch.float32), qw.dequantize(torch.float32), H)
         return qw
 
     @abstractmethod
