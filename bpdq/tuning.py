@@ -141,7 +141,9 @@ def tune_layer(
         params = [t.coeffs for t in tunables.values()] + masters
         for p in params:
             p.requires_grad_(True)
-        evaluate = lambda: _loss(layer, batches, targets, dev, opts, tunables.values())  # noqa: E731
+        def evaluate() -> float:
+            return _loss(layer, batches, targets, dev, opts, tunables.values())
+
         best_loss = before = evaluate()
         best = _snapshot(tunables, masters)
         best_step = steps = 0
