@@ -15,6 +15,7 @@ import torch
 from bpdq.grids.base import Grid
 from bpdq.options import Configurable
 from bpdq.quantized import QuantizedWeight, SolveStats
+from bpdq.solvers.hessian import check_hessian
 
 
 class Solver(Configurable, ABC):
@@ -29,6 +30,8 @@ class Solver(Configurable, ABC):
         if not isinstance(grid, Grid):
             raise TypeError(f"grid must be a Grid instance, got {type(grid).__name__}")
         if hessian is not None:
+            if not isinstance(hessian, torch.Tensor):
+                raise TypeError(f"hessian must be a torch.Tensor or None, got {type(hessian).__name__}")
             check_hessian(hessian, weight.shape[1])
         elif self.requires_hessian:
             raise ValueError(f"solver {self.name!r} needs a Hessian (calibration data); use 'rtn' without one")
@@ -49,7 +52,7 @@ class Solver(Configurable, ABC):
         )
         qw.stats.time_s = elapsed
         if H is not None and qw.stats.proxy_loss is None:
-            qw.stats.proxy_loss, qw.stats.relative_loss = proxy_loss(weight.to(torch.float32), qw.dequantize(torch.float32), H)
+            qw.stats.proxy_loss, qw.stats.relative_loss = proxy_loss(weight.detach().to(torch.float32), qw.dequantize(torch.float32), H)
         return qw
 
     @abstractmethod
@@ -90,17 +93,6 @@ def check_weight(weight: object, group_size: object) -> None:
         )
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf values; all entries must be finite")
-
-
-def check_hessian(hessian: object, in_features: int) -> None:
-    if not isinstance(hessian, torch.Tensor):
-        raise TypeError(f"hessian must be a torch.Tensor or None, got {type(hessian).__name__}")
-    if hessian.shape != (in_features, in_features):
-        raise ValueError(
-            f"hessian must be [in_features, in_features] = [{in_features}, {in_features}], got {tuple(hessian.shape)}"
-        )
-    if not torch.isfinite(hessian).all():
-        raise ValueError("hessian contains NaN or Inf values; all entries must be finite")
 
 
 def group_rows(W: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -37,6 +37,7 @@ from bpdq.registry import SOLVERS
 from bpdq.solvers.base import Solver
 from bpdq.solvers.fit import WhitenedFit
 from bpdq.solvers.ordering import Order
+from bpdq.solvers.refit import Refit, apply_refit
 from bpdq.solvers.sweep import block_width, prepare_layer, restore_order
 
 
@@ -54,6 +55,11 @@ class BPDQOptions(Options):
         ge=0.0,
         description="optional early stop: end a group's iterations when its best score improves by less than "
         "this fraction (off by default; real layers still improve ~0.3% between iterations 6 and 10)",
+    )
+    refit: Refit = Field(
+        default=Refit.FULL,
+        description="after the sweep: full (refit every row's coefficients jointly over its groups with the "
+        "layer's full Hessian, planes frozen; never raises the proxy loss) | none (the paper's algorithm)",
     )
 
 
@@ -78,17 +84,19 @@ class BPDQ(Solver):
         assert H is not None  # Solver.__call__ enforces requires_hessian
         init_grid = check_bitplane_grid(grid, self.options.init_bits)
         opts = self.options
+        original = W.clone() if Refit(opts.refit) is Refit.FULL else None
         layer = prepare_layer(W, H, group_size, opts.order, opts.damp)
         res = bpdq_sweep(
             layer.W, layer.U, init_grid, group_size,
             iters=opts.iters, alpha=opts.alpha, block=block_width(opts.block_size, group_size), tol=opts.tol,
         )
         codes, coeffs, group_of = restore_order(res.codes, res.coeffs, layer.perm, group_size)
+        coeffs, refit_extra = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size)
         best = [0] * len(group_of)
         run = [0] * len(group_of)
         for j, orig in enumerate(group_of):
             best[orig], run[orig] = res.best_iters[j], res.iters_run[j]
-        extra = {**layer.extra(), "order": Order(opts.order).value, "iters_run": run}
+        extra = {**layer.extra(), "order": Order(opts.order).value, "iters_run": run, **refit_extra}
         return codes, coeffs, SolveStats(best_iters=best, extra=extra)
 
 

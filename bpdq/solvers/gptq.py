@@ -13,11 +13,13 @@ import torch
 from pydantic import Field
 
 from bpdq.grids.base import Grid, round_coeffs
+from bpdq.grids.bitplane import BitPlaneGrid
 from bpdq.options import Options
 from bpdq.quantized import SolveStats
 from bpdq.registry import SOLVERS
 from bpdq.solvers.base import Solver
 from bpdq.solvers.ordering import Order
+from bpdq.solvers.refit import Refit, apply_refit
 from bpdq.solvers.sweep import block_width, prepare_layer, restore_order
 
 
@@ -25,6 +27,11 @@ class GPTQOptions(Options):
     damp: float = Field(default=0.01, ge=0.0, le=10.0, description="damping, relative to mean(diag H)")
     block_size: int = Field(default=128, ge=8, le=65536, description="lazy-update block width (rounded to whole groups)")
     order: Order = Field(default=Order.GAR, description="column order: none | gar (group-aware reordering)")
+    refit: Refit = Field(
+        default=Refit.NONE,
+        description="after the sweep: none | full (joint refit of the coefficients with the full Hessian; "
+        "bitplane grid only, a uniform grid must keep uniform levels)",
+    )
 
 
 @SOLVERS.register("gptq")
@@ -35,10 +42,19 @@ class GPTQ(Solver):
     def _solve(self, W: torch.Tensor, H: torch.Tensor | None, grid: Grid, group_size: int) -> tuple[torch.Tensor, torch.Tensor, SolveStats]:
         assert H is not None  # Solver.__call__ enforces requires_hessian
         opts = self.options
+        original = None
+        if Refit(opts.refit) is Refit.FULL:
+            if not isinstance(grid, BitPlaneGrid):
+                raise ValueError(
+                    f"solver 'gptq' with refit='full' needs the 'bitplane' grid (got {grid.name!r}): a refit "
+                    "makes the levels non-uniform; use refit='none' with a uniform grid"
+                )
+            original = W.clone()
         layer = prepare_layer(W, H, group_size, opts.order, opts.damp)
         codes, coeffs = gptq_sweep(layer.W, layer.U, grid, group_size, block_width(opts.block_size, group_size))
         codes, coeffs, _ = restore_order(codes, coeffs, layer.perm, group_size)
-        return codes, coeffs, SolveStats(extra={**layer.extra(), "order": Order(opts.order).value})
+        coeffs, refit_extra = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size)
+        return codes, coeffs, SolveStats(extra={**layer.extra(), "order": Order(opts.order).value, **refit_extra})
 
 
 def gptq_sweep(W: torch.Tensor, U: torch.Tensor, grid: Grid, group_size: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:

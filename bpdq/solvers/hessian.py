@@ -53,18 +53,43 @@ class HessianAccumulator:
         return H
 
 
-def check_hessian_matrix(H: object, in_features: int | None = None) -> None:
-    """Raise ``TypeError``/``ValueError`` unless ``H`` is a finite square float matrix (of ``in_features``)."""
+def check_hessian(H: object, in_features: int | None = None) -> None:
+    """Raise ``TypeError``/``ValueError`` unless ``H`` can be a Hessian ``2/n sum x x^T`` (of ``in_features``).
+
+    Checked: a finite square float matrix, symmetric (to ``1e-3`` of its largest entry), no negative
+    diagonal entry (``-H`` or another matrix that cannot be positive semi-definite) and not all zero (no
+    calibration signal: every solver would return zero weights). An indefinite matrix with a non-negative
+    diagonal is only found by the Cholesky factorization, which then retries with more damping and warns
+    (:func:`inverse_cholesky`). Costs ``O(n^2)``.
+    """
     if not isinstance(H, torch.Tensor):
         raise TypeError(f"hessian must be a torch.Tensor, got {type(H).__name__}")
     if not H.is_floating_point():
         raise TypeError(f"hessian must be floating point, got {H.dtype}")
     n = H.shape[0] if H.dim() == 2 else -1
     if H.dim() != 2 or H.shape[1] != n or (in_features is not None and n != in_features):
-        want = f"[{in_features}, {in_features}]" if in_features is not None else "square [n, n]"
-        raise ValueError(f"hessian must be {want}, got shape {tuple(H.shape)}")
+        want = f"[in_features, in_features] = [{in_features}, {in_features}]" if in_features is not None else "square [n, n]"
+        raise ValueError(f"hessian must be {want}, got {tuple(H.shape)}")
     if not torch.isfinite(H).all():
-        raise ValueError("hessian contains NaN or Inf values")
+        raise ValueError("hessian contains NaN or Inf values; all entries must be finite")
+    scale = float(H.abs().max()) if H.numel() else 0.0
+    if scale == 0.0:
+        raise ValueError(
+            "hessian is all zero: the calibration inputs of this layer were all zero, so every weight would be "
+            "quantized to zero; check the calibration data, or use solver 'rtn' (no Hessian)"
+        )
+    negative = int((torch.diagonal(H) < 0).sum())
+    if negative:
+        raise ValueError(
+            f"hessian has {negative} negative diagonal entries, so it is not positive semi-definite (a Hessian is "
+            "2/n sum x x^T; was it negated or built from something else?)"
+        )
+    asym = float((H - H.T).abs().max())
+    if asym > 1e-3 * scale:
+        raise ValueError(
+            f"hessian is not symmetric: max |H - H^T| = {asym:.3g} (largest entry {scale:.3g}); a Hessian is "
+            "2/n sum x x^T"
+        )
 
 
 def fix_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -72,7 +97,7 @@ def fix_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, tor
 
     Returns new ``(W, H, n_dead)``; the inputs are not modified.
     """
-    check_hessian_matrix(H, W.shape[1])
+    check_hessian(H, W.shape[1])
     dead = torch.diagonal(H) == 0
     n_dead = int(dead.sum())
     if not n_dead:
@@ -93,7 +118,7 @@ def inverse_cholesky(
     multiplied by ``growth`` and retried, up to ``max_retries`` times, with a logged warning each time.
     Returns ``(U, lam_used, retries)``; raises ``ValueError`` when every attempt fails.
     """
-    check_hessian_matrix(H)
+    check_hessian(H)
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
     n = H.shape[0]

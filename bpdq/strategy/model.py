@@ -17,8 +17,9 @@ from pathlib import Path
 from typing import Any, Iterable, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
+from bpdq.allocation import bpw_range
 from bpdq.config import CalibrationConfig, Recipe, Rule
 from bpdq.registry import GRIDS, SOLVERS, Registry, UnknownNameError
 from bpdq.strategy.errors import StrategyError, format_errors, format_path
@@ -38,6 +39,11 @@ class Strategy(BaseModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     quantize: Recipe = Field(default_factory=Recipe, description="the default recipe for every decoder linear")
     rules: list[Rule] = Field(default_factory=list, description="first match wins; regex on module names")
+    target_bpw: float | None = Field(
+        default=None,
+        description="average bits per weight to meet by choosing 1..4 planes per module at quantize.group_size "
+        "from each module's measured proxy loss (bitplane grid; k + 16(k+1)/g per weight; off when unset)",
+    )
     output: str | None = Field(default=None, description="checkpoint directory (or --output)")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -52,6 +58,22 @@ class Strategy(BaseModel):
     def _model_not_empty(cls, v: str) -> str:
         if not v.strip():
             raise ValueError("must name a model (a directory, a hub id, or a built-in alias)")
+        return v
+
+    @field_validator("target_bpw")
+    @classmethod
+    def _reachable_target(cls, v: float | None, info: ValidationInfo) -> float | None:
+        recipe = info.data.get("quantize")
+        if v is None or not isinstance(recipe, Recipe):
+            return v
+        if recipe.grid.get("type") != "bitplane":
+            raise ValueError(f"needs the 'bitplane' grid (planes are chosen per module), quantize.grid is {recipe.grid.get('type')!r}")
+        lo, hi = bpw_range(recipe.group_size)
+        if not lo <= v <= hi:
+            raise ValueError(
+                f"is not reachable at quantize.group_size {recipe.group_size}: allowed {lo:g}..{hi:g} (1..4 planes, "
+                "k + 16(k+1)/g bits per weight)"
+            )
         return v
 
     @field_validator("device")

@@ -83,4 +83,4 @@ def test_gptq_stats_record_damping_and_order():
     q = GPTQ(order="none")(W, correlated_hessian(64, 5), UniformGrid(bits=2), 32)
     assert q.stats.extra["damp"] == 0.01 and q.stats.extra["order"] == "none"
     assert q.stats.extra["dead_inputs"] == 0 and q.stats.time_s > 0
-    assert q.solver == {"type": "gptq", "damp": 0.01, "block_size": 128, "order": "none"}
+    assert q.solver == {"type": "gptq", "damp": 0.01, "block_size": 128, "order": "none", "refit": "none"}

@@ -9,7 +9,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bpdq.solvers.hessian import HessianAccumulator, check_hessian_matrix, fix_dead_inputs, inverse_cholesky
+import bpdq
+from bpdq.solvers.hessian import HessianAccumulator, check_hessian, fix_dead_inputs, inverse_cholesky
 from tests.solvers.cases import correlated_hessian
 from tests.strategies import seeds
 
@@ -47,15 +48,50 @@ def test_accumulator_rejects_bad_inputs():
         HessianAccumulator(4, dtype=torch.float16)
 
 
-def test_check_hessian_matrix_names_the_problem():
+def test_check_hessian_names_the_problem():
     with pytest.raises(ValueError, match=r"\[3, 3\]"):
-        check_hessian_matrix(torch.eye(4), 3)
+        check_hessian(torch.eye(4), 3)
     with pytest.raises(ValueError, match="square"):
-        check_hessian_matrix(torch.ones(2, 3))
+        check_hessian(torch.ones(2, 3))
     with pytest.raises(ValueError, match="NaN or Inf"):
-        check_hessian_matrix(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]))
+        check_hessian(torch.tensor([[1.0, float("inf")], [0.0, 1.0]]))
     with pytest.raises(TypeError, match="torch.Tensor"):
-        check_hessian_matrix([[1.0]])
+        check_hessian([[1.0]])
+    with pytest.raises(TypeError, match="floating point"):
+        check_hessian(torch.eye(4, dtype=torch.int64))
+    check_hessian(torch.eye(4), 4)  # valid
+
+
+def test_hessians_that_cannot_come_from_calibration_are_errors():
+    x = torch.randn(64, 16, generator=torch.Generator().manual_seed(0))
+    H = 2 / 64 * x.T @ x
+    check_hessian(H, 16)
+    with pytest.raises(ValueError, match="16 negative diagonal entries, so it is not positive semi-definite"):
+        check_hessian(-H, 16)
+    with pytest.raises(ValueError, match="all zero.*solver 'rtn'"):
+        check_hessian(torch.zeros(16, 16), 16)
+    skew = H.clone()
+    skew[0, 1] += 1.0
+    with pytest.raises(ValueError, match="not symmetric"):
+        check_hessian(skew, 16)
+
+
+@pytest.mark.parametrize("solver", ["rtn", "gptq", "bpdq"])
+def test_solvers_reject_negated_and_zero_hessians_before_solving(solver):
+    x = torch.randn(64, 32, generator=torch.Generator().manual_seed(1))
+    H = 2 / 64 * x.T @ x
+    W = torch.randn(4, 32, generator=torch.Generator().manual_seed(2))
+    for bad, match in ((-H, "not positive semi-definite"), (torch.zeros(32, 32), "all zero")):
+        with pytest.raises(ValueError, match=match):
+            bpdq.quantize_weight(W, bad, grid={"type": "bitplane", "planes": 2}, solver=solver, group_size=32)
+
+
+def test_an_indefinite_hessian_with_a_positive_diagonal_is_damped_with_a_warning(caplog):
+    H = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # eigenvalues 4 and -2: needs damp > 2
+    with caplog.at_level("WARNING", logger="bpdq.solvers.hessian"):
+        U, lam, retries = inverse_cholesky(H, 0.01)
+    assert retries > 0 and lam > 2.0 and torch.isfinite(U).all()
+    assert "retrying with damp" in caplog.text
 
 
 def test_dead_inputs_get_unit_diagonal_and_zero_weights():
@@ -96,7 +132,7 @@ def test_rank_deficient_hessian_retries_with_larger_damping_and_warns(caplog):
 
 
 def test_indefinite_hessian_that_damping_cannot_fix_is_a_value_error():
-    H = -torch.eye(4)
+    H = torch.tensor([[1.0, 100.0], [100.0, 1.0]])  # eigenvalue -99: damping 0.01 * 10^2 is not enough
     with pytest.raises(ValueError, match="could not be factorized"):
         inverse_cholesky(H, 0.01, max_retries=2)
     with pytest.raises(ValueError, match="damp must be >= 0"):

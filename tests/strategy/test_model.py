@@ -119,3 +119,17 @@ def test_dtype_defaults_to_auto_and_names_the_allowed_values():
     assert strategy_from_dict({"model": "m", "dtype": "bfloat16"}).dtype == "bfloat16"
     (problem,) = _problems({"model": "m", "dtype": "fp8"})
     assert problem.startswith("dtype: 'fp8' ") and "bfloat16" in problem and "float32" in problem
+
+
+def test_target_bpw_is_checked_against_the_group_size_before_any_work():
+    s = strategy_from_dict({"model": "m", "quantize": {"grid": "bitplane", "group_size": 64}, "target_bpw": 2.75})
+    assert s.target_bpw == 2.75 and strategy_from_dict(parse_yaml(s.to_yaml())).target_bpw == 2.75
+    assert strategy_from_dict({"model": "m"}).target_bpw is None
+    low = _problems({"model": "m", "quantize": {"group_size": 64}, "target_bpw": 1.4})
+    assert low == ["target_bpw: 1.4 is not reachable at quantize.group_size 64: allowed 1.5..5.25 (1..4 planes, "
+                   "k + 16(k+1)/g bits per weight)"]
+    high = _problems({"model": "m", "quantize": {"group_size": 128}, "target_bpw": 4.7})
+    assert high[0].startswith("target_bpw: 4.7 is not reachable at quantize.group_size 128: allowed 1.25..4.625")
+    uniform = _problems({"model": "m", "quantize": {"grid": {"type": "uniform", "bits": 2}}, "target_bpw": 2.5})
+    assert uniform == ["target_bpw: 2.5 is not allowed: needs the 'bitplane' grid (planes are chosen per module), "
+                       "quantize.grid is 'uniform'"]

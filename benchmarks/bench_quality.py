@@ -1,0 +1,205 @@
+"""Quality table of the 2-bit levers (issue 15): perplexity ratio vs full precision, bpw and quantization time.
+
+Each row is a strategy config (the main job's, ``configs/smollm2-bpdq-k2.yaml``: SmolLM2-135M in bfloat16,
+128 x 512 calibration windows of ``builtin:python-docs``) with a few overrides, quantized and evaluated through
+the CLI in subprocesses (``bpdq quantize ... --json`` then ``bpdq eval ... --json`` on
+``builtin:python-docs-test``, 16 windows of 512 tokens). Full precision is always evaluated (the ratios need
+it).
+
+    .venv/bin/python benchmarks/bench_quality.py                      # every row (hours on 2 CPU cores)
+    .venv/bin/python benchmarks/bench_quality.py --rows bpdq-k2,bpdq-k2-refit --json quality.json
+    .venv/bin/python benchmarks/bench_quality.py --quick --rows bpdq-k2   # smoke run: 2 layers, tiny data
+    .venv/bin/python benchmarks/bench_quality.py --list
+
+A row whose lever the pipeline does not run yet fails with a message naming the lever: either the strategy
+rejects its key, or the run's summary lacks the lever's entry (``asymmetric``, ``tuning``, ``allocation``).
+Other rows still run; the exit status is 1 when any row failed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+ROOT = Path(__file__).resolve().parent.parent
+BASE_CONFIG = ROOT / "configs" / "smollm2-bpdq-k2.yaml"
+EVAL_TEXT = "builtin:python-docs-test"
+TUNING = {"steps": 100, "lr": 1e-3}
+
+BPDQ_TODAY = {"type": "bpdq", "refit": "none"}  # the paper's algorithm, as before the levers
+
+
+@dataclass(frozen=True)
+class Row:
+    name: str
+    description: str
+    overrides: dict[str, Any] = field(default_factory=dict)  # merged into the base strategy
+    lever: str | None = None  # key the quantize summary must hold to prove the lever ran
+
+
+def _q(grid: dict[str, Any], solver: dict[str, Any], group_size: int = 64) -> dict[str, Any]:
+    return {"quantize": {"group_size": group_size, "grid": grid, "solver": solver}}
+
+
+def _k(k: int) -> dict[str, Any]:
+    return {"type": "bitplane", "planes": k}
+
+
+ROWS = [
+    Row("bpdq-k2", "today's BPDQ k=2 g=64 (paper algorithm, refit none)", _q(_k(2), BPDQ_TODAY)),
+    Row("bpdq-k2-refit", "+ joint full-Hessian refit (lever 1)", _q(_k(2), {"type": "bpdq", "refit": "full"})),
+    Row("bpdq-k2-asym", "+ asymmetric calibration (lever 2)", {**_q(_k(2), BPDQ_TODAY), "calibration": {"asymmetric": True}}, "asymmetric"),
+    Row("bpdq-k2-defaults", "default-on levers (bpdq solver defaults)", _q(_k(2), {"type": "bpdq"})),
+    Row("bpdq-k2-tuned", "defaults + coefficient tuning (lever 3)", {**_q(_k(2), {"type": "bpdq"}), "tuning": TUNING}, "tuning"),
+    Row("bpdq-k2-g128-tuned", "k=2 g=128 (2.375 bpw) + tuning", {**_q(_k(2), {"type": "bpdq"}, 128), "tuning": TUNING}, "tuning"),
+    Row("bpdq-target-2.75", "defaults + target_bpw 2.75 allocation (lever 4)", {**_q(_k(2), {"type": "bpdq"}), "target_bpw": 2.75}, "allocation"),
+    Row("bpdq-k3", "today's BPDQ k=3 g=64 (4.0 bpw)", _q(_k(3), BPDQ_TODAY)),
+    Row("bpdq-k3-refit", "k=3 + refit", _q(_k(3), {"type": "bpdq", "refit": "full"})),
+    Row("bpdq-k3-asym", "k=3 + asymmetric calibration", {**_q(_k(3), BPDQ_TODAY), "calibration": {"asymmetric": True}}, "asymmetric"),
+    Row("bpdq-k3-tuned", "k=3 defaults + tuning", {**_q(_k(3), {"type": "bpdq"}), "tuning": TUNING}, "tuning"),
+    Row("rtn-3bit", "RTN uniform 3-bit g=64", _q({"type": "uniform", "bits": 3}, {"type": "rtn"})),
+    Row("gptq-3bit", "GPTQ uniform 3-bit g=64", _q({"type": "uniform", "bits": 3}, {"type": "gptq"})),
+]
+ROW_NAMES = [r.name for r in ROWS]
+
+QUICK = {
+    "calibration": {"samples": 4, "seq_len": 128},
+    "dtype": "float32",  # the GGUF model loads fastest in float32
+    # quantize the first decoder layer only
+    "rules": [{"match": r"model\.layers\.([1-9]|[1-9][0-9])\..*", "skip": True}],
+}
+QUICK_SOLVER = {"bpdq": {"iters": 2}}
+QUICK_TUNING = {"steps": 2}
+
+
+def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    """Deep merge of mappings (``over`` wins; lists and scalars are replaced)."""
+    out = copy.deepcopy(base)
+    for key, value in over.items():
+        out[key] = merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else copy.deepcopy(value)
+    return out
+
+
+def row_strategy(row: Row, quick: bool) -> dict[str, Any]:
+    base = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
+    data = merge(base, row.overrides)
+    data["quantize"]["solver"] = row.overrides["quantize"]["solver"]  # replace, do not inherit the base's options
+    if quick:
+        data = merge(data, QUICK)
+        data["quantize"]["solver"] = merge(data["quantize"]["solver"], QUICK_SOLVER.get(data["quantize"]["solver"]["type"], {}))
+        if "tuning" in data:
+            data["tuning"] = merge(data["tuning"], QUICK_TUNING)
+    return data
+
+
+def _cli(*args: str) -> tuple[dict[str, Any] | None, str, float]:
+    """Run ``bpdq ARGS --json``: (parsed JSON or None, stderr tail, wall seconds)."""
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "bpdq.cli", *args, "--json"], capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        return None, proc.stderr.strip()[-2000:], wall
+    return json.loads(proc.stdout), "", wall
+
+
+def evaluate(model: str, quick: bool, dtype: str | None = None) -> tuple[dict[str, Any] | None, str]:
+    args = ["eval", model, "--text", EVAL_TEXT, "--seq-len", "128" if quick else "512", "--max-windows", "2" if quick else "16"]
+    if dtype:
+        args += ["--dtype", dtype]
+    result, err, _ = _cli(*args)
+    return result, err
+
+
+def run_row(row: Row, quick: bool, workdir: Path) -> dict[str, Any]:
+    data = row_strategy(row, quick)
+    config = workdir / f"{row.name}.yaml"
+    config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
+    out = workdir / row.name
+    summary, err, wall = _cli("quantize", str(config), "--output", str(out), "--overwrite")
+    if summary is None:
+        hint = f" (lever {row.lever!r} is not wired into the pipeline yet?)" if row.lever else ""
+        return {"row": row.name, "error": f"quantize failed{hint}: {err}"}
+    if row.lever and row.lever not in summary:
+        return {"row": row.name, "error": f"lever {row.lever!r} is not wired into the pipeline yet: the run's summary "
+                f"has no {row.lever!r} entry (the config was accepted, the lever did not run)"}
+    result, err = evaluate(str(out), quick)
+    if result is None:
+        return {"row": row.name, "error": f"eval failed: {err}"}
+    return {
+        "row": row.name,
+        "description": row.description,
+        "bpw": summary["avg_bpw_quantized"],
+        "perplexity": result["perplexity"],
+        "quantize_time_s": summary["time_s"],
+        "quantize_wall_s": wall,
+        **({row.lever: summary[row.lever]} if row.lever else {}),
+    }
+
+
+def table(fp: dict[str, Any], rows: list[dict[str, Any]]) -> str:
+    lines = [
+        f"perplexity on {EVAL_TEXT} ({fp['windows']} x {fp['seq_len']} tokens, {fp['dtype']}); full precision {fp['perplexity']:.3f}",
+        "| row | bpw | perplexity | ratio vs fp | quantize time (s) | description |",
+        "|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['row']} | | | | | FAILED: {r['error'].splitlines()[-1] if r['error'] else ''} |")
+        else:
+            lines.append(
+                f"| {r['row']} | {r['bpw']:.3f} | {r['perplexity']:.3f} | {r['perplexity'] / fp['perplexity']:.3f} | "
+                f"{r['quantize_time_s']:.0f} | {r['description']} |"
+            )
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--rows", default=",".join(ROW_NAMES), help=f"comma-separated rows (default all): {', '.join(ROW_NAMES)}")
+    p.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 calibration, 1 layer, float32, 2 eval windows of 128")
+    p.add_argument("--workdir", type=Path, default=None, help="where configs and checkpoints go (default: a temp dir)")
+    p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
+    p.add_argument("--list", action="store_true", help="list the rows and exit")
+    args = p.parse_args(argv)
+    if args.list:
+        for r in ROWS:
+            print(f"{r.name:<20} {r.description}" + (f"  [needs lever: {r.lever}]" if r.lever else ""))
+        return 0
+    names = [n.strip() for n in args.rows.split(",") if n.strip()]
+    unknown = [n for n in names if n not in ROW_NAMES]
+    if unknown:
+        p.error(f"unknown rows {unknown}; known: {', '.join(ROW_NAMES)}")
+    base = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="bpdq-quality-") as tmp:
+        workdir = args.workdir or Path(tmp)
+        workdir.mkdir(parents=True, exist_ok=True)
+        fp, err = evaluate(base["model"], args.quick, "float32" if args.quick else base.get("dtype"))
+        if fp is None:
+            print(f"full-precision eval failed: {err}", file=sys.stderr)
+            return 1
+        results = []
+        for row in (r for r in ROWS if r.name in names):
+            print(f"running {row.name}: {row.description}", file=sys.stderr, flush=True)
+            results.append(run_row(row, args.quick, workdir))
+            if "error" in results[-1]:
+                print(f"  {row.name} failed: {results[-1]['error']}", file=sys.stderr)
+    print(table(fp, results))
+    if args.json:
+        args.json.write_text(json.dumps({"full_precision": fp, "rows": results, "quick": args.quick}, indent=2) + "\n")
+    return 1 if any("error" in r for r in results) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,121 @@
+"""Asymmetric calibration (GPTAQ-style): fit ``Q`` so the quantized model's input reproduces the
+full-precision output.
+
+A linear layer's target is ``W x_fp`` (the full-precision model on full-precision inputs) while, in the
+quantized model, it sees ``x_q`` (inputs carrying the errors of the layers quantized before it). With
+``S = sum_t x_q x_q^T`` and ``C = sum_t x_fp x_q^T``:
+
+    sum_t ||W x_fp,t - Q x_q,t||^2 = tr((W~ - Q) S (W~ - Q)^T) + const,    W~ S = W C
+
+so any Hessian-based solver, given ``W~`` and ``H_q = 2/n S`` instead of ``W`` and ``H``, minimises the
+asymmetric objective. ``W~`` is computed as a *correction* of ``W``:
+
+    W~ = W + W (C - S) (S + lam * mean(diag S) I)^-1
+
+which equals ``W C S^-1`` without damping, and equals ``W`` exactly when ``x_fp == x_q`` (``C - S = 0``)
+whatever the damping, so the symmetric case is untouched. The damping plays the role it plays in GPTQ:
+directions the quantized inputs never excite get no correction. The solve is a float64 Cholesky of the
+damped ``S`` (retried with 10x more damping if it fails, like :func:`inverse_cholesky`).
+
+Memory: the accumulator holds two ``[in, in]`` matrices; the layer loop must also keep the full-precision
+activations beside the quantized ones (twice the calibration activations of one layer).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from bpdq.solvers.hessian import HessianAccumulator, check_hessian
+
+logger = logging.getLogger(__name__)
+
+
+class AsymmetricAccumulator:
+    """Streaming ``H_q = 2/n sum x_q x_q^T`` and ``C = 2/n sum x_fp x_q^T`` (the scaling of
+    :class:`~bpdq.solvers.hessian.HessianAccumulator`) from pairs of batches of equal shape ``[..., in]``."""
+
+    def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
+        self._hq = HessianAccumulator(in_features, dtype=dtype, device=device)
+        self._device = device
+        self._cross: torch.Tensor | None = None
+
+    @property
+    def in_features(self) -> int:
+        return self._hq.in_features
+
+    @property
+    def n(self) -> int:
+        return self._hq.n
+
+    def add(self, x_q: torch.Tensor, x_fp: torch.Tensor) -> None:
+        """One batch of quantized-model inputs ``x_q`` and the full-precision inputs ``x_fp`` of the same tokens."""
+        if not isinstance(x_fp, torch.Tensor) or not isinstance(x_q, torch.Tensor):
+            raise TypeError("x_q and x_fp must be torch.Tensors")
+        if x_fp.shape != x_q.shape:
+            raise ValueError(f"x_fp shape {tuple(x_fp.shape)} must equal x_q shape {tuple(x_q.shape)} (the same tokens)")
+        before = self._hq.n
+        self._hq.add(x_q)
+        if self._hq.n == before:
+            return
+        d = self.in_features
+        if self._cross is None:
+            dev = self._device if self._device is not None else x_q.device
+            self._cross = torch.zeros(d, d, dtype=self._hq.dtype, device=dev)
+        q = x_q.detach().reshape(-1, d).to(device=self._cross.device, dtype=self._cross.dtype)
+        f = x_fp.detach().reshape(-1, d).to(device=self._cross.device, dtype=self._cross.dtype)
+        self._cross.addmm_(f.T, q)
+
+    @property
+    def hessian(self) -> torch.Tensor:
+        """``H_q = 2/n sum x_q x_q^T``."""
+        return self._hq.hessian
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """``C = 2/n sum x_fp x_q^T``."""
+        if self._cross is None:
+            raise ValueError("no calibration inputs were accumulated; the cross-covariance is undefined")
+        C = self._cross * (2.0 / self.n)
+        if not torch.isfinite(C).all():
+            raise ValueError("the accumulated cross-covariance contains NaN or Inf values (non-finite inputs?)")
+        return C
+
+
+def asymmetric_target(
+    W: torch.Tensor, H_q: torch.Tensor, C: torch.Tensor, damp: float = 0.01, *, max_retries: int = 6
+) -> torch.Tensor:
+    """``W~ = W + W (C - H_q) (H_q + damp * mean(diag H_q) I)^-1`` in ``W``'s dtype (see the module docstring).
+
+    ``H_q`` and ``C`` must come with the same scaling (as :class:`AsymmetricAccumulator` gives them).
+    """
+    if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+        raise ValueError("W must be a 2-D floating-point torch.Tensor [out, in]")
+    d = W.shape[1]
+    check_hessian(H_q, d)
+    if not isinstance(C, torch.Tensor) or C.shape != (d, d):
+        raise ValueError(f"C must be a [{d}, {d}] torch.Tensor like H_q, got {getattr(C, 'shape', type(C).__name__)}")
+    if not torch.isfinite(C).all():
+        raise ValueError("C contains NaN or Inf values")
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    S = H_q.to(torch.float64)
+    delta = C.to(torch.float64) - S
+    if not bool(delta.any()):
+        return W.clone()
+    scale = float(torch.diagonal(S).mean())
+    eye = torch.eye(d, dtype=torch.float64, device=S.device)
+    lam = damp
+    for attempt in range(max_retries + 1):
+        L, info = torch.linalg.cholesky_ex(S + (lam * scale) * eye)
+        if int(info) == 0:
+            break
+        if attempt == max_retries:
+            raise ValueError(f"H_q could not be factorized even with damp={lam:.3g}; check the calibration data")
+        new_lam = lam * 10.0 if lam > 0 else 1e-6
+        logger.warning("Cholesky factorization of H_q failed at damp=%.3g; retrying with damp=%.3g", lam, new_lam)
+        lam = new_lam
+    # correction^T = S_lam^-1 (W delta)^T   (S_lam symmetric)
+    corr = torch.cholesky_solve((W.to(torch.float64) @ delta).T, L).T
+    return (W.to(torch.float64) + corr).to(W.dtype)

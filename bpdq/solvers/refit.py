@@ -1,0 +1,175 @@
+"""Joint refit of the coefficients with the layer's full Hessian (planes frozen).
+
+The sweep fits each group's coefficients in its local whitened metric, one group at a time. With the planes
+fixed, ``Q(c)`` is linear in all of a row's coefficients, so the layer's proxy loss
+
+    tr((W - Q(c)) H (W - Q(c))^T) = sum_r (W_r - D_r c_r)^T H (W_r - D_r c_r)
+
+splits into independent least-squares problems, one per output row, of size ``groups * (k+1)``. ``D_r`` is
+the row's design matrix: column ``(a, i)`` holds plane ``i``'s bits of group ``a`` (``i = k``: ones) inside
+group ``a``'s columns and zeros elsewhere. The normal equations
+
+    (D_r^T H D_r + lam_r I) c_r = D_r^T H W_r + lam_r c_r_old
+
+carry a small ridge *towards the old coefficients* (``lam_r = ridge * mean(diag(D_r^T H D_r))``), so a
+direction the calibration data does not determine (a plane that is empty in a group, a rank-deficient ``H``)
+keeps its old value instead of making the system singular. The result is rounded to fp16 (the storage
+precision) and a row keeps its old coefficients unless the rounded solution lowers that row's loss, so the
+layer's proxy loss can only go down.
+
+Cost per row: ``(k+1) * in^2`` multiply-adds for ``H D_r`` (float32) plus a ``[P, P]`` solve (float64),
+``P = groups * (k+1)``; rows are processed in chunks whose work buffer stays under ``chunk_bytes``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from enum import Enum
+
+import torch
+
+from bpdq.grids.base import round_coeffs
+from bpdq.solvers.hessian import check_hessian
+
+#: Default bound on the per-chunk work buffer ``H D`` (bytes).
+CHUNK_BYTES = 256 * 2**20
+
+
+class Refit(str, Enum):
+    """Solver option: ``none`` keeps the sweep's coefficients, ``full`` refits them with the full Hessian."""
+
+    NONE = "none"
+    FULL = "full"
+
+
+@dataclass
+class RefitResult:
+    """Refitted coefficients ``[out, groups, k+1]`` and what the refit changed."""
+
+    coeffs: torch.Tensor
+    loss_before: float  # tr((W-Q) H (W-Q)^T) with the old coefficients
+    loss_after: float  # ... with the kept ones (<= loss_before)
+    rows_improved: int  # rows that took the refitted coefficients
+    rows: int
+
+    def to_dict(self) -> dict[str, float | int]:
+        return {
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "rows_improved": self.rows_improved,
+            "rows": self.rows,
+        }
+
+
+def refit_coefficients(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    codes: torch.Tensor,
+    coeffs: torch.Tensor,
+    planes: int,
+    group_size: int,
+    *,
+    ridge: float = 1e-6,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> RefitResult:
+    """Refit every row's coefficients jointly over its groups against the full Hessian ``H``.
+
+    ``W [out, in]`` is the *original* weight (the target), ``H [in, in]`` the layer's Hessian (symmetric
+    PSD), ``codes int[out, in]`` and ``coeffs [out, groups, k+1]`` the sweep's result in original column
+    order (coefficient layout ``[c_1..c_k, c_0]``, as solvers return them). Returns coefficients of
+    ``coeffs``' dtype, fp16-representable, never worse per row than ``coeffs`` under ``H``.
+    """
+    out, inp = W.shape
+    check_hessian(H, inp)
+    if codes.shape != (out, inp):
+        raise ValueError(f"codes must be [{out}, {inp}] like W, got {tuple(codes.shape)}")
+    if group_size <= 0 or inp % group_size:
+        raise ValueError(f"group_size {group_size} must be positive and divide in_features {inp}")
+    n_groups, p = inp // group_size, planes + 1
+    if coeffs.shape != (out, n_groups, p):
+        raise ValueError(f"coeffs must be [{out}, {n_groups}, {p}], got {tuple(coeffs.shape)}")
+    if ridge < 0:
+        raise ValueError(f"ridge must be >= 0, got {ridge}")
+    H32 = H.to(torch.float32)
+    H64 = H.to(torch.float64)
+    Hg = H32.view(inp, n_groups, group_size)  # H[t, (b, s)]
+    per_row = p * n_groups * inp * 4
+    chunk = max(1, min(out, chunk_bytes // max(per_row, 1)))
+    new = coeffs.clone()
+    before = after = 0.0
+    improved = 0
+    for r0 in range(0, out, chunk):
+        r1 = min(out, r0 + chunk)
+        V = design(codes[r0:r1], planes, group_size)  # [R, p, G, g] float32
+        old = coeffs[r0:r1]
+        sol = _solve_rows(W[r0:r1], Hg, V, old.to(torch.float64), ridge)
+        cand = round_coeffs(sol.to(coeffs.dtype))
+        loss_old = row_losses(W[r0:r1], dequant_rows(V, old), H64)
+        loss_new = row_losses(W[r0:r1], dequant_rows(V, cand), H64)
+        better = torch.isfinite(loss_new) & (loss_new < loss_old)
+        new[r0:r1] = torch.where(better.view(-1, 1, 1), cand, old)
+        before += float(loss_old.sum())
+        after += float(torch.where(better, loss_new, loss_old).sum())
+        improved += int(better.sum())
+    return RefitResult(new, before, after, improved, out)
+
+
+def apply_refit(
+    mode: Refit | str, W: torch.Tensor | None, H: torch.Tensor, codes: torch.Tensor, coeffs: torch.Tensor, planes: int, group_size: int
+) -> tuple[torch.Tensor, dict[str, float | int]]:
+    """A solver's ``refit`` option: ``(coeffs, stats extra)``; ``W`` is the original weight (``None`` for ``none``)."""
+    if Refit(mode) is Refit.NONE or W is None:
+        return coeffs, {}
+    res = refit_coefficients(W, H, codes, coeffs, planes, group_size)
+    return res.coeffs, {"refit": res.to_dict()}
+
+
+def design(codes: torch.Tensor, planes: int, group_size: int) -> torch.Tensor:
+    """The rows' plane bits and the ones column as ``float32 [rows, k+1, groups, g]``."""
+    rows, inp = codes.shape
+    shifts = torch.arange(planes, device=codes.device).view(1, planes, 1)
+    V = torch.ones(rows, planes + 1, inp, dtype=torch.float32, device=codes.device)
+    V[:, :planes] = ((codes.unsqueeze(1) >> shifts) & 1).to(torch.float32)
+    return V.view(rows, planes + 1, inp // group_size, group_size)
+
+
+def dequant_rows(V: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """``Q [rows, in]`` in float32 with the arithmetic of :func:`bpdq.quantized.dequantize_packed` (same bits)."""
+    rows, p, n_groups, g = V.shape
+    c = coeffs.to(torch.float16).to(torch.float32).permute(2, 0, 1).unsqueeze(-1)  # [p, rows, G, 1]
+    Q = torch.empty(rows, n_groups, g, dtype=torch.float32, device=V.device)
+    Q.copy_(c[p - 1].expand(rows, n_groups, g))
+    for i in range(p - 1):
+        Q.addcmul_(V[:, i], c[i])
+    return Q.view(rows, n_groups * g)
+
+
+def row_losses(W: torch.Tensor, Q: torch.Tensor, H64: torch.Tensor) -> torch.Tensor:
+    """``(W_r - Q_r) H (W_r - Q_r)^T`` per row, in float64."""
+    D = W.to(torch.float64) - Q.to(torch.float64)
+    return ((D @ H64) * D).sum(1)
+
+
+def _solve_rows(W: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge-to-old normal equations for a chunk of rows: ``[R, G, p]`` float64."""
+    R, p, G, g = V.shape
+    P = p * G
+    # M[r, j, b, t] = sum_{s in group b} H[t, s] V[r, j, b, s]   (H D_r, column (b, j))
+    M = torch.einsum("rjbs,tbs->rjbt", V, Hg)
+    # gram[r, (a, i), (b, j)] = sum_{t in group a} V[r, i, a, t] M[r, j, b, (a, t)]
+    Mt = M.view(R, p, G, G, g)  # [r, j, b, a, t]
+    gram = torch.einsum("riat,rjbat->raibj", V, Mt).reshape(R, P, P).to(torch.float64)
+    gram = 0.5 * (gram + gram.transpose(1, 2))
+    HW = (W.to(torch.float32) @ Hg.view(Hg.shape[0], -1)).view(R, G, g)  # (H W_r) by group (H symmetric)
+    rhs = torch.einsum("riat,rat->rai", V, HW).reshape(R, P).to(torch.float64)
+    c_old = old.reshape(R, P)
+    diag = gram.diagonal(dim1=1, dim2=2)
+    lam = (ridge * diag.mean(1)).clamp_min(1e-30 if ridge > 0 else 0.0)
+    gram.diagonal(dim1=1, dim2=2).add_(lam.unsqueeze(1))
+    rhs = rhs + lam.unsqueeze(1) * c_old
+    sol, info = torch.linalg.solve_ex(gram, rhs.unsqueeze(-1))
+    sol = sol.squeeze(-1)
+    fp16_max = torch.finfo(torch.float16).max
+    bad = (info != 0) | ~torch.isfinite(sol).all(1) | (sol.abs().amax(1) > fp16_max)
+    sol[bad] = c_old[bad]
+    return sol.view(R, G, p)

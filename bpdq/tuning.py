@@ -1,0 +1,262 @@
+"""Coefficient tuning: after a decoder layer is quantized, train its coefficients (planes frozen) so that the
+quantized layer's outputs match the full-precision layer's on the calibration windows.
+
+:func:`tune_layer` swaps every :class:`~bpdq.linear.QuantLinear` of the layer for a temporary differentiable
+module (planes unpacked once with :func:`bpdq.bits.unpack_bits`, the dense weight rebuilt from float32
+coefficients in each forward), minimises the mean squared error of the layer's output against the given
+targets with Adam, and puts the QuantLinears back with the best coefficients found, rounded to fp16 (their
+storage precision). Optionally the layer's RMSNorm weights are trained too (in float32, written back in their
+dtype). The calibration loss of the fp16-rounded state is measured before training and after every pass over
+the batches; the best state wins (the initial state on ties, so ``lr=0`` or ``steps=0`` change nothing).
+A non-finite loss or coefficient ends training; what is written back is always finite.
+
+Cost: one forward and backward of the layer per batch window per step, plus one forward per window per
+evaluation; memory: the layer's planes as uint8 plus its float32 coefficients and Adam state, and the
+activations of ``windows_per_step`` windows.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import time
+from contextlib import ExitStack, contextmanager, nullcontext
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Sequence
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field
+from torch import nn
+
+from bpdq.bits import unpack_bits
+from bpdq.layer_io import Batch, to_device
+from bpdq.linear import QuantLinear
+
+logger = logging.getLogger(__name__)
+
+_FP16_MAX = torch.finfo(torch.float16).max
+_AUTOCAST = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+class TuningOptions(BaseModel):
+    """Options of the coefficient-tuning stage (off unless a strategy asks for it)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    steps: int = Field(default=100, ge=0, le=100_000, description="optimizer steps per decoder layer")
+    lr: float = Field(default=1e-3, ge=0.0, le=1.0, description="Adam learning rate (relative to nothing: coefficients are ~weight scale)")
+    windows_per_step: int = Field(default=1, ge=1, le=4096, description="calibration batches per optimizer step")
+    tune_norms: bool = Field(default=False, description="also train the layer's RMSNorm weights")
+    autocast: Literal["none", "bfloat16", "float16"] = Field(
+        default="none", description="forward dtype under torch.autocast (bfloat16 is faster on CPUs with bf16 units)"
+    )
+    seed: int = Field(default=0, ge=0, description="order in which batches are drawn")
+
+
+@dataclass
+class TuningResult:
+    """What :func:`tune_layer` did to one layer."""
+
+    loss_before: float  # output MSE of the layer as given
+    loss_after: float  # output MSE of the state written back (<= loss_before)
+    steps: int  # optimizer steps taken
+    best_step: int  # step after which the kept state was measured (0: the initial state)
+    time_s: float
+    modules: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "loss_before": self.loss_before,
+            "loss_after": self.loss_after,
+            "steps": self.steps,
+            "best_step": self.best_step,
+            "time_s": self.time_s,
+            "modules": list(self.modules),
+        }
+
+
+class _TunableLinear(nn.Module):
+    """Dense weight ``c_0 + sum_i c_i b_i`` per group from frozen planes and trainable coefficients."""
+
+    def __init__(self, q: QuantLinear) -> None:
+        super().__init__()
+        k, out, inp, g = q.k, q.out_features, q.in_features, q.group_size
+        self.shape = (k, out, inp // g, g)
+        self.register_buffer("bits", unpack_bits(q.planes).view(self.shape), persistent=False)
+        # coeffs [groups, k+1, out] -> [k+1, out, groups, 1]
+        self.coeffs = nn.Parameter(q.coeffs.detach().to(torch.float32).permute(1, 2, 0).unsqueeze(-1).contiguous())
+        self.bias = q.bias
+
+    def weight(self) -> torch.Tensor:
+        k, out, n_groups, g = self.shape
+        c = self.coeffs
+        w = c[k].expand(out, n_groups, g)
+        for i in range(k):
+            w = w + self.bits[i].to(c.dtype) * c[i]
+        return w.reshape(out, n_groups * g)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight()
+        dtype = torch.get_autocast_dtype(x.device.type) if torch.is_autocast_enabled(x.device.type) else x.dtype
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        return nn.functional.linear(x.to(dtype), w.to(dtype), bias)
+
+    def stored(self) -> torch.Tensor:
+        """The coefficients in QuantLinear layout, fp16."""
+        return self.coeffs.detach().squeeze(-1).permute(2, 0, 1).to(torch.float16).contiguous()
+
+
+def tune_layer(
+    layer: nn.Module,
+    batches: Sequence[Batch],
+    targets: Sequence[torch.Tensor],
+    options: TuningOptions | dict[str, Any] | None = None,
+    *,
+    device: torch.device | str | None = None,
+) -> TuningResult:
+    """Tune the coefficients (and optionally the norms) of ``layer``'s QuantLinears in place.
+
+    ``batches`` are the layer's inputs (hidden states + positional and keyword arguments, as the layer loop
+    keeps them), ``targets`` the full-precision layer's outputs for the same batches. ``device``: where to
+    compute (default: where the layer's buffers are).
+    """
+    opts = options if isinstance(options, TuningOptions) else TuningOptions.model_validate(options or {})
+    if len(batches) != len(targets) or not batches:
+        raise ValueError(f"need one target per batch and at least one batch, got {len(batches)} batches, {len(targets)} targets")
+    for i, (b, t) in enumerate(zip(batches, targets)):
+        if tuple(t.shape) != tuple(b.hidden.shape):
+            raise ValueError(f"target {i} has shape {tuple(t.shape)}, its batch's hidden states {tuple(b.hidden.shape)}")
+    quantized = [(n, m) for n, m in layer.named_modules() if isinstance(m, QuantLinear)]
+    if not quantized:
+        raise ValueError("the layer has no QuantLinear modules to tune; quantize it first")
+    dev = torch.device(device) if device is not None else next(iter(layer.buffers())).device
+    start = time.perf_counter()
+    tunables = {n: _TunableLinear(m).to(dev) for n, m in quantized}
+    norms = [m for _, m in layer.named_modules() if type(m).__name__.endswith("RMSNorm")] if opts.tune_norms else []
+    with ExitStack() as stack:
+        stack.enter_context(_frozen(layer))
+        for name, module in tunables.items():
+            stack.enter_context(_swapped(layer, name, module))
+        masters = [stack.enter_context(_float_weight(n)) for n in norms]
+        params = [t.coeffs for t in tunables.values()] + masters
+        for p in params:
+            p.requires_grad_(True)
+        def evaluate() -> float:
+            return _loss(layer, batches, targets, dev, opts, tunables.values())
+
+        best_loss = before = evaluate()
+        best = _snapshot(tunables, masters)
+        best_step = steps = 0
+        if opts.steps and opts.lr > 0 and math.isfinite(before):
+            optim = torch.optim.Adam(params, lr=opts.lr)
+            order = _order(len(batches), opts)
+            per_pass = math.ceil(len(batches) / opts.windows_per_step)
+            for steps in range(1, opts.steps + 1):
+                ok = _step(layer, batches, targets, next(order), dev, opts, optim, params)
+                if not ok:
+                    logger.warning("coefficient tuning stopped at step %d: non-finite loss or coefficients", steps)
+                    break
+                if steps % per_pass == 0 or steps == opts.steps:
+                    loss = evaluate()
+                    if math.isfinite(loss) and loss < best_loss:
+                        best_loss, best, best_step = loss, _snapshot(tunables, masters), steps
+    coeffs_best, norms_best = best
+    for (_, q), c in zip(quantized, coeffs_best):
+        # through load_state_dict, so that the QuantLinear drops kernel repacks of the old coefficients
+        q.load_state_dict({"coeffs": c.to(q.coeffs.device)}, strict=False)
+    for norm, w in zip(norms, norms_best):
+        with torch.no_grad():
+            norm.weight.copy_(w.to(norm.weight.dtype))
+    result = TuningResult(before, best_loss, steps, best_step, time.perf_counter() - start, [n for n, _ in quantized])
+    logger.info("tuning: output MSE %.4g -> %.4g in %d steps (%.1fs)", before, best_loss, steps, result.time_s)
+    return result
+
+
+def _order(n: int, opts: TuningOptions) -> Iterator[list[int]]:
+    """Batches for each step: passes over a seeded permutation, ``windows_per_step`` at a time."""
+    gen = torch.Generator().manual_seed(opts.seed)
+    while True:
+        perm = torch.randperm(n, generator=gen).tolist()
+        for i in range(0, n, opts.windows_per_step):
+            yield perm[i : i + opts.windows_per_step]
+
+
+def _forward(layer: nn.Module, batch: Batch, device: torch.device, opts: TuningOptions) -> torch.Tensor:
+    dtype = _AUTOCAST[opts.autocast]
+    ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
+    with ctx:
+        out = layer(batch.hidden.to(device), *to_device(batch.args, device), **to_device(batch.kwargs, device))
+    out = out[0] if isinstance(out, (tuple, list)) else out
+    return out.to(torch.float32)
+
+
+def _step(layer, batches, targets, idx, device, opts, optim, params) -> bool:
+    optim.zero_grad(set_to_none=True)
+    for i in idx:
+        loss = (_forward(layer, batches[i], device, opts) - targets[i].to(device, torch.float32)).pow(2).mean() / len(idx)
+        if not torch.isfinite(loss):
+            return False
+        loss.backward()
+    optim.step()
+    with torch.no_grad():
+        return all(bool(torch.isfinite(p).all()) and float(p.abs().max()) <= _FP16_MAX for p in params)
+
+
+def _loss(layer, batches, targets, device, opts, tunables) -> float:
+    """Mean output MSE over all batches with the coefficients rounded to fp16 (what would be stored)."""
+    with torch.no_grad(), _rounded(tunables):
+        total = sum(float((_forward(layer, b, device, opts) - t.to(device, torch.float32)).pow(2).mean()) for b, t in zip(batches, targets))
+    return total / len(batches)
+
+
+@contextmanager
+def _rounded(tunables) -> Iterator[None]:
+    saved = [t.coeffs.detach().clone() for t in tunables]
+    for t in tunables:
+        t.coeffs.data.copy_(t.coeffs.data.clamp(-_FP16_MAX, _FP16_MAX).to(torch.float16).to(torch.float32))
+    try:
+        yield
+    finally:
+        for t, s in zip(tunables, saved):
+            t.coeffs.data.copy_(s)
+
+
+def _snapshot(tunables: dict[str, _TunableLinear], masters: list[nn.Parameter]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    return [t.stored() for t in tunables.values()], [m.detach().clone() for m in masters]
+
+
+@contextmanager
+def _frozen(layer: nn.Module) -> Iterator[None]:
+    """No gradient for the layer's own parameters while tuning (restored after)."""
+    flags = [(p, p.requires_grad) for p in layer.parameters()]
+    for p, _ in flags:
+        p.requires_grad_(False)
+    try:
+        yield None
+    finally:
+        for p, flag in flags:
+            p.requires_grad_(flag)
+
+
+@contextmanager
+def _swapped(layer: nn.Module, name: str, module: nn.Module) -> Iterator[None]:
+    parent_name, _, child = name.rpartition(".")
+    parent = layer.get_submodule(parent_name) if parent_name else layer
+    original = getattr(parent, child)
+    setattr(parent, child, module)
+    try:
+        yield
+    finally:
+        setattr(parent, child, original)
+
+
+@contextmanager
+def _float_weight(norm: nn.Module) -> Iterator[nn.Parameter]:
+    """A float32 master copy of a norm's weight, used in its place while tuning; the original is restored."""
+    original = norm.weight
+    master = nn.Parameter(original.detach().to(torch.float32).clone())
+    norm.weight = master
+    try:
+        yield master
+    finally:
+        norm.weight = original

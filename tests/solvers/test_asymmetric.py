@@ -1,0 +1,86 @@
+"""bpdq/solvers/asymmetric.py: solving on W~ = W C H_q^-1 fits the full-precision outputs from quantized inputs."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+
+from bpdq.grids import BitPlaneGrid
+from bpdq.solvers import BPDQ, GPTQ, HessianAccumulator
+from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target
+from tests.solvers.cases import correlated_inputs, heavy_weight
+from tests.strategies import seeds
+
+
+def _pair(seed, n=96, tokens=800):
+    """Full-precision inputs and the same tokens after earlier layers' quantization errors (structured + noise)."""
+    gen = torch.Generator().manual_seed(seed + 1)
+    x_fp = correlated_inputs(n, seed, samples=tokens, outliers=1).double()
+    drift = torch.eye(n, dtype=torch.float64) + 0.15 * torch.randn(n, n, generator=gen, dtype=torch.float64) / n**0.5
+    x_q = x_fp @ drift + 0.05 * torch.randn(tokens, n, generator=gen, dtype=torch.float64) * x_fp.std(0)
+    return x_fp, x_q
+
+
+def _output_error(W, qw, x_fp, x_q):
+    Q = qw.dequantize(torch.float64)
+    return float((x_fp @ W.double().T - x_q @ Q.T).pow(2).sum())
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+@pytest.mark.parametrize("solver", [GPTQ(), BPDQ(iters=3)])
+def test_solving_on_the_asymmetric_target_lowers_the_true_output_error(seed, solver):
+    x_fp, x_q = _pair(seed)
+    W = heavy_weight(16, 96, seed).double()
+    acc = AsymmetricAccumulator(96, dtype=torch.float64)
+    for chunk in range(0, 800, 200):  # streaming, in batches of a leading shape [b, t, in]
+        acc.add(x_q[chunk : chunk + 200].view(4, 50, 96), x_fp[chunk : chunk + 200].view(4, 50, 96))
+    H_q, C = acc.hessian, acc.cross
+    W_t = asymmetric_target(W, H_q, C)
+    grid = BitPlaneGrid(planes=2)
+    symmetric = solver(W, H_q, grid, 32)
+    asymmetric = solver(W_t, H_q, grid, 32)
+    assert _output_error(W, asymmetric, x_fp, x_q) < _output_error(W, symmetric, x_fp, x_q)
+
+
+def test_the_target_minimises_the_unquantized_objective():
+    """With Q free (no grid), argmin_Q sum ||W x_fp - Q x_q||^2 is W~ (no damping): check the normal equations."""
+    x_fp, x_q = _pair(3, n=24, tokens=400)
+    W = torch.randn(5, 24, dtype=torch.float64, generator=torch.Generator().manual_seed(3))
+    acc = AsymmetricAccumulator(24, dtype=torch.float64)
+    acc.add(x_q, x_fp)
+    W_t = asymmetric_target(W, acc.hessian, acc.cross, damp=0.0)
+    ref = torch.linalg.lstsq(x_q, x_fp @ W.T).solution.T
+    torch.testing.assert_close(W_t, ref, rtol=1e-7, atol=1e-9)
+
+
+@settings(max_examples=10, deadline=None)
+@given(seed=seeds)
+def test_symmetric_inputs_leave_the_weight_unchanged(seed):
+    x = correlated_inputs(32, seed % 1000, samples=100)
+    W = heavy_weight(4, 32, seed % 1000)
+    acc = AsymmetricAccumulator(32)
+    acc.add(x, x)
+    plain = HessianAccumulator(32)
+    plain.add(x)
+    assert torch.equal(acc.hessian, plain.hessian) and torch.equal(acc.cross, plain.hessian)
+    assert torch.equal(asymmetric_target(W, acc.hessian, acc.cross, damp=0.01), W)
+
+
+def test_bad_inputs_are_errors():
+    acc = AsymmetricAccumulator(8)
+    with pytest.raises(ValueError, match="undefined"):
+        acc.cross
+    with pytest.raises(ValueError, match="must equal x_q shape"):
+        acc.add(torch.randn(3, 8), torch.randn(4, 8))
+    with pytest.raises(ValueError, match="in_features=8"):
+        acc.add(torch.randn(3, 7), torch.randn(3, 7))
+    x = torch.randn(20, 8)
+    acc.add(x, x + 0.1)
+    W = torch.randn(2, 8)
+    with pytest.raises(ValueError, match=r"C must be a \[8, 8\]"):
+        asymmetric_target(W, acc.hessian, torch.zeros(4, 4))
+    with pytest.raises(ValueError, match="damp must be >= 0"):
+        asymmetric_target(W, acc.hessian, acc.cross, damp=-1.0)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        asymmetric_target(W, -acc.hessian, acc.cross)

@@ -1,0 +1,118 @@
+"""bpdq/solvers/refit.py: the joint full-Hessian refit never raises the proxy loss and solves the right system."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from bpdq.grids import BitPlaneGrid, UniformGrid
+from bpdq.quantized import dequantize_packed
+from bpdq.solvers import BPDQ, GPTQ, RTN, proxy_loss
+from bpdq.solvers.refit import design, refit_coefficients
+from tests.solvers.cases import correlated_hessian, correlated_inputs, heavy_weight
+from tests.strategies import DISTRIBUTIONS, make_weight, scales, seeds
+
+
+def _solver_layout(qw):
+    """``(codes [out, in], coeffs [out, groups, k+1] float32)`` of a QuantizedWeight."""
+    return qw.codes(), qw.coeffs.permute(2, 0, 1).to(torch.float32)
+
+
+@settings(max_examples=25, deadline=None)
+@given(
+    seed=seeds,
+    k=st.integers(1, 4),
+    dist=st.sampled_from(DISTRIBUTIONS),
+    scale=scales,
+    samples=st.sampled_from([8, 40, 400]),
+    start=st.sampled_from(["rtn", "gptq", "bpdq"]),
+)
+def test_refit_never_raises_the_proxy_loss(seed, k, dist, scale, samples, start):
+    """Any planes and coefficients, any (also rank-deficient) Hessian: the stored result's loss only drops."""
+    W = make_weight(6, 96, dist, scale, seed)
+    x = correlated_inputs(96, seed, samples=samples)
+    H = 2 / samples * x.T @ x
+    solver = {"rtn": RTN(), "gptq": GPTQ(), "bpdq": BPDQ(iters=2, refit="none")}[start]
+    qw = solver(W, H, BitPlaneGrid(planes=k), 32)
+    codes, coeffs = _solver_layout(qw)
+    res = refit_coefficients(W, H, codes, coeffs, k, 32)
+    assert torch.isfinite(res.coeffs).all()
+    assert torch.equal(res.coeffs.to(torch.float16).to(torch.float32), res.coeffs)  # fp16-representable
+    before = proxy_loss(W, qw.dequantize(torch.float32), H)[0]
+    Q = dequantize_packed(qw.planes, res.coeffs.permute(1, 2, 0).to(torch.float16), 32)
+    after = proxy_loss(W, Q, H)[0]
+    assert after <= before * (1 + 1e-12) + 1e-30
+    assert res.loss_after <= res.loss_before
+    assert res.loss_before == pytest.approx(before, rel=1e-9, abs=1e-30)
+    assert res.loss_after == pytest.approx(after, rel=1e-9, abs=1e-30)
+    # rows that kept their coefficients kept them exactly
+    kept = (res.coeffs == coeffs).all(2).all(1)
+    assert int((~kept).sum()) <= res.rows_improved
+
+
+def test_refit_solves_the_joint_normal_equations():
+    """Without rounding and ridge, the solution is the dense per-row least squares over all groups."""
+    from bpdq.solvers.refit import _solve_rows
+
+    W, H = heavy_weight(5, 128, 1).double(), correlated_hessian(128, 1).double()
+    qw = BPDQ(iters=2, refit="none")(W, H, BitPlaneGrid(planes=2), 32)
+    codes, coeffs = _solver_layout(qw)
+    V = design(codes, 2, 32)
+    sol = _solve_rows(W.float(), H.float().view(128, 4, 32), V, coeffs.double(), 0.0)
+    D = torch.zeros(5, 128, 12, dtype=torch.float64)  # dense design: column (a, i)
+    for a in range(4):
+        for i in range(3):
+            D[:, a * 32 : (a + 1) * 32, a * 3 + i] = V[:, i, a].double()
+    gram = D.transpose(1, 2) @ H @ D
+    rhs = D.transpose(1, 2) @ (W @ H).unsqueeze(-1)
+    ref = torch.linalg.solve(gram, rhs).squeeze(-1).view(5, 4, 3)
+    torch.testing.assert_close(sol, ref, rtol=1e-4, atol=1e-4 * float(ref.abs().max()))
+
+
+@pytest.mark.parametrize("out, inp, k, seed", [(16, 256, 2, 0), (24, 192, 3, 1), (8, 384, 2, 2)])
+def test_refit_lowers_the_loss_of_realistic_layers(out, inp, k, seed):
+    W, H = heavy_weight(out, inp, seed), correlated_hessian(inp, seed)
+    plain = BPDQ(refit="none")(W, H, BitPlaneGrid(planes=k), 64)
+    refit = BPDQ(refit="full")(W, H, BitPlaneGrid(planes=k), 64)
+    assert torch.equal(plain.planes, refit.planes)  # planes frozen
+    assert refit.stats.proxy_loss < 0.995 * plain.stats.proxy_loss
+    info = refit.stats.extra["refit"]
+    assert info["loss_before"] == pytest.approx(plain.stats.proxy_loss, rel=1e-9)
+    assert info["loss_after"] == pytest.approx(refit.stats.proxy_loss, rel=1e-9)
+    assert 0 < info["rows_improved"] <= info["rows"] == out
+
+
+def test_refit_chunks_give_the_same_result():
+    W, H = heavy_weight(12, 128, 3), correlated_hessian(128, 3)
+    codes, coeffs = _solver_layout(GPTQ()(W, H, BitPlaneGrid(planes=2), 32))
+    whole = refit_coefficients(W, H, codes, coeffs, 2, 32)
+    rowwise = refit_coefficients(W, H, codes, coeffs, 2, 32, chunk_bytes=1)  # one row per chunk
+    torch.testing.assert_close(rowwise.coeffs, whole.coeffs, rtol=0, atol=2e-3 * float(whole.coeffs.abs().max()))
+    assert rowwise.loss_after == pytest.approx(whole.loss_after, rel=1e-3)
+
+
+def test_gptq_refit_needs_the_bitplane_grid_and_improves_it():
+    W, H = heavy_weight(8, 128, 4), correlated_hessian(128, 4)
+    with pytest.raises(ValueError, match="refit='full' needs the 'bitplane' grid"):
+        GPTQ(refit="full")(W, H, UniformGrid(bits=2), 32)
+    plain = GPTQ()(W, H, BitPlaneGrid(planes=2), 32)
+    refit = GPTQ(refit="full")(W, H, BitPlaneGrid(planes=2), 32)
+    assert refit.stats.proxy_loss < plain.stats.proxy_loss and refit.solver["refit"] == "full"
+
+
+def test_refit_rejects_mismatched_inputs():
+    W, H = heavy_weight(4, 64, 5), correlated_hessian(64, 5)
+    codes = torch.zeros(4, 64, dtype=torch.int64)
+    coeffs = torch.zeros(4, 2, 3)
+    with pytest.raises(ValueError, match=r"codes must be \[4, 64\]"):
+        refit_coefficients(W, H, codes[:, :32], coeffs, 2, 32)
+    with pytest.raises(ValueError, match=r"coeffs must be \[4, 2, 3\]"):
+        refit_coefficients(W, H, codes, coeffs[:, :1], 2, 32)
+    with pytest.raises(ValueError, match="ridge must be >= 0"):
+        refit_coefficients(W, H, codes, coeffs, 2, 32, ridge=-1.0)
+    with pytest.raises(ValueError, match="not positive semi-definite"):
+        refit_coefficients(W, -H, codes, coeffs, 2, 32)
+    with pytest.raises(ValueError, match="refit"):
+        BPDQ(refit="partial")

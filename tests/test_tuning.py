@@ -1,0 +1,92 @@
+"""bpdq/tuning.py: tuning lowers a quantized layer's output loss, keeps coefficients finite fp16, and
+changes nothing without steps or learning rate."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from bpdq.layer_io import batch_windows, capture_layer_inputs, run_layer
+from bpdq.linear import QuantLinear
+from bpdq.solvers import HessianAccumulator
+from bpdq.tuning import TuningOptions, tune_layer
+from tests.tiny_models import tiny_model, tiny_tokenizer
+
+LINEARS = ["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj", "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"]
+
+
+@pytest.fixture()
+def quantized_layer():
+    """Layer 0 of a tiny Llama, its inputs, the full-precision outputs, and the layer with RTN 2-bit QuantLinears."""
+    torch.manual_seed(0)
+    model = tiny_model("llama", layers=1)
+    ids = torch.randint(0, len(tiny_tokenizer()), (8, 24), generator=torch.Generator().manual_seed(1))
+    layer = model.model.layers[0]
+    with torch.no_grad():
+        batches = capture_layer_inputs(model, layer, batch_windows(list(ids), 2))
+        targets = [b.hidden for b in run_layer(layer, batches, torch.device("cpu"))]
+    for name in LINEARS:
+        parent, _, child = name.rpartition(".")
+        lin = layer.get_submodule(name)
+        q = QuantLinear.from_linear(lin, grid={"type": "bitplane", "planes": 2}, solver="rtn", group_size=32, kernel="torch")
+        setattr(layer.get_submodule(parent), child, q)
+    return layer, batches, targets
+
+
+def _state(layer):
+    return {k: v.clone() for k, v in layer.state_dict().items()}
+
+
+def test_tuning_lowers_the_layer_output_loss_and_keeps_fp16_finite_coefficients(quantized_layer):
+    layer, batches, targets = quantized_layer
+    flags = [p.requires_grad for p in layer.parameters()]
+    res = tune_layer(layer, batches, targets, {"steps": 40, "lr": 2e-3, "windows_per_step": 2})
+    assert res.loss_after < 0.9 * res.loss_before and res.steps == 40 and 0 < res.best_step <= 40
+    assert sorted(res.modules) == sorted(LINEARS)
+    for name in LINEARS:
+        q = layer.get_submodule(name)
+        assert isinstance(q, QuantLinear) and q.coeffs.dtype == torch.float16 and torch.isfinite(q.coeffs).all()
+    # the reported loss is what the QuantLinears now compute (up to kernel rounding)
+    with torch.no_grad():
+        mse = sum(float((layer(b.hidden, *b.args, **b.kwargs) - t).pow(2).mean()) for b, t in zip(batches, targets)) / len(batches)
+    assert mse == pytest.approx(res.loss_after, rel=1e-3)
+    assert [p.requires_grad for p in layer.parameters()] == flags
+
+
+@pytest.mark.parametrize("options", [{"steps": 0}, {"steps": 5, "lr": 0.0}])
+def test_no_steps_or_no_learning_rate_change_nothing(quantized_layer, options):
+    layer, batches, targets = quantized_layer
+    before = _state(layer)
+    res = tune_layer(layer, batches, targets, {**options, "tune_norms": True})
+    after = layer.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+    assert res.loss_after == res.loss_before and res.best_step == 0
+
+
+def test_tuning_norms_and_bf16_autocast(quantized_layer):
+    layer, batches, targets = quantized_layer
+    norm_before = layer.input_layernorm.weight.clone()
+    res = tune_layer(layer, batches, targets, TuningOptions(steps=12, lr=2e-3, tune_norms=True, autocast="bfloat16"))
+    assert res.loss_after <= res.loss_before
+    assert layer.input_layernorm.weight.dtype == norm_before.dtype and torch.isfinite(layer.input_layernorm.weight).all()
+    if res.best_step:
+        assert not torch.equal(layer.input_layernorm.weight, norm_before)
+
+
+def test_divergence_keeps_the_best_finite_state(quantized_layer):
+    layer, batches, targets = quantized_layer
+    res = tune_layer(layer, batches, targets, {"steps": 8, "lr": 1.0})  # far too large
+    assert res.loss_after <= res.loss_before
+    assert all(torch.isfinite(layer.get_submodule(n).coeffs).all() for n in LINEARS)
+
+
+def test_bad_inputs_are_errors(quantized_layer):
+    layer, batches, targets = quantized_layer
+    with pytest.raises(ValueError, match="one target per batch"):
+        tune_layer(layer, batches, targets[:-1])
+    with pytest.raises(ValueError, match="target 0 has shape"):
+        tune_layer(layer, batches, [t[:, :3] for t in targets])
+    with pytest.raises(ValueError, match="stepz"):
+        tune_layer(layer, batches, targets, {"stepz": 3})
+    with pytest.raises(ValueError, match="no QuantLinear"):
+        tune_layer(torch.nn.Sequential(torch.nn.Linear(4, 4)), batches, targets)
