@@ -12,7 +12,7 @@ import torch
 from torch import nn
 
 from bpdq.kernels.base import check_kernel_name, select_kernel
-from bpdq.quantized import COEFF_BITS, QuantizedWeight
+from bpdq.quantized import COEFF_BITS, QuantizedWeight, check_group_size
 
 
 class QuantLinear(nn.Module):
@@ -31,10 +31,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         if not 1 <= planes <= 8:
             raise ValueError(f"planes must be in 1..8, got {planes}")
-        if group_size <= 0 or group_size % 8 or in_features % group_size:
-            raise ValueError(
-                f"group_size {group_size} must be a positive multiple of 8 dividing in_features {in_features}"
-            )
+        check_group_size(group_size, in_features)
         self.in_features = in_features
         self.out_features = out_features
         self.k = planes

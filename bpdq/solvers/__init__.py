@@ -5,7 +5,7 @@ from bpdq.solvers.base import Solver, check_hessian, check_weight, group_rows, p
 from bpdq.solvers.gptq import GPTQ, GPTQOptions, gptq_sweep
 from bpdq.solvers.fit import WhitenedFit
 from bpdq.solvers.hessian import HessianAccumulator, check_hessian_matrix, fix_dead_inputs, inverse_cholesky
-from bpdq.solvers.ordering import Order, column_permutation, gar_permutation, invert_permutation
+from bpdq.solvers.ordering import Order, column_permutation, gar_permutation
 from bpdq.solvers.rtn import RTN, RTNOptions
 from bpdq.solvers.sweep import SweepLayer, prepare_layer, restore_order
 
@@ -32,7 +32,6 @@ __all__ = [
     "gptq_sweep",
     "group_rows",
     "inverse_cholesky",
-    "invert_permutation",
     "level_thresholds",
     "prepare_layer",
     "proxy_loss",

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from bpdq import GRIDS, UniformGrid
+from bpdq import GRIDS, UniformGrid, build_grid
 from bpdq.config import resolve_recipe
 from bpdq.grids import UniformOptions
 from bpdq.strategy import FORMAT_VERSION, StrategyError, load_strategy, parse_yaml, strategy_from_dict
@@ -108,7 +108,7 @@ def test_a_grid_registered_from_user_code_is_usable_with_its_own_options(registe
     register(GRIDS, "coarse-test", Coarse)
 
     s = strategy_from_dict({"model": "m", "quantize": {"grid": {"type": "coarse-test", "coarseness": 3}, "solver": "rtn"}})
-    assert s.quantize.build_grid() == Coarse(coarseness=3)
+    assert build_grid(s.quantize.grid) == Coarse(coarseness=3)
     assert _problems({"model": "m", "quantize": {"grid": {"type": "coarse-test", "coarseness": 5}, "solver": "rtn"}}) == [
         "quantize.grid.coarseness: 5 is not in 1..4"
     ]
