@@ -22,6 +22,7 @@ from bpdq.api import quantize_weight
 from bpdq.calibration import calibration_windows
 from bpdq.checkpoint import quantization_config
 from bpdq.config import CalibrationConfig, Recipe, Rule, as_recipe, as_rules, resolve_recipe
+from bpdq.devices import resolve_device
 from bpdq.layer_io import Batch, Replay, batch_windows, capture_layer_inputs, collect_hessians, run_layer
 from bpdq.linear import QuantLinear
 from bpdq.models.base import Adapter, architecture_of, get_adapter
@@ -30,25 +31,6 @@ from bpdq.report import ModuleRecord, RunReport
 from bpdq.solvers.hessian import HessianAccumulator
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):
-        raise TypeError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {type(device).__name__}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available; use 'cpu' or 'auto'")
-    return dev
 
 
 def _windows(tokenizer: Any, calibration: Any, vocab_size: int) -> list[torch.Tensor]:
