@@ -25,7 +25,7 @@ from bpdq.config import CalibrationConfig, Recipe, Rule, as_recipe, as_rules, re
 from bpdq.devices import resolve_device
 from bpdq.layer_io import Batch, Replay, batch_windows, capture_layer_inputs, collect_hessians, run_layer
 from bpdq.linear import QuantLinear
-from bpdq.models.base import Adapter, architecture_of, get_adapter
+from bpdq.models.base import Adapter, architecture_of, check_positions, get_adapter
 from bpdq.progress import RunProgress
 from bpdq.report import ModuleRecord, RunReport
 from bpdq.solvers.hessian import HessianAccumulator
@@ -169,6 +169,7 @@ def quantize_model(
     layers = adapter.decoder_layers(model)
     _check_rules(model, adapter, rules)
     windows = _windows(tokenizer, calibration, model.get_input_embeddings().num_embeddings)
+    check_positions(model, max(w.numel() for w in windows), "calibration seq_len")
     head_rule = _first_rule(adapter.head, rules)
     quantize_head = head_rule is not None and not head_rule.skip
     report = RunReport(model=architecture_of(model), total_params=sum(p.numel() for p in model.parameters()))
