@@ -97,6 +97,12 @@ def _phrase(err: dict[str, Any], model: type[BaseModel] | None) -> str:
     return f"is not allowed: {err['msg']}"
 
 
+def _quote(value: Any, limit: int = 80) -> str:
+    """``repr(value)``, cut to ``limit`` characters (a bad value may be a whole block or a huge string)."""
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 5] + " ...)"
+
+
 def format_errors(
     error: ValidationError, model: type[BaseModel] | None, data: Any, prefix: Loc = ()
 ) -> list[str]:
@@ -115,5 +121,5 @@ def format_errors(
             msg = str(err["msg"]).removeprefix("Value error, ")
             lines.append(f"{path}: {msg}" if path else msg)
         else:
-            lines.append(f"{path}: {err['input']!r} {_phrase(err, model)}")
+            lines.append(f"{path}: {_quote(err['input'])} {_phrase(err, model)}")
     return lines

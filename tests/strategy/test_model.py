@@ -11,6 +11,7 @@ from pydantic import Field
 from bpdq import GRIDS, UniformGrid, build_grid
 from bpdq.config import resolve_recipe
 from bpdq.grids import UniformOptions
+from bpdq.strategy.model import MAX_PROBLEMS
 from bpdq.strategy import FORMAT_VERSION, StrategyError, load_strategy, parse_yaml, strategy_from_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -119,3 +120,18 @@ def test_dtype_defaults_to_auto_and_names_the_allowed_values():
     assert strategy_from_dict({"model": "m", "dtype": "bfloat16"}).dtype == "bfloat16"
     (problem,) = _problems({"model": "m", "dtype": "fp8"})
     assert problem.startswith("dtype: 'fp8' ") and "bfloat16" in problem and "float32" in problem
+
+
+def test_many_problems_are_capped_with_a_count():
+    problems = _problems({"model": "m", **{f"unknown{i}": i for i in range(5000)}})
+    assert len(problems) == MAX_PROBLEMS + 1 and problems[-1] == f"... and {5000 - MAX_PROBLEMS} more problems"
+
+
+def test_cross_field_rules_of_the_recipe_and_of_every_rule_are_config_errors():
+    assert _problems({"model": "m", "quantize": {"grid": "uniform", "solver": "bpdq"}}) == [
+        "quantize: solver 'bpdq' works on the 'bitplane' grid only, got grid 'uniform'; use solver 'gptq' for a "
+        "uniform grid"
+    ]
+    problems = _problems({"model": "m", "rules": [{"match": ".*", "grid": "uniform"}, {"match": "x", "kernel": "triton_lut"}]})
+    assert problems[0].startswith("rules[0]: solver 'bpdq' works on the 'bitplane' grid only")
+    assert problems[1].startswith("rules[1]: kernel 'triton_lut' cannot serve this recipe: it takes at most 8 tokens")
