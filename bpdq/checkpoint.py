@@ -100,6 +100,8 @@ def save(
         raise FileExistsError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("the model holds no QuantLinear module: nothing was quantized, so it is not saved as a bpdq checkpoint")
     if report is not None and not isinstance(report, RunReport):
         raise TypeError(f"report must be a RunReport or None, got {type(report).__name__}")
     config = _config_dict(model)

@@ -132,7 +132,7 @@ def _quantize_head(
     return record
 
 
-def _check_rules(model: nn.Module, adapter: Adapter, rules: Sequence[Rule]) -> None:
+def _check_rules(model: nn.Module, adapter: Adapter, recipe: Recipe, rules: Sequence[Rule]) -> None:
     emb = model.get_input_embeddings()
     emb_name = next((n for n, m in model.named_modules() if m is emb), None)
     if emb_name is not None:
@@ -141,9 +141,18 @@ def _check_rules(model: nn.Module, adapter: Adapter, rules: Sequence[Rule]) -> N
             raise ValueError(
                 f"rule {rule.match!r} asks to quantize the embedding {emb_name!r}; bpdq quantizes linears only"
             )
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for rule in rules:
-        if not any(rule.matches(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)):
+        if not any(rule.matches(n) for n in linears):
             logger.warning("rule %r matches no linear module of the model", rule.match)
+    decoder = [n for n in linears if n.startswith(f"{adapter.layers}.")]
+    head_rule = _first_rule(adapter.head, rules)
+    head = head_rule is not None and not head_rule.skip
+    if not head and all(resolve_recipe(n, recipe, rules) is None for n in decoder):
+        raise ValueError(
+            f"the rules skip all {len(decoder)} decoder linears and no rule asks for {adapter.head!r}: nothing would "
+            "be quantized (a bpdq checkpoint needs at least one quantized linear); remove or narrow the skip rules"
+        )
 
 
 def quantize_model(
@@ -167,7 +176,7 @@ def quantize_model(
         raise ValueError("the model already holds QuantLinear modules: it is quantized already")
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
-    _check_rules(model, adapter, rules)
+    _check_rules(model, adapter, recipe, rules)
     windows = _windows(tokenizer, calibration, model.get_input_embeddings().num_embeddings)
     check_positions(model, max(w.numel() for w in windows), "calibration seq_len")
     head_rule = _first_rule(adapter.head, rules)
