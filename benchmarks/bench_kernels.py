@@ -19,6 +19,7 @@ Enable ``--log-cli-level=INFO`` for one summary line per case.
 from __future__ import annotations
 
 import logging
+import os
 import statistics
 import time
 from typing import Callable
@@ -36,7 +37,8 @@ GPU = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if GPU else "cpu")
 DTYPE = torch.float16 if GPU else torch.float32
 SHAPES = [(4096, 4096), (4096, 11008)] if GPU else [(1024, 1024), (1024, 2752)]  # (in, out)
-TOKENS = {"decode": 1, "prefill": 512 if GPU else 64}
+#: Tokens per call; ``BPDQ_BENCH_PREFILL_TOKENS`` changes the prefill size (scripts/gpu_check.sh uses 64).
+TOKENS = {"decode": 1, "prefill": int(os.environ.get("BPDQ_BENCH_PREFILL_TOKENS", 512 if GPU else 64))}
 REPS = 20 if GPU else 1
 ROUNDS = 10 if GPU else 3
 

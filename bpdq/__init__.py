@@ -1,51 +1,67 @@
 """bpdq: Bit-Plane Decomposition Quantization of LLM weights (2-4 bits) with pluggable grids, solvers,
-kernels and model adapters."""
+kernels and model adapters.
+
+``import bpdq`` is light: the public names below are imported on first use (PEP 562), the registries load
+their built-in implementations on first lookup, and the transformers integration (``from_pretrained`` of
+bpdq checkpoints) registers itself when transformers' quantizers are first imported.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+from typing import Any
 
 __version__ = "0.1.0"
 
-from bpdq.registry import ADAPTERS, GRIDS, KERNELS, SOLVERS, Registry, UnknownNameError  # noqa: E402
-from bpdq import grids, kernels, solvers  # noqa: E402,F401  (register the built-in implementations)
-from bpdq.api import build_grid, build_solver, quantize_weight  # noqa: E402
-from bpdq.grids import BitPlaneGrid, Grid, UniformGrid  # noqa: E402
-from bpdq.kernels import Kernel, KernelUnavailableError  # noqa: E402
-from bpdq.linear import QuantLinear  # noqa: E402
-from bpdq.quantized import QuantizedWeight, SolveStats  # noqa: E402
-from bpdq.solvers import RTN, Solver  # noqa: E402
-from bpdq import models  # noqa: E402,F401  (register the built-in model adapters)
-from bpdq.checkpoint import load, save  # noqa: E402
-from bpdq.config import CalibrationConfig, Recipe, Rule  # noqa: E402
-from bpdq.pipeline import quantize_model  # noqa: E402
-from bpdq.report import RunReport  # noqa: E402
-from bpdq import hf  # noqa: E402  (transformers loads bpdq checkpoints once bpdq is imported)
+#: Public name -> module defining it.
+_EXPORTS = {
+    "ADAPTERS": "bpdq.registry",
+    "GRIDS": "bpdq.registry",
+    "KERNELS": "bpdq.registry",
+    "SOLVERS": "bpdq.registry",
+    "Registry": "bpdq.registry",
+    "UnknownNameError": "bpdq.registry",
+    "build_grid": "bpdq.api",
+    "build_solver": "bpdq.api",
+    "quantize_weight": "bpdq.api",
+    "BitPlaneGrid": "bpdq.grids",
+    "Grid": "bpdq.grids",
+    "UniformGrid": "bpdq.grids",
+    "Kernel": "bpdq.kernels",
+    "KernelUnavailableError": "bpdq.kernels",
+    "QuantLinear": "bpdq.linear",
+    "QuantizedWeight": "bpdq.quantized",
+    "SolveStats": "bpdq.quantized",
+    "RTN": "bpdq.solvers",
+    "Solver": "bpdq.solvers",
+    "load": "bpdq.checkpoint",
+    "save": "bpdq.checkpoint",
+    "CalibrationConfig": "bpdq.config",
+    "Recipe": "bpdq.config",
+    "Rule": "bpdq.config",
+    "quantize_model": "bpdq.pipeline",
+    "RunReport": "bpdq.report",
+}
 
-hf.register()
+__all__ = sorted([*_EXPORTS, "__version__"])
 
-__all__ = [
-    "ADAPTERS",
-    "GRIDS",
-    "KERNELS",
-    "SOLVERS",
-    "RTN",
-    "BitPlaneGrid",
-    "CalibrationConfig",
-    "Grid",
-    "Kernel",
-    "KernelUnavailableError",
-    "QuantLinear",
-    "QuantizedWeight",
-    "Recipe",
-    "Rule",
-    "RunReport",
-    "Registry",
-    "SolveStats",
-    "Solver",
-    "UniformGrid",
-    "UnknownNameError",
-    "__version__",
-    "build_grid",
-    "build_solver",
-    "load",
-    "quantize_model",
-    "quantize_weight",
-    "save",
-]
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif not name.startswith("_") and importlib.util.find_spec(f"{__name__}.{name}") is not None:  # a subpackage: bpdq.grids, bpdq.hf, ...
+        value = importlib.import_module(f"{__name__}.{name}")
+    else:
+        raise AttributeError(f"module 'bpdq' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})
+
+
+from bpdq import _transformers_hook  # noqa: E402
+
+_transformers_hook.install()

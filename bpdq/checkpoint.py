@@ -100,6 +100,8 @@ def save(
         raise FileExistsError(f"{target} exists and is not a directory")
     if target.is_dir() and any(target.iterdir()) and not overwrite:
         raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("the model holds no QuantLinear module: nothing was quantized, so it is not saved as a bpdq checkpoint")
     if report is not None and not isinstance(report, RunReport):
         raise TypeError(f"report must be a RunReport or None, got {type(report).__name__}")
     config = _config_dict(model)
@@ -205,13 +207,38 @@ def _check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Ten
             raise ValueError(f"checkpoint tensor {name!r} has dtype {t.dtype}, the model expects {ref.dtype}")
 
 
-def load(directory: str | Path, *, device: str = "cpu", kernel: str = "auto") -> tuple[nn.Module, Any]:
+def stored_dtype(header: dict[str, torch.Tensor], modules: dict[str, dict[str, Any]]) -> torch.dtype:
+    """The dtype a checkpoint's model was saved in: that of most of its floating-point elements outside the
+    packed buffers (whose coefficients are always fp16). ``config.dtype`` is not trusted: it says what the
+    model was built with, not what it was cast to before saving."""
+    packed = {f"{name}.{buf}" for name in modules for buf in ("planes", "coeffs")}
+    counts: dict[torch.dtype, int] = {}
+    for name, t in header.items():
+        if name not in packed and t.is_floating_point():
+            counts[t.dtype] = counts.get(t.dtype, 0) + t.numel()
+    return max(counts, key=counts.__getitem__) if counts else torch.float32
+
+
+def load(
+    directory: str | Path, *, device: str = "cpu", kernel: str | None = None
+) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a bpdq checkpoint; quantized linears are QuantLinear modules (no dense
-    weight is ever materialised)."""
+    weight is ever materialised). The model gets the dtype its tensors were saved in.
+
+    ``kernel=None`` keeps each module's stored kernel (as ``from_pretrained`` does); a name (``"auto"``
+    included) replaces it for every module. ``device`` is checked before anything is read.
+    """
     from accelerate import init_empty_weights
     from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
+    from bpdq.devices import resolve_device
+    from bpdq.kernels.base import check_kernel_name
+    from bpdq.safetensors_header import read_header
+
+    dev = resolve_device(device)
+    if kernel is not None:
+        check_kernel_name(kernel)
     path = Path(directory).expanduser()
     for needed in (CONFIG_FILE, WEIGHTS_FILE):
         if not (path / needed).is_file():
@@ -221,15 +248,16 @@ def load(directory: str | Path, *, device: str = "cpu", kernel: str = "auto") ->
     modules = check_quantization_config(qc)
     if "model_type" not in config_data:
         raise ValueError(f"{path / CONFIG_FILE} has no 'model_type'")
+    header = read_header(path / WEIGHTS_FILE)
     config = AutoConfig.for_model(**config_data)
     with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
+        model = AutoModelForCausalLM.from_config(config, dtype=stored_dtype(header, modules))
     replace_linears(model, modules, kernel=kernel)
     model.tie_weights()
+    _check_tensors(unique_state_dict(model), header)
     tensors = load_file(str(path / WEIGHTS_FILE))
-    _check_tensors(unique_state_dict(model), tensors)
     model.load_state_dict(tensors, strict=False, assign=True)
     model.tie_weights()
     model.config.quantization_config = qc
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model.to(device).eval(), tokenizer
+    return model.to(dev).eval(), tokenizer

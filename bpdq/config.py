@@ -2,8 +2,10 @@
 override it by module name, and the ``CalibrationConfig``.
 
 Grids and solvers are given as registered names, ``{"type": name, **options}`` dicts or instances (as in
-:func:`bpdq.quantize_weight`); a recipe normalises them to dicts and validates them by building them through
-the registries, so an unknown name or option is an error naming the field.
+:func:`bpdq.quantize_weight`); a recipe normalises them (defaults included) to complete dicts and validates
+them by building them through the registries, so an unknown name or option is an error naming the field.
+A recipe also checks its fields together: the solver must accept the grid (``Solver.check_grid``) and a
+kernel named explicitly must serve every call of the layer (``Kernel.serves``).
 """
 
 from __future__ import annotations
@@ -11,10 +13,11 @@ from __future__ import annotations
 import re
 from typing import Any, Iterable
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from bpdq.grids.base import Grid
-from bpdq.kernels.base import check_kernel_name
+from bpdq.kernels.base import check_kernel_name, get_kernel
+from bpdq.quantized import check_group_size
 from bpdq.solvers.base import Solver
 
 DEFAULT_GRID: dict[str, Any] = {"type": "bitplane", "planes": 2}
@@ -25,50 +28,42 @@ class ConfigModel(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
 
-def _numeric_strings(value: Any) -> Any:
-    """YAML 1.1 reads ``1e-4`` as a string: turn numeric-looking strings (recursively) into numbers."""
-    if isinstance(value, dict):
-        return {k: _numeric_strings(v) for k, v in value.items()}
-    if isinstance(value, str):
-        for cast in (int, float):
-            try:
-                return cast(value)
-            except ValueError:
-                continue
-    return value
-
-
 def normalize_spec(spec: Any, kind: str) -> dict[str, Any]:
     """A grid/solver spec (name, dict, instance) as a validated ``{"type": name, **options}`` dict."""
     from bpdq.api import build_grid, build_solver
 
     builder, base = (build_grid, Grid) if kind == "grid" else (build_solver, Solver)
-    if isinstance(spec, dict):
-        spec = {k: (v if k == "type" else _numeric_strings(v)) for k, v in spec.items()}
-    elif not isinstance(spec, (str, base)):
+    if not isinstance(spec, (str, dict, base)):
         # a ValueError, so that pydantic reports it as a validation error of the field
         raise ValueError(f"{kind} must be a registered name, a dict with 'type', or a {base.__name__} instance")
     return builder(spec).to_config()
 
 
-def _check_group_size(value: int | None) -> int | None:
-    if value is not None and (value <= 0 or value % 8):
-        raise ValueError(f"group_size must be a positive multiple of 8 (e.g. 32, 64, 128), got {value}")
-    return value
+def check_combination(grid: dict[str, Any], solver: dict[str, Any], group_size: int, kernel: str) -> None:
+    """The cross-field rules of a recipe, asked of the plug-ins themselves: the solver accepts the grid at
+    this group size, and an explicitly named kernel serves every call of such a layer."""
+    from bpdq.api import build_grid, build_solver
+
+    g = build_grid(dict(grid))
+    build_solver(dict(solver)).check_grid(g, group_size)
+    if kernel != "auto":
+        reason = get_kernel(kernel).serves(g.planes, group_size)
+        if reason is not None:
+            raise ValueError(f"kernel {kernel!r} cannot serve this recipe: {reason}")
 
 
 class Recipe(ConfigModel):
     """How one linear layer is quantized."""
 
     group_size: int = Field(default=64, description="columns per group sharing coefficients (multiple of 8)")
-    grid: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_GRID))
-    solver: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_SOLVER))
+    grid: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_GRID), validate_default=True)
+    solver: dict[str, Any] = Field(default_factory=lambda: dict(DEFAULT_SOLVER), validate_default=True)
     kernel: str = "auto"
 
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, value: int) -> int:
-        return _check_group_size(value)  # type: ignore[return-value]
+        return check_group_size(value)
 
     @field_validator("grid", mode="before")
     @classmethod
@@ -85,15 +80,10 @@ class Recipe(ConfigModel):
     def _kernel(cls, value: str) -> str:
         return check_kernel_name(value)
 
-    def build_grid(self) -> Grid:
-        from bpdq.api import build_grid
-
-        return build_grid(dict(self.grid))
-
-    def build_solver(self) -> Solver:
-        from bpdq.api import build_solver
-
-        return build_solver(dict(self.solver))
+    @model_validator(mode="after")
+    def _combination(self) -> "Recipe":
+        check_combination(self.grid, self.solver, self.group_size, self.kernel)
+        return self
 
 
 class Rule(ConfigModel):
@@ -120,7 +110,7 @@ class Rule(ConfigModel):
     @field_validator("group_size")
     @classmethod
     def _group_size(cls, value: int | None) -> int | None:
-        return _check_group_size(value)
+        return None if value is None else check_group_size(value)
 
     @field_validator("grid", mode="before")
     @classmethod
@@ -141,13 +131,14 @@ class Rule(ConfigModel):
         return re.fullmatch(self.match, name) is not None
 
     def apply(self, recipe: Recipe) -> Recipe | None:
-        """The recipe with this rule's overrides, or ``None`` when the rule skips the module."""
+        """The recipe with this rule's overrides, or ``None`` when the rule skips the module. The result is
+        validated as a whole (e.g. a rule's ``grid: uniform`` under the recipe's ``solver: bpdq`` raises)."""
         if self.skip:
             return None
         overrides = {
             k: getattr(self, k) for k in ("group_size", "grid", "solver", "kernel") if getattr(self, k) is not None
         }
-        return recipe.model_copy(update=overrides) if overrides else recipe
+        return Recipe(**{**dict(recipe), **overrides}) if overrides else recipe
 
 
 class CalibrationConfig(ConfigModel):

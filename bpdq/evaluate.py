@@ -3,6 +3,11 @@
 The text is tokenized once (no special tokens) and cut into consecutive windows of ``seq_len`` tokens (the
 incomplete tail is dropped); each window is scored independently, predicting its tokens 2..seq_len from
 the ones before them. Perplexity is ``exp(total negative log-likelihood / number of predicted tokens)``.
+
+The loss is computed from the decoder's hidden states through the output projection in chunks of
+``LOSS_CHUNK`` tokens, so no ``[batch, seq_len, vocab]`` fp32 logits tensor is ever materialised (about
+4 GB for 4 x 2048 tokens at a 128k vocabulary); models that soft-cap or scale their logits
+(``final_logit_softcapping``, ``logit_scale``) get the same treatment per chunk.
 """
 
 from __future__ import annotations
@@ -15,6 +20,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from bpdq.calibration import tokenize
+from bpdq.models.base import check_positions
+
+#: Tokens whose logits are computed at once (fp32 logits of one chunk: ``LOSS_CHUNK * vocab * 4`` bytes).
+LOSS_CHUNK = 1024
 
 
 def eval_windows(tokenizer: Any, text: str, seq_len: int, max_windows: int | None = None) -> torch.Tensor:
@@ -48,15 +57,35 @@ def perplexity(
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     windows = eval_windows(tokenizer, text, seq_len, max_windows)
+    check_positions(model, seq_len, "seq_len")
     device = next(model.parameters()).device
     was_training = model.training
     model.eval()
     nll, count = 0.0, 0
     for batch in windows.split(batch_size):
         batch = batch.to(device)
-        logits = model(input_ids=batch, use_cache=False).logits[:, :-1].float()
+        hidden = model.get_decoder()(input_ids=batch, use_cache=False).last_hidden_state[:, :-1]
         targets = batch[:, 1:]
-        nll += float(F.cross_entropy(logits.reshape(-1, logits.shape[-1]), targets.reshape(-1), reduction="sum"))
+        nll += chunked_nll(model, hidden.reshape(-1, hidden.shape[-1]), targets.reshape(-1))
         count += targets.numel()
     model.train(was_training)
     return math.exp(nll / count)
+
+
+def chunked_nll(model: nn.Module, hidden: torch.Tensor, targets: torch.Tensor, chunk: int | None = None) -> float:
+    """Summed negative log-likelihood of ``targets [n]`` given final hidden states ``hidden [n, d]``, with the
+    logits of at most ``chunk`` (default :data:`LOSS_CHUNK`) tokens in memory at a time."""
+    chunk = chunk or LOSS_CHUNK
+    head = model.get_output_embeddings()
+    config = model.config
+    cap = getattr(config, "final_logit_softcapping", None)
+    scale = getattr(config, "logit_scale", None)
+    total = 0.0
+    for h, t in zip(hidden.split(chunk), targets.split(chunk)):
+        logits = head(h)  # the model's own order of operations, in its dtype, then fp32 for the loss
+        if scale is not None:
+            logits = logits * scale
+        if cap is not None:
+            logits = torch.tanh(logits / cap) * cap
+        total += float(F.cross_entropy(logits.float(), t, reduction="sum"))
+    return total

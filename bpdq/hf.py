@@ -22,23 +22,6 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 from bpdq.checkpoint import QUANT_METHOD, _check_tensors, check_quantization_config, replace_linears
 from bpdq.linear import QuantLinear
 
-# safetensors header dtype names -> torch dtypes (the ones a checkpoint of a causal LM can hold)
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
-
 class BpdqConfig(QuantizationConfigMixin):
     """A bpdq checkpoint's ``quantization_config`` as transformers sees it. It holds the JSON object
     unchanged (so ``save_pretrained`` writes it back as read) and is validated on construction: a wrong
@@ -96,7 +79,7 @@ def check_checkpoint_files(model: torch.nn.Module, files: list[str]) -> None:
 
 def _header_tensors(files: list[str]) -> dict[str, torch.Tensor]:
     """Meta tensors with the names, shapes and dtypes listed in the safetensors ``files`` headers."""
-    from safetensors import safe_open
+    from bpdq.safetensors_header import read_header
 
     if not files:
         raise ValueError("a bpdq checkpoint needs its weights in model.safetensors; no weights file was found")
@@ -104,13 +87,7 @@ def _header_tensors(files: list[str]) -> dict[str, torch.Tensor]:
     for file in files:
         if Path(file).suffix != ".safetensors":
             raise ValueError(f"bpdq checkpoints are read from safetensors files only, got {Path(file).name!r}")
-        with safe_open(file, framework="pt") as f:
-            for name in f.keys():
-                info = f.get_slice(name)
-                dtype = _SAFETENSORS_DTYPES.get(info.get_dtype())
-                if dtype is None:
-                    raise ValueError(f"checkpoint tensor {name!r} has unsupported dtype {info.get_dtype()}")
-                found[name] = torch.empty(info.get_shape(), dtype=dtype, device="meta")
+        found.update(read_header(file))
     return found
 
 

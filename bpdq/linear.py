@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from bpdq.kernels.base import Kernel, check_kernel_name, select_kernel
-from bpdq.quantized import QuantizedWeight, bits_per_weight
+from bpdq.quantized import QuantizedWeight, bits_per_weight, check_group_size
 from bpdq.registry import KERNELS
 
 #: Most input signatures whose kernel choice a layer remembers (then it forgets them all and starts over).
@@ -39,10 +39,7 @@ class QuantLinear(nn.Module):
         super().__init__()
         if not 1 <= planes <= 8:
             raise ValueError(f"planes must be in 1..8, got {planes}")
-        if group_size <= 0 or group_size % 8 or in_features % group_size:
-            raise ValueError(
-                f"group_size {group_size} must be a positive multiple of 8 dividing in_features {in_features}"
-            )
+        check_group_size(group_size, in_features)
         self.in_features = in_features
         self.out_features = out_features
         self.k = planes

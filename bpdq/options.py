@@ -7,6 +7,7 @@ from typing import Any, ClassVar, TypeVar
 from pydantic import BaseModel, ConfigDict, ValidationError
 
 from bpdq.registry import Registry
+from bpdq.validation import format_errors
 
 
 class Options(BaseModel):
@@ -30,7 +31,8 @@ class Configurable:
             self.options = self.Options(**options)
         except ValidationError as err:
             owner = f"{type(self).__name__} ({self.name!r})"
-            raise ValueError(describe_validation_error(err, self.Options, owner)) from None
+            problems = format_errors(err, self.Options, options)
+            raise ValueError(f"invalid options for {owner}: " + "; ".join(problems)) from None
 
     def to_config(self) -> dict[str, Any]:
         return {"type": self.name, **self.options.model_dump(mode="json")}
@@ -44,27 +46,6 @@ class Configurable:
 
     def __hash__(self) -> int:
         return hash((type(self), tuple(sorted(self.options.model_dump().items()))))
-
-
-def describe_validation_error(err: ValidationError, model: type[BaseModel], owner: str) -> str:
-    """One readable sentence per problem: the option, the value given, what went wrong and what is allowed.
-
-    Each field's ``description`` (which states its allowed range) is quoted; unknown options list the
-    known ones. The result is meant for a ``ValueError``.
-    """
-    fields = model.model_fields
-    problems = []
-    for e in err.errors():
-        name = ".".join(str(part) for part in e["loc"])
-        msg = e["msg"].removeprefix("Value error, ")
-        if e["type"] == "extra_forbidden":
-            problems.append(f"unknown option {name!r}; allowed options: {', '.join(fields) or '(none)'}")
-        elif name in fields:
-            described = f" ({fields[name].description})" if fields[name].description else ""
-            problems.append(f"{name}={e['input']!r}: {msg}{described}")
-        else:
-            problems.append(msg)
-    return f"invalid options for {owner}: " + "; ".join(problems)
 
 
 C = TypeVar("C", bound=Configurable)

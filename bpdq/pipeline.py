@@ -22,33 +22,15 @@ from bpdq.api import quantize_weight
 from bpdq.calibration import calibration_windows
 from bpdq.checkpoint import quantization_config
 from bpdq.config import CalibrationConfig, Recipe, Rule, as_recipe, as_rules, resolve_recipe
+from bpdq.devices import resolve_device
 from bpdq.layer_io import Batch, Replay, batch_windows, capture_layer_inputs, collect_hessians, run_layer
 from bpdq.linear import QuantLinear
-from bpdq.models.base import Adapter, architecture_of, get_adapter
+from bpdq.models.base import Adapter, architecture_of, check_positions, get_adapter
 from bpdq.progress import RunProgress
 from bpdq.report import ModuleRecord, RunReport
 from bpdq.solvers.hessian import HessianAccumulator
 
 logger = logging.getLogger(__name__)
-
-
-def resolve_device(device: str | torch.device) -> torch.device:
-    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
-    if isinstance(device, torch.device):
-        device = str(device)
-    if not isinstance(device, str):
-        raise TypeError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {type(device).__name__}")
-    if device == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        dev = torch.device(device)
-    except RuntimeError:
-        raise ValueError(f"unknown device {device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'") from None
-    if dev.type not in ("cpu", "cuda"):
-        raise ValueError(f"unsupported device {device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {device!r} was requested but CUDA is not available; use 'cpu' or 'auto'")
-    return dev
 
 
 def _windows(tokenizer: Any, calibration: Any, vocab_size: int) -> list[torch.Tensor]:
@@ -150,7 +132,7 @@ def _quantize_head(
     return record
 
 
-def _check_rules(model: nn.Module, adapter: Adapter, rules: Sequence[Rule]) -> None:
+def _check_rules(model: nn.Module, adapter: Adapter, recipe: Recipe, rules: Sequence[Rule]) -> None:
     emb = model.get_input_embeddings()
     emb_name = next((n for n, m in model.named_modules() if m is emb), None)
     if emb_name is not None:
@@ -159,9 +141,18 @@ def _check_rules(model: nn.Module, adapter: Adapter, rules: Sequence[Rule]) -> N
             raise ValueError(
                 f"rule {rule.match!r} asks to quantize the embedding {emb_name!r}; bpdq quantizes linears only"
             )
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
     for rule in rules:
-        if not any(rule.matches(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)):
+        if not any(rule.matches(n) for n in linears):
             logger.warning("rule %r matches no linear module of the model", rule.match)
+    decoder = [n for n in linears if n.startswith(f"{adapter.layers}.")]
+    head_rule = _first_rule(adapter.head, rules)
+    head = head_rule is not None and not head_rule.skip
+    if not head and all(resolve_recipe(n, recipe, rules) is None for n in decoder):
+        raise ValueError(
+            f"the rules skip all {len(decoder)} decoder linears and no rule asks for {adapter.head!r}: nothing would "
+            "be quantized (a bpdq checkpoint needs at least one quantized linear); remove or narrow the skip rules"
+        )
 
 
 def quantize_model(
@@ -185,8 +176,9 @@ def quantize_model(
         raise ValueError("the model already holds QuantLinear modules: it is quantized already")
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
-    _check_rules(model, adapter, rules)
+    _check_rules(model, adapter, recipe, rules)
     windows = _windows(tokenizer, calibration, model.get_input_embeddings().num_embeddings)
+    check_positions(model, max(w.numel() for w in windows), "calibration seq_len")
     head_rule = _first_rule(adapter.head, rules)
     quantize_head = head_rule is not None and not head_rule.skip
     report = RunReport(model=architecture_of(model), total_params=sum(p.numel() for p in model.parameters()))

@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from bpdq.bits import codes_to_bits, pack_bits, unpack_bits
+from bpdq.bits import bits_to_codes, codes_to_bits, pack_bits, unpack_bits
 from bpdq.grids.base import COEFF_DTYPE
 
 COEFF_BITS = 16
@@ -28,6 +28,22 @@ _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch
 def bits_per_weight(k: int, group_size: int) -> float:
     """``k + 16 (k+1) / g``: plane bits plus 16-bit coefficients amortised over a group."""
     return k + COEFF_BITS * (k + 1) / group_size
+
+
+def check_group_size(group_size: object, in_features: int | None = None) -> int:
+    """The one group-size rule of the format: a positive multiple of 8 (packed planes hold 8 columns per
+    byte) that divides ``in_features`` when given. Returns ``group_size``; raises ``TypeError``/``ValueError``."""
+    if not isinstance(group_size, int) or isinstance(group_size, bool):
+        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
+    if group_size <= 0 or group_size % 8:
+        raise ValueError(f"group_size must be a positive multiple of 8 (e.g. 32, 64, 128), got {group_size}")
+    if in_features is not None and in_features % group_size:
+        divisors = [g for g in range(8, in_features + 1, 8) if in_features % g == 0]
+        raise ValueError(
+            f"in_features {in_features} is not divisible by group_size {group_size}; allowed group sizes for "
+            f"this layer: {divisors}"
+        )
+    return group_size
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -82,10 +98,7 @@ class QuantizedWeight:
         k = self.planes.shape[0]
         if not 1 <= k <= 8:
             raise ValueError(f"number of planes must be in 1..8, got {k}")
-        if self.group_size <= 0 or self.group_size % 8 or inp % self.group_size:
-            raise ValueError(
-                f"group_size {self.group_size} must be a positive multiple of 8 dividing in_features {inp}"
-            )
+        check_group_size(self.group_size, inp)
         if tuple(self.planes.shape) != (k, out, inp // 8):
             raise ValueError(f"planes shape {tuple(self.planes.shape)} != expected {(k, out, inp // 8)}")
         expected = (inp // self.group_size, k + 1, out)
@@ -161,9 +174,7 @@ class QuantizedWeight:
 
     def codes(self) -> torch.Tensor:
         """Integer codes ``int64[out, in]``."""
-        b = self.bits().to(torch.int64)
-        weights = (1 << torch.arange(self.k, device=b.device)).view(-1, 1, 1)
-        return (b * weights).sum(0)
+        return bits_to_codes(self.bits())
 
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         """The dense weight ``[out, in]`` (computed in fp32, then cast to ``dtype`` or the original dtype)."""

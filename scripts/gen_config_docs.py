@@ -30,6 +30,8 @@ from bpdq.calibration import BUILTIN_TEXTS
 from bpdq.config import CalibrationConfig, Recipe, Rule
 from bpdq.models import BUILTIN_MODELS
 from bpdq.strategy import FORMAT_VERSION, Strategy
+from bpdq.strategy.io import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_NODES
+from bpdq.strategy.model import MAX_PROBLEMS
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -83,8 +85,11 @@ A strategy config says which model to quantize, with which calibration text, wit
 linear layer (grid, solver, group size, kernel), with which per-module rules, and where to write the
 checkpoint. It is a YAML or JSON file (format version {FORMAT_VERSION}) read by `bpdq quantize CONFIG` or
 `bpdq.strategy.load_strategy(path)`. Unknown keys are errors; every problem is reported with its field path,
-the value given and what is allowed, e.g. `quantize.grid.planes: 9 is not in 1..8`. Fields can be overridden
-on the command line with `--set quantize.group_size=128` (the value is read as YAML; repeatable).
+the value given and what is allowed, e.g. `quantize.grid.planes: 9 is not in 1..8` (the first
+{MAX_PROBLEMS} problems, then a count). Fields can be overridden on the command line with
+`--set quantize.group_size=128` (the value is read as YAML; repeatable). A config file holds at most
+{MAX_CONFIG_BYTES // 1024} KiB, nests at most {MAX_DEPTH} levels and holds at most {MAX_NODES:,} values once YAML
+aliases are expanded.
 
 ```yaml
 model: smollm2-135m
@@ -219,9 +224,14 @@ def render() -> str:
         "## calibration\n\n" + field_table(CalibrationConfig) + "\n",
         "## quantize\n\nThe recipe of every decoder linear that no rule changes.\n\n"
         + field_table(Recipe) + "\n\n`group_size` must also divide the `in_features` of every quantized layer "
-        "(e.g. 576 = 9 x 64 for SmolLM2-135M: 32, 64, 192 work, 128 does not).\n",
+        "(e.g. 576 = 9 x 64 for SmolLM2-135M: 32, 64, 192 work, 128 does not). The fields are checked together "
+        "before any model is loaded: the solver must accept the grid (`bpdq` takes the `bitplane` grid only) and "
+        "a named kernel must serve every call of the layer (see [kernels](#kernels)). A grid or solver given by "
+        "name is recorded with all its options (defaults included), in saved strategies and checkpoints.\n",
         "## rules\n\nA list; for each linear the **first** rule whose `match` fits its full name applies. "
-        "Fields other than `match` and `skip` replace the recipe's.\n\n" + field_table(Rule) + "\n",
+        "Fields other than `match` and `skip` replace the recipe's, and the result is checked as a whole recipe. "
+        "A config whose rules skip every linear is an error (nothing would be quantized).\n\n"
+        + field_table(Rule) + "\n",
         plugin_sections(bpdq.GRIDS, "grids", "Registered in `bpdq.GRIDS`; `grid: NAME` uses the defaults.\n"),
         plugin_sections(bpdq.SOLVERS, "solvers", "Registered in `bpdq.SOLVERS`; `solver: NAME` uses the "
                         "defaults. `bpdq` works on the `bitplane` grid only; `rtn` and `gptq` on any grid.\n"),
@@ -238,8 +248,10 @@ def _kernels() -> str:
         rows.append(f"| `{name}` | {cls.priority} | {_summary(cls).replace('|', '/')} |")
     return (
         "## kernels\n\n`kernel: auto` (the default) asks the registered kernels, highest priority first, and takes "
-        "the first that supports the call; `torch` supports everything and is the fallback. Naming a kernel "
-        "makes a call it cannot run an error that says why. The Triton kernels run on CUDA devices only (they "
+        "the first that supports the call; `torch` supports everything and is the fallback. A named kernel runs "
+        "every call of its layers (calibration, prefill, decode), so a recipe may name only a kernel that serves "
+        "all of them (`triton_lut`, decode-only, never does; `triton_gemm` serves 1-4 planes and group sizes "
+        "32-256). The Triton kernels run on CUDA devices only (they "
         "are tested on the CPU under `TRITON_INTERPRET=1`, which `auto` never picks).\n\n" + "\n".join(rows) + "\n"
     )
 

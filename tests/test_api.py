@@ -90,8 +90,8 @@ def test_build_grid_and_solver_specs():
     [
         ({"grid": "nf4"}, ValueError, "unknown grid 'nf4'; known grids: .*'bitplane'.*'uniform'"),
         ({"solver": "awq"}, ValueError, "unknown solver 'awq'; known solvers: .*'rtn'"),
-        ({"grid": {"type": "bitplane", "planes": 9}}, ValueError, r"planes=9: .*less than or equal to 8.*1\.\.8"),
-        ({"grid": {"type": "uniform", "bits": 0}}, ValueError, r"bits=0: .*greater than or equal to 1.*1\.\.8"),
+        ({"grid": {"type": "bitplane", "planes": 9}}, ValueError, r"planes: 9 is not in 1\.\.8"),
+        ({"grid": {"type": "uniform", "bits": 0}}, ValueError, r"bits: 0 is not in 1\.\.8"),
         ({"grid": {"planes": 2}}, ValueError, "grid: a dict spec needs a 'type' key"),
         ({"grid": 2}, TypeError, "grid must be a registered grid name"),
         ({"solver": 2}, TypeError, "solver must be a registered solver name"),

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import copy
 import json
+import pickle
 
 import pytest
 import torch
@@ -10,7 +12,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 import bpdq
-from bpdq.checkpoint import replace_linears
+from bpdq.checkpoint import replace_linears, unique_state_dict
 from bpdq.linear import QuantLinear
 from tests.tiny_models import TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_tokenizer
 
@@ -156,3 +158,66 @@ def test_modules_quantized_outside_the_pipeline_keep_their_recipe_and_relaid_pla
     assert loaded.model.layers[0].mlp.up_proj.grid == entry["grid"]
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, reference)
+
+
+def test_load_takes_the_dtype_of_the_saved_tensors_not_config_dtype(quantized, tmp_path):
+    model, tok, _ = quantized
+    half = copy.deepcopy(model).to(torch.bfloat16)
+    assert half.config.dtype != torch.bfloat16  # the config does not know about the cast
+    loaded, _ = bpdq.load(bpdq.save(half, tok, tmp_path / "bf16"))
+    assert loaded.model.embed_tokens.weight.dtype == torch.bfloat16
+    assert loaded.model.layers[0].self_attn.q_proj.coeffs.dtype == torch.float16
+    expected, found = half.state_dict(), loaded.state_dict()
+    assert sorted(expected) == sorted(found)
+    assert all(torch.equal(found[k], v) for k, v in expected.items() if k in unique_state_dict(half))
+
+
+def test_one_kernel_rule_for_both_loaders(quantized, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, tok, _ = quantized
+    pinned = copy.deepcopy(model)
+    pinned.model.layers[0].mlp.up_proj.set_kernel("torch")
+    ckpt = bpdq.save(pinned, tok, tmp_path / "pinned")
+    for loaded in (bpdq.load(ckpt)[0], AutoModelForCausalLM.from_pretrained(ckpt)):
+        assert loaded.model.layers[0].mlp.up_proj.kernel == "torch"
+        assert loaded.model.layers[0].mlp.down_proj.kernel == "auto"
+    assert bpdq.load(ckpt, kernel="auto")[0].model.layers[0].mlp.up_proj.kernel == "auto"
+    with pytest.raises(ValueError, match="unknown kernel 'fastest'"):
+        bpdq.load(ckpt, kernel="fastest")
+
+
+def test_device_is_checked_before_loading(ckpt, monkeypatch):
+    import bpdq.safetensors_header as header
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("the weights were read before the device was checked")
+
+    monkeypatch.setattr(header, "read_header", unreachable)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(ValueError, match="'cuda' was requested but CUDA is not available"):
+        bpdq.load(ckpt, device="cuda")
+    with pytest.raises(ValueError, match="unknown device 'gpu'"):
+        bpdq.load(ckpt, device="gpu")
+
+
+def test_auto_device_loads_on_the_cpu_without_cuda(ckpt, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert bpdq.load(ckpt, device="auto")[0].model.norm.weight.device.type == "cpu"
+
+
+DAMAGED_WEIGHTS = {
+    "truncated": lambda data: data[: len(data) - 100],
+    "absurd header size": lambda data: (2**62).to_bytes(8, "little") + data[8:],
+    "header not JSON": lambda data: data[:8] + b"\xff" * (len(data) - 8),
+    "pickle": lambda data: pickle.dumps({"model.norm.weight": [0.0] * 64}),
+    "empty": lambda data: b"",
+}
+
+
+@pytest.mark.parametrize("damage", sorted(DAMAGED_WEIGHTS))
+def test_damaged_weights_file_is_named(ckpt, damage):
+    weights = ckpt / "model.safetensors"
+    weights.write_bytes(DAMAGED_WEIGHTS[damage](weights.read_bytes()))
+    with pytest.raises(ValueError, match=r"model\.safetensors is not a valid safetensors file"):
+        bpdq.load(ckpt)

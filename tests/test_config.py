@@ -11,9 +11,42 @@ from bpdq.config import CalibrationConfig, Recipe, Rule, as_rules, resolve_recip
 def test_recipe_normalises_names_and_dicts_to_validated_specs():
     r = Recipe(grid="uniform", solver={"type": "rtn", "refits": "3"})
     assert r.grid == {"type": "uniform", "bits": 4, "symmetric": False}
-    assert r.solver == {"type": "rtn", "refits": 3}  # YAML 1.1 numeric strings are accepted
-    assert r.build_grid().to_config() == r.grid
-    assert r.build_solver().options.refits == 3
+    assert r.solver == {"type": "rtn", "refits": 3}  # numeric strings are accepted (pydantic's lax mode)
+
+
+def test_default_recipe_records_every_option():
+    from bpdq import build_grid, build_solver
+
+    r = Recipe()
+    assert r.solver == build_solver("bpdq").to_config() and {"iters", "alpha", "damp"} <= set(r.solver)
+    assert r.grid == build_grid({"type": "bitplane", "planes": 2}).to_config() and "init_bits" in r.grid
+    assert Recipe.model_validate(r.model_dump()) == r
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "message"),
+    [
+        ({"grid": "uniform", "solver": "bpdq"}, "bitplane"),
+        ({"kernel": "triton_lut"}, "at most 8 tokens"),
+        ({"kernel": "triton_gemm", "group_size": 16}, "group size 16"),
+        ({"kernel": "triton_gemm", "grid": {"type": "bitplane", "planes": 5}}, "5 planes"),
+    ],
+)
+def test_recipe_rejects_combinations_the_plugins_refuse(kwargs, message):
+    with pytest.raises(ValidationError, match=message):
+        Recipe(**kwargs)
+
+
+def test_recipe_accepts_combinations_the_plugins_serve():
+    assert Recipe(grid="uniform", solver="gptq", kernel="triton_gemm").kernel == "triton_gemm"
+    assert Recipe(kernel="torch", group_size=16).group_size == 16
+
+
+def test_rule_overrides_are_validated_with_the_recipe():
+    with pytest.raises(ValidationError, match="bitplane"):
+        Rule(match=".*", grid="uniform").apply(Recipe())
+    with pytest.raises(ValidationError, match="at most 8 tokens"):
+        Rule(match=".*", kernel="triton_lut").apply(Recipe())
 
 
 def test_recipe_accepts_instances():

@@ -142,7 +142,7 @@ def test_constructor_validation():
         QuantLinear(64, 8, planes=9, group_size=32)
     with pytest.raises(ValueError, match="planes must be in 1..8, got 0"):
         QuantLinear(64, 8, planes=0, group_size=32)
-    with pytest.raises(ValueError, match="group_size 48 must be a positive multiple of 8 dividing in_features 64"):
+    with pytest.raises(ValueError, match="in_features 64 is not divisible by group_size 48"):
         QuantLinear(64, 8, planes=2, group_size=48)
 
 

@@ -27,28 +27,28 @@ def test_options_are_validated_and_frozen():
 
 
 def test_out_of_range_option_names_field_value_and_allowed_range():
-    with pytest.raises(ValueError, match=r"size=9: .*less than or equal to 5 \(toy size, 1\.\.5\)"):
+    with pytest.raises(ValueError, match=r"invalid options for Toy .*: size: 9 is not in 1\.\.5$"):
         Toy(size=9)
 
 
 def test_unknown_option_lists_allowed_options():
-    with pytest.raises(ValueError, match="unknown option 'sise'; allowed options: size, label"):
+    with pytest.raises(ValueError, match=r"sise: unknown key \(allowed: size, label\)"):
         Toy(sise=2)
 
 
 def test_several_problems_are_all_reported():
-    with pytest.raises(ValueError, match=r"size=0: .*; unknown option 'colour'"):
+    with pytest.raises(ValueError, match=r"size: 0 is not in 1\.\.5; colour: unknown key"):
         Toy(size=0, colour="red")
 
 
 @pytest.mark.parametrize(
     ("cls", "options", "pattern"),
     [
-        (BitPlaneGrid, {"planes": 9}, r"planes=9: .*less than or equal to 8.*1\.\.8"),
-        (BitPlaneGrid, {"planes": 0}, r"planes=0: .*greater than or equal to 1.*1\.\.8"),
-        (BitPlaneGrid, {"planes": 5, "init_bits": 4}, r"init_bits \(4\) must be >= planes \(5\)"),
-        (UniformGrid, {"bits": 9}, r"bits=9: .*less than or equal to 8.*1\.\.8"),
-        (UniformGrid, {"bits": "two"}, r"bits='two': .*valid integer"),
+        (BitPlaneGrid, {"planes": 9}, r"planes: 9 is not in 1\.\.8"),
+        (BitPlaneGrid, {"planes": 0}, r"planes: 0 is not in 1\.\.8"),
+        (BitPlaneGrid, {"planes": 5, "init_bits": 4}, r"\): init_bits \(4\) must be >= planes \(5\)$"),
+        (UniformGrid, {"bits": 9}, r"bits: 9 is not in 1\.\.8"),
+        (UniformGrid, {"bits": "two"}, r"bits: 'two' is not an integer"),
     ],
 )
 def test_builtin_grid_option_errors_are_readable(cls, options, pattern):

@@ -171,3 +171,18 @@ def test_progress_bar_and_log_lines(caplog):
         bpdq.quantize_model(model, tok, recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, progress=True)
     lines = [r.getMessage() for r in caplog.records if r.name == "bpdq.pipeline"]
     assert any("layer 1/2" in m for m in lines) and any("layer 2/2" in m and "ETA" in m for m in lines)
+
+
+def test_rules_that_quantize_nothing_are_refused_before_calibration(monkeypatch):
+    import bpdq.pipeline
+
+    def unreachable(*args, **kwargs):
+        raise AssertionError("calibration ran")
+
+    monkeypatch.setattr(bpdq.pipeline, "capture_layer_inputs", unreachable)
+    model, tok = tiny_model("llama", layers=1), tiny_tokenizer()
+    rules = [{"match": r".*self_attn.*", "skip": True}, {"match": r".*mlp.*", "skip": True}]
+    with pytest.raises(ValueError, match="the rules skip all 7 decoder linears and no rule asks for 'lm_head': nothing would be quantized"):
+        bpdq.quantize_model(model, tok, recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, rules=rules, progress=False)
+    with pytest.raises(ValueError, match="holds no QuantLinear module: nothing was quantized"):
+        bpdq.save(model, tok, "unused-directory")

@@ -28,8 +28,9 @@ def tiny_tokenizer():
 
 
 def tiny_model(arch: str = "llama", *, layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A randomly initialised causal LM of the given family (hidden 64, intermediate 128)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
+    """A randomly initialised causal LM of the given family (hidden 64, intermediate 128): llama, qwen2, qwen3
+    (registered adapters), mistral, gemma (Llama-shaped, served by the fallback) or phi3 (fused projections)."""
+    import transformers
 
     common = dict(
         vocab_size=len(tiny_tokenizer()),
@@ -41,12 +42,12 @@ def tiny_model(arch: str = "llama", *, layers: int = 2, seed: int = 0, dtype: to
         max_position_embeddings=256,
         tie_word_embeddings=True,
     )
-    config_cls, model_cls = {
-        "llama": (LlamaConfig, LlamaForCausalLM),
-        "qwen2": (Qwen2Config, Qwen2ForCausalLM),
-        "qwen3": (Qwen3Config, Qwen3ForCausalLM),
-    }[arch]
-    extra = {"head_dim": 16} if arch == "qwen3" else {}
+    family = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "phi3": "Phi3"}
+    config_cls = getattr(transformers, f"{family[arch]}Config")
+    model_cls = getattr(transformers, f"{family[arch]}ForCausalLM")
+    extra: dict = {"head_dim": 16} if arch in ("qwen3", "gemma") else {}
+    if arch == "phi3":
+        extra.update(pad_token_id=None, eos_token_id=None, bos_token_id=None)
     config = config_cls(**common, **extra)
     config.architectures = [model_cls.__name__]
     torch.manual_seed(seed)

@@ -45,11 +45,14 @@ def _is_bpdq(model: Any) -> bool:
 
 def run(args: argparse.Namespace) -> int:
     from bpdq.evaluate import eval_windows, perplexity
+    from bpdq.models import check_positions
 
     load_plugins(args.plugin)
     device = device_for(args.device)
     text = load_text(args.text)
     model, tokenizer = load_model(args.model, device, dtype=args.dtype)
+    with usage_phase("--seq-len"):
+        check_positions(model, args.seq_len, "--seq-len")
     with usage_phase("--text"):
         windows = eval_windows(tokenizer, text, args.seq_len, args.max_windows)
     start = time.perf_counter()

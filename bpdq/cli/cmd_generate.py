@@ -7,7 +7,7 @@ import time
 from typing import Any
 
 from bpdq.cli.console import emit_json
-from bpdq.cli.errors import UsageError
+from bpdq.cli.errors import UsageError, usage_phase
 from bpdq.cli.runtime import positive_int, device_for, load_checkpoint, load_plugins
 
 
@@ -21,7 +21,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("directory", metavar="DIR", help="a bpdq checkpoint directory")
     p.add_argument("--prompt", required=True, help="the prompt text")
-    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N", help="tokens to generate (default 64)")
+    p.add_argument("--max-new-tokens", type=positive_int, default=64, metavar="N",
+                   help="tokens to generate (default 64); the prompt plus N must fit the model's positions")
     p.add_argument("--chat", action="store_true", help="use the tokenizer's chat template (if it has one)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
@@ -41,12 +42,16 @@ def _encode(tokenizer: Any, prompt: str, chat: bool) -> Any:
 def run(args: argparse.Namespace) -> int:
     import torch
 
+    from bpdq.models import check_positions
+
     load_plugins(args.plugin)
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
     device = device_for(args.device)
     model, tokenizer = load_checkpoint(args.directory, device)
     ids = _encode(tokenizer, args.prompt, args.chat).to(device)
+    with usage_phase("--max-new-tokens"):
+        check_positions(model, ids.shape[1] + args.max_new_tokens, "the prompt plus --max-new-tokens")
     start = time.perf_counter()
     with torch.no_grad():
         out = model.generate(

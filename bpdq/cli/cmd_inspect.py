@@ -1,6 +1,6 @@
 """``bpdq inspect DIR``: what a checkpoint holds (method, recipe per module, bpw, sizes, proxy losses).
 
-Reads ``config.json`` and ``bpdq_report.json`` only; the weights are not loaded.
+Reads ``config.json``, ``bpdq_report.json`` and the safetensors header (validated); the weights are not loaded.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ def describe(directory: Path) -> dict[str, Any]:
     """The JSON description of a checkpoint directory."""
     from bpdq.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_quantization_config
     from bpdq.report import REPORT_FILE, RunReport
+    from bpdq.safetensors_header import read_header
 
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -60,6 +61,10 @@ def describe(directory: Path) -> dict[str, Any]:
             report = RunReport.read(directory / REPORT_FILE)
     records = {m.name: m for m in report.modules} if report else {}
     weights = directory / WEIGHTS_FILE
+    if not weights.is_file():
+        raise UsageError(f"{str(directory)!r} is not a bpdq checkpoint: {WEIGHTS_FILE} is missing")
+    with usage_phase(str(weights)):
+        read_header(weights)
     out_modules = []
     for name in list(records) + [n for n in modules if n not in records]:  # the pipeline's order
         rec, meta = records.get(name), modules.get(name, {})
@@ -90,7 +95,7 @@ def describe(directory: Path) -> dict[str, Any]:
         "modules_skipped": sum(1 for m in out_modules if m["skipped"]),
         "avg_bpw_quantized": report.avg_bpw_quantized if report else None,
         "avg_bpw_model": report.avg_bpw_model if report else None,
-        "checkpoint_bytes": weights.stat().st_size if weights.is_file() else None,
+        "checkpoint_bytes": weights.stat().st_size,
         "fp16_bytes": report.fp16_bytes if report and report.total_params else None,
         "calibration": report.calibration if report else None,
         "modules": out_modules,

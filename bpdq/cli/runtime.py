@@ -28,7 +28,7 @@ def load_plugins(specs: Sequence[str]) -> None:
 
 def device_for(spec: str) -> Any:
     """A ``torch.device`` for ``auto | cpu | cuda | cuda:N``."""
-    from bpdq.pipeline import resolve_device
+    from bpdq.devices import resolve_device
 
     with usage_phase("device"):
         return resolve_device(spec)

@@ -59,10 +59,15 @@ def call_reason(layer: PackedLinear, x: torch.Tensor) -> str | None:
         return f"input dtype {x.dtype} is not supported; allowed: {[str(d) for d in DTYPES]}"
     if x.dtype == torch.bfloat16 and interpret:
         return "the Triton interpreter computes bfloat16 wrongly; use float16/float32 (or a GPU, uninterpreted)"
-    if layer.k not in PLANES:
-        return f"{layer.k} planes are not supported; allowed: {list(PLANES)}"
-    if layer.group_size not in GROUP_SIZES:
-        return f"group size {layer.group_size} is not supported; allowed: {list(GROUP_SIZES)}"
+    return recipe_reason(layer.k, layer.group_size)
+
+
+def recipe_reason(planes: int, group_size: int) -> str | None:
+    """Why the Triton kernels cannot serve layers with ``planes`` and ``group_size``, or ``None``."""
+    if planes not in PLANES:
+        return f"{planes} planes are not supported; allowed: {list(PLANES)}"
+    if group_size not in GROUP_SIZES:
+        return f"group size {group_size} is not supported; allowed: {list(GROUP_SIZES)}"
     return None
 
 

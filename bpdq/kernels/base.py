@@ -47,6 +47,12 @@ class Kernel(ABC):
         """``None`` if this kernel can compute ``layer(x)`` (``x`` is 2-D), else the reason it cannot."""
         return None
 
+    def serves(self, planes: int, group_size: int) -> str | None:
+        """``None`` if this kernel can run *every* call of a layer with ``planes`` and ``group_size`` (any
+        number of tokens, on a device it runs on), else why not. A kernel named in a recipe runs every call of
+        its layers (calibration, prefill and decode), so recipes accept only kernels that serve them."""
+        return None
+
     def auto_excluded(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         """Why ``auto`` should skip this kernel for a call it supports (``None``: ``auto`` may pick it).
 

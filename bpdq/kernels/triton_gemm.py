@@ -28,6 +28,9 @@ class TritonGemmKernel(Kernel):
     def supports(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         return _triton.call_reason(layer, x)
 
+    def serves(self, planes: int, group_size: int) -> str | None:
+        return _triton.recipe_reason(planes, group_size)
+
     def auto_excluded(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         return _triton.auto_reason(x)
 

@@ -53,6 +53,12 @@ class TritonLutKernel(Kernel):
             return f"the LUT kernel takes at most {MAX_TOKENS} tokens, got M={x.shape[0]}"
         return _triton.call_reason(layer, x)
 
+    def serves(self, planes: int, group_size: int) -> str | None:
+        return (
+            f"it takes at most {MAX_TOKENS} tokens per call (decode only), so it cannot run prefill or "
+            "calibration; use 'auto', which picks it for decode on CUDA"
+        )
+
     def auto_excluded(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         return _triton.auto_reason(x)
 

@@ -11,10 +11,15 @@ their input only depends on earlier groups: the pipeline records that output onc
 layer's remaining calibration passes instead of recomputing it.
 
 Adapters are registered in ``bpdq.ADAPTERS`` under the ``architectures`` name of a transformers config.
+A model without a registered adapter gets the Llama-shaped fallback when :func:`detect_adapter` recognises
+it: a non-empty ``nn.ModuleList`` of decoder layers whose linears are exactly ``q_proj``, ``k_proj``,
+``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj`` and ``down_proj`` (Mistral, Gemma, OLMo, ...). Anything
+else (fused ``qkv_proj``, mixtures of experts) gets a clear error.
 """
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +28,16 @@ from torch import nn
 from bpdq.registry import ADAPTERS
 
 GUIDE = "docs/guides/add-a-model.md"
+
+#: The sequential groups of a Llama-shaped decoder layer, by the last component of the linears' names.
+LLAMA_ROLES: tuple[tuple[str, ...], ...] = (
+    ("q_proj", "k_proj", "v_proj"),
+    ("o_proj",),
+    ("gate_proj", "up_proj"),
+    ("down_proj",),
+)
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -65,8 +80,39 @@ def register_adapter(adapter: Adapter) -> Adapter:
 
 
 def generic_adapter(architecture: str, **fields: Any) -> Adapter:
-    """The fallback for a Llama-shaped model without its own adapter: each linear is its own group."""
+    """An adapter that calibrates every linear of a layer as its own group, in definition order: for a
+    decoder whose linears :func:`detect_adapter` does not recognise (register it with ``register_adapter``)."""
     return Adapter(architecture=architecture, groups=None, **fields)
+
+
+def _llama_groups(layer: nn.Module) -> tuple[tuple[str, ...], ...] | None:
+    """``layer``'s linears in the Llama groups, or ``None`` unless they are exactly the seven Llama roles."""
+    linears = [name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)]
+    by_role = {name.rpartition(".")[2]: name for name in linears}
+    if len(by_role) != len(linears) or set(by_role) != {r for g in LLAMA_ROLES for r in g}:
+        return None
+    return tuple(tuple(by_role[r] for r in group) for group in LLAMA_ROLES)
+
+
+def _name_of(model: nn.Module, target: nn.Module | None) -> str | None:
+    return next((n for n, m in model.named_modules() if m is target), None) if target is not None else None
+
+
+def detect_adapter(model: nn.Module) -> Adapter | None:
+    """The Llama-shaped fallback for ``model`` (see the module docstring), or ``None`` if it is not one."""
+    for path, mod in model.named_modules():
+        if not isinstance(mod, nn.ModuleList) or len(mod) == 0:
+            continue
+        groups = _llama_groups(mod[0])
+        if groups is None:
+            continue
+        parent = model.get_submodule(path.rpartition(".")[0]) if "." in path else model
+        norm = getattr(parent, "norm", None)
+        head = _name_of(model, model.get_output_embeddings()) if hasattr(model, "get_output_embeddings") else None
+        if not isinstance(norm, nn.Module) or head is None:
+            return None
+        return Adapter(architecture_of(model), layers=path, groups=groups, norm=_name_of(model, norm), head=head)
+    return None
 
 
 def architecture_of(model: nn.Module) -> str:
@@ -75,12 +121,31 @@ def architecture_of(model: nn.Module) -> str:
 
 
 def get_adapter(model: nn.Module) -> Adapter:
-    """The registered adapter for ``model``'s architecture, or a clear error listing the supported ones."""
+    """The registered adapter for ``model``'s architecture, else the Llama-shaped fallback, else a clear error
+    listing the supported architectures."""
     arch = architecture_of(model)
     if arch in ADAPTERS:
         return ADAPTERS.get(arch)
+    detected = detect_adapter(model)
+    if detected is not None:
+        logger.info("%s has no registered adapter; using the Llama-shaped fallback (layers at %s)", arch, detected.layers)
+        return detected
     raise ValueError(
-        f"unsupported architecture {arch!r}; supported: {', '.join(ADAPTERS.names())}. To add one, register an "
-        f"Adapter (bpdq.models.register_adapter, or bpdq.models.generic_adapter for a Llama-shaped model): "
-        f"see {GUIDE}"
+        f"unsupported architecture {arch!r}: no registered adapter, and its decoder layers are not Llama-shaped "
+        f"(linears q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); registered: "
+        f"{', '.join(ADAPTERS.names())}. To add one, register an Adapter (bpdq.models.register_adapter, or "
+        f"bpdq.models.generic_adapter to calibrate each linear on its own): see {GUIDE}"
     )
+
+
+def max_positions(model: nn.Module) -> int | None:
+    """The most positions ``model`` was built for (``config.max_position_embeddings``), or ``None``."""
+    value = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_positions(model: nn.Module, n: int, what: str) -> None:
+    """Raise ``ValueError`` if ``n`` positions (``what`` says whose) exceed what ``model`` was built for."""
+    limit = max_positions(model)
+    if limit is not None and n > limit:
+        raise ValueError(f"{what} is {n} tokens, beyond the model's maximum of {limit} positions (max_position_embeddings)")

@@ -56,10 +56,17 @@ def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
 
 
 def _from_pretrained(where: str, dtype: torch.dtype | None, device: str, **kwargs: Any) -> tuple[Any, Any]:
+    """A full-precision model and its tokenizer. A GGUF file is always read in float32 and then cast:
+    transformers dequantizes it either way, but warns about (inapplicable) packed-weight kernels for any other
+    dtype."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    extra = {"dtype": dtype} if dtype is not None else {}
+    gguf = "gguf_file" in kwargs
+    extra = {"dtype": torch.float32 if gguf else dtype} if dtype is not None else {}
     model = AutoModelForCausalLM.from_pretrained(where, **extra, **kwargs)
+    if gguf and dtype is not None:
+        model = model.to(dtype)
+        model.config.dtype = dtype
     tokenizer = AutoTokenizer.from_pretrained(where, **kwargs)
     if not getattr(model.config, "architectures", None):  # GGUF configs carry none
         model.config.architectures = [type(model).__name__]

@@ -6,7 +6,7 @@ from bpdq.solvers.base import Solver, check_weight, group_rows, proxy_loss
 from bpdq.solvers.gptq import GPTQ, GPTQOptions, gptq_sweep
 from bpdq.solvers.fit import WhitenedFit
 from bpdq.solvers.hessian import HessianAccumulator, check_hessian, fix_dead_inputs, inverse_cholesky
-from bpdq.solvers.ordering import Order, column_permutation, gar_permutation, invert_permutation
+from bpdq.solvers.ordering import Order, column_permutation, gar_permutation
 from bpdq.solvers.refit import Refit, RefitResult, refit_coefficients
 from bpdq.solvers.rtn import RTN, RTNOptions
 from bpdq.solvers.sweep import SweepLayer, prepare_layer, restore_order
@@ -37,7 +37,6 @@ __all__ = [
     "gptq_sweep",
     "group_rows",
     "inverse_cholesky",
-    "invert_permutation",
     "level_thresholds",
     "prepare_layer",
     "proxy_loss",

@@ -14,7 +14,7 @@ import torch
 
 from bpdq.grids.base import Grid
 from bpdq.options import Configurable
-from bpdq.quantized import QuantizedWeight, SolveStats
+from bpdq.quantized import QuantizedWeight, SolveStats, check_group_size
 from bpdq.solvers.hessian import check_hessian
 
 
@@ -35,6 +35,7 @@ class Solver(Configurable, ABC):
             check_hessian(hessian, weight.shape[1])
         elif self.requires_hessian:
             raise ValueError(f"solver {self.name!r} needs a Hessian (calibration data); use 'rtn' without one")
+        self.check_grid(grid, group_size)
         W = weight.detach().to(torch.float32).clone()
         H = hessian.detach().to(torch.float32) if hessian is not None else None
         start = time.perf_counter()
@@ -54,6 +55,10 @@ class Solver(Configurable, ABC):
         if H is not None and qw.stats.proxy_loss is None:
             qw.stats.proxy_loss, qw.stats.relative_loss = proxy_loss(weight.detach().to(torch.float32), qw.dequantize(torch.float32), H)
         return qw
+
+    def check_grid(self, grid: Grid, group_size: int) -> None:
+        """Raise ``ValueError`` if this solver cannot work with ``grid`` at ``group_size`` (the default accepts
+        every grid). Recipes call it when they are validated, so a bad combination fails before any work."""
 
     @abstractmethod
     def _solve(
@@ -80,17 +85,7 @@ def check_weight(weight: object, group_size: object) -> None:
         raise TypeError(f"weight must be floating point, got {weight.dtype}")
     if weight.numel() == 0:
         raise ValueError(f"weight is empty: shape {tuple(weight.shape)}")
-    if not isinstance(group_size, int) or isinstance(group_size, bool):
-        raise TypeError(f"group_size must be an int, got {type(group_size).__name__}")
-    inp = weight.shape[1]
-    if group_size <= 0 or group_size % 8:
-        raise ValueError(f"group_size must be a positive multiple of 8 (e.g. 32, 64, 128), got {group_size}")
-    if inp % group_size:
-        divisors = [g for g in range(8, inp + 1, 8) if inp % g == 0]
-        raise ValueError(
-            f"in_features {inp} is not divisible by group_size {group_size}; allowed group sizes for this "
-            f"layer: {divisors}"
-        )
+    check_group_size(group_size, weight.shape[1])
     if not torch.isfinite(weight).all():
         raise ValueError("weight contains NaN or Inf values; all entries must be finite")
 

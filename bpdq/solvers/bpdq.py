@@ -80,6 +80,9 @@ class BPDQ(Solver):
     Options = BPDQOptions
     requires_hessian = True
 
+    def check_grid(self, grid: Grid, group_size: int) -> None:
+        check_bitplane_grid(grid, self.options.init_bits)
+
     def _solve(self, W: torch.Tensor, H: torch.Tensor | None, grid: Grid, group_size: int) -> tuple[torch.Tensor, torch.Tensor, SolveStats]:
         assert H is not None  # Solver.__call__ enforces requires_hessian
         init_grid = check_bitplane_grid(grid, self.options.init_bits)

@@ -40,8 +40,3 @@ def column_permutation(order: Order | str, diag: torch.Tensor, group_size: int) 
         return None
     return gar_permutation(diag, group_size)
 
-
-def invert_permutation(perm: torch.Tensor) -> torch.Tensor:
-    inv = torch.empty_like(perm)
-    inv[perm] = torch.arange(perm.numel(), device=perm.device)
-    return inv

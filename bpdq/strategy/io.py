@@ -1,4 +1,10 @@
-"""Reading strategy files (YAML or JSON) and applying ``--set a.b.c=value`` overrides to the raw mapping."""
+"""Reading strategy files (YAML or JSON) and applying ``--set a.b.c=value`` overrides to the raw mapping.
+
+Configs are bounded before anything else looks at them: a file above :data:`MAX_CONFIG_BYTES`, a mapping
+nested deeper than :data:`MAX_DEPTH` or holding more than :data:`MAX_NODES` values once YAML aliases are
+expanded (an "alias bomb" is a few hundred bytes) is a ``StrategyError``, never a ``RecursionError`` or
+megabytes of error text.
+"""
 
 from __future__ import annotations
 
@@ -9,6 +15,11 @@ from typing import Any
 import yaml
 
 from bpdq.strategy.errors import StrategyError, format_path
+
+#: Bounds on a strategy config: file size, nesting depth, and values counted with aliases expanded.
+MAX_CONFIG_BYTES = 1 << 20
+MAX_DEPTH = 32
+MAX_NODES = 20_000
 
 
 class _Loader(yaml.SafeLoader):
@@ -25,9 +36,33 @@ _Loader.add_implicit_resolver(
 def parse_yaml(text: str, source: str = "<string>") -> Any:
     """Parse YAML (a superset of JSON) with the float fix above."""
     try:
-        return yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
+        data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
         raise StrategyError(f"{source}: not valid YAML/JSON: {e}") from None
+    except RecursionError:
+        raise StrategyError(f"{source}: nested too deeply (a config nests at most {MAX_DEPTH} levels)") from None
+    check_bounds(data, source)
+    return data
+
+
+def check_bounds(data: Any, source: str = "the config") -> None:
+    """Raise ``StrategyError`` if ``data`` nests deeper than ``MAX_DEPTH`` or holds more than ``MAX_NODES``
+    values counting every use of a shared (aliased) value. Iterative: no recursion, stops at the bound."""
+    stack = [(data, 0)]
+    nodes = 0
+    while stack:
+        value, depth = stack.pop()
+        nodes += 1
+        if nodes > MAX_NODES:
+            raise StrategyError(
+                f"{source}: too large: more than {MAX_NODES} values once YAML aliases are expanded"
+            )
+        if depth > MAX_DEPTH:
+            raise StrategyError(f"{source}: nested too deeply (a config nests at most {MAX_DEPTH} levels)")
+        if isinstance(value, dict):
+            stack.extend((v, depth + 1) for v in value.values())
+        elif isinstance(value, (list, tuple)):
+            stack.extend((v, depth + 1) for v in value)
 
 
 def read_config(path: str | Path) -> dict[str, Any]:
@@ -35,6 +70,9 @@ def read_config(path: str | Path) -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise StrategyError(f"strategy config {str(path)!r} does not exist or is not a file")
+    size = path.stat().st_size
+    if size > MAX_CONFIG_BYTES:
+        raise StrategyError(f"strategy config {str(path)!r} has {size} bytes; a config has at most {MAX_CONFIG_BYTES}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:

@@ -23,7 +23,7 @@ from bpdq.allocation import bpw_range
 from bpdq.config import CalibrationConfig, Recipe, Rule
 from bpdq.registry import GRIDS, SOLVERS, Registry, UnknownNameError
 from bpdq.strategy.errors import StrategyError, format_errors, format_path
-from bpdq.strategy.io import apply_override, read_config
+from bpdq.strategy.io import apply_override, check_bounds, read_config
 
 FORMAT_VERSION = 1
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -139,8 +139,25 @@ def _check_plugins(data: dict[str, Any]) -> dict[str, list[str]]:
     return problems
 
 
+def _check_rule_recipes(strategy: Strategy) -> list[str]:
+    """Each rule's overrides applied to the default recipe must make a valid recipe (cross-field rules)."""
+    problems = []
+    for i, rule in enumerate(strategy.rules):
+        try:
+            rule.apply(strategy.quantize)
+        except ValidationError as e:
+            problems += format_errors(e, Recipe, None, prefix=("rules", i))
+    return problems
+
+
+#: Problems listed in one ``StrategyError`` (the rest are counted).
+MAX_PROBLEMS = 20
+
+
 def strategy_from_dict(data: dict[str, Any], source: str = "strategy config") -> Strategy:
-    """Validate a raw mapping; every problem found is listed in one ``StrategyError``."""
+    """Validate a raw mapping; the problems found (the first ``MAX_PROBLEMS`` and a count of the rest) are
+    listed in one ``StrategyError``."""
+    check_bounds(data, source)
     by_block = _check_plugins(data)
     problems = [p for found in by_block.values() for p in found]
     try:
@@ -148,8 +165,13 @@ def strategy_from_dict(data: dict[str, Any], source: str = "strategy config") ->
     except ValidationError as e:
         # a block already reported precisely fails the recipe's own validation too: report it once
         problems += [p for p in format_errors(e, Strategy, data) if p.split(":")[0] not in by_block]
+    else:
+        problems += _check_rule_recipes(strategy)
     if problems:
-        raise StrategyError(f"invalid {source}:\n" + "\n".join(f"  {p}" for p in problems), problems)
+        shown = problems[:MAX_PROBLEMS]
+        if len(problems) > MAX_PROBLEMS:
+            shown.append(f"... and {len(problems) - MAX_PROBLEMS} more problems")
+        raise StrategyError(f"invalid {source}:\n" + "\n".join(f"  {p}" for p in shown), shown)
     return strategy
 
 

@@ -108,3 +108,14 @@ def tiny_checkpoint(tmp_path_factory, tiny_model_dir):
     proc = run_cli("quantize", str(cfg), "--set", "quantize.group_size=32")
     assert proc.returncode == 0, proc.stderr
     return proc, d / "ckpt"
+
+
+@pytest.fixture
+def truncated_checkpoint(tmp_path, tiny_checkpoint):
+    """A copy of the tiny checkpoint whose model.safetensors lost its last 100 bytes."""
+    import shutil
+
+    path = Path(shutil.copytree(tiny_checkpoint[1], tmp_path / "truncated"))
+    weights = path / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-100])
+    return path

@@ -58,3 +58,15 @@ def test_empty_or_too_short_text_is_a_usage_error(in_process, capsys, tmp_path, 
     assert in_process(["eval", str(tiny_model_dir), "--text", str(path), "--seq-len", "64"]) == 2
     err = capsys.readouterr().err
     assert expected in err and "Traceback" not in err
+
+
+def test_truncated_weights_are_a_usage_error_naming_the_file(in_process, capsys, truncated_checkpoint):
+    assert in_process(["eval", str(truncated_checkpoint), "--text", TEXT, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{truncated_checkpoint / 'model.safetensors'} is not a valid safetensors file (truncated" in err
+    assert "Traceback" not in err
+
+
+def test_seq_len_beyond_the_model_positions_is_a_usage_error(in_process, capsys, tiny_model_dir):
+    assert in_process(["eval", str(tiny_model_dir), "--text", TEXT, "--seq-len", "257", "--device", "cpu"]) == 2
+    assert "--seq-len: --seq-len is 257 tokens, beyond the model's maximum of 256 positions" in capsys.readouterr().err

@@ -32,3 +32,17 @@ def test_plain_output_and_chat_without_a_template(in_process, capsys, tiny_check
     assert capsys.readouterr().out.strip()
     assert in_process(["generate", str(tiny_checkpoint[1]), "--prompt", PROMPT, "--chat"]) == 2
     assert "has no chat template" in capsys.readouterr().err
+
+
+def test_truncated_weights_are_a_usage_error_naming_the_file(in_process, capsys, truncated_checkpoint):
+    assert in_process(["generate", str(truncated_checkpoint), "--prompt", PROMPT, "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert f"{truncated_checkpoint / 'model.safetensors'} is not a valid safetensors file (truncated" in err
+    assert "Traceback" not in err
+
+
+def test_max_new_tokens_is_capped_by_the_model_positions(in_process, capsys, tiny_checkpoint):
+    huge = "99999999999999999999999"
+    assert in_process(["generate", str(tiny_checkpoint[1]), "--prompt", PROMPT, "--max-new-tokens", huge]) == 2
+    err = capsys.readouterr().err
+    assert "--max-new-tokens: the prompt plus --max-new-tokens is" in err and "maximum of 256 positions" in err

@@ -46,3 +46,10 @@ def test_plain_output_is_a_table(in_process, capsys, tiny_checkpoint):
     out = capsys.readouterr().out
     assert "bpdq (format 1, bpdq " in out and "skipped (full precision)" in out
     assert "bitplane(init_bits=8,planes=3) rtn(refits=2) g=32" in out
+
+
+def test_truncated_weights_are_a_usage_error_naming_the_file(in_process, capsys, truncated_checkpoint):
+    assert in_process(["inspect", str(truncated_checkpoint)]) == 2
+    err = capsys.readouterr().err
+    assert f"{truncated_checkpoint / 'model.safetensors'} is not a valid safetensors file (truncated" in err
+    assert "Traceback" not in err

@@ -39,3 +39,11 @@ def test_errors(tmp_path):
         load_pretrained("")
     with pytest.raises(ValueError, match="unsupported dtype"):
         load_pretrained(str(tmp_path), dtype="int3")
+
+
+@pytest.mark.slow
+def test_builtin_model_in_bfloat16_loads_without_transformers_gguf_warning(capfd):
+    model, _ = load_pretrained("smollm2-135m", dtype="bfloat16")
+    assert model.model.layers[0].self_attn.q_proj.weight.dtype == torch.bfloat16
+    assert model.config.dtype == torch.bfloat16
+    assert "Loading a GGUF checkpoint" not in capfd.readouterr().err

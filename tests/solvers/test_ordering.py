@@ -7,7 +7,7 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
-from bpdq.solvers.ordering import Order, column_permutation, gar_permutation, invert_permutation
+from bpdq.solvers.ordering import Order, column_permutation, gar_permutation
 from tests.strategies import seeds
 
 
@@ -39,9 +39,3 @@ def test_constant_diagonal_gives_identity_and_none_gives_no_permutation():
     with pytest.raises(ValueError, match="divisible by group_size"):
         gar_permutation(torch.rand(60), 32)
 
-
-@given(seed=seeds)
-def test_invert_permutation(seed):
-    perm = torch.randperm(40, generator=torch.Generator().manual_seed(seed))
-    inv = invert_permutation(perm)
-    assert torch.equal(perm[inv], torch.arange(40)) and torch.equal(inv[perm], torch.arange(40))

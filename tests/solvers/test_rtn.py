@@ -90,5 +90,5 @@ def test_result_metadata():
 
 def test_options_validation():
     assert RTN().options.refits == 2
-    with pytest.raises(ValueError, match=r"refits=-1: .*greater than or equal to 0"):
+    with pytest.raises(ValueError, match=r"refits: -1 is not in 0\.\.100"):
         RTN(refits=-1)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bpdq.strategy import StrategyError, apply_override, parse_yaml, read_config
+from bpdq.strategy.io import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_NODES
 
 
 @pytest.mark.parametrize(
@@ -70,3 +71,30 @@ def test_bad_overrides_name_the_problem(assignment, message):
     data = {"model": "m", "quantize": {"group_size": 64}, "rules": [{"match": "a"}]}
     with pytest.raises(StrategyError, match=message):
         apply_override(data, assignment)
+
+
+def test_an_alias_bomb_is_refused_quickly_and_briefly(tmp_path):
+    lines = ["a: &a [x, x, x, x, x, x, x, x, x, x]"]
+    for i in range(1, 9):
+        lines.append(f"{'abcdefghij'[i]}: &{'abcdefghij'[i]} [{', '.join(['*' + 'abcdefghij'[i - 1]] * 10)}]")
+    path = tmp_path / "bomb.yaml"
+    path.write_text("\n".join(lines) + "\nmodel: m\n")  # ~600 bytes, 10^9 values expanded
+    with pytest.raises(StrategyError) as info:
+        read_config(path)
+    assert f"more than {MAX_NODES} values once YAML aliases are expanded" in str(info.value)
+    assert len(str(info.value)) < 300
+
+
+@pytest.mark.parametrize("text", ["[" * 100_000 + "]" * 100_000, "{a: " * 40 + "1" + "}" * 40])
+def test_deep_nesting_is_a_config_error(tmp_path, text):
+    path = tmp_path / "deep.yaml"
+    path.write_text(text)
+    with pytest.raises(StrategyError, match=f"nested too deeply \\(a config nests at most {MAX_DEPTH} levels\\)"):
+        read_config(path)
+
+
+def test_a_huge_file_is_refused_before_parsing(tmp_path):
+    path = tmp_path / "big.yaml"
+    path.write_text("model: m\n" + "# padding\n" * (MAX_CONFIG_BYTES // 10 + 1))
+    with pytest.raises(StrategyError, match=f"has {path.stat().st_size} bytes; a config has at most {MAX_CONFIG_BYTES}"):
+        read_config(path)

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from pydantic import Field
 
-from bpdq import GRIDS, UniformGrid
+from bpdq import GRIDS, UniformGrid, build_grid
 from bpdq.config import resolve_recipe
 from bpdq.grids import UniformOptions
+from bpdq.strategy.model import MAX_PROBLEMS
 from bpdq.strategy import FORMAT_VERSION, StrategyError, load_strategy, parse_yaml, strategy_from_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"
@@ -108,7 +109,7 @@ def test_a_grid_registered_from_user_code_is_usable_with_its_own_options(registe
     register(GRIDS, "coarse-test", Coarse)
 
     s = strategy_from_dict({"model": "m", "quantize": {"grid": {"type": "coarse-test", "coarseness": 3}, "solver": "rtn"}})
-    assert s.quantize.build_grid() == Coarse(coarseness=3)
+    assert build_grid(s.quantize.grid) == Coarse(coarseness=3)
     assert _problems({"model": "m", "quantize": {"grid": {"type": "coarse-test", "coarseness": 5}, "solver": "rtn"}}) == [
         "quantize.grid.coarseness: 5 is not in 1..4"
     ]
@@ -133,3 +134,18 @@ def test_target_bpw_is_checked_against_the_group_size_before_any_work():
     uniform = _problems({"model": "m", "quantize": {"grid": {"type": "uniform", "bits": 2}}, "target_bpw": 2.5})
     assert uniform == ["target_bpw: 2.5 is not allowed: needs the 'bitplane' grid (planes are chosen per module), "
                        "quantize.grid is 'uniform'"]
+
+
+def test_many_problems_are_capped_with_a_count():
+    problems = _problems({"model": "m", **{f"unknown{i}": i for i in range(5000)}})
+    assert len(problems) == MAX_PROBLEMS + 1 and problems[-1] == f"... and {5000 - MAX_PROBLEMS} more problems"
+
+
+def test_cross_field_rules_of_the_recipe_and_of_every_rule_are_config_errors():
+    assert _problems({"model": "m", "quantize": {"grid": "uniform", "solver": "bpdq"}}) == [
+        "quantize: solver 'bpdq' works on the 'bitplane' grid only, got grid 'uniform'; use solver 'gptq' for a "
+        "uniform grid"
+    ]
+    problems = _problems({"model": "m", "rules": [{"match": ".*", "grid": "uniform"}, {"match": "x", "kernel": "triton_lut"}]})
+    assert problems[0].startswith("rules[0]: solver 'bpdq' works on the 'bitplane' grid only")
+    assert problems[1].startswith("rules[1]: kernel 'triton_lut' cannot serve this recipe: it takes at most 8 tokens")

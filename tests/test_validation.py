@@ -1,11 +1,11 @@
-"""Pydantic errors as 'path: value is not in lo..hi' lines (bpdq/strategy/errors.py)."""
+"""Pydantic errors as 'path: value is not in lo..hi' lines (bpdq/validation.py)."""
 
 from __future__ import annotations
 
 import pytest
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from bpdq.strategy import format_errors, format_path
+from bpdq.validation import format_errors, format_path
 
 
 class Inner(BaseModel):
@@ -58,3 +58,26 @@ def test_prefix_is_prepended():
     with pytest.raises(ValidationError) as info:
         Inner.model_validate({"planes": 10})
     assert format_errors(info.value, Inner, {}, prefix=("quantize", "grid")) == ["quantize.grid.planes: 10 is not in 1..8"]
+
+
+def test_long_values_are_cut():
+    lines = _lines({"name": "n", "inner": {"planes": "x" * 10_000}})
+    assert len(lines) == 1 and lines[0].startswith("inner.planes: 'xxx") and len(lines[0]) < 140
+
+
+class Pair(BaseModel):
+    low: int = 0
+    high: int = 1
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Pair":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must be <= high ({self.high})")
+        return self
+
+
+def test_a_cross_field_error_quotes_the_rule_not_the_whole_block():
+    with pytest.raises(ValidationError) as info:
+        Pair(low=3, high=2)
+    assert format_errors(info.value, Pair, None) == ["low (3) must be <= high (2)"]
+    assert format_errors(info.value, Pair, None, prefix=("rules", 0)) == ["rules[0]: low (3) must be <= high (2)"]
