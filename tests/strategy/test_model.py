@@ -131,7 +131,9 @@ def test_target_bpw_is_checked_against_the_group_size_before_any_work():
                    "k + 16(k+1)/g bits per weight)"]
     high = _problems({"model": "m", "quantize": {"group_size": 128}, "target_bpw": 4.7})
     assert high[0].startswith("target_bpw: 4.7 is not reachable at quantize.group_size 128: allowed 1.25..4.625")
-    uniform = _problems({"model": "m", "quantize": {"grid": {"type": "uniform", "bits": 2}}, "target_bpw": 2.5})
+    uniform = _problems(
+        {"model": "m", "quantize": {"grid": {"type": "uniform", "bits": 2}, "solver": "gptq"}, "target_bpw": 2.5}
+    )
     assert uniform == ["target_bpw: 2.5 is not allowed: needs the 'bitplane' grid (planes are chosen per module), "
                        "quantize.grid is 'uniform'"]
 
