@@ -1,7 +1,10 @@
-"""quantize_model on tiny random Llama / Qwen2 / Qwen3 models: every solver end to end, rules and skips,
-sequential calibration on the quantized layers' outputs, determinism, errors."""
+"""quantize_model on tiny random Llama / Qwen2 / Qwen3 models (bpdq/pipeline/run.py): every solver end to end,
+rules and skips, sequential calibration on the quantized layers' outputs, determinism, errors, devices and
+hooks."""
 
 from __future__ import annotations
+
+import copy
 
 import pytest
 import torch
@@ -17,6 +20,12 @@ SOLVERS = [s for s in ({"type": "rtn"}, {"type": "gptq"}, {"type": "bpdq", "iter
 PROBE = torch.tensor([[5, 17, 99, 3, 250, 42, 7, 8, 100, 12, 31, 64]])
 
 
+def without_layers(model):
+    clone = copy.deepcopy(model)
+    clone.model.layers = nn.ModuleList()
+    return clone
+
+
 def linear_names(model):
     return [n for n, m in model.named_modules() if isinstance(m, (nn.Linear, QuantLinear)) and ".layers." in n]
 
@@ -26,6 +35,7 @@ def linear_names(model):
 def test_every_solver_end_to_end(arch, solver, tmp_path):
     model, tok = tiny_model(arch), tiny_tokenizer()
     reference = model(PROBE).logits
+    trivial = without_layers(model)(PROBE).logits  # the same model with its decoder layers left out
     names = linear_names(model)
     report = bpdq.quantize_model(model, tok, recipe={**TINY_RECIPE, "solver": solver}, calibration=TINY_CALIBRATION, device="cpu", progress=False)
     assert all(isinstance(model.get_submodule(n), QuantLinear) for n in names)
@@ -33,12 +43,18 @@ def test_every_solver_end_to_end(arch, solver, tmp_path):
     assert [r.name for r in report.modules] == names
     assert report.n_quantized == len(names) == 7 * 2 and report.n_skipped == 0
     assert all(r.recipe["solver"]["type"] == solver["type"] and r.bits_per_weight == 2 + 16 * 3 / 32 for r in report.modules)
-    assert all(r.proxy_loss is not None and 0 <= r.relative_loss < 1 for r in report.modules)
+    if solver["type"] == "rtn":  # data-free: no Hessian, no proxy loss
+        assert all(r.proxy_loss is None for r in report.modules) and report.calibration == {}
+    else:
+        assert all(r.proxy_loss is not None and 0 <= r.relative_loss < 1 for r in report.modules)
     assert report.avg_bpw_quantized == pytest.approx(3.5)
     logits = model(PROBE).logits
     assert torch.isfinite(logits).all() and not torch.equal(logits, reference)
-    # quantization error stays moderate relative to the logits' spread
-    assert (logits - reference).pow(2).mean() < reference.var()
+    # 2-bit g32 on these random models: error <= ~0.18 of the logits' variance (measured on every arch and
+    # solver), far below what leaving out the decoder layers costs (>= 0.44 of it)
+    err = (logits - reference).pow(2).mean()
+    assert err < 0.25 * reference.var()
+    assert err < 0.4 * (trivial - reference).pow(2).mean()
     bpdq.save(model, tok, tmp_path / "ckpt", report=report)
     loaded, _ = bpdq.load(tmp_path / "ckpt")
     assert torch.equal(loaded(PROBE).logits, logits)
@@ -50,6 +66,8 @@ def test_layer_calibration_sees_quantized_predecessors(register):
     seen: dict[int, torch.Tensor] = {}
 
     class Recording(RTN):
+        requires_hessian = True  # a Hessian-free solver would make the run data-free
+
         def _solve(self, W, H, grid, group_size):
             seen[len(seen)] = H.clone()
             return super()._solve(W, H, grid, group_size)
@@ -134,7 +152,7 @@ def test_same_seed_same_checkpoint_bytes(tmp_path):
 def test_token_id_calibration_and_its_errors():
     model, tok = tiny_model("llama", layers=1), tiny_tokenizer()
     windows = [torch.randint(0, len(tok), (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
-    report = bpdq.quantize_model(model, tok, recipe=TINY_RECIPE, calibration=windows, progress=False)
+    report = bpdq.quantize_model(model, tok, recipe={**TINY_RECIPE, "solver": "gptq"}, calibration=windows, progress=False)
     assert report.calibration == {"windows": 3, "seq_len": 24}
     for bad, err in [
         ([torch.tensor([1.5, 2.0])], TypeError),
@@ -143,7 +161,7 @@ def test_token_id_calibration_and_its_errors():
         ([], TypeError),
     ]:
         with pytest.raises(err):
-            bpdq.quantize_model(tiny_model("llama", layers=1), tok, recipe=TINY_RECIPE, calibration=bad)
+            bpdq.quantize_model(tiny_model("llama", layers=1), tok, recipe={**TINY_RECIPE, "solver": "gptq"}, calibration=bad)
 
 
 def test_argument_errors():
