@@ -2,7 +2,7 @@
 per-layer loop that ties them together (see :mod:`bpdq.pipeline.run`)."""
 
 from bpdq.pipeline.calibrate import ActivationStore, Batch, Replay
-from bpdq.pipeline.run import LayerHooks, LayerStep, quantize_model, resolve_device, run
+from bpdq.pipeline.run import LayerHooks, LayerStep, quantize_model, resolve_device, run_quantization
 from bpdq.pipeline.sink import CheckpointSink, InMemorySink, OutputDir, Sink, check_output_dir
 from bpdq.pipeline.source import InMemorySource, LazySource, ModelSource, is_model_directory
 
@@ -23,5 +23,5 @@ __all__ = [
     "is_model_directory",
     "quantize_model",
     "resolve_device",
-    "run",
+    "run_quantization",
 ]

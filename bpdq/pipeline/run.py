@@ -252,7 +252,7 @@ def _quantize_head(source: ModelSource, s: _Setup, batches: Sequence[Batch] | No
     return record
 
 
-def run(
+def run_quantization(
     source: ModelSource,
     sink: Sink,
     *,
@@ -417,7 +417,7 @@ def quantize_model(
     sink: Sink = InMemorySink() if output is None else CheckpointSink(
         output, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size
     )
-    return run(source, sink, recipe=recipe, rules=rules, tokenizer=tokenizer, calibration=calibration,
+    return run_quantization(source, sink, recipe=recipe, rules=rules, tokenizer=tokenizer, calibration=calibration,
                device=dev, progress=progress, batch_size=batch_size, offload=offload)
 
 

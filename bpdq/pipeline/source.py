@@ -13,11 +13,13 @@ embeddings, the final norm and the head, and one decoder layer at a time).
 
 from __future__ import annotations
 
+import ctypes
+import functools
 import json
 import logging
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
@@ -97,6 +99,7 @@ class LazySource(ModelSource):
         self.dtype = dtype or (stored if isinstance(stored, torch.dtype) else torch.float32)
         with init_empty_weights(include_buffers=False):
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        self.model.tie_weights()
         if not getattr(self.model.config, "architectures", None):
             self.model.config.architectures = [type(self.model).__name__]
         self.model.eval()
@@ -157,3 +160,20 @@ class LazySource(ModelSource):
 
     def release(self, name: str) -> None:
         self.model.get_submodule(name).to("meta")
+        return_freed_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap memory freed by a released layer back to the OS (glibc's ``malloc_trim``; elsewhere a
+    no-op). Without it glibc keeps the freed layer-sized blocks, and the RSS grows with every layer."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

@@ -5,6 +5,8 @@ hooks."""
 from __future__ import annotations
 
 import copy
+import json
+import os
 
 import pytest
 import torch
@@ -13,7 +15,7 @@ from torch import nn
 import bpdq
 from bpdq.linear import QuantLinear
 from bpdq.solvers.rtn import RTN
-from tests.tiny_models import ARCHITECTURES, TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_tokenizer
+from tests.tiny_models import ARCHITECTURES, TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_model_dir, tiny_tokenizer
 
 # few BPDQ iterations keep the tiny runs fast; the iteration count itself is the solver tests' business
 SOLVERS = [s for s in ({"type": "rtn"}, {"type": "gptq"}, {"type": "bpdq", "iters": 2}) if s["type"] in bpdq.SOLVERS]
@@ -189,3 +191,168 @@ def test_progress_bar_and_log_lines(caplog):
         bpdq.quantize_model(model, tok, recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, progress=True)
     lines = [r.getMessage() for r in caplog.records if r.name == "bpdq.pipeline"]
     assert any("layer 1/2" in m for m in lines) and any("layer 2/2" in m and "ETA" in m for m in lines)
+
+
+# ---- model directories (lazy source), streaming checkpoints, data-free runs, failures -------------------------
+
+def checkpoint_files(directory):
+    return {p.name: p.read_bytes() for p in directory.iterdir() if p.suffix == ".safetensors" or p.name.endswith("index.json")}
+
+
+@pytest.mark.parametrize("arch", ARCHITECTURES)
+@pytest.mark.parametrize("solver", SOLVERS, ids=lambda s: s["type"])
+def test_a_model_directory_gives_the_in_memory_checkpoint_bytes(arch, solver, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model_dir(tmp_path / "src", arch, layers=3, max_shard_size="100KB")
+    recipe = {**TINY_RECIPE, "solver": solver}
+    model, tok = AutoModelForCausalLM.from_pretrained(src), tiny_tokenizer()
+    bpdq.quantize_model(model, tok, recipe=recipe, calibration=TINY_CALIBRATION, progress=False,
+                        output=tmp_path / "streamed", max_shard_size="20KB")
+    bpdq.save(model, tok, tmp_path / "saved", max_shard_size="20KB")
+    bpdq.quantize_model(src, tok, recipe=recipe, calibration=TINY_CALIBRATION, progress=False,
+                        output=tmp_path / "lazy", max_shard_size="20KB")
+    lazy = checkpoint_files(tmp_path / "lazy")
+    assert len(lazy) == 5  # a shard per layer, one for the rest, the index
+    assert lazy == checkpoint_files(tmp_path / "saved") == checkpoint_files(tmp_path / "streamed")
+    loaded, _ = bpdq.load(tmp_path / "lazy")
+    assert torch.equal(loaded(PROBE).logits, model(PROBE).logits)
+
+
+def test_data_free_rtn_needs_no_text_and_runs_no_forward(tmp_path, monkeypatch):
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=2)
+    reference = tiny_model("llama", layers=2)
+    bpdq.quantize_model(reference, None, recipe=TINY_RECIPE, progress=False)  # in memory, no tokenizer either
+
+    def no_forward(*args, **kwargs):
+        raise AssertionError("a data-free run must not run any forward")
+
+    for cls in {type(reference.model), type(reference.model.layers[0]), type(reference.model.embed_tokens)}:
+        monkeypatch.setattr(cls, "forward", no_forward)
+    report = bpdq.quantize_model(src, recipe=TINY_RECIPE, progress=False, output=tmp_path / "out")
+    assert report.n_quantized == 14 and report.calibration == {}
+    assert checkpoint_files(tmp_path / "out")["model.safetensors"] == checkpoint_files(
+        bpdq.save(reference, tiny_tokenizer(), tmp_path / "ref"))["model.safetensors"]
+    with pytest.raises(ValueError, match="calibration is required.*Hessian"):
+        bpdq.quantize_model(src, recipe={**TINY_RECIPE, "solver": "gptq"}, progress=False, output=tmp_path / "gptq")
+    assert not (tmp_path / "gptq").exists()
+
+
+def rss_bytes():
+    with open("/proc/self/statm") as f:
+        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def test_rss_growth_per_finished_layer_is_bounded(tmp_path):
+    """A released layer holds nothing: memory does not grow with the number of finished layers (a layer that
+    stayed would add its 9.4 MB each time; the allocator's noise is a few MB either way)."""
+    from bpdq.pipeline import CheckpointSink, LayerHooks, LazySource, run_quantization
+
+    sizes = {"hidden_size": 512, "intermediate_size": 1024}
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=12, max_shard_size="5MB", **sizes)
+    layer_bytes = sum(p.numel() * 4 for p in tiny_model("llama", layers=1, **sizes).model.layers[0].parameters())
+    seen: list[int] = []
+    hooks = LayerHooks(after_write=[lambda step: seen.append(rss_bytes())])
+    for recipe, calibration in ((TINY_RECIPE, None), ({**TINY_RECIPE, "solver": "gptq"}, TINY_CALIBRATION)):
+        seen.clear()
+        sink = CheckpointSink(tmp_path / f"out-{recipe['solver']}", None, max_shard_size="1MB")
+        run_quantization(LazySource(src), sink, recipe=bpdq.Recipe(**recipe), rules=(), tokenizer=tiny_tokenizer(),
+                         calibration=calibration, device=torch.device("cpu"), progress=False, batch_size=8, hooks=hooks)
+        growth = (sum(seen[-3:]) - sum(seen[1:4])) / 3 / (len(seen) - 4)
+        assert growth < 0.5 * layer_bytes, f"{recipe['solver']}: RSS grows {growth / 1e6:.2f} MB per finished layer"
+    assert str(src) not in open("/proc/self/maps").read()
+
+
+@pytest.mark.parametrize("case", ["pickle", "missing-shard", "wrong-shape", "unwritable"])
+def test_bad_input_is_named_and_leaves_nothing(case, tmp_path, monkeypatch):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=2, max_shard_size="100KB")
+    index = json.loads((src / "model.safetensors.index.json").read_text())
+    out = tmp_path / "out"
+    if case == "pickle":
+        for shard in src.glob("*.safetensors"):
+            torch.save(load_file(str(shard)), src / f"{shard.stem}.bin")
+            shard.unlink()
+        (src / "model.safetensors.index.json").unlink()
+        monkeypatch.setattr(torch, "load", lambda *a, **k: pytest.fail("a pickle file was opened"))
+        match = "bpdq reads safetensors only"
+    elif case == "missing-shard":
+        gone = index["weight_map"]["model.layers.1.mlp.down_proj.weight"]
+        (src / gone).unlink()
+        match = f"names shard '{gone}', which is missing"
+    elif case == "wrong-shape":
+        shard = src / index["weight_map"]["model.layers.1.self_attn.o_proj.weight"]
+        tensors = load_file(str(shard))
+        tensors["model.layers.1.self_attn.o_proj.weight"] = torch.zeros(64, 32)
+        save_file(tensors, str(shard))
+        match = "'model.layers.1.self_attn.o_proj.weight'.* has shape \\(64, 32\\)"
+    else:
+        (tmp_path / "ro").write_text("a file, so nothing can be created below it")
+        out = tmp_path / "ro" / "out"
+        match = f"output directory '{out}' cannot be written"
+    monkeypatch.setattr("bpdq.pipeline.run._run", lambda *a, **k: pytest.fail("work started before the check"))
+    with pytest.raises(ValueError, match=match):
+        bpdq.quantize_model(src, recipe={**TINY_RECIPE, "solver": "gptq"}, calibration=TINY_CALIBRATION,
+                            progress=False, output=out)
+    assert not out.exists() and sorted(p.name for p in tmp_path.iterdir() if p.name.startswith(".")) == []
+
+
+def test_a_failure_mid_run_leaves_no_output(tmp_path, register):
+    calls = []
+
+    class FailsLate(RTN):
+        requires_hessian = True
+
+        def _solve(self, W, H, grid, group_size):
+            calls.append(1)
+            if len(calls) == 9:
+                raise RuntimeError("solver crashed")
+            return super()._solve(W, H, grid, group_size)
+
+    register(bpdq.SOLVERS, "fails-late", FailsLate)
+    src = tiny_model_dir(tmp_path / "src", "qwen2", layers=2)
+    with pytest.raises(RuntimeError, match="solver crashed"):
+        bpdq.quantize_model(src, recipe={**TINY_RECIPE, "solver": "fails-late"}, calibration=TINY_CALIBRATION,
+                            progress=False, output=tmp_path / "out", max_shard_size=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]
+
+
+def test_offloaded_activations_give_the_same_checkpoint(tmp_path, caplog):
+    src = tiny_model_dir(tmp_path / "src", "qwen3", layers=2)
+    recipe = {**TINY_RECIPE, "solver": "gptq"}
+    bpdq.quantize_model(src, recipe=recipe, calibration=TINY_CALIBRATION, progress=False, output=tmp_path / "a")
+    with caplog.at_level("INFO", logger="bpdq.pipeline.run"):
+        bpdq.quantize_model(src, recipe=recipe, calibration={**TINY_CALIBRATION, "offload": "9KB"}, progress=False,
+                            output=tmp_path / "b")
+    assert any("1 of 1 batches offloaded" in r.getMessage() for r in caplog.records)
+    assert checkpoint_files(tmp_path / "a") == checkpoint_files(tmp_path / "b")
+
+
+def test_layer_hooks_see_each_layer_and_a_post_solve_stage_changes_the_next_inputs(tmp_path):
+    from bpdq.pipeline import InMemorySink, InMemorySource, LayerHooks, run_quantization
+
+    def run_with(hooks):
+        model = tiny_model("llama", layers=2)
+        run_quantization(InMemorySource(model), InMemorySink(), recipe=bpdq.Recipe(**{**TINY_RECIPE, "solver": "gptq"}), rules=(),
+            tokenizer=tiny_tokenizer(), calibration=TINY_CALIBRATION, device=torch.device("cpu"), progress=False,
+            batch_size=8, hooks=hooks)
+        return model
+
+    events = []
+
+    def stage(step, device):
+        events.append(("solve", step.prefix, all(isinstance(m, QuantLinear) for g in step.plan for m in
+                                                 (step.layer.get_submodule(r) for r in g)), step.outputs is None))
+        if step.index == 0:
+            step.layer.self_attn.o_proj.coeffs.mul_(0.5)
+
+    def written(step):
+        events.append(("write", step.prefix, len(step.records), step.outputs is not None))
+
+    changed = run_with(LayerHooks(after_solve=[stage], after_write=[written]))
+    assert events == [("solve", "model.layers.0", True, True), ("write", "model.layers.0", 7, True),
+                      ("solve", "model.layers.1", True, True), ("write", "model.layers.1", 7, False)]
+    plain = run_with(LayerHooks())
+    assert not torch.equal(changed.model.layers[1].mlp.down_proj.coeffs, plain.model.layers[1].mlp.down_proj.coeffs), (
+        "layer 1 is calibrated on the outputs of the changed layer 0")
