@@ -203,6 +203,14 @@ def _check_rules(model: nn.Module, rules: Sequence[Rule]) -> None:
             logger.warning("rule %r matches no linear module of the model", rule.match)
 
 
+def needs_calibration(recipe: Recipe | dict[str, Any], rules: Iterable[Rule | dict[str, Any]] = ()) -> bool:
+    """Whether a module quantized with ``recipe`` or a (non-skip) rule's override may need a Hessian: if not,
+    the run is data-free. (The run itself decides per module of the model.)"""
+    recipe = as_recipe(recipe)
+    recipes = [recipe] + [r for r in (rule.apply(recipe) for rule in as_rules(rules)) if r is not None]
+    return any(build_solver(dict(r.solver)).requires_hessian for r in recipes)
+
+
 def _setup(model: nn.Module, recipe: Recipe, rules: tuple[Rule, ...]) -> _Setup:
     if any(isinstance(m, QuantLinear) for m in model.modules()):
         raise ValueError("the model already holds QuantLinear modules: it is quantized already")
@@ -372,7 +380,7 @@ def _calib_dict(calibration: CalibrationConfig | dict[str, Any]) -> dict[str, An
 
 
 def quantize_model(
-    model: nn.Module | str | Path,
+    model: nn.Module | str | Path | ModelSource,
     tokenizer: Any = None,
     *,
     recipe: Recipe | dict[str, Any],
@@ -389,8 +397,9 @@ def quantize_model(
 ) -> RunReport:
     """Quantize a causal LM and return the run's report.
 
-    ``model`` is a transformers model object (quantized in place) or a local model directory (``config.json``
-    + safetensors weights, read one decoder layer at a time in ``dtype``; ``output`` is then required).
+    ``model`` is a transformers model object (quantized in place), a local model directory (``config.json``
+    + safetensors weights, read one decoder layer at a time in ``dtype``; ``output`` is then required), or a
+    :class:`~bpdq.pipeline.source.ModelSource`.
     With ``output`` the checkpoint is written there as the run goes (shards of at most ``max_shard_size``),
     appearing atomically at the end. ``calibration`` may be left out when no solver needs a Hessian (RTN):
     the run is then data-free. ``offload`` (bytes or a size such as ``"2GB"``; default: the calibration
@@ -402,10 +411,14 @@ def quantize_model(
         offload = (calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(**calibration)).offload
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
-    if isinstance(model, (str, Path)):
+    if isinstance(model, ModelSource):
+        source: ModelSource = model
+        if output is None and isinstance(model, LazySource):
+            raise ValueError("quantizing a model directory needs output= (the checkpoint is written as the run goes)")
+    elif isinstance(model, (str, Path)):
         if output is None:
             raise ValueError("quantizing a model directory needs output= (the checkpoint is written as the run goes)")
-        source: ModelSource = LazySource(model, dtype)
+        source = LazySource(model, dtype)
         if tokenizer is None:
             tokenizer = _directory_tokenizer(Path(model).expanduser())
     elif isinstance(model, nn.Module):

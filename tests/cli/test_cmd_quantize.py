@@ -52,8 +52,7 @@ def test_saved_summary_matches_the_checkpoint(tiny_checkpoint, reloaded):
     assert summary["checkpoint_bytes"] == (out / "model.safetensors").stat().st_size
     assert summary["fp16_bytes"] == 2 * total
     assert summary["avg_bpw_model"] == pytest.approx((bits + 16 * (total - n)) / total)
-    worst = [m["relative_loss"] for m in summary["worst_modules"]]
-    assert len(worst) == 5 and worst == sorted(worst, reverse=True) and worst[0] > 0
+    assert summary["worst_modules"] == []  # RTN only: a data-free run, no Hessian and no proxy loss
 
 
 def test_the_strategy_is_saved_beside_the_checkpoint(tiny_checkpoint):
