@@ -25,6 +25,7 @@ def export_model(
     safetensors shards of at most ``max_shard_size`` and the tokenizer files; returns ``output``."""
     from transformers import AutoModelForCausalLM
 
+    from bpdq.linear import QuantLinear
     from bpdq.models import load_pretrained
     from bpdq.pipeline.sink import OutputDir
 
@@ -32,7 +33,7 @@ def export_model(
     out = OutputDir(output, overwrite=overwrite)
     try:
         model, tokenizer = load_pretrained(name_or_path, dtype=dtype)
-        if getattr(model.config, "quantization_config", None) is not None:
+        if any(isinstance(m, QuantLinear) for m in model.modules()):
             raise ValueError(f"{name_or_path!r} is a quantized checkpoint; export takes a full-precision model")
         plain = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
         plain.load_state_dict(model.state_dict())
