@@ -203,7 +203,7 @@ def test_only_safetensors_files_are_read(scratch):
     (scratch / WEIGHTS_FILE).unlink()
     with pytest.raises(ValueError, match="safetensors files only, got 'pytorch_model.bin'"):
         AutoModelForCausalLM.from_pretrained(scratch)
-    with pytest.raises(ValueError, match="model.safetensors is missing"):
+    with pytest.raises(ValueError, match="bpdq reads safetensors only"):
         bpdq.load(scratch)
 
 
@@ -281,3 +281,20 @@ def test_without_bpdq_transformers_warns_and_builds_a_dense_model(checkpoints):
     assert "import bpdq" in note
     assert done.stderr.count("Unknown quantization type, got bpdq") == 1
     assert "MISSING" in done.stderr and "UNEXPECTED" in done.stderr
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_sharded_checkpoints_load_with_equal_logits(arch, tmp_path):
+    model, tokenizer = tiny_model(arch, layers=3), tiny_tokenizer()
+    rules = [{"match": "lm_head", "grid": {"type": "bitplane", "planes": 4}}]
+    bpdq.quantize_model(model, tokenizer, recipe={**TINY_RECIPE, "solver": "gptq"}, calibration=TINY_CALIBRATION,
+                        rules=rules, progress=False)
+    directory = bpdq.save(model, tokenizer, tmp_path / "ckpt", max_shard_size="20KB")
+    index = json.loads((directory / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) == 4 and not (directory / WEIGHTS_FILE).exists()
+    ids = tokenizer(PROMPT, return_tensors="pt").input_ids
+    expected = model(ids).logits
+    loaded, _ = bpdq.load(directory)
+    assert torch.equal(loaded(ids).logits, expected)
+    hf = AutoModelForCausalLM.from_pretrained(directory)
+    assert isinstance(hf.lm_head, bpdq.QuantLinear) and torch.equal(hf(ids).logits, expected)
