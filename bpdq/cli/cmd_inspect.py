@@ -44,9 +44,9 @@ def _recipe_text(recipe: dict[str, Any] | None) -> str:
 
 def describe(directory: Path) -> dict[str, Any]:
     """The JSON description of a checkpoint directory."""
-    from bpdq.checkpoint import CONFIG_FILE, WEIGHTS_FILE, check_quantization_config
+    from bpdq.checkpoint import CONFIG_FILE, check_quantization_config
     from bpdq.report import REPORT_FILE, RunReport
-    from bpdq.safetensors_header import read_header
+    from bpdq.shards import WeightFiles
 
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -60,11 +60,8 @@ def describe(directory: Path) -> dict[str, Any]:
         with usage_phase(str(directory / REPORT_FILE)):
             report = RunReport.read(directory / REPORT_FILE)
     records = {m.name: m for m in report.modules} if report else {}
-    weights = directory / WEIGHTS_FILE
-    if not weights.is_file():
-        raise UsageError(f"{str(directory)!r} is not a bpdq checkpoint: {WEIGHTS_FILE} is missing")
-    with usage_phase(str(weights)):
-        read_header(weights)
+    with usage_phase(str(directory)):
+        weights = WeightFiles(directory)  # one model.safetensors or the shards of an index, headers validated
     out_modules = []
     for name in list(records) + [n for n in modules if n not in records]:  # the pipeline's order
         rec, meta = records.get(name), modules.get(name, {})
@@ -95,7 +92,7 @@ def describe(directory: Path) -> dict[str, Any]:
         "modules_skipped": sum(1 for m in out_modules if m["skipped"]),
         "avg_bpw_quantized": report.avg_bpw_quantized if report else None,
         "avg_bpw_model": report.avg_bpw_model if report else None,
-        "checkpoint_bytes": weights.stat().st_size,
+        "checkpoint_bytes": sum(f.stat().st_size for f in weights.files),
         "fp16_bytes": report.fp16_bytes if report and report.total_params else None,
         "calibration": report.calibration if report else None,
         "modules": out_modules,

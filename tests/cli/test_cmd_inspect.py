@@ -53,3 +53,17 @@ def test_truncated_weights_are_a_usage_error_naming_the_file(in_process, capsys,
     err = capsys.readouterr().err
     assert f"{truncated_checkpoint / 'model.safetensors'} is not a valid safetensors file (truncated" in err
     assert "Traceback" not in err
+
+
+def test_a_sharded_checkpoint_is_described_with_all_its_shards(tiny_checkpoint, tmp_path):
+    import bpdq
+
+    model, tok = bpdq.load(tiny_checkpoint[1])
+    sharded = bpdq.save(model, tok, tmp_path / "sharded", max_shard_size="20KB")
+    shards = sorted(sharded.glob("model-*.safetensors"))
+    assert len(shards) > 1 and (sharded / "model.safetensors.index.json").is_file()
+    proc = run_cli("inspect", str(sharded), "--json")
+    assert proc.returncode == 0, proc.stderr
+    info = json.loads(proc.stdout)
+    assert info["modules_quantized"] == 13
+    assert info["checkpoint_bytes"] == sum(p.stat().st_size for p in shards)
