@@ -3,7 +3,7 @@
 - ``smollm2``: SmolLM2-135M-Instruct, 2-bit bit-plane grid, g=64 (``mixed=True``: ``v_proj`` and ``down_proj`` at
   3 bits, so the fused ``qkv_proj`` holds a 3-plane part beside 2-plane ones);
 - ``tiny_llama``: a random Llama whose 4 attention heads (2 KV heads) divide by 2, for tensor parallelism, with
-  SmolLM2's tokenizer; ``intermediate`` and ``group_size`` choose whether a 2-way split of ``down_proj``'s
+  the tokenizer given (SmolLM2's in the tests); ``intermediate`` and ``group_size`` choose whether a 2-way split of ``down_proj``'s
   inputs falls on group boundaries.
 """
 
@@ -29,10 +29,10 @@ def smollm2(directory: Path, *, mixed: bool = False) -> Path:
     return bpdq.save(model, tok, directory)
 
 
-def tiny_llama(directory: Path, *, intermediate: int = 512, group_size: int = 64, seed: int = 0) -> Path:
+def tiny_llama(directory: Path, tok, *, intermediate: int = 512, group_size: int = 64, seed: int = 0) -> Path:
+    """``tok``: the tokenizer to save with it (SmolLM2's, so that vLLM and bpdq see the same windows)."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    _, tok = load_pretrained("smollm2-135m", dtype="float32")
     config = LlamaConfig(
         vocab_size=len(tok), hidden_size=256, intermediate_size=intermediate, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024, tie_word_embeddings=True,
