@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 log = logging.getLogger("bench_vllm")
-RECIPE = {"group_size": 64, "grid": {"type": "bitplane", "planes": 2}, "solver": "rtn"}
+RECIPE = {"group_size": 64, "grid": {"type": "bitplane", "planes": 2}, "solver": {"type": "rtn", "refits": 0}}
 
 
 def build(workdir: Path) -> tuple[Path, Path]:

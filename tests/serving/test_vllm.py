@@ -122,9 +122,12 @@ def llm(smollm2_k2):
     namespace = {"checkpoint": str(smollm2_k2), "ENGINE": ENGINE}
     exec(compile(docs_example(), "docs/serving.md[python]", "exec"), namespace)  # noqa: S102
     engine = namespace["llm"]
-    assert namespace["text"].strip(), "the docs example generated no text"
-    yield engine
-    _shutdown(engine)
+    try:
+        # a 2-bit RTN model may well continue with blank lines: check tokens, not visible text
+        assert len(namespace["outputs"][0].outputs[0].token_ids) > 0, "the docs example generated nothing"
+        yield engine
+    finally:
+        _shutdown(engine)
 
 
 def docs_example() -> str:
@@ -272,7 +275,9 @@ def test_tensor_parallel_perplexity(tmp_path, tp_env, tokenizer):
     finally:
         _shutdown(llm)
     log.info("tiny Llama perplexity: vLLM tensor_parallel_size=2 %.4f, bpdq eval %.4f (vocab %d)", ppl, ref, len(tok))
-    assert ref < len(tok) / 4, "the random model's predictions should be far from uniform"
+    # uniform predictions would give perplexity = vocabulary size; the wide random initialisation gives peaked
+    # (wrong) predictions, far from it, so a wrongly sharded weight would change the perplexity
+    assert abs(math.log(ref / len(tok))) > 1, f"perplexity {ref:.1f} too close to uniform ({len(tok)})"
     assert _relative(ppl, ref) < 0.01
 
 
