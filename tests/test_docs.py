@@ -40,7 +40,10 @@ LINKED = MARKDOWN + [p for p in (REPO / "README.md", REPO / "configs" / "README.
 REGISTRIES = (bpdq.GRIDS, bpdq.SOLVERS, bpdq.KERNELS, bpdq.ADAPTERS)
 #: Docs whose python blocks need artifacts and are run by another test (with the artifact substituted):
 #: here they are only compiled.
-RUN_ELSEWHERE = {"docs/transformers.md": ("tests/test_hf.py", "def test_docs_example_runs(")}
+RUN_ELSEWHERE = {
+    "docs/transformers.md": ("tests/test_hf.py", "def test_docs_example_runs("),
+    "docs/serving.md": ("tests/serving/test_vllm.py", "def test_docs_example_runs("),  # in .venv-vllm
+}
 EXCERPT = re.compile(r"^# from (docs/examples/\w+\.py)\n")
 FENCE = re.compile(r"^```(\w*)[^\n]*\n(.*?)^```", re.MULTILINE | re.DOTALL)
 

@@ -1,0 +1,1 @@
+"""Serving bpdq checkpoints with inference engines (vLLM: bpdq.serving.vllm)."""
