@@ -2,17 +2,17 @@
 
 A checkpoint directory holds ``config.json`` (the model config with a ``quantization_config``:
 ``quant_method: "bpdq"``, ``format_version``, ``bpdq_version`` and a ``modules`` table giving every
-QuantLinear's planes, group size, bias, kernel, grid and solver), ``model.safetensors`` (``<module>.planes``,
+QuantLinear's planes, group size, bias, kernel, grid and solver), the weights (``<module>.planes``,
 ``<module>.coeffs``, ``<module>.bias`` of every QuantLinear plus every unquantized tensor; a tied weight is
-stored once), the tokenizer files and ``bpdq_report.json``. It is written to a temporary directory beside
-the target and renamed into place, so an interrupted save leaves no half checkpoint.
+stored once) as one ``model.safetensors`` or, above ``max_shard_size``, as shards with a
+``model.safetensors.index.json`` (see :mod:`bpdq.shards`), the tokenizer files and ``bpdq_report.json``. It
+is written to a temporary directory beside the target and renamed into place, so an interrupted save leaves
+no half checkpoint (:mod:`bpdq.pipeline.sink`).
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +20,11 @@ import torch
 from torch import nn
 
 from bpdq.linear import QuantLinear
-from bpdq.report import REPORT_FILE, RunReport
+from bpdq.report import RunReport
+from bpdq.shards import DEFAULT_MAX_SHARD_SIZE, WEIGHTS_FILE, WeightFiles  # noqa: F401  (WEIGHTS_FILE: public name)
 
 QUANT_METHOD = "bpdq"
 FORMAT_VERSION = 1
-WEIGHTS_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 MODULE_FIELDS = {"planes", "group_size", "bias", "kernel", "grid", "solver"}
 LOADING_NOTE = (
@@ -76,12 +76,24 @@ def unique_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
-def _config_dict(model: nn.Module) -> dict[str, Any]:
+def config_dict(model: nn.Module) -> dict[str, Any]:
+    """``model``'s config as written to ``config.json``, with its bpdq ``quantization_config``."""
     config = model.config.to_dict()
     config["quantization_config"] = quantization_config(model)
     if not config.get("architectures"):
         config["architectures"] = [type(model).__name__]
     return config
+
+
+def _layer_prefixes(model: nn.Module) -> list[str]:
+    """The decoder layers' names when an adapter knows the model (a shard unit each), else none."""
+    from bpdq.models.base import get_adapter
+
+    try:
+        adapter = get_adapter(model)
+        return [f"{adapter.layers}.{i}" for i in range(len(adapter.decoder_layers(model)))]
+    except ValueError:
+        return []
 
 
 def save(
@@ -91,40 +103,27 @@ def save(
     *,
     report: RunReport | None = None,
     overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
 ) -> Path:
-    """Write ``model`` (with its QuantLinear modules), ``tokenizer`` and ``report`` to ``directory``."""
-    from safetensors.torch import save_file
+    """Write ``model`` (with its QuantLinear modules), ``tokenizer`` and ``report`` to ``directory``.
 
-    target = Path(directory).expanduser()
-    if target.exists() and not target.is_dir():
-        raise FileExistsError(f"{target} exists and is not a directory")
-    if target.is_dir() and any(target.iterdir()) and not overwrite:
-        raise FileExistsError(f"{target} exists and is not empty; pass overwrite=True to replace it")
+    Weights above ``max_shard_size`` bytes (an int, or a size such as ``"500MB"``) are split into shards at
+    decoder-layer boundaries, with a ``model.safetensors.index.json``, exactly as a streaming
+    :func:`bpdq.quantize_model` run with ``output=`` writes them."""
+    from bpdq.pipeline.sink import CheckpointSink
+
     if report is not None and not isinstance(report, RunReport):
         raise TypeError(f"report must be a RunReport or None, got {type(report).__name__}")
-    config = _config_dict(model)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
+    sink = CheckpointSink(directory, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size)
     try:
-        tensors = {k: v.detach().contiguous().cpu() for k, v in unique_state_dict(model).items()}
-        # one metadata key only: safetensors writes metadata in hash-map order (not reproducible)
-        save_file(tensors, str(tmp / WEIGHTS_FILE), metadata={"format": "pt"})
-        (tmp / CONFIG_FILE).write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
-        tokenizer.save_pretrained(str(tmp))
-        if report is not None:
-            report.checkpoint_bytes = (tmp / WEIGHTS_FILE).stat().st_size
-            report.write(tmp / REPORT_FILE)
-        if target.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{target.name}.old-", dir=target.parent))
-            target.rename(old / "previous")
-            tmp.rename(target)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(target)
+        state = unique_state_dict(model)
+        for prefix in _layer_prefixes(model):
+            sink.write_tensors({k: v for k, v in state.items() if k.startswith(f"{prefix}.")})
+            state = {k: v for k, v in state.items() if not k.startswith(f"{prefix}.")}
+        return sink.finish(model, state, report)
     except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
+        sink.abort()
         raise
-    return target
 
 
 def check_quantization_config(qc: Any) -> dict[str, dict[str, Any]]:
@@ -206,29 +205,30 @@ def _check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Ten
 
 
 def load(directory: str | Path, *, device: str = "cpu", kernel: str = "auto") -> tuple[nn.Module, Any]:
-    """``(model, tokenizer)`` from a bpdq checkpoint; quantized linears are QuantLinear modules (no dense
-    weight is ever materialised)."""
+    """``(model, tokenizer)`` from a bpdq checkpoint (one ``model.safetensors`` or shards with an index);
+    quantized linears are QuantLinear modules (no dense weight is ever materialised), and shards are read
+    one at a time straight into the model (no second copy of the weights)."""
     from accelerate import init_empty_weights
-    from safetensors.torch import load_file
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     path = Path(directory).expanduser()
-    for needed in (CONFIG_FILE, WEIGHTS_FILE):
-        if not (path / needed).is_file():
-            raise ValueError(f"{path} is not a bpdq checkpoint: {needed} is missing")
+    if not (path / CONFIG_FILE).is_file():
+        raise ValueError(f"{path} is not a bpdq checkpoint: {CONFIG_FILE} is missing")
     config_data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
     qc = config_data.pop("quantization_config", None)
     modules = check_quantization_config(qc)
     if "model_type" not in config_data:
         raise ValueError(f"{path / CONFIG_FILE} has no 'model_type'")
+    files = WeightFiles(path)
     config = AutoConfig.for_model(**config_data)
     with init_empty_weights(include_buffers=False):
         model = AutoModelForCausalLM.from_config(config, dtype=config.dtype)
     replace_linears(model, modules, kernel=kernel)
     model.tie_weights()
-    tensors = load_file(str(path / WEIGHTS_FILE))
-    _check_tensors(unique_state_dict(model), tensors)
-    model.load_state_dict(tensors, strict=False, assign=True)
+    _check_tensors(unique_state_dict(model), files.meta)
+    for file in files.files:
+        names = [n for n, f in files.where.items() if f == file]
+        model.load_state_dict(files.read(names), strict=False, assign=True)
     model.tie_weights()
     model.config.quantization_config = qc
     tokenizer = AutoTokenizer.from_pretrained(str(path))

@@ -158,6 +158,20 @@ class CalibrationConfig(ConfigModel):
     samples: int = Field(default=128, ge=1, le=100_000)
     seq_len: int = Field(default=512, ge=2, le=1_000_000)
     seed: int = Field(default=0, ge=0)
+    offload: int | str | None = Field(
+        default=None,
+        description="memory budget of the calibration activations (bytes, or a size such as '2GB'); batches "
+        "beyond it are kept in a temporary directory on disk. None keeps them all in memory",
+    )
+
+    @field_validator("offload")
+    @classmethod
+    def _offload(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            from bpdq.shards import parse_size
+
+            parse_size(value, "calibration.offload")
+        return value
 
 
 def as_recipe(recipe: Recipe | dict[str, Any]) -> Recipe:

@@ -21,23 +21,7 @@ from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bpdq.checkpoint import QUANT_METHOD, _check_tensors, check_quantization_config, replace_linears
 from bpdq.linear import QuantLinear
-
-# safetensors header dtype names -> torch dtypes (the ones a checkpoint of a causal LM can hold)
-_SAFETENSORS_DTYPES = {
-    "F64": torch.float64,
-    "F32": torch.float32,
-    "F16": torch.float16,
-    "BF16": torch.bfloat16,
-    "F8_E4M3": torch.float8_e4m3fn,
-    "F8_E5M2": torch.float8_e5m2,
-    "I64": torch.int64,
-    "I32": torch.int32,
-    "I16": torch.int16,
-    "I8": torch.int8,
-    "U8": torch.uint8,
-    "BOOL": torch.bool,
-}
-
+from bpdq.shards import SAFETENSORS_DTYPES as _SAFETENSORS_DTYPES
 
 class BpdqConfig(QuantizationConfigMixin):
     """A bpdq checkpoint's ``quantization_config`` as transformers sees it. It holds the JSON object

@@ -203,7 +203,7 @@ def test_only_safetensors_files_are_read(scratch):
     (scratch / WEIGHTS_FILE).unlink()
     with pytest.raises(ValueError, match="safetensors files only, got 'pytorch_model.bin'"):
         AutoModelForCausalLM.from_pretrained(scratch)
-    with pytest.raises(ValueError, match="model.safetensors is missing"):
+    with pytest.raises(ValueError, match="bpdq reads safetensors only"):
         bpdq.load(scratch)
 
 

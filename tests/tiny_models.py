@@ -27,8 +27,9 @@ def tiny_tokenizer():
     return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", eos_token="<eos>")
 
 
-def tiny_model(arch: str = "llama", *, layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32):
-    """A randomly initialised causal LM of the given family (hidden 64, intermediate 128)."""
+def tiny_model(arch: str = "llama", *, layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes):
+    """A randomly initialised causal LM of the given family (hidden 64, intermediate 128; ``sizes`` overrides
+    config fields such as ``hidden_size``)."""
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM, Qwen3Config, Qwen3ForCausalLM
 
     common = dict(
@@ -40,7 +41,7 @@ def tiny_model(arch: str = "llama", *, layers: int = 2, seed: int = 0, dtype: to
         num_key_value_heads=2,
         max_position_embeddings=256,
         tie_word_embeddings=True,
-    )
+    ) | sizes
     config_cls, model_cls = {
         "llama": (LlamaConfig, LlamaForCausalLM),
         "qwen2": (Qwen2Config, Qwen2ForCausalLM),
@@ -56,3 +57,11 @@ def tiny_model(arch: str = "llama", *, layers: int = 2, seed: int = 0, dtype: to
 
 TINY_CALIBRATION = {"text": "builtin:python-docs", "samples": 8, "seq_len": 32, "seed": 0}
 TINY_RECIPE = {"group_size": 32, "grid": {"type": "bitplane", "planes": 2}, "solver": "rtn"}
+
+
+def tiny_model_dir(directory, arch: str = "llama", *, layers: int = 2, max_shard_size: str = "100KB", **kwargs):
+    """A tiny model (and the tiny tokenizer) written by ``save_pretrained`` as sharded safetensors."""
+    model = tiny_model(arch, layers=layers, **kwargs)
+    model.save_pretrained(directory, max_shard_size=max_shard_size)
+    tiny_tokenizer().save_pretrained(directory)
+    return directory

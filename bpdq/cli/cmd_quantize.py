@@ -1,12 +1,22 @@
-"""``bpdq quantize CONFIG``: run a strategy config, write the checkpoint, print and save a summary."""
+"""``bpdq quantize CONFIG``: run a strategy config, write the checkpoint, print and save a summary.
+
+A ``model:`` that is a local transformers directory (``config.json`` + safetensors) is read one decoder layer
+at a time; any other model (built-in alias, GGUF file, hub id) is loaded whole. Either way the checkpoint is
+written as the run goes and appears at the output path only when complete. SIGTERM is handled like Ctrl-C
+(the partial output is removed; exit 143, 130 for Ctrl-C); once the checkpoint is in place, signals no
+longer interrupt the command.
+"""
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import signal
+import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bpdq.cli.console import emit_json, stdout_console
 from bpdq.cli.errors import UsageError, usage_phase
@@ -14,6 +24,7 @@ from bpdq.cli.runtime import device_for, load_model, load_plugins, load_text
 from bpdq.cli.summary import SUMMARY_FILE, STRATEGY_FILE, run_summary, summary_tables
 
 log = logging.getLogger("bpdq.cli")
+EXIT_TERMINATED = 143  # 128 + SIGTERM, as shells report it
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -40,20 +51,58 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def _output_dir(args: argparse.Namespace, configured: str | None) -> Path:
+    from bpdq.pipeline import check_output_dir
+
     if not (args.output or configured):
         raise UsageError("no output directory: set `output:` in the config or pass --output DIR")
     out = Path(args.output or configured).expanduser()  # type: ignore[arg-type]
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"output {str(out)!r} exists and is not a directory")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite:
         raise UsageError(f"output directory {str(out)!r} is not empty; pass --overwrite to replace it")
-    return out
+    with usage_phase():
+        return check_output_dir(out, args.overwrite)
+
+
+class Terminated(BaseException):
+    """SIGTERM, raised where the process is (like KeyboardInterrupt for SIGINT), so cleanup runs."""
+
+
+def _raise_terminated(_signum: int, _frame: Any) -> None:
+    raise Terminated
+
+
+@contextlib.contextmanager
+def _terminate_raises() -> Iterator[None]:
+    previous = signal.signal(signal.SIGTERM, _raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def _ignore_signals() -> None:
+    """The checkpoint is complete: a late Ctrl-C or SIGTERM must not report an interrupted run."""
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, signal.SIG_IGN)
+
+
+def _tokenizer(directory: str) -> Any:
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(str(Path(directory).expanduser()))
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        with _terminate_raises():
+            return _run(args)
+    except Terminated:
+        sys.stderr.write(f"bpdq {args.command}: terminated\n")
+        return EXIT_TERMINATED
+
+
+def _run(args: argparse.Namespace) -> int:
     from bpdq.calibration import calibration_windows
-    from bpdq.checkpoint import save
-    from bpdq.pipeline import quantize_model
+    from bpdq.pipeline import LazySource, is_model_directory, needs_calibration, quantize_model
     from bpdq.strategy import load_strategy
 
     load_plugins(args.plugin)
@@ -61,17 +110,28 @@ def run(args: argparse.Namespace) -> int:
         strategy = load_strategy(args.config, args.overrides)
     output = _output_dir(args, strategy.output)
     device = device_for(strategy.device)
-    load_text(strategy.calibration.text, "calibration.text")
-    model, tokenizer = load_model(strategy.model, "cpu", dtype=strategy.dtype)
-    with usage_phase("calibration"):
-        windows = calibration_windows(tokenizer, strategy.calibration)
-    log.info("quantizing %s on %s: %d calibration windows of %d tokens", strategy.model, device, len(windows),
-             strategy.calibration.seq_len)
+    calibrated = needs_calibration(strategy.quantize, strategy.rules)
+    if calibrated:
+        load_text(strategy.calibration.text, "calibration.text")
+    model: Any
+    if is_model_directory(strategy.model):
+        with usage_phase(f"model {strategy.model!r}"):
+            model = LazySource(strategy.model, None if strategy.dtype == "auto" else strategy.dtype)
+            tokenizer = _tokenizer(strategy.model)
+    else:
+        model, tokenizer = load_model(strategy.model, "cpu", dtype=strategy.dtype)
+    if calibrated:
+        with usage_phase("calibration"):
+            windows = calibration_windows(tokenizer, strategy.calibration)
+        log.info("quantizing %s on %s: %d calibration windows of %d tokens", strategy.model, device, len(windows),
+                 strategy.calibration.seq_len)
+    else:
+        log.info("quantizing %s on %s: data-free (no solver of the strategy uses a Hessian)", strategy.model, device)
     report = quantize_model(
-        model, tokenizer, recipe=strategy.quantize, calibration=windows, rules=strategy.rules, device=device
+        model, tokenizer, recipe=strategy.quantize, calibration=strategy.calibration if calibrated else None,
+        rules=strategy.rules, device=device, output=output, overwrite=args.overwrite,
     )
-    report.calibration = {**report.calibration, **strategy.calibration.model_dump(mode="json")}
-    save(model, tokenizer, output, report=report, overwrite=args.overwrite)
+    _ignore_signals()
     summary = run_summary(report, strategy.model, str(output))
     (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     strategy.model_copy(update={"output": str(output)}).save(output / STRATEGY_FILE)

@@ -13,11 +13,11 @@ import traceback
 from typing import Sequence
 
 from bpdq import __version__
-from bpdq.cli import cmd_eval, cmd_generate, cmd_inspect, cmd_quantize
+from bpdq.cli import cmd_eval, cmd_export, cmd_generate, cmd_inspect, cmd_quantize
 from bpdq.cli.console import setup_logging
 from bpdq.cli.errors import EXIT_FAILURE, EXIT_USAGE, UsageError
 
-COMMANDS = (cmd_quantize, cmd_eval, cmd_inspect, cmd_generate)
+COMMANDS = (cmd_quantize, cmd_eval, cmd_inspect, cmd_generate, cmd_export)
 
 log = logging.getLogger("bpdq.cli")
 

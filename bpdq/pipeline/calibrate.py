@@ -1,4 +1,4 @@
-"""Running calibration data through decoder layers one at a time.
+"""Calibration data through decoder layers one at a time: token windows, layer-0 inputs, Hessians, replay.
 
 ``capture_layer_inputs`` runs the model on batches of token windows and stops it, with a forward pre-hook,
 at the first decoder layer: what that layer receives (hidden states and keyword arguments: attention mask,
@@ -11,11 +11,15 @@ from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
 
+from bpdq.calibration import calibration_windows
+from bpdq.config import CalibrationConfig
+from bpdq.shards import parse_size
 from bpdq.solvers.hessian import HessianAccumulator
 
 
@@ -30,6 +34,66 @@ class Batch:
     kwargs: dict[str, Any]
 
 
+class ActivationStore(Sequence[Batch]):
+    """Calibration batches whose hidden states stay in memory up to ``budget`` bytes (their dtype unchanged);
+    the rest are written to ``directory`` as safetensors files and read back when a pass reaches them. The
+    keyword arguments (masks, position embeddings) are shared by every layer and stay in memory."""
+
+    _counter = 0
+
+    def __init__(self, directory: Path, budget: int | str) -> None:
+        self.directory = directory
+        self.budget = parse_size(budget, "offload")
+        self._items: list[Batch | tuple[Path, Batch]] = []
+        self._in_memory = 0
+
+    @classmethod
+    def from_batches(cls, batches: Sequence[Batch], directory: Path, budget: int | str) -> "ActivationStore":
+        store = cls(directory, budget)
+        for b in batches:
+            store.append(b)
+        return store
+
+    def empty_like(self) -> "ActivationStore":
+        return ActivationStore(self.directory, self.budget)
+
+    def append(self, batch: Batch) -> None:
+        size = batch.hidden.numel() * batch.hidden.element_size()
+        if self._in_memory + size <= self.budget:
+            self._in_memory += size
+            self._items.append(batch)
+            return
+        from safetensors.torch import save_file
+
+        ActivationStore._counter += 1
+        path = self.directory / f"hidden-{ActivationStore._counter:08d}.safetensors"
+        save_file({"hidden": batch.hidden.contiguous()}, str(path))
+        self._items.append((path, Batch(batch.hidden.new_empty(0), batch.args, batch.kwargs)))
+
+    def __len__(self) -> int:
+        return len(self._items)
+
+    def __getitem__(self, index: int) -> Batch:  # type: ignore[override]
+        item = self._items[index]
+        if isinstance(item, Batch):
+            return item
+        from safetensors.torch import load_file
+
+        path, rest = item
+        return Batch(load_file(str(path))["hidden"], rest.args, rest.kwargs)
+
+    @property
+    def n_offloaded(self) -> int:
+        return sum(not isinstance(item, Batch) for item in self._items)
+
+    def close(self) -> None:
+        """Delete this store's files (the batches in memory are dropped with the store)."""
+        for item in self._items:
+            if not isinstance(item, Batch):
+                item[0].unlink(missing_ok=True)
+        self._items = []
+
+
 def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -40,6 +104,26 @@ def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, dict):
         return {k: to_device(v, device) for k, v in value.items()}
     return value
+
+
+def token_windows(tokenizer: Any, calibration: Any, vocab_size: int) -> list[torch.Tensor]:
+    """1-D ``int64`` token windows from a calibration config (or dict), or checked from given token ids."""
+    if isinstance(calibration, (CalibrationConfig, dict)):
+        return calibration_windows(tokenizer, calibration)
+    if not isinstance(calibration, (list, tuple)) or not calibration:
+        raise TypeError("calibration must be a CalibrationConfig, a dict, or a non-empty list of token-id tensors")
+    windows = []
+    for i, w in enumerate(calibration):
+        if not isinstance(w, torch.Tensor) or w.dtype not in (torch.int64, torch.int32) or w.numel() == 0:
+            raise TypeError(f"calibration[{i}] must be a non-empty integer tensor of token ids")
+        if w.dim() == 2 and w.shape[0] == 1:
+            w = w[0]
+        if w.dim() != 1:
+            raise ValueError(f"calibration[{i}] must be 1-D [seq] or [1, seq], got shape {tuple(w.shape)}")
+        if int(w.min()) < 0 or int(w.max()) >= vocab_size:
+            raise ValueError(f"calibration[{i}] holds token ids outside the vocabulary [0, {vocab_size})")
+        windows.append(w.to(torch.int64))
+    return windows
 
 
 def batch_windows(windows: Sequence[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
@@ -61,9 +145,10 @@ def _first_output(out: Any) -> torch.Tensor:
 
 
 def capture_layer_inputs(model: nn.Module, first_layer: nn.Module, batches: Sequence[torch.Tensor]) -> list[Batch]:
-    """The inputs of ``first_layer`` for every batch of token ids (computed where the model lives)."""
+    """The inputs of ``first_layer`` for every batch of token ids (computed where the embeddings live; nothing
+    from the first decoder layer on runs, so those layers may still be on the meta device)."""
     captured: list[Batch] = []
-    device = next(model.parameters()).device
+    device = model.get_input_embeddings().weight.device
 
     def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         hidden = args[0] if args else kwargs.pop("hidden_states")
@@ -148,9 +233,13 @@ def _passes(batches: Sequence[Batch], replay: Replay | None) -> Iterator[tuple[i
         replay.end_pass(len(batches))
 
 
-def run_layer(layer: nn.Module, batches: Sequence[Batch], device: torch.device, replay: Replay | None = None) -> list[Batch]:
-    """``layer``'s outputs for every batch, as the next layer's inputs (same keyword arguments)."""
-    out = []
+def run_layer(
+    layer: nn.Module, batches: Sequence[Batch], device: torch.device, replay: Replay | None = None,
+    out: Any = None,
+) -> Any:
+    """``layer``'s outputs for every batch, as the next layer's inputs (same keyword arguments), appended to
+    ``out`` (a new list by default, or an :class:`ActivationStore`) and returned."""
+    out = [] if out is None else out
     for _, b in _passes(batches, replay):
         hidden = _first_output(_call(layer, b, device))
         out.append(Batch(hidden.detach().to("cpu", b.hidden.dtype), b.args, b.kwargs))

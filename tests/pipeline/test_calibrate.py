@@ -1,4 +1,4 @@
-"""Layer-by-layer calibration helpers (bpdq/layer_io.py): replaying finished sub-blocks."""
+"""Layer-by-layer calibration helpers (bpdq/pipeline/calibrate.py): replaying finished sub-blocks."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 import bpdq
-from bpdq.layer_io import Batch, Replay, run_layer
+from bpdq.pipeline.calibrate import Batch, Replay, run_layer
 from bpdq.models.llama import LLAMA
 from tests.tiny_models import TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_tokenizer
 

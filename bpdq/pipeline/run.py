@@ -1,0 +1,444 @@
+"""The quantization loop: per decoder layer, materialise -> calibrate -> solve -> write -> next inputs -> release.
+
+For each decoder layer (moved alone to the compute device) and each sequential group of its linears
+(q,k,v -> o -> gate,up -> down): accumulate the Hessians of the group's inputs, solve every linear with its
+recipe, replace the ``nn.Linear`` by a ``QuantLinear``; then rerun the layer so that the next one is
+calibrated on the quantized layer's outputs. Recipes come from rules matched against full module names
+(first match wins, ``skip`` leaves a module in full precision). The output projection (``lm_head``) is
+quantized only when a rule matches it; embeddings are never quantized.
+
+One loop serves every case: the weights come from a :mod:`~bpdq.pipeline.source` (the model in memory, or a
+directory of safetensors shards read one layer at a time) and the results go to a
+:mod:`~bpdq.pipeline.sink` (the modules swapped in place, plus a checkpoint streamed layer by layer when
+``output`` is given). When no module's solver needs a Hessian (e.g. RTN) the run is data-free: no
+calibration text, no layer forward, shards in -> packed shards out.
+
+Extension points (:class:`LayerHooks`): ``after_solve`` stages run on a layer whose linears are all solved,
+on the compute device, before its outputs are computed (e.g. tuning against full-precision targets);
+``after_write`` steps run once a layer is written, before it is released (e.g. persisting resume state).
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from contextlib import ExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import torch
+from torch import nn
+
+from bpdq.api import build_solver, quantize_weight
+from bpdq.checkpoint import quantization_config, unique_state_dict
+from bpdq.config import CalibrationConfig, Recipe, Rule, as_recipe, as_rules, resolve_recipe
+from bpdq.linear import QuantLinear
+from bpdq.models.base import Adapter, architecture_of, get_adapter
+from bpdq.pipeline.calibrate import (
+    ActivationStore,
+    Batch,
+    Replay,
+    batch_windows,
+    capture_layer_inputs,
+    collect_hessians,
+    run_layer,
+    token_windows,
+)
+from bpdq.pipeline.sink import CheckpointSink, InMemorySink, Sink
+from bpdq.pipeline.source import InMemorySource, LazySource, ModelSource
+from bpdq.progress import RunProgress
+from bpdq.report import ModuleRecord, RunReport
+from bpdq.shards import DEFAULT_MAX_SHARD_SIZE
+from bpdq.solvers.hessian import HessianAccumulator
+
+logger = logging.getLogger(__name__)
+
+
+def resolve_device(device: str | torch.device) -> torch.device:
+    """``"auto"`` (CUDA when available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``."""
+    if isinstance(device, torch.device):
+        device = str(device)
+    if not isinstance(device, str):
+        raise TypeError(f"device must be 'auto', 'cpu' or 'cuda[:N]', got {type(device).__name__}")
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except RuntimeError:
+        raise ValueError(f"unknown device {device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'") from None
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(f"unsupported device {device!r}; allowed: 'auto', 'cpu', 'cuda', 'cuda:N'")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {device!r} was requested but CUDA is not available; use 'cpu' or 'auto'")
+    return dev
+
+
+@dataclass
+class LayerStep:
+    """One decoder layer's step: everything the per-layer functions and hooks read and fill in.
+
+    ``plan`` maps each sequential group's linears (relative names) to their recipe (``None`` = skip).
+    ``inputs`` are the layer's inputs in the quantized model (``None`` in a data-free run); ``fp_inputs``
+    a full-precision stream carried beside them (``None`` unless a caller provides one). ``outputs`` are
+    filled in by :func:`layer_outputs` and become the next layer's ``inputs``.
+    """
+
+    index: int
+    prefix: str
+    layer: nn.Module
+    plan: list[dict[str, Recipe | None]]
+    inputs: Sequence[Batch] | None
+    fp_inputs: Sequence[Batch] | None = None
+    outputs: Sequence[Batch] | None = None
+    records: list[ModuleRecord] = field(default_factory=list)
+    replay: Replay | None = None
+
+
+@dataclass
+class LayerHooks:
+    """Stages plugged into the loop. ``after_solve(step, device)``: the layer is solved and on the device;
+    a stage that changes it must keep its QuantLinear modules (the recorded sub-block outputs are dropped,
+    so the outputs are recomputed). ``after_write(step)``: the layer is written to the sink, not yet released."""
+
+    after_solve: list[Callable[[LayerStep, torch.device], None]] = field(default_factory=list)
+    after_write: list[Callable[[LayerStep], None]] = field(default_factory=list)
+
+
+def _first_rule(name: str, rules: Sequence[Rule]) -> Rule | None:
+    return next((r for r in rules if r.matches(name)), None)
+
+
+def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, new)
+
+
+def quantize_linear(root: nn.Module, rel: str, full: str, recipe: Recipe, hessian: torch.Tensor | None) -> ModuleRecord:
+    """Solve the ``nn.Linear`` ``rel`` of ``root`` and swap it for a QuantLinear (on the weight's device)."""
+    linear = root.get_submodule(rel)
+    try:
+        qw = quantize_weight(
+            linear.weight, hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size
+        )
+    except ValueError as exc:
+        raise ValueError(f"cannot quantize {full}: {exc}") from None
+    _replace(root, rel, QuantLinear.from_quantized(qw, linear.bias, kernel=recipe.kernel))
+    return ModuleRecord(
+        name=full,
+        skipped=False,
+        n_params=linear.weight.numel(),
+        recipe=recipe.model_dump(mode="json"),
+        bits_per_weight=qw.bits_per_weight,
+        proxy_loss=qw.stats.proxy_loss,
+        relative_loss=qw.stats.relative_loss,
+        time_s=qw.stats.time_s,
+    )
+
+
+def layer_plan(layer: nn.Module, prefix: str, adapter: Adapter, recipe: Recipe, rules: Sequence[Rule]) -> list[dict[str, Recipe | None]]:
+    """Each sequential group of ``layer``'s linears with the recipe of each linear (``None`` = skip)."""
+    return [{rel: resolve_recipe(f"{prefix}.{rel}", recipe, rules) for rel in g} for g in adapter.linear_groups(layer)]
+
+
+def solve_layer(step: LayerStep, adapter: Adapter, device: torch.device, progress: RunProgress) -> None:
+    """Quantize ``step.layer``'s linears group by group (calibrated on ``step.inputs``, or Hessian-free when
+    those are ``None``); sets ``step.records`` and ``step.replay`` (for the layer's final pass)."""
+    layer, prefix = step.layer, step.prefix
+    replay = Replay(layer) if step.inputs is not None else None
+    done: set[str] = set()
+    for group in step.plan:
+        todo = [rel for rel, r in group.items() if r is not None]
+        for rel, r in group.items():
+            if r is None:
+                step.records.append(ModuleRecord(f"{prefix}.{rel}", skipped=True, n_params=layer.get_submodule(rel).weight.numel()))
+                progress.advance()
+        if todo:
+            hessians: dict[str, torch.Tensor | None] = dict.fromkeys(todo)
+            if step.inputs is not None:
+                progress.describe(f"{prefix}: calibrating {', '.join(todo)}")
+                hessians.update(collect_hessians(layer, todo, step.inputs, device, replay))
+            for rel in todo:
+                progress.describe(f"{prefix}.{rel}")
+                step.records.append(quantize_linear(layer, rel, f"{prefix}.{rel}", group[rel], hessians.pop(rel)))  # type: ignore[arg-type]
+                progress.advance()
+        done.update(group)
+        if replay is not None:
+            for block in adapter.replay:
+                if all(rel in done for g in step.plan for rel in g if rel.startswith(f"{block}.")):
+                    replay.finish(block)
+    step.replay = replay
+
+
+def layer_outputs(step: LayerStep, device: torch.device) -> None:
+    """The solved layer's outputs for ``step.inputs`` (the next layer's inputs) into ``step.outputs``."""
+    assert step.inputs is not None
+    out = step.inputs.empty_like() if isinstance(step.inputs, ActivationStore) else []
+    step.outputs = run_layer(step.layer, step.inputs, device, step.replay, out=out)
+
+
+@dataclass
+class _Setup:
+    recipe: Recipe
+    rules: tuple[Rule, ...]
+    adapter: Adapter
+    layers: nn.ModuleList
+    head_recipe: Recipe | None
+    calibrated: bool
+
+
+def _check_rules(model: nn.Module, rules: Sequence[Rule]) -> None:
+    emb = model.get_input_embeddings()
+    emb_name = next((n for n, m in model.named_modules() if m is emb), None)
+    if emb_name is not None:
+        rule = _first_rule(emb_name, rules)
+        if rule is not None and not rule.skip:
+            raise ValueError(
+                f"rule {rule.match!r} asks to quantize the embedding {emb_name!r}; bpdq quantizes linears only"
+            )
+    for rule in rules:
+        if not any(rule.matches(n) for n, m in model.named_modules() if isinstance(m, nn.Linear)):
+            logger.warning("rule %r matches no linear module of the model", rule.match)
+
+
+def needs_calibration(recipe: Recipe | dict[str, Any], rules: Iterable[Rule | dict[str, Any]] = ()) -> bool:
+    """Whether a module quantized with ``recipe`` or a (non-skip) rule's override may need a Hessian: if not,
+    the run is data-free. (The run itself decides per module of the model.)"""
+    recipe = as_recipe(recipe)
+    recipes = [recipe] + [r for r in (rule.apply(recipe) for rule in as_rules(rules)) if r is not None]
+    return any(build_solver(dict(r.solver)).requires_hessian for r in recipes)
+
+
+def _setup(model: nn.Module, recipe: Recipe, rules: tuple[Rule, ...]) -> _Setup:
+    if any(isinstance(m, QuantLinear) for m in model.modules()):
+        raise ValueError("the model already holds QuantLinear modules: it is quantized already")
+    adapter = get_adapter(model)
+    layers = adapter.decoder_layers(model)
+    _check_rules(model, rules)
+    head_rule = _first_rule(adapter.head, rules)
+    head_recipe = head_rule.apply(recipe) if head_rule is not None else None
+    recipes = [r for i, layer in enumerate(layers) for g in layer_plan(layer, f"{adapter.layers}.{i}", adapter, recipe, rules)
+               for r in g.values() if r is not None] + ([head_recipe] if head_recipe else [])
+    calibrated = any(build_solver(dict(r.solver)).requires_hessian for r in recipes)
+    return _Setup(recipe, rules, adapter, layers, head_recipe, calibrated)
+
+
+def _on_device(module: nn.Module, device: torch.device) -> torch.device:
+    """Move ``module`` to ``device``; returns where it was (its home)."""
+    home = next(module.parameters()).device
+    module.to(device)
+    return home
+
+
+def _quantize_head(source: ModelSource, s: _Setup, batches: Sequence[Batch] | None, device: torch.device) -> ModuleRecord:
+    model = source.model
+    head = source.load(s.adapter.head)
+    hessian = None
+    if batches is not None:
+        norm = source.load(s.adapter.norm)
+        acc = HessianAccumulator(head.in_features, device=device)
+        home = _on_device(norm, device)
+        try:
+            for b in batches:
+                acc.add(norm(b.hidden.to(device)))
+        finally:
+            norm.to(home)
+        hessian = acc.hessian
+    tied = getattr(model.config, "tie_word_embeddings", False)
+    if tied:  # the embedding keeps its dense weight; the head gets its own copy to quantize
+        head.weight = nn.Parameter(head.weight.detach(), requires_grad=False)
+    home = _on_device(head, device)
+    try:
+        assert s.head_recipe is not None
+        record = quantize_linear(model, s.adapter.head, s.adapter.head, s.head_recipe, hessian)
+    finally:
+        model.get_submodule(s.adapter.head).to(home)
+    if tied:
+        model.config.tie_word_embeddings = False
+    return record
+
+
+def run_quantization(
+    source: ModelSource,
+    sink: Sink,
+    *,
+    recipe: Recipe,
+    rules: tuple[Rule, ...],
+    tokenizer: Any,
+    calibration: Any,
+    device: torch.device,
+    progress: bool,
+    batch_size: int,
+    offload: Any = None,
+    hooks: LayerHooks | None = None,
+) -> RunReport:
+    """The loop over ``source``'s decoder layers into ``sink`` (see the module docstring). On any exception
+    the layer in work goes back to its home device and ``sink.abort()`` removes what was written."""
+    start = time.perf_counter()
+    hooks = hooks or LayerHooks()
+    model = source.model
+    was_training = model.training
+    try:
+        report = _run(source, sink, recipe, rules, tokenizer, calibration, device, progress, batch_size, offload, hooks)
+        report.total_time_s = time.perf_counter() - start
+        rest = {k: v for k, v in unique_state_dict(model).items() if not k.startswith(f"{get_adapter(model).layers}.")}
+        sink.finish(model, rest, report)
+    except BaseException:
+        sink.abort()
+        raise
+    finally:
+        model.train(was_training)
+    return report
+
+
+def _run(
+    source: ModelSource, sink: Sink, recipe: Recipe, rules: tuple[Rule, ...], tokenizer: Any, calibration: Any,
+    device: torch.device, progress: bool, batch_size: int, offload: Any, hooks: LayerHooks,
+) -> RunReport:
+    model = source.model
+    s = _setup(model, recipe, rules)
+    report = RunReport(model=architecture_of(model), total_params=sum(p.numel() for p in model.parameters()))
+    windows = None
+    if s.calibrated:
+        if calibration is None:
+            raise ValueError("calibration is required: a solver of the recipe needs a Hessian (only 'rtn' runs without data)")
+        windows = token_windows(tokenizer, calibration, model.get_input_embeddings().num_embeddings)
+        report.calibration = {"windows": len(windows), "seq_len": windows[0].numel()} | (
+            _calib_dict(calibration) if isinstance(calibration, (CalibrationConfig, dict)) else {}
+        )
+    elif calibration is not None:
+        logger.info("no solver of this recipe uses a Hessian: data-free run, the calibration is not used")
+    n_steps = sum(len(g) for g in s.adapter.linear_groups(s.layers[0])) * len(s.layers) + int(s.head_recipe is not None)
+    model.eval()
+    layers_prefix = s.adapter.layers
+    with ExitStack() as stack:
+        bar = stack.enter_context(RunProgress(len(s.layers), n_steps, enabled=progress and sys.stderr.isatty()))
+        stack.enter_context(torch.no_grad())
+        inputs: Sequence[Batch] | None = None
+        if windows is not None:
+            source.load_outside(layers_prefix)
+            inputs = capture_layer_inputs(model, s.layers[0], batch_windows(windows, batch_size))
+            if offload is not None:
+                spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bpdq-activations-")))
+                inputs = ActivationStore.from_batches(inputs, spill, offload)
+                logger.info("calibration activations: %d of %d batches offloaded to %s", inputs.n_offloaded,
+                            len(inputs), spill)
+        try:
+            for i in range(len(s.layers)):
+                bar.layer(i)
+                prefix = f"{layers_prefix}.{i}"
+                step = run_layer_step(source, s, i, inputs, device, bar, hooks, last=i == len(s.layers) - 1)
+                report.modules += step.records
+                sink.write_layer(prefix, step.layer)
+                for after_write in hooks.after_write:
+                    after_write(step)
+                source.release(prefix)
+                if isinstance(inputs, ActivationStore):
+                    inputs.close()
+                inputs = step.outputs
+            source.load_outside(layers_prefix)
+            if s.head_recipe is not None:
+                bar.describe(s.adapter.head)
+                report.modules.append(_quantize_head(source, s, inputs, device))
+                bar.advance()
+        finally:
+            if isinstance(inputs, ActivationStore):
+                inputs.close()
+    recipes = {m.name: m.recipe for m in report.modules if m.recipe is not None}
+    model.config.quantization_config = quantization_config(model, recipes)
+    return report
+
+
+def run_layer_step(
+    source: ModelSource, s: _Setup, index: int, inputs: Sequence[Batch] | None, device: torch.device,
+    progress: RunProgress, hooks: LayerHooks, *, last: bool = False,
+) -> LayerStep:
+    """Materialise decoder layer ``index``, solve it on ``device``, run the ``after_solve`` stages and compute
+    its outputs (unless it is the last layer and the head is not quantized); the layer ends on its home
+    device whatever happens."""
+    prefix = f"{s.adapter.layers}.{index}"
+    layer = source.load(prefix)
+    step = LayerStep(index, prefix, layer, layer_plan(layer, prefix, s.adapter, s.recipe, s.rules), inputs)
+    home = _on_device(layer, device)
+    try:
+        solve_layer(step, s.adapter, device, progress)
+        for stage in hooks.after_solve:
+            step.replay = None  # the stage may change what the recorded sub-blocks computed
+            stage(step, device)
+        if inputs is not None and (not last or s.head_recipe is not None):
+            layer_outputs(step, device)
+    finally:
+        layer.to(home)
+    return step
+
+
+def _calib_dict(calibration: CalibrationConfig | dict[str, Any]) -> dict[str, Any]:
+    cfg = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(**calibration)
+    return cfg.model_dump(mode="json")
+
+
+def quantize_model(
+    model: nn.Module | str | Path | ModelSource,
+    tokenizer: Any = None,
+    *,
+    recipe: Recipe | dict[str, Any],
+    calibration: CalibrationConfig | dict[str, Any] | Sequence[torch.Tensor] | None = None,
+    rules: Iterable[Rule | dict[str, Any]] = (),
+    device: str | torch.device = "auto",
+    progress: bool = True,
+    batch_size: int = 8,
+    output: str | Path | None = None,
+    overwrite: bool = False,
+    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
+    dtype: torch.dtype | str | None = None,
+    offload: int | str | None = None,
+) -> RunReport:
+    """Quantize a causal LM and return the run's report.
+
+    ``model`` is a transformers model object (quantized in place), a local model directory (``config.json``
+    + safetensors weights, read one decoder layer at a time in ``dtype``; ``output`` is then required), or a
+    :class:`~bpdq.pipeline.source.ModelSource`.
+    With ``output`` the checkpoint is written there as the run goes (shards of at most ``max_shard_size``),
+    appearing atomically at the end. ``calibration`` may be left out when no solver needs a Hessian (RTN):
+    the run is then data-free. ``offload`` (bytes or a size such as ``"2GB"``; default: the calibration
+    config's ``offload``) keeps calibration activations beyond that budget in a temporary directory on disk.
+    """
+    recipe, rules = as_recipe(recipe), as_rules(rules)
+    dev = resolve_device(device)
+    if offload is None and isinstance(calibration, (CalibrationConfig, dict)):
+        offload = (calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(**calibration)).offload
+    if not isinstance(batch_size, int) or batch_size < 1:
+        raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if isinstance(model, ModelSource):
+        source: ModelSource = model
+        if output is None and isinstance(model, LazySource):
+            raise ValueError("quantizing a model directory needs output= (the checkpoint is written as the run goes)")
+    elif isinstance(model, (str, Path)):
+        if output is None:
+            raise ValueError("quantizing a model directory needs output= (the checkpoint is written as the run goes)")
+        source = LazySource(model, dtype)
+        if tokenizer is None:
+            tokenizer = _directory_tokenizer(Path(model).expanduser())
+    elif isinstance(model, nn.Module):
+        if dtype is not None:
+            raise ValueError("dtype applies to a model directory; cast an in-memory model before quantizing it")
+        source = InMemorySource(model)
+    else:
+        raise TypeError(f"model must be an nn.Module or a model directory path, got {type(model).__name__}")
+    sink: Sink = InMemorySink() if output is None else CheckpointSink(
+        output, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size
+    )
+    return run_quantization(source, sink, recipe=recipe, rules=rules, tokenizer=tokenizer, calibration=calibration,
+               device=dev, progress=progress, batch_size=batch_size, offload=offload)
+
+
+def _directory_tokenizer(directory: Path) -> Any:
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(str(directory))
+    except (OSError, ValueError) as exc:
+        logger.warning("no tokenizer in %s (%s): the checkpoint will have none", directory, exc)
+        return None

@@ -1,0 +1,179 @@
+"""Where a run's weights come from: a model object in memory, or a directory of safetensors shards.
+
+A source hands out modules by dotted name (``load``) and takes them back (``release``). The in-memory source
+returns the model's own modules and releases nothing. The lazy source builds the model skeleton on the meta
+device from ``config.json``, checks every shard header against it before any tensor is read (a missing
+tensor, or one of the wrong shape, is an error naming it), and materialises a module by reading only its
+tensors (``safe_open`` per file, files closed after reading); ``release`` sends the module back to the meta
+device, so a finished decoder layer holds no memory.
+
+Memory held: in memory, the model. Lazy: the modules loaded and not yet released (the run keeps the
+embeddings, the final norm and the head, and one decoder layer at a time).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import json
+import logging
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Callable, Iterable
+
+import torch
+from torch import nn
+
+from bpdq.checkpoint import unique_state_dict
+from bpdq.quantized import dtype_from_name
+from bpdq.shards import WeightFiles
+
+logger = logging.getLogger(__name__)
+CONFIG_FILE = "config.json"
+
+
+class ModelSource(ABC):
+    """A causal LM whose modules are materialised on request; ``model`` is the module tree."""
+
+    model: nn.Module
+
+    @abstractmethod
+    def load(self, name: str) -> nn.Module:
+        """The module ``name`` (dotted, relative to the model) with real tensors, on the CPU for lazy sources."""
+
+    @abstractmethod
+    def release(self, name: str) -> None:
+        """Drop the tensors of module ``name`` once its results are written (a no-op in memory)."""
+
+    def load_outside(self, prefix: str) -> None:
+        """Materialise every tensor of the model outside the module ``prefix`` (the decoder layers)."""
+        self.load("")  # the in-memory default: everything is there already
+
+
+class InMemorySource(ModelSource):
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def load(self, name: str) -> nn.Module:
+        return self.model.get_submodule(name)
+
+    def release(self, name: str) -> None:
+        return None
+
+
+def is_model_directory(path: str | Path) -> bool:
+    """A directory with a transformers ``config.json`` (not a bpdq checkpoint: that one is already quantized)."""
+    p = Path(path).expanduser()
+    config = p / CONFIG_FILE
+    if not (p.is_dir() and config.is_file()):
+        return False
+    try:
+        qc = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
+    except ValueError:
+        return True  # read_config reports it
+    return not (isinstance(qc, dict) and qc.get("quant_method") == "bpdq")
+
+
+class LazySource(ModelSource):
+    """A transformers model directory (``config.json`` + safetensors) read one module at a time.
+
+    ``dtype`` (a torch dtype or a name; ``None`` = the config's ``dtype``, else float32) is the dtype the
+    floating tensors are materialised in, as ``from_pretrained(dtype=...)`` would load them.
+    """
+
+    def __init__(self, directory: str | Path, dtype: torch.dtype | str | None = None) -> None:
+        from accelerate import init_empty_weights
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.directory = Path(directory).expanduser()
+        if not (self.directory / CONFIG_FILE).is_file():
+            raise ValueError(f"{self.directory} is not a model directory: {CONFIG_FILE} is missing")
+        self.files = WeightFiles(self.directory)  # checks the index, the shards and pickle-only directories
+        try:
+            config = AutoConfig.from_pretrained(str(self.directory))
+        except (ValueError, OSError, KeyError) as exc:
+            raise ValueError(f"cannot read {self.directory / CONFIG_FILE}: {exc}") from None
+        if isinstance(dtype, str):
+            dtype = dtype_from_name(dtype)
+        stored = getattr(config, "dtype", None)
+        self.dtype = dtype or (stored if isinstance(stored, torch.dtype) else torch.float32)
+        with init_empty_weights(include_buffers=False):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        self.model.tie_weights()
+        if not getattr(self.model.config, "architectures", None):
+            self.model.config.architectures = [type(self.model).__name__]
+        self.model.eval()
+        self._check_headers()
+
+    def _expected(self) -> dict[str, torch.Tensor]:
+        """The tensors a checkpoint must hold: the state dict with tied tensors once (the first name)."""
+        return unique_state_dict(self.model)
+
+    def _check_headers(self) -> None:
+        stored = self.files.meta
+        for name, ref in self._expected().items():
+            t = stored.get(name)
+            if t is None:
+                raise ValueError(f"{self.directory}: tensor {name!r} of the model is in none of its safetensors files")
+            if tuple(t.shape) != tuple(ref.shape):
+                raise ValueError(
+                    f"{self.directory}: tensor {name!r} in {self.files.where[name].name} has shape {tuple(t.shape)}, "
+                    f"the model ({type(self.model).__name__} from config.json) expects {tuple(ref.shape)}"
+                )
+        extra = sorted(set(stored) - set(self._expected()) - set(self.model.state_dict()))
+        if extra:
+            logger.warning("%s: ignoring %d tensors the model does not use, e.g. %s", self.directory, len(extra), extra[:3])
+
+    def _materialise(self, names: Iterable[str]) -> None:
+        names = [n for n in names if self._tensor(n).is_meta]
+        if not names:
+            return
+        for name, t in self.files.read(names).items():
+            current = self._tensor(name)
+            if t.is_floating_point():
+                t = t.to(current.dtype)
+            self._assign(name, t)
+        self.model.tie_weights()
+
+    def _tensor(self, name: str) -> torch.Tensor:
+        owner, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(owner)
+        return module._parameters[attr] if attr in module._parameters else module._buffers[attr]
+
+    def _assign(self, name: str, t: torch.Tensor) -> None:
+        owner, _, attr = name.rpartition(".")
+        module = self.model.get_submodule(owner)
+        if attr in module._parameters:
+            module._parameters[attr] = nn.Parameter(t, requires_grad=False)
+        else:
+            module._buffers[attr] = t
+
+    def _names_under(self, prefix: str) -> list[str]:
+        return [n for n in self._expected() if not prefix or n.startswith(f"{prefix}.")]
+
+    def load(self, name: str) -> nn.Module:
+        self._materialise(self._names_under(name))
+        return self.model.get_submodule(name)
+
+    def load_outside(self, prefix: str) -> None:
+        self._materialise(n for n in self._expected() if not n.startswith(f"{prefix}."))
+
+    def release(self, name: str) -> None:
+        self.model.get_submodule(name).to("meta")
+        return_freed_memory()
+
+
+@functools.cache
+def _malloc_trim() -> Callable[[int], int] | None:
+    try:
+        return ctypes.CDLL("libc.so.6").malloc_trim  # type: ignore[no-any-return]
+    except (OSError, AttributeError):
+        return None
+
+
+def return_freed_memory() -> None:
+    """Give the heap memory freed by a released layer back to the OS (glibc's ``malloc_trim``; elsewhere a
+    no-op). Without it glibc keeps the freed layer-sized blocks, and the RSS grows with every layer."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)

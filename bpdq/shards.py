@@ -1,0 +1,183 @@
+"""Directories of safetensors weights: one ``model.safetensors``, or shards listed by
+``model.safetensors.index.json`` (the layout transformers writes), read and written a few tensors at a time.
+
+Reading (:class:`WeightFiles`): the index (or the single file) is checked before any tensor is read: a
+directory holding only pickle weights (``.bin``, ``.pt``...) is refused without opening them, and a shard the
+index names but the directory lacks is an error naming it. Tensors are read with ``safe_open`` per file and
+copied out, so no memory map outlives the read.
+
+Writing (:class:`ShardWriter`): tensors arrive in *units* (a decoder layer's tensors, or the rest of the
+model); a unit never straddles two shards, and a shard is written as soon as the next unit would take it over
+``max_shard_size``. One shard becomes ``model.safetensors`` (no index); several become
+``model-0000i-of-0000N.safetensors`` plus the index.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Iterable
+
+import torch
+
+WEIGHTS_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl")
+DEFAULT_MAX_SHARD_SIZE = "1GB"
+_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20, "GIB": 2**30}
+_SIZE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)?\s*", re.IGNORECASE)
+
+# safetensors header dtype names -> torch dtypes (the ones a checkpoint of a causal LM can hold)
+SAFETENSORS_DTYPES = {
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "F8_E4M3": torch.float8_e4m3fn,
+    "F8_E5M2": torch.float8_e5m2,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+}
+
+
+def parse_size(value: int | str, what: str = "max_shard_size") -> int:
+    """Bytes from an int or a string such as ``"500MB"``, ``"2GB"``, ``"1GiB"`` (decimal and binary units)."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        size = value
+    elif isinstance(value, str) and (m := _SIZE.fullmatch(value)):
+        size = int(float(m.group(1)) * _UNITS[(m.group(2) or "").upper()])
+    else:
+        raise ValueError(f"{what} must be a positive int (bytes) or a size like '500MB', '2GB'; got {value!r}")
+    if size <= 0:
+        raise ValueError(f"{what} must be positive, got {value!r}")
+    return size
+
+
+class WeightFiles:
+    """The safetensors files of a model directory and which file holds which tensor (headers only)."""
+
+    def __init__(self, directory: str | Path) -> None:
+        self.directory = Path(directory)
+        self.files = self._files()
+        self.where: dict[str, Path] = {}
+        self.meta: dict[str, torch.Tensor] = {}  # name -> meta tensor with the stored shape and dtype
+        for file in self.files:
+            self._read_header(file)
+
+    def _files(self) -> list[Path]:
+        d = self.directory
+        index = d / INDEX_FILE
+        if index.is_file():
+            try:
+                weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+                names = sorted(set(weight_map.values()))
+            except (ValueError, KeyError, TypeError, AttributeError) as exc:
+                raise ValueError(f"{index} is not a valid safetensors index (needs a 'weight_map' object): {exc}") from None
+            for name in names:
+                if not isinstance(name, str) or Path(name).name != name or not name.endswith(".safetensors"):
+                    raise ValueError(f"{index} names {name!r}: shards must be .safetensors files in the same directory")
+                if not (d / name).is_file():
+                    raise ValueError(f"{index} names shard {name!r}, which is missing from {d}")
+            return [d / n for n in names]
+        if (d / WEIGHTS_FILE).is_file():
+            return [d / WEIGHTS_FILE]
+        found = sorted(d.glob("*.safetensors"))
+        if found:
+            return found
+        pickles = sorted(p.name for p in d.iterdir() if p.suffix in PICKLE_SUFFIXES)
+        if pickles:
+            raise ValueError(
+                f"{d} holds weights only as pickle files ({', '.join(pickles[:5])}): bpdq reads safetensors only and "
+                "never unpickles; convert them once with transformers (from_pretrained + "
+                "save_pretrained(safe_serialization=True)) in an environment you trust"
+            )
+        raise ValueError(f"{d} holds no {WEIGHTS_FILE}, {INDEX_FILE} or other .safetensors file")
+
+    def _read_header(self, file: Path) -> None:
+        from safetensors import SafetensorError, safe_open
+
+        try:
+            with safe_open(str(file), framework="pt") as f:
+                for name in f.keys():
+                    info = f.get_slice(name)
+                    dtype = SAFETENSORS_DTYPES.get(info.get_dtype())
+                    if dtype is None:
+                        raise ValueError(f"tensor {name!r} in {file} has unsupported dtype {info.get_dtype()}")
+                    self.where[name] = file
+                    self.meta[name] = torch.empty(info.get_shape(), dtype=dtype, device="meta")
+        except (SafetensorError, OSError) as exc:
+            raise ValueError(f"cannot read safetensors file {file}: {exc}") from None
+
+    def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` (CPU, stored dtype), each file opened once and closed after reading."""
+        from safetensors import safe_open
+
+        by_file: dict[Path, list[str]] = {}
+        for name in names:
+            if name not in self.where:
+                raise ValueError(f"tensor {name!r} is in none of the safetensors files of {self.directory}")
+            by_file.setdefault(self.where[name], []).append(name)
+        out: dict[str, torch.Tensor] = {}
+        for file, file_names in by_file.items():
+            with safe_open(str(file), framework="pt", device="cpu") as f:
+                for name in file_names:
+                    out[name] = f.get_tensor(name).clone()  # the clone owns its memory: no map stays open
+        return out
+
+
+def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+class ShardWriter:
+    """Writes units of tensors into ``directory`` as shards of at most ``max_shard_size`` bytes (a unit larger
+    than that gets a shard of its own). Holds at most one shard's tensors in memory."""
+
+    def __init__(self, directory: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
+        self.directory = directory
+        self.max_bytes = parse_size(max_shard_size)
+        self._pending: dict[str, torch.Tensor] = {}
+        self._shards: list[tuple[Path, list[str]]] = []
+        self.total_bytes = 0
+
+    def add(self, tensors: dict[str, torch.Tensor]) -> None:
+        size = tensor_bytes(tensors.values())
+        if self._pending and tensor_bytes(self._pending.values()) + size > self.max_bytes:
+            self._flush()
+        for name, t in tensors.items():
+            if name in self._pending or any(name in names for _, names in self._shards):
+                raise ValueError(f"tensor {name!r} written twice")
+            self._pending[name] = t.detach().to("cpu").contiguous()
+        self.total_bytes += size
+
+    def _flush(self) -> None:
+        from safetensors.torch import save_file
+
+        path = self.directory / f".shard-{len(self._shards) + 1:05d}.safetensors"
+        # one metadata key only: safetensors writes metadata in hash-map order (not reproducible)
+        save_file(self._pending, str(path), metadata={"format": "pt"})
+        self._shards.append((path, sorted(self._pending)))
+        self._pending = {}
+
+    def close(self) -> list[Path]:
+        """Write what is pending, give the shards their final names (and write the index); returns the files."""
+        if self._pending or not self._shards:
+            self._flush()
+        if len(self._shards) == 1:
+            path = self._shards[0][0].rename(self.directory / WEIGHTS_FILE)
+            return [path]
+        n = len(self._shards)
+        weight_map: dict[str, str] = {}
+        files = []
+        for i, (path, names) in enumerate(self._shards, start=1):
+            final = path.rename(self.directory / f"model-{i:05d}-of-{n:05d}.safetensors")
+            files.append(final)
+            weight_map.update({name: final.name for name in names})
+        index = {"metadata": {"total_size": self.total_bytes}, "weight_map": dict(sorted(weight_map.items()))}
+        (self.directory / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n", encoding="utf-8")
+        return files

@@ -1,0 +1,84 @@
+"""Sinks (bpdq/pipeline/sink.py): the atomic output directory, stale temporary directories, unwritable
+targets, and the streaming checkpoint sink."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bpdq
+from bpdq.pipeline.sink import CheckpointSink, OutputDir, check_output_dir
+from tests.tiny_models import TINY_RECIPE, tiny_model, tiny_tokenizer
+
+
+def leftovers(parent, name):
+    return sorted(p.name for p in parent.iterdir() if p.name.startswith(f".{name}."))
+
+
+def test_output_appears_only_at_commit_and_abort_leaves_nothing(tmp_path):
+    out = OutputDir(tmp_path / "ckpt")
+    (out.tmp / "a.txt").write_text("x")
+    assert not (tmp_path / "ckpt").exists() and out.tmp.parent == tmp_path
+    assert out.commit() == tmp_path / "ckpt" and (tmp_path / "ckpt" / "a.txt").read_text() == "x"
+    again = OutputDir(tmp_path / "ckpt", overwrite=True)
+    (again.tmp / "b.txt").write_text("y")
+    again.abort()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["a.txt"] and leftovers(tmp_path, "ckpt") == []
+    third = OutputDir(tmp_path / "ckpt", overwrite=True)
+    (third.tmp / "c.txt").write_text("z")
+    third.commit()
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["c.txt"] and leftovers(tmp_path, "ckpt") == []
+
+
+def test_stale_temporary_directories_of_the_same_target_are_removed(tmp_path):
+    stale = tmp_path / ".ckpt.tmp-abc123"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"half written")
+    other = tmp_path / ".other.tmp-abc123"
+    other.mkdir()
+    out = OutputDir(tmp_path / "ckpt")
+    assert not stale.exists() and other.exists(), "only the same target's leftovers go"
+    out.abort()
+
+
+def test_bad_targets_are_refused_before_any_work(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(FileExistsError, match="not a directory"):
+        check_output_dir(tmp_path / "file", overwrite=True)
+    with pytest.raises(ValueError, match=r"output directory '.*file/ckpt' cannot be written"):
+        check_output_dir(tmp_path / "file" / "ckpt", overwrite=False)
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("x")
+    with pytest.raises(FileExistsError, match="not empty; pass overwrite=True"):
+        check_output_dir(tmp_path / "full", overwrite=False)
+    assert check_output_dir(tmp_path / "new" / "ckpt", overwrite=False) == tmp_path / "new" / "ckpt"
+    assert leftovers(tmp_path / "new", "ckpt") == [] and not (tmp_path / "new" / "ckpt").exists()
+
+
+def test_a_failing_save_leaves_nothing(tmp_path, monkeypatch):
+    model, tok = tiny_model("llama", layers=1), tiny_tokenizer()
+    bpdq.quantize_model(model, tok, recipe=TINY_RECIPE, progress=False)
+
+    def boom(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(tok, "save_pretrained", boom)
+    with pytest.raises(OSError, match="disk full"):
+        bpdq.save(model, tok, tmp_path / "ckpt")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_checkpoint_sink_streams_layers_then_the_rest(tmp_path):
+    model, tok = tiny_model("llama", layers=2), tiny_tokenizer()
+    bpdq.quantize_model(model, tok, recipe=TINY_RECIPE, progress=False)
+    sink = CheckpointSink(tmp_path / "ckpt", tok, max_shard_size=1, extra_files=lambda report: {"extra.txt": "hi"})
+    sink.write_layer("model.layers.0", model.model.layers[0])
+    sink.write_layer("model.layers.1", model.model.layers[1])
+    assert len(list(sink.out.tmp.glob(".shard-*"))) == 1, "a shard is written as soon as the next unit comes"
+    state = model.state_dict()
+    rest = {k: v for k, v in bpdq.checkpoint.unique_state_dict(model).items() if ".layers." not in k}
+    sink.finish(model, rest, None)
+    assert (tmp_path / "ckpt" / "extra.txt").read_text() == "hi"
+    loaded, _ = bpdq.load(tmp_path / "ckpt")
+    for k, v in loaded.state_dict().items():
+        assert torch.equal(v, state[k])

@@ -1,0 +1,81 @@
+"""Sources (bpdq/pipeline/source.py): the lazy directory source checks shard headers before reading any
+tensor, materialises one module with the stored values and releases it back to the meta device."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+
+from bpdq.pipeline.source import InMemorySource, LazySource, is_model_directory
+from bpdq.shards import INDEX_FILE
+from tests.tiny_models import tiny_model, tiny_model_dir
+
+
+@pytest.fixture
+def model_dir(tmp_path):
+    return tiny_model_dir(tmp_path / "src", "qwen3", layers=3, max_shard_size="100KB")
+
+
+def test_lazy_modules_hold_the_stored_tensors_and_are_released(model_dir):
+    reference = tiny_model("qwen3", layers=3)
+    source = LazySource(model_dir)
+    layers = source.model.model.layers
+    assert all(p.is_meta for p in source.model.parameters()), "nothing is read before it is asked for"
+    layer = source.load("model.layers.1")
+    assert layer is layers[1] and not any(p.is_meta for p in layer.parameters())
+    assert all(p.is_meta for p in layers[0].parameters()) and all(p.is_meta for p in layers[2].parameters())
+    for (name, p), (_, ref) in zip(layer.named_parameters(), reference.model.layers[1].named_parameters()):
+        assert torch.equal(p, ref), name
+    assert str(model_dir) not in open("/proc/self/maps").read(), "shards are closed after reading"
+    source.release("model.layers.1")
+    assert all(p.is_meta for p in layers[1].parameters())
+    source.load_outside("model.layers")
+    assert torch.equal(source.model.model.embed_tokens.weight, reference.model.embed_tokens.weight)
+    assert source.model.lm_head.weight is source.model.model.embed_tokens.weight, "tied weights stay tied"
+    assert all(p.is_meta for p in layers.parameters())
+
+
+def test_dtype_is_applied_to_floating_tensors(model_dir):
+    source = LazySource(model_dir, "bfloat16")
+    layer = source.load("model.layers.0")
+    assert {p.dtype for p in layer.parameters()} == {torch.bfloat16}
+    ref = tiny_model("qwen3", layers=3).model.layers[0].self_attn.q_proj.weight
+    assert torch.equal(layer.self_attn.q_proj.weight, ref.to(torch.bfloat16))
+
+
+def test_a_tensor_of_the_wrong_shape_is_named(model_dir):
+    index = json.loads((model_dir / INDEX_FILE).read_text())
+    name = "model.layers.2.mlp.up_proj.weight"
+    shard = model_dir / index["weight_map"][name]
+    tensors = load_file(str(shard))
+    tensors[name] = torch.zeros(3, 3)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"tensor '{name}' in {shard.name} has shape \\(3, 3\\), the model .* expects \\(128, 64\\)"):
+        LazySource(model_dir)
+
+
+def test_a_missing_tensor_is_named(model_dir):
+    index = json.loads((model_dir / INDEX_FILE).read_text())
+    name = "model.layers.0.input_layernorm.weight"
+    shard = model_dir / index["weight_map"][name]
+    tensors = load_file(str(shard))
+    del tensors[name]
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=f"tensor '{name}' of the model is in none of its safetensors files"):
+        LazySource(model_dir)
+
+
+def test_model_directories_and_the_in_memory_source(model_dir, tmp_path):
+    assert is_model_directory(model_dir) and not is_model_directory(tmp_path / "nowhere")
+    config = json.loads((model_dir / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "bpdq"}
+    (model_dir / "config.json").write_text(json.dumps(config))
+    assert not is_model_directory(model_dir), "a bpdq checkpoint is not a model to quantize"
+    model = tiny_model("llama", layers=1)
+    source = InMemorySource(model)
+    assert source.load("model.layers.0") is model.model.layers[0]
+    source.release("model.layers.0")
+    assert not any(p.is_meta for p in model.parameters())
