@@ -24,6 +24,7 @@ from bpdq.config import CalibrationConfig, Recipe, Rule
 from bpdq.registry import GRIDS, SOLVERS, Registry, UnknownNameError
 from bpdq.strategy.errors import StrategyError, format_errors, format_path
 from bpdq.strategy.io import apply_override, read_config
+from bpdq.tuning import TuningOptions
 
 FORMAT_VERSION = 1
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -39,6 +40,11 @@ class Strategy(BaseModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     quantize: Recipe = Field(default_factory=Recipe, description="the default recipe for every decoder linear")
     rules: list[Rule] = Field(default_factory=list, description="first match wins; regex on module names")
+    tuning: TuningOptions | None = Field(
+        default=None,
+        description="coefficient tuning of each decoder layer against the full-precision layer's outputs "
+        "(off when unset; {} tunes with the defaults)",
+    )
     target_bpw: float | None = Field(
         default=None,
         description="average bits per weight to meet by choosing 1..4 planes per module at quantize.group_size "
