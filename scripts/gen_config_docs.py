@@ -30,6 +30,7 @@ from bpdq.calibration import BUILTIN_TEXTS
 from bpdq.config import CalibrationConfig, Recipe, Rule
 from bpdq.models import BUILTIN_MODELS
 from bpdq.strategy import FORMAT_VERSION, Strategy
+from bpdq.tuning import TuningOptions
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -220,6 +221,11 @@ def render() -> str:
         "## quantize\n\nThe recipe of every decoder linear that no rule changes.\n\n"
         + field_table(Recipe) + "\n\n`group_size` must also divide the `in_features` of every quantized layer "
         "(e.g. 576 = 9 x 64 for SmolLM2-135M: 32, 64, 192 work, 128 does not).\n",
+        "## tuning\n\nCoefficient tuning (off when `tuning:` is absent; `tuning: {}` uses these defaults): after "
+        "each decoder layer is solved, Adam trains its coefficients (planes frozen) so that the layer's outputs on "
+        "the quantized model's inputs match the full-precision layer's outputs on the full-precision inputs; the "
+        "best state by the calibration loss is kept. Each layer's loss before/after is in the run summary.\n\n"
+        + field_table(TuningOptions) + "\n",
         "## rules\n\nA list; for each linear the **first** rule whose `match` fits its full name applies. "
         "Fields other than `match` and `skip` replace the recipe's.\n\n" + field_table(Rule) + "\n",
         plugin_sections(bpdq.GRIDS, "grids", "Registered in `bpdq.GRIDS`; `grid: NAME` uses the defaults.\n"),

@@ -43,12 +43,13 @@ class Strategy(BaseModel):
     tuning: TuningOptions | None = Field(
         default=None,
         description="coefficient tuning of each decoder layer against the full-precision layer's outputs "
-        "(off when unset; {} tunes with the defaults)",
+        "(off when unset; {} tunes with the defaults); see [tuning](#tuning)",
     )
     target_bpw: float | None = Field(
         default=None,
         description="average bits per weight to meet by choosing 1..4 planes per module at quantize.group_size "
-        "from each module's measured proxy loss (bitplane grid; k + 16(k+1)/g per weight; off when unset)",
+        "from each module's measured proxy loss (bitplane grid; k + 16(k+1)/g per weight; off when unset). Costs "
+        "one extra calibration pass over the full-precision model and 4 GPTQ probe solves per linear",
     )
     output: str | None = Field(default=None, description="checkpoint directory (or --output)")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")
