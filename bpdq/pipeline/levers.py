@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING, Any, Sequence
 import torch
 from torch import nn
 
+from bpdq.linear import QuantLinear
 from bpdq.pipeline.calibrate import ActivationStore, Batch, _call, _Stop, run_layer
 from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target
 
@@ -151,6 +152,8 @@ class Levers:
 
         if self.tuning is None or step.inputs is None or step.fp_outputs is None:
             return
+        if not any(isinstance(m, QuantLinear) for m in step.layer.modules()):
+            return  # every linear of the layer is skipped: nothing to tune
         with torch.enable_grad():
             result = tune_layer(step.layer, step.inputs, _Hidden(step.fp_outputs), self.tuning, device=device)
         self.tuning_results.append({"layer": step.prefix, **result.to_dict()})

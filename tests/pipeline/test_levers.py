@@ -86,6 +86,15 @@ def test_tuning_lowers_each_layers_output_loss_and_leaves_finite_coefficients():
     assert report.asymmetric is None  # tuning carries the fp stream without turning asymmetric calibration on
 
 
+def test_a_fully_skipped_layer_is_not_tuned_and_still_carries_the_streams():
+    model = tiny_model(layers=3)
+    report = bpdq.quantize_model(model, tiny_tokenizer(), recipe=RECIPE_2BIT, calibration=TINY_CALIBRATION, device="cpu",
+                                 progress=False, tuning={"steps": 2}, asymmetric=True,
+                                 rules=[{"match": r"model\.layers\.1\..*", "skip": True}])
+    assert [t["layer"] for t in report.tuning] == ["model.layers.0", "model.layers.2"]
+    assert not any(isinstance(m, QuantLinear) for m in model.model.layers[1].modules())
+
+
 def test_lever_arguments_are_checked_before_any_work(tmp_path, monkeypatch):
     def no_capture(*args, **kwargs):
         raise AssertionError("no calibration pass may run")
