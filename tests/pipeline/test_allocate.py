@@ -4,7 +4,6 @@ that meet target_bpw from below, in memory and from a model directory; bad targe
 from __future__ import annotations
 
 import pytest
-import torch
 
 import bpdq
 from bpdq.allocation import planes_bpw
