@@ -88,3 +88,14 @@ def test_a_bad_target_fails_before_any_work(kwargs, error, tmp_path, monkeypatch
                             output=tmp_path / "out", **kwargs)
     assert error in str(info.value)
     assert not (tmp_path / "out").exists()
+
+
+def test_offloaded_activations_give_the_same_allocation_and_checkpoint(tmp_path):
+    tok = tiny_tokenizer()
+    runs = {}
+    for name, offload in (("memory", None), ("offloaded", "20KB")):  # 4 batches of 16 KB: 3 on disk
+        runs[name] = bpdq.quantize_model(tiny_model(layers=2), tok, recipe=RECIPE, progress=False, device="cpu",
+                                         batch_size=2, calibration={**TINY_CALIBRATION, "offload": offload},
+                                         output=tmp_path / name, target_bpw=2.6)
+    assert runs["offloaded"].allocation == runs["memory"].allocation
+    assert checkpoint_files(tmp_path / "offloaded") == checkpoint_files(tmp_path / "memory")
