@@ -154,6 +154,12 @@ class CalibrationConfig(ConfigModel):
         description="memory budget of the calibration activations (bytes, or a size such as '2GB'); batches "
         "beyond it are kept in a temporary directory on disk. None keeps them all in memory",
     )
+    asymmetric: bool = Field(
+        default=False,
+        description="fit each decoder linear to the full-precision model's output on full-precision inputs "
+        "(GPTAQ-style): carries a full-precision activation stream and a full-precision copy of the layer in "
+        "work (twice the activations; offload splits its budget between the two streams)",
+    )
 
     @field_validator("offload")
     @classmethod

@@ -30,6 +30,11 @@ class RunReport:
     total_time_s: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
     checkpoint_bytes: int | None = None  # size of model.safetensors, filled in by save()
+    # the 2-bit levers (None when off): asymmetric calibration's settings, the coefficient tuning of each
+    # decoder layer (TuningResult.to_dict() + "layer"), the bit allocation (Allocation.to_dict())
+    asymmetric: dict[str, Any] | None = None
+    tuning: list[dict[str, Any]] | None = None
+    allocation: dict[str, Any] | None = None
 
     @property
     def quantized(self) -> list[ModuleRecord]:

@@ -29,7 +29,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from bpdq.bits import unpack_bits
-from bpdq.layer_io import Batch, to_device
+from bpdq.pipeline.calibrate import Batch, to_device
 from bpdq.linear import QuantLinear
 
 logger = logging.getLogger(__name__)

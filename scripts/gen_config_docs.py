@@ -32,6 +32,7 @@ from bpdq.models import BUILTIN_MODELS
 from bpdq.strategy import FORMAT_VERSION, Strategy
 from bpdq.strategy.io import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_NODES
 from bpdq.strategy.model import MAX_PROBLEMS
+from bpdq.tuning import TuningOptions
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
 
@@ -228,6 +229,11 @@ def render() -> str:
         "before any model is loaded: the solver must accept the grid (`bpdq` takes the `bitplane` grid only) and "
         "a named kernel must serve every call of the layer (see [kernels](#kernels)). A grid or solver given by "
         "name is recorded with all its options (defaults included), in saved strategies and checkpoints.\n",
+        "## tuning\n\nCoefficient tuning (off when `tuning:` is absent; `tuning: {}` uses these defaults): after "
+        "each decoder layer is solved, Adam trains its coefficients (planes frozen) so that the layer's outputs on "
+        "the quantized model's inputs match the full-precision layer's outputs on the full-precision inputs; the "
+        "best state by the calibration loss is kept. Each layer's loss before/after is in the run summary.\n\n"
+        + field_table(TuningOptions) + "\n",
         "## rules\n\nA list; for each linear the **first** rule whose `match` fits its full name applies. "
         "Fields other than `match` and `skip` replace the recipe's, and the result is checked as a whole recipe. "
         "A config whose rules skip every linear is an error (nothing would be quantized).\n\n"

@@ -30,6 +30,7 @@ import torch
 import bpdq
 from bpdq.config import CalibrationConfig, Recipe, Rule
 from bpdq.strategy import Strategy, parse_yaml, strategy_from_dict
+from bpdq.tuning import TuningOptions
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
@@ -227,7 +228,8 @@ def _documented_default(model, name: str, field) -> str:  # noqa: ANN001
 
 @pytest.mark.parametrize(
     "section, model",
-    [("Top level", Strategy), ("calibration", CalibrationConfig), ("quantize", Recipe), ("rules", Rule)]
+    [("Top level", Strategy), ("calibration", CalibrationConfig), ("quantize", Recipe), ("rules", Rule),
+     ("tuning", TuningOptions)]
     + [(name, bpdq.GRIDS.get(name).Options) for name in bpdq.GRIDS.names()]
     + [(name, bpdq.SOLVERS.get(name).Options) for name in bpdq.SOLVERS.names()],
 )

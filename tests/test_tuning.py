@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bpdq.layer_io import batch_windows, capture_layer_inputs, run_layer
+from bpdq.pipeline.calibrate import batch_windows, capture_layer_inputs, run_layer
 from bpdq.linear import QuantLinear
 from bpdq.solvers import HessianAccumulator
 from bpdq.tuning import TuningOptions, tune_layer

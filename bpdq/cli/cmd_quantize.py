@@ -130,6 +130,8 @@ def _run(args: argparse.Namespace) -> int:
     report = quantize_model(
         model, tokenizer, recipe=strategy.quantize, calibration=strategy.calibration if calibrated else None,
         rules=strategy.rules, device=device, output=output, overwrite=args.overwrite,
+        asymmetric=strategy.calibration.asymmetric, tuning=strategy.tuning,
+        target_bpw=strategy.target_bpw,
     )
     _ignore_signals()
     summary = run_summary(report, strategy.model, str(output))

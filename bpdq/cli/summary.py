@@ -12,6 +12,7 @@ from bpdq.report import RunReport
 SUMMARY_FILE = "bpdq_summary.json"
 STRATEGY_FILE = "strategy.yaml"
 WORST = 5
+LEVERS = ("asymmetric", "tuning", "allocation")  # report entries copied into the summary when the lever ran
 
 
 def worst_modules(report: RunReport, n: int = WORST) -> list[dict[str, Any]]:
@@ -39,7 +40,22 @@ def run_summary(report: RunReport, model: str, output: str) -> dict[str, Any]:
         "size_ratio_vs_fp16": ratio,
         "time_s": report.total_time_s,
         "worst_modules": worst_modules(report),
-    }
+    } | {key: value for key in LEVERS if (value := getattr(report, key)) is not None}
+
+
+def _lever_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+    rows: list[tuple[str, Any]] = []
+    if "asymmetric" in summary:
+        rows.append(("asymmetric calibration", f"on (damp {summary['asymmetric']['damp']:g})"))
+    if "tuning" in summary:
+        tuned = summary["tuning"]
+        before, after = sum(t["loss_before"] for t in tuned), sum(t["loss_after"] for t in tuned)
+        rows.append(("coefficient tuning", f"{len(tuned)} layers, output MSE {fmt_float(before)} -> {fmt_float(after)}"))
+    if "allocation" in summary:
+        a = summary["allocation"]
+        hist = ", ".join(f"{k}: {n}" for k, n in a["histogram"].items())
+        rows.append(("bit allocation", f"{fmt_float(a['bpw'])} bpw (target {a['target_bpw']:g}); modules per planes {hist}"))
+    return rows
 
 
 def summary_tables(summary: dict[str, Any]) -> list[Table]:
@@ -55,6 +71,7 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
             ("fp16 size", fmt_bytes(summary["fp16_bytes"])),
             ("size vs fp16", "n/a" if ratio is None else f"{ratio:.1%}"),
             ("time", f"{summary['time_s']:.1f} s"),
+            *_lever_rows(summary),
         ],
     )
     worst = Table(title=f"worst {WORST} modules by relative proxy loss", title_justify="left")

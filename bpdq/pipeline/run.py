@@ -13,9 +13,16 @@ directory of safetensors shards read one layer at a time) and the results go to 
 ``output`` is given). When no module's solver needs a Hessian (e.g. RTN) the run is data-free: no
 calibration text, no layer forward, shards in -> packed shards out.
 
-Extension points (:class:`LayerHooks`): ``after_solve`` stages run on a layer whose linears are all solved,
-on the compute device, before its outputs are computed (e.g. tuning against full-precision targets);
-``after_write`` steps run once a layer is written, before it is released (e.g. persisting resume state).
+Extension points (:class:`LayerHooks`): ``before_solve`` stages run on the materialised layer on the compute
+device before any linear is solved (e.g. keeping a full-precision copy); ``calibrate`` replaces the symmetric
+Hessians of a group; ``after_solve`` stages run on a layer whose linears are all solved, on the compute
+device, before its outputs are computed (e.g. tuning against full-precision targets); ``after_write`` steps
+run once a layer is written, before it is released (e.g. persisting resume state).
+
+The 2-bit levers plug in there: asymmetric calibration and coefficient tuning (:mod:`bpdq.pipeline.levers`,
+which carry a full-precision stream ``fp_inputs`` beside the quantized inputs) and bit allocation to a
+``target_bpw`` (:mod:`bpdq.pipeline.allocate`, a measuring pass before the loop that turns into per-module
+rules).
 """
 
 from __future__ import annotations
@@ -38,6 +45,7 @@ from bpdq.config import CalibrationConfig, Recipe, Rule, as_recipe, as_rules, re
 from bpdq.linear import QuantLinear
 from bpdq.devices import resolve_device
 from bpdq.models.base import Adapter, architecture_of, check_positions, get_adapter
+from bpdq.pipeline.allocate import allocate, check_allocatable
 from bpdq.pipeline.calibrate import (
     ActivationStore,
     Batch,
@@ -48,11 +56,12 @@ from bpdq.pipeline.calibrate import (
     run_layer,
     token_windows,
 )
+from bpdq.pipeline.levers import Levers
 from bpdq.pipeline.sink import CheckpointSink, InMemorySink, Sink
 from bpdq.pipeline.source import InMemorySource, LazySource, ModelSource
 from bpdq.progress import RunProgress
 from bpdq.report import ModuleRecord, RunReport
-from bpdq.shards import DEFAULT_MAX_SHARD_SIZE
+from bpdq.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from bpdq.solvers.hessian import HessianAccumulator
 
 logger = logging.getLogger(__name__)
@@ -65,7 +74,8 @@ class LayerStep:
     ``plan`` maps each sequential group's linears (relative names) to their recipe (``None`` = skip).
     ``inputs`` are the layer's inputs in the quantized model (``None`` in a data-free run); ``fp_inputs``
     a full-precision stream carried beside them (``None`` unless a caller provides one). ``outputs`` are
-    filled in by :func:`layer_outputs` and become the next layer's ``inputs``.
+    filled in by :func:`layer_outputs` and become the next layer's ``inputs``; ``fp_outputs`` (filled in by
+    a stage, e.g. from ``fp_layer``, a full-precision copy of the layer) the next ``fp_inputs``.
     """
 
     index: int
@@ -75,16 +85,23 @@ class LayerStep:
     inputs: Sequence[Batch] | None
     fp_inputs: Sequence[Batch] | None = None
     outputs: Sequence[Batch] | None = None
+    fp_outputs: Sequence[Batch] | None = None
+    fp_layer: nn.Module | None = None
     records: list[ModuleRecord] = field(default_factory=list)
     replay: Replay | None = None
 
 
 @dataclass
 class LayerHooks:
-    """Stages plugged into the loop. ``after_solve(step, device)``: the layer is solved and on the device;
+    """Stages plugged into the loop. ``before_solve(step, device)``: the layer is materialised on the device,
+    nothing solved yet. ``calibrate(step, names, device)``: the Hessian to solve each linear ``names`` of the
+    current group with (default: :func:`collect_hessians` on ``step.inputs``); it may replace a linear's
+    weight by the target to fit. ``after_solve(step, device)``: the layer is solved and on the device;
     a stage that changes it must keep its QuantLinear modules (the recorded sub-block outputs are dropped,
     so the outputs are recomputed). ``after_write(step)``: the layer is written to the sink, not yet released."""
 
+    before_solve: list[Callable[[LayerStep, torch.device], None]] = field(default_factory=list)
+    calibrate: Callable[[LayerStep, list[str], torch.device], dict[str, torch.Tensor]] | None = None
     after_solve: list[Callable[[LayerStep, torch.device], None]] = field(default_factory=list)
     after_write: list[Callable[[LayerStep], None]] = field(default_factory=list)
 
@@ -125,9 +142,13 @@ def layer_plan(layer: nn.Module, prefix: str, adapter: Adapter, recipe: Recipe, 
     return [{rel: resolve_recipe(f"{prefix}.{rel}", recipe, rules) for rel in g} for g in adapter.linear_groups(layer)]
 
 
-def solve_layer(step: LayerStep, adapter: Adapter, device: torch.device, progress: RunProgress) -> None:
-    """Quantize ``step.layer``'s linears group by group (calibrated on ``step.inputs``, or Hessian-free when
-    those are ``None``); sets ``step.records`` and ``step.replay`` (for the layer's final pass)."""
+def solve_layer(
+    step: LayerStep, adapter: Adapter, device: torch.device, progress: RunProgress,
+    calibrate: Callable[[LayerStep, list[str], torch.device], dict[str, torch.Tensor]] | None = None,
+) -> None:
+    """Quantize ``step.layer``'s linears group by group (calibrated on ``step.inputs`` by ``calibrate`` or
+    :func:`collect_hessians`, or Hessian-free when those are ``None``); sets ``step.records`` and
+    ``step.replay`` (for the layer's final pass)."""
     layer, prefix = step.layer, step.prefix
     replay = Replay(layer) if step.inputs is not None else None
     done: set[str] = set()
@@ -141,7 +162,8 @@ def solve_layer(step: LayerStep, adapter: Adapter, device: torch.device, progres
             hessians: dict[str, torch.Tensor | None] = dict.fromkeys(todo)
             if step.inputs is not None:
                 progress.describe(f"{prefix}: calibrating {', '.join(todo)}")
-                hessians.update(collect_hessians(layer, todo, step.inputs, device, replay))
+                hessians.update(calibrate(step, todo, device) if calibrate is not None
+                                else collect_hessians(layer, todo, step.inputs, device, replay))
             for rel in todo:
                 progress.describe(f"{prefix}.{rel}")
                 step.records.append(quantize_linear(layer, rel, f"{prefix}.{rel}", group[rel], hessians.pop(rel)))  # type: ignore[arg-type]
@@ -264,15 +286,19 @@ def run_quantization(
     batch_size: int,
     offload: Any = None,
     hooks: LayerHooks | None = None,
+    levers: Levers | None = None,
+    target_bpw: float | None = None,
 ) -> RunReport:
-    """The loop over ``source``'s decoder layers into ``sink`` (see the module docstring). On any exception
+    """The loop over ``source``'s decoder layers into ``sink`` (see the module docstring). ``levers``:
+    asymmetric calibration / tuning; ``target_bpw``: bit allocation before the loop. On any exception
     the layer in work goes back to its home device and ``sink.abort()`` removes what was written."""
     start = time.perf_counter()
     hooks = hooks or LayerHooks()
     model = source.model
     was_training = model.training
     try:
-        report = _run(source, sink, recipe, rules, tokenizer, calibration, device, progress, batch_size, offload, hooks)
+        report = _run(source, sink, recipe, rules, tokenizer, calibration, device, progress, batch_size, offload, hooks,
+                      levers or Levers(), target_bpw)
         report.total_time_s = time.perf_counter() - start
         rest = {k: v for k, v in unique_state_dict(model).items() if not k.startswith(f"{get_adapter(model).layers}.")}
         sink.finish(model, rest, report)
@@ -286,10 +312,19 @@ def run_quantization(
 
 def _run(
     source: ModelSource, sink: Sink, recipe: Recipe, rules: tuple[Rule, ...], tokenizer: Any, calibration: Any,
-    device: torch.device, progress: bool, batch_size: int, offload: Any, hooks: LayerHooks,
+    device: torch.device, progress: bool, batch_size: int, offload: Any, hooks: LayerHooks, levers: Levers,
+    target_bpw: float | None,
 ) -> RunReport:
     model = source.model
     s = _setup(model, recipe, rules)
+    if target_bpw is not None:
+        check_allocatable(s, target_bpw)
+    if (levers.fp_stream or target_bpw is not None) and not s.calibrated:
+        raise ValueError("calibration.asymmetric, tuning and target_bpw need calibration data: use a solver that "
+                         "uses a Hessian (not only 'rtn')")
+    if levers.fp_stream:
+        hooks = LayerHooks([levers.before_solve, *hooks.before_solve], levers.calibrate if levers.asymmetric else hooks.calibrate,
+                           [*levers.after_solve(), *hooks.after_solve], hooks.after_write)
     report = RunReport(model=architecture_of(model), total_params=sum(p.numel() for p in model.parameters()))
     windows = None
     if s.calibrated:
@@ -314,48 +349,65 @@ def _run(
             inputs = capture_layer_inputs(model, s.layers[0], batch_windows(windows, batch_size))
             if offload is not None:
                 spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bpdq-activations-")))
-                inputs = ActivationStore.from_batches(inputs, spill, offload)
+                budget = parse_size(offload, "offload") // 2 if levers.fp_stream else offload  # two streams
+                inputs = ActivationStore.from_batches(inputs, spill, budget)
                 logger.info("calibration activations: %d of %d batches offloaded to %s", inputs.n_offloaded,
                             len(inputs), spill)
+        fp_inputs = inputs if levers.fp_stream else None
         try:
+            if target_bpw is not None:
+                assert inputs is not None
+                bar.describe("measuring losses for the bit allocation")
+                allocation, plane_rules = allocate(source, s, inputs, device, target_bpw)
+                s.rules = (*plane_rules, *s.rules)
+                report.allocation = allocation.to_dict()
             for i in range(len(s.layers)):
                 bar.layer(i)
                 prefix = f"{layers_prefix}.{i}"
-                step = run_layer_step(source, s, i, inputs, device, bar, hooks, last=i == len(s.layers) - 1)
+                step = run_layer_step(source, s, i, inputs, device, bar, hooks, last=i == len(s.layers) - 1,
+                                      fp_inputs=fp_inputs)
                 report.modules += step.records
                 sink.write_layer(prefix, step.layer)
                 for after_write in hooks.after_write:
                     after_write(step)
                 source.release(prefix)
-                if isinstance(inputs, ActivationStore):
-                    inputs.close()
-                inputs = step.outputs
+                _close(inputs, fp_inputs)
+                inputs, fp_inputs = step.outputs, step.fp_outputs
             source.load_outside(layers_prefix)
             if s.head_recipe is not None:
                 bar.describe(s.adapter.head)
                 report.modules.append(_quantize_head(source, s, inputs, device))
                 bar.advance()
         finally:
-            if isinstance(inputs, ActivationStore):
-                inputs.close()
+            _close(inputs, fp_inputs)
+    for key, entry in levers.report().items():
+        setattr(report, key, entry)
     recipes = {m.name: m.recipe for m in report.modules if m.recipe is not None}
     model.config.quantization_config = quantization_config(model, recipes)
     return report
 
 
+def _close(*streams: Sequence[Batch] | None) -> None:
+    for stream in streams:
+        if isinstance(stream, ActivationStore):
+            stream.close()
+
+
 def run_layer_step(
     source: ModelSource, s: _Setup, index: int, inputs: Sequence[Batch] | None, device: torch.device,
-    progress: RunProgress, hooks: LayerHooks, *, last: bool = False,
+    progress: RunProgress, hooks: LayerHooks, *, last: bool = False, fp_inputs: Sequence[Batch] | None = None,
 ) -> LayerStep:
-    """Materialise decoder layer ``index``, solve it on ``device``, run the ``after_solve`` stages and compute
-    its outputs (unless it is the last layer and the head is not quantized); the layer ends on its home
-    device whatever happens."""
+    """Materialise decoder layer ``index``, run the ``before_solve`` stages, solve it on ``device``, run the
+    ``after_solve`` stages and compute its outputs (unless it is the last layer and the head is not
+    quantized); the layer ends on its home device whatever happens."""
     prefix = f"{s.adapter.layers}.{index}"
     layer = source.load(prefix)
-    step = LayerStep(index, prefix, layer, layer_plan(layer, prefix, s.adapter, s.recipe, s.rules), inputs)
+    step = LayerStep(index, prefix, layer, layer_plan(layer, prefix, s.adapter, s.recipe, s.rules), inputs, fp_inputs)
     home = _on_device(layer, device)
     try:
-        solve_layer(step, s.adapter, device, progress)
+        for stage in hooks.before_solve:
+            stage(step, device)
+        solve_layer(step, s.adapter, device, progress, hooks.calibrate)
         for stage in hooks.after_solve:
             step.replay = None  # the stage may change what the recorded sub-blocks computed
             stage(step, device)
@@ -363,6 +415,7 @@ def run_layer_step(
             layer_outputs(step, device)
     finally:
         layer.to(home)
+        step.fp_layer = None
     return step
 
 
@@ -386,6 +439,9 @@ def quantize_model(
     max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
     dtype: torch.dtype | str | None = None,
     offload: int | str | None = None,
+    asymmetric: bool | None = None,
+    tuning: Any = None,
+    target_bpw: float | None = None,
 ) -> RunReport:
     """Quantize a causal LM and return the run's report.
 
@@ -396,11 +452,33 @@ def quantize_model(
     appearing atomically at the end. ``calibration`` may be left out when no solver needs a Hessian (RTN):
     the run is then data-free. ``offload`` (bytes or a size such as ``"2GB"``; default: the calibration
     config's ``offload``) keeps calibration activations beyond that budget in a temporary directory on disk.
+
+    The 2-bit levers (off by default; see docs/method.md): ``asymmetric`` (default: the calibration config's
+    ``asymmetric``) fits each linear to the full-precision model's outputs; ``tuning`` (a
+    :class:`~bpdq.tuning.TuningOptions` or its dict) tunes each layer's coefficients against them;
+    ``target_bpw`` chooses 1..4 planes per decoder linear (bitplane grid) to meet that average. Their entries
+    appear in the report (``asymmetric``, ``tuning``, ``allocation``).
     """
+    from bpdq.allocation import check_target_bpw
+    from bpdq.tuning import TuningOptions
+
     recipe, rules = as_recipe(recipe), as_rules(rules)
     dev = resolve_device(device)
-    if offload is None and isinstance(calibration, (CalibrationConfig, dict)):
-        offload = (calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(**calibration)).offload
+    config = None
+    if isinstance(calibration, (CalibrationConfig, dict)):
+        config = calibration if isinstance(calibration, CalibrationConfig) else CalibrationConfig(**calibration)
+    if offload is None and config is not None:
+        offload = config.offload
+    if asymmetric is None:
+        asymmetric = config.asymmetric if config is not None else False
+    if not isinstance(asymmetric, bool):
+        raise TypeError(f"asymmetric must be True or False, got {asymmetric!r}")
+    if tuning is not None and not isinstance(tuning, TuningOptions):
+        if not isinstance(tuning, dict):
+            raise TypeError(f"tuning must be a TuningOptions, a dict or None, got {type(tuning).__name__}")
+        tuning = TuningOptions.model_validate(tuning)
+    if target_bpw is not None:
+        check_target_bpw(target_bpw, recipe.group_size)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
     if isinstance(model, ModelSource):
@@ -423,7 +501,8 @@ def quantize_model(
         output, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size
     )
     return run_quantization(source, sink, recipe=recipe, rules=rules, tokenizer=tokenizer, calibration=calibration,
-               device=dev, progress=progress, batch_size=batch_size, offload=offload)
+               device=dev, progress=progress, batch_size=batch_size, offload=offload,
+               levers=Levers(asymmetric, tuning), target_bpw=target_bpw)
 
 
 def _directory_tokenizer(directory: Path) -> Any:

@@ -24,6 +24,7 @@ from bpdq.config import CalibrationConfig, Recipe, Rule
 from bpdq.registry import GRIDS, SOLVERS, Registry, UnknownNameError
 from bpdq.strategy.errors import StrategyError, format_errors, format_path
 from bpdq.strategy.io import apply_override, check_bounds, read_config
+from bpdq.tuning import TuningOptions
 
 FORMAT_VERSION = 1
 _DEVICE = re.compile(r"auto|cpu|cuda(:\d+)?")
@@ -39,10 +40,16 @@ class Strategy(BaseModel):
     calibration: CalibrationConfig = Field(default_factory=CalibrationConfig)
     quantize: Recipe = Field(default_factory=Recipe, description="the default recipe for every decoder linear")
     rules: list[Rule] = Field(default_factory=list, description="first match wins; regex on module names")
+    tuning: TuningOptions | None = Field(
+        default=None,
+        description="coefficient tuning of each decoder layer against the full-precision layer's outputs "
+        "(off when unset; {} tunes with the defaults); see [tuning](#tuning)",
+    )
     target_bpw: float | None = Field(
         default=None,
         description="average bits per weight to meet by choosing 1..4 planes per module at quantize.group_size "
-        "from each module's measured proxy loss (bitplane grid; k + 16(k+1)/g per weight; off when unset)",
+        "from each module's measured proxy loss (bitplane grid; k + 16(k+1)/g per weight; off when unset). Costs "
+        "one extra calibration pass over the full-precision model and 4 GPTQ probe solves per linear",
     )
     output: str | None = Field(default=None, description="checkpoint directory (or --output)")
     device: str = Field(default="auto", description="auto | cpu | cuda | cuda:N")

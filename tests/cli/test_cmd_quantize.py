@@ -131,3 +131,37 @@ def test_an_unwritable_output_is_named_before_any_work(in_process, capsys, tmp_p
     assert in_process(["quantize", str(cfg), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"output directory '{out}' cannot be written" in err and "Traceback" not in err
+
+
+def test_the_levers_run_from_the_config_and_reach_the_json_summary(in_process, capsys, tmp_path, tiny_model_dir):
+    from tests.cli.conftest import tiny_strategy, write_config
+
+    data = tiny_strategy(tiny_model_dir, rules=[], target_bpw=2.6, tuning={"steps": 2})
+    data["quantize"]["solver"] = {"type": "gptq"}
+    data["calibration"]["asymmetric"] = True
+    cfg = write_config(tmp_path / "s.yaml", data)
+    assert in_process(["quantize", str(cfg), "-o", str(tmp_path / "out"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["asymmetric"] == {"damp": 0.01}
+    assert [t["layer"] for t in summary["tuning"]] == ["model.layers.0", "model.layers.1"]
+    assert summary["allocation"]["target_bpw"] == 2.6 and summary["avg_bpw_quantized"] <= 2.6
+    assert json.loads((tmp_path / "out" / "bpdq_summary.json").read_text()) == summary
+    from rich.console import Console
+
+    from bpdq.cli.summary import summary_tables
+
+    console = Console(record=True, width=200)
+    for table in summary_tables(summary):
+        console.print(table)
+    text = console.export_text()
+    assert "asymmetric calibration" in text and "coefficient tuning  " in text and "2 layers" in text
+    assert "bit allocation" in text and "target 2.6" in text
+
+
+def test_a_lever_in_a_plain_run_leaves_no_entry(in_process, capsys, tmp_path, tiny_model_dir):
+    from tests.cli.conftest import tiny_strategy, write_config
+
+    cfg = write_config(tmp_path / "s.yaml", tiny_strategy(tiny_model_dir))
+    assert in_process(["quantize", str(cfg), "-o", str(tmp_path / "out"), "--json"]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert not {"asymmetric", "tuning", "allocation"} & set(summary)

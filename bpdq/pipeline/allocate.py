@@ -1,0 +1,125 @@
+"""Bit allocation in the run (issue 15, lever 4): planes per decoder linear chosen to meet ``target_bpw``.
+
+Before the main loop, :func:`measure` makes one calibration pass over the *full-precision* model (one decoder
+layer materialised at a time, from the run's source): per layer it collects each quantized linear's Hessian
+on the full-precision inputs and probes the linear at k = 1..4 planes with :data:`PROBE_SOLVER` over the
+module's own bitplane grid and group size, recording the proxy loss ``tr((W-Q) H (W-Q)^T)``. The probe is
+GPTQ without refit: one Hessian-aware column sweep (seconds per linear, no alternating iterations), so its
+loss ranks plane counts the way the real solver will while costing a fraction of a ``bpdq`` solve.
+:func:`bpdq.allocation.allocate_planes` then picks the planes, and :func:`plane_rules` turns them into
+exact-name rules placed before the run's own rules (each carrying the module's resolved recipe with its
+planes replaced), so the main run solves each module at its allocated planes with its own recipe.
+
+Cost: one extra calibration pass (a forward of every layer on the calibration batches) plus 4 probe solves per
+decoder linear. The allocation covers the decoder linears; a quantized ``lm_head`` keeps its rule's planes.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from typing import TYPE_CHECKING, Sequence
+
+import torch
+
+from bpdq.allocation import MAX_PLANES, MIN_PLANES, Allocation, ModuleLoss, allocate_planes, check_target_bpw
+from bpdq.api import quantize_weight
+from bpdq.config import Recipe, Rule
+from bpdq.pipeline.calibrate import ActivationStore, Batch, collect_hessians, run_layer
+from bpdq.pipeline.source import ModelSource
+
+if TYPE_CHECKING:
+    from bpdq.pipeline.run import _Setup
+
+logger = logging.getLogger(__name__)
+
+PROBE_SOLVER = {"type": "gptq", "refit": "none"}
+
+
+def _modules(s: "_Setup") -> dict[str, Recipe]:
+    """Every quantized decoder linear (full name) with its resolved recipe."""
+    from bpdq.pipeline.run import layer_plan
+
+    out: dict[str, Recipe] = {}
+    for i, layer in enumerate(s.layers):
+        prefix = f"{s.adapter.layers}.{i}"
+        for group in layer_plan(layer, prefix, s.adapter, s.recipe, s.rules):
+            out.update({f"{prefix}.{rel}": r for rel, r in group.items() if r is not None})
+    return out
+
+
+def check_allocatable(s: "_Setup", target_bpw: float) -> None:
+    """``ValueError`` before any work unless every quantized decoder linear can take 1..4 planes at the run's
+    group size and ``target_bpw`` is reachable there."""
+    check_target_bpw(target_bpw, s.recipe.group_size)
+    modules = _modules(s)
+    if not modules:
+        raise ValueError("target_bpw needs at least one quantized decoder linear; every one is skipped")
+    for name, r in modules.items():
+        if r.grid.get("type") != "bitplane" or r.group_size != s.recipe.group_size:
+            raise ValueError(
+                f"target_bpw needs every quantized decoder linear on the 'bitplane' grid at group_size "
+                f"{s.recipe.group_size}; {name} has grid {r.grid.get('type')!r} at group_size {r.group_size}"
+            )
+
+
+def measure(source: ModelSource, s: "_Setup", inputs: Sequence[Batch], device: torch.device) -> list[ModuleLoss]:
+    """Each quantized decoder linear's proxy loss at 1..4 planes on the full-precision model (see the module
+    docstring); the layers are left unchanged and released."""
+    from bpdq.pipeline.run import _on_device, layer_plan
+
+    results: list[ModuleLoss] = []
+    current = inputs
+    try:
+        for i in range(len(s.layers)):
+            prefix = f"{s.adapter.layers}.{i}"
+            layer = source.load(prefix)
+            names = [(rel, r) for g in layer_plan(layer, prefix, s.adapter, s.recipe, s.rules) for rel, r in g.items() if r is not None]
+            home = _on_device(layer, device)
+            try:
+                hessians = collect_hessians(layer, [rel for rel, _ in names], current, device) if names else {}
+                for rel, r in names:
+                    weight = layer.get_submodule(rel).weight
+                    losses = {}
+                    for k in range(MIN_PLANES, MAX_PLANES + 1):
+                        qw = quantize_weight(weight, hessians[rel], grid=_with_planes(r.grid, k), solver=PROBE_SOLVER, group_size=r.group_size)
+                        losses[k] = float(qw.stats.proxy_loss or 0.0)
+                    results.append(ModuleLoss(f"{prefix}.{rel}", weight.numel(), losses))
+                nxt = None
+                if i < len(s.layers) - 1:
+                    nxt = run_layer(layer, current, device, out=current.empty_like() if isinstance(current, ActivationStore) else [])
+            finally:
+                layer.to(home)
+            source.release(prefix)
+            if current is not inputs and isinstance(current, ActivationStore):
+                current.close()
+            current = nxt  # type: ignore[assignment]
+    finally:
+        if current is not inputs and isinstance(current, ActivationStore):
+            current.close()
+    return results
+
+
+def _with_planes(grid: dict, k: int) -> dict:
+    out = {**grid, "planes": k}
+    if "init_bits" in grid:
+        out["init_bits"] = max(k, int(grid["init_bits"]))
+    return out
+
+
+def plane_rules(allocation: Allocation, recipes: dict[str, Recipe]) -> list[Rule]:
+    """One exact-name rule per allocated module: its resolved recipe with the allocated planes."""
+    rules = []
+    for name, k in allocation.planes.items():
+        r = recipes[name]
+        rules.append(Rule(match=re.escape(name), group_size=r.group_size, grid=_with_planes(r.grid, k), solver=r.solver, kernel=r.kernel))
+    return rules
+
+
+def allocate(source: ModelSource, s: "_Setup", inputs: Sequence[Batch], device: torch.device, target_bpw: float) -> tuple[Allocation, list[Rule]]:
+    """Measure, allocate, and the rules that apply the allocation (to put before the run's rules)."""
+    recipes = _modules(s)
+    losses = measure(source, s, inputs, device)
+    allocation = allocate_planes(losses, target_bpw, s.recipe.group_size)
+    logger.info("%s", allocation)
+    return allocation, plane_rules(allocation, recipes)

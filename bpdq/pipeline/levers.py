@@ -1,0 +1,171 @@
+"""Asymmetric calibration and coefficient tuning in the layer loop (issue 15, levers 2 and 3).
+
+Both read a *full-precision stream*: the inputs each decoder layer receives in the full-precision model
+(``LayerStep.fp_inputs``; the first layer's equal the captured inputs), carried beside the quantized model's
+inputs. Per layer, :meth:`Levers.before_solve` keeps a full-precision copy of the layer (one layer's weights
+on the compute device, beside the layer being quantized); after the solve, the copy's outputs on the fp inputs
+become the next layer's fp inputs (``LayerStep.fp_outputs``) and the copy is dropped.
+
+- **Asymmetric calibration** (``calibration.asymmetric``): for each sequential group, the full-precision copy
+  runs on the fp inputs and the partially quantized layer on the quantized inputs, batch by batch; each
+  linear's two inputs give ``H_q`` and ``C`` (:class:`~bpdq.solvers.asymmetric.AsymmetricAccumulator`), the
+  linear's weight is replaced by ``W~ = asymmetric_target(W, H_q, C, damp)`` and solved with ``H_q``
+  (:func:`asymmetric_hessians`). The module's recorded proxy loss is then measured against ``W~``. The
+  output projection (``lm_head``), when quantized, keeps the symmetric Hessian.
+- **Coefficient tuning** (``tuning``): :meth:`Levers.tune` runs :func:`bpdq.tuning.tune_layer` on the
+  solved layer with the quantized model's inputs and the full-precision layer's outputs on the fp inputs as
+  targets (AutoRound-style: the tuned layer also absorbs the error accumulated by the layers before it).
+
+Cost: twice the calibration activations (with ``offload`` each stream gets half the budget), one more layer's
+weights on the device, one full-precision forward per batch per sequential group (asymmetric) and per layer
+(the fp stream), plus tuning's own cost (see :mod:`bpdq.tuning`).
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import TYPE_CHECKING, Any, Sequence
+
+import torch
+from torch import nn
+
+from bpdq.linear import QuantLinear
+from bpdq.pipeline.calibrate import ActivationStore, Batch, _call, _Stop, run_layer
+from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target
+
+if TYPE_CHECKING:
+    from bpdq.pipeline.run import LayerStep
+    from bpdq.tuning import TuningOptions
+
+ASYMMETRIC_DAMP = 0.01  # damping of W~'s solve, relative to mean(diag H_q) (as GPTQ's default)
+
+
+def _inputs_of(layer: nn.Module, names: Sequence[str], batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
+    """The input of each linear ``names`` of ``layer`` for one batch (the forward stops once all are seen)."""
+    seen: dict[str, torch.Tensor] = {}
+
+    def make_hook(name: str) -> Any:
+        def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
+            seen[name] = args[0]
+            if len(seen) == len(names):
+                raise _Stop
+
+        return hook
+
+    handles = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    try:
+        _call(layer, batch, device)
+    except _Stop:
+        pass
+    finally:
+        for h in handles:
+            h.remove()
+    missing = [n for n in names if n not in seen]
+    if missing:
+        raise RuntimeError(f"linears {missing} never received an input during calibration")
+    return seen
+
+
+def asymmetric_hessians(
+    layer: nn.Module, fp_layer: nn.Module, names: Sequence[str], inputs: Sequence[Batch], fp_inputs: Sequence[Batch],
+    device: torch.device, damp: float = ASYMMETRIC_DAMP,
+) -> dict[str, torch.Tensor]:
+    """``H_q`` of each linear ``names`` (to solve with), after replacing each one's weight by its asymmetric
+    target ``W~`` (in place). Linears that read the very same input (q/k/v, gate/up) share one accumulation."""
+    if len(inputs) != len(fp_inputs):
+        raise ValueError(f"{len(inputs)} quantized batches but {len(fp_inputs)} full-precision ones")
+    accs: dict[str, AsymmetricAccumulator] = {}
+    alias: dict[str, str] = {}
+    for b, fb in zip(inputs, fp_inputs):
+        xq = _inputs_of(layer, names, b, device)
+        xf = _inputs_of(fp_layer, names, fb, device)
+        for n in names:
+            root = next(o for o in names if xq[o] is xq[n] and xf[o] is xf[n])  # n itself at worst
+            if root != n:
+                alias[n] = root
+                continue
+            acc = accs.setdefault(n, AsymmetricAccumulator(layer.get_submodule(n).in_features, device=device))
+            acc.add(xq[n], xf[n])
+    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    hessians: dict[str, torch.Tensor] = {}
+    for n in names:
+        root = alias.get(n, n)
+        if root not in moments:
+            moments[root] = (accs[root].hessian, accs[root].cross)
+        H_q, C = moments[root]
+        hessians[n] = H_q
+        weight = layer.get_submodule(n).weight
+        with torch.no_grad():
+            weight.copy_(asymmetric_target(weight.detach(), H_q.to(weight.device), C.to(weight.device), damp))
+    return hessians
+
+
+class _Hidden(Sequence[torch.Tensor]):
+    """The hidden states of a batch sequence, read one at a time (an ActivationStore stays on disk)."""
+
+    def __init__(self, batches: Sequence[Batch]) -> None:
+        self.batches = batches
+
+    def __len__(self) -> int:
+        return len(self.batches)
+
+    def __getitem__(self, index: int) -> torch.Tensor:  # type: ignore[override]
+        return self.batches[index].hidden
+
+
+class Levers:
+    """The fp stream, asymmetric calibration and tuning of one run (see the module docstring).
+
+    ``tuning_results`` collects each tuned layer's :class:`~bpdq.tuning.TuningResult` as a dict with its
+    ``layer`` prefix."""
+
+    def __init__(self, asymmetric: bool = False, tuning: "TuningOptions | None" = None) -> None:
+        self.asymmetric = asymmetric
+        self.tuning = tuning
+        self.tuning_results: list[dict[str, Any]] = []
+
+    @property
+    def fp_stream(self) -> bool:
+        return self.asymmetric or self.tuning is not None
+
+    def before_solve(self, step: "LayerStep", device: torch.device) -> None:
+        """Keep a full-precision copy of the layer (on ``device``, where the layer is)."""
+        if step.fp_inputs is not None:
+            step.fp_layer = copy.deepcopy(step.layer)
+
+    def calibrate(self, step: "LayerStep", names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
+        """Asymmetric Hessians of a group (the linears' weights become their targets ``W~``)."""
+        assert step.inputs is not None and step.fp_inputs is not None and step.fp_layer is not None
+        return asymmetric_hessians(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, device)
+
+    def fp_outputs(self, step: "LayerStep", device: torch.device) -> None:
+        """The full-precision layer's outputs on the fp inputs (the next fp inputs, tuning's targets)."""
+        if step.fp_layer is None or step.fp_inputs is None:
+            return
+        out = step.fp_inputs.empty_like() if isinstance(step.fp_inputs, ActivationStore) else []
+        step.fp_outputs = run_layer(step.fp_layer, step.fp_inputs, device, out=out)
+        step.fp_layer = None
+
+    def tune(self, step: "LayerStep", device: torch.device) -> None:
+        """Tune the solved layer's coefficients on the quantized inputs against the fp targets."""
+        from bpdq.tuning import tune_layer
+
+        if self.tuning is None or step.inputs is None or step.fp_outputs is None:
+            return
+        if not any(isinstance(m, QuantLinear) for m in step.layer.modules()):
+            return  # every linear of the layer is skipped: nothing to tune
+        with torch.enable_grad():
+            result = tune_layer(step.layer, step.inputs, _Hidden(step.fp_outputs), self.tuning, device=device)
+        self.tuning_results.append({"layer": step.prefix, **result.to_dict()})
+
+    def after_solve(self) -> list[Any]:
+        return [self.fp_outputs, self.tune] if self.fp_stream else []
+
+    def report(self) -> dict[str, Any]:
+        """The report's entries for the levers that ran."""
+        out: dict[str, Any] = {}
+        if self.asymmetric:
+            out["asymmetric"] = {"damp": ASYMMETRIC_DAMP}
+        if self.tuning is not None:
+            out["tuning"] = self.tuning_results
+        return out

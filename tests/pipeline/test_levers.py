@@ -1,0 +1,140 @@
+"""Asymmetric calibration and coefficient tuning in the layer loop (bpdq/pipeline/levers.py), through
+quantize_model on tiny random Llamas, in memory and from a model directory."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bpdq
+from bpdq.calibration import calibration_windows
+from bpdq.linear import QuantLinear
+from bpdq.pipeline.levers import asymmetric_hessians
+from bpdq.solvers.hessian import HessianAccumulator
+from tests.pipeline.test_run import checkpoint_files
+from tests.tiny_models import TINY_CALIBRATION, tiny_model, tiny_model_dir, tiny_tokenizer
+
+RECIPE_2BIT = {"group_size": 32, "grid": {"type": "bitplane", "planes": 2}, "solver": "gptq"}
+CALIBRATION = {**TINY_CALIBRATION, "samples": 16}
+
+
+def held_out() -> torch.Tensor:
+    return torch.stack(calibration_windows(tiny_tokenizer(), {**TINY_CALIBRATION, "seed": 123}))
+
+
+def output_error(seed: int, solver, **levers) -> float:
+    """MSE of the final hidden states of the quantized tiny model vs its full-precision self, held-out text."""
+    model, ids = tiny_model(layers=3, seed=seed), held_out()
+    with torch.no_grad():
+        reference = model.model(ids).last_hidden_state
+    bpdq.quantize_model(model, tiny_tokenizer(), recipe={**RECIPE_2BIT, "solver": solver}, calibration=CALIBRATION,
+                        device="cpu", progress=False, **levers)
+    with torch.no_grad():
+        return float((model.model(ids).last_hidden_state - reference).pow(2).mean())
+
+
+@pytest.mark.parametrize("solver", [{"type": "gptq"}, {"type": "bpdq", "iters": 2}], ids=lambda s: s["type"])
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_asymmetric_calibration_lowers_the_end_to_end_error_at_equal_bits(seed, solver):
+    symmetric = output_error(seed, solver)
+    asymmetric = output_error(seed, solver, asymmetric=True)
+    assert asymmetric < 0.95 * symmetric
+
+
+def test_asymmetric_flag_comes_from_the_calibration_config_and_is_reported():
+    model = tiny_model(layers=2)
+    report = bpdq.quantize_model(model, tiny_tokenizer(), recipe=RECIPE_2BIT, progress=False, device="cpu",
+                                 calibration={**TINY_CALIBRATION, "asymmetric": True})
+    assert report.asymmetric == {"damp": 0.01} and report.tuning is None and report.allocation is None
+    assert report.to_dict()["asymmetric"] == {"damp": 0.01}
+    plain = bpdq.quantize_model(tiny_model(layers=2), tiny_tokenizer(), recipe=RECIPE_2BIT, progress=False,
+                                device="cpu", calibration=TINY_CALIBRATION)
+    assert plain.asymmetric is None
+    with pytest.raises(TypeError, match="asymmetric must be True or False"):
+        bpdq.quantize_model(tiny_model(layers=2), tiny_tokenizer(), recipe=RECIPE_2BIT, progress=False,
+                            calibration=TINY_CALIBRATION, asymmetric="yes")
+
+
+def test_equal_streams_give_the_symmetric_hessian_and_leave_the_weight_unchanged():
+    from bpdq.pipeline.calibrate import batch_windows, capture_layer_inputs
+
+    model = tiny_model(layers=1)
+    inputs = capture_layer_inputs(model, model.model.layers[0], batch_windows(calibration_windows(tiny_tokenizer(), TINY_CALIBRATION), 4))
+    layer = model.model.layers[0]
+    before = layer.self_attn.q_proj.weight.detach().clone()
+    names = ["self_attn.q_proj", "self_attn.k_proj"]
+    with torch.no_grad():
+        hessians = asymmetric_hessians(layer, layer, names, inputs, inputs, torch.device("cpu"))
+    acc = HessianAccumulator(64)
+    for b in inputs:
+        acc.add(layer.input_layernorm(b.hidden))
+    assert torch.allclose(hessians["self_attn.q_proj"], acc.hessian, rtol=1e-5, atol=1e-6)
+    assert hessians["self_attn.q_proj"] is hessians["self_attn.k_proj"]  # one accumulation for a shared input
+    assert torch.equal(layer.self_attn.q_proj.weight, before)
+
+
+def test_tuning_lowers_each_layers_output_loss_and_leaves_finite_coefficients():
+    model = tiny_model(layers=3)
+    report = bpdq.quantize_model(model, tiny_tokenizer(), recipe=RECIPE_2BIT, calibration=TINY_CALIBRATION,
+                                 device="cpu", progress=False, tuning={"steps": 6, "lr": 1e-3})
+    assert [t["layer"] for t in report.tuning] == [f"model.layers.{i}" for i in range(3)]
+    for t in report.tuning:
+        assert t["loss_after"] < t["loss_before"] and t["steps"] == 6 and t["time_s"] >= 0
+        assert len(t["modules"]) == 7
+    quantized = [m for m in model.modules() if isinstance(m, QuantLinear)]
+    assert len(quantized) == 21 and all(torch.isfinite(q.coeffs).all() for q in quantized)
+    assert report.asymmetric is None  # tuning carries the fp stream without turning asymmetric calibration on
+
+
+def test_a_fully_skipped_layer_is_not_tuned_and_still_carries_the_streams():
+    model = tiny_model(layers=3)
+    report = bpdq.quantize_model(model, tiny_tokenizer(), recipe=RECIPE_2BIT, calibration=TINY_CALIBRATION, device="cpu",
+                                 progress=False, tuning={"steps": 2}, asymmetric=True,
+                                 rules=[{"match": r"model\.layers\.1\..*", "skip": True}])
+    assert [t["layer"] for t in report.tuning] == ["model.layers.0", "model.layers.2"]
+    assert not any(isinstance(m, QuantLinear) for m in model.model.layers[1].modules())
+
+
+def test_lever_arguments_are_checked_before_any_work(tmp_path, monkeypatch):
+    def no_capture(*args, **kwargs):
+        raise AssertionError("no calibration pass may run")
+
+    monkeypatch.setattr("bpdq.pipeline.run.capture_layer_inputs", no_capture)
+    tok = tiny_tokenizer()
+    with pytest.raises(ValueError, match="steps"):
+        bpdq.quantize_model(tiny_model(), tok, recipe=RECIPE_2BIT, calibration=TINY_CALIBRATION, progress=False,
+                            tuning={"steps": -1})
+    with pytest.raises(TypeError, match="tuning must be"):
+        bpdq.quantize_model(tiny_model(), tok, recipe=RECIPE_2BIT, calibration=TINY_CALIBRATION, progress=False, tuning=3)
+    with pytest.raises(ValueError, match="need calibration data"):
+        bpdq.quantize_model(tiny_model(), tok, recipe={**RECIPE_2BIT, "solver": "rtn"}, calibration=TINY_CALIBRATION,
+                            progress=False, tuning={}, output=tmp_path / "out")
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("levers", [{"asymmetric": True}, {"tuning": {"steps": 3}}], ids=["asymmetric", "tuning"])
+def test_a_model_directory_gives_the_in_memory_checkpoint_bytes(levers, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=2)
+    tok = tiny_tokenizer()
+    model = AutoModelForCausalLM.from_pretrained(src)
+    memory = bpdq.quantize_model(model, tok, recipe=RECIPE_2BIT, calibration=TINY_CALIBRATION, progress=False,
+                                 device="cpu", output=tmp_path / "memory", **levers)
+    lazy = bpdq.quantize_model(src, tok, recipe=RECIPE_2BIT, calibration=TINY_CALIBRATION, progress=False,
+                               device="cpu", output=tmp_path / "lazy", **levers)
+    assert checkpoint_files(tmp_path / "lazy") == checkpoint_files(tmp_path / "memory")
+    assert (lazy.asymmetric, lazy.tuning is None) == (memory.asymmetric, memory.tuning is None)
+
+
+def test_offloaded_streams_give_the_same_checkpoint(tmp_path, caplog):
+    tok = tiny_tokenizer()
+    levers = {"tuning": {"steps": 2}, "asymmetric": True}
+    bpdq.quantize_model(tiny_model(layers=2), tok, recipe=RECIPE_2BIT, calibration=TINY_CALIBRATION, progress=False,
+                        device="cpu", batch_size=2, output=tmp_path / "memory", **levers)
+    # 4 batches of 16 KB; each stream gets half of the 40 KB budget: one batch in memory, three on disk
+    with caplog.at_level("INFO", logger="bpdq.pipeline.run"):
+        bpdq.quantize_model(tiny_model(layers=2), tok, recipe=RECIPE_2BIT, progress=False, device="cpu", batch_size=2,
+                            calibration={**TINY_CALIBRATION, "offload": "40KB"}, output=tmp_path / "offloaded", **levers)
+    assert "3 of 4 batches offloaded" in caplog.text
+    assert checkpoint_files(tmp_path / "offloaded") == checkpoint_files(tmp_path / "memory")
