@@ -86,8 +86,11 @@ def generic_adapter(architecture: str, **fields: Any) -> Adapter:
 
 
 def _llama_groups(layer: nn.Module) -> tuple[tuple[str, ...], ...] | None:
-    """``layer``'s linears in the Llama groups, or ``None`` unless they are exactly the seven Llama roles."""
-    linears = [name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)]
+    """``layer``'s linears in the Llama groups, or ``None`` unless they are exactly the seven Llama roles
+    (dense or already quantized: a quantized model is still recognised when it is saved)."""
+    from bpdq.linear import QuantLinear
+
+    linears = [name for name, mod in layer.named_modules() if isinstance(mod, (nn.Linear, QuantLinear))]
     by_role = {name.rpartition(".")[2]: name for name in linears}
     if len(by_role) != len(linears) or set(by_role) != {r for g in LLAMA_ROLES for r in g}:
         return None

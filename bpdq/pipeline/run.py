@@ -297,10 +297,11 @@ def run_quantization(
     model = source.model
     was_training = model.training
     try:
+        layers = get_adapter(model).layers  # before the run: a quantized model no longer looks Llama-shaped
         report = _run(source, sink, recipe, rules, tokenizer, calibration, device, progress, batch_size, offload, hooks,
                       levers or Levers(), target_bpw)
         report.total_time_s = time.perf_counter() - start
-        rest = {k: v for k, v in unique_state_dict(model).items() if not k.startswith(f"{get_adapter(model).layers}.")}
+        rest = {k: v for k, v in unique_state_dict(model).items() if not k.startswith(f"{layers}.")}
         sink.finish(model, rest, report)
     except BaseException:
         sink.abort()
