@@ -1,5 +1,5 @@
-"""Every command on the real SmolLM2-135M (built-in alias): quantize layer 0 with RTN on a tiny calibration
-set, then eval, inspect and generate from the checkpoint it wrote."""
+"""Every command on the real SmolLM2-135M (built-in alias): quantize layer 0 with RTN (data-free: the
+calibration block is not used), then eval, inspect and generate from the checkpoint it wrote."""
 
 from __future__ import annotations
 
@@ -37,7 +37,7 @@ def test_quantize_summary(smol):
     assert (summary["modules_quantized"], summary["modules_skipped"]) == (7, 29 * 7)
     assert summary["avg_bpw_quantized"] == pytest.approx(2 + 16 * 3 / 64)
     assert 2.75 < summary["avg_bpw_model"] < 16
-    assert summary["worst_modules"][0]["name"].startswith("model.layers.0.")
+    assert summary["worst_modules"] == []  # RTN runs data-free: no Hessian, so no proxy loss to rank by
 
 
 def test_eval_checkpoint(smol):
