@@ -1,6 +1,6 @@
 """Quality table of the 2-bit levers (issue 15): perplexity ratio vs full precision, bpw and quantization time.
 
-Each row is a strategy config (the main job's, ``configs/smollm2-bpdq-k2.yaml``: SmolLM2-135M in bfloat16,
+Each row is a strategy config (the main job's, ``configs/smollm2-bpdq-k2.yaml``: SmolLM2-135M in float32,
 128 x 512 calibration windows of ``builtin:python-docs``) with a few overrides, quantized and evaluated through
 the CLI in subprocesses (``bpdq quantize ... --json`` then ``bpdq eval ... --json`` on
 ``builtin:python-docs-test``, 16 windows of 512 tokens). Full precision is always evaluated (the ratios need
@@ -167,7 +167,7 @@ def table(fp: dict[str, Any], rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--rows", default=",".join(ROW_NAMES), help=f"comma-separated rows (default all): {', '.join(ROW_NAMES)}")
+    p.add_argument("--rows", default=",".join(ROW_NAMES), help=f"comma-separated rows, run in this order (default all): {', '.join(ROW_NAMES)}")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 calibration, 1 layer, float32, 2 eval windows of 128")
     p.add_argument("--workdir", type=Path, default=None, help="where configs and checkpoints go (default: a temp dir)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
@@ -189,15 +189,18 @@ def main(argv: list[str] | None = None) -> int:
         if fp is None:
             print(f"full-precision eval failed: {err}", file=sys.stderr)
             return 1
-        results = []
-        for row in (r for r in ROWS if r.name in names):
+        results: list[dict[str, Any]] = []
+        by_name = {r.name: r for r in ROWS}
+        for row in (by_name[n] for n in names):  # in the order asked for
             print(f"running {row.name}: {row.description}", file=sys.stderr, flush=True)
             results.append(run_row(row, args.quick, workdir))
             if "error" in results[-1]:
                 print(f"  {row.name} failed: {results[-1]['error']}", file=sys.stderr)
+            else:
+                print(table(fp, results[-1:]).splitlines()[-1], file=sys.stderr, flush=True)
+            if args.json:  # after every row: a long run that is stopped keeps the rows it finished
+                args.json.write_text(json.dumps({"full_precision": fp, "rows": results, "quick": args.quick}, indent=2) + "\n")
     print(table(fp, results))
-    if args.json:
-        args.json.write_text(json.dumps({"full_precision": fp, "rows": results, "quick": args.quick}, indent=2) + "\n")
     return 1 if any("error" in r for r in results) else 0
 
 
