@@ -110,8 +110,6 @@ class EmbeddingRecorder:
 def check_fake_quantized(model: Any, layer_config: dict[str, dict[str, Any]]) -> list[str]:
     """Names of the linears AutoRound quantized (``bits`` < 16); each weight group must hold at most
     2**bits distinct values (the dequantized weights are what the perplexity measures)."""
-    import torch
-
     names = []
     for name, cfg in layer_config.items():
         if cfg.get("bits", 16) >= 16:

@@ -11,6 +11,10 @@ it).
     .venv/bin/python benchmarks/bench_quality.py --quick --rows bpdq-k2   # smoke run: 2 layers, tiny data
     .venv/bin/python benchmarks/bench_quality.py --list
 
+The peer row ``autoround-w2g64`` (AutoRound W2 g64 asymmetric, 50 iterations, fp32) runs
+``benchmarks/bench_autoround.py`` in its own venv, ``.venv-autoround`` (``bash scripts/setup_autoround.sh``), on the
+same calibration windows and evaluation text; without that venv the row fails with the setup command.
+
 A row whose lever the pipeline does not run yet fails with a message naming the lever: either the strategy
 rejects its key, or the run's summary lacks the lever's entry (``asymmetric``, ``tuning``, ``allocation``).
 Other rows still run; the exit status is 1 when any row failed.
@@ -41,11 +45,24 @@ BPDQ_TODAY = {"type": "bpdq", "refit": "none"}  # the paper's algorithm, as befo
 
 
 @dataclass(frozen=True)
+class Peer:
+    """Another toolkit's row: ``script`` (it prints the row's JSON) run by the Python of its own ``venv``."""
+
+    script: Path
+    venv: Path
+    setup: str  # the command that builds the venv
+
+
+AUTOROUND = Peer(ROOT / "benchmarks" / "bench_autoround.py", ROOT / ".venv-autoround", "bash scripts/setup_autoround.sh")
+
+
+@dataclass(frozen=True)
 class Row:
     name: str
     description: str
     overrides: dict[str, Any] = field(default_factory=dict)  # merged into the base strategy
     lever: str | None = None  # key the quantize summary must hold to prove the lever ran
+    peer: Peer | None = None  # run by the peer's script instead of bpdq's CLI
 
 
 def _q(grid: dict[str, Any], solver: dict[str, Any], group_size: int = 64) -> dict[str, Any]:
@@ -70,6 +87,7 @@ ROWS = [
     Row("bpdq-k3-tuned", "k=3 defaults + tuning", {**_q(_k(3), {"type": "bpdq"}), "tuning": TUNING}, "tuning"),
     Row("rtn-3bit", "RTN uniform 3-bit g=64", _q({"type": "uniform", "bits": 3}, {"type": "rtn"})),
     Row("gptq-3bit", "GPTQ uniform 3-bit g=64", _q({"type": "uniform", "bits": 3}, {"type": "gptq"})),
+    Row("autoround-w2g64", "peer: AutoRound W2 g64 asym, 50 iters, fp32", peer=AUTOROUND),
 ]
 ROW_NAMES = [r.name for r in ROWS]
 
@@ -122,7 +140,36 @@ def evaluate(model: str, quick: bool, dtype: str | None = None) -> tuple[dict[st
     return result, err
 
 
+def run_peer(row: Row, quick: bool) -> dict[str, Any]:
+    """Run a peer's script in its venv; its JSON result becomes the row (``settings`` kept)."""
+    python = row.peer.venv / "bin" / "python"
+    if not python.is_file():
+        return {"row": row.name, "error": f"{row.peer.venv.name} is missing: run {row.peer.setup}"}
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONPATH": str(ROOT) + os.pathsep + os.environ.get("PYTHONPATH", "")}
+    start = time.perf_counter()
+    proc = subprocess.run([str(python), str(row.peer.script), *(["--quick"] if quick else [])],
+                          capture_output=True, text=True, env=env, cwd=ROOT)
+    wall = time.perf_counter() - start
+    if proc.returncode:
+        return {"row": row.name, "error": f"{row.peer.script.name} failed: {proc.stderr.strip()[-2000:]}"}
+    try:
+        result = json.loads(proc.stdout)
+    except json.JSONDecodeError:
+        return {"row": row.name, "error": f"{row.peer.script.name} printed no JSON result: {proc.stdout.strip()[-2000:]}"}
+    return {
+        "row": row.name,
+        "description": row.description,
+        "bpw": result["bpw"],
+        "perplexity": result["perplexity"],
+        "quantize_time_s": result["quantize_time_s"],
+        "quantize_wall_s": wall,
+        "settings": result["settings"],
+    }
+
+
 def run_row(row: Row, quick: bool, workdir: Path) -> dict[str, Any]:
+    if row.peer:
+        return run_peer(row, quick)
     data = row_strategy(row, quick)
     config = workdir / f"{row.name}.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
@@ -175,7 +222,8 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.list:
         for r in ROWS:
-            print(f"{r.name:<20} {r.description}" + (f"  [needs lever: {r.lever}]" if r.lever else ""))
+            print(f"{r.name:<20} {r.description}" + (f"  [needs lever: {r.lever}]" if r.lever else "")
+                  + (f"  [own venv: {r.peer.venv.name}]" if r.peer else ""))
         return 0
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
     unknown = [n for n in names if n not in ROW_NAMES]
