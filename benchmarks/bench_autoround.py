@@ -137,6 +137,19 @@ def model_bpw(model: Any, layer_config: dict[str, dict[str, Any]], names: list[s
     return bits / total
 
 
+def check_group_size(model: Any, group_size: int) -> None:
+    """``group_size`` must divide the input width of every decoder linear (before any quantization work)."""
+    import math
+
+    from torch import nn
+
+    widths = {m.in_features for name, m in model.named_modules() if isinstance(m, nn.Linear) and ".layers." in name}
+    if any(w % group_size for w in widths):
+        g = math.gcd(*widths)
+        raise SystemExit(f"--group-size {group_size} does not divide the decoder linears' input widths "
+                         f"{sorted(widths)}; allowed: {[d for d in range(1, g + 1) if g % d == 0]}")
+
+
 def run(group_size: int, iters: int, quick: bool) -> dict[str, Any]:
     AutoRound = import_auto_round()
     import torch
@@ -149,6 +162,7 @@ def run(group_size: int, iters: int, quick: bool) -> dict[str, Any]:
     base = calibration_config(quick)
     calibration = base["calibration"]
     model, tokenizer = load_pretrained(base["model"], dtype=base["dtype"], device="cpu")
+    check_group_size(model, group_size)
     windows = token_windows(tokenizer, calibration, model.get_input_embeddings().num_embeddings)  # as bpdq's run
     dataset = [w.unsqueeze(0) for w in windows]  # AutoRound takes a list of [1, seq_len] token-id tensors
     pad = tokenizer.pad_token_id  # AutoRound masks these out of its calibration (none in bpdq's built-in text)
@@ -169,9 +183,10 @@ def run(group_size: int, iters: int, quick: bool) -> dict[str, Any]:
     quantize_time = time.perf_counter() - start
     calls = recorder.check(windows)
     names = check_fake_quantized(model, layer_config)
-    resolved = {k: layer_config[names[0]][k] for k in ("bits", "group_size", "sym")}
-    if resolved != {"bits": BITS, "group_size": group_size, "sym": False}:
-        raise RuntimeError(f"AutoRound resolved {resolved}, not the settings asked for")
+    for name in names:
+        resolved = {k: layer_config[name][k] for k in ("bits", "group_size", "sym")}
+        if resolved != {"bits": BITS, "group_size": group_size, "sym": False}:
+            raise RuntimeError(f"AutoRound resolved {resolved} for {name}, not the settings asked for")
     scale_dtype = getattr(torch, str(autoround.scale_dtype).removeprefix("torch."))
     scale_bits = torch.finfo(scale_dtype).bits
 
