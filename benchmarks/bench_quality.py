@@ -109,7 +109,7 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def row_strategy(row: Row, quick: bool) -> dict[str, Any]:
+def row_strategy(row: Row, quick: bool, tuning_steps: int | None = None) -> dict[str, Any]:
     base = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
     data = merge(base, row.overrides)
     data["quantize"]["solver"] = row.overrides["quantize"]["solver"]  # replace, do not inherit the base's options
@@ -118,6 +118,8 @@ def row_strategy(row: Row, quick: bool) -> dict[str, Any]:
         data["quantize"]["solver"] = merge(data["quantize"]["solver"], QUICK_SOLVER.get(data["quantize"]["solver"]["type"], {}))
         if "tuning" in data:
             data["tuning"] = merge(data["tuning"], QUICK_TUNING)
+    if tuning_steps is not None and "tuning" in data:
+        data["tuning"]["steps"] = tuning_steps
     return data
 
 
@@ -158,7 +160,7 @@ def run_peer(row: Row, quick: bool) -> dict[str, Any]:
         return {"row": row.name, "error": f"{row.peer.script.name} printed no JSON result: {proc.stdout.strip()[-2000:]}"}
     return {
         "row": row.name,
-        "description": row.description,
+        "description": row.description + (f" ({data['tuning']['steps']} steps/layer)" if "tuning" in data else ""),
         "bpw": result["bpw"],
         "perplexity": result["perplexity"],
         "quantize_time_s": result["quantize_time_s"],
@@ -167,10 +169,10 @@ def run_peer(row: Row, quick: bool) -> dict[str, Any]:
     }
 
 
-def run_row(row: Row, quick: bool, workdir: Path) -> dict[str, Any]:
+def run_row(row: Row, quick: bool, workdir: Path, tuning_steps: int | None = None) -> dict[str, Any]:
     if row.peer:
         return run_peer(row, quick)
-    data = row_strategy(row, quick)
+    data = row_strategy(row, quick, tuning_steps)
     config = workdir / f"{row.name}.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     out = workdir / row.name
@@ -186,7 +188,7 @@ def run_row(row: Row, quick: bool, workdir: Path) -> dict[str, Any]:
         return {"row": row.name, "error": f"eval failed: {err}"}
     return {
         "row": row.name,
-        "description": row.description,
+        "description": row.description + (f" ({data['tuning']['steps']} steps/layer)" if "tuning" in data else ""),
         "bpw": summary["avg_bpw_quantized"],
         "perplexity": result["perplexity"],
         "quantize_time_s": summary["time_s"],
@@ -217,6 +219,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--rows", default=",".join(ROW_NAMES), help=f"comma-separated rows, run in this order (default all): {', '.join(ROW_NAMES)}")
     p.add_argument("--quick", action="store_true", help="smoke run: 4 x 128 calibration, 1 layer, float32, 2 eval windows of 128")
     p.add_argument("--workdir", type=Path, default=None, help="where configs and checkpoints go (default: a temp dir)")
+    p.add_argument("--tuning-steps", type=int, default=None,
+                   help=f"optimizer steps per layer of the tuning rows (default {TUNING['steps']}; one pass over the "
+                   "16 calibration batches is 16)")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     args = p.parse_args(argv)
@@ -241,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
         by_name = {r.name: r for r in ROWS}
         for row in (by_name[n] for n in names):  # in the order asked for
             print(f"running {row.name}: {row.description}", file=sys.stderr, flush=True)
-            results.append(run_row(row, args.quick, workdir))
+            results.append(run_row(row, args.quick, workdir, args.tuning_steps))
             if "error" in results[-1]:
                 print(f"  {row.name} failed: {results[-1]['error']}", file=sys.stderr)
             else:
