@@ -11,6 +11,11 @@ naming what differs); ``never`` removes the old state and starts over; ``require
 one. Ctrl-C or SIGTERM finishes the layer in work, saves the state, says how to resume and exits 130 (a
 second signal stops at once, losing that layer); the partial checkpoint directory is removed, the state
 kept. Once the checkpoint is in place, signals no longer interrupt the command.
+
+Distributed (``torchrun --nproc_per_node=N -m bpdq.cli quantize CONFIG``): the command joins the process
+group torchrun describes (gloo on CPU, nccl with CUDA; :mod:`bpdq.pipeline.distributed`); rank 0 logs, writes
+the checkpoint and prints the summary, the other ranks log only warnings and errors. An error on one rank is
+reported by that rank and every rank exits with its exit code.
 """
 
 from __future__ import annotations
@@ -24,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from bpdq.cli.console import emit_json, stdout_console
-from bpdq.cli.errors import UsageError, usage_phase
+from bpdq.cli.errors import EXIT_FAILURE, EXIT_USAGE, UsageError, usage_phase
 from bpdq.cli.runtime import device_for, load_model, load_plugins, load_text
 from bpdq.cli.summary import SUMMARY_FILE, STRATEGY_FILE, run_summary, summary_tables
 
@@ -87,20 +92,40 @@ def _tokenizer(directory: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bpdq.cli.console import setup_logging
+    from bpdq.pipeline import distributed
     from bpdq.pipeline.resume import RunInterrupted, stop_at_layer_boundary
 
+    created = distributed.init_from_env()
+    rank = distributed.rank()
+    if rank:
+        setup_logging(args.debug, rank)
     try:
         with stop_at_layer_boundary():
-            return _run(args)
+            code = _run(args)
+        distributed.agree()  # rank 0 wrote its summary: every rank ends with 0
+        return code
     except RunInterrupted as exc:
-        sys.stderr.write(f"bpdq {args.command}: {exc}; run the same command again to resume (--resume auto, the "
-                         "default; --resume never starts over)\n")
+        if rank == 0:
+            sys.stderr.write(f"bpdq {args.command}: {exc}; run the same command again to resume (--resume auto, "
+                             "the default; --resume never starts over)\n")
         return EXIT_INTERRUPTED
+    except distributed.PeerFailed as exc:
+        log.debug("%s", exc)
+        return exc.code
+    except BaseException as exc:
+        code = distributed.exit_code(exc)
+        distributed.fail(EXIT_USAGE if isinstance(exc, UsageError) else code or EXIT_FAILURE)
+        raise
+    finally:
+        if created:
+            distributed.destroy()
 
 
 def _run(args: argparse.Namespace) -> int:
     from bpdq.calibration import calibration_windows
     from bpdq.pipeline import LazySource, is_model_directory, needs_calibration, quantize_model
+    from bpdq.pipeline import distributed
     from bpdq.pipeline.resume import ResumeState
     from bpdq.strategy import load_strategy
 
@@ -135,6 +160,8 @@ def _run(args: argparse.Namespace) -> int:
         target_bpw=strategy.target_bpw, resume=args.resume,
     )
     _ignore_signals()
+    if distributed.rank() != 0:
+        return 0
     summary = run_summary(report, strategy.model, str(output))
     (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     strategy.model_copy(update={"output": str(output)}).save(output / STRATEGY_FILE)

@@ -44,6 +44,7 @@ from typing import Any, Iterator, Sequence
 
 import torch
 
+from bpdq.pipeline import distributed
 from bpdq.pipeline.calibrate import Batch
 
 logger = logging.getLogger(__name__)
@@ -188,10 +189,11 @@ class ResumeState:
         self.mode = mode
         self.dir = state_dir(output)
         self.manifest: dict[str, Any] | None = None
-        if mode == "never" and self.dir.exists():
+        if mode == "never" and self.dir.exists() and distributed.rank() == 0:
             logger.info("resume=never: removing the old resume state %s", self.dir)
             shutil.rmtree(self.dir)
-        elif self.dir.exists():
+        distributed.barrier()
+        if self.dir.exists():
             manifest = self.dir / MANIFEST_FILE
             if manifest.is_file():
                 try:
@@ -213,11 +215,15 @@ class ResumeState:
             if diff:
                 raise ValueError(f"the resume state in {self.dir} was made by a different run ("
                                  + "; ".join(diff) + "); pass resume='never' (--resume never) to start over")
-            self._clean(int(self.manifest["layers_done"]))
+            if distributed.rank() == 0:
+                self._clean(int(self.manifest["layers_done"]))
+            distributed.barrier()
             logger.info("resuming after %d finished decoder layers from %s", self.manifest["layers_done"], self.dir)
             return int(self.manifest["layers_done"])
-        shutil.rmtree(self.dir, ignore_errors=True)
-        self.dir.mkdir(parents=True)
+        if distributed.rank() == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            self.dir.mkdir(parents=True)
+        distributed.barrier()
         self.manifest = {"format": STATE_FORMAT, "fingerprint": fingerprint, "layers_done": 0, "layers": {},
                          "records": [], "levers": {}}
         return 0
@@ -255,15 +261,16 @@ class ResumeState:
         assert self.manifest is not None
         return self.manifest["layers"][str(index)], load_file(str(self.dir / f"layer-{index:05d}.safetensors"))
 
-    def inputs(self, batches: Sequence[Batch], stream: str) -> list[Batch]:
+    def inputs(self, batches: Sequence[Batch], stream: str, first: int = 0) -> list[Batch]:
         """``batches`` (layer-0 inputs: their keyword arguments) with the saved hidden states of ``stream``
-        (``hidden`` or ``fp``) for the next layer to run."""
+        (``hidden`` or ``fp``) for the next layer to run; ``first`` is the global number of ``batches[0]``
+        (a rank's share of a distributed run)."""
         from safetensors.torch import load_file
 
         folder = self.dir / f"inputs-{self.layers_done:05d}"
         out = []
         for j, b in enumerate(batches):
-            path = folder / f"{stream}-{j:05d}.safetensors"
+            path = folder / f"{stream}-{first + j:05d}.safetensors"
             if not path.is_file():
                 raise ValueError(f"resume state {self.dir} lacks {path.relative_to(self.dir)}; pass resume='never' to start over")
             hidden = load_file(str(path))["hidden"]
@@ -278,31 +285,42 @@ class ResumeState:
     def set_levers(self, **entries: Any) -> None:
         assert self.manifest is not None
         self.manifest["levers"].update(entries)
-        _write_json(self.dir / MANIFEST_FILE, self.manifest)
+        if distributed.rank() == 0:
+            _write_json(self.dir / MANIFEST_FILE, self.manifest)
 
     def save_layer(
         self, index: int, table: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor], records: list[dict[str, Any]],
-        streams: dict[str, Sequence[Batch] | None], levers: dict[str, Any],
+        streams: dict[str, Sequence[Batch] | None], levers: dict[str, Any], first: int = 0,
     ) -> None:
-        """Layer ``index`` is written: save its tensors, the next layer's inputs, then the manifest."""
+        """Layer ``index`` is written: save its tensors, the next layer's inputs (each rank its share,
+        ``first`` being the global number of its first batch), then the manifest (rank 0)."""
         assert self.manifest is not None and index == self.layers_done
-        _save_tensors(self.dir / f"layer-{index:05d}.safetensors", tensors)
+        lead = distributed.rank() == 0
+        if lead:
+            _save_tensors(self.dir / f"layer-{index:05d}.safetensors", tensors)
         folder = self.dir / f"inputs-{index + 1:05d}"
-        if any(s is not None for s in streams.values()):
-            tmp = folder.with_name(f"{folder.name}.tmp")
-            shutil.rmtree(tmp, ignore_errors=True)
-            tmp.mkdir()
+        tmp = folder.with_name(f"{folder.name}.tmp")
+        saving = any(s is not None for s in streams.values())
+        if saving:
+            if lead:
+                shutil.rmtree(tmp, ignore_errors=True)
+                tmp.mkdir()
+            distributed.barrier()
             for name, stream in streams.items():
                 for j, b in enumerate(stream or ()):
-                    _save_tensors(tmp / f"{name}-{j:05d}.safetensors", {"hidden": b.hidden})
-            os.replace(tmp, folder)
+                    _save_tensors(tmp / f"{name}-{first + j:05d}.safetensors", {"hidden": b.hidden})
+            distributed.barrier()
         self.manifest["layers"][str(index)] = table
         self.manifest["records"] = self.manifest["records"] + records
         self.manifest["levers"].update(levers)
         self.manifest["layers_done"] = index + 1
-        _write_json(self.dir / MANIFEST_FILE, self.manifest)
-        shutil.rmtree(self.dir / f"inputs-{index:05d}", ignore_errors=True)
+        if lead:
+            if saving:
+                os.replace(tmp, folder)
+            _write_json(self.dir / MANIFEST_FILE, self.manifest)
+            shutil.rmtree(self.dir / f"inputs-{index:05d}", ignore_errors=True)
 
     def remove(self) -> None:
         """The checkpoint is complete: the state is no longer needed."""
-        shutil.rmtree(self.dir, ignore_errors=True)
+        if distributed.rank() == 0:
+            shutil.rmtree(self.dir, ignore_errors=True)

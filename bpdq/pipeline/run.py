@@ -45,6 +45,7 @@ from bpdq.config import CalibrationConfig, Recipe, Rule, as_recipe, as_rules, re
 from bpdq.linear import QuantLinear
 from bpdq.devices import resolve_device
 from bpdq.models.base import Adapter, architecture_of, check_positions, get_adapter
+from bpdq.pipeline import distributed
 from bpdq.pipeline.allocate import allocate, check_allocatable
 from bpdq.pipeline.calibrate import (
     ActivationStore,
@@ -259,6 +260,7 @@ def _quantize_head(source: ModelSource, s: _Setup, batches: Sequence[Batch] | No
                 acc.add(norm(b.hidden.to(device)))
         finally:
             norm.to(home)
+        acc.all_reduce()
         hessian = acc.hessian
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:  # the embedding keeps its dense weight; the head gets its own copy to quantize
@@ -310,8 +312,12 @@ def run_quantization(
         sink.finish(model, rest, report)
         if resume is not None:
             resume.remove()
-    except BaseException:
+        distributed.agree()  # every rank ends successfully only if rank 0 wrote the checkpoint
+    except BaseException as exc:
         sink.abort()
+        code = distributed.exit_code(exc)
+        if code is not None:
+            distributed.fail(code)
         raise
     finally:
         model.train(was_training)
@@ -327,6 +333,9 @@ def _run(
     s = _setup(model, recipe, rules)
     if target_bpw is not None:
         check_allocatable(s, target_bpw)
+    if (levers.fp_stream or target_bpw is not None) and distributed.is_distributed():
+        raise ValueError("calibration.asymmetric, tuning and target_bpw are not supported in a distributed run "
+                         f"({distributed.world_size()} processes): run them in one process")
     if (levers.fp_stream or target_bpw is not None) and not s.calibrated:
         raise ValueError("calibration.asymmetric, tuning and target_bpw need calibration data: use a solver that "
                          "uses a Hessian (not only 'rtn')")
@@ -345,7 +354,7 @@ def _run(
         )
     elif calibration is not None:
         logger.info("no solver of this recipe uses a Hessian: data-free run, the calibration is not used")
-    done = 0
+    done, first = 0, 0
     if resume is not None:
         done = resume.check(_fingerprint(source, s, windows, levers, target_bpw, batch_size, device))
     n_steps = sum(len(g) for g in s.adapter.linear_groups(s.layers[0])) * len(s.layers) + int(s.head_recipe is not None)
@@ -358,11 +367,14 @@ def _run(
         fp_inputs: Sequence[Batch] | None = None
         if windows is not None:
             source.load_outside(layers_prefix)
-            inputs = capture_layer_inputs(model, s.layers[0], batch_windows(windows, batch_size))
+            batches = batch_windows(windows, batch_size)
+            first = distributed.shard_start(len(batches))  # the global number of this rank's first batch
+            inputs = capture_layer_inputs(model, s.layers[0], distributed.shard(batches))
             fp_inputs = inputs if levers.fp_stream else None
             if done:
                 assert resume is not None
-                inputs, fp_inputs = resume.inputs(inputs, "hidden"), resume.inputs(inputs, "fp") if levers.fp_stream else None
+                inputs, fp_inputs = (resume.inputs(inputs, "hidden", first),
+                                     resume.inputs(inputs, "fp", first) if levers.fp_stream else None)
             if offload is not None:
                 spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bpdq-activations-")))
                 budget = parse_size(offload, "offload") // 2 if levers.fp_stream else offload  # two streams
@@ -396,11 +408,11 @@ def _run(
                 if resume is not None:
                     resume.save_layer(i, quantization_config(step.layer)["modules"], unique_state_dict(step.layer),
                                       [asdict(r) for r in step.records], {"hidden": step.outputs, "fp": step.fp_outputs},
-                                      {"tuning": levers.tuning_results} if levers.tuning is not None else {})
+                                      {"tuning": levers.tuning_results} if levers.tuning is not None else {}, first)
                 source.release(prefix)
                 _close(inputs, fp_inputs)
                 inputs, fp_inputs = step.outputs, step.fp_outputs
-                if stop_requested():
+                if distributed.any_rank(stop_requested()):
                     raise RunInterrupted(i + 1, len(s.layers), resume.dir if resume is not None else None)
             source.load_outside(layers_prefix)
             if s.head_recipe is not None:
@@ -431,7 +443,7 @@ def _fingerprint(source: ModelSource, s: _Setup, windows: Sequence[torch.Tensor]
         "batch_size": batch_size,
         "device": device.type,
         "versions": {"bpdq": __version__, "torch": torch.__version__},
-        "world_size": 1,
+        "world_size": distributed.world_size(),
     }
 
 
@@ -500,6 +512,7 @@ def _calib_dict(calibration: CalibrationConfig | dict[str, Any]) -> dict[str, An
     return cfg.model_dump(mode="json")
 
 
+@distributed.reports_failure
 def quantize_model(
     model: nn.Module | str | Path | ModelSource,
     tokenizer: Any = None,
@@ -542,6 +555,11 @@ def quantize_model(
     removes it first, ``required`` refuses to start without one. A resumed run writes the same checkpoint
     bytes as an uninterrupted one. (With a model object in memory, the layers finished before the resume are
     restored into it from the state.)
+
+    Inside an initialised ``torch.distributed`` group of several processes (e.g. under ``torchrun``) every
+    rank calls this with the same arguments: the calibration batches are shared out, the Hessians summed
+    over the ranks, and rank 0 writes ``output`` and shows the progress (see
+    :mod:`bpdq.pipeline.distributed`).
     """
     from bpdq.allocation import check_target_bpw
     from bpdq.tuning import TuningOptions
@@ -584,11 +602,11 @@ def quantize_model(
         source = InMemorySource(model)
     else:
         raise TypeError(f"model must be an nn.Module or a model directory path, got {type(model).__name__}")
-    sink: Sink = InMemorySink() if output is None else CheckpointSink(
+    sink: Sink = InMemorySink() if output is None or distributed.rank() != 0 else CheckpointSink(
         output, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size
     )
     return run_quantization(source, sink, recipe=recipe, rules=rules, tokenizer=tokenizer, calibration=calibration,
-               device=dev, progress=progress, batch_size=batch_size, offload=offload,
+               device=dev, progress=progress and distributed.rank() == 0, batch_size=batch_size, offload=offload,
                levers=Levers(asymmetric, tuning), target_bpw=target_bpw, resume=state)
 
 
