@@ -17,7 +17,12 @@ Extension points (:class:`LayerHooks`): ``before_solve`` stages run on the mater
 device before any linear is solved (e.g. keeping a full-precision copy); ``calibrate`` replaces the symmetric
 Hessians of a group; ``after_solve`` stages run on a layer whose linears are all solved, on the compute
 device, before its outputs are computed (e.g. tuning against full-precision targets); ``after_write`` steps
-run once a layer is written, before it is released (e.g. persisting resume state).
+run once a layer is written, before it is released.
+
+With a :class:`~bpdq.pipeline.resume.ResumeState` the loop saves each written layer and the next inputs
+beside the output, restores the layers a previous run finished, and stops at a layer boundary when a signal
+asks (:mod:`bpdq.pipeline.resume`). Inside a ``torch.distributed`` group the same loop shares the
+calibration batches out and sums the Hessians over the ranks (:mod:`bpdq.pipeline.distributed`).
 
 The 2-bit levers plug in there: asymmetric calibration and coefficient tuning (:mod:`bpdq.pipeline.levers`,
 which carry a full-precision stream ``fp_inputs`` beside the quantized inputs) and bit allocation to a
