@@ -6,12 +6,18 @@ The run is the same loop on every rank (:mod:`bpdq.pipeline.run`), with these di
   contiguous share of the batches (:func:`shard`; there must be at least ``N`` batches) and runs its own
   share through each layer, for the Hessians and for the next layer's inputs.
 - **Hessians.** Each rank accumulates ``sum x x^T`` and the sample count over its batches; the sums are
-  all-reduced in float64 (:func:`all_reduce_hessian`) so that every rank holds the same Hessian, and every
-  rank solves every linear: the solves are deterministic, so the ranks hold identical quantized layers
-  without broadcasting them. The summation order differs from one process's (partial sums per rank), so a
-  distributed checkpoint matches the single-process one to the last bits of the Hessians, not byte for
-  byte (tests/pipeline/test_distributed.py measures it). Solving is replicated, not shared: the time saved
-  is the calibration forward passes, which dominate with many windows.
+  all-reduced in float64 (:func:`all_reduce_hessian`) so that every rank holds the same Hessian. A Hessian
+  is a float64 sum of per-batch float32 terms in one process too
+  (:class:`~bpdq.solvers.hessian.HessianAccumulator`), so grouping the batches by rank changes only its last
+  float64 bits and the float32 Hessian the solver receives is the same: the distributed checkpoint is
+  byte-identical to the single-process one (at the same thread count per process; tested in
+  tests/pipeline/test_distributed.py).
+- **Solves.** Each linear of a sequential group has an owner rank (:func:`owners`: largest weight first, to
+  the least-loaded rank); the owners solve their linears at the same time, then each owner broadcasts its
+  QuantLinear (packed planes, coefficients, and its record and metadata as JSON: :func:`share_linear`) and
+  the other ranks swap it in. Groups are solved one after another (each one's Hessians need the previous
+  ones quantized), so the solves run in parallel within a group only: q/k/v and gate/up in a Llama layer;
+  o_proj and down_proj are solved by one rank while the others wait.
 - **Output.** Rank 0 writes the checkpoint and the report; the others write nothing (their resume inputs
   excepted: each rank saves its own share of the next layer's inputs under their global batch numbers, so
   the state directory must be on a filesystem all ranks share).
@@ -30,12 +36,17 @@ Not supported with several processes (refused with a ``ValueError`` before any w
 from __future__ import annotations
 
 import datetime
+import functools
+import json
 import logging
 import os
-import functools
+from dataclasses import asdict
 from typing import Any, Callable, Sequence, TypeVar
 
 import torch
+from torch import nn
+
+from bpdq.report import ModuleRecord
 
 logger = logging.getLogger(__name__)
 
@@ -189,6 +200,65 @@ def destroy() -> None:
     """Leave the default group (what :func:`init_from_env` created)."""
     if _dist().is_initialized():
         _dist().destroy_process_group()
+
+
+def owners(sizes: dict[str, int]) -> dict[str, int]:
+    """The rank that solves each linear of a group (``sizes``: its weight's element count): largest first, each
+    to the least-loaded rank (the lowest on ties); the same answer on every rank. All 0 in one process."""
+    load = [0] * world_size()
+    out: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: -sizes[n]):  # stable: equal sizes keep the group's order
+        r = min(range(len(load)), key=lambda i: load[i])
+        out[name] = r
+        load[r] += sizes[name]
+    return out
+
+
+def _broadcast_bytes(data: bytes | None, src: int) -> bytes:
+    dev = _device()
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64, device=dev)
+    _dist().broadcast(size, src)
+    buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev) if data is not None
+           else torch.empty(int(size.item()), dtype=torch.uint8, device=dev))
+    _dist().broadcast(buf, src)
+    return bytes(buf.cpu().numpy().tobytes())
+
+
+def share_linear(root: nn.Module, name: str, record: ModuleRecord | None, owner: int) -> ModuleRecord:
+    """After the ranks solved their own linears of a group: the QuantLinear ``name`` of ``root`` goes from
+    its ``owner`` (who passes its ``record``) to every other rank, which swaps its ``nn.Linear`` for it;
+    returns the module's record. A no-op in one process."""
+    from bpdq.linear import QuantLinear
+
+    if not is_distributed():
+        assert record is not None
+        return record
+    agree()
+    mine = rank() == owner
+    module = root.get_submodule(name)
+    meta = None
+    if mine:
+        assert record is not None and isinstance(module, QuantLinear)
+        meta = json.dumps({"record": asdict(record), "planes": module.k, "group_size": module.group_size,
+                           "kernel": module.kernel, "grid": module.grid, "solver": module.solver}).encode()
+    info = json.loads(_broadcast_bytes(meta, owner))
+    if not mine:
+        linear = module
+        module = QuantLinear(linear.in_features, linear.out_features, planes=info["planes"],
+                             group_size=info["group_size"], bias=linear.bias is not None,
+                             dtype=linear.bias.dtype if linear.bias is not None else linear.weight.dtype,
+                             kernel=info["kernel"], device=linear.weight.device, grid=info["grid"], solver=info["solver"])
+        module.weight_dtype = linear.weight.dtype
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, child, module)
+    for buf in (module.planes, module.coeffs):
+        wire = buf.to(_device())
+        _dist().broadcast(wire, owner)
+        if not mine:
+            buf.copy_(wire)
+    return ModuleRecord(**info["record"])
 
 
 def barrier() -> None:

@@ -171,9 +171,15 @@ def solve_layer(
                 progress.describe(f"{prefix}: calibrating {', '.join(todo)}")
                 hessians.update(calibrate(step, todo, device) if calibrate is not None
                                 else collect_hessians(layer, todo, step.inputs, device, replay))
+            owner = distributed.owners({rel: layer.get_submodule(rel).weight.numel() for rel in todo})
+            solved: dict[str, ModuleRecord] = {}
+            for rel in todo:  # in a distributed run, each rank its own linears of the group
+                hessian = hessians.pop(rel)
+                if owner[rel] == distributed.rank():
+                    progress.describe(f"{prefix}.{rel}")
+                    solved[rel] = quantize_linear(layer, rel, f"{prefix}.{rel}", group[rel], hessian)  # type: ignore[arg-type]
             for rel in todo:
-                progress.describe(f"{prefix}.{rel}")
-                step.records.append(quantize_linear(layer, rel, f"{prefix}.{rel}", group[rel], hessians.pop(rel)))  # type: ignore[arg-type]
+                step.records.append(distributed.share_linear(layer, rel, solved.get(rel), owner[rel]))
                 progress.advance()
         done.update(group)
         if replay is not None:

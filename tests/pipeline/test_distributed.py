@@ -121,6 +121,16 @@ def test_a_failure_on_one_rank_ends_both_with_its_exit_code(setup):
     assert not (tmp / "broken").exists() and not any(p.name.startswith(".broken.tmp-") for p in tmp.iterdir())
 
 
-def test_shares_of_the_batches():
+def test_shares_of_batches_and_of_solves(monkeypatch):
     assert distributed.shard(list(range(5))) == list(range(5)) and distributed.shard_start(5) == 0  # one process
     assert distributed.world_size() == 1 and distributed.rank() == 0 and not distributed.any_rank(False)
+    sizes = {"q_proj": 64 * 64, "k_proj": 16 * 64, "v_proj": 16 * 64}
+    assert set(distributed.owners(sizes).values()) == {0}
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert distributed.owners(sizes) == {"q_proj": 0, "k_proj": 1, "v_proj": 1}  # largest first, least loaded
+    assert distributed.owners({"gate": 8, "up": 8, "down": 8}) == {"gate": 0, "up": 1, "down": 0}
+    for r, share in ((0, [0, 1, 2]), (1, [3, 4])):  # 5 batches over 2 ranks: the first takes one more
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        assert distributed.shard(list(range(5))) == share and distributed.shard_start(5) == share[0]
+    with pytest.raises(ValueError, match="1 calibration batches cannot be shared by 2 processes"):
+        distributed.shard([0])
