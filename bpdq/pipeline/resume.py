@@ -102,7 +102,7 @@ def _sha256(*chunks: bytes) -> str:
     return h.hexdigest()
 
 
-def tensor_bytes(t: torch.Tensor) -> bytes:
+def _raw_bytes(t: torch.Tensor) -> bytes:
     return t.detach().to("cpu").contiguous().reshape(-1).view(torch.uint8).numpy().tobytes()
 
 
@@ -113,7 +113,7 @@ def windows_hash(windows: Sequence[torch.Tensor] | None) -> str | None:
     h = hashlib.sha256()
     for w in windows:
         h.update(str(w.numel()).encode())
-        h.update(tensor_bytes(w.to(torch.int64)))
+        h.update(_raw_bytes(w.to(torch.int64)))
     return h.hexdigest()
 
 
@@ -160,7 +160,7 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 
 def source_fingerprint(source: Any) -> dict[str, Any]:
     """What identifies the model a run reads: a directory's weight files (names, sizes) and config hash, or
-    the config and every tensor of a model in memory."""
+    the config and every tensor of a model in memory (hashed: about a second per GB)."""
     from bpdq.checkpoint import unique_state_dict
     from bpdq.pipeline.source import CONFIG_FILE, LazySource
 
@@ -175,7 +175,8 @@ def source_fingerprint(source: Any) -> dict[str, Any]:
     h = hashlib.sha256()
     for name, t in sorted(unique_state_dict(model).items()):
         h.update(f"{name}:{t.dtype}:{tuple(t.shape)}".encode())
-        h.update(tensor_bytes(t))
+        if not t.is_meta:  # a source of another kind may not have materialised it: its shape is all there is
+            h.update(_raw_bytes(t))
     return {"config_sha256": _sha256(json.dumps(config, sort_keys=True, default=str).encode()), "tensors_sha256": h.hexdigest()}
 
 
