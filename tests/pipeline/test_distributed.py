@@ -134,3 +134,18 @@ def test_shares_of_batches_and_of_solves(monkeypatch):
         assert distributed.shard(list(range(5))) == share and distributed.shard_start(5) == share[0]
     with pytest.raises(ValueError, match="1 calibration batches cannot be shared by 2 processes"):
         distributed.shard([0])
+
+
+@pytest.mark.parametrize("lever", [{"asymmetric": True}, {"tuning": {"steps": 1}}, {"target_bpw": 3.0}], ids=str)
+def test_the_levers_are_refused_in_a_distributed_run(lever, monkeypatch):
+    from tests.tiny_models import TINY_CALIBRATION, tiny_model, tiny_tokenizer
+
+    # rank 0 of 2, as far as the checks before any work can tell (no group: no collective may run)
+    for name, value in (("is_distributed", lambda: True), ("world_size", lambda: 2), ("rank", lambda: 0),
+                        ("fail", lambda code=1: None)):
+        monkeypatch.setattr(distributed, name, value)
+    model = tiny_model(layers=1)
+    with pytest.raises(ValueError, match=r"asymmetric, tuning and target_bpw are not supported in a distributed run \(2"):
+        bpdq.quantize_model(model, tiny_tokenizer(), recipe={"group_size": 32, "grid": {"type": "bitplane", "planes": 2},
+                            "solver": "gptq"}, calibration=TINY_CALIBRATION, progress=False, **lever)
+    assert not any(isinstance(m, bpdq.QuantLinear) for m in model.modules())  # refused before any work
