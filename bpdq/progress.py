@@ -18,6 +18,7 @@ class RunProgress:
         self._progress: Any = None
         self._task: Any = None
         self._start = 0.0
+        self._first: int | None = None  # the first layer this process runs (a resumed run skips some)
 
     def __enter__(self) -> "RunProgress":
         self._start = time.perf_counter()
@@ -56,7 +57,10 @@ class RunProgress:
         if self._progress is not None:
             self._progress.update(self._task, layer=f"{index + 1}/{self.n_layers}")
         else:
-            eta = f", ETA {elapsed / index * (self.n_layers - index):.0f} s" if index else ""
+            if self._first is None:
+                self._first = index
+            done = index - self._first
+            eta = f", ETA {elapsed / done * (self.n_layers - index):.0f} s" if done else ""
             logger.info("layer %d/%d (%.1f s elapsed%s)", index + 1, self.n_layers, elapsed, eta)
 
     def describe(self, text: str) -> None:

@@ -2,29 +2,39 @@
 
 A ``model:`` that is a local transformers directory (``config.json`` + safetensors) is read one decoder layer
 at a time; any other model (built-in alias, GGUF file, hub id) is loaded whole. Either way the checkpoint is
-written as the run goes and appears at the output path only when complete. SIGTERM is handled like Ctrl-C
-(the partial output is removed; exit 143, 130 for Ctrl-C); once the checkpoint is in place, signals no
-longer interrupt the command.
+written as the run goes and appears at the output path only when complete.
+
+Resume (``--resume auto|never|required``, default ``auto``): the run keeps its state beside the output
+(``.NAME.bpdq-resume/``, see :mod:`bpdq.pipeline.resume`) after each decoder layer; running the same command
+again continues after the last finished layer (a changed model, calibration, recipe, rules... is refused,
+naming what differs); ``never`` removes the old state and starts over; ``required`` refuses to start without
+one. Ctrl-C or SIGTERM finishes the layer in work, saves the state, says how to resume and exits 130 (a
+second signal stops at once, losing that layer); the partial checkpoint directory is removed, the state
+kept. Once the checkpoint is in place, signals no longer interrupt the command.
+
+Distributed (``torchrun --nproc_per_node=N -m bpdq.cli quantize CONFIG``): the command joins the process
+group torchrun describes (gloo on CPU, nccl with CUDA; :mod:`bpdq.pipeline.distributed`); rank 0 logs, writes
+the checkpoint and prints the summary, the other ranks log only warnings and errors. An error on one rank is
+reported by that rank and every rank exits with its exit code.
 """
 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from bpdq.cli.console import emit_json, stdout_console
-from bpdq.cli.errors import UsageError, usage_phase
+from bpdq.cli.errors import EXIT_FAILURE, EXIT_USAGE, UsageError, usage_phase
 from bpdq.cli.runtime import device_for, load_model, load_plugins, load_text
 from bpdq.cli.summary import SUMMARY_FILE, STRATEGY_FILE, run_summary, summary_tables
 
 log = logging.getLogger("bpdq.cli")
-EXIT_TERMINATED = 143  # 128 + SIGTERM, as shells report it
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it (SIGTERM too: the run stopped cleanly either way)
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -46,6 +56,13 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
         help="override a config field, e.g. --set quantize.group_size=128 (value read as YAML); repeatable",
     )
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")
+    p.add_argument(
+        "--resume",
+        choices=("auto", "never", "required"),
+        default="auto",
+        help="continue an interrupted run from the state kept beside the output: auto (default: when there is "
+        "one), never (remove it and start over), required (fail without one)",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     p.set_defaults(run=run)
 
@@ -62,23 +79,6 @@ def _output_dir(args: argparse.Namespace, configured: str | None) -> Path:
         return check_output_dir(out, args.overwrite)
 
 
-class Terminated(BaseException):
-    """SIGTERM, raised where the process is (like KeyboardInterrupt for SIGINT), so cleanup runs."""
-
-
-def _raise_terminated(_signum: int, _frame: Any) -> None:
-    raise Terminated
-
-
-@contextlib.contextmanager
-def _terminate_raises() -> Iterator[None]:
-    previous = signal.signal(signal.SIGTERM, _raise_terminated)
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGTERM, previous)
-
-
 def _ignore_signals() -> None:
     """The checkpoint is complete: a late Ctrl-C or SIGTERM must not report an interrupted run."""
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -92,23 +92,49 @@ def _tokenizer(directory: str) -> Any:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bpdq.cli.console import setup_logging
+    from bpdq.pipeline import distributed
+    from bpdq.pipeline.resume import RunInterrupted, stop_at_layer_boundary
+
+    created = distributed.init_from_env()
+    rank = distributed.rank()
+    if rank:
+        setup_logging(args.debug, rank)
     try:
-        with _terminate_raises():
-            return _run(args)
-    except Terminated:
-        sys.stderr.write(f"bpdq {args.command}: terminated\n")
-        return EXIT_TERMINATED
+        with stop_at_layer_boundary():
+            code = _run(args)
+        distributed.agree()  # rank 0 wrote its summary: every rank ends with 0
+        return code
+    except RunInterrupted as exc:
+        if rank == 0:
+            sys.stderr.write(f"bpdq {args.command}: {exc}; run the same command again to resume (--resume auto, "
+                             "the default; --resume never starts over)\n")
+        return EXIT_INTERRUPTED
+    except distributed.PeerFailed as exc:
+        log.debug("%s", exc)
+        return exc.code
+    except BaseException as exc:
+        code = distributed.exit_code(exc)
+        distributed.fail(EXIT_USAGE if isinstance(exc, UsageError) else code or EXIT_FAILURE)
+        raise
+    finally:
+        if created:
+            distributed.destroy()
 
 
 def _run(args: argparse.Namespace) -> int:
     from bpdq.calibration import calibration_windows
     from bpdq.pipeline import LazySource, is_model_directory, needs_calibration, quantize_model
+    from bpdq.pipeline import distributed
+    from bpdq.pipeline.resume import ResumeState
     from bpdq.strategy import load_strategy
 
     load_plugins(args.plugin)
     with usage_phase():
         strategy = load_strategy(args.config, args.overrides)
     output = _output_dir(args, strategy.output)
+    with usage_phase("--resume"):
+        ResumeState(output, args.resume)  # a missing required state, or an unreadable one, before any work
     device = device_for(strategy.device)
     calibrated = needs_calibration(strategy.quantize, strategy.rules)
     if calibrated:
@@ -131,9 +157,11 @@ def _run(args: argparse.Namespace) -> int:
         model, tokenizer, recipe=strategy.quantize, calibration=strategy.calibration if calibrated else None,
         rules=strategy.rules, device=device, output=output, overwrite=args.overwrite,
         asymmetric=strategy.calibration.asymmetric, tuning=strategy.tuning,
-        target_bpw=strategy.target_bpw,
+        target_bpw=strategy.target_bpw, resume=args.resume,
     )
     _ignore_signals()
+    if distributed.rank() != 0:
+        return 0
     summary = run_summary(report, strategy.model, str(output))
     (output / SUMMARY_FILE).write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
     strategy.model_copy(update={"output": str(output)}).save(output / STRATEGY_FILE)

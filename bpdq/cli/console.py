@@ -16,13 +16,17 @@ from rich.table import Table
 _HANDLER_NAME = "bpdq-cli"
 
 
-def setup_logging(debug: bool = False) -> None:
+def setup_logging(debug: bool = False, rank: int = 0) -> None:
     """Send the ``bpdq`` loggers to stderr: rich formatting on a terminal, plain timestamped lines (no ANSI)
-    otherwise. Only the ``bpdq`` logger is touched (a second call replaces the handler it added)."""
-    if sys.stderr.isatty():
+    otherwise. Only the ``bpdq`` logger is touched (a second call replaces the handler it added). A
+    distributed run's ranks other than 0 log warnings and errors only, prefixed with their rank."""
+    if rank:
+        handler: logging.Handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(f"%(asctime)s %(levelname)s [rank {rank}] %(message)s", "%H:%M:%S"))
+    elif sys.stderr.isatty():
         from rich.logging import RichHandler
 
-        handler: logging.Handler = RichHandler(console=Console(stderr=True), show_path=False)
+        handler = RichHandler(console=Console(stderr=True), show_path=False)
         handler.setFormatter(logging.Formatter("%(message)s"))
     else:
         handler = logging.StreamHandler(sys.stderr)
@@ -30,7 +34,7 @@ def setup_logging(debug: bool = False) -> None:
     handler.set_name(_HANDLER_NAME)
     logger = logging.getLogger("bpdq")
     logger.handlers[:] = [h for h in logger.handlers if h.get_name() != _HANDLER_NAME] + [handler]
-    logger.setLevel(logging.DEBUG if debug else logging.INFO)
+    logger.setLevel(logging.WARNING if rank else logging.DEBUG if debug else logging.INFO)
 
 
 def stdout_console() -> Console:

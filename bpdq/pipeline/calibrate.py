@@ -4,7 +4,8 @@
 at the first decoder layer: what that layer receives (hidden states and keyword arguments: attention mask,
 position embeddings...) is kept on the CPU, in the model's dtype. ``run_layer`` feeds the batches through
 one layer on the compute device; ``collect_hessians`` accumulates the Hessians of a group of linears in one
-pass that stops as soon as every linear of the group has seen its input.
+pass that stops as soon as every linear of the group has seen its input (in a distributed run, summed over
+the ranks: :mod:`bpdq.pipeline.distributed`).
 """
 
 from __future__ import annotations
@@ -286,4 +287,6 @@ def collect_hessians(
     missing = [n for n in names if n not in accs and n not in alias]
     if missing:
         raise RuntimeError(f"linears {missing} never received an input during calibration")
+    for acc in accs.values():  # the same order on every rank of a distributed run
+        acc.all_reduce()
     return {n: accs[alias.get(n, n)].hessian for n in names}

@@ -17,7 +17,12 @@ Extension points (:class:`LayerHooks`): ``before_solve`` stages run on the mater
 device before any linear is solved (e.g. keeping a full-precision copy); ``calibrate`` replaces the symmetric
 Hessians of a group; ``after_solve`` stages run on a layer whose linears are all solved, on the compute
 device, before its outputs are computed (e.g. tuning against full-precision targets); ``after_write`` steps
-run once a layer is written, before it is released (e.g. persisting resume state).
+run once a layer is written, before it is released.
+
+With a :class:`~bpdq.pipeline.resume.ResumeState` the loop saves each written layer and the next inputs
+beside the output, restores the layers a previous run finished, and stops at a layer boundary when a signal
+asks (:mod:`bpdq.pipeline.resume`). Inside a ``torch.distributed`` group the same loop shares the
+calibration batches out and sums the Hessians over the ranks (:mod:`bpdq.pipeline.distributed`).
 
 The 2-bit levers plug in there: asymmetric calibration and coefficient tuning (:mod:`bpdq.pipeline.levers`,
 which carry a full-precision stream ``fp_inputs`` beside the quantized inputs) and bit allocation to a
@@ -32,7 +37,7 @@ import sys
 import tempfile
 import time
 from contextlib import ExitStack
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -40,11 +45,12 @@ import torch
 from torch import nn
 
 from bpdq.api import build_solver, quantize_weight
-from bpdq.checkpoint import quantization_config, unique_state_dict
+from bpdq.checkpoint import quantization_config, replace_linears, unique_state_dict
 from bpdq.config import CalibrationConfig, Recipe, Rule, as_recipe, as_rules, resolve_recipe
 from bpdq.linear import QuantLinear
 from bpdq.devices import resolve_device
 from bpdq.models.base import Adapter, architecture_of, check_positions, get_adapter
+from bpdq.pipeline import distributed
 from bpdq.pipeline.allocate import allocate, check_allocatable
 from bpdq.pipeline.calibrate import (
     ActivationStore,
@@ -57,6 +63,7 @@ from bpdq.pipeline.calibrate import (
     token_windows,
 )
 from bpdq.pipeline.levers import Levers
+from bpdq.pipeline.resume import ResumeState, RunInterrupted, source_fingerprint, stop_requested, windows_hash
 from bpdq.pipeline.sink import CheckpointSink, InMemorySink, Sink
 from bpdq.pipeline.source import InMemorySource, LazySource, ModelSource
 from bpdq.progress import RunProgress
@@ -164,9 +171,15 @@ def solve_layer(
                 progress.describe(f"{prefix}: calibrating {', '.join(todo)}")
                 hessians.update(calibrate(step, todo, device) if calibrate is not None
                                 else collect_hessians(layer, todo, step.inputs, device, replay))
+            owner = distributed.owners({rel: layer.get_submodule(rel).weight.numel() for rel in todo})
+            solved: dict[str, ModuleRecord] = {}
+            for rel in todo:  # in a distributed run, each rank its own linears of the group
+                hessian = hessians.pop(rel)
+                if owner[rel] == distributed.rank():
+                    progress.describe(f"{prefix}.{rel}")
+                    solved[rel] = quantize_linear(layer, rel, f"{prefix}.{rel}", group[rel], hessian)  # type: ignore[arg-type]
             for rel in todo:
-                progress.describe(f"{prefix}.{rel}")
-                step.records.append(quantize_linear(layer, rel, f"{prefix}.{rel}", group[rel], hessians.pop(rel)))  # type: ignore[arg-type]
+                step.records.append(distributed.share_linear(layer, rel, solved.get(rel), owner[rel]))
                 progress.advance()
         done.update(group)
         if replay is not None:
@@ -258,6 +271,7 @@ def _quantize_head(source: ModelSource, s: _Setup, batches: Sequence[Batch] | No
                 acc.add(norm(b.hidden.to(device)))
         finally:
             norm.to(home)
+        acc.all_reduce()
         hessian = acc.hessian
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:  # the embedding keeps its dense weight; the head gets its own copy to quantize
@@ -288,10 +302,14 @@ def run_quantization(
     hooks: LayerHooks | None = None,
     levers: Levers | None = None,
     target_bpw: float | None = None,
+    resume: ResumeState | None = None,
 ) -> RunReport:
     """The loop over ``source``'s decoder layers into ``sink`` (see the module docstring). ``levers``:
-    asymmetric calibration / tuning; ``target_bpw``: bit allocation before the loop. On any exception
-    the layer in work goes back to its home device and ``sink.abort()`` removes what was written."""
+    asymmetric calibration / tuning; ``target_bpw``: bit allocation before the loop; ``resume``: the state
+    to continue from and to keep after each layer (:mod:`bpdq.pipeline.resume`; removed once the sink is
+    finished). On any exception the layer in work goes back to its home device and ``sink.abort()`` removes
+    what was written (the resume state stays). A stop requested by a signal
+    (:func:`~bpdq.pipeline.resume.stop_at_layer_boundary`) raises :class:`RunInterrupted` after a layer."""
     start = time.perf_counter()
     hooks = hooks or LayerHooks()
     model = source.model
@@ -299,12 +317,18 @@ def run_quantization(
     try:
         layers = get_adapter(model).layers  # before the run: a quantized model no longer looks Llama-shaped
         report = _run(source, sink, recipe, rules, tokenizer, calibration, device, progress, batch_size, offload, hooks,
-                      levers or Levers(), target_bpw)
+                      levers or Levers(), target_bpw, resume)
         report.total_time_s = time.perf_counter() - start
         rest = {k: v for k, v in unique_state_dict(model).items() if not k.startswith(f"{layers}.")}
         sink.finish(model, rest, report)
-    except BaseException:
+        if resume is not None:
+            resume.remove()
+        distributed.agree()  # every rank ends successfully only if rank 0 wrote the checkpoint
+    except BaseException as exc:
         sink.abort()
+        code = distributed.exit_code(exc)
+        if code is not None:
+            distributed.fail(code)
         raise
     finally:
         model.train(was_training)
@@ -314,12 +338,15 @@ def run_quantization(
 def _run(
     source: ModelSource, sink: Sink, recipe: Recipe, rules: tuple[Rule, ...], tokenizer: Any, calibration: Any,
     device: torch.device, progress: bool, batch_size: int, offload: Any, hooks: LayerHooks, levers: Levers,
-    target_bpw: float | None,
+    target_bpw: float | None, resume: ResumeState | None,
 ) -> RunReport:
     model = source.model
     s = _setup(model, recipe, rules)
     if target_bpw is not None:
         check_allocatable(s, target_bpw)
+    if (levers.fp_stream or target_bpw is not None) and distributed.is_distributed():
+        raise ValueError("calibration.asymmetric, tuning and target_bpw are not supported in a distributed run "
+                         f"({distributed.world_size()} processes): run them in one process")
     if (levers.fp_stream or target_bpw is not None) and not s.calibrated:
         raise ValueError("calibration.asymmetric, tuning and target_bpw need calibration data: use a solver that "
                          "uses a Hessian (not only 'rtn')")
@@ -338,6 +365,9 @@ def _run(
         )
     elif calibration is not None:
         logger.info("no solver of this recipe uses a Hessian: data-free run, the calibration is not used")
+    done, first = 0, 0
+    if resume is not None:
+        done = resume.check(_fingerprint(source, s, windows, levers, target_bpw, batch_size, device))
     n_steps = sum(len(g) for g in s.adapter.linear_groups(s.layers[0])) * len(s.layers) + int(s.head_recipe is not None)
     model.eval()
     layers_prefix = s.adapter.layers
@@ -345,24 +375,39 @@ def _run(
         bar = stack.enter_context(RunProgress(len(s.layers), n_steps, enabled=progress and sys.stderr.isatty()))
         stack.enter_context(torch.no_grad())
         inputs: Sequence[Batch] | None = None
+        fp_inputs: Sequence[Batch] | None = None
         if windows is not None:
             source.load_outside(layers_prefix)
-            inputs = capture_layer_inputs(model, s.layers[0], batch_windows(windows, batch_size))
+            batches = batch_windows(windows, batch_size)
+            first = distributed.shard_start(len(batches))  # the global number of this rank's first batch
+            inputs = capture_layer_inputs(model, s.layers[0], distributed.shard(batches))
+            fp_inputs = inputs if levers.fp_stream else None
+            if done:
+                assert resume is not None
+                inputs, fp_inputs = (resume.inputs(inputs, "hidden", first),
+                                     resume.inputs(inputs, "fp", first) if levers.fp_stream else None)
             if offload is not None:
                 spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bpdq-activations-")))
                 budget = parse_size(offload, "offload") // 2 if levers.fp_stream else offload  # two streams
+                same = fp_inputs is inputs
                 inputs = ActivationStore.from_batches(inputs, spill, budget)
+                if fp_inputs is not None:
+                    fp_inputs = inputs if same else ActivationStore.from_batches(fp_inputs, spill, budget)
                 logger.info("calibration activations: %d of %d batches offloaded to %s", inputs.n_offloaded,
                             len(inputs), spill)
-        fp_inputs = inputs if levers.fp_stream else None
         try:
             if target_bpw is not None:
                 assert inputs is not None
-                bar.describe("measuring losses for the bit allocation")
-                allocation, plane_rules = allocate(source, s, inputs, device, target_bpw)
-                s.rules = (*plane_rules, *s.rules)
-                report.allocation = allocation.to_dict()
-            for i in range(len(s.layers)):
+                _allocate(source, s, inputs, device, target_bpw, report, resume, bar)
+            if resume is not None and done:
+                levers.tuning_results = list(resume.levers.get("tuning", []))
+                report.modules += [ModuleRecord(**r) for r in resume.records()]
+                restored = [sum(len(g) for g in s.adapter.linear_groups(s.layers[i])) for i in range(done)]
+                for i in range(done):
+                    _restore_layer(source, sink, resume, f"{layers_prefix}.{i}", i)
+                    for _ in range(restored[i]):
+                        bar.advance()
+            for i in range(done, len(s.layers)):
                 bar.layer(i)
                 prefix = f"{layers_prefix}.{i}"
                 step = run_layer_step(source, s, i, inputs, device, bar, hooks, last=i == len(s.layers) - 1,
@@ -371,9 +416,15 @@ def _run(
                 sink.write_layer(prefix, step.layer)
                 for after_write in hooks.after_write:
                     after_write(step)
+                if resume is not None:
+                    resume.save_layer(i, quantization_config(step.layer)["modules"], unique_state_dict(step.layer),
+                                      [asdict(r) for r in step.records], {"hidden": step.outputs, "fp": step.fp_outputs},
+                                      {"tuning": levers.tuning_results} if levers.tuning is not None else {}, first)
                 source.release(prefix)
                 _close(inputs, fp_inputs)
                 inputs, fp_inputs = step.outputs, step.fp_outputs
+                if distributed.any_rank(stop_requested()):
+                    raise RunInterrupted(i + 1, len(s.layers), resume.dir if resume is not None else None)
             source.load_outside(layers_prefix)
             if s.head_recipe is not None:
                 bar.describe(s.adapter.head)
@@ -386,6 +437,53 @@ def _run(
     recipes = {m.name: m.recipe for m in report.modules if m.recipe is not None}
     model.config.quantization_config = quantization_config(model, recipes)
     return report
+
+
+def _fingerprint(source: ModelSource, s: _Setup, windows: Sequence[torch.Tensor] | None, levers: Levers,
+                 target_bpw: float | None, batch_size: int, device: torch.device) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the state (see :mod:`bpdq.pipeline.resume`)."""
+    from bpdq import __version__
+
+    return {
+        "model": source_fingerprint(source),
+        "calibration_sha256": windows_hash(windows),
+        "recipe": s.recipe.model_dump(mode="json"),
+        "rules": [r.model_dump(mode="json") for r in s.rules],
+        "levers": {"asymmetric": levers.asymmetric, "target_bpw": target_bpw,
+                   "tuning": levers.tuning.model_dump(mode="json") if levers.tuning is not None else None},
+        "batch_size": batch_size,
+        "device": device.type,
+        "versions": {"bpdq": __version__, "torch": torch.__version__},
+        "world_size": distributed.world_size(),
+    }
+
+
+def _allocate(source: ModelSource, s: _Setup, inputs: Sequence[Batch], device: torch.device, target_bpw: float,
+              report: RunReport, resume: ResumeState | None, bar: RunProgress) -> None:
+    """The bit allocation's rules before the run's own (measured, or read from the resume state)."""
+    saved = resume.levers.get("allocation") if resume is not None else None
+    if saved is not None:
+        plane_rules = [Rule(**r) for r in saved["rules"]]
+        report.allocation = saved["report"]
+    else:
+        bar.describe("measuring losses for the bit allocation")
+        allocation, plane_rules = allocate(source, s, inputs, device, target_bpw)
+        report.allocation = allocation.to_dict()
+        if resume is not None:
+            resume.set_levers(allocation={"rules": [r.model_dump(mode="json") for r in plane_rules],
+                                          "report": report.allocation})
+    s.rules = (*plane_rules, *s.rules)
+
+
+def _restore_layer(source: ModelSource, sink: Sink, resume: ResumeState, prefix: str, index: int) -> None:
+    """A layer finished before the resume: its QuantLinear modules and tensors from the state, written to the
+    sink exactly as they were, then released."""
+    table, tensors = resume.layer(index)
+    layer = source.model.get_submodule(prefix)
+    replace_linears(layer, table)
+    layer.load_state_dict(tensors, strict=True, assign=True)
+    sink.write_layer(prefix, layer)
+    source.release(prefix)
 
 
 def _close(*streams: Sequence[Batch] | None) -> None:
@@ -425,6 +523,7 @@ def _calib_dict(calibration: CalibrationConfig | dict[str, Any]) -> dict[str, An
     return cfg.model_dump(mode="json")
 
 
+@distributed.reports_failure
 def quantize_model(
     model: nn.Module | str | Path | ModelSource,
     tokenizer: Any = None,
@@ -443,6 +542,7 @@ def quantize_model(
     asymmetric: bool | None = None,
     tuning: Any = None,
     target_bpw: float | None = None,
+    resume: str | None = None,
 ) -> RunReport:
     """Quantize a causal LM and return the run's report.
 
@@ -459,6 +559,18 @@ def quantize_model(
     :class:`~bpdq.tuning.TuningOptions` or its dict) tunes each layer's coefficients against them;
     ``target_bpw`` chooses 1..4 planes per decoder linear (bitplane grid) to meet that average. Their entries
     appear in the report (``asymmetric``, ``tuning``, ``allocation``).
+
+    ``resume`` (``"auto"``, ``"never"``, ``"required"``; needs ``output``; default ``None``: no state kept)
+    keeps the run's state beside the output after each decoder layer and continues a run interrupted with
+    the same fingerprint (see :mod:`bpdq.pipeline.resume`): ``auto`` resumes when a state is there, ``never``
+    removes it first, ``required`` refuses to start without one. A resumed run writes the same checkpoint
+    bytes as an uninterrupted one. (With a model object in memory, the layers finished before the resume are
+    restored into it from the state.)
+
+    Inside an initialised ``torch.distributed`` group of several processes (e.g. under ``torchrun``) every
+    rank calls this with the same arguments: the calibration batches are shared out, the Hessians summed
+    over the ranks, and rank 0 writes ``output`` and shows the progress (see
+    :mod:`bpdq.pipeline.distributed`).
     """
     from bpdq.allocation import check_target_bpw
     from bpdq.tuning import TuningOptions
@@ -482,6 +594,9 @@ def quantize_model(
         check_target_bpw(target_bpw, recipe.group_size)
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive int, got {batch_size!r}")
+    if resume is not None and output is None:
+        raise ValueError("resume needs output= (the state is kept beside the checkpoint directory)")
+    state = ResumeState(output, resume) if resume is not None else None
     if isinstance(model, ModelSource):
         source: ModelSource = model
         if output is None and isinstance(model, LazySource):
@@ -498,12 +613,12 @@ def quantize_model(
         source = InMemorySource(model)
     else:
         raise TypeError(f"model must be an nn.Module or a model directory path, got {type(model).__name__}")
-    sink: Sink = InMemorySink() if output is None else CheckpointSink(
+    sink: Sink = InMemorySink() if output is None or distributed.rank() != 0 else CheckpointSink(
         output, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size
     )
     return run_quantization(source, sink, recipe=recipe, rules=rules, tokenizer=tokenizer, calibration=calibration,
-               device=dev, progress=progress, batch_size=batch_size, offload=offload,
-               levers=Levers(asymmetric, tuning), target_bpw=target_bpw)
+               device=dev, progress=progress and distributed.rank() == 0, batch_size=batch_size, offload=offload,
+               levers=Levers(asymmetric, tuning), target_bpw=target_bpw, resume=state)
 
 
 def _directory_tokenizer(directory: Path) -> Any:

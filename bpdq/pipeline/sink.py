@@ -3,8 +3,9 @@ written as the run goes.
 
 :class:`OutputDir` is the atomic part: the checkpoint is built in a hidden temporary directory beside the
 target (``.NAME.tmp-*``) and renamed into place at the end; any failure removes it. Stale temporary
-directories of the same target (left by a killed process) are removed when the next one is made. The
-target is checked before any work: not a file, empty unless ``overwrite``, and its parent writable.
+directories of the same target (left by a killed process) are removed when the next one is made; a run's
+resume state, ``.NAME.bpdq-resume/`` (:mod:`bpdq.pipeline.resume`), is not one of them. The target is
+checked before any work: not a file, empty unless ``overwrite``, and its parent writable.
 
 :class:`CheckpointSink` streams: each finished decoder layer's tensors go to a :class:`~bpdq.shards.ShardWriter`
 (a unit per layer; shards of at most ``max_shard_size``), then the unquantized rest, ``config.json``, the

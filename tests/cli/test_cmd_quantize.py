@@ -76,23 +76,30 @@ def test_overwrite_replaces_a_directory_and_reproduces_the_weights(tiny_checkpoi
     assert all(torch.equal(first[k], second[k]) for k in first)  # same seed, same windows: same checkpoint
 
 
-SLOW_PLUGIN = """
+WAITING_PLUGIN = """
 import os, pathlib, time
+import bpdq.pipeline.resume as resume
 from bpdq.registry import SOLVERS
 from bpdq.solvers.rtn import RTN
 
-@SOLVERS.register("slow-rtn")
-class SlowRTN(RTN):
+@SOLVERS.register("waiting-rtn")
+class WaitingRTN(RTN):
     requires_hessian = True
 
     def _solve(self, W, H, grid, group_size):
-        pathlib.Path(os.environ["BPDQ_TEST_MARKER"]).touch()
-        time.sleep(120)
+        marker = pathlib.Path(os.environ["BPDQ_TEST_MARKER"])
+        if not marker.exists():  # the first solve of the first run waits for the signal
+            marker.touch()
+            deadline = time.monotonic() + 120
+            while not resume.stop_requested() and time.monotonic() < deadline:
+                time.sleep(0.05)
         return super()._solve(W, H, grid, group_size)
 """
 
 
-def test_sigterm_removes_the_partial_output_and_exits_143(tmp_path, tiny_model_dir):
+def test_ctrl_c_finishes_the_layer_keeps_the_state_and_exits_130(tmp_path, tiny_model_dir):
+    """SIGINT (SIGTERM takes the same handler: tests/pipeline/test_resume.py; the same command resuming:
+    tests/pipeline/test_distributed.py)."""
     import os
     import signal
     import subprocess
@@ -101,25 +108,36 @@ def test_sigterm_removes_the_partial_output_and_exits_143(tmp_path, tiny_model_d
 
     from tests.cli.conftest import REPO, tiny_strategy, write_config
 
-    (tmp_path / "slow_plugin.py").write_text(SLOW_PLUGIN)
+    (tmp_path / "plugin.py").write_text(WAITING_PLUGIN)
     strategy = tiny_strategy(tiny_model_dir, tmp_path / "out")
-    strategy["quantize"]["solver"] = {"type": "slow-rtn"}
+    strategy["quantize"]["solver"] = {"type": "waiting-rtn"}
     cfg = write_config(tmp_path / "s.yaml", strategy)
     marker = tmp_path / "solving"
     env = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), BPDQ_TEST_MARKER=str(marker))
-    proc = subprocess.Popen([sys.executable, "-m", "bpdq.cli", "quantize", str(cfg), "--plugin",
-                             str(tmp_path / "slow_plugin.py")], env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True)
+    command = [sys.executable, "-m", "bpdq.cli", "quantize", str(cfg), "--plugin", str(tmp_path / "plugin.py")]
+    proc = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 300
     while not marker.exists() and proc.poll() is None and time.monotonic() < deadline:
         time.sleep(0.2)
     assert marker.exists(), proc.communicate()[1]
     assert any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir()), "the run writes into a temporary directory"
-    proc.send_signal(signal.SIGTERM)
+    proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=120)
-    assert proc.returncode == 143, err
-    assert "bpdq quantize: terminated" in err
-    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out.") for p in tmp_path.iterdir())
+    assert proc.returncode == 130, err
+    assert "stopped after 1 of 2 decoder layers" in err and "run the same command again to resume" in err
+    state = tmp_path / ".out.bpdq-resume"
+    assert json.loads((state / "manifest.json").read_text())["layers_done"] == 1
+    assert not (tmp_path / "out").exists() and not any(p.name.startswith(".out.tmp-") for p in tmp_path.iterdir())
+
+
+def test_resume_required_without_a_state_is_a_usage_error(in_process, capsys, tmp_path, tiny_model_dir):
+    from tests.cli.conftest import tiny_strategy, write_config
+
+    cfg = write_config(tmp_path / "s.yaml", tiny_strategy(tiny_model_dir, tmp_path / "out"))
+    assert in_process(["quantize", str(cfg), "--resume", "required"]) == 2
+    err = capsys.readouterr().err
+    assert "--resume: resume='required' but there is no resume state at" in err and "Traceback" not in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
 
 
 def test_an_unwritable_output_is_named_before_any_work(in_process, capsys, tmp_path, tiny_model_dir):

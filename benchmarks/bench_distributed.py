@@ -1,0 +1,111 @@
+"""One process vs several: ``bpdq quantize`` under ``torchrun`` on SmolLM2-135M, BPDQ k=2.
+
+SmolLM2-135M-Instruct is written once as a safetensors directory (``bpdq export``), then quantized from that
+directory (one decoder layer at a time) by ``python -m torch.distributed.run --nproc_per_node=N -m bpdq.cli
+quantize`` for each N of ``--procs`` (gloo on the CPU, nccl with one GPU per rank), each rank with
+``cpu_count // N`` threads (``--threads`` to fix it). Recipe: bit-plane k=2, g=64, BPDQ with ``--iters`` iterations, ``--samples``
+calibration windows of ``--seq-len`` tokens (batches of 8: at least 8*N windows). The table gives the wall
+time of the whole command, the speed-up over one process, each rank's peak RSS (the kernel's ``VmHWM``,
+written at exit by a small plugin) and whether the checkpoint's bytes equal the one-process checkpoint's
+(they do when every rank runs with the same thread count as the one process: ``--threads``; with other
+thread counts the float32 matrix products round differently, in one process as in several).
+
+    python benchmarks/bench_distributed.py                   # SmolLM2, 1 and 2 processes (tens of minutes on 2 cores)
+    python benchmarks/bench_distributed.py --tiny            # smoke run: a tiny random Llama, seconds
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+RSS_PLUGIN = """
+import atexit, json, os
+
+def _peak():
+    peak = next(int(l.split()[1]) * 1024 for l in open("/proc/self/status") if l.startswith("VmHWM:"))
+    path = os.path.join(os.environ["BPDQ_BENCH_RSS_DIR"], f"rank-{os.environ.get('RANK', '0')}.json")
+    with open(path, "w") as f:
+        json.dump({"peak_rss": peak}, f)
+
+atexit.register(_peak)
+"""
+
+
+def tiny_model(directory: Path) -> None:
+    """A random 4-layer Llama (hidden 128) with the test suite's tiny tokenizer, as a safetensors directory."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.tiny_models import tiny_model_dir
+
+    tiny_model_dir(directory, "llama", layers=4, hidden_size=128, intermediate_size=256)
+
+
+def run_procs(n: int, config: Path, output: Path, work: Path, threads: int | None) -> dict:
+    rss_dir = work / f"rss-{n}"
+    rss_dir.mkdir()
+    plugin = work / "rss_plugin.py"
+    plugin.write_text(RSS_PLUGIN)
+    env = dict(os.environ, OMP_NUM_THREADS=str(threads or max(1, (os.cpu_count() or 1) // n)), BPDQ_BENCH_RSS_DIR=str(rss_dir),
+               HF_HUB_OFFLINE="1")
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={n}", "-m", "bpdq.cli",
+               "quantize", str(config), "-o", str(output), "--plugin", str(plugin), "--json"]
+    start = time.perf_counter()
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, check=False)
+    seconds = time.perf_counter() - start
+    if proc.returncode:
+        sys.exit(f"{n} processes failed ({proc.returncode}):\n{proc.stderr[-4000:]}")
+    peaks = [json.loads((rss_dir / f"rank-{r}.json").read_text())["peak_rss"] for r in range(n)]
+    return {"procs": n, "seconds": seconds, "peak_rss": peaks}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--procs", default="1,2", help="process counts, comma-separated (the first is the reference)")
+    parser.add_argument("--samples", type=int, default=64, help="calibration windows")
+    parser.add_argument("--seq-len", type=int, default=512)
+    parser.add_argument("--iters", type=int, default=10, help="BPDQ iterations")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per rank for every process count (default: cpu_count // N)")
+    parser.add_argument("--tiny", action="store_true", help="smoke run: a tiny random Llama, 16 windows of 32 tokens")
+    parser.add_argument("--workdir", default=None, help="where the model and checkpoints go (default: a temp dir)")
+    args = parser.parse_args()
+    work = Path(args.workdir or tempfile.mkdtemp(prefix="bpdq-bench-distributed-"))
+    work.mkdir(parents=True, exist_ok=True)
+    model_dir = work / ("tiny-llama" if args.tiny else "smollm2-135m")
+    if not model_dir.exists():
+        if args.tiny:
+            tiny_model(model_dir)
+        else:
+            subprocess.run([sys.executable, "-m", "bpdq.cli", "export", "smollm2-135m", str(model_dir)], check=True)
+    samples, seq_len, group = (16, 32, 32) if args.tiny else (args.samples, args.seq_len, 64)
+    config = work / "strategy.json"
+    config.write_text(json.dumps({
+        "model": str(model_dir),
+        "calibration": {"text": "builtin:python-docs", "samples": samples, "seq_len": seq_len, "seed": 0},
+        "quantize": {"group_size": group, "grid": {"type": "bitplane", "planes": 2},
+                     "solver": {"type": "bpdq", "iters": 2 if args.tiny else args.iters}},
+        "device": "cpu",
+    }))
+    rows, reference = [], None
+    for n in (int(x) for x in args.procs.split(",")):
+        out = work / f"out-{n}"
+        r = run_procs(n, config, out, work, args.threads)
+        weights = (out / "model.safetensors").read_bytes() if (out / "model.safetensors").exists() else None
+        reference = reference or (r["seconds"], weights)
+        same = "yes" if weights is not None and weights == reference[1] else "no"
+        rows.append(f"| {n} | {r['seconds']:.1f} | {reference[0] / r['seconds']:.2f} | "
+                    f"{', '.join(f'{p / 1e9:.2f}' for p in r['peak_rss'])} | {same} |")
+    print(f"{'tiny random Llama' if args.tiny else 'SmolLM2-135M'}, BPDQ k=2 g={group}, {samples} windows x {seq_len} tokens")
+    print("| processes | seconds | speed-up | peak RSS per rank (GB) | same bytes as 1 process |")
+    print("|---|---|---|---|---|")
+    print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    main()

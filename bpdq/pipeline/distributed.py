@@ -1,0 +1,268 @@
+"""One run spread over the processes of a ``torch.distributed`` group (``torchrun``; gloo on CPU, nccl with CUDA).
+
+The run is the same loop on every rank (:mod:`bpdq.pipeline.run`), with these differences:
+
+- **Calibration.** Every rank makes the same token windows and batches; rank ``r`` of ``N`` keeps a
+  contiguous share of the batches (:func:`shard`; there must be at least ``N`` batches) and runs its own
+  share through each layer, for the Hessians and for the next layer's inputs.
+- **Hessians.** Each rank accumulates ``sum x x^T`` and the sample count over its batches; the sums are
+  all-reduced in float64 (:func:`all_reduce_hessian`) so that every rank holds the same Hessian. A Hessian
+  is a float64 sum of per-batch float32 terms in one process too
+  (:class:`~bpdq.solvers.hessian.HessianAccumulator`), so grouping the batches by rank changes only its last
+  float64 bits and the float32 Hessian the solver receives is the same: the distributed checkpoint is
+  byte-identical to the single-process one (at the same thread count per process; tested in
+  tests/pipeline/test_distributed.py).
+- **Solves.** Each linear of a sequential group has an owner rank (:func:`owners`: largest weight first, to
+  the least-loaded rank); the owners solve their linears at the same time, then each owner broadcasts its
+  QuantLinear (packed planes, coefficients, and its record and metadata as JSON: :func:`share_linear`) and
+  the other ranks swap it in. Groups are solved one after another (each one's Hessians need the previous
+  ones quantized), so the solves run in parallel within a group only: q/k/v and gate/up in a Llama layer;
+  o_proj and down_proj are solved by one rank while the others wait.
+- **Output.** Rank 0 writes the checkpoint and the report; the others write nothing (their resume inputs
+  excepted: each rank saves its own share of the next layer's inputs under their global batch numbers, so
+  the state directory must be on a filesystem all ranks share).
+- **Failures.** Every collective of the run is preceded by a status exchange (:func:`agree`). A rank that
+  fails joins the next exchange with its exit code (:func:`fail`, called by the run and the CLI on any
+  exception); the others raise :class:`PeerFailed` carrying that code there. So an error on one rank is
+  reported once (by that rank), ends every rank, and every rank exits with the same code, without waiting
+  for a timeout. A stop requested by a signal on any rank stops every rank at the same layer boundary.
+  The collectives still carry a timeout (:data:`TIMEOUT`, set when the CLI creates the group) for a rank
+  that dies without a word (SIGKILL, a lost node).
+
+Not supported with several processes (refused with a ``ValueError`` before any work): the 2-bit levers
+``asymmetric``, ``tuning`` and ``target_bpw``.
+"""
+
+from __future__ import annotations
+
+import datetime
+import functools
+import json
+import logging
+import os
+from dataclasses import asdict
+from typing import Any, Callable, Sequence, TypeVar
+
+import torch
+from torch import nn
+
+from bpdq.report import ModuleRecord
+
+logger = logging.getLogger(__name__)
+
+TIMEOUT = datetime.timedelta(minutes=30)  # a collective that waits longer ends the run (a silent rank)
+T = TypeVar("T")
+_failed = False
+
+
+class PeerFailed(RuntimeError):
+    """Another rank failed (and reported it); this rank stops with the same exit ``code``."""
+
+    def __init__(self, code: int) -> None:
+        super().__init__(f"another rank failed (exit code {code}); its error is reported by that rank")
+        self.code = code
+
+
+def _dist():  # type: ignore[no-untyped-def]
+    import torch.distributed as dist
+
+    return dist
+
+
+def is_distributed() -> bool:
+    """Whether this process is one rank of an initialised group of more than one process."""
+    dist = _dist()
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def rank() -> int:
+    return _dist().get_rank() if is_distributed() else 0
+
+
+def world_size() -> int:
+    return _dist().get_world_size() if is_distributed() else 1
+
+
+def _device() -> torch.device:
+    """Where the group's collectives take their tensors (nccl: this rank's CUDA device)."""
+    if _dist().get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def init_from_env() -> bool:
+    """Create the default group from torchrun's environment (``WORLD_SIZE`` > 1, ``RANK``, ``MASTER_ADDR``...)
+    unless one exists: nccl when CUDA is available (each rank on ``cuda:LOCAL_RANK``), gloo otherwise.
+    Returns whether this call created it (the caller then destroys it)."""
+    dist = _dist()
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or dist.is_initialized():
+        return False
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+        dist.init_process_group("nccl", timeout=TIMEOUT)
+    else:
+        dist.init_process_group("gloo", timeout=TIMEOUT)
+    return True
+
+
+def agree(code: int = 0) -> None:
+    """The status exchange every rank makes before each collective of the run (see the module docstring):
+    raises :class:`PeerFailed` if another rank reported a failure."""
+    if not is_distributed():
+        return
+    status = torch.tensor([code], dtype=torch.int64, device=_device())
+    _dist().all_reduce(status, op=_dist().ReduceOp.MAX)
+    if status.item() and not code:
+        raise PeerFailed(int(status.item()))
+
+
+def fail(code: int = 1) -> None:
+    """This rank failed: tell the others at their next status exchange (once per process; never raises)."""
+    global _failed
+    if _failed or not is_distributed():
+        return
+    _failed = True
+    try:
+        agree(code)
+    except Exception as exc:  # noqa: BLE001 - the rank's own error is what gets reported
+        logger.debug("rank %d: could not tell the other ranks about its failure: %s", rank(), exc)
+
+
+def exit_code(exc: BaseException) -> int | None:
+    """The code a rank failing with ``exc`` reports to the others (``None``: every rank stops with it, no
+    report: a stop agreed at a layer boundary, or another rank's failure)."""
+    from bpdq.pipeline.resume import RunInterrupted
+
+    if isinstance(exc, (RunInterrupted, PeerFailed)):
+        return None
+    return 130 if isinstance(exc, KeyboardInterrupt) else 1
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def reports_failure(func: F) -> F:
+    """Any exception out of ``func`` on one rank is reported to the others (:func:`fail`) before it propagates."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except BaseException as exc:
+            code = exit_code(exc)
+            if code is not None:
+                fail(code)
+            raise
+
+    return wrapper  # type: ignore[return-value]
+
+
+def any_rank(flag: bool) -> bool:
+    """Whether ``flag`` holds on any rank (e.g. a stop requested by a signal on one of them)."""
+    if not is_distributed():
+        return flag
+    agree()
+    t = torch.tensor([int(flag)], dtype=torch.int64, device=_device())
+    _dist().all_reduce(t, op=_dist().ReduceOp.MAX)
+    return bool(t.item())
+
+
+def shard(items: Sequence[T]) -> list[T]:
+    """This rank's contiguous share of ``items`` (the first ranks take one more when they do not divide)."""
+    n, world = len(items), world_size()
+    if n < world:
+        raise ValueError(f"{n} calibration batches cannot be shared by {world} processes: use at least {world} "
+                         "batches (more calibration samples or a smaller batch_size) or fewer processes")
+    start = shard_start(n)
+    return list(items[start:start + n // world + (rank() < n % world)])
+
+
+def shard_start(n: int) -> int:
+    """The global index of this rank's first item of :func:`shard` over ``n`` items."""
+    world, r = world_size(), rank()
+    return r * (n // world) + min(r, n % world)
+
+
+def all_reduce_hessian(total: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """``(sum over ranks of total, sum of n)``: the sums travel in float64 and come back in ``total``'s dtype."""
+    if not is_distributed():
+        return total, n
+    agree()
+    dev = _device()
+    wide = total.to(device=dev, dtype=torch.float64)
+    count = torch.tensor([n], dtype=torch.int64, device=dev)
+    _dist().all_reduce(wide)
+    _dist().all_reduce(count)
+    return wide.to(device=total.device, dtype=total.dtype), int(count.item())
+
+
+def destroy() -> None:
+    """Leave the default group (what :func:`init_from_env` created)."""
+    if _dist().is_initialized():
+        _dist().destroy_process_group()
+
+
+def owners(sizes: dict[str, int]) -> dict[str, int]:
+    """The rank that solves each linear of a group (``sizes``: its weight's element count): largest first, each
+    to the least-loaded rank (the lowest on ties); the same answer on every rank. All 0 in one process."""
+    load = [0] * world_size()
+    out: dict[str, int] = {}
+    for name in sorted(sizes, key=lambda n: -sizes[n]):  # stable: equal sizes keep the group's order
+        r = min(range(len(load)), key=lambda i: load[i])
+        out[name] = r
+        load[r] += sizes[name]
+    return out
+
+
+def _broadcast_bytes(data: bytes | None, src: int) -> bytes:
+    dev = _device()
+    size = torch.tensor([len(data) if data is not None else 0], dtype=torch.int64, device=dev)
+    _dist().broadcast(size, src)
+    buf = (torch.frombuffer(bytearray(data), dtype=torch.uint8).to(dev) if data is not None
+           else torch.empty(int(size.item()), dtype=torch.uint8, device=dev))
+    _dist().broadcast(buf, src)
+    return bytes(buf.cpu().numpy().tobytes())
+
+
+def share_linear(root: nn.Module, name: str, record: ModuleRecord | None, owner: int) -> ModuleRecord:
+    """After the ranks solved their own linears of a group: the QuantLinear ``name`` of ``root`` goes from
+    its ``owner`` (who passes its ``record``) to every other rank, which swaps its ``nn.Linear`` for it;
+    returns the module's record. A no-op in one process."""
+    from bpdq.linear import QuantLinear
+
+    if not is_distributed():
+        assert record is not None
+        return record
+    agree()
+    mine = rank() == owner
+    module = root.get_submodule(name)
+    meta = None
+    if mine:
+        assert record is not None and isinstance(module, QuantLinear)
+        meta = json.dumps({"record": asdict(record), "planes": module.k, "group_size": module.group_size,
+                           "kernel": module.kernel, "grid": module.grid, "solver": module.solver}).encode()
+    info = json.loads(_broadcast_bytes(meta, owner))
+    if not mine:
+        linear = module
+        module = QuantLinear(linear.in_features, linear.out_features, planes=info["planes"],
+                             group_size=info["group_size"], bias=linear.bias is not None,
+                             dtype=linear.bias.dtype if linear.bias is not None else linear.weight.dtype,
+                             kernel=info["kernel"], device=linear.weight.device, grid=info["grid"], solver=info["solver"])
+        module.weight_dtype = linear.weight.dtype
+        if linear.bias is not None:
+            module.bias.data.copy_(linear.bias.detach())
+        parent, _, child = name.rpartition(".")
+        setattr(root.get_submodule(parent) if parent else root, child, module)
+    for buf in (module.planes, module.coeffs):
+        wire = buf.to(_device())
+        _dist().broadcast(wire, owner)
+        if not mine:
+            buf.copy_(wire)
+    return ModuleRecord(**info["record"])
+
+
+def barrier() -> None:
+    """Every rank reaches this point (after a status exchange)."""
+    if is_distributed():
+        agree()
+        _dist().barrier()

@@ -1,0 +1,151 @@
+"""Distributed runs (bpdq/pipeline/distributed.py): ``bpdq quantize`` as 2 gloo ranks on the CPU, started the
+way torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment): the checkpoint matches the
+single-process one, a stop on one rank stops both and resumes, and a failure on one rank ends both."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+import yaml
+
+import bpdq
+from bpdq.pipeline import distributed
+from tests.cli.conftest import REPO, tiny_strategy
+from tests.tiny_models import tiny_model_dir
+
+STOP_PLUGIN = """
+import os
+import bpdq.pipeline.resume as resume
+import bpdq.pipeline.run as run
+
+step = run.run_layer_step
+
+def stopping(source, s, index, *args, **kwargs):  # rank 1 alone asks for a stop during the first layer
+    if index == 0 and os.environ["RANK"] == "1":
+        resume._STOP.set()
+    return step(source, s, index, *args, **kwargs)
+
+if os.environ.get("BPDQ_TEST_STOP"):
+    run.run_layer_step = stopping
+"""
+
+BREAK_PLUGIN = """
+import os
+import bpdq.shards as shards
+
+read = shards.WeightFiles.read
+
+def unreadable(self, names):  # rank 1 alone cannot read the second decoder layer's shard
+    names = list(names)
+    if os.environ["RANK"] == "1" and any(n.startswith("model.layers.1.") for n in names):
+        raise PermissionError(13, "Permission denied", str(self.directory / "model-00002-of-00005.safetensors"))
+    return read(self, names)
+
+shards.WeightFiles.read = unreadable
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def ranks(n: int, *args: str, env: dict[str, str] | None = None) -> list[subprocess.CompletedProcess]:
+    """``python -m bpdq.cli ARGS`` as ``n`` ranks of one gloo group (as torchrun would start them)."""
+    port = str(free_port())
+    procs = []
+    for r in range(n):
+        e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS=str(torch.get_num_threads()),
+                 RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(n), MASTER_ADDR="127.0.0.1", MASTER_PORT=port, **(env or {}))
+        procs.append(subprocess.Popen([sys.executable, "-m", "bpdq.cli", *args], env=e, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, text=True))
+    out = []
+    for p in procs:
+        stdout, stderr = p.communicate(timeout=300)
+        out.append(subprocess.CompletedProcess(p.args, p.returncode, stdout, stderr))
+    return out
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("dist")
+    src = tiny_model_dir(tmp / "src", "llama", layers=2)
+    strategy = tiny_strategy(src, tmp / "one")
+    strategy["quantize"]["solver"] = {"type": "gptq"}
+    strategy["calibration"]["samples"] = 32  # 4 batches of 8: 2 per rank
+    strategy["rules"].append({"match": "lm_head", "grid": {"type": "bitplane", "planes": 3}})
+    cfg = tmp / "s.yaml"
+    cfg.write_text(yaml.safe_dump(strategy))
+    for name, text in (("stop.py", STOP_PLUGIN), ("break.py", BREAK_PLUGIN)):
+        (tmp / name).write_text(text)
+    bpdq.quantize_model(src, recipe=strategy["quantize"], calibration=strategy["calibration"], rules=strategy["rules"],
+                        progress=False, output=tmp / "one")  # the single-process reference
+    return tmp, cfg
+
+
+def test_two_ranks_stop_together_resume_and_match_one_process(setup):
+    tmp, cfg = setup
+    out = tmp / "two"
+    args = ["quantize", str(cfg), "-o", str(out), "--plugin", str(tmp / "stop.py")]
+    first = ranks(2, *args, env={"BPDQ_TEST_STOP": "1"})
+    assert [p.returncode for p in first] == [130, 130], [p.stderr for p in first]
+    assert "stopped after 1 of 2 decoder layers" in first[0].stderr
+    assert "stopped after" not in first[1].stderr and " INFO " not in first[1].stderr  # rank 1 logs warnings only
+    state = tmp / ".two.bpdq-resume"
+    manifest = json.loads((state / "manifest.json").read_text())
+    assert manifest["layers_done"] == 1 and manifest["fingerprint"]["world_size"] == 2
+    # each rank saved its own 2 batches of the next layer's inputs, under their global numbers
+    assert sorted(p.name for p in (state / "inputs-00001").iterdir()) == [f"hidden-{j:05d}.safetensors" for j in range(4)]
+    second = ranks(2, *args)
+    assert [p.returncode for p in second] == [0, 0], [p.stderr for p in second]
+    assert "checkpoint written to" in second[0].stdout
+    assert second[1].stdout == "" and not state.exists()
+    # float64 sums of the same per-batch terms, grouped differently, round to the same float32 Hessians
+    assert (out / "model.safetensors").read_bytes() == (tmp / "one" / "model.safetensors").read_bytes()
+    assert (out / "config.json").read_text() == (tmp / "one" / "config.json").read_text()
+
+
+def test_a_failure_on_one_rank_ends_both_with_its_exit_code(setup):
+    tmp, cfg = setup
+    procs = ranks(2, "quantize", str(cfg), "-o", str(tmp / "broken"), "--plugin", str(tmp / "break.py"))
+    assert [p.returncode for p in procs] == [1, 1], [p.stderr for p in procs]
+    assert "failed: PermissionError" in procs[1].stderr and "Permission denied" in procs[1].stderr
+    assert "failed" not in procs[0].stderr and "Traceback" not in procs[0].stderr  # reported once, by rank 1
+    assert not (tmp / "broken").exists() and not any(p.name.startswith(".broken.tmp-") for p in tmp.iterdir())
+
+
+def test_shares_of_batches_and_of_solves(monkeypatch):
+    assert distributed.shard(list(range(5))) == list(range(5)) and distributed.shard_start(5) == 0  # one process
+    assert distributed.world_size() == 1 and distributed.rank() == 0 and not distributed.any_rank(False)
+    sizes = {"q_proj": 64 * 64, "k_proj": 16 * 64, "v_proj": 16 * 64}
+    assert set(distributed.owners(sizes).values()) == {0}
+    monkeypatch.setattr(distributed, "world_size", lambda: 2)
+    assert distributed.owners(sizes) == {"q_proj": 0, "k_proj": 1, "v_proj": 1}  # largest first, least loaded
+    assert distributed.owners({"gate": 8, "up": 8, "down": 8}) == {"gate": 0, "up": 1, "down": 0}
+    for r, share in ((0, [0, 1, 2]), (1, [3, 4])):  # 5 batches over 2 ranks: the first takes one more
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        assert distributed.shard(list(range(5))) == share and distributed.shard_start(5) == share[0]
+    with pytest.raises(ValueError, match="1 calibration batches cannot be shared by 2 processes"):
+        distributed.shard([0])
+
+
+@pytest.mark.parametrize("lever", [{"asymmetric": True}, {"tuning": {"steps": 1}}, {"target_bpw": 3.0}], ids=str)
+def test_the_levers_are_refused_in_a_distributed_run(lever, monkeypatch):
+    from tests.tiny_models import TINY_CALIBRATION, tiny_model, tiny_tokenizer
+
+    # rank 0 of 2, as far as the checks before any work can tell (no group: no collective may run)
+    for name, value in (("is_distributed", lambda: True), ("world_size", lambda: 2), ("rank", lambda: 0),
+                        ("fail", lambda code=1: None)):
+        monkeypatch.setattr(distributed, name, value)
+    model = tiny_model(layers=1)
+    with pytest.raises(ValueError, match=r"asymmetric, tuning and target_bpw are not supported in a distributed run \(2"):
+        bpdq.quantize_model(model, tiny_tokenizer(), recipe={"group_size": 32, "grid": {"type": "bitplane", "planes": 2},
+                            "solver": "gptq"}, calibration=TINY_CALIBRATION, progress=False, **lever)
+    assert not any(isinstance(m, bpdq.QuantLinear) for m in model.modules())  # refused before any work
