@@ -29,6 +29,7 @@ from enum import Enum
 import torch
 
 from bpdq.grids.base import round_coeffs
+from bpdq.solvers.base import relative_loss
 from bpdq.solvers.hessian import check_hessian
 
 #: Default bound on the per-chunk work buffer ``H D`` (bytes).
@@ -51,6 +52,7 @@ class RefitResult:
     loss_after: float  # ... with the kept ones (<= loss_before)
     rows_improved: int  # rows that took the refitted coefficients
     rows: int
+    reference: float  # tr(W H W^T) (float32 products, float64 sums), for the relative loss
 
     def to_dict(self) -> dict[str, float | int]:
         return {
@@ -96,13 +98,15 @@ def refit_coefficients(
     per_row = p * n_groups * inp * 4
     chunk = max(1, min(out, chunk_bytes // max(per_row, 1)))
     new = coeffs.clone()
-    before = after = 0.0
+    before = after = reference = 0.0
     improved = 0
     for r0 in range(0, out, chunk):
         r1 = min(out, r0 + chunk)
         V = design(codes[r0:r1], planes, group_size)  # [R, p, G, g] float32
         old = coeffs[r0:r1]
-        sol = _solve_rows(W[r0:r1], Hg, V, old.to(torch.float64), ridge)
+        W32 = W[r0:r1].to(torch.float32)
+        HW = W32 @ H32  # (H W_r)^T per row (H symmetric)
+        sol = _solve_rows(HW.view(r1 - r0, n_groups, group_size), Hg, V, old.to(torch.float64), ridge)
         cand = round_coeffs(sol.to(coeffs.dtype))
         loss_old = row_losses(W[r0:r1], dequant_rows(V, old), H64)
         loss_new = row_losses(W[r0:r1], dequant_rows(V, cand), H64)
@@ -111,17 +115,21 @@ def refit_coefficients(
         before += float(loss_old.sum())
         after += float(torch.where(better, loss_new, loss_old).sum())
         improved += int(better.sum())
-    return RefitResult(new, before, after, improved, out)
+        reference += float((HW * W32).sum(dtype=torch.float64))
+    return RefitResult(new, before, after, improved, out, reference)
 
 
 def apply_refit(
     mode: Refit | str, W: torch.Tensor | None, H: torch.Tensor, codes: torch.Tensor, coeffs: torch.Tensor, planes: int, group_size: int
-) -> tuple[torch.Tensor, dict[str, float | int]]:
-    """A solver's ``refit`` option: ``(coeffs, stats extra)``; ``W`` is the original weight (``None`` for ``none``)."""
+) -> tuple[torch.Tensor, dict[str, float | int], tuple[float, float] | None]:
+    """A solver's ``refit`` option: ``(coeffs, stats extra, (proxy_loss, relative_loss) or None)``; ``W`` is
+    the original weight (``None`` for ``none``). The refit's losses are the solver's statistics: no second
+    pass over ``H`` for them."""
     if Refit(mode) is Refit.NONE or W is None:
-        return coeffs, {}
+        return coeffs, {}, None
     res = refit_coefficients(W, H, codes, coeffs, planes, group_size)
-    return res.coeffs, {"refit": res.to_dict()}
+    loss = max(res.loss_after, 0.0)
+    return res.coeffs, {"refit": res.to_dict()}, (loss, relative_loss(loss, res.reference))
 
 
 def design(codes: torch.Tensor, planes: int, group_size: int) -> torch.Tensor:
@@ -150,8 +158,9 @@ def row_losses(W: torch.Tensor, Q: torch.Tensor, H64: torch.Tensor) -> torch.Ten
     return ((D @ H64) * D).sum(1)
 
 
-def _solve_rows(W: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Ridge-to-old normal equations for a chunk of rows: ``[R, G, p]`` float64."""
+def _solve_rows(HW: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge-to-old normal equations for a chunk of rows: ``[R, G, p]`` float64; ``HW [R, G, g]`` is the rows'
+    ``H W_r`` by group (float32)."""
     R, p, G, g = V.shape
     P = p * G
     # M[r, j, b, t] = sum_{s in group b} H[t, s] V[r, j, b, s]   (H D_r, column (b, j))
@@ -160,7 +169,6 @@ def _solve_rows(W: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, old: torch.T
     Mt = M.view(R, p, G, G, g)  # [r, j, b, a, t]
     gram = torch.einsum("riat,rjbat->raibj", V, Mt).reshape(R, P, P).to(torch.float64)
     gram = 0.5 * (gram + gram.transpose(1, 2))
-    HW = (W.to(torch.float32) @ Hg.view(Hg.shape[0], -1)).view(R, G, g)  # (H W_r) by group (H symmetric)
     rhs = torch.einsum("riat,rat->rai", V, HW).reshape(R, P).to(torch.float64)
     c_old = old.reshape(R, P)
     diag = gram.diagonal(dim1=1, dim2=2)

@@ -67,7 +67,7 @@ def test_refit_solves_the_joint_normal_equations():
     qw = BPDQ(iters=2, refit="none")(W, H, BitPlaneGrid(planes=2), 32)
     codes, coeffs = _solver_layout(qw)
     V = design(codes, 2, 32)
-    sol = _solve_rows(W.float(), H.float().view(128, 4, 32), V, coeffs.double(), 0.0)
+    sol = _solve_rows((W.float() @ H.float()).view(5, 4, 32), H.float().view(128, 4, 32), V, coeffs.double(), 0.0)
     D = torch.zeros(5, 128, 12, dtype=torch.float64)  # dense design: column (a, i)
     for a in range(4):
         for i in range(3):
