@@ -83,23 +83,23 @@ def relative_loss(loss: float, reference: float) -> float:
     return loss / reference if reference > 0 else math.inf if loss > 0 else 0.0
 
 
-def quadratic_forms(X: torch.Tensor, H: torch.Tensor, *, blocks: int = 8) -> torch.Tensor:
+def quadratic_forms(X: torch.Tensor, H: torch.Tensor, *, dtype: torch.dtype = torch.float32, blocks: int = 8) -> torch.Tensor:
     """``(X H X^T)_rr`` per row of ``X [rows, in]`` as float64 ``[rows]`` (``H`` symmetric ``[in, in]``).
 
     Uses the symmetry of ``H``: column block ``b`` of ``X`` meets only ``H[b, b:]`` (off-diagonal blocks
-    counted twice), about ``(1 + 1/blocks) / 2`` of the multiply-adds of ``(X @ H) * X``. Products in float32,
-    the sum of each block's terms in float64.
+    counted twice), about ``(1 + 1/blocks) / 2`` of the multiply-adds of ``(X @ H) * X``. Products in
+    ``dtype`` (float32: the solve's precision), the sum of each block's terms in float64.
     """
-    X32, H32 = X.to(torch.float32), H.to(torch.float32)
-    inp = X32.shape[1]
+    Xc, Hc = X.to(dtype), H.to(dtype)
+    inp = Xc.shape[1]
     width = -(-inp // blocks)
-    total = torch.zeros(X32.shape[0], dtype=torch.float64, device=X32.device)
+    total = torch.zeros(Xc.shape[0], dtype=torch.float64, device=Xc.device)
     for b0 in range(0, inp, width):
         b1 = min(inp, b0 + width)
-        P = X32[:, b0:b1] @ H32[b0:b1, b0:]
-        total += (P[:, : b1 - b0] * X32[:, b0:b1]).sum(1, dtype=torch.float64)
+        P = Xc[:, b0:b1] @ Hc[b0:b1, b0:]
+        total += (P[:, : b1 - b0] * Xc[:, b0:b1]).sum(1, dtype=torch.float64)
         if b1 < inp:
-            total += 2.0 * (P[:, b1 - b0 :] * X32[:, b1:]).sum(1, dtype=torch.float64)
+            total += 2.0 * (P[:, b1 - b0 :] * Xc[:, b1:]).sum(1, dtype=torch.float64)
     return total
 
 

@@ -17,8 +17,9 @@ keeps its old value instead of making the system singular. The result is rounded
 precision) and a row keeps its old coefficients unless the rounded solution lowers that row's loss, so the
 layer's proxy loss can only go down.
 
-Cost per row: ``(k+1) * in^2`` multiply-adds for ``H D_r`` (float32) plus a ``[P, P]`` solve (float64),
-``P = groups * (k+1)``; rows are processed in chunks whose work buffer stays under ``chunk_bytes``.
+Cost per row: ``(k+1) * in^2`` multiply-adds for ``H D_r`` (float32), a ``[P, P]`` solve (float64),
+``P = groups * (k+1)``, and the old and new losses (float64, about ``in^2`` multiply-adds for both, by the
+symmetry of ``H``); rows are processed in chunks whose work buffer stays under ``chunk_bytes``.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ from enum import Enum
 import torch
 
 from bpdq.grids.base import round_coeffs
-from bpdq.solvers.base import relative_loss
+from bpdq.solvers.base import quadratic_forms, relative_loss
 from bpdq.solvers.hessian import check_hessian
 
 #: Default bound on the per-chunk work buffer ``H D`` (bytes).
@@ -108,8 +109,9 @@ def refit_coefficients(
         HW = W32 @ H32  # (H W_r)^T per row (H symmetric)
         sol = _solve_rows(HW.view(r1 - r0, n_groups, group_size), Hg, V, old.to(torch.float64), ridge)
         cand = round_coeffs(sol.to(coeffs.dtype))
-        loss_old = row_losses(W[r0:r1], dequant_rows(V, old), H64)
-        loss_new = row_losses(W[r0:r1], dequant_rows(V, cand), H64)
+        Wr = W[r0:r1]
+        losses = row_losses(torch.cat([Wr, Wr]), torch.cat([dequant_rows(V, old), dequant_rows(V, cand)]), H64)
+        loss_old, loss_new = losses[: r1 - r0], losses[r1 - r0 :]
         better = torch.isfinite(loss_new) & (loss_new < loss_old)
         new[r0:r1] = torch.where(better.view(-1, 1, 1), cand, old)
         before += float(loss_old.sum())
@@ -153,9 +155,8 @@ def dequant_rows(V: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
 
 
 def row_losses(W: torch.Tensor, Q: torch.Tensor, H64: torch.Tensor) -> torch.Tensor:
-    """``(W_r - Q_r) H (W_r - Q_r)^T`` per row, in float64."""
-    D = W.to(torch.float64) - Q.to(torch.float64)
-    return ((D @ H64) * D).sum(1)
+    """``(W_r - Q_r) H (W_r - Q_r)^T`` per row, in float64 (symmetric blocks: half the multiply-adds)."""
+    return quadratic_forms(W.to(torch.float64) - Q.to(torch.float64), H64, dtype=torch.float64)
 
 
 def _solve_rows(HW: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:

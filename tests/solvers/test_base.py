@@ -192,3 +192,5 @@ def test_quadratic_forms_use_the_symmetry_of_h():
         terms = quadratic_forms(X, H, blocks=blocks)
         assert terms.dtype == torch.float64 and terms.shape == (7,)
         torch.testing.assert_close(terms, expected, rtol=1e-5, atol=0)
+        exact = quadratic_forms(X.double(), H.double(), dtype=torch.float64, blocks=blocks)  # the refit's losses
+        torch.testing.assert_close(exact, expected, rtol=1e-12, atol=0)
