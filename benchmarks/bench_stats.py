@@ -9,7 +9,7 @@ defaults, refit ``full``), in one process and single-threaded (``--threads``):
   ``[2*out, in] x [in, in]`` matmul of ``[W - Q; W]`` (loss and reference), row sums in float64;
 - ``after``: the statistics work the solve does now, repeated on its own: for GPTQ the reference
   ``tr(W H W^T)`` (``quadratic_forms``, symmetric blocks) plus the sweep's bookkeeping (a copy of ``W`` and
-  two float64 column sums of squares over ``[out, in]``, the loss then being ``||E||^2`` minus the damping
+  two column sums of squares over ``[out, in]``, the loss then being ``||E||^2`` minus the damping
   and dead-input terms); for BPDQ with refit the reference from the refit's ``H W`` (one float64 sum of
   ``HW * W``), the loss being the refit's own;
 - the ratios ``before / core`` and ``after / core`` with ``core = solve - after`` (the solve without
@@ -68,8 +68,9 @@ def stats_after_gptq(W: torch.Tensor, H: torch.Tensor, E: torch.Tensor, d: torch
     """GPTQ's statistics work now: the reference, the sweep's copy of ``W`` and its two column sums."""
     reference = float(quadratic_forms(W, H).sum())
     original = W.clone()
-    scaled = E.square().sum(0, dtype=torch.float64)
-    residual = (original - W + E * d).square().sum(0, dtype=torch.float64)
+    R = original - W + E * d
+    scaled = torch.linalg.vecdot(E, E, dim=0).to(torch.float64)
+    residual = torch.linalg.vecdot(R, R, dim=0).to(torch.float64)
     return float(scaled.sum() - 0.01 * residual.sum()) / reference
 
 

@@ -69,8 +69,7 @@ class Solver(Configurable, ABC):
 
 def proxy_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
     """``tr((W-Q) H (W-Q)^T)`` and its ratio to ``tr(W H W^T)`` (:func:`relative_loss`): the quadratic forms
-    of the stacked ``[W-Q; W]`` in float32 (the solve's precision), row sums in float64
-    (:func:`quadratic_forms`)."""
+    of the stacked ``[W-Q; W]`` in float32 (the solve's precision), summed in float64 (:func:`quadratic_forms`)."""
     out = W.shape[0]
     W32 = W.to(torch.float32)
     terms = quadratic_forms(torch.cat([W32 - Q.to(torch.float32), W32]), H)
@@ -87,8 +86,8 @@ def quadratic_forms(X: torch.Tensor, H: torch.Tensor, *, dtype: torch.dtype = to
     """``(X H X^T)_rr`` per row of ``X [rows, in]`` as float64 ``[rows]`` (``H`` symmetric ``[in, in]``).
 
     Uses the symmetry of ``H``: column block ``b`` of ``X`` meets only ``H[b, b:]`` (off-diagonal blocks
-    counted twice), about ``(1 + 1/blocks) / 2`` of the multiply-adds of ``(X @ H) * X``. Products in
-    ``dtype`` (float32: the solve's precision), the sum of each block's terms in float64.
+    counted twice), about ``(1 + 1/blocks) / 2`` of the multiply-adds of ``(X @ H) * X``. Products and each
+    block's row dot products in ``dtype`` (float32: the solve's precision), the sum over blocks in float64.
     """
     Xc, Hc = X.to(dtype), H.to(dtype)
     inp = Xc.shape[1]
@@ -97,9 +96,9 @@ def quadratic_forms(X: torch.Tensor, H: torch.Tensor, *, dtype: torch.dtype = to
     for b0 in range(0, inp, width):
         b1 = min(inp, b0 + width)
         P = Xc[:, b0:b1] @ Hc[b0:b1, b0:]
-        total += (P[:, : b1 - b0] * Xc[:, b0:b1]).sum(1, dtype=torch.float64)
+        total += torch.linalg.vecdot(P[:, : b1 - b0], Xc[:, b0:b1]).to(torch.float64)
         if b1 < inp:
-            total += 2.0 * (P[:, b1 - b0 :] * Xc[:, b1:]).sum(1, dtype=torch.float64)
+            total += 2.0 * torch.linalg.vecdot(P[:, b1 - b0 :], Xc[:, b1:]).to(torch.float64)
     return total
 
 

@@ -104,8 +104,9 @@ def gptq_sweep(
             E1[:, j] = err
             codes[:, col] = code.squeeze(1)
         # the block's columns are final now: q = w - err * U[t, t]
-        scaled[i1:i2] = E1.square().sum(0, dtype=torch.float64)
-        residual[i1:i2] = (original[:, i1:i2] - W1 + E1 * torch.diagonal(U)[i1:i2]).square().sum(0, dtype=torch.float64)
+        R1 = original[:, i1:i2] - W1 + E1 * torch.diagonal(U)[i1:i2]
+        scaled[i1:i2] = torch.linalg.vecdot(E1, E1, dim=0)
+        residual[i1:i2] = torch.linalg.vecdot(R1, R1, dim=0)
         if i2 < inp:
             W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
     return codes, coeffs, SweepErrors(scaled, residual)

@@ -55,7 +55,8 @@ SWEEP_LOSS_MIN_DAMP = 1e-3
 @dataclass
 class SweepErrors:
     """Per sweep column ``t``: ``scaled[t] = ||E[:, t]||^2`` with the sweep's errors ``E = (w - q) / U[t, t]``
-    and ``residual[t] = ||W[:, t] - Q[:, t]||^2`` (``W`` the prepared weight), both float64 ``[in]``."""
+    and ``residual[t] = ||W[:, t] - Q[:, t]||^2`` (``W`` the prepared weight); float64 ``[in]``, each summed
+    over the rows in the sweep's precision."""
 
     scaled: torch.Tensor
     residual: torch.Tensor
