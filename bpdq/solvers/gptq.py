@@ -20,14 +20,7 @@ from bpdq.registry import SOLVERS
 from bpdq.solvers.base import Solver, quadratic_forms, relative_loss
 from bpdq.solvers.ordering import Order
 from bpdq.solvers.refit import Refit, apply_refit
-from bpdq.solvers.sweep import (
-    SWEEP_LOSS_MIN_DAMP,
-    SweepErrors,
-    block_width,
-    prepare_layer,
-    restore_order,
-    sweep_proxy_loss,
-)
+from bpdq.solvers.sweep import SweepErrors, block_width, prepare_layer, restore_order, sweep_proxy_loss
 
 
 class GPTQOptions(Options):
@@ -59,8 +52,8 @@ class GPTQ(Solver):
             original = W.clone()
         layer = prepare_layer(W, H, group_size, opts.order, opts.damp)
         # statistics: the refit's losses, else the sweep's errors and tr(W H W^T) (taken before the sweep
-        # overwrites W, which layer.W may be), else (tiny damping) Solver.__call__'s explicit formula
-        from_sweep = original is None and layer.damp >= SWEEP_LOSS_MIN_DAMP
+        # overwrites W, which layer.W may be), else (tiny damping, H not PSD) Solver.__call__'s explicit formula
+        from_sweep = original is None and layer.loss_from_errors
         reference = float(quadratic_forms(W, H).sum()) if from_sweep else None
         codes, coeffs, errors = gptq_sweep(layer.W, layer.U, grid, group_size, block_width(opts.block_size, group_size))
         codes, coeffs, _ = restore_order(codes, coeffs, layer.perm, group_size)

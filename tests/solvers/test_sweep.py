@@ -24,7 +24,7 @@ def test_sweep_errors_give_the_loss_under_the_undamped_hessian(order, dead, damp
     H[idx, :] = 0.0
     H[:, idx] = 0.0
     layer = prepare_layer(W.clone(), H, 64, order, damp)
-    assert int(layer.dead.sum()) == layer.n_dead == dead
+    assert int(layer.dead.sum()) == layer.n_dead == dead and layer.loss_from_errors
     assert (layer.perm is None) == (order == "none")
     grid = UniformGrid(bits=2)
     codes, coeffs, errors = gptq_sweep(layer.W, layer.U, grid, 64, 128)
@@ -44,7 +44,8 @@ def test_sweep_errors_give_the_loss_under_the_undamped_hessian(order, dead, damp
 
 def test_statistics_take_no_extra_pass_over_the_hessian_unless_damping_is_tiny(monkeypatch):
     """GPTQ (from its sweep) and refitting solvers (from the refit) report the loss themselves; the explicit
-    formula in ``Solver.__call__`` is only the fallback (here: damping below ``SWEEP_LOSS_MIN_DAMP``)."""
+    formula in ``Solver.__call__`` is only the fallback (damping below ``SWEEP_LOSS_MIN_DAMP``, BPDQ without
+    refit, a Hessian whose dead inputs are not isolated)."""
     calls = []
     explicit = bpdq.solvers.base.proxy_loss
     monkeypatch.setattr(bpdq.solvers.base, "proxy_loss", lambda *a: calls.append(1) or explicit(*a))
@@ -57,3 +58,9 @@ def test_statistics_take_no_extra_pass_over_the_hessian_unless_damping_is_tiny(m
     assert calls == [1] and qw.stats.proxy_loss == pytest.approx(_loss64(W, qw.dequantize(torch.float64), H), rel=1e-5)
     BPDQ(iters=1, refit="none")(W, H, BitPlaneGrid(planes=2), 32)
     assert calls == [1, 1]
+    # a zero diagonal entry with non-zero off-diagonal ones (H not PSD): the dead-input terms do not apply
+    H[5, 5] = 0.0
+    layer = prepare_layer(W, H, 32, "gar", 0.01)
+    assert layer.n_dead == 1 and not layer.loss_from_errors
+    qw = GPTQ()(W, H, UniformGrid(bits=2), 32)
+    assert calls == [1, 1, 1] and qw.stats.proxy_loss == pytest.approx(_loss64(W, qw.dequantize(torch.float64), H), rel=1e-5)
