@@ -68,14 +68,38 @@ class Solver(Configurable, ABC):
 
 
 def proxy_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> tuple[float, float]:
-    """``tr((W-Q) H (W-Q)^T)`` and its ratio to ``tr(W H W^T)``: one ``[2*out, in] x [in, in]`` matmul in
-    float32 (the solve's precision; float64 doubled the cost), row sums accumulated in float64."""
+    """``tr((W-Q) H (W-Q)^T)`` and its ratio to ``tr(W H W^T)`` (:func:`relative_loss`): the quadratic forms
+    of the stacked ``[W-Q; W]`` in float32 (the solve's precision), summed in float64 (:func:`quadratic_forms`)."""
     out = W.shape[0]
     W32 = W.to(torch.float32)
-    X = torch.cat([W32 - Q.to(torch.float32), W32])
-    terms = ((X @ H.to(torch.float32)) * X).sum(1, dtype=torch.float64)
-    loss, ref = max(float(terms[:out].sum()), 0.0), float(terms[out:].sum())
-    return loss, (loss / ref if ref > 0 else math.inf if loss > 0 else 0.0)
+    terms = quadratic_forms(torch.cat([W32 - Q.to(torch.float32), W32]), H)
+    loss = max(float(terms[:out].sum()), 0.0)
+    return loss, relative_loss(loss, float(terms[out:].sum()))
+
+
+def relative_loss(loss: float, reference: float) -> float:
+    """``loss / tr(W H W^T)``; ``inf`` for a positive loss of a zero reference, ``0`` for no loss."""
+    return loss / reference if reference > 0 else math.inf if loss > 0 else 0.0
+
+
+def quadratic_forms(X: torch.Tensor, H: torch.Tensor, *, dtype: torch.dtype = torch.float32, blocks: int = 8) -> torch.Tensor:
+    """``(X H X^T)_rr`` per row of ``X [rows, in]`` as float64 ``[rows]`` (``H`` symmetric ``[in, in]``).
+
+    Uses the symmetry of ``H``: column block ``b`` of ``X`` meets only ``H[b, b:]`` (off-diagonal blocks
+    counted twice), about ``(1 + 1/blocks) / 2`` of the multiply-adds of ``(X @ H) * X``. Products and each
+    block's row dot products in ``dtype`` (float32: the solve's precision), the sum over blocks in float64.
+    """
+    Xc, Hc = X.to(dtype), H.to(dtype)
+    inp = Xc.shape[1]
+    width = -(-inp // blocks)
+    total = torch.zeros(Xc.shape[0], dtype=torch.float64, device=Xc.device)
+    for b0 in range(0, inp, width):
+        b1 = min(inp, b0 + width)
+        P = Xc[:, b0:b1] @ Hc[b0:b1, b0:]
+        total += torch.linalg.vecdot(P[:, : b1 - b0], Xc[:, b0:b1]).to(torch.float64)
+        if b1 < inp:
+            total += 2.0 * torch.linalg.vecdot(P[:, b1 - b0 :], Xc[:, b1:]).to(torch.float64)
+    return total
 
 
 def check_weight(weight: object, group_size: object) -> None:

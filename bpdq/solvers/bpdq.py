@@ -94,13 +94,16 @@ class BPDQ(Solver):
             iters=opts.iters, alpha=opts.alpha, block=block_width(opts.block_size, group_size), tol=opts.tol,
         )
         codes, coeffs, group_of = restore_order(res.codes, res.coeffs, layer.perm, group_size)
-        coeffs, refit_extra = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size)
+        coeffs, refit_extra, loss = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size)
         best = [0] * len(group_of)
         run = [0] * len(group_of)
         for j, orig in enumerate(group_of):
             best[orig], run[orig] = res.best_iters[j], res.iters_run[j]
         extra = {**layer.extra(), "order": Order(opts.order).value, "iters_run": run, **refit_extra}
-        return codes, coeffs, SolveStats(best_iters=best, extra=extra)
+        stats = SolveStats(best_iters=best, extra=extra)
+        if loss is not None:  # the refit's losses; without a refit Solver.__call__ computes them
+            stats.proxy_loss, stats.relative_loss = loss
+        return codes, coeffs, stats
 
 
 def check_bitplane_grid(grid: Grid, init_bits: int | None) -> BitPlaneGrid:

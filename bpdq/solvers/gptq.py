@@ -17,10 +17,10 @@ from bpdq.grids.bitplane import BitPlaneGrid
 from bpdq.options import Options
 from bpdq.quantized import SolveStats
 from bpdq.registry import SOLVERS
-from bpdq.solvers.base import Solver
+from bpdq.solvers.base import Solver, quadratic_forms, relative_loss
 from bpdq.solvers.ordering import Order
 from bpdq.solvers.refit import Refit, apply_refit
-from bpdq.solvers.sweep import block_width, prepare_layer, restore_order
+from bpdq.solvers.sweep import SweepErrors, block_width, prepare_layer, restore_order, sweep_proxy_loss
 
 
 class GPTQOptions(Options):
@@ -51,17 +51,33 @@ class GPTQ(Solver):
                 )
             original = W.clone()
         layer = prepare_layer(W, H, group_size, opts.order, opts.damp)
-        codes, coeffs = gptq_sweep(layer.W, layer.U, grid, group_size, block_width(opts.block_size, group_size))
+        # statistics: the refit's losses, else the sweep's errors and tr(W H W^T) (taken before the sweep
+        # overwrites W, which layer.W may be), else (tiny damping, H not PSD) Solver.__call__'s explicit formula
+        from_sweep = original is None and layer.loss_from_errors
+        reference = float(quadratic_forms(W, H).sum()) if from_sweep else None
+        codes, coeffs, errors = gptq_sweep(layer.W, layer.U, grid, group_size, block_width(opts.block_size, group_size))
         codes, coeffs, _ = restore_order(codes, coeffs, layer.perm, group_size)
-        coeffs, refit_extra = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size)
-        return codes, coeffs, SolveStats(extra={**layer.extra(), "order": Order(opts.order).value, **refit_extra})
+        coeffs, refit_extra, loss = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size)
+        stats = SolveStats(extra={**layer.extra(), "order": Order(opts.order).value, **refit_extra})
+        if loss is not None:
+            stats.proxy_loss, stats.relative_loss = loss
+        elif reference is not None:
+            sweep_loss = sweep_proxy_loss(layer, errors)
+            stats.proxy_loss, stats.relative_loss = sweep_loss, relative_loss(sweep_loss, reference)
+        return codes, coeffs, stats
 
 
-def gptq_sweep(W: torch.Tensor, U: torch.Tensor, grid: Grid, group_size: int, block: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """GPTQ over ``W`` (modified in place) in sweep order: ``(codes [out, in], coeffs [out, groups, k+1])``."""
+def gptq_sweep(
+    W: torch.Tensor, U: torch.Tensor, grid: Grid, group_size: int, block: int
+) -> tuple[torch.Tensor, torch.Tensor, SweepErrors]:
+    """GPTQ over ``W`` (modified in place) in sweep order: ``(codes [out, in], coeffs [out, groups, k+1],
+    errors)``; ``errors`` gives the proxy loss without another pass over ``H`` (:func:`sweep_proxy_loss`)."""
     if block <= 0 or block % group_size:
         raise ValueError(f"block ({block}) must be a positive multiple of group_size ({group_size})")
     out, inp = W.shape
+    original = W.clone()
+    scaled = torch.empty(inp, dtype=torch.float64, device=W.device)
+    residual = torch.empty(inp, dtype=torch.float64, device=W.device)
     codes = torch.empty(out, inp, dtype=torch.int64, device=W.device)
     coeffs = torch.empty(out, inp // group_size, grid.planes + 1, dtype=W.dtype, device=W.device)
     for i1 in range(0, inp, block):
@@ -80,6 +96,10 @@ def gptq_sweep(W: torch.Tensor, U: torch.Tensor, grid: Grid, group_size: int, bl
             W1[:, j + 1 :].addr_(err, U[col, col + 1 : i2], alpha=-1.0)
             E1[:, j] = err
             codes[:, col] = code.squeeze(1)
+        # the block's columns are final now: q = w - err * U[t, t]
+        R1 = original[:, i1:i2] - W1 + E1 * torch.diagonal(U)[i1:i2]
+        scaled[i1:i2] = torch.linalg.vecdot(E1, E1, dim=0)
+        residual[i1:i2] = torch.linalg.vecdot(R1, R1, dim=0)
         if i2 < inp:
             W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
-    return codes, coeffs
+    return codes, coeffs, SweepErrors(scaled, residual)

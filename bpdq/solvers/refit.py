@@ -17,8 +17,9 @@ keeps its old value instead of making the system singular. The result is rounded
 precision) and a row keeps its old coefficients unless the rounded solution lowers that row's loss, so the
 layer's proxy loss can only go down.
 
-Cost per row: ``(k+1) * in^2`` multiply-adds for ``H D_r`` (float32) plus a ``[P, P]`` solve (float64),
-``P = groups * (k+1)``; rows are processed in chunks whose work buffer stays under ``chunk_bytes``.
+Cost per row: ``(k+1) * in^2`` multiply-adds for ``H D_r`` (float32), a ``[P, P]`` solve (float64),
+``P = groups * (k+1)``, and the old and new losses (float64, about ``in^2`` multiply-adds for both, by the
+symmetry of ``H``); rows are processed in chunks whose work buffer stays under ``chunk_bytes``.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from enum import Enum
 import torch
 
 from bpdq.grids.base import round_coeffs
+from bpdq.solvers.base import quadratic_forms, relative_loss
 from bpdq.solvers.hessian import check_hessian
 
 #: Default bound on the per-chunk work buffer ``H D`` (bytes).
@@ -51,6 +53,7 @@ class RefitResult:
     loss_after: float  # ... with the kept ones (<= loss_before)
     rows_improved: int  # rows that took the refitted coefficients
     rows: int
+    reference: float  # tr(W H W^T) (float32 products, float64 sums), for the relative loss
 
     def to_dict(self) -> dict[str, float | int]:
         return {
@@ -96,32 +99,39 @@ def refit_coefficients(
     per_row = p * n_groups * inp * 4
     chunk = max(1, min(out, chunk_bytes // max(per_row, 1)))
     new = coeffs.clone()
-    before = after = 0.0
+    before = after = reference = 0.0
     improved = 0
     for r0 in range(0, out, chunk):
         r1 = min(out, r0 + chunk)
         V = design(codes[r0:r1], planes, group_size)  # [R, p, G, g] float32
         old = coeffs[r0:r1]
-        sol = _solve_rows(W[r0:r1], Hg, V, old.to(torch.float64), ridge)
+        W32 = W[r0:r1].to(torch.float32)
+        HW = W32 @ H32  # (H W_r)^T per row (H symmetric)
+        sol = _solve_rows(HW.view(r1 - r0, n_groups, group_size), Hg, V, old.to(torch.float64), ridge)
         cand = round_coeffs(sol.to(coeffs.dtype))
-        loss_old = row_losses(W[r0:r1], dequant_rows(V, old), H64)
-        loss_new = row_losses(W[r0:r1], dequant_rows(V, cand), H64)
+        Wr = W[r0:r1]
+        losses = row_losses(torch.cat([Wr, Wr]), torch.cat([dequant_rows(V, old), dequant_rows(V, cand)]), H64)
+        loss_old, loss_new = losses[: r1 - r0], losses[r1 - r0 :]
         better = torch.isfinite(loss_new) & (loss_new < loss_old)
         new[r0:r1] = torch.where(better.view(-1, 1, 1), cand, old)
         before += float(loss_old.sum())
         after += float(torch.where(better, loss_new, loss_old).sum())
         improved += int(better.sum())
-    return RefitResult(new, before, after, improved, out)
+        reference += float((HW * W32).sum(dtype=torch.float64))
+    return RefitResult(new, before, after, improved, out, reference)
 
 
 def apply_refit(
     mode: Refit | str, W: torch.Tensor | None, H: torch.Tensor, codes: torch.Tensor, coeffs: torch.Tensor, planes: int, group_size: int
-) -> tuple[torch.Tensor, dict[str, float | int]]:
-    """A solver's ``refit`` option: ``(coeffs, stats extra)``; ``W`` is the original weight (``None`` for ``none``)."""
+) -> tuple[torch.Tensor, dict[str, float | int], tuple[float, float] | None]:
+    """A solver's ``refit`` option: ``(coeffs, stats extra, (proxy_loss, relative_loss) or None)``; ``W`` is
+    the original weight (``None`` for ``none``). The refit's losses are the solver's statistics: no second
+    pass over ``H`` for them."""
     if Refit(mode) is Refit.NONE or W is None:
-        return coeffs, {}
+        return coeffs, {}, None
     res = refit_coefficients(W, H, codes, coeffs, planes, group_size)
-    return res.coeffs, {"refit": res.to_dict()}
+    loss = max(res.loss_after, 0.0)
+    return res.coeffs, {"refit": res.to_dict()}, (loss, relative_loss(loss, res.reference))
 
 
 def design(codes: torch.Tensor, planes: int, group_size: int) -> torch.Tensor:
@@ -145,13 +155,13 @@ def dequant_rows(V: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
 
 
 def row_losses(W: torch.Tensor, Q: torch.Tensor, H64: torch.Tensor) -> torch.Tensor:
-    """``(W_r - Q_r) H (W_r - Q_r)^T`` per row, in float64."""
-    D = W.to(torch.float64) - Q.to(torch.float64)
-    return ((D @ H64) * D).sum(1)
+    """``(W_r - Q_r) H (W_r - Q_r)^T`` per row, in float64 (symmetric blocks: half the multiply-adds)."""
+    return quadratic_forms(W.to(torch.float64) - Q.to(torch.float64), H64, dtype=torch.float64)
 
 
-def _solve_rows(W: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
-    """Ridge-to-old normal equations for a chunk of rows: ``[R, G, p]`` float64."""
+def _solve_rows(HW: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
+    """Ridge-to-old normal equations for a chunk of rows: ``[R, G, p]`` float64; ``HW [R, G, g]`` is the rows'
+    ``H W_r`` by group (float32)."""
     R, p, G, g = V.shape
     P = p * G
     # M[r, j, b, t] = sum_{s in group b} H[t, s] V[r, j, b, s]   (H D_r, column (b, j))
@@ -160,7 +170,6 @@ def _solve_rows(W: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, old: torch.T
     Mt = M.view(R, p, G, G, g)  # [r, j, b, a, t]
     gram = torch.einsum("riat,rjbat->raibj", V, Mt).reshape(R, P, P).to(torch.float64)
     gram = 0.5 * (gram + gram.transpose(1, 2))
-    HW = (W.to(torch.float32) @ Hg.view(Hg.shape[0], -1)).view(R, G, g)  # (H W_r) by group (H symmetric)
     rhs = torch.einsum("riat,rat->rai", V, HW).reshape(R, P).to(torch.float64)
     c_old = old.reshape(R, P)
     diag = gram.diagonal(dim1=1, dim2=2)

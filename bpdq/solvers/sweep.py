@@ -12,6 +12,12 @@ from bpdq.solvers.hessian import fix_dead_inputs, inverse_cholesky
 from bpdq.solvers.ordering import Order, column_permutation
 
 
+#: Smallest damping (relative, after retries) at which :func:`sweep_proxy_loss` is used: below it the damped
+#: Hessian can be so ill-conditioned that the float32 factor ``U`` no longer inverts it to ~1e-4 (measured:
+#: 2e-8..8e-6 relative at damp >= 1e-3 on correlated, rank-deficient, outlier-heavy Hessians; 1.5e-3 at 0).
+SWEEP_LOSS_MIN_DAMP = 1e-3
+
+
 @dataclass
 class SweepLayer:
     """A layer ready to sweep: weights and factor in sweep order (``W[:, perm]``)."""
@@ -22,6 +28,9 @@ class SweepLayer:
     damp: float  # damping actually used (after retries)
     retries: int
     n_dead: int
+    mean_diag: float  # mean(diag H) of the factorised Hessian (dead inputs fixed): damping adds damp * mean_diag * I
+    dead: torch.Tensor  # bool [in], dead inputs in sweep order
+    loss_from_errors: bool  # sweep_proxy_loss applies: damp >= SWEEP_LOSS_MIN_DAMP, dead rows/columns of H all zero
 
     def extra(self) -> dict[str, Any]:
         return {"damp": self.damp, "cholesky_retries": self.retries, "dead_inputs": self.n_dead}
@@ -29,13 +38,46 @@ class SweepLayer:
 
 def prepare_layer(W: torch.Tensor, H: torch.Tensor, group_size: int, order: Order | str, damp: float) -> SweepLayer:
     """Dead inputs (DESIGN step 1), column order (step 2), and ``U`` of the damped inverse Hessian."""
+    dead = torch.diagonal(H) == 0
+    isolated = not bool(H[dead].any())  # else H is not PSD: the loss comes from the explicit formula
     W, H, n_dead = fix_dead_inputs(W, H)
     perm = column_permutation(order, torch.diagonal(H), group_size)
     if perm is not None:
         W = W[:, perm]
         H = H[perm][:, perm]
-    U, used, retries = inverse_cholesky(H.to(W.dtype), damp)
-    return SweepLayer(W=W.contiguous(), U=U, perm=perm, damp=used, retries=retries, n_dead=n_dead)
+        dead = dead[perm]
+    H = H.to(W.dtype)
+    U, used, retries = inverse_cholesky(H, damp)
+    return SweepLayer(
+        W=W.contiguous(), U=U, perm=perm, damp=used, retries=retries, n_dead=n_dead,
+        mean_diag=float(torch.diagonal(H).mean()), dead=dead,
+        loss_from_errors=used >= SWEEP_LOSS_MIN_DAMP and isolated,
+    )
+
+
+@dataclass
+class SweepErrors:
+    """Per sweep column ``t``: ``scaled[t] = ||E[:, t]||^2`` with the sweep's errors ``E = (w - q) / U[t, t]``
+    and ``residual[t] = ||W[:, t] - Q[:, t]||^2`` (``W`` the prepared weight); float64 ``[in]``, each summed
+    over the rows in the sweep's precision."""
+
+    scaled: torch.Tensor
+    residual: torch.Tensor
+
+
+def sweep_proxy_loss(layer: SweepLayer, errors: SweepErrors) -> float:
+    """``tr((W-Q) H (W-Q)^T)`` with the Hessian ``H`` the solver was given, from the sweep's errors alone.
+
+    The sweep's errors satisfy ``W' - Q = E U`` (``W'`` the prepared weight), so ``||E||^2 = tr((W'-Q) H_d
+    (W'-Q)^T)`` with ``H_d = U^-1 U^-T`` the factorised Hessian: ``H`` with dead inputs set to ``H_jj = 1``,
+    plus ``damp * mean_diag * I``. Removing both corrections leaves the loss under ``H`` (a dead input's row
+    and column of ``H`` are zero, and its weights are zeroed in ``W'``, so ``W - Q`` and ``W' - Q`` agree
+    where ``H`` sees them). Exact up to float32 rounding of ``U``; callers use it when
+    ``layer.loss_from_errors`` (damping at least :data:`SWEEP_LOSS_MIN_DAMP`, dead inputs really isolated).
+    """
+    residual = errors.residual
+    loss = errors.scaled.sum() - layer.damp * layer.mean_diag * residual.sum() - residual[layer.dead].sum()
+    return max(float(loss), 0.0)
 
 
 def restore_order(

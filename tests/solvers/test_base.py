@@ -120,3 +120,77 @@ def test_a_solver_call_rejects_a_hessian_that_is_not_a_tensor():
 def test_wrong_hessian_shape_through_a_solver_call():
     with pytest.raises(ValueError, match=r"hessian must be \[in_features, in_features\] = \[32, 32\], got \(16, 16\)"):
         RTN()(torch.randn(2, 32), torch.eye(16), UniformGrid(bits=2), 32)
+
+
+def _explicit_losses(W: torch.Tensor, qw, H: torch.Tensor) -> tuple[float, float]:
+    """``tr((W-Q) H (W-Q)^T)`` and ``tr(W H W^T)`` in float64, straight from the definition."""
+    W64, H64 = W.to(torch.float64), H.to(torch.float64)
+    D = W64 - qw.dequantize(torch.float64)
+    return float(((D @ H64) * D).sum()), float(((W64 @ H64) * W64).sum())
+
+
+def _dead(H: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    idx = torch.randperm(H.shape[0], generator=torch.Generator().manual_seed(seed))[:n]
+    H = H.clone()
+    H[idx, :] = 0.0
+    H[:, idx] = 0.0
+    return H
+
+
+def _indefinite(H: torch.Tensor) -> torch.Tensor:
+    """A symmetric ``H`` with a non-negative diagonal but a negative eigenvalue: ``damp=0.001`` fails to
+    factorise, the first retry (``0.01``) succeeds."""
+    shift = 3e-3 * float(torch.diagonal(H).mean()) - float(torch.linalg.eigvalsh(H.double()).min())
+    return H - shift * torch.eye(H.shape[0])
+
+
+# (solver, grid, Hessian variant): dead inputs, act-order/gar and none, damping retries, refit on/off, k=2/3,
+# uniform and bitplane grids; each case goes through the solver's own statistics path
+STATS_CASES = [
+    ("gptq", {}, UniformGrid(bits=2), "plain"),
+    ("gptq", {"order": "none"}, UniformGrid(bits=3), "dead"),
+    ("gptq", {"block_size": 64}, UniformGrid(bits=4, symmetric=True), "rank_deficient"),
+    ("gptq", {"damp": 0.001}, UniformGrid(bits=2), "indefinite"),
+    ("gptq", {"damp": 0.0}, UniformGrid(bits=3), "plain"),
+    ("gptq", {}, BitPlaneGrid(planes=2), "dead"),
+    ("gptq", {"refit": "full"}, BitPlaneGrid(planes=3), "dead"),
+    ("bpdq", {"iters": 2}, BitPlaneGrid(planes=2), "dead"),
+    ("bpdq", {"iters": 2, "order": "none"}, BitPlaneGrid(planes=3), "rank_deficient"),
+    ("bpdq", {"iters": 2, "refit": "none"}, BitPlaneGrid(planes=2), "plain"),
+    ("bpdq", {"iters": 2, "damp": 0.001}, BitPlaneGrid(planes=2), "indefinite"),
+    ("rtn", {}, UniformGrid(bits=2), "dead"),
+]
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+@pytest.mark.parametrize("name, options, grid, variant", STATS_CASES)
+def test_reported_losses_equal_the_float64_definition(name, options, grid, variant, seed):
+    from bpdq.registry import SOLVERS
+    from tests.solvers.cases import correlated_hessian, heavy_weight
+
+    W = heavy_weight(24, 256, seed)
+    H = correlated_hessian(256, seed, samples=128 if variant == "rank_deficient" else None)
+    H = {"dead": lambda: _dead(H, 5, seed), "indefinite": lambda: _indefinite(H)}.get(variant, lambda: H)()
+    qw = SOLVERS.get(name)(**options)(W, H, grid, 64)
+    if variant == "indefinite":
+        assert qw.stats.extra["cholesky_retries"] == 1 and qw.stats.extra["damp"] == pytest.approx(0.01)
+    if variant == "dead" and name != "rtn":
+        assert qw.stats.extra["dead_inputs"] == 5
+    loss, reference = _explicit_losses(W, qw, H)
+    assert loss > 0 and reference > 0
+    assert qw.stats.proxy_loss == pytest.approx(loss, rel=1e-5)
+    assert qw.stats.relative_loss == pytest.approx(loss / reference, rel=1e-5)
+
+
+def test_quadratic_forms_use_the_symmetry_of_h():
+    from bpdq.solvers.base import quadratic_forms
+    from tests.solvers.cases import correlated_hessian, heavy_weight
+
+    X, H = heavy_weight(7, 200, 3), correlated_hessian(200, 3)
+    expected = ((X.double() @ H.double()) * X.double()).sum(1)
+    for blocks in (1, 3, 8, 200, 500):  # 200 columns: uneven last block, one column per block, more blocks than columns
+        terms = quadratic_forms(X, H, blocks=blocks)
+        assert terms.dtype == torch.float64 and terms.shape == (7,)
+        torch.testing.assert_close(terms, expected, rtol=1e-5, atol=0)
+        exact = quadratic_forms(X.double(), H.double(), dtype=torch.float64, blocks=blocks)  # the refit's losses
+        torch.testing.assert_close(exact, expected, rtol=1e-12, atol=0)

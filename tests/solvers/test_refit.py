@@ -54,6 +54,7 @@ def test_refit_never_raises_the_proxy_loss(seed, k, dist, scale, samples, start)
     # the refit evaluates its losses as quadratic forms (c^T M c - 2 b^T c + w^T H w): a few digits go to cancellation
     assert res.loss_before == pytest.approx(before, rel=1e-6, abs=1e-30)
     assert res.loss_after == pytest.approx(after, rel=1e-6, abs=1e-30)
+    assert res.reference == pytest.approx(_loss64(W, torch.zeros_like(W), H), rel=1e-5)
     # rows that kept their coefficients kept them exactly
     kept = (res.coeffs == coeffs).all(2).all(1)
     assert int((~kept).sum()) <= res.rows_improved
@@ -67,7 +68,7 @@ def test_refit_solves_the_joint_normal_equations():
     qw = BPDQ(iters=2, refit="none")(W, H, BitPlaneGrid(planes=2), 32)
     codes, coeffs = _solver_layout(qw)
     V = design(codes, 2, 32)
-    sol = _solve_rows(W.float(), H.float().view(128, 4, 32), V, coeffs.double(), 0.0)
+    sol = _solve_rows((W.float() @ H.float()).view(5, 4, 32), H.float().view(128, 4, 32), V, coeffs.double(), 0.0)
     D = torch.zeros(5, 128, 12, dtype=torch.float64)  # dense design: column (a, i)
     for a in range(4):
         for i in range(3):
@@ -86,9 +87,12 @@ def test_refit_lowers_the_loss_of_realistic_layers(out, inp, k, seed):
     assert torch.equal(plain.planes, refit.planes)  # planes frozen
     assert refit.stats.proxy_loss < 0.995 * plain.stats.proxy_loss
     info = refit.stats.extra["refit"]
-    # the solver's statistics are computed in float32 (the solve's precision), the refit's losses in float64
+    # the refit's float64 losses are the solver's statistics; without a refit they come from Solver.__call__
     assert info["loss_before"] == pytest.approx(plain.stats.proxy_loss, rel=1e-5)
-    assert info["loss_after"] == pytest.approx(refit.stats.proxy_loss, rel=1e-5)
+    assert info["loss_after"] == refit.stats.proxy_loss
+    after, reference = _loss64(W, refit.dequantize(torch.float64), H), _loss64(W, torch.zeros_like(W), H)
+    assert refit.stats.proxy_loss == pytest.approx(after, rel=1e-6)
+    assert refit.stats.relative_loss == pytest.approx(after / reference, rel=1e-5)
     assert 0 < info["rows_improved"] <= info["rows"] == out
 
 

@@ -1,0 +1,66 @@
+"""bpdq/solvers/sweep.py: layer preparation and the proxy loss from the sweep's errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bpdq.solvers.base
+from bpdq.grids import BitPlaneGrid, UniformGrid
+from bpdq.solvers import BPDQ, GPTQ, gptq_sweep, prepare_layer, restore_order
+from bpdq.solvers.sweep import SWEEP_LOSS_MIN_DAMP, sweep_proxy_loss
+from tests.solvers.cases import correlated_hessian, heavy_weight
+
+
+def _loss64(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
+    D = W.to(torch.float64) - Q.to(torch.float64)
+    return float(((D @ H.to(torch.float64)) * D).sum())
+
+
+@pytest.mark.parametrize("order, dead, damp", [("gar", 0, 0.01), ("none", 3, 0.01), ("gar", 6, 0.1), ("gar", 2, 1e-3)])
+def test_sweep_errors_give_the_loss_under_the_undamped_hessian(order, dead, damp):
+    W, H = heavy_weight(16, 512, 5), correlated_hessian(512, 5)
+    idx = torch.randperm(512, generator=torch.Generator().manual_seed(1))[:dead]
+    H[idx, :] = 0.0
+    H[:, idx] = 0.0
+    layer = prepare_layer(W.clone(), H, 64, order, damp)
+    assert int(layer.dead.sum()) == layer.n_dead == dead and layer.loss_from_errors
+    assert (layer.perm is None) == (order == "none")
+    grid = UniformGrid(bits=2)
+    codes, coeffs, errors = gptq_sweep(layer.W, layer.U, grid, 64, 128)
+    assert errors.scaled.dtype == errors.residual.dtype == torch.float64 and errors.scaled.shape == (512,)
+    codes, coeffs, _ = restore_order(codes, coeffs, layer.perm, 64)
+    Q = torch.cat([grid.dequant(codes[:, a : a + 64], coeffs[:, a // 64]) for a in range(0, 512, 64)], 1)
+    exact = _loss64(W, Q, H)
+    assert sweep_proxy_loss(layer, errors) == pytest.approx(exact, rel=1e-5)
+    # what the sweep factorised: the dead-fixed Hessian plus damping, seen by the prepared (dead-zeroed) weight
+    Hd = H.clone().double()
+    Hd[idx, idx] = 1.0
+    Hd += layer.damp * layer.mean_diag * torch.eye(512, dtype=torch.float64)
+    Wp = W.clone()
+    Wp[:, idx] = 0.0
+    assert float(errors.scaled.sum()) == pytest.approx(_loss64(Wp, Q, Hd), rel=1e-5)
+
+
+def test_statistics_take_no_extra_pass_over_the_hessian_unless_damping_is_tiny(monkeypatch):
+    """GPTQ (from its sweep) and refitting solvers (from the refit) report the loss themselves; the explicit
+    formula in ``Solver.__call__`` is only the fallback (damping below ``SWEEP_LOSS_MIN_DAMP``, BPDQ without
+    refit, a Hessian whose dead inputs are not isolated)."""
+    calls = []
+    explicit = bpdq.solvers.base.proxy_loss
+    monkeypatch.setattr(bpdq.solvers.base, "proxy_loss", lambda *a: calls.append(1) or explicit(*a))
+    W, H = heavy_weight(8, 128, 2), correlated_hessian(128, 2)
+    GPTQ()(W, H, UniformGrid(bits=2), 32)
+    GPTQ(refit="full")(W, H, BitPlaneGrid(planes=2), 32)
+    BPDQ(iters=1)(W, H, BitPlaneGrid(planes=2), 32)
+    assert calls == []
+    qw = GPTQ(damp=SWEEP_LOSS_MIN_DAMP / 2)(W, H, UniformGrid(bits=2), 32)
+    assert calls == [1] and qw.stats.proxy_loss == pytest.approx(_loss64(W, qw.dequantize(torch.float64), H), rel=1e-5)
+    BPDQ(iters=1, refit="none")(W, H, BitPlaneGrid(planes=2), 32)
+    assert calls == [1, 1]
+    # a zero diagonal entry with non-zero off-diagonal ones (H not PSD): the dead-input terms do not apply
+    H[5, 5] = 0.0
+    layer = prepare_layer(W, H, 32, "gar", 0.01)
+    assert layer.n_dead == 1 and not layer.loss_from_errors
+    qw = GPTQ()(W, H, UniformGrid(bits=2), 32)
+    assert calls == [1, 1, 1] and qw.stats.proxy_loss == pytest.approx(_loss64(W, qw.dequantize(torch.float64), H), rel=1e-5)
