@@ -17,7 +17,7 @@ weights unchanged; parts with different group sizes cannot share a layer and are
 Tensor parallelism: column-parallel layers split output rows; row-parallel layers split the input columns,
 which must fall on group boundaries (``in / tp`` a multiple of the group size); otherwise the layer is
 refused when the model is built, with a message naming it and the sizes. Compute goes through
-:class:`bpdq.QuantLinear` and bpdq's kernel dispatch (Triton on CUDA, the plain-PyTorch kernel on the CPU),
+:class:`bpdq.QuantLinear` and bpdq's kernel dispatch (Triton on CUDA, the native ``cpu_lut`` kernel on the CPU),
 wrapped in the custom op ``bpdq::vllm_linear`` so that ``torch.compile`` and CUDA graphs treat it as opaque.
 """
 
