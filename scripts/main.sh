@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Main job: set up, quantize the built-in SmolLM2-135M to 2 bits with BPDQ (k=2, g=64: 2.75 bits per weight,
 # 128 x 512 calibration tokens, 10 iterations), then compare the perplexity of the full-precision model
-# (same dtype) and of the checkpoint on a held-out built-in text. About 6 minutes on 2 CPU cores.
+# (same dtype) and of the checkpoint on a held-out built-in text, in float32. Tens of minutes on 2 CPU cores.
 #   CONFIG=configs/other.yaml OUT=runs/other MAX_WINDOWS=32 bash scripts/main.sh
 set -euo pipefail
 cd "$(dirname "$0")/.."
