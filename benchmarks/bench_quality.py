@@ -78,6 +78,7 @@ ROWS = [
     Row("bpdq-k2-refit", "+ joint full-Hessian refit (lever 1)", _q(_k(2), {"type": "bpdq", "refit": "full"})),
     Row("bpdq-k2-asym", "+ asymmetric calibration (lever 2)", {**_q(_k(2), BPDQ_TODAY), "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-k2-defaults", "default-on levers (bpdq solver defaults)", _q(_k(2), {"type": "bpdq"})),
+    Row("bpdq-k2-defaults-asym", "defaults + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}), "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-k2-tuned", "defaults + coefficient tuning (lever 3)", {**_q(_k(2), {"type": "bpdq"}), "tuning": TUNING}, "tuning"),
     Row("bpdq-k2-g128-tuned", "k=2 g=128 (2.375 bpw) + tuning", {**_q(_k(2), {"type": "bpdq"}, 128), "tuning": TUNING}, "tuning"),
     Row("bpdq-target-2.75", "defaults + target_bpw 2.75 allocation (lever 4)", {**_q(_k(2), {"type": "bpdq"}), "target_bpw": 2.75}, "allocation"),
@@ -160,7 +161,7 @@ def run_peer(row: Row, quick: bool) -> dict[str, Any]:
         return {"row": row.name, "error": f"{row.peer.script.name} printed no JSON result: {proc.stdout.strip()[-2000:]}"}
     return {
         "row": row.name,
-        "description": row.description + (f" ({data['tuning']['steps']} steps/layer)" if "tuning" in data else ""),
+        "description": row.description,
         "bpw": result["bpw"],
         "perplexity": result["perplexity"],
         "quantize_time_s": result["quantize_time_s"],

