@@ -6,12 +6,13 @@ module (planes unpacked once with :func:`bpdq.bits.unpack_bits`, the dense weigh
 coefficients in each forward), minimises the mean squared error of the layer's output against the given
 targets with Adam, and puts the QuantLinears back with the best coefficients found, rounded to fp16 (their
 storage precision). Optionally the layer's RMSNorm weights are trained too (in float32, written back in their
-dtype). The calibration loss of the fp16-rounded state is measured before training and after every pass over
-the batches; the best state wins (the initial state on ties, so ``lr=0`` or ``steps=0`` change nothing).
+dtype). The calibration loss of the fp16-rounded state is measured before training, after every pass over
+the batches and after the last step, on ``eval_windows`` batches drawn once by the seed (all of them when
+there are fewer); the best state wins (the initial state on ties, so ``lr=0`` or ``steps=0`` change nothing).
 A non-finite loss or coefficient ends training; what is written back is always finite.
 
-Cost: one forward and backward of the layer per batch window per step, plus one forward per window per
-evaluation; memory: the layer's planes as uint8 plus its float32 coefficients and Adam state, and the
+Cost: one forward and backward of the layer per batch window per step, plus one forward per evaluated window
+per evaluation; memory: the layer's planes as uint8 plus its float32 coefficients and Adam state, and the
 activations of ``windows_per_step`` windows.
 """
 
@@ -51,13 +52,17 @@ class TuningOptions(BaseModel):
         default="none", description="forward dtype under torch.autocast (bfloat16 is faster on CPUs with bf16 units)"
     )
     seed: int = Field(default=0, ge=0, description="order in which batches are drawn")
+    eval_windows: int | None = Field(
+        default=32, ge=1, le=100_000,
+        description="calibration batches (drawn once by the seed) on which the kept state is chosen; null: all of them",
+    )
 
 
 @dataclass
 class TuningResult:
     """What :func:`tune_layer` did to one layer."""
 
-    loss_before: float  # output MSE of the layer as given
+    loss_before: float  # output MSE of the layer as given (on the evaluated batches: see eval_windows)
     loss_after: float  # output MSE of the state written back (<= loss_before)
     steps: int  # optimizer steps taken
     best_step: int  # step after which the kept state was measured (0: the initial state)
@@ -141,8 +146,9 @@ def tune_layer(
         params = [t.coeffs for t in tunables.values()] + masters
         for p in params:
             p.requires_grad_(True)
+        chosen = _eval_subset(len(batches), opts)
         def evaluate() -> float:
-            return _loss(layer, batches, targets, dev, opts, tunables.values())
+            return _loss(layer, [batches[i] for i in chosen], [targets[i] for i in chosen], dev, opts, tunables.values())
 
         best_loss = before = evaluate()
         best = _snapshot(tunables, masters)
@@ -170,6 +176,14 @@ def tune_layer(
     result = TuningResult(before, best_loss, steps, best_step, time.perf_counter() - start, [n for n, _ in quantized])
     logger.info("tuning: output MSE %.4g -> %.4g in %d steps (%.1fs)", before, best_loss, steps, result.time_s)
     return result
+
+
+def _eval_subset(n: int, opts: TuningOptions) -> list[int]:
+    """The batches the kept state is chosen on: ``eval_windows`` of them drawn by the seed, in order, or all."""
+    if opts.eval_windows is None or opts.eval_windows >= n:
+        return list(range(n))
+    gen = torch.Generator().manual_seed(opts.seed + 1)
+    return sorted(torch.randperm(n, generator=gen)[: opts.eval_windows].tolist())
 
 
 def _order(n: int, opts: TuningOptions) -> Iterator[list[int]]:

@@ -232,7 +232,7 @@ def render() -> str:
         "## tuning\n\nCoefficient tuning (off when `tuning:` is absent; `tuning: {}` uses these defaults): after "
         "each decoder layer is solved, Adam trains its coefficients (planes frozen) so that the layer's outputs on "
         "the quantized model's inputs match the full-precision layer's outputs on the full-precision inputs; the "
-        "best state by the calibration loss is kept. Each layer's loss before/after is in the run summary.\n\n"
+        "best state by the calibration loss (on `eval_windows` of the batches) is kept. Each layer's loss before/after is in the run summary.\n\n"
         + field_table(TuningOptions) + "\n",
         "## rules\n\nA list; for each linear the **first** rule whose `match` fits its full name applies. "
         "Fields other than `match` and `skip` replace the recipe's, and the result is checked as a whole recipe. "

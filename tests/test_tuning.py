@@ -52,6 +52,26 @@ def test_tuning_lowers_the_layer_output_loss_and_keeps_fp16_finite_coefficients(
     assert [p.requires_grad for p in layer.parameters()] == flags
 
 
+def _batch_mses(layer, batches, targets):
+    with torch.no_grad():
+        return [float((layer(b.hidden, *b.args, **b.kwargs) - t).pow(2).mean()) for b, t in zip(batches, targets)]
+
+
+def test_the_kept_state_is_chosen_on_eval_windows_batches(quantized_layer):
+    layer, batches, targets = quantized_layer
+    assert len(batches) == 4
+    before = _batch_mses(layer, batches, targets)
+    res = tune_layer(layer, batches, targets, {"steps": 6, "lr": 2e-3, "eval_windows": 2})
+    after = _batch_mses(layer, batches, targets)
+    pairs = [(i, j) for i in range(4) for j in range(i + 1, 4)]
+    chosen = [p for p in pairs if (before[p[0]] + before[p[1]]) / 2 == pytest.approx(res.loss_before, rel=1e-4)]
+    assert len(chosen) == 1, (before, res.loss_before)  # two of the four batches, not all of them
+    assert sum(before) / 4 != pytest.approx(res.loss_before, rel=1e-4)
+    i, j = chosen[0]
+    assert (after[i] + after[j]) / 2 == pytest.approx(res.loss_after, rel=1e-3)  # the same two after training
+    assert res.loss_after <= res.loss_before
+
+
 @pytest.mark.parametrize("options", [{"steps": 0}, {"steps": 5, "lr": 0.0}])
 def test_no_steps_or_no_learning_rate_change_nothing(quantized_layer, options):
     layer, batches, targets = quantized_layer
