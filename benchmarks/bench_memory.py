@@ -95,37 +95,35 @@ def main() -> None:
         print(json.dumps(run_one(*args.run, args.samples, args.seq_len)))
         return
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bpdq-bench-memory-"))
-    rows = []
+    counts = sorted(int(x) for x in args.layers.split(","))
+    methods = args.methods.split(",")
+    sizes = {n: write_model(work / f"llama-{n}", layers=n, hidden=args.hidden, intermediate=args.intermediate,
+                            vocab=args.vocab) for n in counts}
+    print(f"hidden {args.hidden}, intermediate {args.intermediate}, vocabulary {args.vocab}\n")
+    print("| method | layers | bf16 GB | peak RSS GB | s/layer | checkpoint GB |")
+    print("|---|---|---|---|---|---|", flush=True)
     peaks: dict[tuple[str, int], int] = {}
-    sizes: dict[int, int] = {}
-    for n in (int(x) for x in args.layers.split(",")):
-        model_dir = work / f"llama-{n}"
-        sizes[n] = write_model(model_dir, layers=n, hidden=args.hidden, intermediate=args.intermediate,
-                               vocab=args.vocab)
-        for method in args.methods.split(","):
+    for method in methods:  # every size of a method, then the next: a stopped run keeps whole methods
+        for n in counts:
             out = work / f"out-{n}-{method}"
             proc = subprocess.run(
-                [sys.executable, __file__, "--run", str(model_dir), method, str(out), "--samples", str(args.samples),
-                 "--seq-len", str(args.seq_len)], capture_output=True, text=True, check=False,
+                [sys.executable, __file__, "--run", str(work / f"llama-{n}"), method, str(out), "--samples",
+                 str(args.samples), "--seq-len", str(args.seq_len)], capture_output=True, text=True, check=False,
             )
             if proc.returncode:
                 sys.exit(f"{method} on {n} layers failed:\n{proc.stderr}")
             r = json.loads(proc.stdout.strip().splitlines()[-1])
             peaks[(method, n)] = r["peak_rss"]
-            rows.append(f"| {method} | {n} | {sizes[n] / 1e9:.2f} | {r['peak_rss'] / 1e9:.2f} | "
-                        f"{r['seconds'] / n:.1f} | {r['checkpoint_bytes'] / 1e9:.3f} |")
-    print("| method | layers | bf16 GB | peak RSS GB | s/layer | checkpoint GB |")
-    print("|---|---|---|---|---|---|")
-    print("\n".join(rows))
-    counts = sorted(sizes)
+            print(f"| {method} | {n} | {sizes[n] / 1e9:.2f} | {r['peak_rss'] / 1e9:.2f} | {r['seconds'] / n:.1f} | "
+                  f"{r['checkpoint_bytes'] / 1e9:.3f} |", flush=True)
     if len(counts) >= 2:
         small, big = counts[0], counts[-1]
-        for method in args.methods.split(","):
+        print()
+        for method in methods:
             ratio = peaks[(method, big)] / peaks[(method, small)]
             share = peaks[(method, big)] / sizes[big]
             print(f"{method}: peak {big}/{small} layers = {ratio:.2f} (target <= 1.1), peak / bf16 size of "
                   f"{big} layers = {share:.0%} (target <= 35%)")
-
 
 if __name__ == "__main__":
     main()
