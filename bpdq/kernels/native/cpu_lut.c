@@ -239,10 +239,11 @@ static void offset_portable(const uint16_t *c16, const float *xs, int64_t xs_str
  *
  * One byte column of 8 rows: b = the 8 plane bytes sign-extended to int32 lanes (vpmovsxbd from memory).
  * A 16-entry table t of the subset sums of 4 inputs has t[8 + j] = t[j] + t[8] (that is how it is built), so
- * one 8-entry vpermps over t[0..7] (it reads only an index's low 3 bits) plus t[8] where bit 3 is set (a
- * blend on the sign of b << 28) gives exactly t[b & 15]; the high nibble is the same with b >> 4 and its bit
- * 3, which is bit 7 of b: the sign of b itself, thanks to the sign extension. Per 8 rows: 2 vpermps, 2
- * blends, 2 shifts, 4 adds, in the same order of fp32 additions as the scalar lookups t[lo] + t'[hi]. */
+ * one 8-entry vpermps over t[0..7] (it reads only an index's low 3 bits) gives e = t[b & 7], and a blend of
+ * e and e + t[8] on bit 3 (the sign of b << 28) gives exactly t[b & 15]; the high nibble is the same with
+ * b >> 4 and its bit 3, which is bit 7 of b: the sign of b itself, thanks to the sign extension. Per 8 rows:
+ * 2 vpermps, 2 blends, 2 shifts, 4 adds (half the vpermps of two 8-entry lookups per nibble, the port this
+ * loop is bound by on Zen 3), with the same fp32 additions in the same order as scalar t[lo] + t'[hi]. */
 #define AVX2_MAX_NB 8
 /* Software prefetch distance along a byte column and the coefficient rows (bytes; 2 blocks of 64 rows). */
 #define AVX2_PREFETCH 128
@@ -251,19 +252,18 @@ AVX2_TARGET static inline __attribute__((always_inline)) void block_avx2(const f
                                                                          int64_t cpg, const uint16_t *ci,
                                                                          const uint16_t *c0, float xg, float *y,
                                                                          const int nb) {
-    const __m256 zero = _mm256_setzero_ps();
     __m256 s[AVX2_MAX_NB];
-    for (int j = 0; j < nb; j++) s[j] = zero;
+    for (int j = 0; j < nb; j++) s[j] = _mm256_setzero_ps();
     for (int64_t cc = 0; cc < cpg; cc++, p += N, t += 32) {
         _mm_prefetch((const char *)p + AVX2_PREFETCH, _MM_HINT_T0);
         const __m256 tl = _mm256_loadu_ps(t), th = _mm256_loadu_ps(t + 16);
         const __m256 xl = _mm256_broadcast_ss(t + 8), xh = _mm256_broadcast_ss(t + 24);
         for (int j = 0; j < nb; j++) {
             const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * j)));
-            const __m256 lo = _mm256_add_ps(_mm256_permutevar8x32_ps(tl, b),
-                                            _mm256_blendv_ps(zero, xl, _mm256_castsi256_ps(_mm256_slli_epi32(b, 28))));
-            const __m256 hi = _mm256_add_ps(_mm256_permutevar8x32_ps(th, _mm256_srli_epi32(b, 4)),
-                                            _mm256_blendv_ps(zero, xh, _mm256_castsi256_ps(b)));
+            const __m256 pl = _mm256_permutevar8x32_ps(tl, b);
+            const __m256 ph = _mm256_permutevar8x32_ps(th, _mm256_srli_epi32(b, 4));
+            const __m256 lo = _mm256_blendv_ps(pl, _mm256_add_ps(pl, xl), _mm256_castsi256_ps(_mm256_slli_epi32(b, 28)));
+            const __m256 hi = _mm256_blendv_ps(ph, _mm256_add_ps(ph, xh), _mm256_castsi256_ps(b));
             s[j] = _mm256_add_ps(s[j], _mm256_add_ps(lo, hi));
         }
     }
