@@ -316,6 +316,24 @@ AVX2_TARGET static void rows_avx2(const gemv_ctx *c, int64_t r0, int64_t n, floa
     }
 }
 
+/* The tables of one token (tm [2C][16]) from its inputs x[off + 0 .. 8C): entries 0..7 of chunk q as one
+ * vector, ((0 + x0 [lanes with bit 0]) + x1 [bit 1]) + x2 [bit 2], the lanes without an input adding +0,
+ * which changes nothing (an entry is never -0), then entries 8..15 = entries 0..7 + x3: the same fp32
+ * additions in the same order as the scalar build t[2^b + j] = t[j] + x_b in bpdq_lut_gemv. */
+AVX2_TARGET static void tables_avx2(const void *x, int x_dt, int64_t off, int64_t C, float *tm) {
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t q = 0; q < 2 * C; q++) {
+        __m256 v[4];
+        for (int b = 0; b < 4; b++)
+            v[b] = _mm256_set1_ps(x_dt == DT_F32 ? ((const float *)x)[off + 4 * q + b] : load_val(x, x_dt, off + 4 * q + b));
+        __m256 t = _mm256_add_ps(zero, _mm256_blend_ps(zero, v[0], 0xaa));
+        t = _mm256_add_ps(t, _mm256_blend_ps(zero, v[1], 0xcc));
+        t = _mm256_add_ps(t, _mm256_blend_ps(zero, v[2], 0xf0));
+        _mm256_storeu_ps(tm + 16 * q, t);
+        _mm256_storeu_ps(tm + 16 * q + 8, _mm256_add_ps(t, v[3]));
+    }
+}
+
 AVX512_TARGET static void lut_pass_avx512(const float *tab, int64_t ts, int64_t M, const uint8_t *p, int64_t N,
                                           int64_t cpg, int64_t n, float *s) {
     const __m512i nib = _mm512_set1_epi32(15);
@@ -460,27 +478,31 @@ int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t 
     float *tables = get_scratch((size_t)(M * C * 32 + M * groups));
     if (!tables) return -1;
     float *xsum = tables + M * C * 32;
+    int best = bpdq_best_isa();
+    if (isa > best) isa = best;
     for (int64_t m = 0; m < M; m++) {
         float *tm = tables + m * C * 32;
-        for (int64_t q = 0; q < 2 * C; q++) { /* chunk q: inputs 4q..4q+3 */
-            float *t = tm + q * 16;
-            t[0] = 0.0f;
-            for (int b = 0; b < 4; b++) {
-                float v = load_val(x, x_dt, m * x_stride + 4 * q + b);
-                int half = 1 << b;
-                for (int j = 0; j < half; j++) t[half + j] = t[j] + v;
+#ifdef BPDQ_X86
+        if (isa >= ISA_AVX2)
+            tables_avx2(x, x_dt, m * x_stride, C, tm);
+        else
+#endif
+            for (int64_t q = 0; q < 2 * C; q++) { /* chunk q: inputs 4q..4q+3 */
+                float *t = tm + q * 16;
+                t[0] = 0.0f;
+                for (int b = 0; b < 4; b++) {
+                    float v = load_val(x, x_dt, m * x_stride + 4 * q + b);
+                    int half = 1 << b;
+                    for (int j = 0; j < half; j++) t[half + j] = t[j] + v;
+                }
             }
-        }
         for (int64_t g = 0; g < groups; g++) {
             float s = 0.0f;
             for (int64_t q = 2 * g * cpg; q < 2 * (g + 1) * cpg; q++) s += tm[q * 16 + 15];
             xsum[m * groups + g] = s;
         }
     }
-    int best = bpdq_best_isa();
-    gemv_ctx c = {tables, xsum, planes,   coeffs, bias,  y,    M,
-                  N,      C,    k,        cpg,    groups, y_stride, bias_dt,
-                  y_dt,   isa < best ? isa : best};
+    gemv_ctx c = {tables, xsum, planes, coeffs, bias, y, M, N, C, k, cpg, groups, y_stride, bias_dt, y_dt, isa};
     /* threads only pay off past ~1M lookups per thread */
     int64_t work = M * N * C * k;
     int64_t useful = work / (1 << 20);
