@@ -11,13 +11,14 @@
  * byte holds two 4-bit indices (inputs 8c..8c+3 and 8c+4..8c+7). Tables are exact fp32 sums (no
  * quantization). AVX2 keeps the plane sums of a block of up to 64 rows (8 ymm, one cache line of each byte
  * column) in registers over a group's byte columns and folds them into the row accumulators with one FMA by
- * the fp16 coefficients per group and plane; one 8-entry vpermps plus a blend of t[8] on the index's bit 3
- * looks 8 rows up (t[8 + j] = t[j] + t[8] exactly). Groups and planes are the outer loops, row blocks the
- * inner one, so each byte column is read as a sequential, prefetched stream. AVX-512 looks 16 rows up at
- * once with vpermps over the whole 16-entry table and the portable path does scalar lookups; both run one
- * pass over a chunk of rows per group and plane, through an array of plane sums. All paths add the same
- * terms in the same order per row (plane sums over byte columns, then c_i times each, then c_0 times the
- * group's input sum); AVX2 and AVX-512 fuse the multiply-adds, the portable path does not.
+ * the fp16 coefficients per group and plane; one 8-entry vpermps and a blend with the entry plus t[8] on the
+ * index's bit 3 look 8 rows up (t[8 + j] = t[j] + t[8] exactly). Groups and planes are the outer loops, row
+ * blocks the inner one, so each byte column is read as a sequential, prefetched stream. AVX-512 looks 16
+ * rows up at once with vpermps over the whole 16-entry table and the portable path does scalar lookups;
+ * both run one pass over a chunk of rows per group and plane, through an array of plane sums. The three
+ * paths add the same terms in the same order per row (plane sums over byte columns, then c_i times each,
+ * then c_0 times the group's input sum); AVX2 and AVX-512 fuse the multiply-adds, the portable path does
+ * not. Tail rows (fewer than a vector path's row step) go through scalar code that sums per group first.
  *
  * bpdq_dequant: rows [r0, r1) of W_hat into a dense row-major fp32/bf16 tile (the large-M path multiplies
  * such tiles with torch).
@@ -242,8 +243,8 @@ static void offset_portable(const uint16_t *c16, const float *xs, int64_t xs_str
  * one 8-entry vpermps over t[0..7] (it reads only an index's low 3 bits) gives e = t[b & 7], and a blend of
  * e and e + t[8] on bit 3 (the sign of b << 28) gives exactly t[b & 15]; the high nibble is the same with
  * b >> 4 and its bit 3, which is bit 7 of b: the sign of b itself, thanks to the sign extension. Per 8 rows:
- * 2 vpermps, 2 blends, 2 shifts, 4 adds (half the vpermps of two 8-entry lookups per nibble, the port this
- * loop is bound by on Zen 3), with the same fp32 additions in the same order as scalar t[lo] + t'[hi]. */
+ * 2 vpermps, 2 blends, 2 shifts, 4 adds (half the vpermps of two 8-entry lookups per nibble: vpermps is the
+ * slowest of these on Zen 3), with the same fp32 additions in the same order as scalar t[lo] + t'[hi]. */
 #define AVX2_MAX_NB 8
 /* Software prefetch distance along a byte column and the coefficient rows (bytes; 2 blocks of 64 rows). */
 #define AVX2_PREFETCH 128
