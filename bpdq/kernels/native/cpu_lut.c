@@ -263,7 +263,8 @@ AVX2_TARGET static inline __attribute__((always_inline)) void block_avx2(const f
             const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * j)));
             const __m256 pl = _mm256_permutevar8x32_ps(tl, b);
             const __m256 ph = _mm256_permutevar8x32_ps(th, _mm256_srli_epi32(b, 4));
-            const __m256 lo = _mm256_blendv_ps(pl, _mm256_add_ps(pl, xl), _mm256_castsi256_ps(_mm256_slli_epi32(b, 28)));
+            const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(b, 28));
+            const __m256 lo = _mm256_blendv_ps(pl, _mm256_add_ps(pl, xl), bit3);
             const __m256 hi = _mm256_blendv_ps(ph, _mm256_add_ps(ph, xh), _mm256_castsi256_ps(b));
             s[j] = _mm256_add_ps(s[j], _mm256_add_ps(lo, hi));
         }
@@ -273,7 +274,10 @@ AVX2_TARGET static inline __attribute__((always_inline)) void block_avx2(const f
     for (int j = 0; j < nb; j++) {
         const __m256 cf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ci + 8 * j)));
         __m256 v = _mm256_fmadd_ps(cf, s[j], _mm256_loadu_ps(y + 8 * j));
-        if (c0) v = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c0 + 8 * j))), _mm256_set1_ps(xg), v);
+        if (c0) {
+            const __m256 cf0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c0 + 8 * j)));
+            v = _mm256_fmadd_ps(cf0, _mm256_set1_ps(xg), v);
+        }
         _mm256_storeu_ps(y + 8 * j, v);
     }
     if (c0) {
@@ -325,8 +329,10 @@ AVX2_TARGET static void tables_avx2(const void *x, int x_dt, int64_t off, int64_
     const __m256 zero = _mm256_setzero_ps();
     for (int64_t q = 0; q < 2 * C; q++) {
         __m256 v[4];
-        for (int b = 0; b < 4; b++)
-            v[b] = _mm256_set1_ps(x_dt == DT_F32 ? ((const float *)x)[off + 4 * q + b] : load_val(x, x_dt, off + 4 * q + b));
+        for (int b = 0; b < 4; b++) {
+            const int64_t i = off + 4 * q + b;
+            v[b] = _mm256_set1_ps(x_dt == DT_F32 ? ((const float *)x)[i] : load_val(x, x_dt, i));
+        }
         __m256 t = _mm256_add_ps(zero, _mm256_blend_ps(zero, v[0], 0xaa));
         t = _mm256_add_ps(t, _mm256_blend_ps(zero, v[1], 0xcc));
         t = _mm256_add_ps(t, _mm256_blend_ps(zero, v[2], 0xf0));
