@@ -3,13 +3,18 @@
 - **Decode** (``M <= 8`` tokens): lookup tables. Per token and per chunk of 4 inputs a 16-entry fp32 table
   of subset sums; each plane byte holds two 4-bit indices into the tables of its two chunks. Per row, group
   and plane the looked-up sums are scaled by ``c_i``, plus ``c_0`` times the group's input sum. The tables
-  are exact fp32 sums (no table quantization): AVX-512 looks 16 rows up with one ``vpermps`` over the
-  whole table, AVX2 8 rows with two 8-entry ``vpermps`` and a blend, the portable C path one at a time.
-  Why 4 inputs and not 8: a 16-entry fp32 table sits in registers (one zmm, two ymm), so one permute looks
-  up 8-16 rows at once; a 256-entry table (what ``triton_lut`` uses) needs one scalar or gather load per
-  row and byte. Why fp32 tables: no error to bound, and the vector paths already do about one instruction
-  per 4-8 weights; T-MAC's int8 tables with ``vpshufb`` (32 lookups per instruction) would be the next step
-  where the AVX2 path turns out compute-bound rather than memory-bound.
+  are exact fp32 sums (no table quantization). AVX2 keeps the plane sums of a block of up to 64 rows in
+  registers over a group's byte columns (one FMA by the fp16 coefficients per group and plane) and looks 8
+  rows up with one 8-entry ``vpermps`` plus a blend of the entry ``t[8]`` on the index's bit 3 (the tables
+  hold ``t[8 + j] = t[j] + t[8]`` exactly); groups and planes are its outer loops and row blocks the inner
+  one, so each byte column streams sequentially. AVX-512 looks 16 rows up with one ``vpermps`` over the
+  whole table, the portable C path one at a time.
+  Why 4 inputs and not 8: a 16-entry fp32 table sits in registers (one zmm; one ymm and ``t[8]``), so one
+  permute looks up 8-16 rows at once; a 256-entry table (what ``triton_lut`` uses) needs one scalar or
+  gather load per row and byte. Why fp32 tables: no error to bound, and the vector paths do about one
+  instruction per 5-8 weights. On an AVX2-only EPYC the AVX2 path runs about as fast on layers that fit in
+  cache as on larger ones, so it is compute-bound there: T-MAC's int8 tables with ``vpshufb`` (32 lookups
+  per instruction) would be the next step, at the price of a table error to bound.
 - **Larger M**: tiles of about 2^18 weights (a few hundred KiB, cache-sized) are dequantized by the C
   library into one reused buffer in the activations' dtype and multiplied with ``torch.mm``; no
   whole-weight temporary.

@@ -28,6 +28,7 @@ DTYPE_IDS = ["fp32", "bf16"]
 GROUP_SIZES = (8, 24, 32, 64, 128, 192, 256)
 #: M = 1..8 take the lookup tables, 13 the tiled dequantize + matmul path.
 TOKENS = (1, 2, 3, 4, 5, 6, 7, 8, 13)
+MAX_LUT_TOKENS = cpu_lut.MAX_TOKENS
 
 
 def best() -> str:
@@ -83,6 +84,19 @@ def test_odd_output_sizes(isa, out_features):
     layer = random_layer(2, 64, out_features, 128, bias=True, seed=out_features)
     for m in (1, 8, 9):
         assert_matches_reference(layer, torch.randn(m, 128), "cpu_lut")
+
+
+@pytest.mark.parametrize("out_features", [8, 56, 64, 72, 120, 2100])
+def test_row_blocks_chunks_and_tails(isa, out_features):
+    # AVX2 takes rows in register blocks of up to 64 (8-row steps; the last < 8 rows are scalar) inside chunks of
+    # 8192 / M rows rounded down to 32: one 8-row step, blocks below, at and past 64 rows, and 2100 rows, which
+    # cross a chunk for M >= 4 (2048 rows at M = 4, 1024 at M = 8) and end on 52 rows (48 + 4 scalar)
+    if isa is None:
+        return
+    layer = random_layer(3, 32, out_features, 96, bias=True, seed=out_features)
+    gen = torch.Generator().manual_seed(out_features)
+    for m in range(1, MAX_LUT_TOKENS + 1):
+        assert_matches_reference(layer, torch.randn(m, 96, generator=gen), "cpu_lut")
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)

@@ -8,9 +8,17 @@
  *
  * bpdq_lut_gemv: y[m, r] = sum_G ( sum_i c_i[G, r] * (B_i x_m)_G  +  c_0[G, r] * sum(x_m over G) ) + bias[r]
  * Per token and per chunk of 4 inputs a 16-entry fp32 table of subset sums is built (T-MAC style); a plane
- * byte holds two 4-bit indices (inputs 8c..8c+3 and 8c+4..8c+7). AVX-512 looks 16 rows up at once with
- * vpermps over the whole 16-entry table; AVX2 looks 8 rows up with two 8-entry vpermps and a blend on the
- * index's bit 3; the portable path does scalar lookups. Tables are exact fp32 sums (no quantization).
+ * byte holds two 4-bit indices (inputs 8c..8c+3 and 8c+4..8c+7). Tables are exact fp32 sums (no
+ * quantization). AVX2 keeps the plane sums of a block of up to 64 rows (8 ymm, one cache line of each byte
+ * column) in registers over a group's byte columns and folds them into the row accumulators with one FMA by
+ * the fp16 coefficients per group and plane; one 8-entry vpermps and a blend with the entry plus t[8] on the
+ * index's bit 3 look 8 rows up (t[8 + j] = t[j] + t[8] exactly). Groups and planes are the outer loops, row
+ * blocks the inner one, so each byte column is read as a sequential, prefetched stream. AVX-512 looks 16
+ * rows up at once with vpermps over the whole 16-entry table and the portable path does scalar lookups;
+ * both run one pass over a chunk of rows per group and plane, through an array of plane sums. The three
+ * paths add the same terms in the same order per row (plane sums over byte columns, then c_i times each,
+ * then c_0 times the group's input sum); AVX2 and AVX-512 fuse the multiply-adds, the portable path does
+ * not. Tail rows (fewer than a vector path's row step) go through scalar code that sums per group first.
  *
  * bpdq_dequant: rows [r0, r1) of W_hat into a dense row-major fp32/bf16 tile (the large-M path multiplies
  * such tiles with torch).
@@ -37,7 +45,8 @@
 #define DT_BF16 1
 #define DT_F16 2
 
-/* Row block: every path processes 32 consecutive rows at a time (tail rows go through the scalar code). */
+/* Row block: threads get whole blocks of RB rows; the AVX-512 and portable paths process multiples of RB rows,
+ * AVX2 multiples of 8, and the remaining tail rows go through the scalar code. */
 #define RB 32
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -157,7 +166,7 @@ typedef struct {
     int bias_dt, y_dt, isa;
 } gemv_ctx;
 
-/* Scalar rows [r0, r1): the tail rows (fewer than RB) of every path. */
+/* Scalar rows [r0, r1): the tail rows (fewer than RB, or 8 on AVX2) of every path. */
 static void gemv_rows_scalar(const gemv_ctx *c, int64_t r0, int64_t r1) {
     const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg;
     for (int64_t r = r0; r < r1; r++) {
@@ -186,7 +195,8 @@ static void gemv_rows_scalar(const gemv_ctx *c, int64_t r0, int64_t r1) {
     }
 }
 
-/* The row-block kernels below work on n consecutive rows (n a multiple of RB) and M tokens at once:
+/* The pass kernels of the portable and AVX-512 paths work on n consecutive rows (n a multiple of RB) and M
+ * tokens at once:
  *   lut_pass:  s[m][r] += sum over the cpg byte columns of table lookups   (one plane of one group)
  *   combine:   y[m][r] += c[r] * s[m][r]                                    (c fp16: a plane coefficient)
  *   offset:    y[m][r] += c[r] * xs[m * xs_stride]                           (c fp16: the offset c_0)
@@ -223,49 +233,111 @@ static void offset_portable(const uint16_t *c16, const float *xs, int64_t xs_str
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
-/* 16-entry fp32 table lookup for 8 lanes: entries 0..7 in lo, 8..15 in hi, indices in idx (0..15). */
-AVX2_TARGET static inline __m256 lookup16_avx2(__m256 lo, __m256 hi, __m256i idx) {
-    __m256 a = _mm256_permutevar8x32_ps(lo, idx);
-    __m256 b = _mm256_permutevar8x32_ps(hi, idx);
-    return _mm256_blendv_ps(a, b, _mm256_castsi256_ps(_mm256_slli_epi32(idx, 28)));
+/* AVX2: register-blocked rows. A block is nb x 8 consecutive rows (nb <= 8: up to 64 rows, one cache line of
+ * each byte column). For one group and plane, the block's nb plane sums stay in ymm registers over the
+ * group's byte columns; each is then folded into the row accumulators with one FMA by the fp16
+ * coefficients (F16C), and after the group's last plane the offset c_0 * sum(x over the group) too.
+ *
+ * One byte column of 8 rows: b = the 8 plane bytes sign-extended to int32 lanes (vpmovsxbd from memory).
+ * A 16-entry table t of the subset sums of 4 inputs has t[8 + j] = t[j] + t[8] (that is how it is built), so
+ * one 8-entry vpermps over t[0..7] (it reads only an index's low 3 bits) gives e = t[b & 7], and a blend of
+ * e and e + t[8] on bit 3 (the sign of b << 28) gives exactly t[b & 15]; the high nibble is the same with
+ * b >> 4 and its bit 3, which is bit 7 of b: the sign of b itself, thanks to the sign extension. Per 8 rows:
+ * 2 vpermps, 2 blends, 2 shifts, 4 adds (half the vpermps of two 8-entry lookups per nibble: vpermps is the
+ * slowest of these on Zen 3), with the same fp32 additions in the same order as scalar t[lo] + t'[hi]. */
+#define AVX2_MAX_NB 8
+/* Software prefetch distance along a byte column and the coefficient rows (bytes; 2 blocks of 64 rows). */
+#define AVX2_PREFETCH 128
+
+AVX2_TARGET static inline __attribute__((always_inline)) void block_avx2(const float *t, const uint8_t *p, int64_t N,
+                                                                         int64_t cpg, const uint16_t *ci,
+                                                                         const uint16_t *c0, float xg, float *y,
+                                                                         const int nb) {
+    __m256 s[AVX2_MAX_NB];
+    for (int j = 0; j < nb; j++) s[j] = _mm256_setzero_ps();
+    for (int64_t cc = 0; cc < cpg; cc++, p += N, t += 32) {
+        _mm_prefetch((const char *)p + AVX2_PREFETCH, _MM_HINT_T0);
+        const __m256 tl = _mm256_loadu_ps(t), th = _mm256_loadu_ps(t + 16);
+        const __m256 xl = _mm256_broadcast_ss(t + 8), xh = _mm256_broadcast_ss(t + 24);
+        for (int j = 0; j < nb; j++) {
+            const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * j)));
+            const __m256 pl = _mm256_permutevar8x32_ps(tl, b);
+            const __m256 ph = _mm256_permutevar8x32_ps(th, _mm256_srli_epi32(b, 4));
+            const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(b, 28));
+            const __m256 lo = _mm256_blendv_ps(pl, _mm256_add_ps(pl, xl), bit3);
+            const __m256 hi = _mm256_blendv_ps(ph, _mm256_add_ps(ph, xh), _mm256_castsi256_ps(b));
+            s[j] = _mm256_add_ps(s[j], _mm256_add_ps(lo, hi));
+        }
+    }
+    _mm_prefetch((const char *)ci + AVX2_PREFETCH * 2, _MM_HINT_T0); /* fp16: 2 bytes a row */
+    _mm_prefetch((const char *)ci + AVX2_PREFETCH * 2 + 64, _MM_HINT_T0);
+    for (int j = 0; j < nb; j++) {
+        const __m256 cf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ci + 8 * j)));
+        __m256 v = _mm256_fmadd_ps(cf, s[j], _mm256_loadu_ps(y + 8 * j));
+        if (c0) {
+            const __m256 cf0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c0 + 8 * j)));
+            v = _mm256_fmadd_ps(cf0, _mm256_set1_ps(xg), v);
+        }
+        _mm256_storeu_ps(y + 8 * j, v);
+    }
+    if (c0) {
+        _mm_prefetch((const char *)c0 + AVX2_PREFETCH * 2, _MM_HINT_T0);
+        _mm_prefetch((const char *)c0 + AVX2_PREFETCH * 2 + 64, _MM_HINT_T0);
+    }
 }
 
-AVX2_TARGET static void lut_pass_avx2(const float *tab, int64_t ts, int64_t M, const uint8_t *p, int64_t N,
-                                      int64_t cpg, int64_t n, float *s) {
-    const __m256i nib = _mm256_set1_epi32(15);
-    for (int64_t cc = 0; cc < cpg; cc++) {
-        const uint8_t *pb = p + cc * N;
-        for (int64_t m = 0; m < M; m++) {
-            const float *t = tab + m * ts + cc * 32;
-            const __m256 tl0 = _mm256_loadu_ps(t), tl1 = _mm256_loadu_ps(t + 8);
-            const __m256 th0 = _mm256_loadu_ps(t + 16), th1 = _mm256_loadu_ps(t + 24);
-            float *sm = s + m * n;
-            for (int64_t r = 0; r < n; r += 8) {
-                __m256i b = _mm256_cvtepu8_epi32(_mm_loadl_epi64((const __m128i *)(pb + r)));
-                __m256 lo = lookup16_avx2(tl0, tl1, _mm256_and_si256(b, nib));
-                __m256 hi = lookup16_avx2(th0, th1, _mm256_srli_epi32(b, 4));
-                _mm256_storeu_ps(sm + r, _mm256_add_ps(_mm256_loadu_ps(sm + r), _mm256_add_ps(lo, hi)));
+/* Rows [r0, r0 + n) (n a multiple of 8) of every token into yacc [M][n] (zeroed by the caller). Groups and
+ * planes are the outer loops and row blocks the inner one, so one group's plane is read as cpg sequential
+ * streams (a byte column each; a block-outer order would read one line per byte column at a stride of N
+ * bytes, which for N a multiple of 4096 maps every line to the same cache set) and its tables stay in L1.
+ * Tokens are the innermost loop: a block's plane bytes are loaded from memory once and reused from L1. */
+AVX2_TARGET static void rows_avx2(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
+    const int64_t M = c->M, N = c->N, C = c->C, k = c->k, cpg = c->cpg, groups = c->groups;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint16_t *cg = c->coeffs + g * (k + 1) * N + r0;
+        for (int64_t i = 0; i < k; i++) {
+            const uint8_t *p = c->planes + (i * C + g * cpg) * N + r0;
+            const uint16_t *c0 = i == k - 1 ? cg + k * N : NULL;
+            for (int64_t b = 0; b < n; b += 8 * AVX2_MAX_NB) {
+                const int nb = n - b < 8 * AVX2_MAX_NB ? (int)((n - b) / 8) : AVX2_MAX_NB;
+                for (int64_t m = 0; m < M; m++) {
+                    const float *t = c->tables + (m * C + g * cpg) * 32;
+                    const float xg = c->xsum[m * groups + g];
+                    float *y = yacc + m * n + b;
+                    const uint16_t *cb = c0 ? c0 + b : NULL;
+                    switch (nb) { /* constant block widths: the plane sums stay in registers */
+                    case 8: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 8); break;
+                    case 7: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 7); break;
+                    case 6: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 6); break;
+                    case 5: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 5); break;
+                    case 4: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 4); break;
+                    case 3: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 3); break;
+                    case 2: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 2); break;
+                    default: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 1); break;
+                    }
+                }
             }
         }
     }
 }
 
-AVX2_TARGET static void combine_avx2(const uint16_t *c16, const float *s, float *y, int64_t M, int64_t n) {
-    for (int64_t r = 0; r < n; r += 8) {
-        __m256 cf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c16 + r)));
-        for (int64_t m = 0; m < M; m++)
-            _mm256_storeu_ps(y + m * n + r,
-                             _mm256_fmadd_ps(cf, _mm256_loadu_ps(s + m * n + r), _mm256_loadu_ps(y + m * n + r)));
-    }
-}
-
-AVX2_TARGET static void offset_avx2(const uint16_t *c16, const float *xs, int64_t xs_stride, float *y, int64_t M,
-                                    int64_t n) {
-    for (int64_t r = 0; r < n; r += 8) {
-        __m256 cf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c16 + r)));
-        for (int64_t m = 0; m < M; m++)
-            _mm256_storeu_ps(y + m * n + r,
-                             _mm256_fmadd_ps(cf, _mm256_set1_ps(xs[m * xs_stride]), _mm256_loadu_ps(y + m * n + r)));
+/* The tables of one token (tm [2C][16]) from its inputs x[off + 0 .. 8C): entries 0..7 of chunk q as one
+ * vector, ((0 + x0 [lanes with bit 0]) + x1 [bit 1]) + x2 [bit 2], the lanes without an input adding +0,
+ * which changes nothing (an entry is never -0), then entries 8..15 = entries 0..7 + x3: the same fp32
+ * additions in the same order as the scalar build t[2^b + j] = t[j] + x_b in bpdq_lut_gemv. */
+AVX2_TARGET static void tables_avx2(const void *x, int x_dt, int64_t off, int64_t C, float *tm) {
+    const __m256 zero = _mm256_setzero_ps();
+    for (int64_t q = 0; q < 2 * C; q++) {
+        __m256 v[4];
+        for (int b = 0; b < 4; b++) {
+            const int64_t i = off + 4 * q + b;
+            v[b] = _mm256_set1_ps(x_dt == DT_F32 ? ((const float *)x)[i] : load_val(x, x_dt, i));
+        }
+        __m256 t = _mm256_add_ps(zero, _mm256_blend_ps(zero, v[0], 0xaa));
+        t = _mm256_add_ps(t, _mm256_blend_ps(zero, v[1], 0xcc));
+        t = _mm256_add_ps(t, _mm256_blend_ps(zero, v[2], 0xf0));
+        _mm256_storeu_ps(tm + 16 * q, t);
+        _mm256_storeu_ps(tm + 16 * q + 8, _mm256_add_ps(t, v[3]));
     }
 }
 
@@ -309,18 +381,14 @@ AVX512_TARGET static void offset_avx512(const uint16_t *c16, const float *xs, in
 
 #endif /* BPDQ_X86 */
 
-/* Accumulators of one chunk of rows: ACC floats each for y and s, [M][n] with n = (ACC / M) rounded down to RB. */
+/* Accumulators of one chunk of rows: ACC floats, [M][n] with n = (ACC / M) rounded down to RB. */
 #define ACC 8192
 
-/* Rows of row blocks [b0, b1) (RB rows each; the last block may be short). */
-static void gemv_range(void *ctx, int64_t b0, int64_t b1) {
-    const gemv_ctx *c = (const gemv_ctx *)ctx;
+/* The portable and AVX-512 paths: rows [r0, r0 + n) (n a multiple of RB) into yacc [M][n] (zeroed), one
+ * pass over the chunk's rows per group and plane (the plane sums go through the array s). */
+static void rows_passes(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
     const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg, M = c->M;
-    const int64_t rb = b0 * RB, re = b1 * RB < N ? b1 * RB : N;
-    const int64_t rv = rb + (re - rb) / RB * RB; /* rows [rb, rv) in vector chunks, [rv, re) scalar */
-    const int64_t R = ACC / M / RB * RB;
-    float yacc[ACC] __attribute__((aligned(64))); /* 2 x 32 KiB on the stack */
-    float s[ACC] __attribute__((aligned(64)));
+    float s[ACC] __attribute__((aligned(64))); /* 32 KiB on the stack */
     void (*pass)(const float *, int64_t, int64_t, const uint8_t *, int64_t, int64_t, int64_t, float *) =
         lut_pass_portable;
     void (*combine)(const uint16_t *, const float *, float *, int64_t, int64_t) = combine_portable;
@@ -330,24 +398,39 @@ static void gemv_range(void *ctx, int64_t b0, int64_t b1) {
         pass = lut_pass_avx512;
         combine = combine_avx512;
         offset = offset_avx512;
-    } else if (c->isa == ISA_AVX2) {
-        pass = lut_pass_avx2;
-        combine = combine_avx2;
-        offset = offset_avx2;
     }
 #endif
+    for (int64_t g = 0; g < c->groups; g++) {
+        const uint16_t *cg = c->coeffs + g * (k + 1) * N + r0;
+        for (int64_t i = 0; i < k; i++) {
+            memset(s, 0, (size_t)(M * n) * sizeof(float));
+            pass(c->tables + g * cpg * 32, C * 32, M, c->planes + (i * C + g * cpg) * N + r0, N, cpg, n, s);
+            combine(cg + i * N, s, yacc, M, n);
+        }
+        offset(cg + k * N, c->xsum + g, c->groups, yacc, M, n);
+    }
+}
+
+/* Rows of row blocks [b0, b1) (RB rows each; the last block may be short), in chunks of at most ACC / M
+ * rows: accumulated in yacc, then bias added and y written once. Rows past the last multiple of the path's
+ * vector width (8 on AVX2, RB otherwise) go through the scalar code. */
+static void gemv_range(void *ctx, int64_t b0, int64_t b1) {
+    const gemv_ctx *c = (const gemv_ctx *)ctx;
+    const int64_t N = c->N, M = c->M;
+    const int64_t rb = b0 * RB, re = b1 * RB < N ? b1 * RB : N;
+    const int64_t step = c->isa == ISA_AVX2 ? 8 : RB;
+    const int64_t rv = rb + (re - rb) / step * step; /* rows [rb, rv) in vector chunks, [rv, re) scalar */
+    const int64_t R = ACC / M / RB * RB;
+    float yacc[ACC] __attribute__((aligned(64))); /* 32 KiB on the stack */
     for (int64_t r0 = rb; r0 < rv; r0 += R) {
         const int64_t n = R < rv - r0 ? R : rv - r0;
         memset(yacc, 0, (size_t)(M * n) * sizeof(float));
-        for (int64_t g = 0; g < c->groups; g++) {
-            const uint16_t *cg = c->coeffs + g * (k + 1) * N + r0;
-            for (int64_t i = 0; i < k; i++) {
-                memset(s, 0, (size_t)(M * n) * sizeof(float));
-                pass(c->tables + g * cpg * 32, C * 32, M, c->planes + (i * C + g * cpg) * N + r0, N, cpg, n, s);
-                combine(cg + i * N, s, yacc, M, n);
-            }
-            offset(cg + k * N, c->xsum + g, c->groups, yacc, M, n);
-        }
+#ifdef BPDQ_X86
+        if (c->isa == ISA_AVX2)
+            rows_avx2(c, r0, n, yacc);
+        else
+#endif
+            rows_passes(c, r0, n, yacc);
         for (int64_t m = 0; m < M; m++)
             for (int64_t r = 0; r < n; r++) {
                 float v = yacc[m * n + r];
@@ -402,27 +485,31 @@ int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t 
     float *tables = get_scratch((size_t)(M * C * 32 + M * groups));
     if (!tables) return -1;
     float *xsum = tables + M * C * 32;
+    int best = bpdq_best_isa();
+    if (isa > best) isa = best;
     for (int64_t m = 0; m < M; m++) {
         float *tm = tables + m * C * 32;
-        for (int64_t q = 0; q < 2 * C; q++) { /* chunk q: inputs 4q..4q+3 */
-            float *t = tm + q * 16;
-            t[0] = 0.0f;
-            for (int b = 0; b < 4; b++) {
-                float v = load_val(x, x_dt, m * x_stride + 4 * q + b);
-                int half = 1 << b;
-                for (int j = 0; j < half; j++) t[half + j] = t[j] + v;
+#ifdef BPDQ_X86
+        if (isa >= ISA_AVX2)
+            tables_avx2(x, x_dt, m * x_stride, C, tm);
+        else
+#endif
+            for (int64_t q = 0; q < 2 * C; q++) { /* chunk q: inputs 4q..4q+3 */
+                float *t = tm + q * 16;
+                t[0] = 0.0f;
+                for (int b = 0; b < 4; b++) {
+                    float v = load_val(x, x_dt, m * x_stride + 4 * q + b);
+                    int half = 1 << b;
+                    for (int j = 0; j < half; j++) t[half + j] = t[j] + v;
+                }
             }
-        }
         for (int64_t g = 0; g < groups; g++) {
             float s = 0.0f;
             for (int64_t q = 2 * g * cpg; q < 2 * (g + 1) * cpg; q++) s += tm[q * 16 + 15];
             xsum[m * groups + g] = s;
         }
     }
-    int best = bpdq_best_isa();
-    gemv_ctx c = {tables, xsum, planes,   coeffs, bias,  y,    M,
-                  N,      C,    k,        cpg,    groups, y_stride, bias_dt,
-                  y_dt,   isa < best ? isa : best};
+    gemv_ctx c = {tables, xsum, planes, coeffs, bias, y, M, N, C, k, cpg, groups, y_stride, bias_dt, y_dt, isa};
     /* threads only pay off past ~1M lookups per thread */
     int64_t work = M * N * C * k;
     int64_t useful = work / (1 << 20);
