@@ -2,7 +2,9 @@
 
 A kernel's result is compared with an fp64 reference ``x.double() @ W_hat.double().T + bias``; its error
 must stay within a small multiple of the torch kernel's error at the same activation dtype, plus a floor
-of a few units of roundoff of that dtype at the size of the largest output.
+of a few units of roundoff of that dtype at the size of the largest sum of absolute terms ``|x| @ |W_hat|^T
++ |bias|`` (the scale of a dot product's rounding error; an output that cancels to nearly zero does not
+shrink it).
 """
 
 from __future__ import annotations
@@ -16,7 +18,7 @@ from bpdq.quantized import QuantizedWeight
 
 #: The kernel may be this many times less accurate than the torch kernel (different summation orders).
 ERROR_FACTOR = 4.0
-#: Floor, in units of the dtype's epsilon times the largest output magnitude.
+#: Floor, in units of the dtype's epsilon times the largest sum of absolute terms of an output.
 FLOOR_EPS = 4.0
 
 
@@ -54,7 +56,9 @@ def assert_matches_reference(layer: QuantLinear, x: torch.Tensor, kernel: str) -
     if not x.shape[0]:
         return
     err = (y.double() - ref).abs().max().item()
-    bound = ERROR_FACTOR * torch_err + FLOOR_EPS * torch.finfo(x.dtype).eps * ref.abs().max().item()
+    w = layer.quantized_weight().dequantize(torch.float64)
+    terms = x.double().abs() @ w.abs().T + (layer.bias.double().abs() if layer.bias is not None else 0.0)
+    bound = ERROR_FACTOR * torch_err + FLOOR_EPS * torch.finfo(x.dtype).eps * terms.max().item()
     assert err <= bound, f"{kernel}: max error {err:.3g} > bound {bound:.3g} (torch kernel: {torch_err:.3g})"
 
 
