@@ -24,8 +24,13 @@ def plane_matrix(k: int, *, dtype: torch.dtype = torch.float32, device: torch.de
 
 def codes_to_bits(codes: torch.Tensor, k: int) -> torch.Tensor:
     """Integer codes ``[...]`` -> bits ``uint8[k, ...]`` (plane 0 = least significant)."""
-    shifts = torch.arange(k, device=codes.device).view(-1, *([1] * codes.dim()))
-    return ((codes.to(torch.int32).unsqueeze(0) >> shifts) & 1).to(torch.uint8)
+    if not 1 <= k <= 8:
+        raise ValueError(f"codes_to_bits: k must be in 1..8, got {k}")
+    c = codes.to(torch.uint8)  # codes < 2^k <= 256; one byte per weight keeps the temporaries small
+    out = torch.empty((k, *codes.shape), dtype=torch.uint8, device=codes.device)
+    for i in range(k):
+        torch.bitwise_and(c >> i, 1, out=out[i])
+    return out
 
 
 def bits_to_codes(bits: torch.Tensor) -> torch.Tensor:

@@ -73,3 +73,9 @@ def test_pack_rejects_length_not_multiple_of_8():
 def test_unpack_rejects_non_uint8():
     with pytest.raises(TypeError, match="expected uint8, got torch.int32"):
         unpack_bits(torch.zeros(2, dtype=torch.int32))
+
+
+@pytest.mark.parametrize("k", [0, 9])
+def test_codes_to_bits_refuses_plane_counts_outside_1_to_8(k):
+    with pytest.raises(ValueError, match="k must be in 1..8"):
+        codes_to_bits(torch.tensor([0, 1]), k)

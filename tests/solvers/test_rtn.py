@@ -92,3 +92,17 @@ def test_options_validation():
     assert RTN().options.refits == 2
     with pytest.raises(ValueError, match=r"refits: -1 is not in 0\.\.100"):
         RTN(refits=-1)
+
+
+@pytest.mark.parametrize("grid", [BitPlaneGrid(planes=2), BitPlaneGrid(planes=3), UniformGrid(bits=2)], ids=["bp2", "bp3", "u2"])
+def test_groups_solved_in_chunks_equal_one_solve(monkeypatch, grid):
+    # the chunks bound the temporaries; groups are independent, so the bytes must not change (5 chunks of 7
+    # group rows and a ragged one of 5 for 40 rows x 64 inputs at g = 16)
+    import bpdq.solvers.rtn as rtn
+
+    w = make_weight(40, 64, "normal", 0.02, seed=3)
+    monkeypatch.setattr(rtn, "_CHUNK_WEIGHTS", 1 << 40)
+    whole = RTN()(w, None, grid, 16)
+    monkeypatch.setattr(rtn, "_CHUNK_WEIGHTS", 7 * 16)
+    chunked = RTN()(w, None, grid, 16)
+    assert torch.equal(whole.planes, chunked.planes) and torch.equal(whole.coeffs, chunked.coeffs)
