@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Iterable
 
 import torch
 
@@ -38,7 +39,37 @@ DTYPES = {
 def read_header(path: str | Path) -> dict[str, torch.Tensor]:
     """Meta tensors with the names, shapes and dtypes of the safetensors file ``path``, after checking that
     the file is a complete safetensors file (see the module docstring)."""
+    return {name: meta for name, (meta, _, _) in _entries(Path(path)).items()}
+
+
+def read_tensors(path: str | Path, names: Iterable[str]) -> dict[str, torch.Tensor]:
+    """The tensors ``names`` of the safetensors file ``path`` (CPU, stored dtype), checked as
+    :func:`read_header` checks the file, then read with plain file reads into tensors that own their memory:
+    no memory map, so nothing of the file stays mapped, and no page is held twice (mapped and copied) while
+    a tensor is read. The file is closed on return."""
     path = Path(path)
+    entries = _entries(path)
+    out: dict[str, torch.Tensor] = {}
+    with path.open("rb") as f:
+        for name in names:
+            if name not in entries:
+                raise ValueError(f"{path} holds no tensor {name!r}")
+            meta, start, nbytes = entries[name]
+            t = torch.empty(meta.shape, dtype=meta.dtype)
+            buf = memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+            f.seek(start)
+            done = 0
+            while done < nbytes:
+                n = f.readinto(buf[done:])
+                if not n:
+                    raise ValueError(f"{path} ended while reading tensor {name!r} (truncated while being read?)")
+                done += n
+            out[name] = t
+    return out
+
+
+def _entries(path: Path) -> dict[str, tuple[torch.Tensor, int, int]]:
+    """name -> (meta tensor, absolute byte offset of its data, byte count), the file checked."""
     bad = f"{path} is not a valid safetensors file"
     size = path.stat().st_size
     with path.open("rb") as f:
@@ -59,12 +90,14 @@ def read_header(path: str | Path) -> dict[str, torch.Tensor]:
     if not isinstance(header, dict):
         raise ValueError(f"{bad}: its header is not a JSON object")
     data_bytes = size - 8 - n
-    tensors: dict[str, torch.Tensor] = {}
+    entries: dict[str, tuple[torch.Tensor, int, int]] = {}
     for name, info in header.items():
         if name == "__metadata__":
             continue
-        tensors[name] = _tensor(bad, name, info, data_bytes)
-    return tensors
+        meta = _tensor(bad, name, info, data_bytes)
+        begin, end = info["data_offsets"]
+        entries[name] = (meta, 8 + n + begin, end - begin)
+    return entries
 
 
 def _tensor(bad: str, name: str, info: object, data_bytes: int) -> torch.Tensor:

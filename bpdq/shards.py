@@ -91,8 +91,9 @@ class WeightFiles:
             self.meta[name] = meta
 
     def read(self, names: Iterable[str]) -> dict[str, torch.Tensor]:
-        """The tensors ``names`` (CPU, stored dtype), each file opened once and closed after reading."""
-        from safetensors import safe_open
+        """The tensors ``names`` (CPU, stored dtype), each file opened once and closed after reading (plain
+        reads, no memory map: see :func:`bpdq.safetensors_header.read_tensors`)."""
+        from bpdq.safetensors_header import read_tensors
 
         by_file: dict[Path, list[str]] = {}
         for name in names:
@@ -101,9 +102,7 @@ class WeightFiles:
             by_file.setdefault(self.where[name], []).append(name)
         out: dict[str, torch.Tensor] = {}
         for file, file_names in by_file.items():
-            with safe_open(str(file), framework="pt", device="cpu") as f:
-                for name in file_names:
-                    out[name] = f.get_tensor(name).clone()  # the clone owns its memory: no map stays open
+            out.update(read_tensors(file, file_names))
         return out
 
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
-from bpdq.safetensors_header import read_header
+from bpdq.safetensors_header import read_header, read_tensors
 
 
 @pytest.fixture
@@ -24,6 +24,34 @@ def test_header_lists_names_shapes_and_dtypes(good):
     assert sorted(found) == sorted(tensors)
     for name, t in tensors.items():
         assert found[name].device.type == "meta" and found[name].shape == t.shape and found[name].dtype == t.dtype
+
+
+def test_read_tensors_equals_safetensors_for_every_dtype(tmp_path):
+    gen = torch.Generator().manual_seed(0)
+    tensors = {
+        f"t_{dtype}".replace("torch.", ""): (torch.randn(3, 5, generator=gen) * 100).to(dtype)
+        for dtype in (torch.float64, torch.float32, torch.float16, torch.bfloat16, torch.float8_e4m3fn,
+                      torch.float8_e5m2, torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool)
+    }
+    tensors |= {"scalar": torch.tensor(2.5), "empty": torch.zeros(0, 7), "big": torch.randn(1 << 18, generator=gen)}
+    path = tmp_path / "w.safetensors"
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    expected = load_file(str(path))
+    names = ["big", "t_bfloat16", "scalar", "empty", *[n for n in tensors if n.startswith("t_")]]
+    found = read_tensors(path, names)
+    assert list(found) == list(dict.fromkeys(names))
+    for name in names:
+        assert found[name].dtype == expected[name].dtype and found[name].shape == expected[name].shape
+        assert torch.equal(found[name].reshape(-1).view(torch.uint8), expected[name].reshape(-1).view(torch.uint8)), name
+    with pytest.raises(ValueError, match="holds no tensor 'nope'"):
+        read_tensors(path, ["nope"])
+
+
+def test_read_tensors_checks_the_file_first(tmp_path):
+    path = tmp_path / "bad.safetensors"
+    _with_header(path, {"t": {"dtype": "F32", "shape": [4], "data_offsets": [0, 16]}}, b"\0" * 8)
+    with pytest.raises(ValueError, match="truncated.*ends at data byte 16"):
+        read_tensors(path, ["t"])
 
 
 def _with_header(path, header: dict, data: bytes) -> None:
