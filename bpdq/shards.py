@@ -3,13 +3,15 @@
 
 Reading (:class:`WeightFiles`): the index (or the single file) is checked before any tensor is read: a
 directory holding only pickle weights (``.bin``, ``.pt``...) is refused without opening them, and a shard the
-index names but the directory lacks is an error naming it. Tensors are read with ``safe_open`` per file and
-copied out, so no memory map outlives the read.
+index names but the directory lacks is an error naming it. Tensors are read with plain file reads into
+tensors that own their memory (:func:`bpdq.safetensors_header.read_tensors`): no memory map at all.
 
 Writing (:class:`ShardWriter`): tensors arrive in *units* (a decoder layer's tensors, or the rest of the
 model); a unit never straddles two shards, and a shard is written as soon as the next unit would take it over
 ``max_shard_size``. One shard becomes ``model.safetensors`` (no index); several become
-``model-0000i-of-0000N.safetensors`` plus the index.
+``model-0000i-of-0000N.safetensors`` plus the index. The writer holds no tensor: each unit's bytes go at once
+to a scratch file beside the shard, and the shard is assembled from it (header, then the tensors by element
+size, largest first, then name, so every tensor is aligned) when it is complete, copied a few MiB at a time.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from __future__ import annotations
 import json
 import re
 from pathlib import Path
-from typing import Iterable
+from typing import BinaryIO, Iterable
 
 import torch
 
@@ -106,39 +108,94 @@ class WeightFiles:
         return out
 
 
+_COPY_BYTES = 16 << 20
+
+
+def _dtype_names() -> dict[torch.dtype, str]:
+    from bpdq.safetensors_header import DTYPES
+
+    return {dtype: name for name, dtype in DTYPES.items()}
+
+
+_DTYPE_NAMES = _dtype_names()
+
+
+def _bytes_of(t: torch.Tensor) -> memoryview:
+    """The bytes of a contiguous CPU tensor, without a copy."""
+    return memoryview(t.reshape(-1).view(torch.uint8).numpy()).cast("B")
+
+
 def tensor_bytes(tensors: Iterable[torch.Tensor]) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class ShardWriter:
     """Writes units of tensors into ``directory`` as shards of at most ``max_shard_size`` bytes (a unit larger
-    than that gets a shard of its own). Holds at most one shard's tensors in memory."""
+    than that gets a shard of its own). Holds no tensor in memory: see the module docstring."""
 
     def __init__(self, directory: Path, max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE) -> None:
         self.directory = directory
         self.max_bytes = parse_size(max_shard_size)
-        self._pending: dict[str, torch.Tensor] = {}
+        self._scratch: BinaryIO | None = None  # the open shard's tensor bytes, in arrival order
+        self._pending: dict[str, tuple[torch.dtype, list[int], int, int]] = {}  # name -> dtype, shape, start, bytes
+        self._pending_bytes = 0
+        self._written: set[str] = set()
         self._shards: list[tuple[Path, list[str]]] = []
         self.total_bytes = 0
 
     def add(self, tensors: dict[str, torch.Tensor]) -> None:
-        size = tensor_bytes(tensors.values())
-        if self._pending and tensor_bytes(self._pending.values()) + size > self.max_bytes:
-            self._flush()
-        for name, t in tensors.items():
-            if name in self._pending or any(name in names for _, names in self._shards):
+        for name in tensors:
+            if name in self._pending or name in self._written:
                 raise ValueError(f"tensor {name!r} written twice")
-            self._pending[name] = t.detach().to("cpu").contiguous()
+        size = tensor_bytes(tensors.values())
+        if self._pending and self._pending_bytes + size > self.max_bytes:
+            self._flush()
+        if self._scratch is None:
+            self._scratch = open(self._shard_path().with_suffix(".data"), "w+b")
+        for name, t in tensors.items():
+            t = t.detach().to("cpu").contiguous()
+            if t.dtype not in _DTYPE_NAMES:
+                raise ValueError(f"tensor {name!r} has dtype {t.dtype}, which safetensors files here do not hold; "
+                                 f"allowed: {sorted(str(d) for d in _DTYPE_NAMES)}")
+            start = self._scratch.tell()
+            self._scratch.write(_bytes_of(t))
+            self._pending[name] = (t.dtype, list(t.shape), start, t.numel() * t.element_size())
+        self._pending_bytes += size
         self.total_bytes += size
 
-    def _flush(self) -> None:
-        from safetensors.torch import save_file
+    def _shard_path(self) -> Path:
+        return self.directory / f".shard-{len(self._shards) + 1:05d}.safetensors"
 
-        path = self.directory / f".shard-{len(self._shards) + 1:05d}.safetensors"
-        # one metadata key only: safetensors writes metadata in hash-map order (not reproducible)
-        save_file(self._pending, str(path), metadata={"format": "pt"})
+    def _flush(self) -> None:
+        path = self._shard_path()
+        order = sorted(self._pending, key=lambda n: (-self._pending[n][0].itemsize, n))
+        header: dict[str, object] = {"__metadata__": {"format": "pt"}}
+        offset = 0
+        for name in order:
+            dtype, shape, _, nbytes = self._pending[name]
+            header[name] = {"dtype": _DTYPE_NAMES[dtype], "shape": shape, "data_offsets": [offset, offset + nbytes]}
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+        scratch = self._scratch
+        with open(path, "wb") as out:
+            out.write(len(raw).to_bytes(8, "little"))
+            out.write(raw)
+            for name in order:
+                _, _, start, nbytes = self._pending[name]
+                if scratch is not None:
+                    scratch.seek(start)
+                    while nbytes:
+                        chunk = scratch.read(min(nbytes, _COPY_BYTES))
+                        out.write(chunk)
+                        nbytes -= len(chunk)
+        if scratch is not None:
+            scratch.close()
+            Path(scratch.name).unlink()
+        self._scratch = None
         self._shards.append((path, sorted(self._pending)))
-        self._pending = {}
+        self._written.update(self._pending)
+        self._pending, self._pending_bytes = {}, 0
 
     def close(self) -> list[Path]:
         """Write what is pending, give the shards their final names (and write the index); returns the files."""
