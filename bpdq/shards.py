@@ -151,7 +151,7 @@ class ShardWriter:
         if self._pending and self._pending_bytes + size > self.max_bytes:
             self._flush()
         if self._scratch is None:
-            self._scratch = open(self._shard_path().with_suffix(".data"), "w+b")
+            self._scratch = open(self.directory / f".scratch-{len(self._shards) + 1:05d}.bin", "w+b")
         for name, t in tensors.items():
             t = t.detach().to("cpu").contiguous()
             if t.dtype not in _DTYPE_NAMES:
