@@ -189,6 +189,11 @@ class Replay:
         if name not in self._ready:
             self._pending.setdefault(name, [])
 
+    @property
+    def finished(self) -> tuple[str, ...]:
+        """The sub-blocks declared finished (recorded or waiting for a pass that runs them)."""
+        return (*self._ready, *self._pending)
+
     @contextmanager
     def batch(self, index: int) -> Iterator[None]:
         with ExitStack() as stack:

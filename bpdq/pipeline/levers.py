@@ -18,19 +18,23 @@ become the next layer's fp inputs (``LayerStep.fp_outputs``) and the copy is dro
 
 Cost: twice the calibration activations (with ``offload`` each stream gets half the budget), one more layer's
 weights on the device, one full-precision forward per batch per sequential group (asymmetric) and per layer
-(the fp stream), plus tuning's own cost (see :mod:`bpdq.tuning`).
+(the fp stream), plus tuning's own cost (see :mod:`bpdq.tuning`). Each forward stops once the group's
+linears have their inputs, and a sub-block already finished (the adapter's ``replay``: attention once its
+linears are solved) is replayed in both streams from its recorded outputs instead of being run again, as in
+the symmetric passes: one more hidden-state stream of recorded outputs per stream while a layer is solved.
 """
 
 from __future__ import annotations
 
 import copy
-from typing import TYPE_CHECKING, Any, Sequence
+from contextlib import nullcontext
+from typing import TYPE_CHECKING, Any, ContextManager, Sequence
 
 import torch
 from torch import nn
 
 from bpdq.linear import QuantLinear
-from bpdq.pipeline.calibrate import ActivationStore, Batch, _call, _Stop, run_layer
+from bpdq.pipeline.calibrate import ActivationStore, Batch, Replay, _call, _Stop, run_layer
 from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target
 
 if TYPE_CHECKING:
@@ -66,19 +70,29 @@ def _inputs_of(layer: nn.Module, names: Sequence[str], batch: Batch, device: tor
     return seen
 
 
+def _batch(replay: Replay | None, index: int) -> ContextManager[None]:
+    return replay.batch(index) if replay is not None else nullcontext()
+
+
 def asymmetric_hessians(
     layer: nn.Module, fp_layer: nn.Module, names: Sequence[str], inputs: Sequence[Batch], fp_inputs: Sequence[Batch],
-    device: torch.device, damp: float = ASYMMETRIC_DAMP,
+    device: torch.device, damp: float = ASYMMETRIC_DAMP, *, replay: Replay | None = None,
+    fp_replay: Replay | None = None,
 ) -> dict[str, torch.Tensor]:
     """``H_q`` of each linear ``names`` (to solve with), after replacing each one's weight by its asymmetric
-    target ``W~`` (in place). Linears that read the very same input (q/k/v, gate/up) share one accumulation."""
+    target ``W~`` (in place). Linears that read the very same input (q/k/v, gate/up) share one accumulation.
+
+    ``replay`` (of ``layer``) and ``fp_replay`` (of ``fp_layer``) replay the finished sub-blocks of each
+    stream instead of running them again (:class:`~bpdq.pipeline.calibrate.Replay`)."""
     if len(inputs) != len(fp_inputs):
         raise ValueError(f"{len(inputs)} quantized batches but {len(fp_inputs)} full-precision ones")
     accs: dict[str, AsymmetricAccumulator] = {}
     alias: dict[str, str] = {}
-    for b, fb in zip(inputs, fp_inputs):
-        xq = _inputs_of(layer, names, b, device)
-        xf = _inputs_of(fp_layer, names, fb, device)
+    for i, (b, fb) in enumerate(zip(inputs, fp_inputs)):
+        with _batch(replay, i):
+            xq = _inputs_of(layer, names, b, device)
+        with _batch(fp_replay, i):
+            xf = _inputs_of(fp_layer, names, fb, device)
         for n in names:
             root = next(o for o in names if xq[o] is xq[n] and xf[o] is xf[n])  # n itself at worst
             if root != n:
@@ -86,6 +100,9 @@ def asymmetric_hessians(
                 continue
             acc = accs.setdefault(n, AsymmetricAccumulator(layer.get_submodule(n).in_features, device=device))
             acc.add(xq[n], xf[n])
+    for r in (replay, fp_replay):
+        if r is not None:
+            r.end_pass(len(inputs))
     moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hessians: dict[str, torch.Tensor] = {}
     for n in names:
@@ -123,6 +140,7 @@ class Levers:
         self.asymmetric = asymmetric
         self.tuning = tuning
         self.tuning_results: list[dict[str, Any]] = []
+        self._fp_replay: Replay | None = None  # the current layer's full-precision copy's (asymmetric only)
 
     @property
     def fp_stream(self) -> bool:
@@ -132,19 +150,26 @@ class Levers:
         """Keep a full-precision copy of the layer (on ``device``, where the layer is)."""
         if step.fp_inputs is not None:
             step.fp_layer = copy.deepcopy(step.layer)
+            self._fp_replay = Replay(step.fp_layer) if self.asymmetric else None
 
     def calibrate(self, step: "LayerStep", names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
-        """Asymmetric Hessians of a group (the linears' weights become their targets ``W~``)."""
+        """Asymmetric Hessians of a group (the linears' weights become their targets ``W~``). A sub-block
+        finished in the quantized layer (see ``step.replay``) is replayed in the full-precision copy too: the
+        copy never changes, and the group's inputs are not inside the block."""
         assert step.inputs is not None and step.fp_inputs is not None and step.fp_layer is not None
-        return asymmetric_hessians(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, device)
+        if step.replay is not None and self._fp_replay is not None:
+            for block in step.replay.finished:
+                self._fp_replay.finish(block)
+        return asymmetric_hessians(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, device,
+                                   replay=step.replay, fp_replay=self._fp_replay)
 
     def fp_outputs(self, step: "LayerStep", device: torch.device) -> None:
         """The full-precision layer's outputs on the fp inputs (the next fp inputs, tuning's targets)."""
         if step.fp_layer is None or step.fp_inputs is None:
             return
         out = step.fp_inputs.empty_like() if isinstance(step.fp_inputs, ActivationStore) else []
-        step.fp_outputs = run_layer(step.fp_layer, step.fp_inputs, device, out=out)
-        step.fp_layer = None
+        step.fp_outputs = run_layer(step.fp_layer, step.fp_inputs, device, self._fp_replay, out=out)
+        step.fp_layer, self._fp_replay = None, None
 
     def tune(self, step: "LayerStep", device: torch.device) -> None:
         """Tune the solved layer's coefficients on the quantized inputs against the fp targets."""
@@ -158,8 +183,11 @@ class Levers:
             result = tune_layer(step.layer, step.inputs, _Hidden(step.fp_outputs), self.tuning, device=device)
         self.tuning_results.append({"layer": step.prefix, **result.to_dict()})
 
+    def observe(self) -> list[Any]:
+        return [self.fp_outputs] if self.fp_stream else []
+
     def after_solve(self) -> list[Any]:
-        return [self.fp_outputs, self.tune] if self.fp_stream else []
+        return [self.tune] if self.tuning is not None else []
 
     def report(self) -> dict[str, Any]:
         """The report's entries for the levers that ran."""

@@ -103,14 +103,18 @@ class LayerHooks:
     """Stages plugged into the loop. ``before_solve(step, device)``: the layer is materialised on the device,
     nothing solved yet. ``calibrate(step, names, device)``: the Hessian to solve each linear ``names`` of the
     current group with (default: :func:`collect_hessians` on ``step.inputs``); it may replace a linear's
-    weight by the target to fit. ``after_solve(step, device)``: the layer is solved and on the device;
-    a stage that changes it must keep its QuantLinear modules (the recorded sub-block outputs are dropped,
-    so the outputs are recomputed). ``after_write(step)``: the layer is written to the sink, not yet released."""
+    weight by the target to fit (``step.replay`` replays the layer's finished sub-blocks). ``observe(step,
+    device)``: the layer is solved and on the device; the stage reads it and must not change it (the
+    recorded sub-block outputs are kept for the layer's final pass). ``after_solve(step, device)``: after the
+    ``observe`` stages; a stage that changes the layer must keep its QuantLinear modules (the recorded
+    sub-block outputs are dropped, so the outputs are recomputed). ``after_write(step)``: the layer is
+    written to the sink, not yet released."""
 
     before_solve: list[Callable[[LayerStep, torch.device], None]] = field(default_factory=list)
     calibrate: Callable[[LayerStep, list[str], torch.device], dict[str, torch.Tensor]] | None = None
     after_solve: list[Callable[[LayerStep, torch.device], None]] = field(default_factory=list)
     after_write: list[Callable[[LayerStep], None]] = field(default_factory=list)
+    observe: list[Callable[[LayerStep, torch.device], None]] = field(default_factory=list)
 
 
 def _first_rule(name: str, rules: Sequence[Rule]) -> Rule | None:
@@ -155,9 +159,9 @@ def solve_layer(
 ) -> None:
     """Quantize ``step.layer``'s linears group by group (calibrated on ``step.inputs`` by ``calibrate`` or
     :func:`collect_hessians`, or Hessian-free when those are ``None``); sets ``step.records`` and
-    ``step.replay`` (for the layer's final pass)."""
+    ``step.replay`` (set before the first group: the ``calibrate`` hook and the layer's final pass use it)."""
     layer, prefix = step.layer, step.prefix
-    replay = Replay(layer) if step.inputs is not None else None
+    replay = step.replay = Replay(layer) if step.inputs is not None else None
     done: set[str] = set()
     for group in step.plan:
         todo = [rel for rel, r in group.items() if r is not None]
@@ -186,7 +190,6 @@ def solve_layer(
             for block in adapter.replay:
                 if all(rel in done for g in step.plan for rel in g if rel.startswith(f"{block}.")):
                     replay.finish(block)
-    step.replay = replay
 
 
 def layer_outputs(step: LayerStep, device: torch.device) -> None:
@@ -352,7 +355,8 @@ def _run(
                          "uses a Hessian (not only 'rtn')")
     if levers.fp_stream:
         hooks = LayerHooks([levers.before_solve, *hooks.before_solve], levers.calibrate if levers.asymmetric else hooks.calibrate,
-                           [*levers.after_solve(), *hooks.after_solve], hooks.after_write)
+                           [*levers.after_solve(), *hooks.after_solve], hooks.after_write,
+                           [*levers.observe(), *hooks.observe])
     report = RunReport(model=architecture_of(model), total_params=sum(p.numel() for p in model.parameters()))
     windows = None
     if s.calibrated:
@@ -507,6 +511,8 @@ def run_layer_step(
         for stage in hooks.before_solve:
             stage(step, device)
         solve_layer(step, s.adapter, device, progress, hooks.calibrate)
+        for stage in hooks.observe:
+            stage(step, device)
         for stage in hooks.after_solve:
             step.replay = None  # the stage may change what the recorded sub-blocks computed
             stage(step, device)

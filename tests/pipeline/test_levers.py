@@ -74,6 +74,35 @@ def test_equal_streams_give_the_symmetric_hessian_and_leave_the_weight_unchanged
     assert torch.equal(layer.self_attn.q_proj.weight, before)
 
 
+@pytest.mark.parametrize("tuning", [None, {"steps": 2}], ids=["asymmetric", "asymmetric+tuning"])
+def test_asymmetric_replays_finished_attention_in_both_streams_and_changes_no_byte(monkeypatch, tuning):
+    from transformers.models.llama.modeling_llama import LlamaAttention
+
+    from bpdq.pipeline.calibrate import Replay
+
+    calls = []
+    forward = LlamaAttention.forward
+    monkeypatch.setattr(LlamaAttention, "forward", lambda self, *a, **k: calls.append(1) or forward(self, *a, **k))
+
+    def run() -> tuple[dict[str, torch.Tensor], int]:
+        calls.clear()
+        model = tiny_model(layers=2)
+        bpdq.quantize_model(model, tiny_tokenizer(), recipe=RECIPE_2BIT, calibration=CALIBRATION, device="cpu",
+                            progress=False, asymmetric=True, tuning=tuning)
+        return model.state_dict(), len(calls)
+
+    replayed, n_replayed = run()
+    monkeypatch.setattr(Replay, "finish", lambda self, name: None)  # nothing is ever replayed
+    plain, n_plain = run()
+    assert replayed.keys() == plain.keys()
+    assert all(torch.equal(replayed[k], plain[k]) for k in plain)
+    # per layer and batch, replay saves the attention of the down_proj pass in both streams and of the
+    # full-precision outputs' pass; and, without tuning, of the quantized outputs' pass (not run for the
+    # last layer, whose outputs nothing reads)
+    batches = -(-CALIBRATION["samples"] // 8)
+    assert n_plain - n_replayed == batches * (6 if tuning else 7), (n_plain, n_replayed)
+
+
 def test_tuning_lowers_each_layers_output_loss_and_leaves_finite_coefficients():
     model = tiny_model(layers=3)
     report = bpdq.quantize_model(model, tiny_tokenizer(), recipe=RECIPE_2BIT, calibration=TINY_CALIBRATION,
