@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from bpdq.linear import QuantLinear
-from bpdq.pipeline.calibrate import ActivationStore, Batch, Replay, _call, _Stop, run_layer
+from bpdq.pipeline.calibrate import ActivationStore, Batch, Replay, _call, _first_output, _Stop, run_layer
 from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target
 
 if TYPE_CHECKING:
@@ -44,21 +44,27 @@ if TYPE_CHECKING:
 ASYMMETRIC_DAMP = 0.01  # damping of W~'s solve, relative to mean(diag H_q) (as GPTQ's default)
 
 
-def _inputs_of(layer: nn.Module, names: Sequence[str], batch: Batch, device: torch.device) -> dict[str, torch.Tensor]:
-    """The input of each linear ``names`` of ``layer`` for one batch (the forward stops once all are seen)."""
+def _inputs_of(
+    layer: nn.Module, names: Sequence[str], batch: Batch, device: torch.device, out: Any = None,
+) -> dict[str, torch.Tensor]:
+    """The input of each linear ``names`` of ``layer`` for one batch (the forward stops once all are seen).
+    With ``out`` (a list or an :class:`ActivationStore`) the forward runs to the end instead and the layer's
+    output is appended to ``out``, as :func:`~bpdq.pipeline.calibrate.run_layer` gives it."""
     seen: dict[str, torch.Tensor] = {}
 
     def make_hook(name: str) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             seen[name] = args[0]
-            if len(seen) == len(names):
+            if len(seen) == len(names) and out is None:
                 raise _Stop
 
         return hook
 
     handles = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
     try:
-        _call(layer, batch, device)
+        result = _call(layer, batch, device)
+        if out is not None:
+            out.append(Batch(_first_output(result).detach().to("cpu", batch.hidden.dtype), batch.args, batch.kwargs))
     except _Stop:
         pass
     finally:
@@ -77,13 +83,15 @@ def _batch(replay: Replay | None, index: int) -> ContextManager[None]:
 def asymmetric_hessians(
     layer: nn.Module, fp_layer: nn.Module, names: Sequence[str], inputs: Sequence[Batch], fp_inputs: Sequence[Batch],
     device: torch.device, damp: float = ASYMMETRIC_DAMP, *, replay: Replay | None = None,
-    fp_replay: Replay | None = None,
+    fp_replay: Replay | None = None, fp_out: Any = None,
 ) -> dict[str, torch.Tensor]:
     """``H_q`` of each linear ``names`` (to solve with), after replacing each one's weight by its asymmetric
     target ``W~`` (in place). Linears that read the very same input (q/k/v, gate/up) share one accumulation.
 
     ``replay`` (of ``layer``) and ``fp_replay`` (of ``fp_layer``) replay the finished sub-blocks of each
-    stream instead of running them again (:class:`~bpdq.pipeline.calibrate.Replay`)."""
+    stream instead of running them again (:class:`~bpdq.pipeline.calibrate.Replay`). With ``fp_out`` (a list
+    or an :class:`ActivationStore`) the full-precision passes run to the end and ``fp_layer``'s outputs are
+    appended to it."""
     if len(inputs) != len(fp_inputs):
         raise ValueError(f"{len(inputs)} quantized batches but {len(fp_inputs)} full-precision ones")
     accs: dict[str, AsymmetricAccumulator] = {}
@@ -92,7 +100,7 @@ def asymmetric_hessians(
         with _batch(replay, i):
             xq = _inputs_of(layer, names, b, device)
         with _batch(fp_replay, i):
-            xf = _inputs_of(fp_layer, names, fb, device)
+            xf = _inputs_of(fp_layer, names, fb, device, fp_out)
         for n in names:
             root = next(o for o in names if xq[o] is xq[n] and xf[o] is xf[n])  # n itself at worst
             if root != n:
@@ -160,15 +168,23 @@ class Levers:
         if step.replay is not None and self._fp_replay is not None:
             for block in step.replay.finished:
                 self._fp_replay.finish(block)
-        return asymmetric_hessians(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, device,
-                                   replay=step.replay, fp_replay=self._fp_replay)
+        fp_out = None
+        if set(names) <= set(step.plan[-1]):  # the last group: its fp passes also give the fp outputs
+            fp_out = step.fp_inputs.empty_like() if isinstance(step.fp_inputs, ActivationStore) else []
+        hessians = asymmetric_hessians(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, device,
+                                       replay=step.replay, fp_replay=self._fp_replay, fp_out=fp_out)
+        if fp_out is not None:
+            step.fp_outputs = fp_out
+        return hessians
 
     def fp_outputs(self, step: "LayerStep", device: torch.device) -> None:
-        """The full-precision layer's outputs on the fp inputs (the next fp inputs, tuning's targets)."""
+        """The full-precision layer's outputs on the fp inputs (the next fp inputs, tuning's targets), unless
+        the last group's asymmetric passes gave them already."""
         if step.fp_layer is None or step.fp_inputs is None:
             return
-        out = step.fp_inputs.empty_like() if isinstance(step.fp_inputs, ActivationStore) else []
-        step.fp_outputs = run_layer(step.fp_layer, step.fp_inputs, device, self._fp_replay, out=out)
+        if step.fp_outputs is None:
+            out = step.fp_inputs.empty_like() if isinstance(step.fp_inputs, ActivationStore) else []
+            step.fp_outputs = run_layer(step.fp_layer, step.fp_inputs, device, self._fp_replay, out=out)
         step.fp_layer, self._fp_replay = None, None
 
     def tune(self, step: "LayerStep", device: torch.device) -> None:

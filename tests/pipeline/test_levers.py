@@ -57,7 +57,7 @@ def test_asymmetric_flag_comes_from_the_calibration_config_and_is_reported():
 
 
 def test_equal_streams_give_the_symmetric_hessian_and_leave_the_weight_unchanged():
-    from bpdq.pipeline.calibrate import batch_windows, capture_layer_inputs
+    from bpdq.pipeline.calibrate import batch_windows, capture_layer_inputs, run_layer
 
     model = tiny_model(layers=1)
     inputs = capture_layer_inputs(model, model.model.layers[0], batch_windows(calibration_windows(tiny_tokenizer(), TINY_CALIBRATION), 4))
@@ -72,6 +72,13 @@ def test_equal_streams_give_the_symmetric_hessian_and_leave_the_weight_unchanged
     assert torch.allclose(hessians["self_attn.q_proj"], acc.hessian, rtol=1e-5, atol=1e-6)
     assert hessians["self_attn.q_proj"] is hessians["self_attn.k_proj"]  # one accumulation for a shared input
     assert torch.equal(layer.self_attn.q_proj.weight, before)
+    # with fp_out, the full-precision passes run to the end: the layer's outputs, as run_layer gives them
+    fp_out: list = []
+    with torch.no_grad():
+        asymmetric_hessians(layer, layer, ["mlp.down_proj"], inputs, inputs, torch.device("cpu"), fp_out=fp_out)
+        expected = run_layer(layer, inputs, torch.device("cpu"))
+    assert len(fp_out) == len(expected) == len(inputs)
+    assert all(torch.equal(a.hidden, b.hidden) and a.kwargs is b.kwargs for a, b in zip(fp_out, expected))
 
 
 @pytest.mark.parametrize("tuning", [None, {"steps": 2}], ids=["asymmetric", "asymmetric+tuning"])
@@ -96,11 +103,11 @@ def test_asymmetric_replays_finished_attention_in_both_streams_and_changes_no_by
     plain, n_plain = run()
     assert replayed.keys() == plain.keys()
     assert all(torch.equal(replayed[k], plain[k]) for k in plain)
-    # per layer and batch, replay saves the attention of the down_proj pass in both streams and of the
-    # full-precision outputs' pass; and, without tuning, of the quantized outputs' pass (not run for the
-    # last layer, whose outputs nothing reads)
+    # per layer and batch, replay saves the attention of the down_proj pass in both streams (the
+    # full-precision one also gives the fp outputs); and, without tuning, of the quantized outputs' pass (not
+    # run for the last layer, whose outputs nothing reads)
     batches = -(-CALIBRATION["samples"] // 8)
-    assert n_plain - n_replayed == batches * (6 if tuning else 7), (n_plain, n_replayed)
+    assert n_plain - n_replayed == batches * (4 if tuning else 5), (n_plain, n_replayed)
 
 
 def test_tuning_lowers_each_layers_output_loss_and_leaves_finite_coefficients():
