@@ -80,7 +80,9 @@ ROWS = [
     Row("bpdq-k2-defaults", "default-on levers (bpdq solver defaults)", _q(_k(2), {"type": "bpdq"})),
     Row("bpdq-k2-defaults-asym", "defaults + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}), "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-k2-tuned", "defaults + coefficient tuning (lever 3)", {**_q(_k(2), {"type": "bpdq"}), "tuning": TUNING}, "tuning"),
+    Row("bpdq-k2-asym-tuned", "defaults + asymmetric calibration + tuning", {**_q(_k(2), {"type": "bpdq"}), "calibration": {"asymmetric": True}, "tuning": TUNING}, "tuning"),
     Row("bpdq-k2-g128-tuned", "k=2 g=128 (2.375 bpw) + tuning", {**_q(_k(2), {"type": "bpdq"}, 128), "tuning": TUNING}, "tuning"),
+    Row("bpdq-k2-g128-asym", "k=2 g=128 (2.375 bpw) + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}, 128), "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-target-2.75", "defaults + target_bpw 2.75 allocation (lever 4)", {**_q(_k(2), {"type": "bpdq"}), "target_bpw": 2.75}, "allocation"),
     Row("bpdq-k3", "today's BPDQ k=3 g=64 (4.0 bpw)", _q(_k(3), BPDQ_TODAY)),
     Row("bpdq-k3-refit", "k=3 + refit", _q(_k(3), {"type": "bpdq", "refit": "full"})),
@@ -228,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.list:
         for r in ROWS:
-            print(f"{r.name:<20} {r.description}" + (f"  [needs lever: {r.lever}]" if r.lever else "")
+            print(f"{r.name:<{max(map(len, ROW_NAMES))}} {r.description}" + (f"  [needs lever: {r.lever}]" if r.lever else "")
                   + (f"  [own venv: {r.peer.venv.name}]" if r.peer else ""))
         return 0
     names = [n.strip() for n in args.rows.split(",") if n.strip()]
