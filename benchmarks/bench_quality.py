@@ -81,8 +81,10 @@ ROWS = [
     Row("bpdq-k2-defaults-asym", "defaults + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}), "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-k2-tuned", "defaults + coefficient tuning (lever 3)", {**_q(_k(2), {"type": "bpdq"}), "tuning": TUNING}, "tuning"),
     Row("bpdq-k2-asym-tuned", "defaults + asymmetric calibration + tuning", {**_q(_k(2), {"type": "bpdq"}), "calibration": {"asymmetric": True}, "tuning": TUNING}, "tuning"),
-    Row("bpdq-k2-g128-tuned", "k=2 g=128 (2.375 bpw) + tuning", {**_q(_k(2), {"type": "bpdq"}, 128), "tuning": TUNING}, "tuning"),
-    Row("bpdq-k2-g128-asym", "k=2 g=128 (2.375 bpw) + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}, 128), "calibration": {"asymmetric": True}}, "asymmetric"),
+    # SmolLM2's 576 and 1536 input columns share no group size of 128: g=192 (2.25 bpw) is the largest that
+    # divides both, the nearest group size at or below AutoRound W2 g64's 2.28 bpw
+    Row("bpdq-k2-g192-tuned", "k=2 g=192 (2.25 bpw) + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "tuning": TUNING}, "tuning"),
+    Row("bpdq-k2-g192-asym", "k=2 g=192 (2.25 bpw) + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}, 192), "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-target-2.75", "defaults + target_bpw 2.75 allocation (lever 4)", {**_q(_k(2), {"type": "bpdq"}), "target_bpw": 2.75}, "allocation"),
     Row("bpdq-k3", "today's BPDQ k=3 g=64 (4.0 bpw)", _q(_k(3), BPDQ_TODAY)),
     Row("bpdq-k3-refit", "k=3 + refit", _q(_k(3), {"type": "bpdq", "refit": "full"})),
