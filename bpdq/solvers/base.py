@@ -88,14 +88,15 @@ def quadratic_forms(X: torch.Tensor, H: torch.Tensor, *, dtype: torch.dtype = to
     Uses the symmetry of ``H``: column block ``b`` of ``X`` meets only ``H[b, b:]`` (off-diagonal blocks
     counted twice), about ``(1 + 1/blocks) / 2`` of the multiply-adds of ``(X @ H) * X``. Products and each
     block's row dot products in ``dtype`` (float32: the solve's precision), the sum over blocks in float64.
+    ``H`` is converted to ``dtype`` one block of rows at a time (no whole copy).
     """
-    Xc, Hc = X.to(dtype), H.to(dtype)
+    Xc = X.to(dtype)
     inp = Xc.shape[1]
     width = -(-inp // blocks)
     total = torch.zeros(Xc.shape[0], dtype=torch.float64, device=Xc.device)
     for b0 in range(0, inp, width):
         b1 = min(inp, b0 + width)
-        P = Xc[:, b0:b1] @ Hc[b0:b1, b0:]
+        P = Xc[:, b0:b1] @ H[b0:b1, b0:].to(dtype)
         total += torch.linalg.vecdot(P[:, : b1 - b0], Xc[:, b0:b1]).to(torch.float64)
         if b1 < inp:
             total += 2.0 * torch.linalg.vecdot(P[:, b1 - b0 :], Xc[:, b1:]).to(torch.float64)

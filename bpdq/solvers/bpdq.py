@@ -67,7 +67,7 @@ class BPDQOptions(Options):
 class BPDQSweep:
     """Result of :func:`bpdq_sweep`, in sweep order."""
 
-    codes: torch.Tensor  # int64 [out, in]
+    codes: torch.Tensor  # uint8 [out, in]
     coeffs: torch.Tensor  # [out, groups, k+1], fp16-representable
     best_iters: list[int]  # per group, 1-based
     iters_run: list[int]  # per group
@@ -137,7 +137,7 @@ def bpdq_sweep(
         raise ValueError(f"block ({block}) must be a positive multiple of group_size ({group_size})")
     out, inp = W.shape
     g = group_size
-    codes = torch.empty(out, inp, dtype=torch.int64, device=W.device)
+    codes = torch.empty(out, inp, dtype=torch.uint8, device=W.device)  # codes < 2^k <= 256
     coeffs = torch.empty(out, inp // g, grid.planes + 1, dtype=W.dtype, device=W.device)
     errors = torch.empty_like(W) if keep_errors else None
     best_iters: list[int] = []

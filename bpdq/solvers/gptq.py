@@ -70,7 +70,7 @@ class GPTQ(Solver):
 def gptq_sweep(
     W: torch.Tensor, U: torch.Tensor, grid: Grid, group_size: int, block: int
 ) -> tuple[torch.Tensor, torch.Tensor, SweepErrors]:
-    """GPTQ over ``W`` (modified in place) in sweep order: ``(codes [out, in], coeffs [out, groups, k+1],
+    """GPTQ over ``W`` (modified in place) in sweep order: ``(codes uint8 [out, in], coeffs [out, groups, k+1],
     errors)``; ``errors`` gives the proxy loss without another pass over ``H`` (:func:`sweep_proxy_loss`)."""
     if block <= 0 or block % group_size:
         raise ValueError(f"block ({block}) must be a positive multiple of group_size ({group_size})")
@@ -78,7 +78,7 @@ def gptq_sweep(
     original = W.clone()
     scaled = torch.empty(inp, dtype=torch.float64, device=W.device)
     residual = torch.empty(inp, dtype=torch.float64, device=W.device)
-    codes = torch.empty(out, inp, dtype=torch.int64, device=W.device)
+    codes = torch.empty(out, inp, dtype=torch.uint8, device=W.device)  # codes < 2^k <= 256
     coeffs = torch.empty(out, inp // group_size, grid.planes + 1, dtype=W.dtype, device=W.device)
     for i1 in range(0, inp, block):
         i2 = min(i1 + block, inp)

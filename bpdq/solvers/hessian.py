@@ -4,6 +4,7 @@ handling, damping and the upper Cholesky factor of the inverse Hessian."""
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 import torch
 
@@ -16,8 +17,9 @@ class HessianAccumulator:
     Each batch's ``x^T x`` is computed in ``dtype`` (float32 by default, ``torch.float64`` for extra
     precision) on ``device`` (the inputs' device when ``None``) and added to a float64 sum: a sum of per-batch
     terms in float64 hardly depends on how the batches are grouped, so a distributed run's Hessian (per-rank
-    sums, reduced) rounds to the same ``dtype`` values as one process's. Memory: the float64 sum plus one
-    batch term (``12 in^2`` bytes at float32), until :attr:`hessian` hands out the ``dtype`` result.
+    sums, reduced) rounds to the same ``dtype`` values as one process's. Memory: the float64 sum (``8 in^2``
+    bytes; each batch term is added a block of rows at a time), plus the ``dtype`` result while
+    :attr:`hessian` hands it out.
     """
 
     def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -43,7 +45,8 @@ class HessianAccumulator:
             dev = self.device if self.device is not None else x2.device
             self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=dev)
         x2 = x2.to(device=self._sum.device, dtype=self.dtype)
-        self._sum.add_(x2.T @ x2)
+        for r0, r1 in row_blocks(self.in_features):  # the batch term a block of rows at a time: no [in, in] temporary
+            self._sum[r0:r1].add_(x2[:, r0:r1].T @ x2)
         self.n += x2.shape[0]
 
     def all_reduce(self) -> None:
@@ -72,7 +75,7 @@ def check_hessian(H: object, in_features: int | None = None) -> None:
     diagonal entry (``-H`` or another matrix that cannot be positive semi-definite) and not all zero (no
     calibration signal: every solver would return zero weights). An indefinite matrix with a non-negative
     diagonal is only found by the Cholesky factorization, which then retries with more damping and warns
-    (:func:`inverse_cholesky`). Costs ``O(n^2)``.
+    (:func:`inverse_cholesky`). Costs ``O(n^2)`` time and no ``[n, n]`` temporary.
     """
     if not isinstance(H, torch.Tensor):
         raise TypeError(f"hessian must be a torch.Tensor, got {type(H).__name__}")
@@ -82,9 +85,16 @@ def check_hessian(H: object, in_features: int | None = None) -> None:
     if H.dim() != 2 or H.shape[1] != n or (in_features is not None and n != in_features):
         want = f"[in_features, in_features] = [{in_features}, {in_features}]" if in_features is not None else "square [n, n]"
         raise ValueError(f"hessian must be {want}, got {tuple(H.shape)}")
-    if not torch.isfinite(H).all():
+    finite, scale, asym = True, 0.0, 0.0
+    for r0, r1 in row_blocks(n):  # blocks of rows: no [n, n] temporary
+        block = H[r0:r1]
+        finite = finite and bool(torch.isfinite(block).all())
+        if not finite:
+            break
+        scale = max(scale, float(block.abs().amax()))
+        asym = max(asym, float((block - H[:, r0:r1].T).abs().amax()))
+    if not finite:
         raise ValueError("hessian contains NaN or Inf values; all entries must be finite")
-    scale = float(H.abs().max()) if H.numel() else 0.0
     if scale == 0.0:
         raise ValueError(
             "hessian is all zero: the calibration inputs of this layer were all zero, so every weight would be "
@@ -96,12 +106,17 @@ def check_hessian(H: object, in_features: int | None = None) -> None:
             f"hessian has {negative} negative diagonal entries, so it is not positive semi-definite (a Hessian is "
             "2/n sum x x^T; was it negated or built from something else?)"
         )
-    asym = float((H - H.T).abs().max())
     if asym > 1e-3 * scale:
         raise ValueError(
             f"hessian is not symmetric: max |H - H^T| = {asym:.3g} (largest entry {scale:.3g}); a Hessian is "
             "2/n sum x x^T"
         )
+
+
+def row_blocks(n: int, elements: int = 1 << 22) -> list[tuple[int, int]]:
+    """``[r0, r1)`` ranges of about ``elements`` entries of an ``[n, n]`` matrix each (at least one row)."""
+    step = max(1, elements // max(n, 1))
+    return [(r0, min(n, r0 + step)) for r0 in range(0, n, step)]
 
 
 def fix_dead_inputs(W: torch.Tensor, H: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -128,22 +143,41 @@ def inverse_cholesky(
 
     ``lam`` starts at ``damp``; when a factorization fails (rank-deficient or indefinite ``H``) it is
     multiplied by ``growth`` and retried, up to ``max_retries`` times, with a logged warning each time.
-    Returns ``(U, lam_used, retries)``; raises ``ValueError`` when every attempt fails.
+    Returns ``(U, lam_used, retries)``; raises ``ValueError`` when every attempt fails. Memory: two ``[n, n]``
+    matrices besides ``H`` at any time (see :func:`damped_inverse_cholesky`).
     """
     check_hessian(H)
+    U, lam, retries, _ = damped_inverse_cholesky(H.clone, damp, max_retries=max_retries, growth=growth)
+    return U, lam, retries
+
+
+def damped_inverse_cholesky(
+    build: Callable[[], torch.Tensor], damp: float, *, max_retries: int = 6, growth: float = 10.0
+) -> tuple[torch.Tensor, float, int, float]:
+    """:func:`inverse_cholesky` of the matrix ``build()`` returns (a fresh copy each call), with at most two
+    ``[n, n]`` matrices alive: the damping is added in place to the copy, which is dropped once factorised,
+    and so is each factor once the next one is computed. ``build`` is called again on a retry, so the
+    caller's matrix is never modified. Returns ``(U, lam_used, retries, mean(diag))``."""
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
-    n = H.shape[0]
-    mean_diag = float(torch.diagonal(H).mean())
-    scale = mean_diag if mean_diag > 0 else 1.0
-    eye = torch.eye(n, dtype=H.dtype, device=H.device)
+    mean_diag = scale = 0.0
     lam = damp
     for attempt in range(max_retries + 1):
-        L, info = torch.linalg.cholesky_ex(H + (lam * scale) * eye)
+        work = build()
+        if attempt == 0:
+            mean_diag = float(torch.diagonal(work).mean())
+            scale = mean_diag if mean_diag > 0 else 1.0
+        torch.diagonal(work).add_(lam * scale)
+        L, info = torch.linalg.cholesky_ex(work)
+        del work
         if int(info) == 0:
-            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
-            if int(info) == 0 and torch.isfinite(U).all():
-                return U, lam, attempt
+            inverse = torch.cholesky_inverse(L)
+            del L
+            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
+            del inverse
+            if int(info) == 0 and all(bool(torch.isfinite(U[r0:r1]).all()) for r0, r1 in row_blocks(U.shape[0])):
+                return U, lam, attempt, mean_diag
+            del U
         if attempt < max_retries:
             new_lam = lam * growth if lam > 0 else 1e-6
             logger.warning(

@@ -94,7 +94,6 @@ def refit_coefficients(
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     H32 = H.to(torch.float32)
-    H64 = H.to(torch.float64)
     Hg = H32.view(inp, n_groups, group_size)  # H[t, (b, s)]
     per_row = p * n_groups * inp * 4
     chunk = max(1, min(out, chunk_bytes // max(per_row, 1)))
@@ -110,7 +109,7 @@ def refit_coefficients(
         sol = _solve_rows(HW.view(r1 - r0, n_groups, group_size), Hg, V, old.to(torch.float64), ridge)
         cand = round_coeffs(sol.to(coeffs.dtype))
         Wr = W[r0:r1]
-        losses = row_losses(torch.cat([Wr, Wr]), torch.cat([dequant_rows(V, old), dequant_rows(V, cand)]), H64)
+        losses = row_losses(torch.cat([Wr, Wr]), torch.cat([dequant_rows(V, old), dequant_rows(V, cand)]), H)
         loss_old, loss_new = losses[: r1 - r0], losses[r1 - r0 :]
         better = torch.isfinite(loss_new) & (loss_new < loss_old)
         new[r0:r1] = torch.where(better.view(-1, 1, 1), cand, old)
@@ -154,9 +153,10 @@ def dequant_rows(V: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
     return Q.view(rows, n_groups * g)
 
 
-def row_losses(W: torch.Tensor, Q: torch.Tensor, H64: torch.Tensor) -> torch.Tensor:
-    """``(W_r - Q_r) H (W_r - Q_r)^T`` per row, in float64 (symmetric blocks: half the multiply-adds)."""
-    return quadratic_forms(W.to(torch.float64) - Q.to(torch.float64), H64, dtype=torch.float64)
+def row_losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``(W_r - Q_r) H (W_r - Q_r)^T`` per row, in float64 (symmetric blocks: half the multiply-adds; ``H``
+    is converted one block of rows at a time, never whole)."""
+    return quadratic_forms(W.to(torch.float64) - Q.to(torch.float64), H, dtype=torch.float64)
 
 
 def _solve_rows(HW: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:

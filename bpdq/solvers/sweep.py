@@ -8,7 +8,7 @@ from typing import Any
 
 import torch
 
-from bpdq.solvers.hessian import fix_dead_inputs, inverse_cholesky
+from bpdq.solvers.hessian import check_hessian, damped_inverse_cholesky, row_blocks
 from bpdq.solvers.ordering import Order, column_permutation
 
 
@@ -37,20 +37,40 @@ class SweepLayer:
 
 
 def prepare_layer(W: torch.Tensor, H: torch.Tensor, group_size: int, order: Order | str, damp: float) -> SweepLayer:
-    """Dead inputs (DESIGN step 1), column order (step 2), and ``U`` of the damped inverse Hessian."""
+    """Dead inputs (DESIGN step 1), column order (step 2), and ``U`` of the damped inverse Hessian.
+
+    ``H`` is not modified, and no more than two ``[in, in]`` matrices exist beside it at any time: the
+    dead-input fix, the permutation and the damping go into one working copy (built in blocks of rows),
+    which :func:`damped_inverse_cholesky` drops once factorised.
+    """
+    check_hessian(H, W.shape[1])
     dead = torch.diagonal(H) == 0
     isolated = not bool(H[dead].any())  # else H is not PSD: the loss comes from the explicit formula
-    W, H, n_dead = fix_dead_inputs(W, H)
-    perm = column_permutation(order, torch.diagonal(H), group_size)
+    n_dead = int(dead.sum())
+    diag = torch.diagonal(H).clone()
+    if n_dead:  # dead inputs: H_jj = 1 and W[:, j] = 0 (as fix_dead_inputs)
+        diag[dead] = 1.0
+        W = W.clone()
+        W[:, dead] = 0.0
+    perm = column_permutation(order, diag, group_size)
     if perm is not None:
         W = W[:, perm]
-        H = H[perm][:, perm]
         dead = dead[perm]
-    H = H.to(W.dtype)
-    U, used, retries = inverse_cholesky(H, damp)
+        diag = diag[perm]
+    diag = diag.to(W.dtype)
+
+    def working_copy() -> torch.Tensor:
+        work = torch.empty(H.shape, dtype=W.dtype, device=H.device)
+        for r0, r1 in row_blocks(H.shape[0]):
+            rows = H[r0:r1] if perm is None else H.index_select(0, perm[r0:r1]).index_select(1, perm)
+            work[r0:r1] = rows
+        torch.diagonal(work).copy_(diag)
+        return work
+
+    U, used, retries, mean_diag = damped_inverse_cholesky(working_copy, damp)
     return SweepLayer(
         W=W.contiguous(), U=U, perm=perm, damp=used, retries=retries, n_dead=n_dead,
-        mean_diag=float(torch.diagonal(H).mean()), dead=dead,
+        mean_diag=mean_diag, dead=dead,
         loss_from_errors=used >= SWEEP_LOSS_MIN_DAMP and isolated,
     )
 

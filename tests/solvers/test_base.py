@@ -194,3 +194,5 @@ def test_quadratic_forms_use_the_symmetry_of_h():
         torch.testing.assert_close(terms, expected, rtol=1e-5, atol=0)
         exact = quadratic_forms(X.double(), H.double(), dtype=torch.float64, blocks=blocks)  # the refit's losses
         torch.testing.assert_close(exact, expected, rtol=1e-12, atol=0)
+        # H converted block by block (the refit passes its float32 H): the same bits as a float64 copy
+        assert torch.equal(quadratic_forms(X.double(), H, dtype=torch.float64, blocks=blocks), exact)

@@ -10,7 +10,14 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 import bpdq
-from bpdq.solvers.hessian import HessianAccumulator, check_hessian, fix_dead_inputs, inverse_cholesky
+from bpdq.solvers.hessian import (
+    HessianAccumulator,
+    check_hessian,
+    damped_inverse_cholesky,
+    fix_dead_inputs,
+    inverse_cholesky,
+    row_blocks,
+)
 from tests.solvers.cases import correlated_hessian
 from tests.strategies import seeds
 
@@ -137,3 +144,53 @@ def test_indefinite_hessian_that_damping_cannot_fix_is_a_value_error():
         inverse_cholesky(H, 0.01, max_retries=2)
     with pytest.raises(ValueError, match="damp must be >= 0"):
         inverse_cholesky(torch.eye(4), -1.0)
+
+
+@given(seed=seeds, damp=st.sampled_from([0.0, 0.01]))
+def test_inverse_cholesky_equals_the_explicit_damped_formula_and_leaves_h_alone(seed, damp):
+    H = correlated_hessian(24, seed)
+    before = H.clone()
+    U, used, _ = inverse_cholesky(H, damp)
+    L = torch.linalg.cholesky(H + (used * float(torch.diagonal(H).mean())) * torch.eye(24))
+    assert torch.equal(U, torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True))  # damping added in place: same bits
+    assert torch.equal(H, before)
+
+
+def test_a_retry_rebuilds_the_working_copy_without_the_failed_damping():
+    calls = []
+    H = torch.tensor([[1.0, 3.0], [3.0, 1.0]])  # needs damp > 2
+
+    def build():
+        calls.append(1)
+        return H.clone()
+
+    U, lam, retries, mean_diag = damped_inverse_cholesky(build, 0.01)
+    assert len(calls) == retries + 1 and mean_diag == 1.0
+    L = torch.linalg.cholesky(H + lam * torch.eye(2))
+    assert torch.equal(U, torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True))
+
+
+def test_check_hessian_finds_defects_in_any_block_of_rows():
+    n = 2100  # two blocks of rows at the default block size
+    assert len(row_blocks(n)) == 2
+    H = torch.eye(n)
+    check_hessian(H)
+    bad = H.clone()
+    bad[n - 1, 3] = 0.5  # below the diagonal, in the second block only
+    with pytest.raises(ValueError, match="not symmetric"):
+        check_hessian(bad)
+    bad = H.clone()
+    bad[n - 2, n - 1] = float("nan")
+    with pytest.raises(ValueError, match="NaN or Inf"):
+        check_hessian(bad)
+    scaled = H.clone()
+    scaled[n - 1, n - 1] = 1e6  # the largest entry sets the tolerance, wherever it is
+    scaled[0, 1], scaled[1, 0] = 1.0, 1.5
+    check_hessian(scaled)
+
+
+def test_row_blocks_cover_every_row_once():
+    for n in (1, 7, 2048, 5000):
+        blocks = row_blocks(n, elements=4096)
+        assert blocks[0][0] == 0 and blocks[-1][1] == n
+        assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:])) and all(r0 < r1 for r0, r1 in blocks)

@@ -7,7 +7,8 @@ import torch
 
 import bpdq.solvers.base
 from bpdq.grids import BitPlaneGrid, UniformGrid
-from bpdq.solvers import BPDQ, GPTQ, gptq_sweep, prepare_layer, restore_order
+from bpdq.solvers import BPDQ, GPTQ, bpdq_sweep, fix_dead_inputs, gptq_sweep, inverse_cholesky, prepare_layer, restore_order
+from bpdq.solvers.ordering import column_permutation
 from bpdq.solvers.sweep import SWEEP_LOSS_MIN_DAMP, sweep_proxy_loss
 from tests.solvers.cases import correlated_hessian, heavy_weight
 
@@ -64,3 +65,32 @@ def test_statistics_take_no_extra_pass_over_the_hessian_unless_damping_is_tiny(m
     assert layer.n_dead == 1 and not layer.loss_from_errors
     qw = GPTQ()(W, H, UniformGrid(bits=2), 32)
     assert calls == [1, 1, 1] and qw.stats.proxy_loss == pytest.approx(_loss64(W, qw.dequantize(torch.float64), H), rel=1e-5)
+
+
+@pytest.mark.parametrize("order, dead", [("gar", 0), ("gar", 4), ("none", 3)])
+def test_prepare_layer_equals_fixing_permuting_and_factorising_copies(order, dead):
+    """One working copy (built in blocks of rows) gives the same bits as the separate steps, and ``H`` is
+    left as it was."""
+    W, H = heavy_weight(8, 320, 3), correlated_hessian(320, 3)
+    idx = torch.randperm(320, generator=torch.Generator().manual_seed(2))[:dead]
+    H[idx, :] = 0.0
+    H[:, idx] = 0.0
+    before = H.clone()
+    layer = prepare_layer(W, H, 64, order, 0.01)
+    W2, H2, n_dead = fix_dead_inputs(W, H)
+    perm = column_permutation(order, torch.diagonal(H2), 64)
+    if perm is not None:
+        W2, H2 = W2[:, perm], H2[perm][:, perm]
+    U, used, retries = inverse_cholesky(H2, 0.01)
+    assert torch.equal(layer.U, U) and torch.equal(layer.W, W2) and layer.n_dead == n_dead == dead
+    assert layer.mean_diag == float(torch.diagonal(H2).mean()) and (layer.damp, layer.retries) == (used, retries)
+    assert torch.equal(H, before)
+
+
+def test_sweeps_keep_one_byte_codes():
+    W, H = heavy_weight(8, 128, 4), correlated_hessian(128, 4)
+    layer = prepare_layer(W, H, 32, "gar", 0.01)
+    codes, _, _ = gptq_sweep(layer.W.clone(), layer.U, UniformGrid(bits=3), 32, 64)
+    res = bpdq_sweep(layer.W.clone(), layer.U, BitPlaneGrid(planes=2), 32, iters=2)
+    assert codes.dtype == res.codes.dtype == torch.uint8
+    assert int(codes.max()) < 8 and int(res.codes.max()) < 4
