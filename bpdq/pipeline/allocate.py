@@ -87,7 +87,7 @@ def measure(source: ModelSource, s: "_Setup", inputs: Sequence[Batch], device: t
                     results.append(ModuleLoss(f"{prefix}.{rel}", weight.numel(), losses))
                 nxt = None
                 if i < len(s.layers) - 1:
-                    nxt = run_layer(layer, current, device, out=current.empty_like() if isinstance(current, ActivationStore) else [])
+                    nxt = run_layer(layer, current, device)
             finally:
                 layer.to(home)
             source.release(prefix)

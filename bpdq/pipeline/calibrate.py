@@ -95,6 +95,12 @@ class ActivationStore(Sequence[Batch]):
         self._items = []
 
 
+def outputs_like(batches: Sequence[Batch]) -> "ActivationStore | list[Batch]":
+    """An empty container for a pass's outputs over ``batches``: a store with the same directory and memory
+    budget when ``batches`` is an :class:`ActivationStore`, else a list."""
+    return batches.empty_like() if isinstance(batches, ActivationStore) else []
+
+
 def to_device(value: Any, device: torch.device) -> Any:
     if isinstance(value, torch.Tensor):
         return value.to(device)
@@ -244,8 +250,8 @@ def run_layer(
     out: Any = None,
 ) -> Any:
     """``layer``'s outputs for every batch, as the next layer's inputs (same keyword arguments), appended to
-    ``out`` (a new list by default, or an :class:`ActivationStore`) and returned."""
-    out = [] if out is None else out
+    ``out`` (by default a new container like ``batches``: :func:`outputs_like`) and returned."""
+    out = outputs_like(batches) if out is None else out
     for _, b in _passes(batches, replay):
         hidden = _first_output(_call(layer, b, device))
         out.append(Batch(hidden.detach().to("cpu", b.hidden.dtype), b.args, b.kwargs))
@@ -294,4 +300,5 @@ def collect_hessians(
         raise RuntimeError(f"linears {missing} never received an input during calibration")
     for acc in accs.values():  # the same order on every rank of a distributed run
         acc.all_reduce()
-    return {n: accs[alias.get(n, n)].hessian for n in names}
+    hessians = {key: accs.pop(key).hessian for key in list(accs)}  # each float64 sum dropped once converted
+    return {n: hessians[alias.get(n, n)] for n in names}

@@ -9,7 +9,8 @@ become the next layer's fp inputs (``LayerStep.fp_outputs``) and the copy is dro
 - **Asymmetric calibration** (``calibration.asymmetric``): for each sequential group, the full-precision copy
   runs on the fp inputs and the partially quantized layer on the quantized inputs, batch by batch; each
   linear's two inputs give ``H_q`` and ``C`` (:class:`~bpdq.solvers.asymmetric.AsymmetricAccumulator`), the
-  linear's weight is replaced by ``W~ = asymmetric_target(W, H_q, C, damp)`` and solved with ``H_q``
+  linear's weight is replaced by ``W~ = asymmetric_target(W, H_q, C, damp)`` (one factorisation of ``H_q``
+  per shared input: :func:`~bpdq.solvers.asymmetric.asymmetric_targets`) and solved with ``H_q``
   (:func:`asymmetric_hessians`). The module's recorded proxy loss is then measured against ``W~``. The
   output projection (``lm_head``), when quantized, keeps the symmetric Hessian.
 - **Coefficient tuning** (``tuning``): :meth:`Levers.tune` runs :func:`bpdq.tuning.tune_layer` on the
@@ -34,8 +35,8 @@ import torch
 from torch import nn
 
 from bpdq.linear import QuantLinear
-from bpdq.pipeline.calibrate import ActivationStore, Batch, Replay, _call, _first_output, _Stop, run_layer
-from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target
+from bpdq.pipeline.calibrate import Batch, Replay, _call, _first_output, _Stop, outputs_like, run_layer
+from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_targets
 
 if TYPE_CHECKING:
     from bpdq.pipeline.run import LayerStep
@@ -111,18 +112,21 @@ def asymmetric_hessians(
     for r in (replay, fp_replay):
         if r is not None:
             r.end_pass(len(inputs))
-    moments: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     hessians: dict[str, torch.Tensor] = {}
-    for n in names:
-        root = alias.get(n, n)
-        if root not in moments:
-            moments[root] = (accs[root].hessian, accs[root].cross)
-        H_q, C = moments[root]
-        hessians[n] = H_q
-        weight = layer.get_submodule(n).weight
+    for root in list(accs):  # H_q factorised once for the linears that share it
+        acc = accs.pop(root)
+        H_q, C = acc.hessian, acc.cross
+        del acc
+        members = [n for n in names if alias.get(n, n) == root]
+        weights = [layer.get_submodule(n).weight for n in members]
+        dev = weights[0].device
+        targets = asymmetric_targets([w.detach() for w in weights], H_q.to(dev), C.to(dev), damp)
+        del C
         with torch.no_grad():
-            weight.copy_(asymmetric_target(weight.detach(), H_q.to(weight.device), C.to(weight.device), damp))
-    return hessians
+            for n, weight, target in zip(members, weights, targets):
+                hessians[n] = H_q
+                weight.copy_(target)
+    return {n: hessians[n] for n in names}
 
 
 class _Hidden(Sequence[torch.Tensor]):
@@ -148,7 +152,6 @@ class Levers:
         self.asymmetric = asymmetric
         self.tuning = tuning
         self.tuning_results: list[dict[str, Any]] = []
-        self._fp_replay: Replay | None = None  # the current layer's full-precision copy's (asymmetric only)
 
     @property
     def fp_stream(self) -> bool:
@@ -158,21 +161,21 @@ class Levers:
         """Keep a full-precision copy of the layer (on ``device``, where the layer is)."""
         if step.fp_inputs is not None:
             step.fp_layer = copy.deepcopy(step.layer)
-            self._fp_replay = Replay(step.fp_layer) if self.asymmetric else None
+            step.fp_replay = Replay(step.fp_layer) if self.asymmetric else None
 
     def calibrate(self, step: "LayerStep", names: list[str], device: torch.device) -> dict[str, torch.Tensor]:
         """Asymmetric Hessians of a group (the linears' weights become their targets ``W~``). A sub-block
         finished in the quantized layer (see ``step.replay``) is replayed in the full-precision copy too: the
         copy never changes, and the group's inputs are not inside the block."""
         assert step.inputs is not None and step.fp_inputs is not None and step.fp_layer is not None
-        if step.replay is not None and self._fp_replay is not None:
+        if step.replay is not None and step.fp_replay is not None:
             for block in step.replay.finished:
-                self._fp_replay.finish(block)
+                step.fp_replay.finish(block)
         fp_out = None
         if set(names) <= set(step.plan[-1]):  # the last group: its fp passes also give the fp outputs
-            fp_out = step.fp_inputs.empty_like() if isinstance(step.fp_inputs, ActivationStore) else []
+            fp_out = outputs_like(step.fp_inputs)
         hessians = asymmetric_hessians(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, device,
-                                       replay=step.replay, fp_replay=self._fp_replay, fp_out=fp_out)
+                                       replay=step.replay, fp_replay=step.fp_replay, fp_out=fp_out)
         if fp_out is not None:
             step.fp_outputs = fp_out
         return hessians
@@ -183,9 +186,8 @@ class Levers:
         if step.fp_layer is None or step.fp_inputs is None:
             return
         if step.fp_outputs is None:
-            out = step.fp_inputs.empty_like() if isinstance(step.fp_inputs, ActivationStore) else []
-            step.fp_outputs = run_layer(step.fp_layer, step.fp_inputs, device, self._fp_replay, out=out)
-        step.fp_layer, self._fp_replay = None, None
+            step.fp_outputs = run_layer(step.fp_layer, step.fp_inputs, device, step.fp_replay)
+        step.fp_layer = step.fp_replay = None
 
     def tune(self, step: "LayerStep", device: torch.device) -> None:
         """Tune the solved layer's coefficients on the quantized inputs against the fp targets."""

@@ -96,6 +96,7 @@ class LayerStep:
     fp_layer: nn.Module | None = None
     records: list[ModuleRecord] = field(default_factory=list)
     replay: Replay | None = None
+    fp_replay: Replay | None = None  # ``fp_layer``'s, when a stage replays its finished sub-blocks
 
 
 @dataclass
@@ -195,8 +196,7 @@ def solve_layer(
 def layer_outputs(step: LayerStep, device: torch.device) -> None:
     """The solved layer's outputs for ``step.inputs`` (the next layer's inputs) into ``step.outputs``."""
     assert step.inputs is not None
-    out = step.inputs.empty_like() if isinstance(step.inputs, ActivationStore) else []
-    step.outputs = run_layer(step.layer, step.inputs, device, step.replay, out=out)
+    step.outputs = run_layer(step.layer, step.inputs, device, step.replay)
 
 
 @dataclass
@@ -520,7 +520,7 @@ def run_layer_step(
             layer_outputs(step, device)
     finally:
         layer.to(home)
-        step.fp_layer = None
+        step.fp_layer = step.fp_replay = None
     return step
 
 

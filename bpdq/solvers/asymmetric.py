@@ -24,6 +24,7 @@ activations beside the quantized ones (twice the calibration activations of one 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 
 import torch
 
@@ -90,9 +91,22 @@ def asymmetric_target(
 
     ``H_q`` and ``C`` must come with the same scaling (as :class:`AsymmetricAccumulator` gives them).
     """
-    if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
-        raise ValueError("W must be a 2-D floating-point torch.Tensor [out, in]")
-    d = W.shape[1]
+    return asymmetric_targets([W], H_q, C, damp, max_retries=max_retries)[0]
+
+
+def asymmetric_targets(
+    weights: Sequence[torch.Tensor], H_q: torch.Tensor, C: torch.Tensor, damp: float = 0.01, *, max_retries: int = 6
+) -> list[torch.Tensor]:
+    """:func:`asymmetric_target` of each of ``weights`` (linears that read the same inputs, e.g. q/k/v),
+    with ``H_q`` factorised once: each result has the same bits as its own :func:`asymmetric_target`."""
+    for W in weights:
+        if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+            raise ValueError("W must be a 2-D floating-point torch.Tensor [out, in]")
+    if not weights:
+        return []
+    d = weights[0].shape[1]
+    if any(W.shape[1] != d for W in weights):
+        raise ValueError(f"weights must share in_features, got {[W.shape[1] for W in weights]}")
     check_hessian(H_q, d)
     if not isinstance(C, torch.Tensor) or C.shape != (d, d):
         raise ValueError(f"C must be a [{d}, {d}] torch.Tensor like H_q, got {getattr(C, 'shape', type(C).__name__)}")
@@ -103,7 +117,7 @@ def asymmetric_target(
     S = H_q.to(torch.float64)
     delta = C.to(torch.float64) - S
     if not bool(delta.any()):
-        return W.clone()
+        return [W.clone() for W in weights]
     scale = float(torch.diagonal(S).mean())
     eye = torch.eye(d, dtype=torch.float64, device=S.device)
     lam = damp
@@ -116,6 +130,10 @@ def asymmetric_target(
         new_lam = lam * 10.0 if lam > 0 else 1e-6
         logger.warning("Cholesky factorization of H_q failed at damp=%.3g; retrying with damp=%.3g", lam, new_lam)
         lam = new_lam
+    del S, eye
     # correction^T = S_lam^-1 (W delta)^T   (S_lam symmetric)
-    corr = torch.cholesky_solve((W.to(torch.float64) @ delta).T, L).T
-    return (W.to(torch.float64) + corr).to(W.dtype)
+    out = []
+    for W in weights:
+        corr = torch.cholesky_solve((W.to(torch.float64) @ delta).T, L).T
+        out.append((W.to(torch.float64) + corr).to(W.dtype))
+    return out

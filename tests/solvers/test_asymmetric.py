@@ -8,7 +8,7 @@ from hypothesis import given, settings
 
 from bpdq.grids import BitPlaneGrid
 from bpdq.solvers import BPDQ, GPTQ, HessianAccumulator
-from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target
+from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target, asymmetric_targets
 from tests.solvers.cases import correlated_inputs, heavy_weight
 from tests.strategies import seeds
 
@@ -84,3 +84,20 @@ def test_bad_inputs_are_errors():
         asymmetric_target(W, acc.hessian, acc.cross, damp=-1.0)
     with pytest.raises(ValueError, match="not positive semi-definite"):
         asymmetric_target(W, -acc.hessian, acc.cross)
+    with pytest.raises(ValueError, match="must share in_features"):
+        asymmetric_targets([W, torch.randn(2, 4)], acc.hessian, acc.cross)
+
+
+def test_linears_that_share_inputs_factorise_h_q_once_with_the_same_bits(monkeypatch):
+    x_fp, x_q = _pair(4, n=48, tokens=300)
+    acc = AsymmetricAccumulator(48)
+    acc.add(x_q.float(), x_fp.float())
+    weights = [heavy_weight(rows, 48, rows) for rows in (8, 4, 4)]  # q, k, v
+    each = [asymmetric_target(W, acc.hessian, acc.cross) for W in weights]
+    calls = []
+    factor = torch.linalg.cholesky_ex
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: calls.append(1) or factor(*a, **k))
+    shared = asymmetric_targets(weights, acc.hessian, acc.cross)
+    assert len(calls) == 1
+    assert all(torch.equal(a, b) for a, b in zip(each, shared)) and not torch.equal(shared[0], weights[0])
+    assert asymmetric_targets([], acc.hessian, acc.cross) == []
