@@ -17,9 +17,10 @@ class HessianAccumulator:
     Each batch's ``x^T x`` is computed in ``dtype`` (float32 by default, ``torch.float64`` for extra
     precision) on ``device`` (the inputs' device when ``None``) and added to a float64 sum: a sum of per-batch
     terms in float64 hardly depends on how the batches are grouped, so a distributed run's Hessian (per-rank
-    sums, reduced) rounds to the same ``dtype`` values as one process's. Memory: the float64 sum (``8 in^2``
-    bytes; each batch term is added a block of rows at a time), plus the ``dtype`` result while
-    :attr:`hessian` hands it out.
+    sums, reduced) rounds to the same ``dtype`` values as one process's. Only the upper triangle is summed,
+    in blocks of rows (block ``[r0, r1)`` holds columns ``r0:``), and :attr:`hessian` mirrors it: memory is
+    about ``4 in^2`` bytes for the sum (half of a whole float64 matrix, and half the multiply-adds), plus the
+    ``dtype`` result while :attr:`hessian` hands it out.
     """
 
     def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
@@ -30,7 +31,8 @@ class HessianAccumulator:
         self.in_features = in_features
         self.dtype = dtype
         self.device = device
-        self._sum: torch.Tensor | None = None
+        self._ranges = row_blocks(in_features)
+        self._blocks: list[torch.Tensor] | None = None  # float64 [r1 - r0, in - r0] per range
         self.n = 0
 
     def add(self, x: torch.Tensor) -> None:
@@ -41,12 +43,13 @@ class HessianAccumulator:
         x2 = x.detach().reshape(-1, self.in_features)
         if x2.shape[0] == 0:
             return
-        if self._sum is None:
+        n = self.in_features
+        if self._blocks is None:
             dev = self.device if self.device is not None else x2.device
-            self._sum = torch.zeros(self.in_features, self.in_features, dtype=torch.float64, device=dev)
-        x2 = x2.to(device=self._sum.device, dtype=self.dtype)
-        for r0, r1 in row_blocks(self.in_features):  # the batch term a block of rows at a time: no [in, in] temporary
-            self._sum[r0:r1].add_(x2[:, r0:r1].T @ x2)
+            self._blocks = [torch.zeros(r1 - r0, n - r0, dtype=torch.float64, device=dev) for r0, r1 in self._ranges]
+        x2 = x2.to(device=self._blocks[0].device, dtype=self.dtype)
+        for (r0, r1), block in zip(self._ranges, self._blocks):
+            block.add_(x2[:, r0:r1].T @ x2[:, r0:])
         self.n += x2.shape[0]
 
     def all_reduce(self) -> None:
@@ -54,17 +57,25 @@ class HessianAccumulator:
         :mod:`bpdq.pipeline.distributed`); a no-op in a single process."""
         from bpdq.pipeline.distributed import all_reduce_hessian
 
-        if self._sum is None:
+        if self._blocks is None:
             raise ValueError("no calibration inputs were accumulated on this rank; nothing to reduce")
-        self._sum, self.n = all_reduce_hessian(self._sum, self.n)
+        reduced = [all_reduce_hessian(block, self.n) for block in self._blocks]
+        self._blocks = [block for block, _ in reduced]
+        self.n = reduced[0][1]
 
     @property
     def hessian(self) -> torch.Tensor:
-        if self._sum is None or self.n == 0:
+        """``H`` in ``dtype``: each block of rows converted, then mirrored below the diagonal (exactly
+        symmetric outside the diagonal blocks, which are summed whole)."""
+        if self._blocks is None or self.n == 0:
             raise ValueError("no calibration inputs were accumulated; the Hessian is undefined")
-        H = self._sum.to(self.dtype, copy=True).mul_(2.0 / self.n)
-        if not torch.isfinite(H).all():
-            raise ValueError("the accumulated Hessian contains NaN or Inf values (non-finite calibration inputs?)")
+        H = torch.empty(self.in_features, self.in_features, dtype=self.dtype, device=self._blocks[0].device)
+        for (r0, r1), block in zip(self._ranges, self._blocks):
+            rows = block.to(self.dtype, copy=True).mul_(2.0 / self.n)
+            if not torch.isfinite(rows).all():
+                raise ValueError("the accumulated Hessian contains NaN or Inf values (non-finite calibration inputs?)")
+            H[r0:r1, r0:] = rows
+            H[r1:, r0:r1] = rows[:, r1 - r0 :].T
         return H
 
 

@@ -194,3 +194,20 @@ def test_row_blocks_cover_every_row_once():
         blocks = row_blocks(n, elements=4096)
         assert blocks[0][0] == 0 and blocks[-1][1] == n
         assert all(a[1] == b[0] for a, b in zip(blocks, blocks[1:])) and all(r0 < r1 for r0, r1 in blocks)
+
+
+def test_the_accumulator_sums_the_upper_triangle_and_mirrors_it():
+    n = 2100  # two blocks of rows
+    gen = torch.Generator().manual_seed(5)
+    batches = [torch.randn(300, n, generator=gen) for _ in range(2)]
+    acc = HessianAccumulator(n)
+    for b in batches:
+        acc.add(b)
+    H = acc.hessian
+    assert torch.equal(H[1000:, :900], H[:900, 1000:].T)  # outside the diagonal blocks: exactly symmetric
+    full = sum(b.T.double() @ b.double() for b in batches) * (2.0 / 600)
+    torch.testing.assert_close(H.double(), full, rtol=1e-5, atol=1e-4)
+    assert torch.equal(acc.hessian, H)  # handing it out again gives the same (the sums are not scaled in place)
+    acc64 = HessianAccumulator(n, dtype=torch.float64)
+    acc64.add(batches[0])
+    assert torch.equal(acc64.hessian, acc64.hessian)
