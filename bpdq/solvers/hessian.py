@@ -124,6 +124,15 @@ def check_hessian(H: object, in_features: int | None = None) -> None:
         )
 
 
+def _mirror_lower(A: torch.Tensor) -> None:
+    """``A[i, j] = A[j, i]`` for ``j > i``, in place, a block of rows at a time."""
+    for r0, r1 in row_blocks(A.shape[0]):
+        A[r0:r1, r1:] = A[r1:, r0:r1].mT
+        D = A[r0:r1, r0:r1]
+        upper = torch.ones(r1 - r0, r1 - r0, dtype=torch.bool, device=A.device).triu_(1)
+        D.copy_(torch.where(upper, D.mT, D))
+
+
 def row_blocks(n: int, elements: int = 1 << 22) -> list[tuple[int, int]]:
     """``[r0, r1)`` ranges of about ``elements`` entries of an ``[n, n]`` matrix each (at least one row)."""
     step = max(1, elements // max(n, 1))
@@ -154,8 +163,8 @@ def inverse_cholesky(
 
     ``lam`` starts at ``damp``; when a factorization fails (rank-deficient or indefinite ``H``) it is
     multiplied by ``growth`` and retried, up to ``max_retries`` times, with a logged warning each time.
-    Returns ``(U, lam_used, retries)``; raises ``ValueError`` when every attempt fails. Memory: two ``[n, n]``
-    matrices besides ``H`` at any time (see :func:`damped_inverse_cholesky`).
+    Returns ``(U, lam_used, retries)``; raises ``ValueError`` when every attempt fails. Memory: one ``[n, n]``
+    matrix besides ``H`` (see :func:`damped_inverse_cholesky`).
     """
     check_hessian(H)
     U, lam, retries, _ = damped_inverse_cholesky(H.clone, damp, max_retries=max_retries, growth=growth)
@@ -165,10 +174,10 @@ def inverse_cholesky(
 def damped_inverse_cholesky(
     build: Callable[[], torch.Tensor], damp: float, *, max_retries: int = 6, growth: float = 10.0
 ) -> tuple[torch.Tensor, float, int, float]:
-    """:func:`inverse_cholesky` of the matrix ``build()`` returns (a fresh copy each call), with at most two
-    ``[n, n]`` matrices alive: the damping is added in place to the copy, which is dropped once factorised,
-    and so is each factor once the next one is computed. ``build`` is called again on a retry, so the
-    caller's matrix is never modified. Returns ``(U, lam_used, retries, mean(diag))``."""
+    """:func:`inverse_cholesky` of the matrix ``build()`` returns (a fresh copy each call, read from its lower
+    triangle), with one ``[n, n]`` matrix alive: the damping, the factor, the inverse and ``U`` are all
+    computed in place in that copy. ``build`` is called again on a retry, so the caller's matrix is never
+    modified. Returns ``(U, lam_used, retries, mean(diag))``."""
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
     mean_diag = scale = 0.0
@@ -179,16 +188,18 @@ def damped_inverse_cholesky(
             mean_diag = float(torch.diagonal(work).mean())
             scale = mean_diag if mean_diag > 0 else 1.0
         torch.diagonal(work).add_(lam * scale)
-        L, info = torch.linalg.cholesky_ex(work)
-        del work
+        _mirror_lower(work)
+        # In place, in the column-major view of the (now exactly symmetric) copy: LAPACK works on it without
+        # a copy, and the factors have the bits torch.linalg gives on a copy (it factorises the lower triangle).
+        U = work.mT
+        info = torch.empty((), dtype=torch.int32, device=work.device)
+        torch.linalg.cholesky_ex(U, out=(U, info))
         if int(info) == 0:
-            inverse = torch.cholesky_inverse(L)
-            del L
-            U, info = torch.linalg.cholesky_ex(inverse, upper=True)
-            del inverse
+            torch.cholesky_inverse(U, out=U)
+            torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
             if int(info) == 0 and all(bool(torch.isfinite(U[r0:r1]).all()) for r0, r1 in row_blocks(U.shape[0])):
                 return U, lam, attempt, mean_diag
-            del U
+        del U, work
         if attempt < max_retries:
             new_lam = lam * growth if lam > 0 else 1e-6
             logger.warning(

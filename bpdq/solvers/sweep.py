@@ -39,9 +39,9 @@ class SweepLayer:
 def prepare_layer(W: torch.Tensor, H: torch.Tensor, group_size: int, order: Order | str, damp: float) -> SweepLayer:
     """Dead inputs (DESIGN step 1), column order (step 2), and ``U`` of the damped inverse Hessian.
 
-    ``H`` is not modified, and no more than two ``[in, in]`` matrices exist beside it at any time: the
-    dead-input fix, the permutation and the damping go into one working copy (built in blocks of rows),
-    which :func:`damped_inverse_cholesky` drops once factorised.
+    ``H`` is not modified, and one ``[in, in]`` matrix exists beside it: the dead-input fix, the permutation
+    and the damping go into one working copy (built in blocks of rows), which
+    :func:`damped_inverse_cholesky` turns into ``U`` in place.
     """
     check_hessian(H, W.shape[1])
     dead = torch.diagonal(H) == 0

@@ -211,3 +211,25 @@ def test_the_accumulator_sums_the_upper_triangle_and_mirrors_it():
     acc64 = HessianAccumulator(n, dtype=torch.float64)
     acc64.add(batches[0])
     assert torch.equal(acc64.hessian, acc64.hessian)
+
+
+def test_the_factorisation_happens_in_the_built_copy():
+    H = correlated_hessian(64, 3)
+    built = []
+
+    def build():
+        built.append(H.clone())
+        return built[-1]
+
+    U, _, _, _ = damped_inverse_cholesky(build, 0.01)
+    assert len(built) == 1 and U.data_ptr() == built[0].data_ptr()  # U lives in the copy: no second matrix
+    assert torch.equal(U, inverse_cholesky(H, 0.01)[0])
+
+
+def test_mirror_lower_copies_the_lower_triangle_up_across_blocks():
+    from bpdq.solvers.hessian import _mirror_lower
+
+    A = torch.randn(2100, 2100, generator=torch.Generator().manual_seed(0))  # two blocks of rows
+    lower = A.tril().clone()
+    _mirror_lower(A)
+    assert torch.equal(A, A.T) and torch.equal(A.tril(), lower)
