@@ -62,6 +62,7 @@ from bpdq.pipeline.calibrate import (
     run_layer,
     token_windows,
 )
+from bpdq.pipeline.hostmem import trim_host_memory
 from bpdq.pipeline.levers import Levers
 from bpdq.pipeline.resume import ResumeState, RunInterrupted, source_fingerprint, stop_requested, windows_hash
 from bpdq.pipeline.sink import CheckpointSink, InMemorySink, Sink
@@ -186,6 +187,8 @@ def solve_layer(
             for rel in todo:
                 step.records.append(distributed.share_linear(layer, rel, solved.get(rel), owner[rel]))
                 progress.advance()
+            del hessians
+            trim_host_memory()  # the group's Hessians and solver copies: back to the OS before the next group
         done.update(group)
         if replay is not None:
             for block in adapter.replay:
@@ -427,6 +430,8 @@ def _run(
                 source.release(prefix)
                 _close(inputs, fp_inputs)
                 inputs, fp_inputs = step.outputs, step.fp_outputs
+                del step
+                trim_host_memory()
                 if distributed.any_rank(stop_requested()):
                     raise RunInterrupted(i + 1, len(s.layers), resume.dir if resume is not None else None)
             source.load_outside(layers_prefix)
