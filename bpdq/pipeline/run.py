@@ -62,11 +62,10 @@ from bpdq.pipeline.calibrate import (
     run_layer,
     token_windows,
 )
-from bpdq.pipeline.hostmem import trim_host_memory
 from bpdq.pipeline.levers import Levers
 from bpdq.pipeline.resume import ResumeState, RunInterrupted, source_fingerprint, stop_requested, windows_hash
 from bpdq.pipeline.sink import CheckpointSink, InMemorySink, Sink
-from bpdq.pipeline.source import InMemorySource, LazySource, ModelSource
+from bpdq.pipeline.source import InMemorySource, LazySource, ModelSource, return_freed_memory
 from bpdq.progress import RunProgress
 from bpdq.report import ModuleRecord, RunReport
 from bpdq.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
@@ -188,7 +187,7 @@ def solve_layer(
                 step.records.append(distributed.share_linear(layer, rel, solved.get(rel), owner[rel]))
                 progress.advance()
             del hessians
-            trim_host_memory()  # the group's Hessians and solver copies: back to the OS before the next group
+            return_freed_memory()  # the group's Hessians and solver copies, before the next group's
         done.update(group)
         if replay is not None:
             for block in adapter.replay:
@@ -430,8 +429,6 @@ def _run(
                 source.release(prefix)
                 _close(inputs, fp_inputs)
                 inputs, fp_inputs = step.outputs, step.fp_outputs
-                del step
-                trim_host_memory()
                 if distributed.any_rank(stop_requested()):
                     raise RunInterrupted(i + 1, len(s.layers), resume.dir if resume is not None else None)
             source.load_outside(layers_prefix)

@@ -173,7 +173,9 @@ def _malloc_trim() -> Callable[[int], int] | None:
 
 def return_freed_memory() -> None:
     """Give the heap memory freed by a released layer back to the OS (glibc's ``malloc_trim``; elsewhere a
-    no-op). Without it glibc keeps the freed layer-sized blocks, and the RSS grows with every layer."""
+    no-op). Without it glibc keeps the freed layer-sized blocks, and the RSS grows with every layer. The run
+    also calls it after each sequential group: the group's Hessians and solver copies (a 2-layer
+    hidden-2048 GPTQ run from disk peaked at 1.38 GB with it, 1.47 GB without)."""
     trim = _malloc_trim()
     if trim is not None:
         trim(0)

@@ -376,3 +376,15 @@ def test_rules_that_quantize_nothing_are_refused_before_calibration(monkeypatch)
         bpdq.quantize_model(model, tok, recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, rules=rules, progress=False)
     with pytest.raises(ValueError, match="holds no QuantLinear module: nothing was quantized"):
         bpdq.save(model, tok, "unused-directory")
+
+
+def test_freed_memory_is_returned_after_every_sequential_group(monkeypatch):
+    import bpdq.pipeline.run
+    from bpdq.models.base import get_adapter
+
+    calls = []
+    monkeypatch.setattr(bpdq.pipeline.run, "return_freed_memory", lambda: calls.append(1))
+    model = tiny_model("llama")
+    groups = len(get_adapter(model).linear_groups(model.model.layers[0]))
+    bpdq.quantize_model(model, tiny_tokenizer(), recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, progress=False)
+    assert groups > 1 and len(calls) == groups * len(model.model.layers)
