@@ -387,6 +387,7 @@ def _run(
             batches = batch_windows(windows, batch_size)
             first = distributed.shard_start(len(batches))  # the global number of this rank's first batch
             inputs = capture_layer_inputs(model, s.layers[0], distributed.shard(batches))
+            source.release_outside(layers_prefix)  # read again after the last layer
             fp_inputs = inputs if levers.fp_stream else None
             if done:
                 assert resume is not None

@@ -388,3 +388,30 @@ def test_freed_memory_is_returned_after_every_sequential_group(monkeypatch):
     groups = len(get_adapter(model).linear_groups(model.model.layers[0]))
     bpdq.quantize_model(model, tiny_tokenizer(), recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, progress=False)
     assert groups > 1 and len(calls) == groups * len(model.model.layers)
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_a_lazy_run_drops_embeddings_and_head_between_capture_and_the_end(tmp_path, monkeypatch, tied):
+    from transformers import AutoModelForCausalLM
+
+    from bpdq.pipeline.source import LazySource
+
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=2, tie_word_embeddings=tied)
+    rules = [{"match": "lm_head", "grid": {"type": "bitplane", "planes": 4}}]
+    outside_at_layer_load = []
+    load = LazySource.load
+
+    def spy(self, name):
+        if name.startswith("model.layers."):
+            outside_at_layer_load.append((self.model.model.embed_tokens.weight.is_meta, self.model.lm_head.weight.is_meta))
+        return load(self, name)
+
+    monkeypatch.setattr(LazySource, "load", spy)
+    tok = tiny_tokenizer()
+    bpdq.quantize_model(src, tok, recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, rules=rules, progress=False,
+                        output=tmp_path / "lazy")
+    assert outside_at_layer_load == [(True, True)] * 2
+    model = AutoModelForCausalLM.from_pretrained(src)
+    bpdq.quantize_model(model, tok, recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, rules=rules, progress=False)
+    bpdq.save(model, tok, tmp_path / "saved")
+    assert checkpoint_files(tmp_path / "lazy") == checkpoint_files(tmp_path / "saved")  # head quantized the same
