@@ -79,3 +79,21 @@ def test_model_directories_and_the_in_memory_source(model_dir, tmp_path):
     assert source.load("model.layers.0") is model.model.layers[0]
     source.release("model.layers.0")
     assert not any(p.is_meta for p in model.parameters())
+
+
+def test_a_lazy_source_pins_the_mmap_threshold(model_dir, monkeypatch):
+    import bpdq.pipeline.source as source
+
+    monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
+    assert source.cap_mmap_threshold() is True  # glibc here: mallopt accepts it
+    calls = []
+    monkeypatch.setattr(source, "cap_mmap_threshold", lambda: calls.append(1) or True)
+    LazySource(model_dir)
+    assert calls == [1]
+
+
+def test_the_environment_s_mmap_threshold_is_left_alone(monkeypatch):
+    import bpdq.pipeline.source as source
+
+    monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
+    assert source.cap_mmap_threshold() is False
