@@ -189,8 +189,8 @@ def _malloc_trim() -> Callable[[int], int] | None:
 #: glibc's ``M_MMAP_THRESHOLD`` during a run from a model directory: blocks from 4 MiB up are mapped, and go
 #: back to the OS when freed. glibc's own threshold starts at 128 KiB but grows up to 32 MiB as large blocks
 #: are freed, and then a solve's freed temporaries stay in the heap. Measured on a 2-layer hidden-2048 model
-#: from disk: GPTQ 2-bit peaked at 1.02 GB with it and 1.15 GB without (83 vs 80 s per layer), BPDQ k=2
-#: 1.29 vs 1.55 GB (215 vs 189 s per layer; one run each). A ``MALLOC_MMAP_THRESHOLD_`` set in the
+#: from disk: GPTQ 2-bit peaked at 1.02 GB with it and 1.15 GB without, BPDQ k=2 1.29 vs 1.55 GB, with no
+#: consistent time cost (benchmarks/README.md). A ``MALLOC_MMAP_THRESHOLD_`` set in the
 #: environment (glibc's own knob) is left alone.
 MMAP_THRESHOLD = 4 * 2**20
 
