@@ -93,6 +93,11 @@ class LazySource(ModelSource):
         if not (self.directory / CONFIG_FILE).is_file():
             raise ValueError(f"{self.directory} is not a model directory: {CONFIG_FILE} is missing")
         self.files = WeightFiles(self.directory)  # checks the index, the shards and pickle-only directories
+        # A run that reads layer by layer is one that must fit in memory. Pinned before the skeleton is built:
+        # its weights are allocated on the CPU before they move to meta, and under glibc's moving threshold they
+        # would leave a heap of their size (500 MB for 6 hidden-2048 layers), free but reused piecemeal, so each
+        # layer re-dirtied part of it between trims (a 6-layer GPTQ run peaked 0.2 GB above a 1-layer run).
+        cap_mmap_threshold()
         try:
             config = AutoConfig.from_pretrained(str(self.directory))
         except (ValueError, OSError, KeyError) as exc:
@@ -108,7 +113,6 @@ class LazySource(ModelSource):
             self.model.config.architectures = [type(self.model).__name__]
         self.model.eval()
         self._check_headers()
-        cap_mmap_threshold()  # a run that reads layer by layer is one that must fit in memory
 
     def _expected(self) -> dict[str, torch.Tensor]:
         """The tensors a checkpoint must hold: the state dict with tied tensors once (the first name)."""

@@ -81,15 +81,22 @@ def test_model_directories_and_the_in_memory_source(model_dir, tmp_path):
     assert not any(p.is_meta for p in model.parameters())
 
 
-def test_a_lazy_source_pins_the_mmap_threshold(model_dir, monkeypatch):
+def test_a_lazy_source_pins_the_mmap_threshold_before_building_the_skeleton(model_dir, monkeypatch):
+    import transformers
+
     import bpdq.pipeline.source as source
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert source.cap_mmap_threshold() is True  # glibc here: mallopt accepts it
     calls = []
-    monkeypatch.setattr(source, "cap_mmap_threshold", lambda: calls.append(1) or True)
+    monkeypatch.setattr(source, "cap_mmap_threshold", lambda: calls.append("cap") or True)
+    from_config = transformers.AutoModelForCausalLM.from_config
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        lambda *a, **k: calls.append("skeleton") or from_config(*a, **k))
     LazySource(model_dir)
-    assert calls == [1]
+    # the skeleton's weights are allocated before they move to meta: under glibc's moving threshold they
+    # would leave a heap of their size that later layers re-dirty piecemeal
+    assert calls == ["cap", "skeleton"]
 
 
 def test_the_environment_s_mmap_threshold_is_left_alone(monkeypatch):
