@@ -33,10 +33,10 @@ from bpdq.grids.base import round_coeffs
 from bpdq.solvers.base import quadratic_forms, relative_loss
 from bpdq.solvers.hessian import check_hessian
 
-#: Default bound on the per-chunk work buffer ``H D`` (bytes); the Gram einsum holds a second buffer of that
-#: size, so a chunk's peak is about twice it. A 2048x5632 refit: 256 MiB chunks peaked 597 MB above the
-#: Hessian, 128 MiB chunks 250 MB at about 4% more time (measured, one thread).
-CHUNK_BYTES = 128 * 2**20
+#: Default bound on the refit's work buffers (bytes): rows are taken in chunks whose ``[rows, in]`` buffers
+#: (the weight, ``H W``, the planes, the float64 loss terms) stay under it, and each chunk's normal equations are
+#: built in sub-chunks whose Gram work (one column group's ``H D`` products, the ``[P, P]`` systems) does too.
+CHUNK_BYTES = 64 * 2**20
 
 
 class Refit(str, Enum):
@@ -64,6 +64,10 @@ class RefitResult:
             "rows_improved": self.rows_improved,
             "rows": self.rows,
         }
+
+
+def _rows_within(budget: int, per_row: int, rows: int) -> int:
+    return max(1, min(rows, budget // max(per_row, 1)))
 
 
 def refit_coefficients(
@@ -96,9 +100,7 @@ def refit_coefficients(
     if ridge < 0:
         raise ValueError(f"ridge must be >= 0, got {ridge}")
     H32 = H.to(torch.float32)
-    Hg = H32.view(inp, n_groups, group_size)  # H[t, (b, s)]
-    per_row = p * n_groups * inp * 4
-    chunk = max(1, min(out, chunk_bytes // max(per_row, 1)))
+    chunk = _rows_within(chunk_bytes, inp * (8 + 4 * p + 40), out)  # W32, HW, V, the loss terms (float64)
     new = coeffs.clone()
     before = after = reference = 0.0
     improved = 0
@@ -108,7 +110,10 @@ def refit_coefficients(
         old = coeffs[r0:r1]
         W32 = W[r0:r1].to(torch.float32)
         HW = W32 @ H32  # (H W_r)^T per row (H symmetric)
-        sol = _solve_rows(HW.view(r1 - r0, n_groups, group_size), Hg, V, old.to(torch.float64), ridge)
+        sol = torch.cat([
+            _solve_rows(HW[s0:s1].view(s1 - s0, n_groups, group_size), H32, V[s0:s1], old[s0:s1].to(torch.float64), ridge)
+            for s0, s1 in _spans(r1 - r0, _rows_within(chunk_bytes, 16 * p * inp + 28 * (p * n_groups) ** 2, r1 - r0))
+        ])
         cand = round_coeffs(sol.to(coeffs.dtype))
         Wr = W[r0:r1]
         losses = row_losses(torch.cat([Wr, Wr]), torch.cat([dequant_rows(V, old), dequant_rows(V, cand)]), H)
@@ -161,16 +166,38 @@ def row_losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tenso
     return quadratic_forms(W.to(torch.float64) - Q.to(torch.float64), H, dtype=torch.float64)
 
 
-def _solve_rows(HW: torch.Tensor, Hg: torch.Tensor, V: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
+def _spans(n: int, step: int) -> list[tuple[int, int]]:
+    return [(i, min(n, i + step)) for i in range(0, n, step)]
+
+
+def gram_matrices(V: torch.Tensor, H: torch.Tensor) -> torch.Tensor:
+    """``D_r^T H D_r`` per row, float32 ``[R, P, P]`` (index ``(a, i)``: group, then plane; ``H`` symmetric).
+
+    Built one column group ``b`` at a time, over the groups ``a <= b`` only (the rest is mirrored): block
+    ``(a, b)`` is ``V_ra H_ab V_rb^T``, and ``V_rb`` times ``H``'s rows of group ``b`` gives it for every ``a``
+    at once. Half the multiply-adds of the whole ``H D_r``, and the work buffer is ``R p in`` floats, not
+    ``R p G in``.
+    """
+    R, p, G, g = V.shape
+    gram = torch.empty(R, G, p, G, p, dtype=torch.float32, device=V.device)
+    VT = V.transpose(1, 2).contiguous()  # [R, G, p, g]: per row and group, the p x g block
+    for b in range(G):
+        n = (b + 1) * g
+        # M[r, j, a, t] = sum_s V[r, j, b, s] H[(b, s), (a, t)] for the groups a <= b
+        M = (VT[:, b].reshape(R * p, g) @ H[b * g : n, :n]).view(R, p, b + 1, g)
+        # block[r, a, i, j] = sum_t V[r, i, a, t] M[r, j, a, t] = gram[r, (a, i), (b, j)]
+        block = torch.matmul(VT[:, : b + 1], M.permute(0, 2, 3, 1))
+        gram[:, : b + 1, :, b, :] = block
+        gram[:, b, :, : b + 1, :] = block.permute(0, 3, 1, 2)
+    return gram.view(R, G * p, G * p)
+
+
+def _solve_rows(HW: torch.Tensor, H: torch.Tensor, V: torch.Tensor, old: torch.Tensor, ridge: float) -> torch.Tensor:
     """Ridge-to-old normal equations for a chunk of rows: ``[R, G, p]`` float64; ``HW [R, G, g]`` is the rows'
-    ``H W_r`` by group (float32)."""
+    ``H W_r`` by group (float32), ``H`` the float32 Hessian."""
     R, p, G, g = V.shape
     P = p * G
-    # M[r, j, b, t] = sum_{s in group b} H[t, s] V[r, j, b, s]   (H D_r, column (b, j))
-    M = torch.einsum("rjbs,tbs->rjbt", V, Hg)
-    # gram[r, (a, i), (b, j)] = sum_{t in group a} V[r, i, a, t] M[r, j, b, (a, t)]
-    Mt = M.view(R, p, G, G, g)  # [r, j, b, a, t]
-    gram = torch.einsum("riat,rjbat->raibj", V, Mt).reshape(R, P, P).to(torch.float64)
+    gram = gram_matrices(V, H).to(torch.float64)
     gram = 0.5 * (gram + gram.transpose(1, 2))
     rhs = torch.einsum("riat,rat->rai", V, HW).reshape(R, P).to(torch.float64)
     c_old = old.reshape(R, P)
