@@ -30,8 +30,11 @@ def quantize_weight(
     grid: Any,
     solver: Any = "rtn",
     group_size: int,
+    release_hessian: bool = False,
 ) -> QuantizedWeight:
     """Quantize one ``[out, in]`` weight; ``hessian`` is ``[in, in]`` (``None`` for Hessian-free solvers).
+    ``release_hessian=True``: ``hessian`` is not read again, and the solver may free its memory (leaving it
+    empty) as soon as it no longer needs it, which lowers the solve's peak memory by one ``[in, in]`` matrix.
 
     >>> qw = quantize_weight(torch.randn(16, 64), grid={"type": "bitplane", "planes": 2}, solver="rtn",
     ...                      group_size=32)
@@ -40,4 +43,4 @@ def quantize_weight(
     """
     g = build_grid(grid)
     s = build_solver(solver)
-    return s(weight, hessian, g, group_size)
+    return s(weight, hessian, g, group_size, release_hessian=release_hessian)

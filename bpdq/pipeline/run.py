@@ -127,12 +127,16 @@ def _replace(root: nn.Module, name: str, new: nn.Module) -> None:
     setattr(root.get_submodule(parent) if parent else root, child, new)
 
 
-def quantize_linear(root: nn.Module, rel: str, full: str, recipe: Recipe, hessian: torch.Tensor | None) -> ModuleRecord:
-    """Solve the ``nn.Linear`` ``rel`` of ``root`` and swap it for a QuantLinear (on the weight's device)."""
+def quantize_linear(
+    root: nn.Module, rel: str, full: str, recipe: Recipe, hessian: torch.Tensor | None, *, release_hessian: bool = False
+) -> ModuleRecord:
+    """Solve the ``nn.Linear`` ``rel`` of ``root`` and swap it for a QuantLinear (on the weight's device);
+    ``release_hessian``: as :func:`~bpdq.api.quantize_weight`'s."""
     linear = root.get_submodule(rel)
     try:
         qw = quantize_weight(
-            linear.weight, hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size
+            linear.weight, hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size,
+            release_hessian=release_hessian,
         )
     except ValueError as exc:
         raise ValueError(f"cannot quantize {full}: {exc}") from None
@@ -182,7 +186,9 @@ def solve_layer(
                 hessian = hessians.pop(rel)
                 if owner[rel] == distributed.rank():
                     progress.describe(f"{prefix}.{rel}")
-                    solved[rel] = quantize_linear(layer, rel, f"{prefix}.{rel}", group[rel], hessian)  # type: ignore[arg-type]
+                    last = hessian is not None and not any(h is hessian for h in hessians.values())  # q/k/v share one
+                    solved[rel] = quantize_linear(layer, rel, f"{prefix}.{rel}", group[rel], hessian,  # type: ignore[arg-type]
+                                                  release_hessian=last)
             for rel in todo:
                 step.records.append(distributed.share_linear(layer, rel, solved.get(rel), owner[rel]))
                 progress.advance()
@@ -284,7 +290,7 @@ def _quantize_head(source: ModelSource, s: _Setup, batches: Sequence[Batch] | No
     home = _on_device(head, device)
     try:
         assert s.head_recipe is not None
-        record = quantize_linear(model, s.adapter.head, s.adapter.head, s.head_recipe, hessian)
+        record = quantize_linear(model, s.adapter.head, s.adapter.head, s.head_recipe, hessian, release_hessian=True)
     finally:
         model.get_submodule(s.adapter.head).to(home)
     if tied:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
+from contextvars import ContextVar
 
 import torch
 
@@ -18,14 +19,36 @@ from bpdq.quantized import QuantizedWeight, SolveStats, check_group_size
 from bpdq.solvers.hessian import check_hessian
 
 
+#: The caller's Hessian of the solve in progress, when its caller allowed the solver to free it
+#: (``Solver.__call__(release_hessian=True)``); see :func:`release_hessian`.
+_RELEASABLE: ContextVar[tuple[torch.Tensor, ...] | None] = ContextVar("bpdq_releasable_hessian", default=None)
+
+
+def release_hessian() -> bool:
+    """Free the Hessian of the solve in progress, if its caller allowed it: for a solver that needs ``H`` no
+    more, not even for its statistics (it must set ``stats.proxy_loss`` itself). The tensors are left with an
+    empty storage; the caller promised not to read them. Frees one ``[in, in]`` matrix while the solve goes
+    on (a pipeline run's peak memory is the largest layer's solve). Returns whether it freed anything."""
+    tensors = _RELEASABLE.get()
+    if tensors is None:
+        return False
+    for t in tensors:
+        t.untyped_storage().resize_(0)
+    _RELEASABLE.set(None)
+    return True
+
+
 class Solver(Configurable, ABC):
     """Abstract solver. ``requires_hessian`` solvers raise if called without one."""
 
     requires_hessian: bool = False
 
     def __call__(
-        self, weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid, group_size: int
+        self, weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid, group_size: int, *,
+        release_hessian: bool = False,
     ) -> QuantizedWeight:
+        """Quantize ``weight`` with ``hessian``. ``release_hessian``: the caller will not read ``hessian`` again,
+        so the solver may free its memory once done with it (:func:`release_hessian`)."""
         check_weight(weight, group_size)
         if not isinstance(grid, Grid):
             raise TypeError(f"grid must be a Grid instance, got {type(grid).__name__}")
@@ -39,7 +62,11 @@ class Solver(Configurable, ABC):
         W = weight.detach().to(torch.float32).clone()
         H = hessian.detach().to(torch.float32) if hessian is not None else None
         start = time.perf_counter()
-        codes, coeffs, stats = self._solve(W, H, grid, group_size)
+        token = _RELEASABLE.set((hessian, H) if release_hessian and hessian is not None else None)
+        try:
+            codes, coeffs, stats = self._solve(W, H, grid, group_size)
+        finally:
+            _RELEASABLE.reset(token)
         elapsed = time.perf_counter() - start
         qw = QuantizedWeight.from_codes(
             codes,
@@ -53,6 +80,8 @@ class Solver(Configurable, ABC):
         )
         qw.stats.time_s = elapsed
         if H is not None and qw.stats.proxy_loss is None:
+            if H.untyped_storage().nbytes() == 0:
+                raise RuntimeError(f"solver {self.name!r} released the Hessian but left no proxy loss in its stats")
             qw.stats.proxy_loss, qw.stats.relative_loss = proxy_loss(weight.detach().to(torch.float32), qw.dequantize(torch.float32), H)
         return qw
 

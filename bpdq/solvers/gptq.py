@@ -50,18 +50,20 @@ class GPTQ(Solver):
                     "makes the levels non-uniform; use refit='none' with a uniform grid"
                 )
             original = W.clone()
-        layer = prepare_layer(W, H, group_size, opts.order, opts.damp)
         # statistics: the refit's losses, else the sweep's errors and tr(W H W^T) (taken before the sweep
-        # overwrites W, which layer.W may be), else (tiny damping, H not PSD) Solver.__call__'s explicit formula
+        # overwrites W, which layer.W may be), else (tiny damping, H not PSD) Solver.__call__'s explicit formula.
+        # Without a refit, H is not needed once U exists: it is freed then where the caller allows it.
+        reference = float(quadratic_forms(W, H).sum()) if original is None else None
+        layer = prepare_layer(W, H, group_size, opts.order, opts.damp, release=original is None)
         from_sweep = original is None and layer.loss_from_errors
-        reference = float(quadratic_forms(W, H).sum()) if from_sweep else None
         codes, coeffs, errors = gptq_sweep(layer.W, layer.U, grid, group_size, block_width(opts.block_size, group_size))
         codes, coeffs, _ = restore_order(codes, coeffs, layer.perm, group_size)
         coeffs, refit_extra, loss = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size)
         stats = SolveStats(extra={**layer.extra(), "order": Order(opts.order).value, **refit_extra})
         if loss is not None:
             stats.proxy_loss, stats.relative_loss = loss
-        elif reference is not None:
+        elif from_sweep:
+            assert reference is not None
             sweep_loss = sweep_proxy_loss(layer, errors)
             stats.proxy_loss, stats.relative_loss = sweep_loss, relative_loss(sweep_loss, reference)
         return codes, coeffs, stats

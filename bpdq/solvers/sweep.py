@@ -17,6 +17,9 @@ from bpdq.solvers.ordering import Order, column_permutation
 #: 2e-8..8e-6 relative at damp >= 1e-3 on correlated, rank-deficient, outlier-heavy Hessians; 1.5e-3 at 0).
 SWEEP_LOSS_MIN_DAMP = 1e-3
 
+#: Entries of ``H`` gathered at a time into the working copy (two temporaries of that size beside both).
+_COPY_BLOCK = 1 << 20
+
 
 @dataclass
 class SweepLayer:
@@ -36,12 +39,16 @@ class SweepLayer:
         return {"damp": self.damp, "cholesky_retries": self.retries, "dead_inputs": self.n_dead}
 
 
-def prepare_layer(W: torch.Tensor, H: torch.Tensor, group_size: int, order: Order | str, damp: float) -> SweepLayer:
+def prepare_layer(
+    W: torch.Tensor, H: torch.Tensor, group_size: int, order: Order | str, damp: float, *, release: bool = False
+) -> SweepLayer:
     """Dead inputs (DESIGN step 1), column order (step 2), and ``U`` of the damped inverse Hessian.
 
     ``H`` is not modified, and one ``[in, in]`` matrix exists beside it: the dead-input fix, the permutation
     and the damping go into one working copy (built in blocks of rows), which
-    :func:`damped_inverse_cholesky` turns into ``U`` in place.
+    :func:`damped_inverse_cholesky` turns into ``U`` in place. ``release``: once ``U`` exists, free ``H``
+    (:func:`~bpdq.solvers.base.release_hessian`, where the solve's caller allows it) if the proxy loss can
+    come from the sweep's errors (``loss_from_errors``), before the permuted copy of ``W`` is made.
     """
     check_hessian(H, W.shape[1])
     dead = torch.diagonal(H) == 0
@@ -54,24 +61,29 @@ def prepare_layer(W: torch.Tensor, H: torch.Tensor, group_size: int, order: Orde
         W[:, dead] = 0.0
     perm = column_permutation(order, diag, group_size)
     if perm is not None:
-        W = W[:, perm]
         dead = dead[perm]
         diag = diag[perm]
     diag = diag.to(W.dtype)
 
     def working_copy() -> torch.Tensor:
         work = torch.empty(H.shape, dtype=W.dtype, device=H.device)
-        for r0, r1 in row_blocks(H.shape[0]):
+        for r0, r1 in row_blocks(H.shape[0], _COPY_BLOCK):
             rows = H[r0:r1] if perm is None else H.index_select(0, perm[r0:r1]).index_select(1, perm)
             work[r0:r1] = rows
         torch.diagonal(work).copy_(diag)
         return work
 
     U, used, retries, mean_diag = damped_inverse_cholesky(working_copy, damp)
+    loss_from_errors = used >= SWEEP_LOSS_MIN_DAMP and isolated
+    if release and loss_from_errors:
+        from bpdq.solvers.base import release_hessian
+
+        release_hessian()
+    if perm is not None:
+        W = W[:, perm]
     return SweepLayer(
         W=W.contiguous(), U=U, perm=perm, damp=used, retries=retries, n_dead=n_dead,
-        mean_diag=mean_diag, dead=dead,
-        loss_from_errors=used >= SWEEP_LOSS_MIN_DAMP and isolated,
+        mean_diag=mean_diag, dead=dead, loss_from_errors=loss_from_errors,
     )
 
 

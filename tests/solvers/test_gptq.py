@@ -84,3 +84,51 @@ def test_gptq_stats_record_damping_and_order():
     assert q.stats.extra["damp"] == 0.01 and q.stats.extra["order"] == "none"
     assert q.stats.extra["dead_inputs"] == 0 and q.stats.time_s > 0
     assert q.solver == {"type": "gptq", "damp": 0.01, "block_size": 128, "order": "none", "refit": "none"}
+
+
+@pytest.mark.parametrize("order", ["gar", "none"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_a_released_hessian_is_freed_and_changes_nothing(order, dtype):
+    """``release_hessian=True``: GPTQ frees the caller's Hessian once ``U`` exists (the pipeline's peak
+    memory), with the same result and statistics as a solve that keeps it."""
+    W, H = heavy_weight(16, 128, 3), correlated_hessian(128, 3).to(dtype)
+    kept = GPTQ(order=order)(W, H, UniformGrid(bits=2), 32)
+    assert H.untyped_storage().nbytes() > 0
+    released = GPTQ(order=order)(W, H, UniformGrid(bits=2), 32, release_hessian=True)
+    assert H.untyped_storage().nbytes() == 0  # the float64 original too, not only its float32 copy
+    assert torch.equal(released.planes, kept.planes) and torch.equal(released.coeffs, kept.coeffs)
+    assert released.stats.proxy_loss == kept.stats.proxy_loss
+    assert released.stats.relative_loss == kept.stats.relative_loss
+
+
+def test_a_hessian_still_needed_is_not_released():
+    """A refit reads H after the sweep; below SWEEP_LOSS_MIN_DAMP the loss needs H's explicit formula; BPDQ's
+    default refit reads it too: none of them frees it, and each still records its proxy loss."""
+    from bpdq.solvers import BPDQ
+
+    W = heavy_weight(8, 128, 4)
+    for solver, grid in [(GPTQ(refit="full"), BitPlaneGrid(planes=2)), (GPTQ(damp=0.0), UniformGrid(bits=2)),
+                         (BPDQ(iters=2), BitPlaneGrid(planes=2))]:
+        H = correlated_hessian(128, 4)
+        qw = solver(W, H, grid, 32, release_hessian=True)
+        assert H.untyped_storage().nbytes() > 0 and torch.isfinite(H).all()
+        assert qw.stats.proxy_loss is not None and qw.stats.proxy_loss > 0
+
+
+def test_release_hessian_outside_an_allowed_solve_does_nothing_and_a_solver_that_releases_must_report_its_loss():
+    from bpdq.solvers.base import Solver, release_hessian
+
+    assert release_hessian() is False
+
+    class Careless(Solver):
+        requires_hessian = True
+
+        def _solve(self, W, H, grid, group_size):
+            release_hessian()
+            codes, coeffs, stats = RTN()._solve(W, None, grid, group_size)
+            return codes, coeffs, stats
+
+    W, H = heavy_weight(4, 64, 5), correlated_hessian(64, 5)
+    Careless()(W, H.clone(), UniformGrid(bits=2), 32)  # not allowed to release: H kept, loss from H
+    with pytest.raises(RuntimeError, match="released the Hessian but left no proxy loss"):
+        Careless()(W, H, UniformGrid(bits=2), 32, release_hessian=True)
