@@ -87,19 +87,22 @@ class BPDQ(Solver):
         assert H is not None  # Solver.__call__ enforces requires_hessian
         init_grid = check_bitplane_grid(grid, self.options.init_bits)
         opts = self.options
-        original = W.clone() if Refit(opts.refit) is Refit.FULL else None
         layer = prepare_layer(W, H, group_size, opts.order, opts.damp)
+        # the refit's target: W itself unless the sweep overwrites it (no permutation and no dead input)
+        original = None if Refit(opts.refit) is Refit.NONE else W.clone() if layer.W.data_ptr() == W.data_ptr() else W
         res = bpdq_sweep(
             layer.W, layer.U, init_grid, group_size,
             iters=opts.iters, alpha=opts.alpha, block=block_width(opts.block_size, group_size), tol=opts.tol,
         )
         codes, coeffs, group_of = restore_order(res.codes, res.coeffs, layer.perm, group_size)
+        layer_extra, best_iters, iters_run = layer.extra(), res.best_iters, res.iters_run
+        del layer, res  # U and the sweep-order weight and codes: the refit needs none of them
         coeffs, refit_extra, loss = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size)
         best = [0] * len(group_of)
         run = [0] * len(group_of)
         for j, orig in enumerate(group_of):
-            best[orig], run[orig] = res.best_iters[j], res.iters_run[j]
-        extra = {**layer.extra(), "order": Order(opts.order).value, "iters_run": run, **refit_extra}
+            best[orig], run[orig] = best_iters[j], iters_run[j]
+        extra = {**layer_extra, "order": Order(opts.order).value, "iters_run": run, **refit_extra}
         stats = SolveStats(best_iters=best, extra=extra)
         if loss is not None:  # the refit's losses; without a refit Solver.__call__ computes them
             stats.proxy_loss, stats.relative_loss = loss
