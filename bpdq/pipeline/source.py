@@ -93,11 +93,12 @@ class LazySource(ModelSource):
         if not (self.directory / CONFIG_FILE).is_file():
             raise ValueError(f"{self.directory} is not a model directory: {CONFIG_FILE} is missing")
         self.files = WeightFiles(self.directory)  # checks the index, the shards and pickle-only directories
-        # A run that reads layer by layer is one that must fit in memory. Pinned before the skeleton is built:
-        # its weights are allocated on the CPU before they move to meta, and under glibc's moving threshold they
-        # would leave a heap of their size (500 MB for 6 hidden-2048 layers), free but reused piecemeal, so each
-        # layer re-dirtied part of it between trims (a 6-layer GPTQ run peaked 0.2 GB above a 1-layer run).
-        cap_mmap_threshold()
+        # A run that reads layer by layer is one that must fit in memory. The skeleton's weights are allocated
+        # on the CPU before they move to meta: under glibc's moving threshold they left a heap of their size
+        # (500 MB for 6 hidden-2048 layers), free but reused piecemeal, so each layer re-dirtied part of it
+        # between trims (a 6-layer GPTQ run peaked 0.2 GB above a 1-layer run); even at 4 MiB the weights
+        # below it (k/v projections) left 4 MB of holes per layer (135 MB for 32 layers). So the skeleton is
+        # built at glibc's smallest default threshold, and the run goes on at MMAP_THRESHOLD.
         try:
             config = AutoConfig.from_pretrained(str(self.directory))
         except (ValueError, OSError, KeyError) as exc:
@@ -106,9 +107,13 @@ class LazySource(ModelSource):
             dtype = dtype_from_name(dtype)
         stored = getattr(config, "dtype", None)
         self.dtype = dtype or (stored if isinstance(stored, torch.dtype) else torch.float32)
-        with init_empty_weights(include_buffers=False):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
-        self.model.tie_weights()
+        cap_mmap_threshold(SKELETON_MMAP_THRESHOLD)
+        try:
+            with init_empty_weights(include_buffers=False):
+                self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+            self.model.tie_weights()
+        finally:
+            cap_mmap_threshold()
         if not getattr(self.model.config, "architectures", None):
             self.model.config.architectures = [type(self.model).__name__]
         self.model.eval()
@@ -197,18 +202,21 @@ def _malloc_trim() -> Callable[[int], int] | None:
 #: consistent time cost (benchmarks/README.md). A ``MALLOC_MMAP_THRESHOLD_`` set in the
 #: environment (glibc's own knob) is left alone.
 MMAP_THRESHOLD = 4 * 2**20
+#: While the meta skeleton is built (its weights pass through the CPU): glibc's smallest default threshold.
+SKELETON_MMAP_THRESHOLD = 128 * 2**10
 
 
-def cap_mmap_threshold() -> bool:
-    """Pin glibc's mmap threshold at :data:`MMAP_THRESHOLD` (process-wide); ``False`` where the C library has
-    no ``mallopt`` or refuses it, or the environment sets ``MALLOC_MMAP_THRESHOLD_`` (then nothing changes)."""
+def cap_mmap_threshold(threshold: int | None = None) -> bool:
+    """Pin glibc's mmap threshold at ``threshold`` bytes (default :data:`MMAP_THRESHOLD`; process-wide);
+    ``False`` where the C library has no ``mallopt`` or refuses it, or the environment sets
+    ``MALLOC_MMAP_THRESHOLD_`` (then nothing changes)."""
     if "MALLOC_MMAP_THRESHOLD_" in os.environ:
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
     except (OSError, AttributeError):
         return False
-    return bool(mallopt(-3, MMAP_THRESHOLD))  # -3: M_MMAP_THRESHOLD
+    return bool(mallopt(-3, MMAP_THRESHOLD if threshold is None else threshold))  # -3: M_MMAP_THRESHOLD
 
 
 def return_freed_memory() -> None:

@@ -89,14 +89,19 @@ def test_a_lazy_source_pins_the_mmap_threshold_before_building_the_skeleton(mode
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert source.cap_mmap_threshold() is True  # glibc here: mallopt accepts it
     calls = []
-    monkeypatch.setattr(source, "cap_mmap_threshold", lambda: calls.append("cap") or True)
+    monkeypatch.setattr(source, "cap_mmap_threshold", lambda threshold=None: calls.append(threshold) or True)
     from_config = transformers.AutoModelForCausalLM.from_config
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
                         lambda *a, **k: calls.append("skeleton") or from_config(*a, **k))
     LazySource(model_dir)
-    # the skeleton's weights are allocated before they move to meta: under glibc's moving threshold they
-    # would leave a heap of their size that later layers re-dirty piecemeal
-    assert calls == ["cap", "skeleton"]
+    # the skeleton's weights are allocated before they move to meta: above the threshold they would leave
+    # a heap of their size that later layers re-dirty piecemeal; the run goes on at MMAP_THRESHOLD
+    assert calls == [source.SKELETON_MMAP_THRESHOLD, "skeleton", None]
+    calls.clear()
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", lambda *a, **k: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        LazySource(model_dir)
+    assert calls == [source.SKELETON_MMAP_THRESHOLD, None]  # restored on an error too
 
 
 def test_the_environment_s_mmap_threshold_is_left_alone(monkeypatch):
