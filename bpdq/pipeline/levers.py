@@ -23,6 +23,8 @@ weights on the device, one full-precision forward per batch per sequential group
 linears have their inputs, and a sub-block already finished (the adapter's ``replay``: attention once its
 linears are solved) is replayed in both streams from its recorded outputs instead of being run again, as in
 the symmetric passes: one more hidden-state stream of recorded outputs per stream while a layer is solved.
+The copy never changes, so its sub-block is recorded in the pass of the block's last linears already (that
+pass runs the block to its end: ``o_proj`` in the attention), one pass earlier than in the quantized stream.
 """
 
 from __future__ import annotations
@@ -47,21 +49,39 @@ ASYMMETRIC_DAMP = 0.01  # damping of W~'s solve, relative to mean(diag H_q) (as 
 
 def _inputs_of(
     layer: nn.Module, names: Sequence[str], batch: Batch, device: torch.device, out: Any = None,
+    complete: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """The input of each linear ``names`` of ``layer`` for one batch (the forward stops once all are seen).
     With ``out`` (a list or an :class:`ActivationStore`) the forward runs to the end instead and the layer's
-    output is appended to ``out``, as :func:`~bpdq.pipeline.calibrate.run_layer` gives it."""
+    output is appended to ``out``, as :func:`~bpdq.pipeline.calibrate.run_layer` gives it. A sub-block of
+    ``complete`` that is running when the last input is seen runs to its end first (so that a
+    :class:`~bpdq.pipeline.calibrate.Replay` active around the call records its output)."""
     seen: dict[str, torch.Tensor] = {}
+    running: set[str] = set()
 
     def make_hook(name: str) -> Any:
         def hook(_module: nn.Module, args: tuple[Any, ...]) -> None:
             seen[name] = args[0]
-            if len(seen) == len(names) and out is None:
+            if len(seen) == len(names) and out is None and not running:
+                raise _Stop
+
+        return hook
+
+    def enter(block: str) -> Any:
+        return lambda _module, _args: running.add(block)
+
+    def leave(block: str) -> Any:
+        def hook(_module: nn.Module, _args: tuple[Any, ...], _output: Any) -> None:
+            running.discard(block)
+            if len(seen) == len(names) and out is None and not running:
                 raise _Stop
 
         return hook
 
     handles = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    for block in complete:  # registered after the caller's replay hooks: they record before this one stops
+        module = layer.get_submodule(block)
+        handles += [module.register_forward_pre_hook(enter(block)), module.register_forward_hook(leave(block))]
     try:
         result = _call(layer, batch, device)
         if out is not None:
@@ -84,7 +104,7 @@ def _batch(replay: Replay | None, index: int) -> ContextManager[None]:
 def asymmetric_hessians(
     layer: nn.Module, fp_layer: nn.Module, names: Sequence[str], inputs: Sequence[Batch], fp_inputs: Sequence[Batch],
     device: torch.device, damp: float = ASYMMETRIC_DAMP, *, replay: Replay | None = None,
-    fp_replay: Replay | None = None, fp_out: Any = None,
+    fp_replay: Replay | None = None, fp_out: Any = None, fp_complete: Sequence[str] = (),
 ) -> dict[str, torch.Tensor]:
     """``H_q`` of each linear ``names`` (to solve with), after replacing each one's weight by its asymmetric
     target ``W~`` (in place). Linears that read the very same input (q/k/v, gate/up) share one accumulation.
@@ -92,7 +112,8 @@ def asymmetric_hessians(
     ``replay`` (of ``layer``) and ``fp_replay`` (of ``fp_layer``) replay the finished sub-blocks of each
     stream instead of running them again (:class:`~bpdq.pipeline.calibrate.Replay`). With ``fp_out`` (a list
     or an :class:`ActivationStore`) the full-precision passes run to the end and ``fp_layer``'s outputs are
-    appended to it."""
+    appended to it. ``fp_complete``: sub-blocks of ``fp_layer`` its passes run to their end (see
+    :func:`_inputs_of`), so that ``fp_replay`` records them in this pass."""
     if len(inputs) != len(fp_inputs):
         raise ValueError(f"{len(inputs)} quantized batches but {len(fp_inputs)} full-precision ones")
     accs: dict[str, AsymmetricAccumulator] = {}
@@ -101,7 +122,7 @@ def asymmetric_hessians(
         with _batch(replay, i):
             xq = _inputs_of(layer, names, b, device)
         with _batch(fp_replay, i):
-            xf = _inputs_of(fp_layer, names, fb, device, fp_out)
+            xf = _inputs_of(fp_layer, names, fb, device, fp_out, fp_complete)
         for n in names:
             root = next(o for o in names if xq[o] is xq[n] and xf[o] is xf[n])  # n itself at worst
             if root != n:
@@ -168,14 +189,24 @@ class Levers:
         finished in the quantized layer (see ``step.replay``) is replayed in the full-precision copy too: the
         copy never changes, and the group's inputs are not inside the block."""
         assert step.inputs is not None and step.fp_inputs is not None and step.fp_layer is not None
+        complete: list[str] = []
         if step.replay is not None and step.fp_replay is not None:
             for block in step.replay.finished:
                 step.fp_replay.finish(block)
+            # The copy's sub-blocks never change: a block whose last linears are this group's is finished in
+            # the copy now, and its passes run it to the end, so the next group replays it in both streams.
+            upto = next(i for i, g in enumerate(step.plan) if set(names) <= set(g))
+            later = {rel for g in step.plan[upto + 1:] for rel in g}
+            for block in step.blocks:
+                if block not in step.fp_replay.finished and not any(rel.startswith(f"{block}.") for rel in later):
+                    step.fp_replay.finish(block)
+                    complete.append(block)
         fp_out = None
         if set(names) <= set(step.plan[-1]):  # the last group: its fp passes also give the fp outputs
             fp_out = outputs_like(step.fp_inputs)
         hessians = asymmetric_hessians(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, device,
-                                       replay=step.replay, fp_replay=step.fp_replay, fp_out=fp_out)
+                                       replay=step.replay, fp_replay=step.fp_replay, fp_out=fp_out,
+                                       fp_complete=complete)
         if fp_out is not None:
             step.fp_outputs = fp_out
         return hessians

@@ -97,6 +97,7 @@ class LayerStep:
     records: list[ModuleRecord] = field(default_factory=list)
     replay: Replay | None = None
     fp_replay: Replay | None = None  # ``fp_layer``'s, when a stage replays its finished sub-blocks
+    blocks: tuple[str, ...] = ()  # the sub-blocks a Replay may replay (the adapter's ``replay``)
 
 
 @dataclass
@@ -514,7 +515,8 @@ def run_layer_step(
     quantized); the layer ends on its home device whatever happens."""
     prefix = f"{s.adapter.layers}.{index}"
     layer = source.load(prefix)
-    step = LayerStep(index, prefix, layer, layer_plan(layer, prefix, s.adapter, s.recipe, s.rules), inputs, fp_inputs)
+    step = LayerStep(index, prefix, layer, layer_plan(layer, prefix, s.adapter, s.recipe, s.rules), inputs, fp_inputs,
+                     blocks=s.adapter.replay)
     home = _on_device(layer, device)
     try:
         for stage in hooks.before_solve:
