@@ -117,7 +117,8 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 def row_strategy(row: Row, quick: bool, tuning_steps: int | None = None) -> dict[str, Any]:
     base = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
     data = merge(base, row.overrides)
-    data["quantize"]["solver"] = row.overrides["quantize"]["solver"]  # replace, do not inherit the base's options
+    for key in ("grid", "solver"):  # replaced, not merged: another grid or solver type has other options
+        data["quantize"][key] = copy.deepcopy(row.overrides["quantize"][key])
     if quick:
         data = merge(data, QUICK)
         data["quantize"]["solver"] = merge(data["quantize"]["solver"], QUICK_SOLVER.get(data["quantize"]["solver"]["type"], {}))

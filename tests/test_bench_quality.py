@@ -1,0 +1,38 @@
+"""benchmarks/bench_quality.py builds a valid strategy config for every row (its rows take hours: a config
+error must not wait for the run to surface)."""
+
+from __future__ import annotations
+
+import importlib.util
+import sys
+from pathlib import Path
+
+import pytest
+
+from bpdq.strategy.model import strategy_from_dict
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _bench():
+    spec = importlib.util.spec_from_file_location("bench_quality", ROOT / "benchmarks" / "bench_quality.py")
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up
+    spec.loader.exec_module(module)
+    return module
+
+
+BENCH = _bench()
+
+
+@pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
+@pytest.mark.parametrize("row", [r for r in BENCH.ROWS if r.peer is None], ids=lambda r: r.name)
+def test_every_row_is_a_valid_strategy_with_the_rows_own_grid_and_solver(row, quick):
+    data = BENCH.row_strategy(row, quick)
+    strategy = strategy_from_dict(data, row.name)
+    want = row.overrides["quantize"]
+    # the row's grid and solver replace the base config's (another type has other options)
+    assert data["quantize"]["grid"] == want["grid"]
+    assert strategy.quantize.group_size == want["group_size"]
+    if not quick:
+        assert data["quantize"]["solver"] == want["solver"]
