@@ -119,6 +119,8 @@ def row_strategy(row: Row, quick: bool, tuning_steps: int | None = None) -> dict
     data = merge(base, row.overrides)
     for key in ("grid", "solver"):  # replaced, not merged: another grid or solver type has other options
         data["quantize"][key] = copy.deepcopy(row.overrides["quantize"][key])
+    # asymmetric calibration only where the row asks for it, whatever the base config says
+    data["calibration"]["asymmetric"] = bool(row.overrides.get("calibration", {}).get("asymmetric", False))
     if quick:
         data = merge(data, QUICK)
         data["quantize"]["solver"] = merge(data["quantize"]["solver"], QUICK_SOLVER.get(data["quantize"]["solver"]["type"], {}))

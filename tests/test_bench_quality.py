@@ -34,5 +34,6 @@ def test_every_row_is_a_valid_strategy_with_the_rows_own_grid_and_solver(row, qu
     # the row's grid and solver replace the base config's (another type has other options)
     assert data["quantize"]["grid"] == want["grid"]
     assert strategy.quantize.group_size == want["group_size"]
+    assert strategy.calibration.asymmetric == row.overrides.get("calibration", {}).get("asymmetric", False)
     if not quick:
         assert data["quantize"]["solver"] == want["solver"]
