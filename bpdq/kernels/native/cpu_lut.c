@@ -8,17 +8,16 @@
  *
  * bpdq_lut_gemv: y[m, r] = sum_G ( sum_i c_i[G, r] * (B_i x_m)_G  +  c_0[G, r] * sum(x_m over G) ) + bias[r]
  * Per token and per chunk of 4 inputs a 16-entry fp32 table of subset sums is built (T-MAC style); a plane
- * byte holds two 4-bit indices (inputs 8c..8c+3 and 8c+4..8c+7). Tables are exact fp32 sums (no
- * quantization). AVX2 keeps the plane sums of a block of up to 64 rows (8 ymm, one cache line of each byte
- * column) in registers over a group's byte columns and folds them into the row accumulators with one FMA by
- * the fp16 coefficients per group and plane; one 8-entry vpermps and a blend with the entry plus t[8] on the
- * index's bit 3 look 8 rows up (t[8 + j] = t[j] + t[8] exactly). Groups and planes are the outer loops, row
- * blocks the inner one, so each byte column is read as a sequential, prefetched stream. AVX-512 looks 16
- * rows up at once with vpermps over the whole 16-entry table and the portable path does scalar lookups;
- * both run one pass over a chunk of rows per group and plane, through an array of plane sums. The three
- * paths add the same terms in the same order per row (plane sums over byte columns, then c_i times each,
- * then c_0 times the group's input sum); AVX2 and AVX-512 fuse the multiply-adds, the portable path does
- * not. Tail rows (fewer than a vector path's row step) go through scalar code that sums per group first.
+ * byte holds two 4-bit indices (inputs 8c..8c+3 and 8c+4..8c+7). The portable path and AVX-512 look the
+ * exact fp32 tables up: AVX-512 16 rows at once with vpermps over the whole 16-entry table, the portable
+ * path one at a time; both run one pass over a chunk of rows per group and plane, through an array of plane
+ * sums, and add the same terms in the same order per row (plane sums over byte columns, then c_i times
+ * each, then c_0 times the group's input sum; AVX-512 fuses the multiply-adds, the portable path does not).
+ * AVX2 rounds the tables to int8 with one scale per token and group and looks 32 rows up per vpshufb,
+ * summing in int16 (T-MAC's approach; its error bound is derived at rows_i8_avx2 below). Groups and
+ * planes are its outer loops, row blocks the inner one, so each byte column is read as a sequential,
+ * prefetched stream. Tail rows (past the last multiple of 32) go through scalar code on exact fp32 tables
+ * that sums per group first.
  *
  * bpdq_dequant: rows [r0, r1) of W_hat into a dense row-major fp32/bf16 tile (the large-M path multiplies
  * such tiles with torch).
@@ -26,6 +25,7 @@
  * Threads: the caller passes a thread count; rows are split into contiguous ranges, one pthread each
  * (created per call, only when the call is large enough to pay for it).
  */
+#include <float.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -45,8 +45,8 @@
 #define DT_BF16 1
 #define DT_F16 2
 
-/* Row block: threads get whole blocks of RB rows; the AVX-512 and portable paths process multiples of RB rows,
- * AVX2 multiples of 8, and the remaining tail rows go through the scalar code. */
+/* Row block: threads get whole blocks of RB rows; the vector paths process multiples of RB rows and the
+ * remaining tail rows go through the scalar code. */
 #define RB 32
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -158,6 +158,8 @@ static void parallel_for(int threads, int64_t n, range_fn fn, void *ctx) {
 typedef struct {
     const float *tables; /* [M][C*2][16] */
     const float *xsum;   /* [M][G] */
+    const int8_t *qtables; /* int8 paths: [M][C*2][16] */
+    const float *qscale;   /* int8 paths: [M][G] */
     const uint8_t *planes;
     const uint16_t *coeffs;
     const void *bias;
@@ -166,7 +168,7 @@ typedef struct {
     int bias_dt, y_dt, isa;
 } gemv_ctx;
 
-/* Scalar rows [r0, r1): the tail rows (fewer than RB, or 8 on AVX2) of every path. */
+/* Scalar rows [r0, r1) on the exact fp32 tables: the tail rows (fewer than RB) of every path. */
 static void gemv_rows_scalar(const gemv_ctx *c, int64_t r0, int64_t r1) {
     const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg;
     for (int64_t r = r0; r < r1; r++) {
@@ -233,90 +235,145 @@ static void offset_portable(const uint16_t *c16, const float *xs, int64_t xs_str
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
-/* AVX2: register-blocked rows. A block is nb x 8 consecutive rows (nb <= 8: up to 64 rows, one cache line of
- * each byte column). For one group and plane, the block's nb plane sums stay in ymm registers over the
- * group's byte columns; each is then folded into the row accumulators with one FMA by the fp16
- * coefficients (F16C), and after the group's last plane the offset c_0 * sum(x over the group) too.
+/* AVX2: int8 tables and vpshufb (the T-MAC approach). Per token and group G the tables of G's chunks are
+ * centred, t'[j] = t[j] - t[15] / 2 (t[15] = the chunk's input sum S; t' is the sum of +-x_b / 2, so
+ * t'[15 - j] = -t'[j] and max |t'| = sum |x_b| / 2), and rounded to int8 with one scale per token and group,
+ * s_G = max over G's chunks of |t'| / 127: q = rint(t' / s_G) in [-127, 127] (tables_int8_avx2). A plane's
+ * exact sum over G is sum t = sum t' + X_G / 2 (X_G: the group's exact fp32 input sum), computed as
+ * s_G * P + X_G / 2 with P the integer sum of the looked-up q.
  *
- * One byte column of 8 rows: b = the 8 plane bytes sign-extended to int32 lanes (vpmovsxbd from memory).
- * A 16-entry table t of the subset sums of 4 inputs has t[8 + j] = t[j] + t[8] (that is how it is built), so
- * one 8-entry vpermps over t[0..7] (it reads only an index's low 3 bits) gives e = t[b & 7], and a blend of
- * e and e + t[8] on bit 3 (the sign of b << 28) gives exactly t[b & 15]; the high nibble is the same with
- * b >> 4 and its bit 3, which is bit 7 of b: the sign of b itself, thanks to the sign extension. Per 8 rows:
- * 2 vpermps, 2 blends, 2 shifts, 4 adds (half the vpermps of two 8-entry lookups per nibble: vpermps is the
- * slowest of these on Zen 3), with the same fp32 additions in the same order as scalar t[lo] + t'[hi]. */
-#define AVX2_MAX_NB 8
-/* Software prefetch distance along a byte column and the coefficient rows (bytes; 2 blocks of 64 rows). */
+ * One byte column of 32 rows is one 32-byte load (planes are column-major); one vpshufb per nibble looks
+ * the 32 rows up in the column's two int8 tables (16 entries each, broadcast to both 128-bit lanes).
+ * Interleaving the low- and high-nibble results (vpunpck{l,h}bw) and vpmaddubsw by 1 gives q_lo + q_hi per
+ * row in int16 ([rows 0-7 | 16-23] and [rows 8-15 | 24-31]), added to int16 accumulators: per column
+ * |q_lo + q_hi| <= 254, so up to I8_SPAN = 128 columns (32512 <= 32767) sum without overflow. Larger groups
+ * are split into spans of at most 128 columns, each folded into the fp32 row accumulators on its own.
+ * Per 32 rows and column: 1 load, 3 and/shift, 2 vpshufb, 2 unpacks, 2 vpmaddubsw, 2 adds (256 weights).
+ * A block of nb x 32 rows (nb <= I8_MAX_NB) keeps its 2 nb accumulators in registers over a span's columns;
+ * then per 8 rows: y += c_i * (s_G * P + X_G / 2) (two FMAs, c_i fp16 through F16C), and after the group's
+ * last plane y += c_0 * X_G.
+ *
+ * Error (per output y[m, r], against exact arithmetic): each looked-up entry is off by at most s_G / 2
+ * (rounding to nearest) plus the fp32 roundoff of t' and of t' / s_G (below 127 * 3 * 2^-24 s_G), and a
+ * plane's sum over G has 2 cpg = g / 4 entries, so
+ *     |y - y_exact| <= sum_G  (g / 4) * (1/2 + 1/1024) * s_G * sum_{i >= 1} |c_i[G, r]|  +  fp32 roundoff,
+ * s_G = max over G's chunks of (sum of |x| over the chunk's 4 inputs) / 254. The c_0 and X_G / 2 terms use
+ * the exact fp32 input sums. The integer sums are exact (no overflow, see above). cpu_lut.py's
+ * lut_error_bound computes this bound (with the roundoff of the fp32 fold); the tests hold AVX2 to it. */
+#define I8_MAX_NB 2
+#define I8_SPAN 128
+/* Software prefetch distance along a byte column and the coefficient rows (bytes). */
 #define AVX2_PREFETCH 128
 
-AVX2_TARGET static inline __attribute__((always_inline)) void block_avx2(const float *t, const uint8_t *p, int64_t N,
-                                                                         int64_t cpg, const uint16_t *ci,
-                                                                         const uint16_t *c0, float xg, float *y,
-                                                                         const int nb) {
-    __m256 s[AVX2_MAX_NB];
-    for (int j = 0; j < nb; j++) s[j] = _mm256_setzero_ps();
-    for (int64_t cc = 0; cc < cpg; cc++, p += N, t += 32) {
+/* 8 rows' fp32 plane sums: y += c_i * (s * P + hx), then y += c_0 * xg when c0 is given. */
+AVX2_TARGET static inline __attribute__((always_inline)) void fold8_avx2(__m128i p16, const uint16_t *ci,
+                                                                         const uint16_t *c0, __m256 s, __m256 hx,
+                                                                         __m256 xg, float *y) {
+    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(p16)), s, hx);
+    const __m256 cf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ci));
+    __m256 out = _mm256_fmadd_ps(cf, v, _mm256_loadu_ps(y));
+    if (c0) out = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)c0)), xg, out);
+    _mm256_storeu_ps(y, out);
+}
+
+/* nb x 32 rows, ncols (<= I8_SPAN) byte columns of one plane: tq the columns' int8 tables ([2 ncols][16]),
+ * p the first column's bytes of the block's first row (columns N apart). */
+AVX2_TARGET static inline __attribute__((always_inline)) void block_i8_avx2(const int8_t *tq, const uint8_t *p,
+                                                                            int64_t N, int64_t ncols,
+                                                                            const uint16_t *ci, const uint16_t *c0,
+                                                                            float s, float hx, float xg, float *y,
+                                                                            const int nb) {
+    const __m256i nib = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    __m256i a[2 * I8_MAX_NB];
+    for (int j = 0; j < 2 * nb; j++) a[j] = _mm256_setzero_si256();
+    for (int64_t cc = 0; cc < ncols; cc++, p += N, tq += 32) {
         _mm_prefetch((const char *)p + AVX2_PREFETCH, _MM_HINT_T0);
-        const __m256 tl = _mm256_loadu_ps(t), th = _mm256_loadu_ps(t + 16);
-        const __m256 xl = _mm256_broadcast_ss(t + 8), xh = _mm256_broadcast_ss(t + 24);
+        const __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tq));
+        const __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tq + 16)));
         for (int j = 0; j < nb; j++) {
-            const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * j)));
-            const __m256 pl = _mm256_permutevar8x32_ps(tl, b);
-            const __m256 ph = _mm256_permutevar8x32_ps(th, _mm256_srli_epi32(b, 4));
-            const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(b, 28));
-            const __m256 lo = _mm256_blendv_ps(pl, _mm256_add_ps(pl, xl), bit3);
-            const __m256 hi = _mm256_blendv_ps(ph, _mm256_add_ps(ph, xh), _mm256_castsi256_ps(b));
-            s[j] = _mm256_add_ps(s[j], _mm256_add_ps(lo, hi));
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(p + 32 * j));
+            const __m256i lo = _mm256_shuffle_epi8(tl, _mm256_and_si256(b, nib));
+            const __m256i hi = _mm256_shuffle_epi8(th, _mm256_and_si256(_mm256_srli_epi16(b, 4), nib));
+            a[2 * j] = _mm256_add_epi16(a[2 * j], _mm256_maddubs_epi16(one, _mm256_unpacklo_epi8(lo, hi)));
+            a[2 * j + 1] = _mm256_add_epi16(a[2 * j + 1], _mm256_maddubs_epi16(one, _mm256_unpackhi_epi8(lo, hi)));
         }
     }
     _mm_prefetch((const char *)ci + AVX2_PREFETCH * 2, _MM_HINT_T0); /* fp16: 2 bytes a row */
-    _mm_prefetch((const char *)ci + AVX2_PREFETCH * 2 + 64, _MM_HINT_T0);
+    if (c0) _mm_prefetch((const char *)c0 + AVX2_PREFETCH * 2, _MM_HINT_T0);
+    const __m256 sv = _mm256_set1_ps(s), hv = _mm256_set1_ps(hx), xv = _mm256_set1_ps(xg);
     for (int j = 0; j < nb; j++) {
-        const __m256 cf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ci + 8 * j)));
-        __m256 v = _mm256_fmadd_ps(cf, s[j], _mm256_loadu_ps(y + 8 * j));
-        if (c0) {
-            const __m256 cf0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c0 + 8 * j)));
-            v = _mm256_fmadd_ps(cf0, _mm256_set1_ps(xg), v);
-        }
-        _mm256_storeu_ps(y + 8 * j, v);
-    }
-    if (c0) {
-        _mm_prefetch((const char *)c0 + AVX2_PREFETCH * 2, _MM_HINT_T0);
-        _mm_prefetch((const char *)c0 + AVX2_PREFETCH * 2 + 64, _MM_HINT_T0);
+        const int64_t o = 32 * j;
+        const uint16_t *c0j = c0 ? c0 + o : NULL;
+        fold8_avx2(_mm256_castsi256_si128(a[2 * j]), ci + o, c0j, sv, hv, xv, y + o);
+        fold8_avx2(_mm256_castsi256_si128(a[2 * j + 1]), ci + o + 8, c0j ? c0j + 8 : NULL, sv, hv, xv, y + o + 8);
+        fold8_avx2(_mm256_extracti128_si256(a[2 * j], 1), ci + o + 16, c0j ? c0j + 16 : NULL, sv, hv, xv, y + o + 16);
+        fold8_avx2(_mm256_extracti128_si256(a[2 * j + 1], 1), ci + o + 24, c0j ? c0j + 24 : NULL, sv, hv, xv,
+                   y + o + 24);
     }
 }
 
-/* Rows [r0, r0 + n) (n a multiple of 8) of every token into yacc [M][n] (zeroed by the caller). Groups and
+/* Rows [r0, r0 + n) (n a multiple of 32) of every token into yacc [M][n] (zeroed by the caller). Groups and
  * planes are the outer loops and row blocks the inner one, so one group's plane is read as cpg sequential
  * streams (a byte column each; a block-outer order would read one line per byte column at a stride of N
  * bytes, which for N a multiple of 4096 maps every line to the same cache set) and its tables stay in L1.
  * Tokens are the innermost loop: a block's plane bytes are loaded from memory once and reused from L1. */
-AVX2_TARGET static void rows_avx2(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
+AVX2_TARGET static void rows_i8_avx2(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
     const int64_t M = c->M, N = c->N, C = c->C, k = c->k, cpg = c->cpg, groups = c->groups;
     for (int64_t g = 0; g < groups; g++) {
         const uint16_t *cg = c->coeffs + g * (k + 1) * N + r0;
         for (int64_t i = 0; i < k; i++) {
-            const uint8_t *p = c->planes + (i * C + g * cpg) * N + r0;
-            const uint16_t *c0 = i == k - 1 ? cg + k * N : NULL;
-            for (int64_t b = 0; b < n; b += 8 * AVX2_MAX_NB) {
-                const int nb = n - b < 8 * AVX2_MAX_NB ? (int)((n - b) / 8) : AVX2_MAX_NB;
-                for (int64_t m = 0; m < M; m++) {
-                    const float *t = c->tables + (m * C + g * cpg) * 32;
-                    const float xg = c->xsum[m * groups + g];
-                    float *y = yacc + m * n + b;
-                    const uint16_t *cb = c0 ? c0 + b : NULL;
-                    switch (nb) { /* constant block widths: the plane sums stay in registers */
-                    case 8: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 8); break;
-                    case 7: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 7); break;
-                    case 6: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 6); break;
-                    case 5: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 5); break;
-                    case 4: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 4); break;
-                    case 3: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 3); break;
-                    case 2: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 2); break;
-                    default: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 1); break;
+            for (int64_t c1 = 0; c1 < cpg; c1 += I8_SPAN) {
+                const int64_t ncols = cpg - c1 < I8_SPAN ? cpg - c1 : I8_SPAN;
+                const int first = c1 == 0, last = i == k - 1 && c1 + ncols == cpg;
+                const uint8_t *p = c->planes + (i * C + g * cpg + c1) * N + r0;
+                const uint16_t *c0 = last ? cg + k * N : NULL;
+                for (int64_t b = 0; b < n; b += 32 * I8_MAX_NB) {
+                    const int nb = n - b < 32 * I8_MAX_NB ? (int)((n - b) / 32) : I8_MAX_NB;
+                    for (int64_t m = 0; m < M; m++) {
+                        const int8_t *tq = c->qtables + (m * C + g * cpg + c1) * 32;
+                        const float xg = c->xsum[m * groups + g], s = c->qscale[m * groups + g];
+                        const float hx = first ? 0.5f * xg : 0.0f;
+                        const uint16_t *cb = c0 ? c0 + b : NULL;
+                        float *y = yacc + m * n + b;
+                        if (nb == I8_MAX_NB) /* constant block widths: the accumulators stay in registers */
+                            block_i8_avx2(tq, p + b, N, ncols, cg + i * N + b, cb, s, hx, xg, y, I8_MAX_NB);
+                        else
+                            block_i8_avx2(tq, p + b, N, ncols, cg + i * N + b, cb, s, hx, xg, y, 1);
                     }
                 }
             }
+        }
+    }
+}
+
+/* The int8 tables of one token (qt [2C][16], scales qs [groups]) from its fp32 tables tm [2C][16]: per
+ * group the scale s = max |t'| / 127 over its chunks, t' = t - t[15] / 2, then q = rint(t' / s) (the
+ * default rounding mode: to nearest even), saturated to [-127, 127]. An all-zero group gets s = 0, q = 0. */
+AVX2_TARGET static void tables_int8_avx2(const float *tm, int64_t C, int64_t cpg, int8_t *qt, float *qs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m128i lo = _mm_set1_epi8(-127);
+    for (int64_t g0 = 0; g0 < 2 * C; g0 += 2 * cpg) {
+        __m256 amax = _mm256_setzero_ps();
+        for (int64_t q = g0; q < g0 + 2 * cpg; q++) {
+            const __m256 h = _mm256_set1_ps(0.5f * tm[16 * q + 15]);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_sub_ps(_mm256_loadu_ps(tm + 16 * q), h)));
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_sub_ps(_mm256_loadu_ps(tm + 16 * q + 8), h)));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float mx = _mm_cvtss_f32(m4);
+        float r = 127.0f / mx;
+        if (!(r <= FLT_MAX)) r = 0.0f; /* all zero (or below 127 / FLT_MAX, ~4e-37): the entries are 0 */
+        qs[g0 / (2 * cpg)] = r > 0.0f ? mx / 127.0f : 0.0f;
+        const __m256 inv = _mm256_set1_ps(r);
+        for (int64_t q = g0; q < g0 + 2 * cpg; q++) {
+            const __m256 h = _mm256_set1_ps(0.5f * tm[16 * q + 15]);
+            const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(tm + 16 * q), h), inv));
+            const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(tm + 16 * q + 8), h), inv));
+            const __m128i a16 = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+            const __m128i b16 = _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+            _mm_storeu_si128((__m128i *)(qt + 16 * q), _mm_max_epi8(_mm_packs_epi16(a16, b16), lo));
         }
     }
 }
@@ -412,13 +469,13 @@ static void rows_passes(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
 }
 
 /* Rows of row blocks [b0, b1) (RB rows each; the last block may be short), in chunks of at most ACC / M
- * rows: accumulated in yacc, then bias added and y written once. Rows past the last multiple of the path's
- * vector width (8 on AVX2, RB otherwise) go through the scalar code. */
+ * rows: accumulated in yacc, then bias added and y written once. Rows past the last multiple of RB go through
+ * the scalar code (exact fp32 tables on every path). */
 static void gemv_range(void *ctx, int64_t b0, int64_t b1) {
     const gemv_ctx *c = (const gemv_ctx *)ctx;
     const int64_t N = c->N, M = c->M;
     const int64_t rb = b0 * RB, re = b1 * RB < N ? b1 * RB : N;
-    const int64_t step = c->isa == ISA_AVX2 ? 8 : RB;
+    const int64_t step = RB;
     const int64_t rv = rb + (re - rb) / step * step; /* rows [rb, rv) in vector chunks, [rv, re) scalar */
     const int64_t R = ACC / M / RB * RB;
     float yacc[ACC] __attribute__((aligned(64))); /* 32 KiB on the stack */
@@ -427,7 +484,7 @@ static void gemv_range(void *ctx, int64_t b0, int64_t b1) {
         memset(yacc, 0, (size_t)(M * n) * sizeof(float));
 #ifdef BPDQ_X86
         if (c->isa == ISA_AVX2)
-            rows_avx2(c, r0, n, yacc);
+            rows_i8_avx2(c, r0, n, yacc);
         else
 #endif
             rows_passes(c, r0, n, yacc);
@@ -482,11 +539,15 @@ int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t 
     if (M > ACC / RB) return -1; /* a chunk of accumulators must hold RB rows of every token */
     if (K <= 0 || K % 8 || group_size <= 0 || group_size % 8 || K % group_size || k < 1) return -1;
     const int64_t C = K / 8, groups = K / group_size, cpg = group_size / 8;
-    float *tables = get_scratch((size_t)(M * C * 32 + M * groups));
-    if (!tables) return -1;
-    float *xsum = tables + M * C * 32;
     int best = bpdq_best_isa();
     if (isa > best) isa = best;
+    const int int8 = isa == ISA_AVX2;
+    /* fp32 tables [M][2C][16], input sums [M][groups]; int8 paths: scales [M][groups], int8 tables [M][2C][16] */
+    float *tables = get_scratch((size_t)(M * C * 32 + M * groups + (int8 ? M * groups + M * C * 8 : 0)));
+    if (!tables) return -1;
+    float *xsum = tables + M * C * 32;
+    float *qscale = int8 ? xsum + M * groups : NULL;
+    int8_t *qtables = int8 ? (int8_t *)(qscale + M * groups) : NULL;
     for (int64_t m = 0; m < M; m++) {
         float *tm = tables + m * C * 32;
 #ifdef BPDQ_X86
@@ -508,8 +569,12 @@ int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t 
             for (int64_t q = 2 * g * cpg; q < 2 * (g + 1) * cpg; q++) s += tm[q * 16 + 15];
             xsum[m * groups + g] = s;
         }
+#ifdef BPDQ_X86
+        if (int8) tables_int8_avx2(tm, C, cpg, qtables + m * C * 32, qscale + m * groups);
+#endif
     }
-    gemv_ctx c = {tables, xsum, planes, coeffs, bias, y, M, N, C, k, cpg, groups, y_stride, bias_dt, y_dt, isa};
+    gemv_ctx c = {tables, xsum, qtables, qscale, planes, coeffs, bias, y, M, N,
+                  C, k, cpg, groups, y_stride, bias_dt, y_dt, isa};
     /* threads only pay off past ~1M lookups per thread */
     int64_t work = M * N * C * k;
     int64_t useful = work / (1 << 20);
