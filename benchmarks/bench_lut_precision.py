@@ -1,12 +1,14 @@
-"""Perplexity effect of the ``cpu_lut`` kernel's int8 lookup tables (issue 12: at most 0.3% on SmolLM2 k=2).
+"""Perplexity effect of the ``cpu_lut`` kernel's integer lookup tables (issue 12: at most 0.3% on SmolLM2 k=2).
 
-The AVX2 path of ``cpu_lut`` rounds its per-token lookup tables to int8 (one scale per token and group; see
-``bpdq/kernels/cpu_lut.py``), so its outputs differ from the exact ones by a bounded amount. This script
+The AVX2 path of ``cpu_lut`` rounds its per-token lookup tables to integers (one scale per token and group;
+see ``bpdq/kernels/cpu_lut.py``), so its outputs differ from the exact ones by a bounded amount. This script
 measures what that does to a model's quality:
 
-1. SmolLM2-135M (the built-in ``smollm2-135m``, fp32) with every decoder linear quantized by RTN on the 2-bit
-   uniform grid, g=64, stored as 2 planes + 3 coefficients per group like every BPDQ weight (about 10 s;
-   the kernels see the format only, as in ``bench_cpu_decode.py``);
+1. a SmolLM2-135M BPDQ k=2 g=64 checkpoint (``--checkpoint DIR``), or one quantized here first: the main job's
+   config (``configs/smollm2-bpdq-k2.yaml``) with 16 calibration windows and 3 solver iterations (a few
+   minutes on 2 cores; perplexity ~40 instead of the full job's ~35), through ``bpdq quantize`` in a
+   subprocess, written to ``--workdir``. Not RTN: RTN at 2 bits leaves SmolLM2 at a perplexity of ~2.6e5,
+   a model whose outputs are noise and whose perplexity moves with any perturbation;
 2. perplexity on ``builtin:python-docs-test`` (``bpdq.evaluate.perplexity``; ``--windows`` x ``--seq-len``
    tokens, default 4 x 512) with the ``torch`` kernel (dequantize + matmul: the reference);
 3. the same with the ``cpu_lut`` kernel forced onto each path of ``--isas`` (``BPDQ_CPU_ISA``; default
@@ -17,14 +19,16 @@ measures what that does to a model's quality:
 
 It prints each perplexity and its relative change against the torch kernel.
 
-    python benchmarks/bench_lut_precision.py                        # int8 tables (AVX2), a few minutes
+    python benchmarks/bench_lut_precision.py                        # quantize, then the AVX2 tables
     python benchmarks/bench_lut_precision.py --isas avx2,avx512     # plus the exact fp32-table control
+    python benchmarks/bench_lut_precision.py --checkpoint runs/smollm2-bpdq-k2
 """
 
 from __future__ import annotations
 
 import argparse
 import os
+import subprocess
 import sys
 import time
 from pathlib import Path
@@ -32,24 +36,27 @@ from pathlib import Path
 import torch
 from torch import nn
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run from a checkout without installing
 
 from bpdq.calibration import load_text  # noqa: E402
 from bpdq.evaluate import perplexity  # noqa: E402
 from bpdq.kernels import cpu_lut  # noqa: E402
 from bpdq.linear import QuantLinear  # noqa: E402
 
-K, GROUP = 2, 64
+CONFIG = ROOT / "configs" / "smollm2-bpdq-k2.yaml"
+QUICK = ["calibration.samples=16", "quantize.solver.iters=3"]
 TEXT = "builtin:python-docs-test"
 
 
-def quantize_linears(model: nn.Module) -> nn.Module:
-    """Every decoder linear -> QuantLinear (RTN on the k-bit uniform grid, k planes, g=64), in place."""
-    for module in list(model.model.layers.modules()):
-        for name, child in list(module.named_children()):
-            if isinstance(child, nn.Linear):
-                setattr(module, name, QuantLinear.from_linear(child, grid={"type": "uniform", "bits": K}, group_size=GROUP))
-    return model
+def quantize(workdir: Path) -> Path:
+    """The quick k=2 checkpoint (see the module docstring) in ``workdir``; reused if it is already there."""
+    out = workdir / "smollm2-bpdq-k2-quick"
+    if not (out / "bpdq_summary.json").is_file():
+        sets = [arg for value in QUICK for arg in ("--set", value)]
+        cmd = [sys.executable, "-m", "bpdq.cli", "quantize", str(CONFIG), "--output", str(out), "--overwrite", *sets]
+        subprocess.run(cmd, check=True, cwd=ROOT)
+    return out
 
 
 def use_kernel(model: nn.Module, kernel: str, rows: int | None) -> None:
@@ -79,12 +86,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--windows", type=int, default=4, help="evaluation windows (default 4)")
     parser.add_argument("--seq-len", type=int, default=512, help="tokens per window (default 512)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1)")
+    parser.add_argument("--checkpoint", default=None, help="a BPDQ k=2 SmolLM2 checkpoint (default: quantize one)")
+    parser.add_argument("--workdir", default="runs/bench-lut-precision", help="where the quick checkpoint goes")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    from bpdq.models import load_pretrained
+    import bpdq
 
-    model, tok = load_pretrained("smollm2-135m", dtype=torch.float32)
-    model = quantize_linears(model).eval()
+    checkpoint = Path(args.checkpoint) if args.checkpoint else quantize(Path(args.workdir).resolve())
+    model, tok = bpdq.load(checkpoint, kernel="torch")
+    model = model.float().eval()
     text = load_text(TEXT)
 
     def ppl() -> tuple[float, float]:
@@ -94,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
 
     use_kernel(model, "torch", None)
     ref, seconds = ppl()
-    out = [f"SmolLM2-135M, RTN k={K} g={GROUP}; perplexity on {TEXT}, {args.windows} x {args.seq_len} tokens", ""]
+    out = [f"{checkpoint}; perplexity on {TEXT}, {args.windows} x {args.seq_len} tokens", ""]
     out.append("| kernel | path | perplexity | change vs torch | time |")
     out.append("|---|---|---|---|---|")
     out.append(f"| torch | dequantize + matmul | {ref:.4f} | | {seconds:.0f} s |")
@@ -106,7 +116,7 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"cpu_lut cannot run on path {isa}: {nat.reason}")
         use_kernel(model, "cpu_lut", cpu_lut.MAX_TOKENS)
         value, seconds = ppl()
-        tables = "int8 tables" if isa in cpu_lut.INT8_ISAS else "fp32 tables"
+        tables = "integer tables" if isa in cpu_lut.INT_TABLE_ISAS else "fp32 tables"
         out.append(
             f"| cpu_lut, <= {cpu_lut.MAX_TOKENS} rows a call | {isa} ({tables}) | {value:.4f} | "
             f"{100 * (value / ref - 1):+.3f}% | {seconds:.0f} s |"

@@ -4,15 +4,17 @@
   subset sums; each plane byte holds two 4-bit indices into the tables of its two chunks. Per row, group
   and plane the looked-up sums are scaled by ``c_i``, plus ``c_0`` times the group's input sum (exact fp32).
   The portable C path and AVX-512 look exact fp32 tables up (AVX-512 16 rows per ``vpermps`` over the whole
-  table, the portable path one at a time). **AVX2 uses int8 tables** (T-MAC's approach): per token and group
-  the tables are centred (``t' = t - t[15]/2``, the sum of ``+-x/2``) and rounded to int8 with one scale
-  ``s_G = max |t'| / 127`` shared by the group's tables, so one ``vpshufb`` looks up 32 rows' nibbles at once
-  and the looked-up values add up in int16 (``vpmaddubsw``; groups over 1024 inputs are split into spans
-  that cannot overflow); per group and plane the integer sum ``P`` becomes ``c_i * (s_G * P + X_G / 2)``
-  with ``X_G`` the group's exact input sum. The tables' rounding bounds the error
-  (:func:`lut_error_bound`): per output, ``sum_G (g/4) * (s_G/2) * sum_i |c_i|``; it moves SmolLM2 k=2's
-  perplexity by far less than the issue's 0.3% (``benchmarks/bench_lut_precision.py``). Rows past the last
-  multiple of 32 run the exact scalar code on every path.
+  table, the portable path one at a time). **AVX2 uses integer tables** (T-MAC's approach): per token and
+  group the tables are centred (``t' = t - t[15]/2``, the sum of ``+-x/2``) and rounded to int16 with one
+  scale ``s_G = max |t'| / 32767`` shared by the group's tables, stored as two byte tables (low and high
+  byte), so one ``vpshufb`` per byte looks up 32 rows' nibbles at once and the looked-up bytes add up in
+  int16 (``vpmaddubsw``; groups over 512 inputs are split into spans that cannot overflow); per group and
+  plane the integer sum ``P`` becomes ``c_i * (s_G * P + X_G / 2)`` with ``X_G`` the group's exact input
+  sum. The tables' rounding bounds the error (:func:`lut_error_bound`): per output about
+  ``sum_G (g/4) * (s_G/2) * sum_i |c_i|``. One byte per entry (int8, half the lookups) moved SmolLM2 k=2's
+  perplexity by +0.25% on 4 x 512 tokens, too close to the issue's 0.3% limit; two bytes leave it unchanged
+  (``benchmarks/bench_lut_precision.py``). Rows past the last multiple of 32 run the exact scalar code on
+  every path.
   Why 4 inputs and not 8: a 16-entry table sits in one register, so one shuffle looks many rows up at once;
   a 256-entry table (what ``triton_lut`` uses) needs one scalar or gather load per row and byte.
 - **Larger M**: tiles of about 2^18 weights (a few hundred KiB, cache-sized) are dequantized by the C
@@ -72,8 +74,8 @@ DTYPES = (torch.float32, torch.bfloat16)
 #: The C library's ABI version this module calls (``bpdq_abi_version()``).
 ABI_VERSION = 1
 ISAS = ("portable", "avx2", "avx512")
-#: Paths that look up int8 tables (error bounded by :func:`lut_error_bound`); the others use exact fp32 tables.
-INT8_ISAS = ("avx2",)
+#: Paths that look up integer tables (error bounded by :func:`lut_error_bound`); the others use exact fp32 tables.
+INT_TABLE_ISAS = ("avx2",)
 ISA_ENV = "BPDQ_CPU_ISA"
 DISABLE_ENV = "BPDQ_CPU_LUT_DISABLE"
 
@@ -144,15 +146,16 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
 
 
 def lut_error_bound(x: torch.Tensor, coeffs: torch.Tensor, group_size: int) -> torch.Tensor:
-    """Bound ``[M, N]`` (fp64) on ``|y - x W_hat^T|`` of the lookup-table path with int8 tables (``INT8_ISAS``,
-    ``M <= MAX_TOKENS``), before the output is rounded to its dtype.
+    """Bound ``[M, N]`` (fp64) on ``|y - x W_hat^T|`` of the lookup-table path with integer tables
+    (``INT_TABLE_ISAS``, ``M <= MAX_TOKENS``), before the output is rounded to its dtype.
 
-    Per token and group ``G`` (``g = group_size`` inputs, ``2 C_g = g / 4`` chunks of 4) the scale is
-    ``s_G = max over G's chunks of (sum of |x| over the chunk) / 2 / 127``. Each looked-up entry is off by at
-    most ``s_G / 2`` (rounding to nearest; we allow ``(1/2 + 1/1024) s_G`` for the fp32 roundoff of computing
-    ``t' / s_G``, below ``127 * 3 * 2^-24``), and each plane's sum over ``G`` has ``g / 4`` entries, so::
+    Per token and group ``G`` (``g = group_size`` inputs, ``g / 4`` chunks of 4) the scale is
+    ``s_G = max over G's chunks of (sum of |x| over the chunk) / 2 / 32767``. Each looked-up entry is off by
+    at most ``s_G / 2`` (rounding to nearest) plus the fp32 roundoff of the table entry, of centring it and
+    of dividing by ``s_G`` (below ``10 * 2^-24 * 32767 s_G``, about ``0.02 s_G``; we allow ``s_G / 32``), and
+    each plane's sum over ``G`` has ``g / 4`` entries, so::
 
-        table term = sum_G (g / 4) * (1/2 + 1/1024) * s_G * sum_{i=1..k} |c_i[G, r]|
+        table term = sum_G (g / 4) * (1/2 + 1/32) * s_G * sum_{i=1..k} |c_i[G, r]|
 
     plus the fp32 arithmetic of the fold (``s_G P + X_G / 2``, times ``c_i``, summed over the ``G (k+1)``
     terms of a row), bounded by ``(G (k+1) + 4) * 2^-24 * sum_G (sum_{i=0..k} |c_i[G, r]|) * ||x_G||_1``.
@@ -161,9 +164,9 @@ def lut_error_bound(x: torch.Tensor, coeffs: torch.Tensor, group_size: int) -> t
     m, kdim = x.shape
     groups, kp1, _ = coeffs.shape
     xa = x.detach().double().abs().reshape(m, groups, group_size)
-    scale = xa.reshape(m, groups, group_size // 4, 4).sum(-1).amax(-1) / 2 / 127  # [M, G]
+    scale = xa.reshape(m, groups, group_size // 4, 4).sum(-1).amax(-1) / 2 / 32767  # [M, G]
     c = coeffs.double().abs()
-    table = (scale * (group_size / 4) * (0.5 + 1 / 1024)) @ c[:, : kp1 - 1].sum(1)
+    table = (scale * (group_size / 4) * (0.5 + 1 / 32)) @ c[:, : kp1 - 1].sum(1)
     roundoff = (groups * kp1 + 4) * 2.0**-24 * (xa.sum(-1) @ c.sum(1))
     return table + roundoff
 

@@ -2,8 +2,8 @@
 
 The library must be built (``pip install -e .`` or ``python setup.py build_ext --inplace``); without it these
 tests fail with the reason. Paths the CPU lacks are checked to be refused, not skipped. The paths with exact
-fp32 tables are held to the torch kernel's roundoff; the int8-table paths (``cpu_lut.INT8_ISAS``, decode
-sizes) to that plus, per output, the analytic bound of their table rounding (``cpu_lut.lut_error_bound``).
+fp32 tables are held to the torch kernel's roundoff; the integer-table paths (``cpu_lut.INT_TABLE_ISAS``,
+decode sizes) to that plus, per output, the analytic bound of their table rounding (``cpu_lut.lut_error_bound``).
 """
 
 from __future__ import annotations
@@ -38,9 +38,9 @@ def best() -> str:
 
 
 def check(layer: QuantLinear, x: torch.Tensor, isa: str) -> None:
-    """The kernel on the forced path ``isa`` against the reference, with the int8 tables' bound where they run."""
+    """The kernel on the forced path ``isa`` against the reference, with the integer tables' bound where they run."""
     extra = None
-    if isa in cpu_lut.INT8_ISAS and 0 < x.shape[0] <= MAX_LUT_TOKENS:
+    if isa in cpu_lut.INT_TABLE_ISAS and 0 < x.shape[0] <= MAX_LUT_TOKENS:
         extra = cpu_lut.lut_error_bound(x, layer.coeffs, layer.group_size)
     assert_matches_reference(layer, x, "cpu_lut", extra)
 
@@ -132,7 +132,7 @@ def test_strided_inputs_zero_rows_and_batches(isa, dtype):
     zeros = torch.zeros(3, 128, dtype=dtype)  # zero activations: the bias alone
     torch.testing.assert_close(layer(zeros), layer.bias.to(dtype).expand(3, 40), rtol=0, atol=0)
     x = torch.randn(4, 128).to(dtype)
-    x[:, 32:64] = 0  # a zero group (int8 tables: scale 0) and zero tokens among non-zero ones
+    x[:, 32:64] = 0  # a zero group (integer tables: scale 0) and zero tokens among non-zero ones
     x[1] = 0
     check(layer, x, isa)
     with torch.no_grad():
@@ -140,14 +140,14 @@ def test_strided_inputs_zero_rows_and_batches(isa, dtype):
     torch.testing.assert_close(layer(x)[:, 5:9], layer.bias[5:9].to(dtype).expand(4, 4), rtol=0, atol=0)
 
 
-@pytest.mark.parametrize("group_size", [1024, 1032, 2048])
+@pytest.mark.parametrize("group_size", [512, 520, 1024])
 def test_groups_past_the_int16_span(isa, group_size):
-    # int8 tables add up in int16 over at most 128 byte columns (1024 inputs, |sum| <= 128 * 254); larger
-    # groups are split into spans. Worst case for overflow: every plane byte 0xff and all-equal inputs, so
-    # every looked-up entry is the table's maximum 127.
+    # Integer tables add their low bytes up in int16 over at most 64 byte columns (512 inputs, each column
+    # adding up to 2 * 255); larger groups are split into spans. Worst case for overflow: every plane byte 0xff
+    # and all-equal inputs, so every looked-up entry is the table's maximum.
     if isa is None:
         return
-    layer = random_layer(2, group_size, 40, 2 * group_size if group_size < 2048 else 2048, bias=False, seed=group_size)
+    layer = random_layer(2, group_size, 40, 2 * group_size, bias=False, seed=group_size)
     with torch.no_grad():
         layer.planes.fill_(255)
     for m in (1, 3, 8):
@@ -191,29 +191,32 @@ def test_paths_agree_and_threads_do_not_change_the_result(monkeypatch):
         torch.set_num_threads(threads)
     ref = reference(layer, x)
     for isa, y in results.items():
-        slack = cpu_lut.lut_error_bound(x, layer.coeffs, 64) if isa in cpu_lut.INT8_ISAS else 0.0
+        slack = cpu_lut.lut_error_bound(x, layer.coeffs, 64) if isa in cpu_lut.INT_TABLE_ISAS else 0.0
         assert ((y.double() - ref).abs() - slack).max() < 1e-4 * ref.abs().max(), isa
 
 
-def test_int8_tables_are_used_their_error_holds_its_bound_and_the_bound_is_small(isa):
-    # A 4096-input k=2 g=64 layer with Gaussian inputs. On the int8 paths the error must exceed the exact
-    # paths' roundoff (the int8 tables really run), stay within the analytic bound, and the bound itself must
-    # be small against the outputs' scale (|x| @ |W_hat|^T), or it would hide bugs.
-    if isa is None:
-        return
+def test_integer_tables_are_used_their_error_holds_its_bound_and_the_bound_is_small(monkeypatch):
+    # A 4096-input k=2 g=64 layer with Gaussian inputs, on every path this CPU has. The exact paths stay at
+    # fp32 roundoff; the integer-table paths' error must exceed it clearly (the integer tables really run) and
+    # stay within the analytic bound, and the bound itself must be small against the outputs' scale
+    # (|x| @ |W_hat|^T), or it would hide bugs.
     layer = random_layer(2, 64, 256, 4096, bias=False, seed=4)
     layer.set_kernel("cpu_lut")
     x = torch.randn(3, 4096, generator=torch.Generator().manual_seed(4))
     ref = reference(layer, x)
-    err = (layer(x).double() - ref).abs()
     scale = (x.double().abs() @ layer.quantized_weight().dequantize(torch.float64).abs().T).max()
-    if isa not in cpu_lut.INT8_ISAS:
-        assert err.max() < 1e-5 * scale
-        return
+    errors = {}
+    for isa in ISAS[: ISAS.index(best()) + 1]:
+        use_env(monkeypatch, cpu_lut.ISA_ENV, isa)
+        errors[isa] = (layer(x).double() - ref).abs()
+    exact = max(err.max() for isa, err in errors.items() if isa not in cpu_lut.INT_TABLE_ISAS)
+    assert exact < 1e-6 * scale
     bound = cpu_lut.lut_error_bound(x, layer.coeffs, 64)
-    assert err.max() > 1e-5 * scale
-    assert (err <= bound).all()
-    assert bound.max() < 0.01 * scale
+    assert bound.max() < 1e-4 * scale
+    for isa in cpu_lut.INT_TABLE_ISAS:
+        if isa in errors:
+            assert errors[isa].max() > 4 * exact, isa
+            assert (errors[isa] <= bound).all(), isa
 
 
 def test_unknown_isa_value_is_refused(monkeypatch):

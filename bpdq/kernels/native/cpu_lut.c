@@ -13,8 +13,8 @@
  * path one at a time; both run one pass over a chunk of rows per group and plane, through an array of plane
  * sums, and add the same terms in the same order per row (plane sums over byte columns, then c_i times
  * each, then c_0 times the group's input sum; AVX-512 fuses the multiply-adds, the portable path does not).
- * AVX2 rounds the tables to int8 with one scale per token and group and looks 32 rows up per vpshufb,
- * summing in int16 (T-MAC's approach; its error bound is derived at rows_i8_avx2 below). Groups and
+ * AVX2 rounds the tables to int16 with one scale per token and group, split into two byte tables, and looks
+ * 32 rows up per vpshufb, summing in int16 (T-MAC's approach; its error bound is derived at block_lut_avx2). Groups and
  * planes are its outer loops, row blocks the inner one, so each byte column is read as a sequential,
  * prefetched stream. Tail rows (past the last multiple of 32) go through scalar code on exact fp32 tables
  * that sums per group first.
@@ -158,8 +158,8 @@ static void parallel_for(int threads, int64_t n, range_fn fn, void *ctx) {
 typedef struct {
     const float *tables; /* [M][C*2][16] */
     const float *xsum;   /* [M][G] */
-    const int8_t *qtables; /* int8 paths: [M][C*2][16] */
-    const float *qscale;   /* int8 paths: [M][G] */
+    const uint8_t *qtables; /* integer-table paths: [M][C][4][16] byte tables */
+    const float *qscale;    /* integer-table paths: [M][G] */
     const uint8_t *planes;
     const uint16_t *coeffs;
     const void *bias;
@@ -235,80 +235,96 @@ static void offset_portable(const uint16_t *c16, const float *xs, int64_t xs_str
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
-/* AVX2: int8 tables and vpshufb (the T-MAC approach). Per token and group G the tables of G's chunks are
- * centred, t'[j] = t[j] - t[15] / 2 (t[15] = the chunk's input sum S; t' is the sum of +-x_b / 2, so
- * t'[15 - j] = -t'[j] and max |t'| = sum |x_b| / 2), and rounded to int8 with one scale per token and group,
- * s_G = max over G's chunks of |t'| / 127: q = rint(t' / s_G) in [-127, 127] (tables_int8_avx2). A plane's
- * exact sum over G is sum t = sum t' + X_G / 2 (X_G: the group's exact fp32 input sum), computed as
- * s_G * P + X_G / 2 with P the integer sum of the looked-up q.
+/* AVX2: integer tables and vpshufb (the T-MAC approach, with two bytes per entry). Per token and group G the
+ * tables of G's chunks are centred, t'[j] = t[j] - t[15] / 2 (t[15] = the chunk's input sum S; t' is the sum
+ * of +-x_b / 2, so max |t'| = sum |x_b| / 2), and rounded to int16 with one scale per token and group,
+ * s_G = max over G's chunks of |t'| / 32767: v = rint(t' / s_G) (tables_i16_avx2). Each entry is stored as
+ * two byte tables, its low byte (unsigned, 0..255) and its high byte (signed, -128..127), v = 256 hi + lo.
+ * A plane's exact sum over G is sum t = sum t' + X_G / 2 (X_G: the group's exact fp32 input sum), computed
+ * as s_G * P + X_G / 2 with P = 256 * (sum of hi) + (sum of lo) the integer sum of the looked-up v.
  *
- * One byte column of 32 rows is one 32-byte load (planes are column-major); one vpshufb per nibble looks
- * the 32 rows up in the column's two int8 tables (16 entries each, broadcast to both 128-bit lanes).
- * Interleaving the low- and high-nibble results (vpunpck{l,h}bw) and vpmaddubsw by 1 gives q_lo + q_hi per
- * row in int16 ([rows 0-7 | 16-23] and [rows 8-15 | 24-31]), added to int16 accumulators: per column
- * |q_lo + q_hi| <= 254, so up to I8_SPAN = 128 columns (32512 <= 32767) sum without overflow. Larger groups
- * are split into spans of at most 128 columns, each folded into the fp32 row accumulators on its own.
- * Per 32 rows and column: 1 load, 3 and/shift, 2 vpshufb, 2 unpacks, 2 vpmaddubsw, 2 adds (256 weights).
- * A block of nb x 32 rows (nb <= I8_MAX_NB) keeps its 2 nb accumulators in registers over a span's columns;
+ * One byte column of 32 rows is one 32-byte load (planes are column-major); one vpshufb per nibble and byte
+ * table looks the 32 rows up (16-entry tables broadcast to both 128-bit lanes). Interleaving the low- and
+ * high-nibble results (vpunpck{l,h}bw) and vpmaddubsw by 1 adds the two per row in int16 ([rows 0-7 | 16-23]
+ * and [rows 8-15 | 24-31]): per column lo_L + lo_H <= 510 and |hi_L + hi_H| <= 256, so int16 accumulators
+ * take up to LUT_SPAN = 64 columns (64 * 510 = 32640 <= 32767) without overflow. Larger groups (over 512
+ * inputs) are split into spans of at most 64 columns, each folded into the fp32 row accumulators on its own.
+ * Per 32 rows and column: 1 load, 3 and/shift, 4 vpshufb, 4 unpacks, 4 vpmaddubsw, 4 adds (256 weights).
+ * A block of nb x 32 rows (nb <= LUT_MAX_NB) keeps its 4 nb accumulators in registers over a span's columns;
  * then per 8 rows: y += c_i * (s_G * P + X_G / 2) (two FMAs, c_i fp16 through F16C), and after the group's
  * last plane y += c_0 * X_G.
  *
+ * Why two bytes: one byte (int8 tables, s_G = max |t'| / 127) costs half the lookups, but with a scale shared
+ * by a group's 16 chunks the activations' outliers make it coarse: on SmolLM2's layers it left 0.4-2.5%
+ * relative error per linear output, which compounds over 210 linears.
+ *
  * Error (per output y[m, r], against exact arithmetic): each looked-up entry is off by at most s_G / 2
- * (rounding to nearest) plus the fp32 roundoff of t' and of t' / s_G (below 127 * 3 * 2^-24 s_G), and a
- * plane's sum over G has 2 cpg = g / 4 entries, so
- *     |y - y_exact| <= sum_G  (g / 4) * (1/2 + 1/1024) * s_G * sum_{i >= 1} |c_i[G, r]|  +  fp32 roundoff,
- * s_G = max over G's chunks of (sum of |x| over the chunk's 4 inputs) / 254. The c_0 and X_G / 2 terms use
- * the exact fp32 input sums. The integer sums are exact (no overflow, see above). cpu_lut.py's
+ * (rounding to nearest) plus the fp32 roundoff of the table, of t' and of t' / s_G (below 0.02 s_G: about
+ * 10 * 2^-24 * 32767), and a plane's sum over G has 2 cpg = g / 4 entries, so
+ *     |y - y_exact| <= sum_G  (g / 4) * (1/2 + 1/32) * s_G * sum_{i >= 1} |c_i[G, r]|  +  fp32 roundoff,
+ * s_G = max over G's chunks of (sum of |x| over the chunk's 4 inputs) / 65534. The c_0 and X_G / 2 terms use
+ * the exact fp32 input sums; the integer sums are exact (no overflow, see above). cpu_lut.py's
  * lut_error_bound computes this bound (with the roundoff of the fp32 fold); the tests hold AVX2 to it. */
-#define I8_MAX_NB 2
-#define I8_SPAN 128
+#define LUT_MAX_NB 2
+#define LUT_SPAN 64
 /* Software prefetch distance along a byte column and the coefficient rows (bytes). */
 #define AVX2_PREFETCH 128
 
-/* 8 rows' fp32 plane sums: y += c_i * (s * P + hx), then y += c_0 * xg when c0 is given. */
-AVX2_TARGET static inline __attribute__((always_inline)) void fold8_avx2(__m128i p16, const uint16_t *ci,
-                                                                         const uint16_t *c0, __m256 s, __m256 hx,
-                                                                         __m256 xg, float *y) {
-    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(_mm256_cvtepi16_epi32(p16)), s, hx);
+/* 8 rows' plane sums P = 256 hi + lo: y += c_i * (s * P + hx), then y += c_0 * xg when c0 is given. */
+AVX2_TARGET static inline __attribute__((always_inline)) void fold8_avx2(__m128i lo16, __m128i hi16,
+                                                                         const uint16_t *ci, const uint16_t *c0,
+                                                                         __m256 s, __m256 hx, __m256 xg, float *y) {
+    const __m256i p = _mm256_add_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(hi16), 8), _mm256_cvtepi16_epi32(lo16));
+    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, hx);
     const __m256 cf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ci));
     __m256 out = _mm256_fmadd_ps(cf, v, _mm256_loadu_ps(y));
     if (c0) out = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)c0)), xg, out);
     _mm256_storeu_ps(y, out);
 }
 
-/* nb x 32 rows, ncols (<= I8_SPAN) byte columns of one plane: tq the columns' int8 tables ([2 ncols][16]),
- * p the first column's bytes of the block's first row (columns N apart). */
-AVX2_TARGET static inline __attribute__((always_inline)) void block_i8_avx2(const int8_t *tq, const uint8_t *p,
-                                                                            int64_t N, int64_t ncols,
-                                                                            const uint16_t *ci, const uint16_t *c0,
-                                                                            float s, float hx, float xg, float *y,
-                                                                            const int nb) {
+/* nb x 32 rows, ncols (<= LUT_SPAN) byte columns of one plane: tq the columns' byte tables ([ncols][4][16]:
+ * low nibble's lo and hi bytes, high nibble's lo and hi bytes), p the first column's bytes of the block's
+ * first row (columns N apart). */
+AVX2_TARGET static inline __attribute__((always_inline)) void block_lut_avx2(const uint8_t *tq, const uint8_t *p,
+                                                                             int64_t N, int64_t ncols,
+                                                                             const uint16_t *ci, const uint16_t *c0,
+                                                                             float s, float hx, float xg, float *y,
+                                                                             const int nb) {
     const __m256i nib = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
-    __m256i a[2 * I8_MAX_NB];
-    for (int j = 0; j < 2 * nb; j++) a[j] = _mm256_setzero_si256();
-    for (int64_t cc = 0; cc < ncols; cc++, p += N, tq += 32) {
+    __m256i a[4 * LUT_MAX_NB]; /* per 32 rows: lo sums [0-7|16-23], [8-15|24-31], then hi sums likewise */
+    for (int j = 0; j < 4 * nb; j++) a[j] = _mm256_setzero_si256();
+    for (int64_t cc = 0; cc < ncols; cc++, p += N, tq += 64) {
         _mm_prefetch((const char *)p + AVX2_PREFETCH, _MM_HINT_T0);
-        const __m256i tl = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tq));
-        const __m256i th = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tq + 16)));
+        const __m256i l0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tq));
+        const __m256i l1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tq + 16)));
+        const __m256i h0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tq + 32)));
+        const __m256i h1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tq + 48)));
         for (int j = 0; j < nb; j++) {
             const __m256i b = _mm256_loadu_si256((const __m256i *)(p + 32 * j));
-            const __m256i lo = _mm256_shuffle_epi8(tl, _mm256_and_si256(b, nib));
-            const __m256i hi = _mm256_shuffle_epi8(th, _mm256_and_si256(_mm256_srli_epi16(b, 4), nib));
-            a[2 * j] = _mm256_add_epi16(a[2 * j], _mm256_maddubs_epi16(one, _mm256_unpacklo_epi8(lo, hi)));
-            a[2 * j + 1] = _mm256_add_epi16(a[2 * j + 1], _mm256_maddubs_epi16(one, _mm256_unpackhi_epi8(lo, hi)));
+            const __m256i il = _mm256_and_si256(b, nib), ih = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+            const __m256i lo_l = _mm256_shuffle_epi8(l0, il), lo_h = _mm256_shuffle_epi8(h0, ih);
+            const __m256i hi_l = _mm256_shuffle_epi8(l1, il), hi_h = _mm256_shuffle_epi8(h1, ih);
+            /* vpmaddubsw: first operand unsigned, second signed */
+            a[4 * j] = _mm256_add_epi16(a[4 * j], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo_l, lo_h), one));
+            a[4 * j + 1] = _mm256_add_epi16(a[4 * j + 1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo_l, lo_h), one));
+            a[4 * j + 2] = _mm256_add_epi16(a[4 * j + 2], _mm256_maddubs_epi16(one, _mm256_unpacklo_epi8(hi_l, hi_h)));
+            a[4 * j + 3] = _mm256_add_epi16(a[4 * j + 3], _mm256_maddubs_epi16(one, _mm256_unpackhi_epi8(hi_l, hi_h)));
         }
     }
     _mm_prefetch((const char *)ci + AVX2_PREFETCH * 2, _MM_HINT_T0); /* fp16: 2 bytes a row */
     if (c0) _mm_prefetch((const char *)c0 + AVX2_PREFETCH * 2, _MM_HINT_T0);
     const __m256 sv = _mm256_set1_ps(s), hv = _mm256_set1_ps(hx), xv = _mm256_set1_ps(xg);
     for (int j = 0; j < nb; j++) {
+        const __m256i *q = a + 4 * j;
         const int64_t o = 32 * j;
         const uint16_t *c0j = c0 ? c0 + o : NULL;
-        fold8_avx2(_mm256_castsi256_si128(a[2 * j]), ci + o, c0j, sv, hv, xv, y + o);
-        fold8_avx2(_mm256_castsi256_si128(a[2 * j + 1]), ci + o + 8, c0j ? c0j + 8 : NULL, sv, hv, xv, y + o + 8);
-        fold8_avx2(_mm256_extracti128_si256(a[2 * j], 1), ci + o + 16, c0j ? c0j + 16 : NULL, sv, hv, xv, y + o + 16);
-        fold8_avx2(_mm256_extracti128_si256(a[2 * j + 1], 1), ci + o + 24, c0j ? c0j + 24 : NULL, sv, hv, xv,
-                   y + o + 24);
+        fold8_avx2(_mm256_castsi256_si128(q[0]), _mm256_castsi256_si128(q[2]), ci + o, c0j, sv, hv, xv, y + o);
+        fold8_avx2(_mm256_castsi256_si128(q[1]), _mm256_castsi256_si128(q[3]), ci + o + 8, c0j ? c0j + 8 : NULL, sv,
+                   hv, xv, y + o + 8);
+        fold8_avx2(_mm256_extracti128_si256(q[0], 1), _mm256_extracti128_si256(q[2], 1), ci + o + 16,
+                   c0j ? c0j + 16 : NULL, sv, hv, xv, y + o + 16);
+        fold8_avx2(_mm256_extracti128_si256(q[1], 1), _mm256_extracti128_si256(q[3], 1), ci + o + 24,
+                   c0j ? c0j + 24 : NULL, sv, hv, xv, y + o + 24);
     }
 }
 
@@ -317,28 +333,28 @@ AVX2_TARGET static inline __attribute__((always_inline)) void block_i8_avx2(cons
  * streams (a byte column each; a block-outer order would read one line per byte column at a stride of N
  * bytes, which for N a multiple of 4096 maps every line to the same cache set) and its tables stay in L1.
  * Tokens are the innermost loop: a block's plane bytes are loaded from memory once and reused from L1. */
-AVX2_TARGET static void rows_i8_avx2(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
+AVX2_TARGET static void rows_lut_avx2(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
     const int64_t M = c->M, N = c->N, C = c->C, k = c->k, cpg = c->cpg, groups = c->groups;
     for (int64_t g = 0; g < groups; g++) {
         const uint16_t *cg = c->coeffs + g * (k + 1) * N + r0;
         for (int64_t i = 0; i < k; i++) {
-            for (int64_t c1 = 0; c1 < cpg; c1 += I8_SPAN) {
-                const int64_t ncols = cpg - c1 < I8_SPAN ? cpg - c1 : I8_SPAN;
+            for (int64_t c1 = 0; c1 < cpg; c1 += LUT_SPAN) {
+                const int64_t ncols = cpg - c1 < LUT_SPAN ? cpg - c1 : LUT_SPAN;
                 const int first = c1 == 0, last = i == k - 1 && c1 + ncols == cpg;
                 const uint8_t *p = c->planes + (i * C + g * cpg + c1) * N + r0;
                 const uint16_t *c0 = last ? cg + k * N : NULL;
-                for (int64_t b = 0; b < n; b += 32 * I8_MAX_NB) {
-                    const int nb = n - b < 32 * I8_MAX_NB ? (int)((n - b) / 32) : I8_MAX_NB;
+                for (int64_t b = 0; b < n; b += 32 * LUT_MAX_NB) {
+                    const int nb = n - b < 32 * LUT_MAX_NB ? (int)((n - b) / 32) : LUT_MAX_NB;
                     for (int64_t m = 0; m < M; m++) {
-                        const int8_t *tq = c->qtables + (m * C + g * cpg + c1) * 32;
+                        const uint8_t *tq = c->qtables + (m * C + g * cpg + c1) * 64;
                         const float xg = c->xsum[m * groups + g], s = c->qscale[m * groups + g];
                         const float hx = first ? 0.5f * xg : 0.0f;
                         const uint16_t *cb = c0 ? c0 + b : NULL;
                         float *y = yacc + m * n + b;
-                        if (nb == I8_MAX_NB) /* constant block widths: the accumulators stay in registers */
-                            block_i8_avx2(tq, p + b, N, ncols, cg + i * N + b, cb, s, hx, xg, y, I8_MAX_NB);
+                        if (nb == LUT_MAX_NB) /* constant block widths: the accumulators stay in registers */
+                            block_lut_avx2(tq, p + b, N, ncols, cg + i * N + b, cb, s, hx, xg, y, LUT_MAX_NB);
                         else
-                            block_i8_avx2(tq, p + b, N, ncols, cg + i * N + b, cb, s, hx, xg, y, 1);
+                            block_lut_avx2(tq, p + b, N, ncols, cg + i * N + b, cb, s, hx, xg, y, 1);
                     }
                 }
             }
@@ -346,12 +362,13 @@ AVX2_TARGET static void rows_i8_avx2(const gemv_ctx *c, int64_t r0, int64_t n, f
     }
 }
 
-/* The int8 tables of one token (qt [2C][16], scales qs [groups]) from its fp32 tables tm [2C][16]: per
- * group the scale s = max |t'| / 127 over its chunks, t' = t - t[15] / 2, then q = rint(t' / s) (the
- * default rounding mode: to nearest even), saturated to [-127, 127]. An all-zero group gets s = 0, q = 0. */
-AVX2_TARGET static void tables_int8_avx2(const float *tm, int64_t C, int64_t cpg, int8_t *qt, float *qs) {
+/* The byte tables of one token (qt [C][4][16], scales qs [groups]) from its fp32 tables tm [2C][16]: per
+ * group the scale s = max |t'| / 32767 over its chunks, t' = t - t[15] / 2, then v = rint(t' / s) (the
+ * default rounding mode: to nearest even), split into its low and high bytes. An all-zero group gets s = 0,
+ * v = 0. */
+AVX2_TARGET static void tables_i16_avx2(const float *tm, int64_t C, int64_t cpg, uint8_t *qt, float *qs) {
     const __m256 sign = _mm256_set1_ps(-0.0f);
-    const __m128i lo = _mm_set1_epi8(-127);
+    const __m128i low = _mm_set1_epi16(0xff);
     for (int64_t g0 = 0; g0 < 2 * C; g0 += 2 * cpg) {
         __m256 amax = _mm256_setzero_ps();
         for (int64_t q = g0; q < g0 + 2 * cpg; q++) {
@@ -363,9 +380,9 @@ AVX2_TARGET static void tables_int8_avx2(const float *tm, int64_t C, int64_t cpg
         m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
         m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
         const float mx = _mm_cvtss_f32(m4);
-        float r = 127.0f / mx;
-        if (!(r <= FLT_MAX)) r = 0.0f; /* all zero (or below 127 / FLT_MAX, ~4e-37): the entries are 0 */
-        qs[g0 / (2 * cpg)] = r > 0.0f ? mx / 127.0f : 0.0f;
+        float r = 32767.0f / mx;
+        if (!(r <= FLT_MAX)) r = 0.0f; /* all zero (or below 32767 / FLT_MAX, ~1e-34): the entries are 0 */
+        qs[g0 / (2 * cpg)] = r > 0.0f ? mx / 32767.0f : 0.0f;
         const __m256 inv = _mm256_set1_ps(r);
         for (int64_t q = g0; q < g0 + 2 * cpg; q++) {
             const __m256 h = _mm256_set1_ps(0.5f * tm[16 * q + 15]);
@@ -373,7 +390,10 @@ AVX2_TARGET static void tables_int8_avx2(const float *tm, int64_t C, int64_t cpg
             const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(tm + 16 * q + 8), h), inv));
             const __m128i a16 = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
             const __m128i b16 = _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
-            _mm_storeu_si128((__m128i *)(qt + 16 * q), _mm_max_epi8(_mm_packs_epi16(a16, b16), lo));
+            /* chunk q = 2 cc + h: column cc's tables at qt + 64 cc, the high nibble's 32 bytes after the low's */
+            uint8_t *o = qt + 64 * (q >> 1) + 32 * (q & 1);
+            _mm_storeu_si128((__m128i *)o, _mm_packus_epi16(_mm_and_si128(a16, low), _mm_and_si128(b16, low)));
+            _mm_storeu_si128((__m128i *)(o + 16), _mm_packs_epi16(_mm_srai_epi16(a16, 8), _mm_srai_epi16(b16, 8)));
         }
     }
 }
@@ -484,7 +504,7 @@ static void gemv_range(void *ctx, int64_t b0, int64_t b1) {
         memset(yacc, 0, (size_t)(M * n) * sizeof(float));
 #ifdef BPDQ_X86
         if (c->isa == ISA_AVX2)
-            rows_i8_avx2(c, r0, n, yacc);
+            rows_lut_avx2(c, r0, n, yacc);
         else
 #endif
             rows_passes(c, r0, n, yacc);
@@ -541,13 +561,13 @@ int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t 
     const int64_t C = K / 8, groups = K / group_size, cpg = group_size / 8;
     int best = bpdq_best_isa();
     if (isa > best) isa = best;
-    const int int8 = isa == ISA_AVX2;
-    /* fp32 tables [M][2C][16], input sums [M][groups]; int8 paths: scales [M][groups], int8 tables [M][2C][16] */
-    float *tables = get_scratch((size_t)(M * C * 32 + M * groups + (int8 ? M * groups + M * C * 8 : 0)));
+    const int itab = isa == ISA_AVX2;
+    /* fp32 tables [M][2C][16], input sums [M][groups]; integer tables: scales [M][groups], bytes [M][C][4][16] */
+    float *tables = get_scratch((size_t)(M * C * 32 + M * groups + (itab ? M * groups + M * C * 16 : 0)));
     if (!tables) return -1;
     float *xsum = tables + M * C * 32;
-    float *qscale = int8 ? xsum + M * groups : NULL;
-    int8_t *qtables = int8 ? (int8_t *)(qscale + M * groups) : NULL;
+    float *qscale = itab ? xsum + M * groups : NULL;
+    uint8_t *qtables = itab ? (uint8_t *)(qscale + M * groups) : NULL;
     for (int64_t m = 0; m < M; m++) {
         float *tm = tables + m * C * 32;
 #ifdef BPDQ_X86
@@ -570,7 +590,7 @@ int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t 
             xsum[m * groups + g] = s;
         }
 #ifdef BPDQ_X86
-        if (int8) tables_int8_avx2(tm, C, cpg, qtables + m * C * 32, qscale + m * groups);
+        if (itab) tables_i16_avx2(tm, C, cpg, qtables + m * C * 64, qscale + m * groups);
 #endif
     }
     gemv_ctx c = {tables, xsum, qtables, qscale, planes, coeffs, bias, y, M, N,
