@@ -3,14 +3,14 @@
 - **Decode** (``M <= 8`` tokens): lookup tables. Per token and per chunk of 4 inputs a 16-entry table of
   subset sums; each plane byte holds two 4-bit indices into the tables of its two chunks. Per row, group
   and plane the looked-up sums are scaled by ``c_i``, plus ``c_0`` times the group's input sum (exact fp32).
-  The portable C path and AVX-512 look exact fp32 tables up (AVX-512 16 rows per ``vpermps`` over the whole
-  table, the portable path one at a time). **AVX2 uses integer tables** (T-MAC's approach): per token and
-  group the tables are centred (``t' = t - t[15]/2``, the sum of ``+-x/2``) and rounded to int16 with one
-  scale ``s_G = max |t'| / 32767`` shared by the group's tables, stored as two byte tables (low and high
-  byte), so one ``vpshufb`` per byte looks up 32 rows' nibbles at once and the looked-up bytes add up in
-  int16 (``vpmaddubsw``; groups over 512 inputs are split into spans that cannot overflow); per group and
-  plane the integer sum ``P`` becomes ``c_i * (s_G * P + X_G / 2)`` with ``X_G`` the group's exact input
-  sum. The tables' rounding bounds the error (:func:`lut_error_bound`): per output about
+  The portable C path looks exact fp32 tables up, one row at a time. **AVX2 and AVX-512 use integer tables**
+  (T-MAC's approach): per token and group the tables are centred (``t' = t - t[15]/2``, the sum of
+  ``+-x/2``) and rounded to int16 with one scale ``s_G = max |t'| / 32767`` shared by the group's tables,
+  stored as two byte tables (low and high byte), so one ``vpshufb`` per byte looks up 32 (AVX2) or 64
+  (AVX-512 BW) rows' nibbles at once and the looked-up bytes add up in int16 (``vpmaddubsw``; groups over
+  512 inputs are split into spans that cannot overflow); per group and plane the integer sum ``P`` becomes
+  ``c_i * (s_G * P + X_G / 2)`` with ``X_G`` the group's exact input sum. AVX2 and AVX-512 give
+  bit-identical results. The tables' rounding bounds the error (:func:`lut_error_bound`): per output about
   ``sum_G (g/4) * (s_G/2) * sum_i |c_i|``. One byte per entry (int8, half the lookups) moved SmolLM2 k=2's
   perplexity by +0.25% on 4 x 512 tokens, too close to the issue's 0.3% limit; two bytes leave it unchanged
   (``benchmarks/bench_lut_precision.py``). Rows past the last multiple of 32 run the exact scalar code on
@@ -75,7 +75,7 @@ DTYPES = (torch.float32, torch.bfloat16)
 ABI_VERSION = 1
 ISAS = ("portable", "avx2", "avx512")
 #: Paths that look up integer tables (error bounded by :func:`lut_error_bound`); the others use exact fp32 tables.
-INT_TABLE_ISAS = ("avx2",)
+INT_TABLE_ISAS = ("avx2", "avx512")
 ISA_ENV = "BPDQ_CPU_ISA"
 DISABLE_ENV = "BPDQ_CPU_LUT_DISABLE"
 

@@ -2,22 +2,21 @@
  *
  * Planes are read in the "column-major" layout planes[i][col][r] (uint8, k x C x N with C = in/8 byte
  * columns and N = out rows): the bytes of one byte column of all rows are contiguous, so one vector load
- * fetches the same byte column of 8/16/32 consecutive rows. Python keeps the layer's `planes` buffer as a
+ * fetches the same byte column of 32 or 64 consecutive rows. Python keeps the layer's `planes` buffer as a
  * [k, out, in/8] tensor with strides (C*N, 1, N) that stores exactly this layout (see cpu_lut.py).
  * Coefficients are the canonical fp16 [groups][k+1][N].
  *
  * bpdq_lut_gemv: y[m, r] = sum_G ( sum_i c_i[G, r] * (B_i x_m)_G  +  c_0[G, r] * sum(x_m over G) ) + bias[r]
  * Per token and per chunk of 4 inputs a 16-entry fp32 table of subset sums is built (T-MAC style); a plane
- * byte holds two 4-bit indices (inputs 8c..8c+3 and 8c+4..8c+7). The portable path and AVX-512 look the
- * exact fp32 tables up: AVX-512 16 rows at once with vpermps over the whole 16-entry table, the portable
- * path one at a time; both run one pass over a chunk of rows per group and plane, through an array of plane
- * sums, and add the same terms in the same order per row (plane sums over byte columns, then c_i times
- * each, then c_0 times the group's input sum; AVX-512 fuses the multiply-adds, the portable path does not).
- * AVX2 rounds the tables to int16 with one scale per token and group, split into two byte tables, and looks
- * 32 rows up per vpshufb, summing in int16 (T-MAC's approach; its error bound is derived at block_lut_avx2). Groups and
- * planes are its outer loops, row blocks the inner one, so each byte column is read as a sequential,
- * prefetched stream. Tail rows (past the last multiple of 32) go through scalar code on exact fp32 tables
- * that sums per group first.
+ * byte holds two 4-bit indices (inputs 8c..8c+3 and 8c+4..8c+7). The portable path looks the exact fp32
+ * tables up, one row at a time, in one pass over a chunk of rows per group and plane through an array of
+ * plane sums (plane sums over byte columns, then c_i times each, then c_0 times the group's input sum).
+ * AVX2 and AVX-512 round the tables to int16 with one scale per token and group, split into two byte
+ * tables, and look 32 (AVX2) or 64 (AVX-512 BW) rows up per vpshufb, summing in int16 (T-MAC's approach;
+ * the error bound is derived at block_lut_avx2); both give bit-identical results. Groups and planes are
+ * their outer loops, row blocks the inner one, so each byte column is read as a sequential, prefetched
+ * stream. Tail rows (past the last multiple of 32) go through scalar code on the exact fp32 tables that
+ * sums per group first.
  *
  * bpdq_dequant: rows [r0, r1) of W_hat into a dense row-major fp32/bf16 tile (the large-M path multiplies
  * such tiles with torch).
@@ -197,7 +196,7 @@ static void gemv_rows_scalar(const gemv_ctx *c, int64_t r0, int64_t r1) {
     }
 }
 
-/* The pass kernels of the portable and AVX-512 paths work on n consecutive rows (n a multiple of RB) and M
+/* The pass kernels of the portable path work on n consecutive rows (n a multiple of RB) and M
  * tokens at once:
  *   lut_pass:  s[m][r] += sum over the cpg byte columns of table lookups   (one plane of one group)
  *   combine:   y[m][r] += c[r] * s[m][r]                                    (c fp16: a plane coefficient)
@@ -418,41 +417,103 @@ AVX2_TARGET static void tables_avx2(const void *x, int x_dt, int64_t off, int64_
     }
 }
 
-AVX512_TARGET static void lut_pass_avx512(const float *tab, int64_t ts, int64_t M, const uint8_t *p, int64_t N,
-                                          int64_t cpg, int64_t n, float *s) {
-    const __m512i nib = _mm512_set1_epi32(15);
-    for (int64_t cc = 0; cc < cpg; cc++) {
-        const uint8_t *pb = p + cc * N;
-        for (int64_t m = 0; m < M; m++) {
-            const float *t = tab + m * ts + cc * 32;
-            const __m512 tl = _mm512_loadu_ps(t), th = _mm512_loadu_ps(t + 16);
-            float *sm = s + m * n;
-            for (int64_t r = 0; r < n; r += 16) {
-                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pb + r)));
-                __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), tl);
-                __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), th);
-                _mm512_storeu_ps(sm + r, _mm512_add_ps(_mm512_loadu_ps(sm + r), _mm512_add_ps(lo, hi)));
-            }
+/* AVX-512 (BW): the AVX2 integer-table kernel at twice the width: one 64-byte load and one vpshufb per nibble
+ * and byte table look 64 rows up (tables broadcast to the four 128-bit lanes), in blocks of nb x 64 rows
+ * (nb <= LUT512_MAX_NB; 32 zmm registers hold the 4 nb accumulators). The same tables, spans, integer sums
+ * and error bound as AVX2; a chunk's last 32 rows, when its row count is an odd multiple of 32, take the AVX2
+ * block. The fold puts the accumulators' lanes back in row order with two 2-source permutes per 32 rows. */
+#define LUT512_MAX_NB 2
+
+/* 16 rows' plane sums P = 256 hi + lo (int16, in row order): y += c_i * (s * P + hx), then y += c_0 * xg. */
+AVX512_TARGET static inline __attribute__((always_inline)) void fold16_avx512(__m256i lo16, __m256i hi16,
+                                                                              const uint16_t *ci,
+                                                                              const uint16_t *c0, __m512 s,
+                                                                              __m512 hx, __m512 xg, float *y) {
+    const __m512i p = _mm512_add_epi32(_mm512_slli_epi32(_mm512_cvtepi16_epi32(hi16), 8), _mm512_cvtepi16_epi32(lo16));
+    const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, hx);
+    const __m512 cf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ci));
+    __m512 out = _mm512_fmadd_ps(cf, v, _mm512_loadu_ps(y));
+    if (c0) out = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)c0)), xg, out);
+    _mm512_storeu_ps(y, out);
+}
+
+AVX512_TARGET static inline __attribute__((always_inline)) void block_lut_avx512(const uint8_t *tq, const uint8_t *p,
+                                                                                 int64_t N, int64_t ncols,
+                                                                                 const uint16_t *ci,
+                                                                                 const uint16_t *c0, float s,
+                                                                                 float hx, float xg, float *y,
+                                                                                 const int nb) {
+    const __m512i nib = _mm512_set1_epi8(0x0f), one = _mm512_set1_epi8(1);
+    __m512i a[4 * LUT512_MAX_NB]; /* per 64 rows: lo sums (unpacklo, unpackhi), then hi sums likewise */
+    for (int j = 0; j < 4 * nb; j++) a[j] = _mm512_setzero_si512();
+    for (int64_t cc = 0; cc < ncols; cc++, p += N, tq += 64) {
+        _mm_prefetch((const char *)p + AVX2_PREFETCH, _MM_HINT_T0);
+        const __m512i l0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tq));
+        const __m512i l1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tq + 16)));
+        const __m512i h0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tq + 32)));
+        const __m512i h1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tq + 48)));
+        for (int j = 0; j < nb; j++) {
+            const __m512i b = _mm512_loadu_si512((const void *)(p + 64 * j));
+            const __m512i il = _mm512_and_si512(b, nib), ih = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+            const __m512i lo_l = _mm512_shuffle_epi8(l0, il), lo_h = _mm512_shuffle_epi8(h0, ih);
+            const __m512i hi_l = _mm512_shuffle_epi8(l1, il), hi_h = _mm512_shuffle_epi8(h1, ih);
+            a[4 * j] = _mm512_add_epi16(a[4 * j], _mm512_maddubs_epi16(_mm512_unpacklo_epi8(lo_l, lo_h), one));
+            a[4 * j + 1] = _mm512_add_epi16(a[4 * j + 1], _mm512_maddubs_epi16(_mm512_unpackhi_epi8(lo_l, lo_h), one));
+            a[4 * j + 2] = _mm512_add_epi16(a[4 * j + 2], _mm512_maddubs_epi16(one, _mm512_unpacklo_epi8(hi_l, hi_h)));
+            a[4 * j + 3] = _mm512_add_epi16(a[4 * j + 3], _mm512_maddubs_epi16(one, _mm512_unpackhi_epi8(hi_l, hi_h)));
+        }
+    }
+    _mm_prefetch((const char *)ci + AVX2_PREFETCH * 2, _MM_HINT_T0);
+    if (c0) _mm_prefetch((const char *)c0 + AVX2_PREFETCH * 2, _MM_HINT_T0);
+    /* unpacklo holds rows [0-7 | 16-23 | 32-39 | 48-55], unpackhi [8-15 | 24-31 | 40-47 | 56-63] */
+    const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    const __m512 sv = _mm512_set1_ps(s), hv = _mm512_set1_ps(hx), xv = _mm512_set1_ps(xg);
+    for (int j = 0; j < nb; j++) {
+        const __m512i *q = a + 4 * j;
+        for (int half = 0; half < 2; half++) { /* rows 64 j + 32 half + 0..31 */
+            const __m512i idx = half ? second : first;
+            const __m512i lo = _mm512_permutex2var_epi64(q[0], idx, q[1]), hi = _mm512_permutex2var_epi64(q[2], idx, q[3]);
+            const int64_t o = 64 * j + 32 * half;
+            fold16_avx512(_mm512_castsi512_si256(lo), _mm512_castsi512_si256(hi), ci + o, c0 ? c0 + o : NULL, sv, hv, xv,
+                          y + o);
+            fold16_avx512(_mm512_extracti64x4_epi64(lo, 1), _mm512_extracti64x4_epi64(hi, 1), ci + o + 16,
+                          c0 ? c0 + o + 16 : NULL, sv, hv, xv, y + o + 16);
         }
     }
 }
 
-AVX512_TARGET static void combine_avx512(const uint16_t *c16, const float *s, float *y, int64_t M, int64_t n) {
-    for (int64_t r = 0; r < n; r += 16) {
-        __m512 cf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c16 + r)));
-        for (int64_t m = 0; m < M; m++)
-            _mm512_storeu_ps(y + m * n + r,
-                             _mm512_fmadd_ps(cf, _mm512_loadu_ps(s + m * n + r), _mm512_loadu_ps(y + m * n + r)));
-    }
-}
-
-AVX512_TARGET static void offset_avx512(const uint16_t *c16, const float *xs, int64_t xs_stride, float *y, int64_t M,
-                                        int64_t n) {
-    for (int64_t r = 0; r < n; r += 16) {
-        __m512 cf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c16 + r)));
-        for (int64_t m = 0; m < M; m++)
-            _mm512_storeu_ps(y + m * n + r,
-                             _mm512_fmadd_ps(cf, _mm512_set1_ps(xs[m * xs_stride]), _mm512_loadu_ps(y + m * n + r)));
+/* rows_lut_avx2's loops with 64-row steps (see there). */
+AVX512_TARGET static void rows_lut_avx512(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
+    const int64_t M = c->M, N = c->N, C = c->C, k = c->k, cpg = c->cpg, groups = c->groups;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint16_t *cg = c->coeffs + g * (k + 1) * N + r0;
+        for (int64_t i = 0; i < k; i++) {
+            for (int64_t c1 = 0; c1 < cpg; c1 += LUT_SPAN) {
+                const int64_t ncols = cpg - c1 < LUT_SPAN ? cpg - c1 : LUT_SPAN;
+                const int first = c1 == 0, last = i == k - 1 && c1 + ncols == cpg;
+                const uint8_t *p = c->planes + (i * C + g * cpg + c1) * N + r0;
+                const uint16_t *c0 = last ? cg + k * N : NULL;
+                for (int64_t b = 0; b < n; b += 64 * LUT512_MAX_NB) {
+                    const int64_t left = n - b < 64 * LUT512_MAX_NB ? n - b : 64 * LUT512_MAX_NB;
+                    for (int64_t m = 0; m < M; m++) {
+                        const uint8_t *tq = c->qtables + (m * C + g * cpg + c1) * 64;
+                        const float xg = c->xsum[m * groups + g], s = c->qscale[m * groups + g];
+                        const float hx = first ? 0.5f * xg : 0.0f;
+                        const uint16_t *cb = c0 ? c0 + b : NULL;
+                        const uint16_t *ci = cg + i * N + b;
+                        float *y = yacc + m * n + b;
+                        if (left == 64 * LUT512_MAX_NB) { /* constant block widths: accumulators in registers */
+                            block_lut_avx512(tq, p + b, N, ncols, ci, cb, s, hx, xg, y, LUT512_MAX_NB);
+                            continue;
+                        }
+                        int64_t d = 0;
+                        for (; d + 64 <= left; d += 64)
+                            block_lut_avx512(tq, p + b + d, N, ncols, ci + d, cb ? cb + d : NULL, s, hx, xg, y + d, 1);
+                        if (d < left) block_lut_avx2(tq, p + b + d, N, ncols, ci + d, cb ? cb + d : NULL, s, hx, xg, y + d, 1);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -461,30 +522,19 @@ AVX512_TARGET static void offset_avx512(const uint16_t *c16, const float *xs, in
 /* Accumulators of one chunk of rows: ACC floats, [M][n] with n = (ACC / M) rounded down to RB. */
 #define ACC 8192
 
-/* The portable and AVX-512 paths: rows [r0, r0 + n) (n a multiple of RB) into yacc [M][n] (zeroed), one
+/* The portable path: rows [r0, r0 + n) (n a multiple of RB) into yacc [M][n] (zeroed), one
  * pass over the chunk's rows per group and plane (the plane sums go through the array s). */
 static void rows_passes(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
     const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg, M = c->M;
     float s[ACC] __attribute__((aligned(64))); /* 32 KiB on the stack */
-    void (*pass)(const float *, int64_t, int64_t, const uint8_t *, int64_t, int64_t, int64_t, float *) =
-        lut_pass_portable;
-    void (*combine)(const uint16_t *, const float *, float *, int64_t, int64_t) = combine_portable;
-    void (*offset)(const uint16_t *, const float *, int64_t, float *, int64_t, int64_t) = offset_portable;
-#ifdef BPDQ_X86
-    if (c->isa == ISA_AVX512) {
-        pass = lut_pass_avx512;
-        combine = combine_avx512;
-        offset = offset_avx512;
-    }
-#endif
     for (int64_t g = 0; g < c->groups; g++) {
         const uint16_t *cg = c->coeffs + g * (k + 1) * N + r0;
         for (int64_t i = 0; i < k; i++) {
             memset(s, 0, (size_t)(M * n) * sizeof(float));
-            pass(c->tables + g * cpg * 32, C * 32, M, c->planes + (i * C + g * cpg) * N + r0, N, cpg, n, s);
-            combine(cg + i * N, s, yacc, M, n);
+            lut_pass_portable(c->tables + g * cpg * 32, C * 32, M, c->planes + (i * C + g * cpg) * N + r0, N, cpg, n, s);
+            combine_portable(cg + i * N, s, yacc, M, n);
         }
-        offset(cg + k * N, c->xsum + g, c->groups, yacc, M, n);
+        offset_portable(cg + k * N, c->xsum + g, c->groups, yacc, M, n);
     }
 }
 
@@ -503,7 +553,9 @@ static void gemv_range(void *ctx, int64_t b0, int64_t b1) {
         const int64_t n = R < rv - r0 ? R : rv - r0;
         memset(yacc, 0, (size_t)(M * n) * sizeof(float));
 #ifdef BPDQ_X86
-        if (c->isa == ISA_AVX2)
+        if (c->isa == ISA_AVX512)
+            rows_lut_avx512(c, r0, n, yacc);
+        else if (c->isa == ISA_AVX2)
             rows_lut_avx2(c, r0, n, yacc);
         else
 #endif
@@ -561,7 +613,7 @@ int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t 
     const int64_t C = K / 8, groups = K / group_size, cpg = group_size / 8;
     int best = bpdq_best_isa();
     if (isa > best) isa = best;
-    const int itab = isa == ISA_AVX2;
+    const int itab = isa >= ISA_AVX2;
     /* fp32 tables [M][2C][16], input sums [M][groups]; integer tables: scales [M][groups], bytes [M][C][4][16] */
     float *tables = get_scratch((size_t)(M * C * 32 + M * groups + (itab ? M * groups + M * C * 16 : 0)));
     if (!tables) return -1;
