@@ -97,12 +97,13 @@ def test_odd_output_sizes(isa, out_features):
         check(layer, torch.randn(m, 128, generator=gen), isa)
 
 
-@pytest.mark.parametrize("out_features", [8, 56, 64, 72, 120, 2100])
+@pytest.mark.parametrize("out_features", [8, 56, 64, 72, 120, 160, 200, 2100])
 def test_row_blocks_chunks_and_tails(isa, out_features):
-    # The vector paths take rows in steps of 32 (AVX2: register blocks of up to 64 rows; the last < 32 rows are
-    # scalar) inside chunks of 8192 / M rows rounded down to 32: scalar rows only, one step, blocks at and past
-    # 64 rows, and 2100 rows, which cross a chunk for M >= 4 (2048 rows at M = 4, 1024 at M = 8) and end on 52
-    # rows (32 + 20 scalar)
+    # The vector paths take rows in steps of 32 (the last < 32 rows are scalar) inside chunks of 8192 / M rows
+    # rounded down to 32; AVX2 in register blocks of up to 64 rows, AVX-512 of up to 128 (64-row steps, a last
+    # 32 rows through the AVX2 block). Scalar rows only, one step, blocks at and past 64 rows, 128 + 32 and
+    # 128 + 64 rows (+ 8 scalar), and 2100 rows, which cross a chunk for M >= 4 (2048 rows at M = 4, 1024 at
+    # M = 8) and end on 52 rows (32 + 20 scalar)
     if isa is None:
         return
     layer = random_layer(3, 32, out_features, 96, bias=True, seed=out_features)
