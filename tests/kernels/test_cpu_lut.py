@@ -87,6 +87,21 @@ def test_matches_reference(isa, k, group_size, dtype):
         check(layer, torch.randn(m, in_features, generator=gen).to(dtype), isa)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_every_group_size_of_a_small_shape(isa, dtype):
+    # 192 inputs allow g = 8, 16, 24, 32, 48, 64, 96, 192; 37 rows: one 32-row vector step and 5 scalar rows
+    if isa is None:
+        return
+    sizes = [g for g in range(8, 193, 8) if 192 % g == 0]
+    assert sizes == [8, 16, 24, 32, 48, 64, 96, 192]
+    gen = torch.Generator().manual_seed(7)
+    for k in (1, 2, 3, 4):
+        for g in sizes:
+            layer = random_layer(k, g, 37, 192, bias=g % 16 == 0, seed=100 * k + g)
+            for m in range(1, MAX_LUT_TOKENS + 1):
+                check(layer, torch.randn(m, 192, generator=gen).to(dtype), isa)
+
+
 @pytest.mark.parametrize("out_features", [1, 7, 31, 32, 33, 97, 200])
 def test_odd_output_sizes(isa, out_features):
     if isa is None:
