@@ -1,20 +1,22 @@
 """Native CPU kernel (``cpu_lut``): ``y = x W_hat^T + bias`` from the bit-planes, in C, without a dense weight.
 
-- **Decode** (``M <= 8`` tokens): lookup tables. Per token and per chunk of 4 inputs a 16-entry fp32 table
-  of subset sums; each plane byte holds two 4-bit indices into the tables of its two chunks. Per row, group
-  and plane the looked-up sums are scaled by ``c_i``, plus ``c_0`` times the group's input sum. The tables
-  are exact fp32 sums (no table quantization). AVX2 keeps the plane sums of a block of up to 64 rows in
-  registers over a group's byte columns (one FMA by the fp16 coefficients per group and plane) and looks 8
-  rows up with one 8-entry ``vpermps`` plus a blend of the entry ``t[8]`` on the index's bit 3 (the tables
-  hold ``t[8 + j] = t[j] + t[8]`` exactly); groups and planes are its outer loops and row blocks the inner
-  one, so each byte column streams sequentially. AVX-512 looks 16 rows up with one ``vpermps`` over the
-  whole table, the portable C path one at a time.
-  Why 4 inputs and not 8: a 16-entry fp32 table sits in registers (one zmm; one ymm and ``t[8]``), so one
-  permute looks up 8-16 rows at once; a 256-entry table (what ``triton_lut`` uses) needs one scalar or
-  gather load per row and byte. Why fp32 tables: no error to bound, and the vector paths do about one
-  instruction per 5-8 weights. On an AVX2-only EPYC the AVX2 path runs about as fast on layers that fit in
-  cache as on larger ones, so it is compute-bound there: T-MAC's int8 tables with ``vpshufb`` (32 lookups
-  per instruction) would be the next step, at the price of a table error to bound.
+- **Decode** (``M <= 8`` tokens): lookup tables. Per token and per chunk of 4 inputs a 16-entry table of
+  subset sums; each plane byte holds two 4-bit indices into the tables of its two chunks. Per row, group
+  and plane the looked-up sums are scaled by ``c_i``, plus ``c_0`` times the group's input sum (exact fp32).
+  The portable C path looks exact fp32 tables up, one row at a time. **AVX2 and AVX-512 use integer tables**
+  (T-MAC's approach): per token and group the tables are centred (``t' = t - t[15]/2``, the sum of
+  ``+-x/2``) and rounded to int16 with one scale ``s_G = max |t'| / 32767`` shared by the group's tables,
+  stored as two byte tables (low and high byte), so one ``vpshufb`` per byte looks up 32 (AVX2) or 64
+  (AVX-512 BW) rows' nibbles at once and the looked-up bytes add up in int16 (``vpmaddubsw``; groups over
+  512 inputs are split into spans that cannot overflow); per group and plane the integer sum ``P`` becomes
+  ``c_i * (s_G * P + X_G / 2)`` with ``X_G`` the group's exact input sum. AVX2 and AVX-512 give
+  bit-identical results. The tables' rounding bounds the error (:func:`lut_error_bound`): per output about
+  ``sum_G (g/4) * (s_G/2) * sum_i |c_i|``. One byte per entry (int8, half the lookups) moved SmolLM2 k=2's
+  perplexity by +0.25% on 4 x 512 tokens, too close to the issue's 0.3% limit; two bytes leave it unchanged
+  (``benchmarks/bench_lut_precision.py``). Rows past the last multiple of 32 run the exact scalar code on
+  every path.
+  Why 4 inputs and not 8: a 16-entry table sits in one register, so one shuffle looks many rows up at once;
+  a 256-entry table (what ``triton_lut`` uses) needs one scalar or gather load per row and byte.
 - **Larger M**: tiles of about 2^18 weights (a few hundred KiB, cache-sized) are dequantized by the C
   library into one reused buffer in the activations' dtype and multiplied with ``torch.mm``; no
   whole-weight temporary.
@@ -72,6 +74,8 @@ DTYPES = (torch.float32, torch.bfloat16)
 #: The C library's ABI version this module calls (``bpdq_abi_version()``).
 ABI_VERSION = 1
 ISAS = ("portable", "avx2", "avx512")
+#: Paths that look up integer tables (error bounded by :func:`lut_error_bound`); the others use exact fp32 tables.
+INT_TABLE_ISAS = ("avx2", "avx512")
 ISA_ENV = "BPDQ_CPU_ISA"
 DISABLE_ENV = "BPDQ_CPU_LUT_DISABLE"
 
@@ -139,6 +143,32 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.bpdq_dequant.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _INT, _INT]
     lib.bpdq_best_isa.restype = _INT
     return lib, None
+
+
+def lut_error_bound(x: torch.Tensor, coeffs: torch.Tensor, group_size: int) -> torch.Tensor:
+    """Bound ``[M, N]`` (fp64) on ``|y - x W_hat^T|`` of the lookup-table path with integer tables
+    (``INT_TABLE_ISAS``, ``M <= MAX_TOKENS``), before the output is rounded to its dtype.
+
+    Per token and group ``G`` (``g = group_size`` inputs, ``g / 4`` chunks of 4) the scale is
+    ``s_G = max over G's chunks of (sum of |x| over the chunk) / 2 / 32767``. Each looked-up entry is off by
+    at most ``s_G / 2`` (rounding to nearest) plus the fp32 roundoff of the table entry, of centring it and
+    of dividing by ``s_G`` (below ``10 * 2^-24 * 32767 s_G``, about ``0.02 s_G``; we allow ``s_G / 32``), and
+    each plane's sum over ``G`` has ``g / 4`` entries, so::
+
+        table term = sum_G (g / 4) * (1/2 + 1/32) * s_G * sum_{i=1..k} |c_i[G, r]|
+
+    plus the fp32 arithmetic of the fold (``s_G P + X_G / 2``, times ``c_i``, summed over the ``G (k+1)``
+    terms of a row), bounded by ``(G (k+1) + 4) * 2^-24 * sum_G (sum_{i=0..k} |c_i[G, r]|) * ||x_G||_1``.
+    ``coeffs`` is the fp16 ``[groups, k+1, N]`` tensor (``c_1..c_k``, then ``c_0``).
+    """
+    m, kdim = x.shape
+    groups, kp1, _ = coeffs.shape
+    xa = x.detach().double().abs().reshape(m, groups, group_size)
+    scale = xa.reshape(m, groups, group_size // 4, 4).sum(-1).amax(-1) / 2 / 32767  # [M, G]
+    c = coeffs.double().abs()
+    table = (scale * (group_size / 4) * (0.5 + 1 / 32)) @ c[:, : kp1 - 1].sum(1)
+    roundoff = (groups * kp1 + 4) * 2.0**-24 * (xa.sum(-1) @ c.sum(1))
+    return table + roundoff
 
 
 @KERNELS.register("cpu_lut")

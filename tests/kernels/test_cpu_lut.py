@@ -1,7 +1,9 @@
 """bpdq/kernels/cpu_lut.py: the native CPU kernel against the fp64 reference, on every path this CPU has.
 
 The library must be built (``pip install -e .`` or ``python setup.py build_ext --inplace``); without it these
-tests fail with the reason. Paths the CPU lacks are checked to be refused, not skipped.
+tests fail with the reason. Paths the CPU lacks are checked to be refused, not skipped. The paths with exact
+fp32 tables are held to the torch kernel's roundoff; the integer-table paths (``cpu_lut.INT_TABLE_ISAS``,
+decode sizes) to that plus, per output, the analytic bound of their table rounding (``cpu_lut.lut_error_bound``).
 """
 
 from __future__ import annotations
@@ -33,6 +35,14 @@ MAX_LUT_TOKENS = cpu_lut.MAX_TOKENS
 
 def best() -> str:
     return cpu_lut.native().best
+
+
+def check(layer: QuantLinear, x: torch.Tensor, isa: str) -> None:
+    """The kernel on the forced path ``isa`` against the reference, with the integer tables' bound where they run."""
+    extra = None
+    if isa in cpu_lut.INT_TABLE_ISAS and 0 < x.shape[0] <= MAX_LUT_TOKENS:
+        extra = cpu_lut.lut_error_bound(x, layer.coeffs, layer.group_size)
+    assert_matches_reference(layer, x, "cpu_lut", extra)
 
 
 def use_env(mp, name: str, value: str) -> None:
@@ -74,7 +84,22 @@ def test_matches_reference(isa, k, group_size, dtype):
     layer = random_layer(k, group_size, 75, in_features, bias=k % 2 == 1, seed=10 * k + group_size)
     gen = torch.Generator().manual_seed(k)
     for m in TOKENS:
-        assert_matches_reference(layer, torch.randn(m, in_features, generator=gen).to(dtype), "cpu_lut")
+        check(layer, torch.randn(m, in_features, generator=gen).to(dtype), isa)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
+def test_every_group_size_of_a_small_shape(isa, dtype):
+    # 192 inputs allow g = 8, 16, 24, 32, 48, 64, 96, 192; 37 rows: one 32-row vector step and 5 scalar rows
+    if isa is None:
+        return
+    sizes = [g for g in range(8, 193, 8) if 192 % g == 0]
+    assert sizes == [8, 16, 24, 32, 48, 64, 96, 192]
+    gen = torch.Generator().manual_seed(7)
+    for k in (1, 2, 3, 4):
+        for g in sizes:
+            layer = random_layer(k, g, 37, 192, bias=g % 16 == 0, seed=100 * k + g)
+            for m in range(1, MAX_LUT_TOKENS + 1):
+                check(layer, torch.randn(m, 192, generator=gen).to(dtype), isa)
 
 
 @pytest.mark.parametrize("out_features", [1, 7, 31, 32, 33, 97, 200])
@@ -84,20 +109,22 @@ def test_odd_output_sizes(isa, out_features):
     layer = random_layer(2, 64, out_features, 128, bias=True, seed=out_features)
     gen = torch.Generator().manual_seed(out_features)
     for m in (1, 8, 9):
-        assert_matches_reference(layer, torch.randn(m, 128, generator=gen), "cpu_lut")
+        check(layer, torch.randn(m, 128, generator=gen), isa)
 
 
-@pytest.mark.parametrize("out_features", [8, 56, 64, 72, 120, 2100])
+@pytest.mark.parametrize("out_features", [8, 56, 64, 72, 120, 160, 200, 2100])
 def test_row_blocks_chunks_and_tails(isa, out_features):
-    # AVX2 takes rows in register blocks of up to 64 (8-row steps; the last < 8 rows are scalar) inside chunks of
-    # 8192 / M rows rounded down to 32: one 8-row step, blocks below, at and past 64 rows, and 2100 rows, which
-    # cross a chunk for M >= 4 (2048 rows at M = 4, 1024 at M = 8) and end on 52 rows (48 + 4 scalar)
+    # The vector paths take rows in steps of 32 (the last < 32 rows are scalar) inside chunks of 8192 / M rows
+    # rounded down to 32; AVX2 in register blocks of up to 64 rows, AVX-512 of up to 128 (64-row steps, a last
+    # 32 rows through the AVX2 block). Scalar rows only, one step, blocks at and past 64 rows, 128 + 32 and
+    # 128 + 64 rows (+ 8 scalar), and 2100 rows, which cross a chunk for M >= 4 (2048 rows at M = 4, 1024 at
+    # M = 8) and end on 52 rows (32 + 20 scalar)
     if isa is None:
         return
     layer = random_layer(3, 32, out_features, 96, bias=True, seed=out_features)
     gen = torch.Generator().manual_seed(out_features)
     for m in range(1, MAX_LUT_TOKENS + 1):
-        assert_matches_reference(layer, torch.randn(m, 96, generator=gen), "cpu_lut")
+        check(layer, torch.randn(m, 96, generator=gen), isa)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=DTYPE_IDS)
@@ -109,17 +136,39 @@ def test_strided_inputs_zero_rows_and_batches(isa, dtype):
     for m in (5, 12):
         x = torch.randn(128, m).T.to(dtype)  # column-major: each row's features are strided
         assert not x.is_contiguous()
-        assert_matches_reference(layer, x, "cpu_lut")
+        check(layer, x, isa)
         x = torch.randn(m, 256)[:, ::2].to(dtype)  # rows 256 apart, features stride 2
-        assert_matches_reference(layer, x, "cpu_lut")
+        check(layer, x, isa)
         x = torch.randn(m, 300)[:, 100:228].to(dtype)  # contiguous features, row stride 300
-        assert_matches_reference(layer, x, "cpu_lut")
+        check(layer, x, isa)
     layer.set_kernel("cpu_lut")
     assert layer(torch.randn(0, 128, dtype=dtype)).shape == (0, 40)
     batch = torch.randn(2, 3, 128, dtype=dtype)
     torch.testing.assert_close(layer(batch), layer(batch.reshape(6, 128)).reshape(2, 3, 40), rtol=0, atol=0)
     zeros = torch.zeros(3, 128, dtype=dtype)  # zero activations: the bias alone
     torch.testing.assert_close(layer(zeros), layer.bias.to(dtype).expand(3, 40), rtol=0, atol=0)
+    x = torch.randn(4, 128).to(dtype)
+    x[:, 32:64] = 0  # a zero group (integer tables: scale 0) and zero tokens among non-zero ones
+    x[1] = 0
+    check(layer, x, isa)
+    with torch.no_grad():
+        layer.coeffs[:, :, 5:9] = 0  # zero rows of W_hat: the bias alone, exactly
+    torch.testing.assert_close(layer(x)[:, 5:9], layer.bias[5:9].to(dtype).expand(4, 4), rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("group_size", [512, 520, 1024])
+def test_groups_past_the_int16_span(isa, group_size):
+    # Integer tables add their low bytes up in int16 over at most 64 byte columns (512 inputs, each column
+    # adding up to 2 * 255); larger groups are split into spans. Worst case for overflow: every plane byte 0xff
+    # and all-equal inputs, so every looked-up entry is the table's maximum.
+    if isa is None:
+        return
+    layer = random_layer(2, group_size, 40, 2 * group_size, bias=False, seed=group_size)
+    with torch.no_grad():
+        layer.planes.fill_(255)
+    for m in (1, 3, 8):
+        check(layer, torch.ones(m, layer.in_features), isa)
+        check(layer, torch.randn(m, layer.in_features), isa)
 
 
 @settings(max_examples=40, deadline=None)
@@ -136,7 +185,7 @@ def test_random_formats(case, tokens, bf16, bias, seed, isa):
     x = torch.randn(tokens, in_features, generator=gen).to(torch.bfloat16 if bf16 else torch.float32)
     with pytest.MonkeyPatch.context() as mp:  # hypothesis runs examples outside function-scoped fixtures
         use_env(mp, cpu_lut.ISA_ENV, isa)
-        assert_matches_reference(layer, x, "cpu_lut")
+        check(layer, x, isa)
     cpu_lut.native.cache_clear()
 
 
@@ -158,7 +207,35 @@ def test_paths_agree_and_threads_do_not_change_the_result(monkeypatch):
         torch.set_num_threads(threads)
     ref = reference(layer, x)
     for isa, y in results.items():
-        assert (y.double() - ref).abs().max() < 1e-4 * ref.abs().max(), isa
+        slack = cpu_lut.lut_error_bound(x, layer.coeffs, 64) if isa in cpu_lut.INT_TABLE_ISAS else 0.0
+        assert ((y.double() - ref).abs() - slack).max() < 1e-4 * ref.abs().max(), isa
+    integer = [results[isa] for isa in cpu_lut.INT_TABLE_ISAS if isa in results]
+    for y in integer[1:]:  # the same tables, exact integer sums and the same fp32 fold at any vector width
+        assert torch.equal(y, integer[0])
+
+
+def test_integer_tables_are_used_their_error_holds_its_bound_and_the_bound_is_small(monkeypatch):
+    # A 4096-input k=2 g=64 layer with Gaussian inputs, on every path this CPU has. The exact paths stay at
+    # fp32 roundoff; the integer-table paths' error must exceed it clearly (the integer tables really run) and
+    # stay within the analytic bound, and the bound itself must be small against the outputs' scale
+    # (|x| @ |W_hat|^T), or it would hide bugs.
+    layer = random_layer(2, 64, 256, 4096, bias=False, seed=4)
+    layer.set_kernel("cpu_lut")
+    x = torch.randn(3, 4096, generator=torch.Generator().manual_seed(4))
+    ref = reference(layer, x)
+    scale = (x.double().abs() @ layer.quantized_weight().dequantize(torch.float64).abs().T).max()
+    errors = {}
+    for isa in ISAS[: ISAS.index(best()) + 1]:
+        use_env(monkeypatch, cpu_lut.ISA_ENV, isa)
+        errors[isa] = (layer(x).double() - ref).abs()
+    exact = max(err.max() for isa, err in errors.items() if isa not in cpu_lut.INT_TABLE_ISAS)
+    assert exact < 1e-6 * scale
+    bound = cpu_lut.lut_error_bound(x, layer.coeffs, 64)
+    assert bound.max() < 1e-4 * scale
+    for isa in cpu_lut.INT_TABLE_ISAS:
+        if isa in errors:
+            assert errors[isa].max() > 4 * exact, isa
+            assert (errors[isa] <= bound).all(), isa
 
 
 def test_unknown_isa_value_is_refused(monkeypatch):

@@ -2,23 +2,21 @@
  *
  * Planes are read in the "column-major" layout planes[i][col][r] (uint8, k x C x N with C = in/8 byte
  * columns and N = out rows): the bytes of one byte column of all rows are contiguous, so one vector load
- * fetches the same byte column of 8/16/32 consecutive rows. Python keeps the layer's `planes` buffer as a
+ * fetches the same byte column of 32 or 64 consecutive rows. Python keeps the layer's `planes` buffer as a
  * [k, out, in/8] tensor with strides (C*N, 1, N) that stores exactly this layout (see cpu_lut.py).
  * Coefficients are the canonical fp16 [groups][k+1][N].
  *
  * bpdq_lut_gemv: y[m, r] = sum_G ( sum_i c_i[G, r] * (B_i x_m)_G  +  c_0[G, r] * sum(x_m over G) ) + bias[r]
  * Per token and per chunk of 4 inputs a 16-entry fp32 table of subset sums is built (T-MAC style); a plane
- * byte holds two 4-bit indices (inputs 8c..8c+3 and 8c+4..8c+7). Tables are exact fp32 sums (no
- * quantization). AVX2 keeps the plane sums of a block of up to 64 rows (8 ymm, one cache line of each byte
- * column) in registers over a group's byte columns and folds them into the row accumulators with one FMA by
- * the fp16 coefficients per group and plane; one 8-entry vpermps and a blend with the entry plus t[8] on the
- * index's bit 3 look 8 rows up (t[8 + j] = t[j] + t[8] exactly). Groups and planes are the outer loops, row
- * blocks the inner one, so each byte column is read as a sequential, prefetched stream. AVX-512 looks 16
- * rows up at once with vpermps over the whole 16-entry table and the portable path does scalar lookups;
- * both run one pass over a chunk of rows per group and plane, through an array of plane sums. The three
- * paths add the same terms in the same order per row (plane sums over byte columns, then c_i times each,
- * then c_0 times the group's input sum); AVX2 and AVX-512 fuse the multiply-adds, the portable path does
- * not. Tail rows (fewer than a vector path's row step) go through scalar code that sums per group first.
+ * byte holds two 4-bit indices (inputs 8c..8c+3 and 8c+4..8c+7). The portable path looks the exact fp32
+ * tables up, one row at a time, in one pass over a chunk of rows per group and plane through an array of
+ * plane sums (plane sums over byte columns, then c_i times each, then c_0 times the group's input sum).
+ * AVX2 and AVX-512 round the tables to int16 with one scale per token and group, split into two byte
+ * tables, and look 32 (AVX2) or 64 (AVX-512 BW) rows up per vpshufb, summing in int16 (T-MAC's approach;
+ * the error bound is derived at block_lut_avx2); both give bit-identical results. Groups and planes are
+ * their outer loops, row blocks the inner one, so each byte column is read as a sequential, prefetched
+ * stream. Tail rows (past the last multiple of 32) go through scalar code on the exact fp32 tables that
+ * sums per group first.
  *
  * bpdq_dequant: rows [r0, r1) of W_hat into a dense row-major fp32/bf16 tile (the large-M path multiplies
  * such tiles with torch).
@@ -26,6 +24,7 @@
  * Threads: the caller passes a thread count; rows are split into contiguous ranges, one pthread each
  * (created per call, only when the call is large enough to pay for it).
  */
+#include <float.h>
 #include <pthread.h>
 #include <stdint.h>
 #include <stdlib.h>
@@ -45,8 +44,8 @@
 #define DT_BF16 1
 #define DT_F16 2
 
-/* Row block: threads get whole blocks of RB rows; the AVX-512 and portable paths process multiples of RB rows,
- * AVX2 multiples of 8, and the remaining tail rows go through the scalar code. */
+/* Row block: threads get whole blocks of RB rows; the vector paths process multiples of RB rows and the
+ * remaining tail rows go through the scalar code. */
 #define RB 32
 
 /* ---------------------------------------------------------------------------------------------------- */
@@ -158,6 +157,8 @@ static void parallel_for(int threads, int64_t n, range_fn fn, void *ctx) {
 typedef struct {
     const float *tables; /* [M][C*2][16] */
     const float *xsum;   /* [M][G] */
+    const uint8_t *qtables; /* integer-table paths: [M][C][4][16] byte tables */
+    const float *qscale;    /* integer-table paths: [M][G] */
     const uint8_t *planes;
     const uint16_t *coeffs;
     const void *bias;
@@ -166,7 +167,7 @@ typedef struct {
     int bias_dt, y_dt, isa;
 } gemv_ctx;
 
-/* Scalar rows [r0, r1): the tail rows (fewer than RB, or 8 on AVX2) of every path. */
+/* Scalar rows [r0, r1) on the exact fp32 tables: the tail rows (fewer than RB) of every path. */
 static void gemv_rows_scalar(const gemv_ctx *c, int64_t r0, int64_t r1) {
     const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg;
     for (int64_t r = r0; r < r1; r++) {
@@ -195,7 +196,7 @@ static void gemv_rows_scalar(const gemv_ctx *c, int64_t r0, int64_t r1) {
     }
 }
 
-/* The pass kernels of the portable and AVX-512 paths work on n consecutive rows (n a multiple of RB) and M
+/* The pass kernels of the portable path work on n consecutive rows (n a multiple of RB) and M
  * tokens at once:
  *   lut_pass:  s[m][r] += sum over the cpg byte columns of table lookups   (one plane of one group)
  *   combine:   y[m][r] += c[r] * s[m][r]                                    (c fp16: a plane coefficient)
@@ -233,90 +234,165 @@ static void offset_portable(const uint16_t *c16, const float *xs, int64_t xs_str
 #define AVX2_TARGET __attribute__((target("avx2,fma,f16c")))
 #define AVX512_TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx2,fma,f16c")))
 
-/* AVX2: register-blocked rows. A block is nb x 8 consecutive rows (nb <= 8: up to 64 rows, one cache line of
- * each byte column). For one group and plane, the block's nb plane sums stay in ymm registers over the
- * group's byte columns; each is then folded into the row accumulators with one FMA by the fp16
- * coefficients (F16C), and after the group's last plane the offset c_0 * sum(x over the group) too.
+/* AVX2: integer tables and vpshufb (the T-MAC approach, with two bytes per entry). Per token and group G the
+ * tables of G's chunks are centred, t'[j] = t[j] - t[15] / 2 (t[15] = the chunk's input sum S; t' is the sum
+ * of +-x_b / 2, so max |t'| = sum |x_b| / 2), and rounded to int16 with one scale per token and group,
+ * s_G = max over G's chunks of |t'| / 32767: v = rint(t' / s_G) (tables_i16_avx2). Each entry is stored as
+ * two byte tables, its low byte (unsigned, 0..255) and its high byte (signed, -128..127), v = 256 hi + lo.
+ * A plane's exact sum over G is sum t = sum t' + X_G / 2 (X_G: the group's exact fp32 input sum), computed
+ * as s_G * P + X_G / 2 with P = 256 * (sum of hi) + (sum of lo) the integer sum of the looked-up v.
  *
- * One byte column of 8 rows: b = the 8 plane bytes sign-extended to int32 lanes (vpmovsxbd from memory).
- * A 16-entry table t of the subset sums of 4 inputs has t[8 + j] = t[j] + t[8] (that is how it is built), so
- * one 8-entry vpermps over t[0..7] (it reads only an index's low 3 bits) gives e = t[b & 7], and a blend of
- * e and e + t[8] on bit 3 (the sign of b << 28) gives exactly t[b & 15]; the high nibble is the same with
- * b >> 4 and its bit 3, which is bit 7 of b: the sign of b itself, thanks to the sign extension. Per 8 rows:
- * 2 vpermps, 2 blends, 2 shifts, 4 adds (half the vpermps of two 8-entry lookups per nibble: vpermps is the
- * slowest of these on Zen 3), with the same fp32 additions in the same order as scalar t[lo] + t'[hi]. */
-#define AVX2_MAX_NB 8
-/* Software prefetch distance along a byte column and the coefficient rows (bytes; 2 blocks of 64 rows). */
+ * One byte column of 32 rows is one 32-byte load (planes are column-major); one vpshufb per nibble and byte
+ * table looks the 32 rows up (16-entry tables broadcast to both 128-bit lanes). Interleaving the low- and
+ * high-nibble results (vpunpck{l,h}bw) and vpmaddubsw by 1 adds the two per row in int16 ([rows 0-7 | 16-23]
+ * and [rows 8-15 | 24-31]): per column lo_L + lo_H <= 510 and |hi_L + hi_H| <= 256, so int16 accumulators
+ * take up to LUT_SPAN = 64 columns (64 * 510 = 32640 <= 32767) without overflow. Larger groups (over 512
+ * inputs) are split into spans of at most 64 columns, each folded into the fp32 row accumulators on its own.
+ * Per 32 rows and column: 1 load, 3 and/shift, 4 vpshufb, 4 unpacks, 4 vpmaddubsw, 4 adds (256 weights).
+ * A block of nb x 32 rows (nb <= LUT_MAX_NB) keeps its 4 nb accumulators in registers over a span's columns;
+ * then per 8 rows: y += c_i * (s_G * P + X_G / 2) (two FMAs, c_i fp16 through F16C), and after the group's
+ * last plane y += c_0 * X_G.
+ *
+ * Why two bytes: one byte (int8 tables, s_G = max |t'| / 127) costs half the lookups, but with a scale shared
+ * by a group's 16 chunks the activations' outliers make it coarse: on SmolLM2's layers it left 0.4-2.5%
+ * relative error per linear output, which compounds over 210 linears.
+ *
+ * Error (per output y[m, r], against exact arithmetic): each looked-up entry is off by at most s_G / 2
+ * (rounding to nearest) plus the fp32 roundoff of the table, of t' and of t' / s_G (below 0.02 s_G: about
+ * 10 * 2^-24 * 32767), and a plane's sum over G has 2 cpg = g / 4 entries, so
+ *     |y - y_exact| <= sum_G  (g / 4) * (1/2 + 1/32) * s_G * sum_{i >= 1} |c_i[G, r]|  +  fp32 roundoff,
+ * s_G = max over G's chunks of (sum of |x| over the chunk's 4 inputs) / 65534. The c_0 and X_G / 2 terms use
+ * the exact fp32 input sums; the integer sums are exact (no overflow, see above). cpu_lut.py's
+ * lut_error_bound computes this bound (with the roundoff of the fp32 fold); the tests hold AVX2 to it. */
+#define LUT_MAX_NB 2
+#define LUT_SPAN 64
+/* Software prefetch distance along a byte column and the coefficient rows (bytes). */
 #define AVX2_PREFETCH 128
 
-AVX2_TARGET static inline __attribute__((always_inline)) void block_avx2(const float *t, const uint8_t *p, int64_t N,
-                                                                         int64_t cpg, const uint16_t *ci,
-                                                                         const uint16_t *c0, float xg, float *y,
-                                                                         const int nb) {
-    __m256 s[AVX2_MAX_NB];
-    for (int j = 0; j < nb; j++) s[j] = _mm256_setzero_ps();
-    for (int64_t cc = 0; cc < cpg; cc++, p += N, t += 32) {
+/* 8 rows' plane sums P = 256 hi + lo: y += c_i * (s * P + hx), then y += c_0 * xg when c0 is given. */
+AVX2_TARGET static inline __attribute__((always_inline)) void fold8_avx2(__m128i lo16, __m128i hi16,
+                                                                         const uint16_t *ci, const uint16_t *c0,
+                                                                         __m256 s, __m256 hx, __m256 xg, float *y) {
+    const __m256i p = _mm256_add_epi32(_mm256_slli_epi32(_mm256_cvtepi16_epi32(hi16), 8), _mm256_cvtepi16_epi32(lo16));
+    const __m256 v = _mm256_fmadd_ps(_mm256_cvtepi32_ps(p), s, hx);
+    const __m256 cf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)ci));
+    __m256 out = _mm256_fmadd_ps(cf, v, _mm256_loadu_ps(y));
+    if (c0) out = _mm256_fmadd_ps(_mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)c0)), xg, out);
+    _mm256_storeu_ps(y, out);
+}
+
+/* nb x 32 rows, ncols (<= LUT_SPAN) byte columns of one plane: tq the columns' byte tables ([ncols][4][16]:
+ * low nibble's lo and hi bytes, high nibble's lo and hi bytes), p the first column's bytes of the block's
+ * first row (columns N apart). */
+AVX2_TARGET static inline __attribute__((always_inline)) void block_lut_avx2(const uint8_t *tq, const uint8_t *p,
+                                                                             int64_t N, int64_t ncols,
+                                                                             const uint16_t *ci, const uint16_t *c0,
+                                                                             float s, float hx, float xg, float *y,
+                                                                             const int nb) {
+    const __m256i nib = _mm256_set1_epi8(0x0f), one = _mm256_set1_epi8(1);
+    __m256i a[4 * LUT_MAX_NB]; /* per 32 rows: lo sums [0-7|16-23], [8-15|24-31], then hi sums likewise */
+    for (int j = 0; j < 4 * nb; j++) a[j] = _mm256_setzero_si256();
+    for (int64_t cc = 0; cc < ncols; cc++, p += N, tq += 64) {
         _mm_prefetch((const char *)p + AVX2_PREFETCH, _MM_HINT_T0);
-        const __m256 tl = _mm256_loadu_ps(t), th = _mm256_loadu_ps(t + 16);
-        const __m256 xl = _mm256_broadcast_ss(t + 8), xh = _mm256_broadcast_ss(t + 24);
+        const __m256i l0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)tq));
+        const __m256i l1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tq + 16)));
+        const __m256i h0 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tq + 32)));
+        const __m256i h1 = _mm256_broadcastsi128_si256(_mm_loadu_si128((const __m128i *)(tq + 48)));
         for (int j = 0; j < nb; j++) {
-            const __m256i b = _mm256_cvtepi8_epi32(_mm_loadl_epi64((const __m128i *)(p + 8 * j)));
-            const __m256 pl = _mm256_permutevar8x32_ps(tl, b);
-            const __m256 ph = _mm256_permutevar8x32_ps(th, _mm256_srli_epi32(b, 4));
-            const __m256 bit3 = _mm256_castsi256_ps(_mm256_slli_epi32(b, 28));
-            const __m256 lo = _mm256_blendv_ps(pl, _mm256_add_ps(pl, xl), bit3);
-            const __m256 hi = _mm256_blendv_ps(ph, _mm256_add_ps(ph, xh), _mm256_castsi256_ps(b));
-            s[j] = _mm256_add_ps(s[j], _mm256_add_ps(lo, hi));
+            const __m256i b = _mm256_loadu_si256((const __m256i *)(p + 32 * j));
+            const __m256i il = _mm256_and_si256(b, nib), ih = _mm256_and_si256(_mm256_srli_epi16(b, 4), nib);
+            const __m256i lo_l = _mm256_shuffle_epi8(l0, il), lo_h = _mm256_shuffle_epi8(h0, ih);
+            const __m256i hi_l = _mm256_shuffle_epi8(l1, il), hi_h = _mm256_shuffle_epi8(h1, ih);
+            /* vpmaddubsw: first operand unsigned, second signed */
+            a[4 * j] = _mm256_add_epi16(a[4 * j], _mm256_maddubs_epi16(_mm256_unpacklo_epi8(lo_l, lo_h), one));
+            a[4 * j + 1] = _mm256_add_epi16(a[4 * j + 1], _mm256_maddubs_epi16(_mm256_unpackhi_epi8(lo_l, lo_h), one));
+            a[4 * j + 2] = _mm256_add_epi16(a[4 * j + 2], _mm256_maddubs_epi16(one, _mm256_unpacklo_epi8(hi_l, hi_h)));
+            a[4 * j + 3] = _mm256_add_epi16(a[4 * j + 3], _mm256_maddubs_epi16(one, _mm256_unpackhi_epi8(hi_l, hi_h)));
         }
     }
     _mm_prefetch((const char *)ci + AVX2_PREFETCH * 2, _MM_HINT_T0); /* fp16: 2 bytes a row */
-    _mm_prefetch((const char *)ci + AVX2_PREFETCH * 2 + 64, _MM_HINT_T0);
+    if (c0) _mm_prefetch((const char *)c0 + AVX2_PREFETCH * 2, _MM_HINT_T0);
+    const __m256 sv = _mm256_set1_ps(s), hv = _mm256_set1_ps(hx), xv = _mm256_set1_ps(xg);
     for (int j = 0; j < nb; j++) {
-        const __m256 cf = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(ci + 8 * j)));
-        __m256 v = _mm256_fmadd_ps(cf, s[j], _mm256_loadu_ps(y + 8 * j));
-        if (c0) {
-            const __m256 cf0 = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(c0 + 8 * j)));
-            v = _mm256_fmadd_ps(cf0, _mm256_set1_ps(xg), v);
-        }
-        _mm256_storeu_ps(y + 8 * j, v);
-    }
-    if (c0) {
-        _mm_prefetch((const char *)c0 + AVX2_PREFETCH * 2, _MM_HINT_T0);
-        _mm_prefetch((const char *)c0 + AVX2_PREFETCH * 2 + 64, _MM_HINT_T0);
+        const __m256i *q = a + 4 * j;
+        const int64_t o = 32 * j;
+        const uint16_t *c0j = c0 ? c0 + o : NULL;
+        fold8_avx2(_mm256_castsi256_si128(q[0]), _mm256_castsi256_si128(q[2]), ci + o, c0j, sv, hv, xv, y + o);
+        fold8_avx2(_mm256_castsi256_si128(q[1]), _mm256_castsi256_si128(q[3]), ci + o + 8, c0j ? c0j + 8 : NULL, sv,
+                   hv, xv, y + o + 8);
+        fold8_avx2(_mm256_extracti128_si256(q[0], 1), _mm256_extracti128_si256(q[2], 1), ci + o + 16,
+                   c0j ? c0j + 16 : NULL, sv, hv, xv, y + o + 16);
+        fold8_avx2(_mm256_extracti128_si256(q[1], 1), _mm256_extracti128_si256(q[3], 1), ci + o + 24,
+                   c0j ? c0j + 24 : NULL, sv, hv, xv, y + o + 24);
     }
 }
 
-/* Rows [r0, r0 + n) (n a multiple of 8) of every token into yacc [M][n] (zeroed by the caller). Groups and
+/* Rows [r0, r0 + n) (n a multiple of 32) of every token into yacc [M][n] (zeroed by the caller). Groups and
  * planes are the outer loops and row blocks the inner one, so one group's plane is read as cpg sequential
  * streams (a byte column each; a block-outer order would read one line per byte column at a stride of N
  * bytes, which for N a multiple of 4096 maps every line to the same cache set) and its tables stay in L1.
  * Tokens are the innermost loop: a block's plane bytes are loaded from memory once and reused from L1. */
-AVX2_TARGET static void rows_avx2(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
+AVX2_TARGET static void rows_lut_avx2(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
     const int64_t M = c->M, N = c->N, C = c->C, k = c->k, cpg = c->cpg, groups = c->groups;
     for (int64_t g = 0; g < groups; g++) {
         const uint16_t *cg = c->coeffs + g * (k + 1) * N + r0;
         for (int64_t i = 0; i < k; i++) {
-            const uint8_t *p = c->planes + (i * C + g * cpg) * N + r0;
-            const uint16_t *c0 = i == k - 1 ? cg + k * N : NULL;
-            for (int64_t b = 0; b < n; b += 8 * AVX2_MAX_NB) {
-                const int nb = n - b < 8 * AVX2_MAX_NB ? (int)((n - b) / 8) : AVX2_MAX_NB;
-                for (int64_t m = 0; m < M; m++) {
-                    const float *t = c->tables + (m * C + g * cpg) * 32;
-                    const float xg = c->xsum[m * groups + g];
-                    float *y = yacc + m * n + b;
-                    const uint16_t *cb = c0 ? c0 + b : NULL;
-                    switch (nb) { /* constant block widths: the plane sums stay in registers */
-                    case 8: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 8); break;
-                    case 7: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 7); break;
-                    case 6: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 6); break;
-                    case 5: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 5); break;
-                    case 4: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 4); break;
-                    case 3: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 3); break;
-                    case 2: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 2); break;
-                    default: block_avx2(t, p + b, N, cpg, cg + i * N + b, cb, xg, y, 1); break;
+            for (int64_t c1 = 0; c1 < cpg; c1 += LUT_SPAN) {
+                const int64_t ncols = cpg - c1 < LUT_SPAN ? cpg - c1 : LUT_SPAN;
+                const int first = c1 == 0, last = i == k - 1 && c1 + ncols == cpg;
+                const uint8_t *p = c->planes + (i * C + g * cpg + c1) * N + r0;
+                const uint16_t *c0 = last ? cg + k * N : NULL;
+                for (int64_t b = 0; b < n; b += 32 * LUT_MAX_NB) {
+                    const int nb = n - b < 32 * LUT_MAX_NB ? (int)((n - b) / 32) : LUT_MAX_NB;
+                    for (int64_t m = 0; m < M; m++) {
+                        const uint8_t *tq = c->qtables + (m * C + g * cpg + c1) * 64;
+                        const float xg = c->xsum[m * groups + g], s = c->qscale[m * groups + g];
+                        const float hx = first ? 0.5f * xg : 0.0f;
+                        const uint16_t *cb = c0 ? c0 + b : NULL;
+                        float *y = yacc + m * n + b;
+                        if (nb == LUT_MAX_NB) /* constant block widths: the accumulators stay in registers */
+                            block_lut_avx2(tq, p + b, N, ncols, cg + i * N + b, cb, s, hx, xg, y, LUT_MAX_NB);
+                        else
+                            block_lut_avx2(tq, p + b, N, ncols, cg + i * N + b, cb, s, hx, xg, y, 1);
                     }
                 }
             }
+        }
+    }
+}
+
+/* The byte tables of one token (qt [C][4][16], scales qs [groups]) from its fp32 tables tm [2C][16]: per
+ * group the scale s = max |t'| / 32767 over its chunks, t' = t - t[15] / 2, then v = rint(t' / s) (the
+ * default rounding mode: to nearest even), split into its low and high bytes. An all-zero group gets s = 0,
+ * v = 0. */
+AVX2_TARGET static void tables_i16_avx2(const float *tm, int64_t C, int64_t cpg, uint8_t *qt, float *qs) {
+    const __m256 sign = _mm256_set1_ps(-0.0f);
+    const __m128i low = _mm_set1_epi16(0xff);
+    for (int64_t g0 = 0; g0 < 2 * C; g0 += 2 * cpg) {
+        __m256 amax = _mm256_setzero_ps();
+        for (int64_t q = g0; q < g0 + 2 * cpg; q++) {
+            const __m256 h = _mm256_set1_ps(0.5f * tm[16 * q + 15]);
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_sub_ps(_mm256_loadu_ps(tm + 16 * q), h)));
+            amax = _mm256_max_ps(amax, _mm256_andnot_ps(sign, _mm256_sub_ps(_mm256_loadu_ps(tm + 16 * q + 8), h)));
+        }
+        __m128 m4 = _mm_max_ps(_mm256_castps256_ps128(amax), _mm256_extractf128_ps(amax, 1));
+        m4 = _mm_max_ps(m4, _mm_movehl_ps(m4, m4));
+        m4 = _mm_max_ss(m4, _mm_movehdup_ps(m4));
+        const float mx = _mm_cvtss_f32(m4);
+        float r = 32767.0f / mx;
+        if (!(r <= FLT_MAX)) r = 0.0f; /* all zero (or below 32767 / FLT_MAX, ~1e-34): the entries are 0 */
+        qs[g0 / (2 * cpg)] = r > 0.0f ? mx / 32767.0f : 0.0f;
+        const __m256 inv = _mm256_set1_ps(r);
+        for (int64_t q = g0; q < g0 + 2 * cpg; q++) {
+            const __m256 h = _mm256_set1_ps(0.5f * tm[16 * q + 15]);
+            const __m256i a = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(tm + 16 * q), h), inv));
+            const __m256i b = _mm256_cvtps_epi32(_mm256_mul_ps(_mm256_sub_ps(_mm256_loadu_ps(tm + 16 * q + 8), h), inv));
+            const __m128i a16 = _mm_packs_epi32(_mm256_castsi256_si128(a), _mm256_extracti128_si256(a, 1));
+            const __m128i b16 = _mm_packs_epi32(_mm256_castsi256_si128(b), _mm256_extracti128_si256(b, 1));
+            /* chunk q = 2 cc + h: column cc's tables at qt + 64 cc, the high nibble's 32 bytes after the low's */
+            uint8_t *o = qt + 64 * (q >> 1) + 32 * (q & 1);
+            _mm_storeu_si128((__m128i *)o, _mm_packus_epi16(_mm_and_si128(a16, low), _mm_and_si128(b16, low)));
+            _mm_storeu_si128((__m128i *)(o + 16), _mm_packs_epi16(_mm_srai_epi16(a16, 8), _mm_srai_epi16(b16, 8)));
         }
     }
 }
@@ -341,41 +417,103 @@ AVX2_TARGET static void tables_avx2(const void *x, int x_dt, int64_t off, int64_
     }
 }
 
-AVX512_TARGET static void lut_pass_avx512(const float *tab, int64_t ts, int64_t M, const uint8_t *p, int64_t N,
-                                          int64_t cpg, int64_t n, float *s) {
-    const __m512i nib = _mm512_set1_epi32(15);
-    for (int64_t cc = 0; cc < cpg; cc++) {
-        const uint8_t *pb = p + cc * N;
-        for (int64_t m = 0; m < M; m++) {
-            const float *t = tab + m * ts + cc * 32;
-            const __m512 tl = _mm512_loadu_ps(t), th = _mm512_loadu_ps(t + 16);
-            float *sm = s + m * n;
-            for (int64_t r = 0; r < n; r += 16) {
-                __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)(pb + r)));
-                __m512 lo = _mm512_permutexvar_ps(_mm512_and_si512(b, nib), tl);
-                __m512 hi = _mm512_permutexvar_ps(_mm512_srli_epi32(b, 4), th);
-                _mm512_storeu_ps(sm + r, _mm512_add_ps(_mm512_loadu_ps(sm + r), _mm512_add_ps(lo, hi)));
-            }
+/* AVX-512 (BW): the AVX2 integer-table kernel at twice the width: one 64-byte load and one vpshufb per nibble
+ * and byte table look 64 rows up (tables broadcast to the four 128-bit lanes), in blocks of nb x 64 rows
+ * (nb <= LUT512_MAX_NB; 32 zmm registers hold the 4 nb accumulators). The same tables, spans, integer sums
+ * and error bound as AVX2; a chunk's last 32 rows, when its row count is an odd multiple of 32, take the AVX2
+ * block. The fold puts the accumulators' lanes back in row order with two 2-source permutes per 32 rows. */
+#define LUT512_MAX_NB 2
+
+/* 16 rows' plane sums P = 256 hi + lo (int16, in row order): y += c_i * (s * P + hx), then y += c_0 * xg. */
+AVX512_TARGET static inline __attribute__((always_inline)) void fold16_avx512(__m256i lo16, __m256i hi16,
+                                                                              const uint16_t *ci,
+                                                                              const uint16_t *c0, __m512 s,
+                                                                              __m512 hx, __m512 xg, float *y) {
+    const __m512i p = _mm512_add_epi32(_mm512_slli_epi32(_mm512_cvtepi16_epi32(hi16), 8), _mm512_cvtepi16_epi32(lo16));
+    const __m512 v = _mm512_fmadd_ps(_mm512_cvtepi32_ps(p), s, hx);
+    const __m512 cf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)ci));
+    __m512 out = _mm512_fmadd_ps(cf, v, _mm512_loadu_ps(y));
+    if (c0) out = _mm512_fmadd_ps(_mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)c0)), xg, out);
+    _mm512_storeu_ps(y, out);
+}
+
+AVX512_TARGET static inline __attribute__((always_inline)) void block_lut_avx512(const uint8_t *tq, const uint8_t *p,
+                                                                                 int64_t N, int64_t ncols,
+                                                                                 const uint16_t *ci,
+                                                                                 const uint16_t *c0, float s,
+                                                                                 float hx, float xg, float *y,
+                                                                                 const int nb) {
+    const __m512i nib = _mm512_set1_epi8(0x0f), one = _mm512_set1_epi8(1);
+    __m512i a[4 * LUT512_MAX_NB]; /* per 64 rows: lo sums (unpacklo, unpackhi), then hi sums likewise */
+    for (int j = 0; j < 4 * nb; j++) a[j] = _mm512_setzero_si512();
+    for (int64_t cc = 0; cc < ncols; cc++, p += N, tq += 64) {
+        _mm_prefetch((const char *)p + AVX2_PREFETCH, _MM_HINT_T0);
+        const __m512i l0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)tq));
+        const __m512i l1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tq + 16)));
+        const __m512i h0 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tq + 32)));
+        const __m512i h1 = _mm512_broadcast_i32x4(_mm_loadu_si128((const __m128i *)(tq + 48)));
+        for (int j = 0; j < nb; j++) {
+            const __m512i b = _mm512_loadu_si512((const void *)(p + 64 * j));
+            const __m512i il = _mm512_and_si512(b, nib), ih = _mm512_and_si512(_mm512_srli_epi16(b, 4), nib);
+            const __m512i lo_l = _mm512_shuffle_epi8(l0, il), lo_h = _mm512_shuffle_epi8(h0, ih);
+            const __m512i hi_l = _mm512_shuffle_epi8(l1, il), hi_h = _mm512_shuffle_epi8(h1, ih);
+            a[4 * j] = _mm512_add_epi16(a[4 * j], _mm512_maddubs_epi16(_mm512_unpacklo_epi8(lo_l, lo_h), one));
+            a[4 * j + 1] = _mm512_add_epi16(a[4 * j + 1], _mm512_maddubs_epi16(_mm512_unpackhi_epi8(lo_l, lo_h), one));
+            a[4 * j + 2] = _mm512_add_epi16(a[4 * j + 2], _mm512_maddubs_epi16(one, _mm512_unpacklo_epi8(hi_l, hi_h)));
+            a[4 * j + 3] = _mm512_add_epi16(a[4 * j + 3], _mm512_maddubs_epi16(one, _mm512_unpackhi_epi8(hi_l, hi_h)));
+        }
+    }
+    _mm_prefetch((const char *)ci + AVX2_PREFETCH * 2, _MM_HINT_T0);
+    if (c0) _mm_prefetch((const char *)c0 + AVX2_PREFETCH * 2, _MM_HINT_T0);
+    /* unpacklo holds rows [0-7 | 16-23 | 32-39 | 48-55], unpackhi [8-15 | 24-31 | 40-47 | 56-63] */
+    const __m512i first = _mm512_set_epi64(11, 10, 3, 2, 9, 8, 1, 0), second = _mm512_set_epi64(15, 14, 7, 6, 13, 12, 5, 4);
+    const __m512 sv = _mm512_set1_ps(s), hv = _mm512_set1_ps(hx), xv = _mm512_set1_ps(xg);
+    for (int j = 0; j < nb; j++) {
+        const __m512i *q = a + 4 * j;
+        for (int half = 0; half < 2; half++) { /* rows 64 j + 32 half + 0..31 */
+            const __m512i idx = half ? second : first;
+            const __m512i lo = _mm512_permutex2var_epi64(q[0], idx, q[1]), hi = _mm512_permutex2var_epi64(q[2], idx, q[3]);
+            const int64_t o = 64 * j + 32 * half;
+            fold16_avx512(_mm512_castsi512_si256(lo), _mm512_castsi512_si256(hi), ci + o, c0 ? c0 + o : NULL, sv, hv, xv,
+                          y + o);
+            fold16_avx512(_mm512_extracti64x4_epi64(lo, 1), _mm512_extracti64x4_epi64(hi, 1), ci + o + 16,
+                          c0 ? c0 + o + 16 : NULL, sv, hv, xv, y + o + 16);
         }
     }
 }
 
-AVX512_TARGET static void combine_avx512(const uint16_t *c16, const float *s, float *y, int64_t M, int64_t n) {
-    for (int64_t r = 0; r < n; r += 16) {
-        __m512 cf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c16 + r)));
-        for (int64_t m = 0; m < M; m++)
-            _mm512_storeu_ps(y + m * n + r,
-                             _mm512_fmadd_ps(cf, _mm512_loadu_ps(s + m * n + r), _mm512_loadu_ps(y + m * n + r)));
-    }
-}
-
-AVX512_TARGET static void offset_avx512(const uint16_t *c16, const float *xs, int64_t xs_stride, float *y, int64_t M,
-                                        int64_t n) {
-    for (int64_t r = 0; r < n; r += 16) {
-        __m512 cf = _mm512_cvtph_ps(_mm256_loadu_si256((const __m256i *)(c16 + r)));
-        for (int64_t m = 0; m < M; m++)
-            _mm512_storeu_ps(y + m * n + r,
-                             _mm512_fmadd_ps(cf, _mm512_set1_ps(xs[m * xs_stride]), _mm512_loadu_ps(y + m * n + r)));
+/* rows_lut_avx2's loops with 64-row steps (see there). */
+AVX512_TARGET static void rows_lut_avx512(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
+    const int64_t M = c->M, N = c->N, C = c->C, k = c->k, cpg = c->cpg, groups = c->groups;
+    for (int64_t g = 0; g < groups; g++) {
+        const uint16_t *cg = c->coeffs + g * (k + 1) * N + r0;
+        for (int64_t i = 0; i < k; i++) {
+            for (int64_t c1 = 0; c1 < cpg; c1 += LUT_SPAN) {
+                const int64_t ncols = cpg - c1 < LUT_SPAN ? cpg - c1 : LUT_SPAN;
+                const int first = c1 == 0, last = i == k - 1 && c1 + ncols == cpg;
+                const uint8_t *p = c->planes + (i * C + g * cpg + c1) * N + r0;
+                const uint16_t *c0 = last ? cg + k * N : NULL;
+                for (int64_t b = 0; b < n; b += 64 * LUT512_MAX_NB) {
+                    const int64_t left = n - b < 64 * LUT512_MAX_NB ? n - b : 64 * LUT512_MAX_NB;
+                    for (int64_t m = 0; m < M; m++) {
+                        const uint8_t *tq = c->qtables + (m * C + g * cpg + c1) * 64;
+                        const float xg = c->xsum[m * groups + g], s = c->qscale[m * groups + g];
+                        const float hx = first ? 0.5f * xg : 0.0f;
+                        const uint16_t *cb = c0 ? c0 + b : NULL;
+                        const uint16_t *ci = cg + i * N + b;
+                        float *y = yacc + m * n + b;
+                        if (left == 64 * LUT512_MAX_NB) { /* constant block widths: accumulators in registers */
+                            block_lut_avx512(tq, p + b, N, ncols, ci, cb, s, hx, xg, y, LUT512_MAX_NB);
+                            continue;
+                        }
+                        int64_t d = 0;
+                        for (; d + 64 <= left; d += 64)
+                            block_lut_avx512(tq, p + b + d, N, ncols, ci + d, cb ? cb + d : NULL, s, hx, xg, y + d, 1);
+                        if (d < left) block_lut_avx2(tq, p + b + d, N, ncols, ci + d, cb ? cb + d : NULL, s, hx, xg, y + d, 1);
+                    }
+                }
+            }
+        }
     }
 }
 
@@ -384,41 +522,30 @@ AVX512_TARGET static void offset_avx512(const uint16_t *c16, const float *xs, in
 /* Accumulators of one chunk of rows: ACC floats, [M][n] with n = (ACC / M) rounded down to RB. */
 #define ACC 8192
 
-/* The portable and AVX-512 paths: rows [r0, r0 + n) (n a multiple of RB) into yacc [M][n] (zeroed), one
+/* The portable path: rows [r0, r0 + n) (n a multiple of RB) into yacc [M][n] (zeroed), one
  * pass over the chunk's rows per group and plane (the plane sums go through the array s). */
 static void rows_passes(const gemv_ctx *c, int64_t r0, int64_t n, float *yacc) {
     const int64_t N = c->N, C = c->C, k = c->k, cpg = c->cpg, M = c->M;
     float s[ACC] __attribute__((aligned(64))); /* 32 KiB on the stack */
-    void (*pass)(const float *, int64_t, int64_t, const uint8_t *, int64_t, int64_t, int64_t, float *) =
-        lut_pass_portable;
-    void (*combine)(const uint16_t *, const float *, float *, int64_t, int64_t) = combine_portable;
-    void (*offset)(const uint16_t *, const float *, int64_t, float *, int64_t, int64_t) = offset_portable;
-#ifdef BPDQ_X86
-    if (c->isa == ISA_AVX512) {
-        pass = lut_pass_avx512;
-        combine = combine_avx512;
-        offset = offset_avx512;
-    }
-#endif
     for (int64_t g = 0; g < c->groups; g++) {
         const uint16_t *cg = c->coeffs + g * (k + 1) * N + r0;
         for (int64_t i = 0; i < k; i++) {
             memset(s, 0, (size_t)(M * n) * sizeof(float));
-            pass(c->tables + g * cpg * 32, C * 32, M, c->planes + (i * C + g * cpg) * N + r0, N, cpg, n, s);
-            combine(cg + i * N, s, yacc, M, n);
+            lut_pass_portable(c->tables + g * cpg * 32, C * 32, M, c->planes + (i * C + g * cpg) * N + r0, N, cpg, n, s);
+            combine_portable(cg + i * N, s, yacc, M, n);
         }
-        offset(cg + k * N, c->xsum + g, c->groups, yacc, M, n);
+        offset_portable(cg + k * N, c->xsum + g, c->groups, yacc, M, n);
     }
 }
 
 /* Rows of row blocks [b0, b1) (RB rows each; the last block may be short), in chunks of at most ACC / M
- * rows: accumulated in yacc, then bias added and y written once. Rows past the last multiple of the path's
- * vector width (8 on AVX2, RB otherwise) go through the scalar code. */
+ * rows: accumulated in yacc, then bias added and y written once. Rows past the last multiple of RB go through
+ * the scalar code (exact fp32 tables on every path). */
 static void gemv_range(void *ctx, int64_t b0, int64_t b1) {
     const gemv_ctx *c = (const gemv_ctx *)ctx;
     const int64_t N = c->N, M = c->M;
     const int64_t rb = b0 * RB, re = b1 * RB < N ? b1 * RB : N;
-    const int64_t step = c->isa == ISA_AVX2 ? 8 : RB;
+    const int64_t step = RB;
     const int64_t rv = rb + (re - rb) / step * step; /* rows [rb, rv) in vector chunks, [rv, re) scalar */
     const int64_t R = ACC / M / RB * RB;
     float yacc[ACC] __attribute__((aligned(64))); /* 32 KiB on the stack */
@@ -426,8 +553,10 @@ static void gemv_range(void *ctx, int64_t b0, int64_t b1) {
         const int64_t n = R < rv - r0 ? R : rv - r0;
         memset(yacc, 0, (size_t)(M * n) * sizeof(float));
 #ifdef BPDQ_X86
-        if (c->isa == ISA_AVX2)
-            rows_avx2(c, r0, n, yacc);
+        if (c->isa == ISA_AVX512)
+            rows_lut_avx512(c, r0, n, yacc);
+        else if (c->isa == ISA_AVX2)
+            rows_lut_avx2(c, r0, n, yacc);
         else
 #endif
             rows_passes(c, r0, n, yacc);
@@ -482,11 +611,15 @@ int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t 
     if (M > ACC / RB) return -1; /* a chunk of accumulators must hold RB rows of every token */
     if (K <= 0 || K % 8 || group_size <= 0 || group_size % 8 || K % group_size || k < 1) return -1;
     const int64_t C = K / 8, groups = K / group_size, cpg = group_size / 8;
-    float *tables = get_scratch((size_t)(M * C * 32 + M * groups));
-    if (!tables) return -1;
-    float *xsum = tables + M * C * 32;
     int best = bpdq_best_isa();
     if (isa > best) isa = best;
+    const int itab = isa >= ISA_AVX2;
+    /* fp32 tables [M][2C][16], input sums [M][groups]; integer tables: scales [M][groups], bytes [M][C][4][16] */
+    float *tables = get_scratch((size_t)(M * C * 32 + M * groups + (itab ? M * groups + M * C * 16 : 0)));
+    if (!tables) return -1;
+    float *xsum = tables + M * C * 32;
+    float *qscale = itab ? xsum + M * groups : NULL;
+    uint8_t *qtables = itab ? (uint8_t *)(qscale + M * groups) : NULL;
     for (int64_t m = 0; m < M; m++) {
         float *tm = tables + m * C * 32;
 #ifdef BPDQ_X86
@@ -508,8 +641,12 @@ int bpdq_lut_gemv(const void *x, int x_dt, int64_t x_stride, int64_t M, int64_t 
             for (int64_t q = 2 * g * cpg; q < 2 * (g + 1) * cpg; q++) s += tm[q * 16 + 15];
             xsum[m * groups + g] = s;
         }
+#ifdef BPDQ_X86
+        if (itab) tables_i16_avx2(tm, C, cpg, qtables + m * C * 64, qscale + m * groups);
+#endif
     }
-    gemv_ctx c = {tables, xsum, planes, coeffs, bias, y, M, N, C, k, cpg, groups, y_stride, bias_dt, y_dt, isa};
+    gemv_ctx c = {tables, xsum, qtables, qscale, planes, coeffs, bias, y, M, N,
+                  C, k, cpg, groups, y_stride, bias_dt, y_dt, isa};
     /* threads only pay off past ~1M lookups per thread */
     int64_t work = M * N * C * k;
     int64_t useful = work / (1 << 20);
