@@ -1,6 +1,6 @@
 """Perplexity effect of the ``cpu_lut`` kernel's integer lookup tables (issue 12: at most 0.3% on SmolLM2 k=2).
 
-The AVX2 path of ``cpu_lut`` rounds its per-token lookup tables to integers (one scale per token and group;
+The AVX2 and AVX-512 paths of ``cpu_lut`` round their per-token lookup tables to integers (one scale per token and group;
 see ``bpdq/kernels/cpu_lut.py``), so its outputs differ from the exact ones by a bounded amount. This script
 measures what that does to a model's quality:
 
@@ -12,15 +12,15 @@ measures what that does to a model's quality:
 2. perplexity on ``builtin:python-docs-test`` (``bpdq.evaluate.perplexity``; ``--windows`` x ``--seq-len``
    tokens, default 4 x 512) with the ``torch`` kernel (dequantize + matmul: the reference);
 3. the same with the ``cpu_lut`` kernel forced onto each path of ``--isas`` (``BPDQ_CPU_ISA``; default
-   ``avx2``, the int8 tables) and onto the lookup-table path for every linear call: the library uses the
+   ``avx2``, int16 tables) and onto the lookup-table path for every linear call: the library uses the
    tables only for ``M <= 8`` rows (decode), so here each linear's input is cut into pieces of at most 8 rows
-   (a wrapper installed on the model's layers by this script). An exact fp32-table path in ``--isas``
-   (``avx512``, ``portable``) is the control: it shows the change from summation order alone.
+   (a wrapper installed on the model's layers by this script). The exact fp32-table path ``portable`` in
+   ``--isas`` is the control: it shows the change from summation order alone.
 
 It prints each perplexity and its relative change against the torch kernel.
 
-    python benchmarks/bench_lut_precision.py                        # quantize, then the AVX2 tables
-    python benchmarks/bench_lut_precision.py --isas avx2,avx512     # plus the exact fp32-table control
+    python benchmarks/bench_lut_precision.py                                # quantize, then the AVX2 tables
+    python benchmarks/bench_lut_precision.py --isas avx2,avx512,portable    # plus the exact fp32-table control
     python benchmarks/bench_lut_precision.py --checkpoint runs/smollm2-bpdq-k2
 """
 

@@ -161,8 +161,15 @@ def lut_error_bound(x: torch.Tensor, coeffs: torch.Tensor, group_size: int) -> t
     terms of a row), bounded by ``(G (k+1) + 4) * 2^-24 * sum_G (sum_{i=0..k} |c_i[G, r]|) * ||x_G||_1``.
     ``coeffs`` is the fp16 ``[groups, k+1, N]`` tensor (``c_1..c_k``, then ``c_0``).
     """
+    if x.dim() != 2 or coeffs.dim() != 3:
+        raise ValueError(f"x must be [M, in] and coeffs [groups, k+1, out], got {tuple(x.shape)} and {tuple(coeffs.shape)}")
     m, kdim = x.shape
     groups, kp1, _ = coeffs.shape
+    if group_size <= 0 or group_size % 4 or groups * group_size != kdim or kp1 < 2:
+        raise ValueError(
+            f"group_size {group_size} with coeffs {tuple(coeffs.shape)} does not fit x's {kdim} inputs "
+            "(need a positive multiple of 4 with groups * group_size == in and k >= 1)"
+        )
     xa = x.detach().double().abs().reshape(m, groups, group_size)
     scale = xa.reshape(m, groups, group_size // 4, 4).sum(-1).amax(-1) / 2 / 32767  # [M, G]
     c = coeffs.double().abs()

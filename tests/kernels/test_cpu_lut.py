@@ -375,3 +375,12 @@ def test_smollm2_k2_greedy_tokens_match_the_torch_kernel():
         with torch.no_grad():
             tokens[kernel] = model.generate(ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(tokens["cpu_lut"], tokens["torch"])
+
+
+def test_lut_error_bound_rejects_shapes_that_do_not_fit():
+    coeffs = torch.zeros(2, 3, 8, dtype=torch.float16)  # 2 groups, k=2, 8 rows
+    assert cpu_lut.lut_error_bound(torch.ones(1, 128), coeffs, 64).shape == (1, 8)
+    with pytest.raises(ValueError, match="does not fit"):
+        cpu_lut.lut_error_bound(torch.ones(1, 128), coeffs, 32)
+    with pytest.raises(ValueError, match="must be"):
+        cpu_lut.lut_error_bound(torch.ones(128), coeffs, 64)
