@@ -34,10 +34,14 @@ Environment variables (so that CI runs every path):
 
 - ``BPDQ_CPU_ISA``: ``auto`` (default; the best the CPU has), ``avx512``, ``avx2`` or ``portable``; a
   path the CPU lacks makes the kernel unavailable (with the reason);
-- ``BPDQ_CPU_LUT_DISABLE=1``: act as if the library were absent.
+- ``BPDQ_CPU_LUT_DISABLE=1``: act as if the library were absent;
+- ``BPDQ_CPU_SPIN_US`` (default 100, at most 100000): how long the library's worker threads spin after a
+  job before they sleep. Workers are started on the first call that uses more than one thread and kept
+  (creating threads per call made two threads no faster than one at 4096x4096); ``0`` sleeps at once, which
+  saves CPU time between calls at the cost of a wake-up per call.
 
-Both are read once, when the library is first needed (:func:`native`; ``native.cache_clear()`` re-reads
-them).
+The first two are read when the library is first needed (:func:`native`; ``native.cache_clear()`` re-reads
+them); ``BPDQ_CPU_SPIN_US`` once per process, by the C library.
 
 Limits: CPU tensors, float32 or bfloat16 activations (output in the same dtype), 1-8 planes, every group
 size of the format (a multiple of 8). Threads follow ``torch.get_num_threads()``. The C calls run as the

@@ -214,6 +214,90 @@ def test_paths_agree_and_threads_do_not_change_the_result(monkeypatch):
         assert torch.equal(y, integer[0])
 
 
+def _pool_layer_and_inputs():
+    # 2048 x 4096 at k=2: large enough for the C code to split the rows (lookup tables, M <= 8) and the
+    # dequantized tiles (M = 16) over threads
+    layer = random_layer(2, 64, 2048, 4096, bias=True, seed=3)
+    layer.set_kernel("cpu_lut")
+    gen = torch.Generator().manual_seed(3)
+    return layer, [torch.randn(m, 4096, generator=gen) for m in (1, 3, 16)]
+
+
+def _same(y: torch.Tensor, want: torch.Tensor) -> bool:
+    """Bit-identical for the lookup tables; the tiles' matmul is torch's, whose sums depend on its threads."""
+    if y.shape[0] <= MAX_LUT_TOKENS:
+        return torch.equal(y, want)
+    return torch.allclose(y, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
+
+
+def test_the_worker_pool_gives_the_single_thread_result_for_any_thread_count_and_concurrent_callers():
+    import threading
+
+    layer, xs = _pool_layer_and_inputs()
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        want = [layer(x) for x in xs]
+        for n in (4, 2, 3, 2):  # more workers than ranges after the first job: idle workers must not run one
+            torch.set_num_threads(n)
+            for _ in range(3):
+                assert all(_same(layer(x), w) for x, w in zip(xs, want)), n
+        # callers on several Python threads (ctypes drops the GIL): one holds the pool, the others spawn threads
+        torch.set_num_threads(2)
+        errors: list[str] = []
+
+        def caller(i: int) -> None:
+            for r in range(20):
+                j = (i + r) % len(xs)
+                if not _same(layer(xs[j]), want[j]):
+                    errors.append(f"caller {i} round {r}")
+
+        ts = [threading.Thread(target=caller, args=(i,)) for i in range(4)]
+        for t in ts:
+            t.start()
+        for t in ts:
+            t.join(timeout=120)
+        assert not any(t.is_alive() for t in ts), "a concurrent caller hung"
+        assert not errors, errors
+    finally:
+        torch.set_num_threads(threads)
+
+
+_POOL_CHILD = """
+import sys, torch
+sys.path.insert(0, {root!r})
+from tests.kernels.test_cpu_lut import _pool_layer_and_inputs, _same
+layer, xs = _pool_layer_and_inputs()
+torch.set_num_threads(1)
+want = [layer(x) for x in xs]
+torch.set_num_threads(2)
+for _ in range(50):  # with BPDQ_CPU_SPIN_US=0 every job wakes a sleeping worker
+    assert all(_same(layer(x), w) for x, w in zip(xs, want))
+import os
+pid = os.fork()  # the child has none of the parent's workers and must start its own
+if pid == 0:  # lookup tables only: torch's own OpenMP threads hang in a forked child (torch's limit, not ours)
+    import signal
+    signal.alarm(60)  # a hung child must not outlive the test
+    ok = all(_same(layer(x), w) for x, w in zip(xs[:2], want) for _ in range(5))
+    os._exit(0 if ok else 3)
+_, status = os.waitpid(pid, 0)
+assert os.waitstatus_to_exitcode(status) == 0, status
+print("ok")
+"""
+
+
+def test_sleeping_workers_wake_for_every_job_and_a_forked_child_gets_its_own():
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    root = str(Path(__file__).resolve().parents[2])
+    env = {**__import__("os").environ, "BPDQ_CPU_SPIN_US": "0"}
+    out = subprocess.run([sys.executable, "-c", _POOL_CHILD.format(root=root)], env=env, capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
 def test_integer_tables_are_used_their_error_holds_its_bound_and_the_bound_is_small(monkeypatch):
     # A 4096-input k=2 g=64 layer with Gaussian inputs, on every path this CPU has. The exact paths stay at
     # fp32 roundoff; the integer-table paths' error must exceed it clearly (the integer tables really run) and

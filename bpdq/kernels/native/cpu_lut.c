@@ -21,14 +21,17 @@
  * bpdq_dequant: rows [r0, r1) of W_hat into a dense row-major fp32/bf16 tile (the large-M path multiplies
  * such tiles with torch).
  *
- * Threads: the caller passes a thread count; rows are split into contiguous ranges, one pthread each
- * (created per call, only when the call is large enough to pay for it).
+ * Threads: the caller passes a thread count; rows are split into contiguous ranges, the caller runs the
+ * first and persistent pool workers the others (only when the call is large enough to pay for it).
  */
+#define _POSIX_C_SOURCE 200809L /* clock_gettime under -std=c11 */
 #include <float.h>
 #include <pthread.h>
+#include <stdatomic.h>
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #if defined(__x86_64__) || defined(__i386__)
 #define BPDQ_X86 1
@@ -110,6 +113,107 @@ static inline void store_val(void *p, int dt, int64_t i, float v) {
 
 typedef void (*range_fn)(void *ctx, int64_t begin, int64_t end);
 
+/* A persistent pool of worker threads. Creating threads per call cost more than a large layer's whole GEMV
+ * at two threads (clone, and waking the other core: on a VM a halted vCPU takes tens of microseconds to
+ * wake), so the second thread started late and 4096x4096 gained nothing. Workers are created on first use
+ * and kept; after a job they spin for BPDQ_CPU_SPIN_US microseconds (default 100; decode calls arrive
+ * back to back) and then sleep on a condition variable. One job runs at a time: a call that finds the
+ * pool busy (another caller thread) runs its ranges on fresh threads as before. The result never depends on
+ * the thread count or on which thread runs a range. A forked child starts with an empty pool. */
+#define POOL_MAX 63
+
+typedef struct {
+    range_fn fn;
+    void *ctx;
+    int64_t n;
+    int threads; /* ranges of the current job; worker w runs range w + 1 when w + 1 < threads */
+} pool_job;
+
+static pthread_mutex_t pool_busy = PTHREAD_MUTEX_INITIALIZER; /* held by the caller of a pool job */
+static pthread_mutex_t pool_mu = PTHREAD_MUTEX_INITIALIZER;   /* guards sleeping workers and pool_size */
+static pthread_cond_t pool_cv = PTHREAD_COND_INITIALIZER;
+static pool_job job;
+static struct {
+    _Atomic uint64_t go; /* bumped (release) when worker w has a range of the published job */
+    char pad[56];
+} pool_slot[POOL_MAX];
+static _Atomic int pool_pending;    /* workers of the current job not yet done */
+static int pool_size;               /* workers started */
+static int64_t pool_spin_ns = -1;   /* read once from BPDQ_CPU_SPIN_US */
+static pthread_once_t pool_once = PTHREAD_ONCE_INIT;
+
+static int64_t now_ns(void) {
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (int64_t)ts.tv_sec * 1000000000 + ts.tv_nsec;
+}
+
+static inline void cpu_relax(void) {
+#ifdef BPDQ_X86
+    _mm_pause();
+#endif
+}
+
+static void pool_after_fork(void) { /* the child has none of the parent's workers */
+    pthread_mutex_init(&pool_busy, NULL);
+    pthread_mutex_init(&pool_mu, NULL);
+    pthread_cond_init(&pool_cv, NULL);
+    pool_size = 0;
+    atomic_store(&pool_pending, 0);
+    for (int w = 0; w < POOL_MAX; w++) atomic_store(&pool_slot[w].go, 0);
+}
+
+static void pool_init(void) {
+    const char *env = getenv("BPDQ_CPU_SPIN_US");
+    long us = env && *env ? strtol(env, NULL, 10) : 100;
+    pool_spin_ns = (us < 0 ? 0 : us > 100000 ? 100000 : us) * 1000;
+    pthread_atfork(NULL, NULL, pool_after_fork);
+}
+
+static void *pool_worker(void *arg) {
+    const int w = (int)(intptr_t)arg;
+    _Atomic uint64_t *go = &pool_slot[w].go;
+    uint64_t seen = 0; /* slots start at 0 (also after a fork): a job published before this thread ran counts */
+    for (;;) {
+        uint64_t g = atomic_load_explicit(go, memory_order_acquire);
+        if (g == seen) { /* spin a while, then sleep until the next job */
+            const int64_t until = now_ns() + pool_spin_ns;
+            for (int i = 0; (g = atomic_load_explicit(go, memory_order_acquire)) == seen; i++) {
+                cpu_relax();
+                if ((i & 63) == 63 && now_ns() >= until) break;
+            }
+            if (g == seen) {
+                pthread_mutex_lock(&pool_mu);
+                while ((g = atomic_load_explicit(go, memory_order_acquire)) == seen) pthread_cond_wait(&pool_cv, &pool_mu);
+                pthread_mutex_unlock(&pool_mu);
+            }
+        }
+        seen = g;
+        const pool_job j = job; /* published before go was bumped; not rewritten until every range is done */
+        j.fn(j.ctx, j.n * (w + 1) / j.threads, j.n * (w + 2) / j.threads);
+        atomic_fetch_sub_explicit(&pool_pending, 1, memory_order_acq_rel);
+    }
+    return NULL;
+}
+
+/* Start workers until there are `want`; returns how many there are. Called with pool_busy held. */
+static int pool_grow(int want) {
+    pthread_mutex_lock(&pool_mu);
+    while (pool_size < want) {
+        pthread_t id;
+        pthread_attr_t attr;
+        pthread_attr_init(&attr);
+        pthread_attr_setdetachstate(&attr, PTHREAD_CREATE_DETACHED);
+        const int ok = pthread_create(&id, &attr, pool_worker, (void *)(intptr_t)pool_size) == 0;
+        pthread_attr_destroy(&attr);
+        if (!ok) break;
+        pool_size++;
+    }
+    const int have = pool_size;
+    pthread_mutex_unlock(&pool_mu);
+    return have;
+}
+
 typedef struct {
     range_fn fn;
     void *ctx;
@@ -122,23 +226,14 @@ static void *run_range(void *arg) {
     return NULL;
 }
 
-/* Split [0, n) into `threads` contiguous ranges; the calling thread runs the first. If a thread cannot be
- * created its range runs on the caller, so the result never depends on the thread count. */
-static void parallel_for(int threads, int64_t n, range_fn fn, void *ctx) {
-    if (threads > n) threads = (int)n;
-    if (threads <= 1) {
-        if (n > 0) fn(ctx, 0, n);
-        return;
-    }
-    if (threads > 64) threads = 64;
-    range_task tasks[64];
-    pthread_t ids[64];
-    int started[64];
+/* The fallback when the pool is busy: one fresh thread per range but the first, which the caller runs; a
+ * range whose thread cannot be created runs on the caller. */
+static void spawn_for(int threads, int64_t n, range_fn fn, void *ctx) {
+    range_task tasks[POOL_MAX + 1];
+    pthread_t ids[POOL_MAX + 1];
+    int started[POOL_MAX + 1];
     for (int t = 0; t < threads; t++) {
-        tasks[t].fn = fn;
-        tasks[t].ctx = ctx;
-        tasks[t].begin = n * t / threads;
-        tasks[t].end = n * (t + 1) / threads;
+        tasks[t] = (range_task){fn, ctx, n * t / threads, n * (t + 1) / threads};
         started[t] = 0;
     }
     for (int t = 1; t < threads; t++) started[t] = pthread_create(&ids[t], NULL, run_range, &tasks[t]) == 0;
@@ -149,6 +244,37 @@ static void parallel_for(int threads, int64_t n, range_fn fn, void *ctx) {
         else
             fn(ctx, tasks[t].begin, tasks[t].end);
     }
+}
+
+/* Split [0, n) into `threads` contiguous ranges; the calling thread runs the first, pool workers the rest. */
+static void parallel_for(int threads, int64_t n, range_fn fn, void *ctx) {
+    if (threads > n) threads = (int)n;
+    if (threads <= 1) {
+        if (n > 0) fn(ctx, 0, n);
+        return;
+    }
+    if (threads > POOL_MAX + 1) threads = POOL_MAX + 1;
+    pthread_once(&pool_once, pool_init);
+    if (pthread_mutex_trylock(&pool_busy) != 0) {
+        spawn_for(threads, n, fn, ctx);
+        return;
+    }
+    const int have = pool_grow(threads - 1);
+    if (have < threads - 1) threads = have + 1; /* fewer workers than asked: fewer, longer ranges */
+    if (threads <= 1) {
+        pthread_mutex_unlock(&pool_busy);
+        fn(ctx, 0, n);
+        return;
+    }
+    job = (pool_job){fn, ctx, n, threads};
+    atomic_store_explicit(&pool_pending, threads - 1, memory_order_relaxed);
+    pthread_mutex_lock(&pool_mu); /* a worker going to sleep checks its slot under this lock: no lost wake-up */
+    for (int w = 0; w < threads - 1; w++) atomic_fetch_add_explicit(&pool_slot[w].go, 1, memory_order_release);
+    pthread_cond_broadcast(&pool_cv);
+    pthread_mutex_unlock(&pool_mu);
+    fn(ctx, 0, n / threads);
+    while (atomic_load_explicit(&pool_pending, memory_order_acquire) > 0) cpu_relax();
+    pthread_mutex_unlock(&pool_busy);
 }
 
 /* ---------------------------------------------------------------------------------------------------- */
