@@ -37,7 +37,16 @@ import torch
 from torch import nn
 
 from bpdq.linear import QuantLinear
-from bpdq.pipeline.calibrate import Batch, Replay, _call, _first_output, _Stop, outputs_like, run_layer
+from bpdq.pipeline.calibrate import (
+    Batch,
+    Replay,
+    _call,
+    _first_output,
+    _Stop,
+    dense_quantized_forwards,
+    outputs_like,
+    run_layer,
+)
 from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_targets
 
 if TYPE_CHECKING:
@@ -118,18 +127,19 @@ def asymmetric_hessians(
         raise ValueError(f"{len(inputs)} quantized batches but {len(fp_inputs)} full-precision ones")
     accs: dict[str, AsymmetricAccumulator] = {}
     alias: dict[str, str] = {}
-    for i, (b, fb) in enumerate(zip(inputs, fp_inputs)):
-        with _batch(replay, i):
-            xq = _inputs_of(layer, names, b, device)
-        with _batch(fp_replay, i):
-            xf = _inputs_of(fp_layer, names, fb, device, fp_out, fp_complete)
-        for n in names:
-            root = next(o for o in names if xq[o] is xq[n] and xf[o] is xf[n])  # n itself at worst
-            if root != n:
-                alias[n] = root
-                continue
-            acc = accs.setdefault(n, AsymmetricAccumulator(layer.get_submodule(n).in_features, device=device))
-            acc.add(xq[n], xf[n])
+    with dense_quantized_forwards():
+        for i, (b, fb) in enumerate(zip(inputs, fp_inputs)):
+            with _batch(replay, i):
+                xq = _inputs_of(layer, names, b, device)
+            with _batch(fp_replay, i):
+                xf = _inputs_of(fp_layer, names, fb, device, fp_out, fp_complete)
+            for n in names:
+                root = next(o for o in names if xq[o] is xq[n] and xf[o] is xf[n])  # n itself at worst
+                if root != n:
+                    alias[n] = root
+                    continue
+                acc = accs.setdefault(n, AsymmetricAccumulator(layer.get_submodule(n).in_features, device=device))
+                acc.add(xq[n], xf[n])
     for r in (replay, fp_replay):
         if r is not None:
             r.end_pass(len(inputs))

@@ -102,3 +102,81 @@ def test_a_pass_over_a_store_writes_to_a_store_with_its_budget(tmp_path):
         torch.testing.assert_close(a.hidden, b.hidden, rtol=1e-6, atol=1e-6)
     out.close()
     store.close()
+
+
+class QuantLayer(nn.Module):
+    """A linear already quantized (what a layer step's later passes see) and one still dense."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        from bpdq.linear import QuantLinear
+
+        torch.manual_seed(0)
+        self.q = QuantLinear.from_linear(nn.Linear(64, 48), grid={"type": "uniform", "bits": 2}, group_size=32,
+                                         kernel="cpu_lut" if "cpu_lut" in bpdq.KERNELS else "auto")
+        self.dense = nn.Linear(48, 64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dense(self.q(x))
+
+
+def test_dense_forwards_give_the_torch_kernels_values_rebuild_on_new_coefficients_and_end_with_the_scope():
+    from bpdq.pipeline import calibrate
+
+    layer = QuantLayer()
+    batches = [Batch(torch.randn(2, 40, 64), (), {}) for _ in range(2)]  # 80 tokens a batch: the tiled path
+    cpu = torch.device("cpu")
+
+    def torch_kernel() -> list[torch.Tensor]:
+        layer.q.set_kernel("torch")
+        try:
+            return [b.hidden for b in run_layer(layer, batches, cpu)]
+        finally:
+            layer.q.set_kernel("auto")
+
+    built = []
+    real = calibrate._dense_forward
+
+    def counting(module, cache):
+        forward = real(module, cache)
+        return lambda x: (built.append(len(cache)), forward(x))[1]
+
+    want = torch_kernel()
+    with calibrate.dense_quantized_forwards():
+        scope = calibrate._DENSE.get()
+        calibrate._dense_forward = counting
+        try:
+            got = [b.hidden for b in run_layer(layer, batches, cpu)]
+            assert all(torch.equal(a, b) for a, b in zip(got, want))  # exactly the reference kernel's values
+            assert built == [0, 1] and len(scope) == 1  # one dense weight, made by the first call
+            assert "forward" not in vars(layer.q), "the dense forward is only set during a call"
+            with torch.no_grad():
+                layer.q.coeffs.mul_(0.5)  # in place, as tuning and a distributed broadcast change them
+            halved = [b.hidden for b in run_layer(layer, batches, cpu)]
+        finally:
+            calibrate._dense_forward = real
+    assert calibrate._DENSE.get() is None and not scope, "the scope's dense weights must be dropped with it"
+    assert all(torch.equal(a, b) for a, b in zip(halved, torch_kernel())), "stale dense weight after new coefficients"
+    assert not any(torch.equal(a, b) for a, b in zip(halved, want))
+    outside = [b.hidden for b in run_layer(layer, batches, cpu)]  # the layer's own kernel again (may round otherwise)
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-5) for a, b in zip(outside, halved))
+
+
+def test_dense_calibration_forwards_change_no_byte_of_a_run_with_the_torch_kernel(monkeypatch):
+    """With the ``torch`` kernel (whole-weight dequantization + F.linear) the layers compute the very same values
+    outside the dense scope: switching the scope off must give a bit-identical model."""
+    import contextlib
+
+    from bpdq.pipeline import calibrate
+
+    tok = tiny_tokenizer()
+    recipe = {**TINY_RECIPE, "solver": {"type": "bpdq", "iters": 2}, "kernel": "torch"}
+    states = []
+    for dense in (True, False):
+        if not dense:
+            monkeypatch.setattr(calibrate, "dense_quantized_forwards", contextlib.nullcontext)
+        model = tiny_model("llama", layers=2)
+        bpdq.quantize_model(model, tok, recipe=recipe, calibration=TINY_CALIBRATION, progress=False)
+        states.append(model.state_dict())
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
