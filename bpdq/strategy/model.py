@@ -48,7 +48,7 @@ class Strategy(BaseModel):
     target_bpw: float | None = Field(
         default=None,
         description="average bits per weight to meet by choosing 1..4 planes per module at quantize.group_size "
-        "from each module's measured proxy loss (bitplane grid; k + 16(k+1)/g per weight; off when unset). Costs "
+        "from each module's measured relative proxy loss (bitplane grid; k + 16(k+1)/g per weight; off when unset). Costs "
         "one extra calibration pass over the full-precision model and 4 GPTQ probe solves per linear",
     )
     output: str | None = Field(default=None, description="checkpoint directory (or --output)")

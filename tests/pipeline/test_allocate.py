@@ -52,6 +52,25 @@ def test_the_measuring_pass_leaves_the_model_as_it_was_and_the_run_follows_it():
         assert m.losses[4] < m.losses[1]
 
 
+def test_a_rescaling_that_keeps_the_models_function_keeps_the_allocation():
+    """up_proj times 64 and down_proj divided by 64 compute the same MLP; the absolute proxy loss of up_proj
+    grows 64^2 times (its Hessian is unchanged) while the relative loss does not: the planes must not move."""
+    import torch
+
+    allocations = []
+    for scale in (1.0, 64.0):
+        model = tiny_model(layers=2)
+        with torch.no_grad():
+            for layer in model.model.layers:
+                layer.mlp.up_proj.weight.mul_(scale)
+                layer.mlp.down_proj.weight.div_(scale)
+        report = bpdq.quantize_model(model, tiny_tokenizer(), recipe=RECIPE, calibration=TINY_CALIBRATION,
+                                     device="cpu", progress=False, target_bpw=2.6)
+        allocations.append(report.allocation["planes"])
+    assert allocations[0] == allocations[1]
+    assert len(set(allocations[0].values())) > 1  # a real allocation, not one plane count everywhere
+
+
 def test_a_model_directory_gives_the_in_memory_checkpoint_bytes(tmp_path):
     from transformers import AutoModelForCausalLM
 
