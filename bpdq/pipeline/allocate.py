@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Sequence
 
 import torch
 
-from bpdq.allocation import MAX_PLANES, MIN_PLANES, Allocation, ModuleLoss, allocate_planes, check_target_bpw
+from bpdq.allocation import MAX_PLANES, MIN_PLANES, Allocation, ModuleLoss, allocate_planes, check_target_bpw, planes_bpw
 from bpdq.api import quantize_weight
 from bpdq.config import Recipe, Rule
 from bpdq.pipeline.calibrate import ActivationStore, Batch, collect_hessians, run_layer
@@ -122,10 +122,22 @@ def plane_rules(allocation: Allocation, recipes: dict[str, Recipe]) -> list[Rule
     return rules
 
 
+def plane_floor(target_bpw: float, group_size: int) -> int:
+    """The fewest planes the allocation gives a module: 2 when the target leaves every module 2 planes, else 1.
+
+    One plane per group costs a linear too much for what the bits buy elsewhere: SmolLM2 at 2.747 bpw with
+    15 one-plane linears (and 4 planes for every ``v_proj``) reached 2.49x full-precision perplexity,
+    uniform 2 planes at 2.75 bpw 2.33x (``benchmarks/bench_quality.py``). Below ``bpw(2 planes)`` some
+    modules must take one plane."""
+    return 2 if target_bpw >= planes_bpw(2, group_size) - 1e-9 else MIN_PLANES
+
+
 def allocate(source: ModelSource, s: "_Setup", inputs: Sequence[Batch], device: torch.device, target_bpw: float) -> tuple[Allocation, list[Rule]]:
-    """Measure, allocate, and the rules that apply the allocation (to put before the run's rules)."""
+    """Measure, allocate (at least :func:`plane_floor` planes each), and the rules that apply the allocation
+    (to put before the run's rules)."""
     recipes = _modules(s)
     losses = measure(source, s, inputs, device)
-    allocation = allocate_planes(losses, target_bpw, s.recipe.group_size)
+    floor = plane_floor(target_bpw, s.recipe.group_size)
+    allocation = allocate_planes(losses, target_bpw, s.recipe.group_size, min_planes=floor)
     logger.info("%s", allocation)
     return allocation, plane_rules(allocation, recipes)

@@ -574,7 +574,8 @@ def quantize_model(
     The 2-bit levers (off by default; see docs/method.md): ``asymmetric`` (default: the calibration config's
     ``asymmetric``) fits each linear to the full-precision model's outputs; ``tuning`` (a
     :class:`~bpdq.tuning.TuningOptions` or its dict) tunes each layer's coefficients against them;
-    ``target_bpw`` chooses 1..4 planes per decoder linear (bitplane grid) to meet that average. Their entries
+    ``target_bpw`` chooses 1..4 planes per decoder linear (bitplane grid; at least 2 when the target allows
+    every linear 2) to meet that average. Their entries
     appear in the report (``asymmetric``, ``tuning``, ``allocation``).
 
     ``resume`` (``"auto"``, ``"never"``, ``"required"``; needs ``output``; default ``None``: no state kept)

@@ -47,7 +47,8 @@ class Strategy(BaseModel):
     )
     target_bpw: float | None = Field(
         default=None,
-        description="average bits per weight to meet by choosing 1..4 planes per module at quantize.group_size "
+        description="average bits per weight to meet by choosing 1..4 planes per module (at least 2 when the target "
+        "allows every module 2) at quantize.group_size "
         "from each module's measured relative proxy loss (bitplane grid; k + 16(k+1)/g per weight; off when unset). Costs "
         "one extra calibration pass over the full-precision model and 4 GPTQ probe solves per linear",
     )

@@ -52,6 +52,17 @@ def test_the_measuring_pass_leaves_the_model_as_it_was_and_the_run_follows_it():
         assert m.losses[4] < m.losses[1]
 
 
+@pytest.mark.parametrize("target, floor", [(3.3, 1), (3.6, 2)])
+def test_no_module_gets_one_plane_when_the_target_leaves_every_module_two(target, floor):
+    # g=32: 2 planes are 3.5 bpw; below it some modules must take 1 plane, at or above it none may
+    model = tiny_model(layers=2)
+    report = bpdq.quantize_model(model, tiny_tokenizer(), recipe=RECIPE, calibration=TINY_CALIBRATION,
+                                 device="cpu", progress=False, target_bpw=target)
+    planes = report.allocation["planes"].values()
+    assert min(planes) == floor and max(planes) > 2
+    assert report.avg_bpw_quantized <= target + 1e-9
+
+
 def test_a_rescaling_that_keeps_the_models_function_keeps_the_allocation():
     """up_proj times 64 and down_proj divided by 64 compute the same MLP; the absolute proxy loss of up_proj
     grows 64^2 times (its Hessian is unchanged) while the relative loss does not: the planes must not move."""
