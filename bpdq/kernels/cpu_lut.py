@@ -38,7 +38,8 @@ Environment variables (so that CI runs every path):
 - ``BPDQ_CPU_SPIN_US`` (default 100, at most 100000): how long the library's worker threads spin after a
   job before they sleep. Workers are started on the first call that uses more than one thread and kept
   (creating threads per call made two threads no faster than one at 4096x4096); ``0`` sleeps at once, which
-  saves CPU time between calls at the cost of a wake-up per call.
+  saves CPU time between calls at the cost of a wake-up per call; another value makes the kernel
+  unavailable (with the reason), like an unknown ``BPDQ_CPU_ISA``.
 
 The first two are read when the library is first needed (:func:`native`; ``native.cache_clear()`` re-reads
 them); ``BPDQ_CPU_SPIN_US`` once per process, by the C library.
@@ -81,6 +82,8 @@ ISAS = ("portable", "avx2", "avx512")
 #: Paths that look up integer tables (error bounded by :func:`lut_error_bound`); the others use exact fp32 tables.
 INT_TABLE_ISAS = ("avx2", "avx512")
 ISA_ENV = "BPDQ_CPU_ISA"
+SPIN_ENV = "BPDQ_CPU_SPIN_US"
+MAX_SPIN_US = 100_000
 DISABLE_ENV = "BPDQ_CPU_LUT_DISABLE"
 
 _DT = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
@@ -110,6 +113,9 @@ def native() -> Native:
     if lib is None:
         return Native(None, reason, 0, None)
     best = ISAS[lib.bpdq_best_isa()]
+    spin = os.environ.get(SPIN_ENV, "").strip()
+    if spin and not (spin.isdigit() and int(spin) <= MAX_SPIN_US):  # the C library reads it with strtol
+        return Native(lib, f"{SPIN_ENV}={spin!r} is not an integer from 0 to {MAX_SPIN_US} (microseconds)", 0, best)
     want = os.environ.get(ISA_ENV, "auto").strip().lower() or "auto"
     if want == "auto":
         return Native(lib, None, ISAS.index(best), best)

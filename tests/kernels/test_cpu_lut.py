@@ -330,6 +330,17 @@ def test_unknown_isa_value_is_refused(monkeypatch):
         layer(torch.randn(1, 64))
 
 
+@pytest.mark.parametrize("value", ["fast", "-5", "100001", "1.5"])
+def test_a_bad_spin_time_is_refused_with_the_allowed_range(monkeypatch, value):
+    use_env(monkeypatch, cpu_lut.SPIN_ENV, value)
+    layer = random_layer(2, 32, 8, 64, bias=False, seed=0)
+    layer.set_kernel("cpu_lut")
+    with pytest.raises(KernelUnavailableError, match=f"{cpu_lut.SPIN_ENV}='{value}' is not an integer from 0 to 100000"):
+        layer(torch.randn(1, 64))
+    use_env(monkeypatch, cpu_lut.SPIN_ENV, " 0 ")
+    assert cpu_lut.native().reason is None
+
+
 def test_missing_library_falls_back_to_torch_with_one_warning(monkeypatch):
     use_env(monkeypatch, cpu_lut.DISABLE_ENV, "1")
     monkeypatch.setattr(cpu_lut, "_warned", False)
