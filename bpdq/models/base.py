@@ -8,7 +8,11 @@ the layer is its own group, in definition order. ``norm`` and ``head`` name the 
 projection (quantized only when a rule asks for it). ``replay`` names sub-blocks of a layer (e.g. the
 attention block of a pre-norm layer) whose output is final once all their linears are quantized, because
 their input only depends on earlier groups: the pipeline records that output once and replays it in the
-layer's remaining calibration passes instead of recomputing it.
+layer's remaining calibration passes instead of recomputing it. ``tails`` pairs a sub-block with its last
+linear (relative to the block) when the block's output is that linear's output (alone, or first in a tuple
+whose other items are ``None``): the input of that linear, kept from the pass that calibrates it, then gives
+the block's output for the recording pass without running the rest of the block (checked on the first
+batch: :class:`~bpdq.pipeline.calibrate.Replay`). A tail's block is replayed like those of ``replay``.
 
 Adapters are registered in ``bpdq.ADAPTERS`` under the ``architectures`` name of a transformers config.
 A model without a registered adapter gets the Llama-shaped fallback when :func:`detect_adapter` recognises
@@ -48,6 +52,7 @@ class Adapter:
     norm: str = "model.norm"
     head: str = "lm_head"
     replay: tuple[str, ...] = ()
+    tails: tuple[tuple[str, str], ...] = ()
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         try:

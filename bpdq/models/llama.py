@@ -12,4 +12,7 @@ LLAMA_GROUPS: tuple[tuple[str, ...], ...] = (
     ("mlp.down_proj",),
 )
 
-LLAMA = register_adapter(Adapter("LlamaForCausalLM", groups=LLAMA_GROUPS, replay=("self_attn",)))
+#: The attention block's output is ``o_proj``'s (first of ``(output, None)``), the MLP's is ``down_proj``'s.
+LLAMA_TAILS: tuple[tuple[str, str], ...] = (("self_attn", "o_proj"), ("mlp", "down_proj"))
+
+LLAMA = register_adapter(Adapter("LlamaForCausalLM", groups=LLAMA_GROUPS, replay=("self_attn",), tails=LLAMA_TAILS))

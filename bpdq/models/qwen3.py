@@ -4,6 +4,6 @@ in full precision."""
 from __future__ import annotations
 
 from bpdq.models.base import Adapter, register_adapter
-from bpdq.models.llama import LLAMA_GROUPS
+from bpdq.models.llama import LLAMA_GROUPS, LLAMA_TAILS
 
-QWEN3 = register_adapter(Adapter("Qwen3ForCausalLM", groups=LLAMA_GROUPS, replay=("self_attn",)))
+QWEN3 = register_adapter(Adapter("Qwen3ForCausalLM", groups=LLAMA_GROUPS, replay=("self_attn",), tails=LLAMA_TAILS))

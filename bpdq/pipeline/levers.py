@@ -46,8 +46,9 @@ from bpdq.pipeline.calibrate import (
     dense_quantized_forwards,
     outputs_like,
     run_layer,
+    skipped_outputs,
 )
-from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_targets
+from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target_projected, asymmetric_targets
 
 if TYPE_CHECKING:
     from bpdq.pipeline.run import LayerStep
@@ -58,13 +59,16 @@ ASYMMETRIC_DAMP = 0.01  # damping of W~'s solve, relative to mean(diag H_q) (as 
 
 def _inputs_of(
     layer: nn.Module, names: Sequence[str], batch: Batch, device: torch.device, out: Any = None,
-    complete: Sequence[str] = (),
+    complete: Sequence[str] = (), keep: dict[str, torch.Tensor | None] | None = None, group: bool = False,
 ) -> dict[str, torch.Tensor]:
     """The input of each linear ``names`` of ``layer`` for one batch (the forward stops once all are seen).
     With ``out`` (a list or an :class:`ActivationStore`) the forward runs to the end instead and the layer's
     output is appended to ``out``, as :func:`~bpdq.pipeline.calibrate.run_layer` gives it. A sub-block of
     ``complete`` that is running when the last input is seen runs to its end first (so that a
-    :class:`~bpdq.pipeline.calibrate.Replay` active around the call records its output)."""
+    :class:`~bpdq.pipeline.calibrate.Replay` active around the call records its output). ``keep``: linears
+    whose outputs are put in it (those that run in the pass). ``group``: ``names`` are one sequential group
+    (:func:`~bpdq.pipeline.calibrate.collect_hessians`'s): without ``out`` and ``complete``, their products
+    are skipped."""
     seen: dict[str, torch.Tensor] = {}
     running: set[str] = set()
 
@@ -88,11 +92,16 @@ def _inputs_of(
         return hook
 
     handles = [layer.get_submodule(n).register_forward_pre_hook(make_hook(n)) for n in names]
+    for n in keep or ():
+        handles.append(layer.get_submodule(n).register_forward_hook(
+            lambda _m, _a, output, n=n: keep.__setitem__(n, output)))  # type: ignore[union-attr]
     for block in complete:  # registered after the caller's replay hooks: they record before this one stops
         module = layer.get_submodule(block)
         handles += [module.register_forward_pre_hook(enter(block)), module.register_forward_hook(leave(block))]
     try:
-        result = _call(layer, batch, device)
+        skip = group and out is None and not complete
+        with skipped_outputs([layer.get_submodule(n) for n in names] if skip else ()):
+            result = _call(layer, batch, device)
         if out is not None:
             out.append(Batch(_first_output(result).detach().to("cpu", batch.hidden.dtype), batch.args, batch.kwargs))
     except _Stop:
@@ -113,7 +122,7 @@ def _batch(replay: Replay | None, index: int) -> ContextManager[None]:
 def asymmetric_hessians(
     layer: nn.Module, fp_layer: nn.Module, names: Sequence[str], inputs: Sequence[Batch], fp_inputs: Sequence[Batch],
     device: torch.device, damp: float = ASYMMETRIC_DAMP, *, replay: Replay | None = None,
-    fp_replay: Replay | None = None, fp_out: Any = None, fp_complete: Sequence[str] = (),
+    fp_replay: Replay | None = None, fp_out: Any = None, fp_complete: Sequence[str] = (), group: bool = False,
 ) -> dict[str, torch.Tensor]:
     """``H_q`` of each linear ``names`` (to solve with), after replacing each one's weight by its asymmetric
     target ``W~`` (in place). Linears that read the very same input (q/k/v, gate/up) share one accumulation.
@@ -122,42 +131,65 @@ def asymmetric_hessians(
     stream instead of running them again (:class:`~bpdq.pipeline.calibrate.Replay`). With ``fp_out`` (a list
     or an :class:`ActivationStore`) the full-precision passes run to the end and ``fp_layer``'s outputs are
     appended to it. ``fp_complete``: sub-blocks of ``fp_layer`` its passes run to their end (see
-    :func:`_inputs_of`), so that ``fp_replay`` records them in this pass."""
+    :func:`_inputs_of`), so that ``fp_replay`` records them in this pass. ``group``: ``names`` are one
+    sequential group of the adapter (see :func:`~bpdq.pipeline.calibrate.collect_hessians`)."""
     if len(inputs) != len(fp_inputs):
         raise ValueError(f"{len(inputs)} quantized batches but {len(fp_inputs)} full-precision ones")
     accs: dict[str, AsymmetricAccumulator] = {}
     alias: dict[str, str] = {}
+    # A linear with fewer outputs than inputs, alone on its input, whose full-precision output the fp pass
+    # computes anyway (it runs to the end): ``P = W C`` from that output (see bpdq.solvers.asymmetric).
+    project = [n for n in names if fp_out is not None and _projectable(fp_layer.get_submodule(n))]
     with dense_quantized_forwards():
         for i, (b, fb) in enumerate(zip(inputs, fp_inputs)):
             with _batch(replay, i):
-                xq = _inputs_of(layer, names, b, device)
+                xq = _inputs_of(layer, names, b, device, group=group)
+            kept: dict[str, torch.Tensor | None] = dict.fromkeys(project)
             with _batch(fp_replay, i):
-                xf = _inputs_of(fp_layer, names, fb, device, fp_out, fp_complete)
+                xf = _inputs_of(fp_layer, names, fb, device, fp_out, fp_complete, keep=kept, group=group)
             for n in names:
                 root = next(o for o in names if xq[o] is xq[n] and xf[o] is xf[n])  # n itself at worst
                 if root != n:
                     alias[n] = root
                     continue
-                acc = accs.setdefault(n, AsymmetricAccumulator(layer.get_submodule(n).in_features, device=device))
-                acc.add(xq[n], xf[n])
+                shared = any(xq[o] is xq[n] for o in names if o != n)
+                y = kept.get(n) if not shared else None
+                if n not in accs:
+                    out_features = layer.get_submodule(n).out_features if y is not None else None
+                    accs[n] = AsymmetricAccumulator(layer.get_submodule(n).in_features, device=device,
+                                                    out_features=out_features)
+                acc = accs[n]
+                if acc.out_features is not None and y is None:
+                    raise RuntimeError(f"the full-precision pass gave no output of {n} for batch {i}")
+                acc.add(xq[n], xf[n], y if acc.out_features is not None else None)
     for r in (replay, fp_replay):
         if r is not None:
             r.end_pass(len(inputs))
     hessians: dict[str, torch.Tensor] = {}
     for root in list(accs):  # H_q factorised once for the linears that share it
         acc = accs.pop(root)
-        H_q, C = acc.hessian, acc.cross
+        H_q, C, projected, identical = acc.hessian, acc.cross, acc.out_features is not None, acc.identical
         del acc
         members = [n for n in names if alias.get(n, n) == root]
         weights = [layer.get_submodule(n).weight for n in members]
         dev = weights[0].device
-        targets = asymmetric_targets([w.detach() for w in weights], H_q.to(dev), C.to(dev), damp)
+        if projected and identical:  # x_fp == x_q: W~ = W exactly, as C - S = 0 gives it
+            targets = [weights[0].detach().clone()]
+        elif projected:
+            targets = [asymmetric_target_projected(weights[0].detach(), H_q.to(dev), C.to(dev), damp)]
+        else:
+            targets = asymmetric_targets([w.detach() for w in weights], H_q.to(dev), C.to(dev), damp)
         del C
         with torch.no_grad():
             for n, weight, target in zip(members, weights, targets):
                 hessians[n] = H_q
                 weight.copy_(target)
     return {n: hessians[n] for n in names}
+
+
+def _projectable(linear: nn.Module) -> bool:
+    """A dense linear without bias and with fewer outputs than inputs (its output is ``x W^T``)."""
+    return isinstance(linear, nn.Linear) and linear.bias is None and linear.out_features < linear.in_features
 
 
 class _Hidden(Sequence[torch.Tensor]):
@@ -216,7 +248,7 @@ class Levers:
             fp_out = outputs_like(step.fp_inputs)
         hessians = asymmetric_hessians(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, device,
                                        replay=step.replay, fp_replay=step.fp_replay, fp_out=fp_out,
-                                       fp_complete=complete)
+                                       fp_complete=complete, group=True)
         if fp_out is not None:
             step.fp_outputs = fp_out
         return hessians

@@ -167,10 +167,18 @@ def solve_layer(
     :func:`collect_hessians`, or Hessian-free when those are ``None``); sets ``step.records`` and
     ``step.replay`` (set before the first group: the ``calibrate`` hook and the layer's final pass use it)."""
     layer, prefix = step.layer, step.prefix
-    replay = step.replay = Replay(layer) if step.inputs is not None else None
+    tails = dict(adapter.tails) if use_tails(step.inputs, device) else {}
+    replay = step.replay = Replay(layer, tails) if step.inputs is not None else None
+    blocks = (*adapter.replay, *(b for b in tails if b not in adapter.replay))
     done: set[str] = set()
     for group in step.plan:
         todo = [rel for rel, r in group.items() if r is not None]
+        if replay is not None:
+            for block, tail in tails.items():  # this group's pass reaches the tail: keep its input
+                if f"{block}.{tail}" in group and all(
+                    rel in done for g in step.plan for rel in g if rel.startswith(f"{block}.") and rel != f"{block}.{tail}"
+                ):
+                    replay.record_tail(block)
         for rel, r in group.items():
             if r is None:
                 step.records.append(ModuleRecord(f"{prefix}.{rel}", skipped=True, n_params=layer.get_submodule(rel).weight.numel()))
@@ -180,7 +188,7 @@ def solve_layer(
             if step.inputs is not None:
                 progress.describe(f"{prefix}: calibrating {', '.join(todo)}")
                 hessians.update(calibrate(step, todo, device) if calibrate is not None
-                                else collect_hessians(layer, todo, step.inputs, device, replay))
+                                else collect_hessians(layer, todo, step.inputs, device, replay, group=True))
             owner = distributed.owners({rel: layer.get_submodule(rel).weight.numel() for rel in todo})
             solved: dict[str, ModuleRecord] = {}
             for rel in todo:  # in a distributed run, each rank its own linears of the group
@@ -197,9 +205,18 @@ def solve_layer(
             return_freed_memory()  # the group's Hessians and solver copies, before the next group's
         done.update(group)
         if replay is not None:
-            for block in adapter.replay:
+            for block in blocks:
                 if all(rel in done for g in step.plan for rel in g if rel.startswith(f"{block}.")):
                     replay.finish(block)
+
+
+def use_tails(inputs: Sequence[Batch] | None, device: torch.device) -> bool:
+    """Whether the layer's passes use the adapter's ``tails`` (:class:`~bpdq.pipeline.calibrate.Replay`):
+    on a CPU, with the calibration activations in memory (no ``offload``). There the rest of a block
+    (attention, the MLP's gate and up) costs far more time than keeping its last linear's input costs memory
+    (``down_proj``'s input is ``intermediate / hidden`` times a hidden-state stream: 2.7x on SmolLM2) from
+    the pass that calibrates it to the next; on an accelerator the device memory is the constraint."""
+    return inputs is not None and device.type == "cpu" and not isinstance(inputs, ActivationStore)
 
 
 def layer_outputs(step: LayerStep, device: torch.device) -> None:

@@ -1,6 +1,11 @@
 """Solvers: RTN, GPTQ, BPDQ. ``bpdq.SOLVERS`` lists them by name."""
 
-from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target, asymmetric_targets
+from bpdq.solvers.asymmetric import (
+    AsymmetricAccumulator,
+    asymmetric_target,
+    asymmetric_target_projected,
+    asymmetric_targets,
+)
 from bpdq.solvers.bpdq import BPDQ, BPDQOptions, BPDQSweep, bpdq_sweep, level_thresholds
 from bpdq.solvers.base import Solver, check_weight, group_rows, proxy_loss
 from bpdq.solvers.gptq import GPTQ, GPTQOptions, gptq_sweep
@@ -28,6 +33,7 @@ __all__ = [
     "SweepLayer",
     "WhitenedFit",
     "asymmetric_target",
+    "asymmetric_target_projected",
     "asymmetric_targets",
     "bpdq_sweep",
     "check_hessian",

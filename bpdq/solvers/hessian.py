@@ -11,6 +11,12 @@ import torch
 logger = logging.getLogger(__name__)
 
 
+#: Rows per block of :class:`HessianAccumulator`'s upper-triangle sum: smaller blocks skip more of the lower
+#: triangle, larger ones multiply faster; 256 took 0.60x the time of one whole ``x^T x`` at 1536 inputs and
+#: 0.66x at 576 (4096 tokens, one thread, float32).
+_ROWS = 256
+
+
 class HessianAccumulator:
     """Streaming ``H = 2/n * sum_t x_t x_t^T`` over batches of any leading shape ``[..., in_features]``.
 
@@ -18,8 +24,9 @@ class HessianAccumulator:
     precision) on ``device`` (the inputs' device when ``None``) and added to a float64 sum: a sum of per-batch
     terms in float64 hardly depends on how the batches are grouped, so a distributed run's Hessian (per-rank
     sums, reduced) rounds to the same ``dtype`` values as one process's. Only the upper triangle is summed,
-    in blocks of rows (block ``[r0, r1)`` holds columns ``r0:``), and :attr:`hessian` mirrors it: memory is
-    about ``4 in^2`` bytes for the sum (half of a whole float64 matrix, and half the multiply-adds), plus the
+    in blocks of at most 256 rows (block ``[r0, r1)`` holds columns ``r0:``), and :attr:`hessian` mirrors it:
+    memory is about ``4 in^2`` bytes for the sum (half of a whole float64 matrix, and about half the
+    multiply-adds), plus the
     ``dtype`` result while :attr:`hessian` hands it out.
     """
 
@@ -31,7 +38,7 @@ class HessianAccumulator:
         self.in_features = in_features
         self.dtype = dtype
         self.device = device
-        self._ranges = row_blocks(in_features)
+        self._ranges = row_blocks(in_features, min(1 << 22, _ROWS * in_features))
         self._blocks: list[torch.Tensor] | None = None  # float64 [r1 - r0, in - r0] per range
         self.n = 0
 

@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
+from typing import Any
 
+import pytest
 import torch
 from torch import nn
 
 import bpdq
+from bpdq.pipeline import calibrate
 from bpdq.pipeline.calibrate import ActivationStore, Batch, Replay, outputs_like, run_layer
 from bpdq.models.llama import LLAMA
 from tests.tiny_models import TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_tokenizer
@@ -66,7 +69,7 @@ def test_a_pass_that_stops_before_the_block_records_nothing():
 def test_replaying_the_attention_block_gives_the_same_checkpoint(register, monkeypatch):
     """The Llama adapter replays self_attn (fewer attention runs); without replay the tensors are identical."""
     tok = tiny_tokenizer()
-    register(bpdq.ADAPTERS, "NoReplayLlama", dataclasses.replace(LLAMA, architecture="NoReplayLlama", replay=()))
+    register(bpdq.ADAPTERS, "NoReplayLlama", dataclasses.replace(LLAMA, architecture="NoReplayLlama", replay=(), tails=()))
     attention = type(tiny_model("llama", layers=1).model.layers[0].self_attn)
     real_forward, runs = attention.forward, []
 
@@ -86,6 +89,116 @@ def test_replaying_the_attention_block_gives_the_same_checkpoint(register, monke
     assert runs[0] < runs[1]
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+class TailBlock(nn.Module):
+    """A block whose output is its last linear's (``plain``) or not (``shifted``: the check must catch it)."""
+
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.first = nn.Linear(4, 4)
+        self.last = nn.Linear(4, 4)
+        self.mode = mode
+        self.calls = 0
+
+    def forward(self, x: torch.Tensor) -> Any:
+        self.calls += 1
+        y = self.last(self.first(x).relu())
+        return {"plain": y, "tuple": (y, None), "shifted": y + 1.0, "pair": (y, y)}[self.mode]
+
+
+class TailLayer(nn.Module):
+    def __init__(self, mode: str) -> None:
+        super().__init__()
+        self.block = TailBlock(mode)
+        self.out = nn.Linear(4, 4)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        y = self.block(x)
+        return self.out(x + (y[0] if isinstance(y, tuple) else y))
+
+
+@pytest.mark.parametrize("mode", ["plain", "tuple", "shifted", "pair"])
+def test_a_tail_replay_runs_the_block_once_and_gives_the_same_outputs(mode):
+    """The tail's recorded input gives the block's output without running it (after one checked batch); a
+    block whose output is not its tail's alone is recorded by running it, with the same outputs."""
+    torch.manual_seed(0)
+    layer = TailLayer(mode)
+    batches = [Batch(torch.randn(2, 3, 4), (), {}) for _ in range(4)]
+    cpu = torch.device("cpu")
+    expected = run_layer(layer, batches, cpu)
+    replay = Replay(layer, {"block": "last"})
+    replay.record_tail("block")
+    run_layer(layer, batches, cpu, replay)  # the pass that calibrates `last` (here: a whole pass) keeps its input
+    calls = layer.block.calls
+    replay.finish("block")
+    recorded = run_layer(layer, batches, cpu, replay)
+    ran = layer.block.calls - calls
+    assert ran == (1 if mode in ("plain", "tuple") else len(batches))
+    replayed = run_layer(layer, batches, cpu, replay)
+    assert layer.block.calls - calls == ran, "a recorded block must not run again"
+    for a, b, c in zip(expected, recorded, replayed):
+        assert torch.equal(a.hidden, b.hidden) and torch.equal(a.hidden, c.hidden)
+    assert "forward" not in vars(layer.block)
+
+
+def test_a_tail_input_recorded_before_the_block_changed_is_not_used():
+    """If the block's other linears changed after the tail's input was kept, the first batch's check fails
+    and the block is recorded by running it: the outputs are those of the changed block."""
+    torch.manual_seed(0)
+    layer = TailLayer("plain")
+    batches = [Batch(torch.randn(2, 3, 4), (), {}) for _ in range(3)]
+    cpu = torch.device("cpu")
+    replay = Replay(layer, {"block": "last"})
+    replay.record_tail("block")
+    run_layer(layer, batches, cpu, replay)
+    with torch.no_grad():
+        layer.block.first.weight.mul_(0.5)  # breaks the caller's promise
+    expected = run_layer(layer, batches, cpu)
+    replay.finish("block")
+    got = run_layer(layer, batches, cpu, replay)
+    for a, b in zip(expected, got):
+        assert torch.equal(a.hidden, b.hidden)
+
+
+def test_tails_and_skipped_products_give_the_same_checkpoint_with_fewer_products(register, monkeypatch):
+    """The Llama adapter's tails (o_proj, down_proj) and the products a calibration pass never uses (q, k,
+    gate before the stop) are skipped: the checkpoint is bit-identical to the run without tails, and fewer
+    linear products run."""
+    tok = tiny_tokenizer()
+    register(bpdq.ADAPTERS, "NoTailLlama", dataclasses.replace(LLAMA, architecture="NoTailLlama", tails=()))
+    real, products = nn.Linear.forward, []
+
+    def counting(self, x):
+        products[-1] += 1
+        return real(self, x)
+
+    monkeypatch.setattr(nn.Linear, "forward", counting)
+    monkeypatch.setattr(calibrate, "_dense_forward", _counted(calibrate._dense_forward, products))
+    states = []
+    for arch in ("LlamaForCausalLM", "NoTailLlama"):
+        model = tiny_model("llama", layers=2)
+        model.config.architectures = [arch]
+        recipe = {**TINY_RECIPE, "solver": {"type": "bpdq", "iters": 2}}
+        products.append(0)
+        bpdq.quantize_model(model, tok, recipe=recipe, calibration=TINY_CALIBRATION, progress=False, batch_size=2)
+        states.append(model.state_dict())
+    assert products[0] < products[1]
+    assert states[0].keys() == states[1].keys()
+    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def _counted(make, counter):
+    def wrapped(module, cache):
+        forward = make(module, cache)
+
+        def counting(x):
+            counter[-1] += 1
+            return forward(x)
+
+        return counting
+
+    return wrapped
 
 
 def test_a_pass_over_a_store_writes_to_a_store_with_its_budget(tmp_path):

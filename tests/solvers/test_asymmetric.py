@@ -8,7 +8,12 @@ from hypothesis import given, settings
 
 from bpdq.grids import BitPlaneGrid
 from bpdq.solvers import BPDQ, GPTQ, HessianAccumulator
-from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target, asymmetric_targets
+from bpdq.solvers.asymmetric import (
+    AsymmetricAccumulator,
+    asymmetric_target,
+    asymmetric_target_projected,
+    asymmetric_targets,
+)
 from tests.solvers.cases import correlated_inputs, heavy_weight
 from tests.strategies import seeds
 
@@ -101,3 +106,40 @@ def test_linears_that_share_inputs_factorise_h_q_once_with_the_same_bits(monkeyp
     assert len(calls) == 1
     assert all(torch.equal(a, b) for a, b in zip(each, shared)) and not torch.equal(shared[0], weights[0])
     assert asymmetric_targets([], acc.hessian, acc.cross) == []
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_the_projected_target_equals_the_cross_moment_target(seed):
+    """P = sum y_fp x_q^T with y_fp = W x_fp (out < in) gives the same W~ as C = sum x_fp x_q^T."""
+    x_fp, x_q = _pair(seed, n=48, tokens=400)
+    W = heavy_weight(12, 48, seed).double()
+    full = AsymmetricAccumulator(48, dtype=torch.float64)
+    projected = AsymmetricAccumulator(48, dtype=torch.float64, out_features=12)
+    for chunk in range(0, 400, 100):
+        xq, xf = x_q[chunk : chunk + 100], x_fp[chunk : chunk + 100]
+        full.add(xq, xf)
+        projected.add(xq, xf, xf @ W.T)
+    assert projected.cross.shape == (12, 48) and not projected.identical
+    torch.testing.assert_close(projected.cross, W @ full.cross, rtol=1e-9, atol=1e-9)
+    expected = asymmetric_target(W, full.hessian, full.cross)
+    torch.testing.assert_close(asymmetric_target_projected(W, projected.hessian, projected.cross), expected,
+                               rtol=1e-8, atol=1e-10)
+
+
+def test_a_projected_accumulator_needs_the_outputs_and_notices_identical_inputs():
+    acc = AsymmetricAccumulator(8, out_features=3)
+    x = torch.randn(5, 8)
+    with pytest.raises(ValueError, match="y_fp must be a tensor of shape"):
+        acc.add(x, x)
+    with pytest.raises(ValueError, match="y_fp must be a tensor of shape"):
+        acc.add(x, x, torch.randn(5, 4))
+    acc.add(x, x, torch.randn(5, 3))
+    assert acc.identical
+    acc.add(x, x + 1.0, torch.randn(5, 3))
+    assert not acc.identical
+    with pytest.raises(ValueError, match="only used by an accumulator made with out_features"):
+        AsymmetricAccumulator(8).add(x, x, torch.randn(5, 3))
+    with pytest.raises(ValueError, match="out_features must be a positive int"):
+        AsymmetricAccumulator(8, out_features=0)
+    with pytest.raises(ValueError, match="P must be a"):
+        asymmetric_target_projected(torch.randn(3, 8), acc.hessian, torch.randn(8, 8))
