@@ -5,8 +5,9 @@ see ``bpdq/kernels/cpu_lut.py``), so its outputs differ from the exact ones by a
 measures what that does to a model's quality:
 
 1. a SmolLM2-135M BPDQ k=2 g=64 checkpoint (``--checkpoint DIR``), or one quantized here first: the main job's
-   config (``configs/smollm2-bpdq-k2.yaml``) with 16 calibration windows and 3 solver iterations (a few
-   minutes on 2 cores; perplexity ~40 instead of the full job's ~35), through ``bpdq quantize`` in a
+   config (``configs/smollm2-bpdq-k2.yaml``) with 16 calibration windows, 3 solver iterations and symmetric
+   calibration (a few minutes on 2 cores; perplexity ~40 instead of the full symmetric job's ~35), through
+   ``bpdq quantize`` in a
    subprocess, written to ``--workdir``. Not RTN: RTN at 2 bits leaves SmolLM2 at a perplexity of ~2.6e5,
    a model whose outputs are noise and whose perplexity moves with any perturbation;
 2. perplexity on ``builtin:python-docs-test`` (``bpdq.evaluate.perplexity``; ``--windows`` x ``--seq-len``
@@ -45,7 +46,7 @@ from bpdq.kernels import cpu_lut  # noqa: E402
 from bpdq.linear import QuantLinear  # noqa: E402
 
 CONFIG = ROOT / "configs" / "smollm2-bpdq-k2.yaml"
-QUICK = ["calibration.samples=16", "quantize.solver.iters=3"]
+QUICK = ["calibration.samples=16", "quantize.solver.iters=3", "calibration.asymmetric=false"]
 TEXT = "builtin:python-docs-test"
 
 

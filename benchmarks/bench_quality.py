@@ -85,6 +85,7 @@ ROWS = [
     # divides both, the nearest group size at or below AutoRound W2 g64's 2.28 bpw
     Row("bpdq-k2-g192-tuned", "k=2 g=192 (2.25 bpw) + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "tuning": TUNING}, "tuning"),
     Row("bpdq-k2-g192-asym", "k=2 g=192 (2.25 bpw) + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}, 192), "calibration": {"asymmetric": True}}, "asymmetric"),
+    Row("bpdq-k2-g192-asym-tuned", "k=2 g=192 (2.25 bpw) + asymmetric calibration + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "calibration": {"asymmetric": True}, "tuning": TUNING}, "tuning"),
     Row("bpdq-target-2.75", "defaults + target_bpw 2.75 allocation (lever 4)", {**_q(_k(2), {"type": "bpdq"}), "target_bpw": 2.75}, "allocation"),
     Row("bpdq-k3", "today's BPDQ k=3 g=64 (4.0 bpw)", _q(_k(3), BPDQ_TODAY)),
     Row("bpdq-k3-refit", "k=3 + refit", _q(_k(3), {"type": "bpdq", "refit": "full"})),

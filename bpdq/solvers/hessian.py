@@ -12,9 +12,10 @@ logger = logging.getLogger(__name__)
 
 
 #: Rows per block of :class:`HessianAccumulator`'s upper-triangle sum: smaller blocks skip more of the lower
-#: triangle, larger ones multiply faster; 256 took 0.60x the time of one whole ``x^T x`` at 1536 inputs and
-#: 0.66x at 576 (4096 tokens, one thread, float32).
-_ROWS = 256
+#: triangle, larger ones multiply faster. 384 took 0.63x the time of one whole ``x^T x`` at 1536 inputs and
+#: about 0.7x at 576 (4096 tokens, one thread, float32), and on SmolLM2 gave the same checkpoint as whole
+#: blocks; 256 was 5% faster again but changed the float sums, and with them some 2-bit choices.
+_ROWS = 384
 
 
 class HessianAccumulator:
@@ -24,7 +25,7 @@ class HessianAccumulator:
     precision) on ``device`` (the inputs' device when ``None``) and added to a float64 sum: a sum of per-batch
     terms in float64 hardly depends on how the batches are grouped, so a distributed run's Hessian (per-rank
     sums, reduced) rounds to the same ``dtype`` values as one process's. Only the upper triangle is summed,
-    in blocks of at most 256 rows (block ``[r0, r1)`` holds columns ``r0:``), and :attr:`hessian` mirrors it:
+    in blocks of at most 384 rows (block ``[r0, r1)`` holds columns ``r0:``), and :attr:`hessian` mirrors it:
     memory is about ``4 in^2`` bytes for the sum (half of a whole float64 matrix, and about half the
     multiply-adds), plus the
     ``dtype`` result while :attr:`hessian` hands it out.
