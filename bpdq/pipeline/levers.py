@@ -11,8 +11,11 @@ become the next layer's fp inputs (``LayerStep.fp_outputs``) and the copy is dro
   linear's two inputs give ``H_q`` and ``C`` (:class:`~bpdq.solvers.asymmetric.AsymmetricAccumulator`), the
   linear's weight is replaced by ``W~ = asymmetric_target(W, H_q, C, damp)`` (one factorisation of ``H_q``
   per shared input: :func:`~bpdq.solvers.asymmetric.asymmetric_targets`) and solved with ``H_q``
-  (:func:`asymmetric_hessians`). The module's recorded proxy loss is then measured against ``W~``. The
-  output projection (``lm_head``), when quantized, keeps the symmetric Hessian.
+  (:func:`asymmetric_hessians`). A linear with fewer outputs than inputs, alone on its input, in a group
+  whose full-precision pass runs to the end (``down_proj``) accumulates ``P = W C`` from the copy's own
+  outputs instead (:func:`~bpdq.solvers.asymmetric.asymmetric_target_projected`). The module's recorded
+  proxy loss is then measured against ``W~``. The output projection (``lm_head``), when quantized, keeps the
+  symmetric Hessian.
 - **Coefficient tuning** (``tuning``): :meth:`Levers.tune` runs :func:`bpdq.tuning.tune_layer` on the
   solved layer with the quantized model's inputs and the full-precision layer's outputs on the fp inputs as
   targets (AutoRound-style: the tuned layer also absorbs the error accumulated by the layers before it).

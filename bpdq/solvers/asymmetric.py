@@ -132,12 +132,7 @@ def asymmetric_targets(
     if any(W.shape[1] != d for W in weights):
         raise ValueError(f"weights must share in_features, got {[W.shape[1] for W in weights]}")
     check_hessian(H_q, d)
-    if not isinstance(C, torch.Tensor) or C.shape != (d, d):
-        raise ValueError(f"C must be a [{d}, {d}] torch.Tensor like H_q, got {getattr(C, 'shape', type(C).__name__)}")
-    if not torch.isfinite(C).all():
-        raise ValueError("C contains NaN or Inf values")
-    if damp < 0:
-        raise ValueError(f"damp must be >= 0, got {damp}")
+    _check_moment("C", C, (d, d), "H_q", damp)
     S = H_q.to(torch.float64)
     delta = C.to(torch.float64) - S
     if not bool(delta.any()):
@@ -159,16 +154,20 @@ def asymmetric_target_projected(
     if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
         raise ValueError("W must be a 2-D floating-point torch.Tensor [out, in]")
     check_hessian(H_q, W.shape[1])
-    if not isinstance(P, torch.Tensor) or P.shape != W.shape:
-        raise ValueError(f"P must be a {list(W.shape)} torch.Tensor like W, got {getattr(P, 'shape', type(P).__name__)}")
-    if not torch.isfinite(P).all():
-        raise ValueError("P contains NaN or Inf values")
-    if damp < 0:
-        raise ValueError(f"damp must be >= 0, got {damp}")
+    _check_moment("P", P, tuple(W.shape), "W", damp)
     W64 = W.to(torch.float64)
     delta = P.to(torch.float64) - W64 @ H_q.to(torch.float64)
     L = _damped_cholesky(H_q, damp, max_retries)
     return (W64 + torch.cholesky_solve(delta.T, L).T).to(W.dtype)
+
+
+def _check_moment(name: str, M: torch.Tensor, shape: tuple[int, ...], like: str, damp: float) -> None:
+    if not isinstance(M, torch.Tensor) or tuple(M.shape) != shape:
+        raise ValueError(f"{name} must be a {list(shape)} torch.Tensor like {like}, got {getattr(M, 'shape', type(M).__name__)}")
+    if not torch.isfinite(M).all():
+        raise ValueError(f"{name} contains NaN or Inf values")
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
 
 
 def _damped_cholesky(H_q: torch.Tensor, damp: float, max_retries: int) -> torch.Tensor:

@@ -78,15 +78,21 @@ def test_replaying_the_attention_block_gives_the_same_checkpoint(register, monke
         return real_forward(self, *args, **kwargs)
 
     monkeypatch.setattr(attention, "forward", counting_forward)
+    _same_checkpoint_fewer_calls(tok, ("LlamaForCausalLM", "NoReplayLlama"), runs)
+
+
+def _same_checkpoint_fewer_calls(tok, archs, counter, **kwargs):
+    """Quantize a tiny Llama under each architecture name (``counter`` gets one count per run): the first
+    run counts fewer calls, and both give the same tensors."""
     states = []
-    for arch in ("LlamaForCausalLM", "NoReplayLlama"):
+    for arch in archs:
         model = tiny_model("llama", layers=2)
         model.config.architectures = [arch]
         recipe = {**TINY_RECIPE, "solver": {"type": "bpdq", "iters": 2}}
-        runs.append(0)
-        bpdq.quantize_model(model, tok, recipe=recipe, calibration=TINY_CALIBRATION, progress=False)
+        counter.append(0)
+        bpdq.quantize_model(model, tok, recipe=recipe, calibration=TINY_CALIBRATION, progress=False, **kwargs)
         states.append(model.state_dict())
-    assert runs[0] < runs[1]
+    assert counter[0] < counter[1]
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
 
@@ -175,17 +181,7 @@ def test_tails_and_skipped_products_give_the_same_checkpoint_with_fewer_products
 
     monkeypatch.setattr(nn.Linear, "forward", counting)
     monkeypatch.setattr(calibrate, "_dense_forward", _counted(calibrate._dense_forward, products))
-    states = []
-    for arch in ("LlamaForCausalLM", "NoTailLlama"):
-        model = tiny_model("llama", layers=2)
-        model.config.architectures = [arch]
-        recipe = {**TINY_RECIPE, "solver": {"type": "bpdq", "iters": 2}}
-        products.append(0)
-        bpdq.quantize_model(model, tok, recipe=recipe, calibration=TINY_CALIBRATION, progress=False, batch_size=2)
-        states.append(model.state_dict())
-    assert products[0] < products[1]
-    assert states[0].keys() == states[1].keys()
-    assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+    _same_checkpoint_fewer_calls(tok, ("LlamaForCausalLM", "NoTailLlama"), products, batch_size=2)
 
 
 def _counted(make, counter):
