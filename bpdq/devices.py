@@ -1,6 +1,10 @@
-"""Device names: ``auto | cpu | cuda | cuda:N``, checked before any work (the one rule for every entry point)."""
+"""Device names: ``auto | cpu | cuda | cuda:N``, checked before any work (the one rule for every entry point),
+and whether a device computes in bfloat16 natively."""
 
 from __future__ import annotations
+
+import functools
+from pathlib import Path
 
 import torch
 
@@ -30,3 +34,28 @@ def resolve_device(device: str | torch.device) -> torch.device:
         if dev.index is not None and dev.index >= torch.cuda.device_count():
             raise ValueError(f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA device(s)")
     return dev
+
+
+# CPU flags (Linux /proc/cpuinfo names) of bfloat16 matrix units: AMX tiles or AVX512-BF16 dot products
+_BF16_CPU_FLAGS = frozenset({"amx_bf16", "avx512_bf16"})
+
+
+@functools.cache
+def _cpu_flags(cpuinfo: str = "/proc/cpuinfo") -> frozenset[str]:
+    """The CPU's feature flags as Linux lists them; empty where that file does not exist (macOS, Windows)."""
+    try:
+        text = Path(cpuinfo).read_text(encoding="utf-8", errors="replace")
+    except OSError:
+        return frozenset()
+    flags = next((line.split(":", 1)[1] for line in text.splitlines() if line.startswith("flags")), "")
+    return frozenset(flags.split())
+
+
+def fast_bfloat16(device: str | torch.device) -> bool:
+    """Whether ``device`` multiplies bfloat16 matrices in hardware: a CUDA device that supports bfloat16, or a
+    CPU with AMX or AVX512-BF16 (on other CPUs bfloat16 products are emulated, several times slower than
+    float32)."""
+    dev = torch.device(device)
+    if dev.type == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return dev.type == "cpu" and bool(_cpu_flags() & _BF16_CPU_FLAGS)

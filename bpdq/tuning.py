@@ -30,6 +30,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from bpdq.bits import unpack_bits
+from bpdq.devices import fast_bfloat16
 from bpdq.pipeline.calibrate import Batch, to_device
 from bpdq.linear import QuantLinear
 
@@ -48,8 +49,11 @@ class TuningOptions(BaseModel):
     lr: float = Field(default=1e-3, ge=0.0, le=1.0, description="Adam learning rate (relative to nothing: coefficients are ~weight scale)")
     windows_per_step: int = Field(default=1, ge=1, le=4096, description="calibration batches per optimizer step")
     tune_norms: bool = Field(default=False, description="also train the layer's RMSNorm weights")
-    autocast: Literal["none", "bfloat16", "float16"] = Field(
-        default="none", description="forward dtype under torch.autocast (bfloat16 is faster on CPUs with bf16 units)"
+    autocast: Literal["none", "bfloat16", "float16", "auto"] = Field(
+        default="none",
+        description="forward dtype of training steps and evaluations under torch.autocast: none (the model's "
+        "dtype), bfloat16, float16, or auto (bfloat16 where the device has bf16 matrix units: a CPU with AMX or "
+        "AVX512-BF16, a CUDA device that supports it; else none)",
     )
     seed: int = Field(default=0, ge=0, description="order in which batches are drawn")
     eval_windows: int | None = Field(
@@ -68,6 +72,7 @@ class TuningResult:
     best_step: int  # step after which the kept state was measured (0: the initial state)
     time_s: float
     modules: list[str]
+    autocast: str = "none"  # the forward dtype used ("auto" resolved)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -77,6 +82,7 @@ class TuningResult:
             "best_step": self.best_step,
             "time_s": self.time_s,
             "modules": list(self.modules),
+            "autocast": self.autocast,
         }
 
 
@@ -135,6 +141,8 @@ def tune_layer(
     if not quantized:
         raise ValueError("the layer has no QuantLinear modules to tune; quantize it first")
     dev = torch.device(device) if device is not None else next(iter(layer.buffers())).device
+    if opts.autocast == "auto":
+        opts = opts.model_copy(update={"autocast": "bfloat16" if fast_bfloat16(dev) else "none"})
     start = time.perf_counter()
     tunables = {n: _TunableLinear(m).to(dev) for n, m in quantized}
     norms = [m for _, m in layer.named_modules() if type(m).__name__.endswith("RMSNorm")] if opts.tune_norms else []
@@ -173,7 +181,8 @@ def tune_layer(
     for norm, w in zip(norms, norms_best):
         with torch.no_grad():
             norm.weight.copy_(w.to(norm.weight.dtype))
-    result = TuningResult(before, best_loss, steps, best_step, time.perf_counter() - start, [n for n, _ in quantized])
+    result = TuningResult(before, best_loss, steps, best_step, time.perf_counter() - start, [n for n, _ in quantized],
+                          opts.autocast)
     logger.info("tuning: output MSE %.4g -> %.4g in %d steps (%.1fs)", before, best_loss, steps, result.time_s)
     return result
 

@@ -109,3 +109,28 @@ def test_bad_inputs_are_errors(quantized_layer):
         tune_layer(layer, batches, targets, {"stepz": 3})
     with pytest.raises(ValueError, match="no QuantLinear"):
         tune_layer(torch.nn.Sequential(torch.nn.Linear(4, 4)), batches, targets)
+
+
+def test_cpu_flags_are_read_from_cpuinfo(tmp_path):
+    from bpdq.devices import _cpu_flags
+
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nflags\t\t: fpu sse2 avx2 amx_bf16 amx_tile\nbugs\t\t: spectre\n")
+    assert _cpu_flags(str(info)) == {"fpu", "sse2", "avx2", "amx_bf16", "amx_tile"}
+    assert _cpu_flags(str(tmp_path / "missing")) == frozenset()
+
+
+@pytest.mark.parametrize(("flags", "want"), [({"avx2", "fma"}, "none"), ({"avx512f", "avx512_bf16"}, "bfloat16"), ({"amx_bf16"}, "bfloat16")])
+def test_auto_autocast_uses_bfloat16_only_on_a_cpu_with_bf16_units(quantized_layer, monkeypatch, flags, want):
+    import bpdq.devices
+
+    monkeypatch.setattr(bpdq.devices, "_cpu_flags", lambda: frozenset(flags))
+    layer, batches, targets = quantized_layer
+    res = tune_layer(layer, batches, targets, {"steps": 2, "lr": 1e-3, "autocast": "auto"}, device="cpu")
+    assert res.autocast == want and res.to_dict()["autocast"] == want
+    assert tune_layer(layer, batches, targets, {"steps": 0, "autocast": "float16"}).autocast == "float16"
+
+
+def test_unknown_autocast_names_the_allowed_values():
+    with pytest.raises(ValueError, match="auto"):
+        TuningOptions(autocast="fp8")
