@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 BASE_CONFIG = ROOT / "configs" / "smollm2-bpdq-k2.yaml"
 EVAL_TEXT = "builtin:python-docs-test"
 TUNING = {"steps": 100, "lr": 1e-3}
+TUNING_EVAL = 32  # TuningOptions' default eval_windows (all 16 batches of the main job)
 
 BPDQ_TODAY = {"type": "bpdq", "refit": "none"}  # the paper's algorithm, as before the levers
 
@@ -73,6 +74,11 @@ def _k(k: int) -> dict[str, Any]:
     return {"type": "bitplane", "planes": k}
 
 
+def DOWN(group_size: int) -> dict[str, Any]:  # noqa: N802 - reads as a constant in the rows
+    """A rule giving every ``mlp.down_proj`` its own group size."""
+    return {"match": r"model\.layers\.\d+\.mlp\.down_proj", "group_size": group_size}
+
+
 ROWS = [
     Row("bpdq-k2", "today's BPDQ k=2 g=64 (paper algorithm, refit none)", _q(_k(2), BPDQ_TODAY)),
     Row("bpdq-k2-refit", "+ joint full-Hessian refit (lever 1)", _q(_k(2), {"type": "bpdq", "refit": "full"})),
@@ -86,6 +92,12 @@ ROWS = [
     Row("bpdq-k2-g192-tuned", "k=2 g=192 (2.25 bpw) + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "tuning": TUNING}, "tuning"),
     Row("bpdq-k2-g192-asym", "k=2 g=192 (2.25 bpw) + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}, 192), "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-k2-g192-asym-tuned", "k=2 g=192 (2.25 bpw) + asymmetric calibration + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "calibration": {"asymmetric": True}, "tuning": TUNING}, "tuning"),
+    # mixed group sizes: down_proj (1536 inputs) takes g=128 or g=64, the 576-input linears g=192
+    Row("bpdq-k2-g192-down128-asym", "k=2 g=192, down_proj g=128 (2.28 bpw) + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(128)], "calibration": {"asymmetric": True}}, "asymmetric"),
+    Row("bpdq-k2-g192-down128-asym-tuned", "k=2 g=192, down_proj g=128 (2.28 bpw) + asymmetric calibration + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(128)], "calibration": {"asymmetric": True}, "tuning": TUNING}, "tuning"),
+    Row("bpdq-k2-g192-down64-asym", "k=2 g=192, down_proj g=64 (2.375 bpw) + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(64)], "calibration": {"asymmetric": True}}, "asymmetric"),
+    Row("bpdq-k2-g192-down64-asym-tuned", "k=2 g=192, down_proj g=64 (2.375 bpw) + asymmetric calibration + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(64)], "calibration": {"asymmetric": True}, "tuning": TUNING}, "tuning"),
+    Row("bpdq-k2-g192-down64-tuned", "k=2 g=192, down_proj g=64 (2.375 bpw) + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(64)], "tuning": TUNING}, "tuning"),
     Row("bpdq-target-2.75", "defaults + target_bpw 2.75 allocation (lever 4)", {**_q(_k(2), {"type": "bpdq"}), "target_bpw": 2.75}, "allocation"),
     Row("bpdq-k3", "today's BPDQ k=3 g=64 (4.0 bpw)", _q(_k(3), BPDQ_TODAY)),
     Row("bpdq-k3-refit", "k=3 + refit", _q(_k(3), {"type": "bpdq", "refit": "full"})),
@@ -115,7 +127,9 @@ def merge(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def row_strategy(row: Row, quick: bool, tuning_steps: int | None = None) -> dict[str, Any]:
+def row_strategy(row: Row, quick: bool, tuning: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The row's strategy: the main job's config with the row's overrides; ``tuning`` (e.g. ``{"steps": 16}``)
+    is merged into the tuning rows' options last."""
     base = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
     data = merge(base, row.overrides)
     for key in ("grid", "solver"):  # replaced, not merged: another grid or solver type has other options
@@ -123,12 +137,14 @@ def row_strategy(row: Row, quick: bool, tuning_steps: int | None = None) -> dict
     # asymmetric calibration only where the row asks for it, whatever the base config says
     data["calibration"]["asymmetric"] = bool(row.overrides.get("calibration", {}).get("asymmetric", False))
     if quick:
+        rules = data.get("rules", [])
         data = merge(data, QUICK)
+        data["rules"] = QUICK["rules"] + rules  # the first matching rule wins: layers 1.. are skipped
         data["quantize"]["solver"] = merge(data["quantize"]["solver"], QUICK_SOLVER.get(data["quantize"]["solver"]["type"], {}))
         if "tuning" in data:
             data["tuning"] = merge(data["tuning"], QUICK_TUNING)
-    if tuning_steps is not None and "tuning" in data:
-        data["tuning"]["steps"] = tuning_steps
+    if tuning and "tuning" in data:
+        data["tuning"] = merge(data["tuning"], tuning)
     return data
 
 
@@ -178,10 +194,10 @@ def run_peer(row: Row, quick: bool) -> dict[str, Any]:
     }
 
 
-def run_row(row: Row, quick: bool, workdir: Path, tuning_steps: int | None = None) -> dict[str, Any]:
+def run_row(row: Row, quick: bool, workdir: Path, tuning: dict[str, Any] | None = None) -> dict[str, Any]:
     if row.peer:
         return run_peer(row, quick)
-    data = row_strategy(row, quick, tuning_steps)
+    data = row_strategy(row, quick, tuning)
     config = workdir / f"{row.name}.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     out = workdir / row.name
@@ -197,13 +213,19 @@ def run_row(row: Row, quick: bool, workdir: Path, tuning_steps: int | None = Non
         return {"row": row.name, "error": f"eval failed: {err}"}
     return {
         "row": row.name,
-        "description": row.description + (f" ({data['tuning']['steps']} steps/layer)" if "tuning" in data else ""),
+        "description": row.description + (f" ({_tuning_words(data['tuning'])})" if "tuning" in data else ""),
         "bpw": summary["avg_bpw_quantized"],
         "perplexity": result["perplexity"],
         "quantize_time_s": summary["time_s"],
         "quantize_wall_s": wall,
         **({row.lever: summary[row.lever]} if row.lever else {}),
     }
+
+
+def _tuning_words(tuning: dict[str, Any]) -> str:
+    autocast = tuning.get("autocast", "none")
+    words = f"{tuning['steps']} steps/layer" + (f", {autocast} autocast" if autocast != "none" else "")
+    return words + (f", kept state chosen on {tuning['eval_windows']} batches" if "eval_windows" in tuning else "")
 
 
 def table(fp: dict[str, Any], rows: list[dict[str, Any]]) -> str:
@@ -231,6 +253,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tuning-steps", type=int, default=None,
                    help=f"optimizer steps per layer of the tuning rows (default {TUNING['steps']}; one pass over the "
                    "16 calibration batches is 16)")
+    p.add_argument("--tuning-autocast", choices=["none", "bfloat16", "float16", "auto"], default=None,
+                   help="forward dtype of the tuning rows' training steps (default: none, float32; bfloat16 is "
+                   "several times faster on a CPU with AMX or AVX512-BF16)")
+    p.add_argument("--tuning-eval-windows", type=int, default=None,
+                   help=f"calibration batches the tuning rows choose their kept state on (default {TUNING_EVAL})")
     p.add_argument("--json", type=Path, default=None, help="also write the results as JSON")
     p.add_argument("--list", action="store_true", help="list the rows and exit")
     args = p.parse_args(argv)
@@ -243,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ROW_NAMES]
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROW_NAMES)}")
+    given = (("steps", args.tuning_steps), ("autocast", args.tuning_autocast), ("eval_windows", args.tuning_eval_windows))
+    tuning = {k: v for k, v in given if v is not None}
     base = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))
     with tempfile.TemporaryDirectory(prefix="bpdq-quality-") as tmp:
         workdir = args.workdir or Path(tmp)
@@ -255,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
         by_name = {r.name: r for r in ROWS}
         for row in (by_name[n] for n in names):  # in the order asked for
             print(f"running {row.name}: {row.description}", file=sys.stderr, flush=True)
-            results.append(run_row(row, args.quick, workdir, args.tuning_steps))
+            results.append(run_row(row, args.quick, workdir, tuning))
             if "error" in results[-1]:
                 print(f"  {row.name} failed: {results[-1]['error']}", file=sys.stderr)
             else:

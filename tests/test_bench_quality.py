@@ -37,3 +37,14 @@ def test_every_row_is_a_valid_strategy_with_the_rows_own_grid_and_solver(row, qu
     assert strategy.calibration.asymmetric == row.overrides.get("calibration", {}).get("asymmetric", False)
     if not quick:
         assert data["quantize"]["solver"] == want["solver"]
+    # a row's own rules (e.g. down_proj's group size) are kept, after the quick mode's skip rule
+    own = [r["match"] for r in row.overrides.get("rules", [])]
+    assert [r.match for r in strategy.rules][len(strategy.rules) - len(own):] == own
+
+
+def test_tuning_overrides_reach_only_the_tuning_rows():
+    rows = {r.name: r for r in BENCH.ROWS}
+    tuned = BENCH.row_strategy(rows["bpdq-k2-g192-down64-asym-tuned"], False, {"steps": 48, "autocast": "bfloat16"})
+    assert tuned["tuning"] == {**BENCH.TUNING, "steps": 48, "autocast": "bfloat16"}
+    assert strategy_from_dict(tuned, "tuned").tuning.autocast == "bfloat16"
+    assert "tuning" not in BENCH.row_strategy(rows["bpdq-k2-g192-down64-asym"], False, {"steps": 48})
