@@ -59,3 +59,17 @@ def fast_bfloat16(device: str | torch.device) -> bool:
     if dev.type == "cuda":
         return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
     return dev.type == "cpu" and bool(_cpu_flags() & _BF16_CPU_FLAGS)
+
+
+#: The values of the ``autocast`` options (``calibration.autocast``, ``tuning.autocast``) and their dtypes.
+AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def resolve_autocast(name: str, device: str | torch.device) -> str:
+    """An ``autocast`` option's value with ``auto`` resolved for ``device``: ``bfloat16`` where
+    :func:`fast_bfloat16`, else ``none``; another allowed value is returned as it is."""
+    if name == "auto":
+        return "bfloat16" if fast_bfloat16(device) else "none"
+    if name not in AUTOCAST_DTYPES:
+        raise ValueError(f"autocast must be one of {[*AUTOCAST_DTYPES, 'auto']}, got {name!r}")
+    return name

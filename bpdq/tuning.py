@@ -30,14 +30,13 @@ from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from bpdq.bits import unpack_bits
-from bpdq.devices import fast_bfloat16
+from bpdq.devices import AUTOCAST_DTYPES, resolve_autocast
 from bpdq.pipeline.calibrate import Batch, to_device
 from bpdq.linear import QuantLinear
 
 logger = logging.getLogger(__name__)
 
 _FP16_MAX = torch.finfo(torch.float16).max
-_AUTOCAST = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
 class TuningOptions(BaseModel):
@@ -142,7 +141,7 @@ def tune_layer(
         raise ValueError("the layer has no QuantLinear modules to tune; quantize it first")
     dev = torch.device(device) if device is not None else next(iter(layer.buffers())).device
     if opts.autocast == "auto":
-        opts = opts.model_copy(update={"autocast": "bfloat16" if fast_bfloat16(dev) else "none"})
+        opts = opts.model_copy(update={"autocast": resolve_autocast(opts.autocast, dev)})
     start = time.perf_counter()
     tunables = {n: _TunableLinear(m).to(dev) for n, m in quantized}
     norms = [m for _, m in layer.named_modules() if type(m).__name__.endswith("RMSNorm")] if opts.tune_norms else []
@@ -205,7 +204,7 @@ def _order(n: int, opts: TuningOptions) -> Iterator[list[int]]:
 
 
 def _forward(layer: nn.Module, batch: Batch, device: torch.device, opts: TuningOptions) -> torch.Tensor:
-    dtype = _AUTOCAST[opts.autocast]
+    dtype = AUTOCAST_DTYPES[opts.autocast]
     ctx = torch.autocast(device.type, dtype=dtype) if dtype is not None else nullcontext()
     with ctx:
         out = layer(batch.hidden.to(device), *to_device(batch.args, device), **to_device(batch.kwargs, device))

@@ -48,3 +48,12 @@ def test_tuning_overrides_reach_only_the_tuning_rows():
     assert tuned["tuning"] == {**BENCH.TUNING, "steps": 48, "autocast": "bfloat16"}
     assert strategy_from_dict(tuned, "tuned").tuning.autocast == "bfloat16"
     assert "tuning" not in BENCH.row_strategy(rows["bpdq-k2-g192-down64-asym"], False, {"steps": 48})
+
+
+def test_calibration_overrides_reach_every_row_and_keep_its_asymmetric_flag():
+    rows = {r.name: r for r in BENCH.ROWS}
+    for name, asym in (("bpdq-k2-g192-down64-asym", True), ("bpdq-k2", False)):
+        data = BENCH.row_strategy(rows[name], False, None, {"autocast": "bfloat16"})
+        assert data["calibration"]["autocast"] == "bfloat16" and data["calibration"]["asymmetric"] is asym
+        assert strategy_from_dict(data, name).calibration.autocast == "bfloat16"
+    assert "autocast" not in BENCH.row_strategy(rows["bpdq-k2"], False)["calibration"]

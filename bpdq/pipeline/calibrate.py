@@ -363,9 +363,29 @@ def _dense_forward(module: nn.Module, cache: dict[int, tuple[tuple[Any, ...], to
     return forward
 
 
+#: The compute dtype of the calibration forwards (:func:`calibration_autocast`); None: the model's dtype.
+_AUTOCAST: ContextVar[torch.dtype | None] = ContextVar("bpdq_calibration_autocast", default=None)
+
+
+@contextmanager
+def calibration_autocast(dtype: torch.dtype | None) -> Iterator[None]:
+    """Inside it, every layer forward of a calibration pass (:func:`_call`: :func:`run_layer`,
+    :func:`collect_hessians`, the levers' passes) runs under ``torch.autocast`` to ``dtype`` (``None``: as it
+    is). The layers' outputs are stored in the activations' dtype and the Hessian accumulators multiply in
+    their own dtype, whatever the autocast (:class:`~bpdq.solvers.hessian.HessianAccumulator`)."""
+    token = _AUTOCAST.set(dtype)
+    try:
+        yield
+    finally:
+        _AUTOCAST.reset(token)
+
+
 def _call(layer: nn.Module, batch: Batch, device: torch.device) -> Any:
     cache = _DENSE.get()
     with ExitStack() as stack:
+        dtype = _AUTOCAST.get()
+        if dtype is not None:
+            stack.enter_context(torch.autocast(device.type, dtype=dtype))
         if cache is not None:
             from bpdq.linear import QuantLinear
 

@@ -48,7 +48,7 @@ from bpdq.api import build_solver, quantize_weight
 from bpdq.checkpoint import quantization_config, replace_linears, unique_state_dict
 from bpdq.config import CalibrationConfig, Recipe, Rule, as_recipe, as_rules, resolve_recipe
 from bpdq.linear import QuantLinear
-from bpdq.devices import resolve_device
+from bpdq.devices import AUTOCAST_DTYPES, resolve_autocast, resolve_device
 from bpdq.models.base import Adapter, architecture_of, check_positions, get_adapter
 from bpdq.pipeline import distributed
 from bpdq.pipeline.allocate import allocate, check_allocatable
@@ -57,6 +57,7 @@ from bpdq.pipeline.calibrate import (
     Batch,
     Replay,
     batch_windows,
+    calibration_autocast,
     capture_layer_inputs,
     collect_hessians,
     run_layer,
@@ -332,9 +333,11 @@ def run_quantization(
     levers: Levers | None = None,
     target_bpw: float | None = None,
     resume: ResumeState | None = None,
+    autocast: str = "none",
 ) -> RunReport:
     """The loop over ``source``'s decoder layers into ``sink`` (see the module docstring). ``levers``:
-    asymmetric calibration / tuning; ``target_bpw``: bit allocation before the loop; ``resume``: the state
+    asymmetric calibration / tuning; ``target_bpw``: bit allocation before the loop; ``autocast``: the compute
+    dtype of the calibration passes (``calibration.autocast``'s values; ``auto`` resolved for ``device``); ``resume``: the state
     to continue from and to keep after each layer (:mod:`bpdq.pipeline.resume`; removed once the sink is
     finished). On any exception the layer in work goes back to its home device and ``sink.abort()`` removes
     what was written (the resume state stays). A stop requested by a signal
@@ -345,8 +348,10 @@ def run_quantization(
     was_training = model.training
     try:
         layers = get_adapter(model).layers  # before the run: a quantized model no longer looks Llama-shaped
-        report = _run(source, sink, recipe, rules, tokenizer, calibration, device, progress, batch_size, offload, hooks,
-                      levers or Levers(), target_bpw, resume)
+        autocast = resolve_autocast(autocast, device)
+        with calibration_autocast(AUTOCAST_DTYPES[autocast]):
+            report = _run(source, sink, recipe, rules, tokenizer, calibration, device, progress, batch_size, offload,
+                          hooks, levers or Levers(), target_bpw, resume, autocast)
         report.total_time_s = time.perf_counter() - start
         rest = {k: v for k, v in unique_state_dict(model).items() if not k.startswith(f"{layers}.")}
         sink.finish(model, rest, report)
@@ -367,7 +372,7 @@ def run_quantization(
 def _run(
     source: ModelSource, sink: Sink, recipe: Recipe, rules: tuple[Rule, ...], tokenizer: Any, calibration: Any,
     device: torch.device, progress: bool, batch_size: int, offload: Any, hooks: LayerHooks, levers: Levers,
-    target_bpw: float | None, resume: ResumeState | None,
+    target_bpw: float | None, resume: ResumeState | None, autocast: str = "none",
 ) -> RunReport:
     model = source.model
     s = _setup(model, recipe, rules)
@@ -392,12 +397,12 @@ def _run(
         check_positions(model, max(w.numel() for w in windows), "calibration seq_len")
         report.calibration = {"windows": len(windows), "seq_len": windows[0].numel()} | (
             _calib_dict(calibration) if isinstance(calibration, (CalibrationConfig, dict)) else {}
-        )
+        ) | {"autocast": autocast}
     elif calibration is not None:
         logger.info("no solver of this recipe uses a Hessian: data-free run, the calibration is not used")
     done, first = 0, 0
     if resume is not None:
-        done = resume.check(_fingerprint(source, s, windows, levers, target_bpw, batch_size, device))
+        done = resume.check(_fingerprint(source, s, windows, levers, target_bpw, batch_size, device, autocast))
     n_steps = sum(len(g) for g in s.adapter.linear_groups(s.layers[0])) * len(s.layers) + int(s.head_recipe is not None)
     model.eval()
     layers_prefix = s.adapter.layers
@@ -471,13 +476,14 @@ def _run(
 
 
 def _fingerprint(source: ModelSource, s: _Setup, windows: Sequence[torch.Tensor] | None, levers: Levers,
-                 target_bpw: float | None, batch_size: int, device: torch.device) -> dict[str, Any]:
+                 target_bpw: float | None, batch_size: int, device: torch.device, autocast: str = "none") -> dict[str, Any]:
     """What a resumed run must share with the run that saved the state (see :mod:`bpdq.pipeline.resume`)."""
     from bpdq import __version__
 
     return {
         "model": source_fingerprint(source),
         "calibration_sha256": windows_hash(windows),
+        "calibration_autocast": autocast,
         "recipe": s.recipe.model_dump(mode="json"),
         "rules": [r.model_dump(mode="json") for r in s.rules],
         "levers": {"asymmetric": levers.asymmetric, "target_bpw": target_bpw,
@@ -577,6 +583,7 @@ def quantize_model(
     tuning: Any = None,
     target_bpw: float | None = None,
     resume: str | None = None,
+    autocast: str | None = None,
 ) -> RunReport:
     """Quantize a causal LM and return the run's report.
 
@@ -593,7 +600,10 @@ def quantize_model(
     :class:`~bpdq.tuning.TuningOptions` or its dict) tunes each layer's coefficients against them;
     ``target_bpw`` chooses 1..4 planes per decoder linear (bitplane grid; at least 2 when the target allows
     every linear 2) to meet that average. Their entries
-    appear in the report (``asymmetric``, ``tuning``, ``allocation``).
+    appear in the report (``asymmetric``, ``tuning``, ``allocation``). ``autocast`` (default: the calibration
+    config's ``autocast``, else ``"none"``) is the compute dtype of the calibration passes' forwards:
+    ``none``, ``bfloat16``, ``float16`` or ``auto`` (see :class:`~bpdq.config.CalibrationConfig`); the report's
+    ``calibration`` entry says which one ran.
 
     ``resume`` (``"auto"``, ``"never"``, ``"required"``; needs ``output``; default ``None``: no state kept)
     keeps the run's state beside the output after each decoder layer and continues a run interrupted with
@@ -621,6 +631,10 @@ def quantize_model(
         asymmetric = config.asymmetric if config is not None else False
     if not isinstance(asymmetric, bool):
         raise TypeError(f"asymmetric must be True or False, got {asymmetric!r}")
+    if autocast is None:
+        autocast = config.autocast if config is not None else "none"
+    if autocast not in (*AUTOCAST_DTYPES, "auto"):
+        raise ValueError(f"autocast must be one of {[*AUTOCAST_DTYPES, 'auto']}, got {autocast!r}")
     if tuning is not None and not isinstance(tuning, TuningOptions):
         if not isinstance(tuning, dict):
             raise TypeError(f"tuning must be a TuningOptions, a dict or None, got {type(tuning).__name__}")
@@ -653,7 +667,7 @@ def quantize_model(
     )
     return run_quantization(source, sink, recipe=recipe, rules=rules, tokenizer=tokenizer, calibration=calibration,
                device=dev, progress=progress and distributed.rank() == 0, batch_size=batch_size, offload=offload,
-               levers=Levers(asymmetric, tuning), target_bpw=target_bpw, resume=state)
+               levers=Levers(asymmetric, tuning), target_bpw=target_bpw, resume=state, autocast=autocast)
 
 
 def _directory_tokenizer(directory: Path) -> Any:

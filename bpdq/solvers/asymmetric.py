@@ -90,7 +90,8 @@ class AsymmetricAccumulator:
         self.identical = self.identical and torch.equal(x_q, x_fp)
         q = x_q.detach().reshape(-1, d).to(device=self._cross.device, dtype=self._cross.dtype)
         f = (x_fp if y_fp is None else y_fp).detach().reshape(-1, rows).to(device=self._cross.device, dtype=self._cross.dtype)
-        self._cross.addmm_(f.T, q)
+        with torch.autocast(q.device.type, enabled=False):  # in the accumulator's dtype inside an autocast pass
+            self._cross.addmm_(f.T, q)
 
     @property
     def hessian(self) -> torch.Tensor:

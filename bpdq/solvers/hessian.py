@@ -22,7 +22,7 @@ class HessianAccumulator:
     """Streaming ``H = 2/n * sum_t x_t x_t^T`` over batches of any leading shape ``[..., in_features]``.
 
     Each batch's ``x^T x`` is computed in ``dtype`` (float32 by default, ``torch.float64`` for extra
-    precision) on ``device`` (the inputs' device when ``None``) and added to a float64 sum: a sum of per-batch
+    precision; also inside ``torch.autocast``) on ``device`` (the inputs' device when ``None``) and added to a float64 sum: a sum of per-batch
     terms in float64 hardly depends on how the batches are grouped, so a distributed run's Hessian (per-rank
     sums, reduced) rounds to the same ``dtype`` values as one process's. Only the upper triangle is summed,
     in blocks of at most 384 rows (block ``[r0, r1)`` holds columns ``r0:``), and :attr:`hessian` mirrors it:
@@ -56,8 +56,9 @@ class HessianAccumulator:
             dev = self.device if self.device is not None else x2.device
             self._blocks = [torch.zeros(r1 - r0, n - r0, dtype=torch.float64, device=dev) for r0, r1 in self._ranges]
         x2 = x2.to(device=self._blocks[0].device, dtype=self.dtype)
-        for (r0, r1), block in zip(self._ranges, self._blocks):
-            block.add_(x2[:, r0:r1].T @ x2[:, r0:])
+        with torch.autocast(x2.device.type, enabled=False):  # products in ``dtype`` inside an autocast pass
+            for (r0, r1), block in zip(self._ranges, self._blocks):
+                block.add_(x2[:, r0:r1].T @ x2[:, r0:])
         self.n += x2.shape[0]
 
     def all_reduce(self) -> None:

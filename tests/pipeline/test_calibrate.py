@@ -289,3 +289,65 @@ def test_dense_calibration_forwards_change_no_byte_of_a_run_with_the_torch_kerne
         states.append(model.state_dict())
     assert states[0].keys() == states[1].keys()
     assert all(torch.equal(states[0][k], states[1][k]) for k in states[0])
+
+
+def test_calibration_autocast_runs_the_layers_in_bfloat16_and_keeps_hessians_and_activations_float32():
+    from bpdq.pipeline.calibrate import calibration_autocast, collect_hessians
+    from bpdq.solvers.hessian import HessianAccumulator
+
+    torch.manual_seed(0)
+    layer = tiny_model(layers=1).model.layers[0]
+    hidden = torch.randn(2, 8, layer.mlp.gate_proj.in_features)
+    pos = torch.arange(8).unsqueeze(0).expand(2, -1)
+    pe = tiny_model(layers=1).model.rotary_emb(hidden, pos)
+    batches = [Batch(hidden, (), {"position_embeddings": pe, "attention_mask": None})]
+    seen: list[torch.dtype] = []
+    hook = layer.self_attn.o_proj.register_forward_hook(lambda _m, _a, out: seen.append(out.dtype))
+    try:
+        plain = run_layer(layer, batches, torch.device("cpu"))
+        with calibration_autocast(torch.bfloat16):
+            cast = run_layer(layer, batches, torch.device("cpu"))
+            H = collect_hessians(layer, ["mlp.down_proj"], batches, torch.device("cpu"))["mlp.down_proj"]
+    finally:
+        hook.remove()
+    assert seen == [torch.float32, torch.bfloat16, torch.bfloat16]
+    assert cast[0].hidden.dtype == torch.float32 and not torch.equal(cast[0].hidden, plain[0].hidden)
+    assert torch.allclose(cast[0].hidden, plain[0].hidden, atol=0.1, rtol=0.05)
+    assert H.dtype == torch.float32
+    # The accumulator's products are float32 inside an autocast: the same sums as outside one.
+    x = torch.randn(64, 48)
+    inside, outside = HessianAccumulator(48), HessianAccumulator(48)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        inside.add(x)
+    outside.add(x)
+    assert torch.equal(inside.hessian, outside.hessian)
+
+
+GPTQ_RECIPE = {**TINY_RECIPE, "solver": "gptq"}
+
+
+@pytest.mark.parametrize(("flags", "value", "want"), [
+    ({"avx2"}, "auto", "none"), ({"amx_bf16"}, "auto", "bfloat16"), ({"avx2"}, "bfloat16", "bfloat16"),
+])
+def test_calibration_autocast_comes_from_the_config_is_resolved_and_reported(monkeypatch, flags, value, want):
+    import bpdq.devices
+
+    monkeypatch.setattr(bpdq.devices, "_cpu_flags", lambda: frozenset(flags))
+    report = bpdq.quantize_model(tiny_model(layers=1), tiny_tokenizer(), recipe=GPTQ_RECIPE, progress=False,
+                                 device="cpu", calibration={**TINY_CALIBRATION, "autocast": value})
+    assert report.calibration["autocast"] == want
+    plain = bpdq.quantize_model(tiny_model(layers=1), tiny_tokenizer(), recipe=GPTQ_RECIPE, progress=False,
+                                device="cpu", calibration=TINY_CALIBRATION)
+    assert plain.calibration["autocast"] == "none"
+
+
+def test_an_unknown_calibration_autocast_is_refused_before_any_work(monkeypatch):
+    from pydantic import ValidationError
+
+    monkeypatch.setattr("bpdq.pipeline.run.capture_layer_inputs", lambda *a, **k: pytest.fail("no pass may run"))
+    with pytest.raises(ValidationError, match="auto"):
+        bpdq.quantize_model(tiny_model(layers=1), tiny_tokenizer(), recipe=GPTQ_RECIPE, progress=False,
+                            calibration={**TINY_CALIBRATION, "autocast": "fp8"})
+    with pytest.raises(ValueError, match=r"autocast must be one of \['none', 'bfloat16', 'float16', 'auto'\]"):
+        bpdq.quantize_model(tiny_model(layers=1), tiny_tokenizer(), recipe=GPTQ_RECIPE, progress=False,
+                            calibration=TINY_CALIBRATION, autocast="fp8")
