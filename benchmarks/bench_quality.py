@@ -103,6 +103,7 @@ ROWS = [
     Row("bpdq-k3-refit", "k=3 + refit", _q(_k(3), {"type": "bpdq", "refit": "full"})),
     Row("bpdq-k3-asym", "k=3 + asymmetric calibration", {**_q(_k(3), BPDQ_TODAY), "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-k3-tuned", "k=3 defaults + tuning", {**_q(_k(3), {"type": "bpdq"}), "tuning": TUNING}, "tuning"),
+    Row("bpdq-k3-asym-tuned", "k=3 defaults + asymmetric calibration + tuning", {**_q(_k(3), {"type": "bpdq"}), "calibration": {"asymmetric": True}, "tuning": TUNING}, "tuning"),
     Row("rtn-3bit", "RTN uniform 3-bit g=64", _q({"type": "uniform", "bits": 3}, {"type": "rtn"})),
     Row("gptq-3bit", "GPTQ uniform 3-bit g=64", _q({"type": "uniform", "bits": 3}, {"type": "gptq"})),
     Row("autoround-w2g64", "peer: AutoRound W2 g64 asym, 50 iters, fp32", peer=AUTOROUND),
@@ -218,7 +219,8 @@ def run_row(row: Row, quick: bool, workdir: Path, tuning: dict[str, Any] | None 
         return {"row": row.name, "error": f"eval failed: {err}"}
     return {
         "row": row.name,
-        "description": row.description + (f" ({_tuning_words(data['tuning'])})" if "tuning" in data else ""),
+        "description": row.description + (f" ({_tuning_words(data['tuning'])})" if "tuning" in data else "")
+        + (f" (calibration passes: {cast} autocast)" if (cast := data["calibration"].get("autocast", "none")) != "none" else ""),
         "bpw": summary["avg_bpw_quantized"],
         "perplexity": result["perplexity"],
         "quantize_time_s": summary["time_s"],

@@ -156,7 +156,7 @@ def test_token_id_calibration_and_its_errors():
     model, tok = tiny_model("llama", layers=1), tiny_tokenizer()
     windows = [torch.randint(0, len(tok), (1, 24), generator=torch.Generator().manual_seed(i)) for i in range(3)]
     report = bpdq.quantize_model(model, tok, recipe={**TINY_RECIPE, "solver": "gptq"}, calibration=windows, progress=False)
-    assert report.calibration == {"windows": 3, "seq_len": 24}
+    assert report.calibration == {"windows": 3, "seq_len": 24, "autocast": "none"}
     for bad, err in [
         ([torch.tensor([1.5, 2.0])], TypeError),
         ([torch.zeros(2, 3, dtype=torch.long)], ValueError),
