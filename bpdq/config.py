@@ -11,10 +11,11 @@ kernel named explicitly must serve every call of the layer (``Kernel.serves``).
 from __future__ import annotations
 
 import re
-from typing import Any, Iterable, Literal
+from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from bpdq.devices import Autocast
 from bpdq.grids.base import Grid
 from bpdq.kernels.base import check_kernel_name, get_kernel
 from bpdq.quantized import check_group_size
@@ -162,7 +163,7 @@ class CalibrationConfig(ConfigModel):
         "a symmetric run on SmolLM2; not in a distributed run). On in configs/smollm2-bpdq-k2.yaml (the main job)",
     )
 
-    autocast: Literal["none", "bfloat16", "float16", "auto"] = Field(
+    autocast: Autocast = Field(
         default="none",
         description="compute dtype of the calibration passes' forwards (torch.autocast): none (the model's dtype), "
         "bfloat16, float16, or auto (bfloat16 where the device has bf16 matrix units: a CPU with AMX or "

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import functools
 from pathlib import Path
+from typing import Literal
 
 import torch
 
@@ -62,6 +63,7 @@ def fast_bfloat16(device: str | torch.device) -> bool:
 
 
 #: The values of the ``autocast`` options (``calibration.autocast``, ``tuning.autocast``) and their dtypes.
+Autocast = Literal["none", "bfloat16", "float16", "auto"]
 AUTOCAST_DTYPES: dict[str, torch.dtype | None] = {"none": None, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

@@ -23,14 +23,14 @@ import math
 import time
 from contextlib import ExitStack, contextmanager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Iterator, Literal, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
 from bpdq.bits import unpack_bits
-from bpdq.devices import AUTOCAST_DTYPES, resolve_autocast
+from bpdq.devices import AUTOCAST_DTYPES, Autocast, resolve_autocast
 from bpdq.pipeline.calibrate import Batch, to_device
 from bpdq.linear import QuantLinear
 
@@ -48,7 +48,7 @@ class TuningOptions(BaseModel):
     lr: float = Field(default=1e-3, ge=0.0, le=1.0, description="Adam learning rate (relative to nothing: coefficients are ~weight scale)")
     windows_per_step: int = Field(default=1, ge=1, le=4096, description="calibration batches per optimizer step")
     tune_norms: bool = Field(default=False, description="also train the layer's RMSNorm weights")
-    autocast: Literal["none", "bfloat16", "float16", "auto"] = Field(
+    autocast: Autocast = Field(
         default="none",
         description="forward dtype of training steps and evaluations under torch.autocast: none (the model's "
         "dtype), bfloat16, float16, or auto (bfloat16 where the device has bf16 matrix units: a CPU with AMX or "

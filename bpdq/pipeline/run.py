@@ -336,9 +336,9 @@ def run_quantization(
     autocast: str = "none",
 ) -> RunReport:
     """The loop over ``source``'s decoder layers into ``sink`` (see the module docstring). ``levers``:
-    asymmetric calibration / tuning; ``target_bpw``: bit allocation before the loop; ``autocast``: the compute
-    dtype of the calibration passes (``calibration.autocast``'s values; ``auto`` resolved for ``device``); ``resume``: the state
-    to continue from and to keep after each layer (:mod:`bpdq.pipeline.resume`; removed once the sink is
+    asymmetric calibration / tuning; ``target_bpw``: bit allocation before the loop; ``autocast``: the
+    compute dtype of the calibration passes (``calibration.autocast``'s values; ``auto`` resolved for
+    ``device``); ``resume``: the state to continue from and to keep after each layer (:mod:`bpdq.pipeline.resume`; removed once the sink is
     finished). On any exception the layer in work goes back to its home device and ``sink.abort()`` removes
     what was written (the resume state stays). A stop requested by a signal
     (:func:`~bpdq.pipeline.resume.stop_at_layer_boundary`) raises :class:`RunInterrupted` after a layer."""
@@ -633,8 +633,7 @@ def quantize_model(
         raise TypeError(f"asymmetric must be True or False, got {asymmetric!r}")
     if autocast is None:
         autocast = config.autocast if config is not None else "none"
-    if autocast not in (*AUTOCAST_DTYPES, "auto"):
-        raise ValueError(f"autocast must be one of {[*AUTOCAST_DTYPES, 'auto']}, got {autocast!r}")
+    autocast = resolve_autocast(autocast, dev)  # checked (the allowed values in its error) before any work
     if tuning is not None and not isinstance(tuning, TuningOptions):
         if not isinstance(tuning, dict):
             raise TypeError(f"tuning must be a TuningOptions, a dict or None, got {type(tuning).__name__}")

@@ -22,13 +22,13 @@ class HessianAccumulator:
     """Streaming ``H = 2/n * sum_t x_t x_t^T`` over batches of any leading shape ``[..., in_features]``.
 
     Each batch's ``x^T x`` is computed in ``dtype`` (float32 by default, ``torch.float64`` for extra
-    precision; also inside ``torch.autocast``) on ``device`` (the inputs' device when ``None``) and added to a float64 sum: a sum of per-batch
-    terms in float64 hardly depends on how the batches are grouped, so a distributed run's Hessian (per-rank
-    sums, reduced) rounds to the same ``dtype`` values as one process's. Only the upper triangle is summed,
-    in blocks of at most 384 rows (block ``[r0, r1)`` holds columns ``r0:``), and :attr:`hessian` mirrors it:
-    memory is about ``4 in^2`` bytes for the sum (half of a whole float64 matrix, and about half the
-    multiply-adds), plus the
-    ``dtype`` result while :attr:`hessian` hands it out.
+    precision; also inside ``torch.autocast``) on ``device`` (the inputs' device when ``None``) and added
+    to a float64 sum: a sum of per-batch terms in float64 hardly depends on how the batches are grouped, so
+    a distributed run's Hessian (per-rank sums, reduced) rounds to the same ``dtype`` values as one
+    process's. Only the upper triangle is summed, in blocks of at most 384 rows (block ``[r0, r1)`` holds
+    columns ``r0:``), and :attr:`hessian` mirrors it: memory is about ``4 in^2`` bytes for the sum (half of a
+    whole float64 matrix, and about half the multiply-adds), plus the ``dtype`` result while
+    :attr:`hessian` hands it out.
     """
 
     def __init__(self, in_features: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None) -> None:
