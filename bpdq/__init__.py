@@ -12,7 +12,7 @@ import importlib
 import importlib.util
 from typing import Any
 
-__version__ = "0.1.0"
+from bpdq.version import __version__  # noqa: F401  (bpdq.__version__)
 
 #: Public name -> module defining it.
 _EXPORTS = {
@@ -24,7 +24,11 @@ _EXPORTS = {
     "UnknownNameError": "bpdq.registry",
     "build_grid": "bpdq.api",
     "build_solver": "bpdq.api",
+    "quantize": "bpdq.api",
+    "quantize_model": "bpdq.api",
     "quantize_weight": "bpdq.api",
+    "load": "bpdq.api",
+    "save": "bpdq.api",
     "BitPlaneGrid": "bpdq.grids",
     "Grid": "bpdq.grids",
     "UniformGrid": "bpdq.grids",
@@ -33,14 +37,17 @@ _EXPORTS = {
     "QuantLinear": "bpdq.linear",
     "QuantizedWeight": "bpdq.quantized",
     "SolveStats": "bpdq.quantized",
+    "BPDQ": "bpdq.solvers",
+    "GPTQ": "bpdq.solvers",
     "RTN": "bpdq.solvers",
     "Solver": "bpdq.solvers",
-    "load": "bpdq.checkpoint",
-    "save": "bpdq.checkpoint",
     "CalibrationConfig": "bpdq.config",
+    "ConfigError": "bpdq.config",
+    "QuantizeConfig": "bpdq.config",
     "Recipe": "bpdq.config",
     "Rule": "bpdq.config",
-    "quantize_model": "bpdq.pipeline",
+    "Stage": "bpdq.engine.stages",
+    "LayerStep": "bpdq.engine.stages",
     "RunReport": "bpdq.report",
 }
 

@@ -7,7 +7,8 @@ QuantLinear's planes, group size, bias, kernel, grid and solver), the weights (`
 stored once) as one ``model.safetensors`` or, above ``max_shard_size``, as shards with a
 ``model.safetensors.index.json`` (see :mod:`bpdq.shards`), the tokenizer files and ``bpdq_report.json``. It
 is written to a temporary directory beside the target and renamed into place, so an interrupted save leaves
-no half checkpoint (:mod:`bpdq.pipeline.sink`).
+no half checkpoint (:mod:`bpdq.engine.sink`). This module reads checkpoints (:func:`load`) and describes
+their format; :func:`bpdq.save` writes them.
 """
 
 from __future__ import annotations
@@ -19,9 +20,11 @@ from typing import Any
 import torch
 from torch import nn
 
+from bpdq.devices import resolve_device
+from bpdq.kernels.base import check_kernel_name
 from bpdq.linear import QuantLinear
-from bpdq.report import RunReport
-from bpdq.shards import DEFAULT_MAX_SHARD_SIZE, WEIGHTS_FILE, WeightFiles  # noqa: F401  (WEIGHTS_FILE: public name)
+from bpdq.shards import WEIGHTS_FILE, WeightFiles  # noqa: F401  (WEIGHTS_FILE: public name)
+from bpdq.version import __version__
 
 QUANT_METHOD = "bpdq"
 FORMAT_VERSION = 1
@@ -40,8 +43,6 @@ def quantization_config(model: nn.Module, recipes: dict[str, dict[str, Any]] | N
     ``recipes`` gives each module's grid/solver; modules it lacks keep those of the model's current bpdq
     ``quantization_config`` (a loaded checkpoint saved again keeps its metadata).
     """
-    from bpdq import __version__
-
     previous = getattr(getattr(model, "config", None), "quantization_config", None)
     if hasattr(previous, "to_dict"):  # a transformers config object (model loaded with from_pretrained)
         previous = previous.to_dict()
@@ -85,47 +86,17 @@ def config_dict(model: nn.Module) -> dict[str, Any]:
     return config
 
 
-def _layer_prefixes(model: nn.Module) -> list[str]:
-    """The decoder layers' names when an adapter knows the model (a shard unit each), else none."""
-    from bpdq.models.base import get_adapter
-
+def is_bpdq_checkpoint(directory: str | Path) -> bool:
+    """Whether ``directory`` holds a ``config.json`` whose ``quantization_config`` is bpdq's (not validated)."""
+    config = Path(directory).expanduser() / CONFIG_FILE
+    if not config.is_file():
+        return False
     try:
-        adapter = get_adapter(model)
-        return [f"{adapter.layers}.{i}" for i in range(len(adapter.decoder_layers(model)))]
-    except ValueError:
-        return []
-
-
-def save(
-    model: nn.Module,
-    tokenizer: Any,
-    directory: str | Path,
-    *,
-    report: RunReport | None = None,
-    overwrite: bool = False,
-    max_shard_size: int | str = DEFAULT_MAX_SHARD_SIZE,
-) -> Path:
-    """Write ``model`` (with its QuantLinear modules), ``tokenizer`` and ``report`` to ``directory``.
-
-    Weights above ``max_shard_size`` bytes (an int, or a size such as ``"500MB"``) are split into shards at
-    decoder-layer boundaries, with a ``model.safetensors.index.json``, exactly as a streaming
-    :func:`bpdq.quantize_model` run with ``output=`` writes them."""
-    from bpdq.pipeline.sink import CheckpointSink
-
-    if not any(isinstance(m, QuantLinear) for m in model.modules()):
-        raise ValueError("the model holds no QuantLinear module: nothing was quantized, so it is not saved as a bpdq checkpoint")
-    if report is not None and not isinstance(report, RunReport):
-        raise TypeError(f"report must be a RunReport or None, got {type(report).__name__}")
-    sink = CheckpointSink(directory, tokenizer, overwrite=overwrite, max_shard_size=max_shard_size)
-    try:
-        state = unique_state_dict(model)
-        for prefix in _layer_prefixes(model):
-            sink.write_tensors({k: v for k, v in state.items() if k.startswith(f"{prefix}.")})
-            state = {k: v for k, v in state.items() if not k.startswith(f"{prefix}.")}
-        return sink.finish(model, state, report)
-    except BaseException:
-        sink.abort()
-        raise
+        data = json.loads(config.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError):
+        return False
+    qc = data.get("quantization_config") if isinstance(data, dict) else None
+    return isinstance(qc, dict) and qc.get("quant_method") == QUANT_METHOD
 
 
 def check_quantization_config(qc: Any) -> dict[str, dict[str, Any]]:
@@ -185,8 +156,7 @@ def replace_linears(model: nn.Module, modules: dict[str, dict[str, Any]], *, ker
             )
         except ValueError as exc:
             raise ValueError(f"quantization_config.modules[{name!r}]: {exc}") from None
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, child, q)
+        model.set_submodule(name, q)
 
 
 def _check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
@@ -231,9 +201,6 @@ def load(
     """
     from accelerate import init_empty_weights
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
-    from bpdq.devices import resolve_device
-    from bpdq.kernels.base import check_kernel_name
 
     dev = resolve_device(device)
     if kernel is not None:

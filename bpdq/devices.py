@@ -4,12 +4,22 @@ and whether a device computes in bfloat16 natively."""
 from __future__ import annotations
 
 import functools
+import re
 from pathlib import Path
 from typing import Literal
 
 import torch
 
 ALLOWED = "'auto', 'cpu', 'cuda', 'cuda:N'"
+_NAME = re.compile(r"auto|cpu|cuda(:\d+)?")
+
+
+def check_device_name(name: str) -> str:
+    """``name`` if it is one of ``auto | cpu | cuda | cuda:N`` (whether this machine has it is not asked:
+    a config may be written for another machine); ``ValueError`` otherwise."""
+    if not isinstance(name, str) or not _NAME.fullmatch(name):
+        raise ValueError("is not one of auto, cpu, cuda, cuda:N")
+    return name
 
 
 def resolve_device(device: str | torch.device) -> torch.device:

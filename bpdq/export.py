@@ -27,7 +27,7 @@ def export_model(
 
     from bpdq.linear import QuantLinear
     from bpdq.models import load_pretrained
-    from bpdq.pipeline.sink import OutputDir
+    from bpdq.engine.sink import OutputDir
 
     size = parse_size(max_shard_size)
     out = OutputDir(output, overwrite=overwrite)

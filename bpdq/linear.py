@@ -16,6 +16,7 @@ from torch import nn
 from bpdq.kernels.base import Kernel, check_kernel_name, select_kernel
 from bpdq.quantized import QuantizedWeight, bits_per_weight, check_group_size
 from bpdq.registry import KERNELS
+from bpdq.solvers.build import quantize_weight
 
 #: Most input signatures whose kernel choice a layer remembers (then it forgets them all and starts over).
 _DISPATCH_CACHE_SIZE = 64
@@ -101,8 +102,6 @@ class QuantLinear(nn.Module):
         kernel: str = "auto",
     ) -> "QuantLinear":
         """Quantize an ``nn.Linear`` with a recipe (names, dicts or instances, as in :func:`bpdq.quantize_weight`)."""
-        from bpdq.api import quantize_weight
-
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"linear must be an nn.Linear, got {type(linear).__name__}")
         qw = quantize_weight(linear.weight, hessian, grid=grid, solver=solver, group_size=group_size)

@@ -7,7 +7,7 @@ import logging
 import time
 from typing import Any
 
-logger = logging.getLogger("bpdq.pipeline")
+logger = logging.getLogger("bpdq.engine")
 
 
 class RunProgress:

@@ -30,11 +30,14 @@ class RunReport:
     total_time_s: float = 0.0
     calibration: dict[str, Any] = field(default_factory=dict)
     checkpoint_bytes: int | None = None  # size of model.safetensors, filled in by save()
-    # the 2-bit levers (None when off): asymmetric calibration's settings, the coefficient tuning of each
-    # decoder layer (TuningResult.to_dict() + "layer"), the bit allocation (Allocation.to_dict())
+    # the stages that ran (by name, in order); the built-in quality options' entries (None when off):
+    # asymmetric calibration's settings, the coefficient tuning of each decoder layer (TuningResult.to_dict()
+    # + "layer"), the bit allocation (Allocation.to_dict()); ``extra``: entries of user stages
+    stages: list[str] = field(default_factory=list)
     asymmetric: dict[str, Any] | None = None
     tuning: list[dict[str, Any]] | None = None
     allocation: dict[str, Any] | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def quantized(self) -> list[ModuleRecord]:

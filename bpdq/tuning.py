@@ -31,8 +31,9 @@ from torch import nn
 
 from bpdq.bits import unpack_bits
 from bpdq.devices import AUTOCAST_DTYPES, Autocast, resolve_autocast
-from bpdq.pipeline.calibrate import Batch, to_device
+from bpdq.batch import Batch, to_device
 from bpdq.linear import QuantLinear
+from bpdq.modules import swapped_module
 
 logger = logging.getLogger(__name__)
 
@@ -148,7 +149,7 @@ def tune_layer(
     with ExitStack() as stack:
         stack.enter_context(_frozen(layer))
         for name, module in tunables.items():
-            stack.enter_context(_swapped(layer, name, module))
+            stack.enter_context(swapped_module(layer, name, module))
         masters = [stack.enter_context(_float_weight(n)) for n in norms]
         params = [t.coeffs for t in tunables.values()] + masters
         for p in params:
@@ -258,18 +259,6 @@ def _frozen(layer: nn.Module) -> Iterator[None]:
     finally:
         for p, flag in flags:
             p.requires_grad_(flag)
-
-
-@contextmanager
-def _swapped(layer: nn.Module, name: str, module: nn.Module) -> Iterator[None]:
-    parent_name, _, child = name.rpartition(".")
-    parent = layer.get_submodule(parent_name) if parent_name else layer
-    original = getattr(parent, child)
-    setattr(parent, child, module)
-    try:
-        yield
-    finally:
-        setattr(parent, child, original)
 
 
 @contextmanager

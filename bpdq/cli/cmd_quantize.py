@@ -1,11 +1,12 @@
-"""``bpdq quantize CONFIG``: run a strategy config, write the checkpoint, print and save a summary.
+"""``bpdq quantize [CONFIG] [--model M --method M --bits K --group-size G ...]``: run a strategy config (a
+file, flags, or a file with flags overriding it), write the checkpoint, print and save a summary.
 
 A ``model:`` that is a local transformers directory (``config.json`` + safetensors) is read one decoder layer
 at a time; any other model (built-in alias, GGUF file, hub id) is loaded whole. Either way the checkpoint is
 written as the run goes and appears at the output path only when complete.
 
 Resume (``--resume auto|never|required``, default ``auto``): the run keeps its state beside the output
-(``.NAME.bpdq-resume/``, see :mod:`bpdq.pipeline.resume`) after each decoder layer; running the same command
+(``.NAME.bpdq-resume/``, see :mod:`bpdq.engine.resume`) after each decoder layer; running the same command
 again continues after the last finished layer (a changed model, calibration, recipe, rules... is refused,
 naming what differs); ``never`` removes the old state and starts over; ``required`` refuses to start without
 one. Ctrl-C or SIGTERM finishes the layer in work, saves the state, says how to resume and exits 130 (a
@@ -13,7 +14,7 @@ second signal stops at once, losing that layer); the partial checkpoint director
 kept. Once the checkpoint is in place, signals no longer interrupt the command.
 
 Distributed (``torchrun --nproc_per_node=N -m bpdq.cli quantize CONFIG``): the command joins the process
-group torchrun describes (gloo on CPU, nccl with CUDA; :mod:`bpdq.pipeline.distributed`); rank 0 logs, writes
+group torchrun describes (gloo on CPU, nccl with CUDA; :mod:`bpdq.engine.distributed`); rank 0 logs, writes
 the checkpoint and prints the summary, the other ranks log only warnings and errors. An error on one rank is
 reported by that rank and every rank exits with its exit code.
 """
@@ -41,11 +42,19 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "quantize",
         parents=[common],
-        help="quantize a model as a strategy config says and write a checkpoint",
+        help="quantize a model as a strategy config (or the flags) say and write a checkpoint",
         description="Quantize the decoder linears of a model with the recipe and rules of a strategy config "
-        "(YAML or JSON), write a bpdq checkpoint, print a summary and save it as JSON beside the checkpoint.",
+        "(YAML or JSON) or of the flags below (which override the file's fields when both are given), write a "
+        "bpdq checkpoint, print a summary and save it as JSON beside the checkpoint.",
     )
-    p.add_argument("config", metavar="CONFIG", help="strategy config file (.yaml, .yml or .json)")
+    p.add_argument("config", metavar="CONFIG", nargs="?", help="strategy config file (.yaml, .yml or .json)")
+    p.add_argument("--model", metavar="M", help="model: a local directory, a built-in alias or a hub id")
+    p.add_argument("--method", choices=METHODS, help="solver: rtn, gptq (uniform grid) or bpdq (bit-plane grid)")
+    p.add_argument("--bits", type=_bits, metavar="K",
+                   help="bit-planes for bpdq, uniform bits for rtn and gptq (1..8; default 2 for bpdq, 4 for rtn, 2 for gptq)")
+    p.add_argument("--group-size", type=_positive, metavar="G", help="columns per group sharing coefficients")
+    p.add_argument("--calibration", metavar="TEXT", help="calibration text: a .txt/.jsonl path, a directory, or builtin:NAME")
+    p.add_argument("--samples", type=_positive, metavar="N", help="calibration windows")
     p.add_argument("--output", "-o", metavar="DIR", help="checkpoint directory (overrides the config's output)")
     p.add_argument(
         "--set",
@@ -67,16 +76,64 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
+METHODS = ("rtn", "gptq", "bpdq")
+DEFAULT_BITS = {"rtn": 4, "gptq": 2, "bpdq": 2}
+
+
+def _positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return int(text)
+
+
+def _bits(text: str) -> int:
+    value = _positive(text)
+    if value > 8:
+        raise argparse.ArgumentTypeError(f"must be 1..8, got {text!r}")
+    return value
+
+
+def _strategy_data(args: argparse.Namespace) -> dict[str, Any]:
+    """The raw strategy mapping: the file's (when given), with the flags applied over it, then ``--set``."""
+    from bpdq.config import apply_override, read_config
+
+    if args.config is None and args.model is None:
+        raise UsageError("give a strategy config file, or --model (with --method, --bits, --group-size, --output)")
+    data: dict[str, Any] = read_config(args.config) if args.config is not None else {}
+    if args.model is not None:
+        data["model"] = args.model
+    recipe = data.setdefault("quantize", {}) if isinstance(data.get("quantize", {}), dict) else data["quantize"]
+    if isinstance(recipe, dict):
+        if args.method is not None:
+            bitplane = args.method == "bpdq"
+            bits = args.bits if args.bits is not None else DEFAULT_BITS[args.method]
+            recipe["grid"] = {"type": "bitplane", "planes": bits} if bitplane else {"type": "uniform", "bits": bits}
+            recipe["solver"] = {"type": args.method}
+        elif args.bits is not None:
+            grid = recipe.get("grid", "bitplane")
+            kind = grid.get("type") if isinstance(grid, dict) else grid
+            recipe["grid"] = {**(grid if isinstance(grid, dict) else {"type": kind}),
+                              ("planes" if kind == "bitplane" else "bits"): args.bits}
+        if args.group_size is not None:
+            recipe["group_size"] = args.group_size
+    calibration = data.setdefault("calibration", {})
+    if isinstance(calibration, dict):
+        if args.calibration is not None:
+            calibration["text"] = args.calibration
+        if args.samples is not None:
+            calibration["samples"] = args.samples
+    for assignment in args.overrides:
+        apply_override(data, assignment)
+    return data
+
+
 def _output_dir(args: argparse.Namespace, configured: str | None) -> Path:
-    from bpdq.pipeline import check_output_dir
+    from bpdq.engine.sink import check_output_dir
 
     if not (args.output or configured):
         raise UsageError("no output directory: set `output:` in the config or pass --output DIR")
-    out = Path(args.output or configured).expanduser()  # type: ignore[arg-type]
-    if out.is_dir() and any(out.iterdir()) and not args.overwrite:
-        raise UsageError(f"output directory {str(out)!r} is not empty; pass --overwrite to replace it")
     with usage_phase():
-        return check_output_dir(out, args.overwrite)
+        return check_output_dir(args.output or configured, args.overwrite, flag="--overwrite")  # type: ignore[arg-type]
 
 
 def _ignore_signals() -> None:
@@ -93,8 +150,8 @@ def _tokenizer(directory: str) -> Any:
 
 def run(args: argparse.Namespace) -> int:
     from bpdq.cli.console import setup_logging
-    from bpdq.pipeline import distributed
-    from bpdq.pipeline.resume import RunInterrupted, stop_at_layer_boundary
+    from bpdq.engine import distributed
+    from bpdq.engine.interrupt import RunInterrupted, stop_at_layer_boundary
 
     created = distributed.init_from_env()
     rank = distributed.rank()
@@ -123,18 +180,20 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from bpdq.calibration import calibration_windows
-    from bpdq.pipeline import LazySource, is_model_directory, needs_calibration, quantize_model
-    from bpdq.pipeline import distributed
-    from bpdq.pipeline.resume import ResumeState
-    from bpdq.strategy import load_strategy
+    from bpdq.api import quantize
+    from bpdq.engine import distributed
+    from bpdq.engine.plan import needs_calibration
+    from bpdq.engine.resume import read_state
+    from bpdq.engine.source import LazySource, is_model_directory
+    from bpdq.strategy import strategy_from_dict
 
     load_plugins(args.plugin)
     with usage_phase():
-        strategy = load_strategy(args.config, args.overrides)
+        source = f"strategy config {args.config!r}" if args.config is not None else "command line"
+        strategy = strategy_from_dict(_strategy_data(args), source)
     output = _output_dir(args, strategy.output)
     with usage_phase("--resume"):
-        ResumeState(output, args.resume)  # a missing required state, or an unreadable one, before any work
+        read_state(output, args.resume)  # a missing required state, or an unreadable one, before any work
     device = device_for(strategy.device)
     calibrated = needs_calibration(strategy.quantize, strategy.rules)
     if calibrated:
@@ -147,18 +206,13 @@ def _run(args: argparse.Namespace) -> int:
     else:
         model, tokenizer = load_model(strategy.model, "cpu", dtype=strategy.dtype)
     if calibrated:
-        with usage_phase("calibration"):
-            windows = calibration_windows(tokenizer, strategy.calibration)
-        log.info("quantizing %s on %s: %d calibration windows of %d tokens", strategy.model, device, len(windows),
-                 strategy.calibration.seq_len)
+        log.info("quantizing %s on %s: %d calibration windows of %d tokens", strategy.model, device,
+                 strategy.calibration.samples, strategy.calibration.seq_len)
     else:
         log.info("quantizing %s on %s: data-free (no solver of the strategy uses a Hessian)", strategy.model, device)
-    report = quantize_model(
-        model, tokenizer, recipe=strategy.quantize, calibration=strategy.calibration if calibrated else None,
-        rules=strategy.rules, device=device, output=output, overwrite=args.overwrite,
-        asymmetric=strategy.calibration.asymmetric, tuning=strategy.tuning,
-        target_bpw=strategy.target_bpw, resume=args.resume,
-    )
+    config = strategy.config().model_copy(update={"output": str(output), "overwrite": args.overwrite,
+                                                  "resume": args.resume, "device": str(device)})
+    report = quantize(model, config, tokenizer=tokenizer)
     _ignore_signals()
     if distributed.rank() != 0:
         return 0

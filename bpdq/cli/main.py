@@ -12,7 +12,7 @@ import sys
 import traceback
 from typing import Sequence
 
-from bpdq import __version__
+from bpdq.version import __version__
 from bpdq.cli import cmd_eval, cmd_export, cmd_generate, cmd_inspect, cmd_quantize
 from bpdq.cli.console import setup_logging
 from bpdq.cli.errors import EXIT_FAILURE, EXIT_USAGE, UsageError

@@ -12,7 +12,7 @@ layer's remaining calibration passes instead of recomputing it. ``tails`` pairs 
 linear (relative to the block) when the block's output is that linear's output (alone, or first in a tuple
 whose other items are ``None``): the input of that linear, kept from the pass that calibrates it, then gives
 the block's output for the recording pass without running the rest of the block (checked on the first
-batch: :class:`~bpdq.pipeline.calibrate.Replay`). A tail's block is replayed like those of ``replay``.
+batch: :class:`~bpdq.engine.replay.Replay`). A tail's block is replayed like those of ``replay``.
 
 Adapters are registered in ``bpdq.ADAPTERS`` under the ``architectures`` name of a transformers config.
 A model without a registered adapter gets the Llama-shaped fallback when :func:`detect_adapter` recognises

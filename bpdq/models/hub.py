@@ -7,7 +7,6 @@ Built-in aliases work offline: ``smollm2-135m`` is SmolLM2-135M-Instruct, shippe
 from __future__ import annotations
 
 import importlib.util
-import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,14 +72,6 @@ def _from_pretrained(where: str, dtype: torch.dtype | None, device: str, **kwarg
     return model.to(device).eval(), tokenizer
 
 
-def _is_bpdq_checkpoint(directory: Path) -> bool:
-    config = directory / "config.json"
-    if not config.is_file():
-        return False
-    qc = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
-    return qc.get("quant_method") == "bpdq"
-
-
 def load_pretrained(
     name_or_path: str, *, dtype: torch.dtype | str | None = None, device: str = "cpu"
 ) -> tuple[Any, Any]:
@@ -94,9 +85,9 @@ def load_pretrained(
         return _from_pretrained(str(gguf.parent), torch_dtype, device, gguf_file=gguf.name)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
-        if _is_bpdq_checkpoint(path):
-            from bpdq.checkpoint import load
+        from bpdq.checkpoint import is_bpdq_checkpoint, load
 
+        if is_bpdq_checkpoint(path):
             return load(path, device=device)
         return _from_pretrained(str(path), torch_dtype, device)
     if path.suffix == ".gguf" and path.is_file():

@@ -61,14 +61,12 @@ class HessianAccumulator:
                 block.add_(x2[:, r0:r1].T @ x2[:, r0:])
         self.n += x2.shape[0]
 
-    def all_reduce(self) -> None:
-        """Sum this accumulator over the ranks of a distributed run (float64 on the wire; see
-        :mod:`bpdq.pipeline.distributed`); a no-op in a single process."""
-        from bpdq.pipeline.distributed import all_reduce_hessian
-
+    def reduce(self, reduce_block: Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]) -> None:
+        """Replace each float64 block of the sum and the count by ``reduce_block(block, n)`` (e.g. their sums
+        over the ranks of a distributed run)."""
         if self._blocks is None:
             raise ValueError("no calibration inputs were accumulated on this rank; nothing to reduce")
-        reduced = [all_reduce_hessian(block, self.n) for block in self._blocks]
+        reduced = [reduce_block(block, self.n) for block in self._blocks]
         self._blocks = [block for block, _ in reduced]
         self.n = reduced[0][1]
 

@@ -1,12 +1,14 @@
-"""The strategy config of a quantization run (model, calibration, recipe, rules, output, device).
+"""The CLI's strategy config: a :class:`~bpdq.config.QuantizeConfig` plus ``model:``.
 
 ``load_strategy(path, overrides)`` reads YAML/JSON, applies ``a.b.c=value`` overrides and validates;
 problems raise ``StrategyError`` (a ``ValueError``) naming the field path, the value and what is allowed.
 """
 
-from bpdq.strategy.errors import StrategyError, format_errors, format_path
-from bpdq.strategy.io import apply_override, parse_yaml, read_config
-from bpdq.strategy.model import FORMAT_VERSION, Strategy, load_strategy, strategy_from_dict
+from bpdq.config.files import ConfigError as StrategyError
+from bpdq.config.files import apply_override, parse_yaml, read_config
+from bpdq.config.run import FORMAT_VERSION
+from bpdq.strategy.model import Strategy, load_strategy, strategy_from_dict
+from bpdq.validation import format_errors, format_path
 
 __all__ = [
     "FORMAT_VERSION",

@@ -78,7 +78,7 @@ def test_overwrite_replaces_a_directory_and_reproduces_the_weights(tiny_checkpoi
 
 WAITING_PLUGIN = """
 import os, pathlib, time
-import bpdq.pipeline.resume as resume
+import bpdq.engine.resume as resume
 from bpdq.registry import SOLVERS
 from bpdq.solvers.rtn import RTN
 
@@ -98,8 +98,8 @@ class WaitingRTN(RTN):
 
 
 def test_ctrl_c_finishes_the_layer_keeps_the_state_and_exits_130(tmp_path, tiny_model_dir):
-    """SIGINT (SIGTERM takes the same handler: tests/pipeline/test_resume.py; the same command resuming:
-    tests/pipeline/test_distributed.py)."""
+    """SIGINT (SIGTERM takes the same handler: tests/engine/test_resume.py; the same command resuming:
+    tests/engine/test_distributed.py)."""
     import os
     import signal
     import subprocess

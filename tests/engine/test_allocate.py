@@ -1,4 +1,4 @@
-"""Bit allocation in the run (bpdq/pipeline/allocate.py): a measuring pass, then planes per decoder linear
+"""Bit allocation in the run (bpdq/engine/allocate.py): a measuring pass, then planes per decoder linear
 that meet target_bpw from below, in memory and from a model directory; bad targets fail before any work."""
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def test_allocation_meets_the_target_within_one_modules_step_and_never_exceeds_i
 def test_the_measuring_pass_leaves_the_model_as_it_was_and_the_run_follows_it():
     model = tiny_model(layers=2)
     seen = []
-    import bpdq.pipeline.allocate as allocate
+    import bpdq.engine.allocate as allocate
 
     measure = allocate.measure
 
@@ -111,7 +111,7 @@ def test_a_bad_target_fails_before_any_work(kwargs, error, tmp_path, monkeypatch
     def no_capture(*args, **kw):
         raise AssertionError("no calibration pass may run")
 
-    monkeypatch.setattr("bpdq.pipeline.run.capture_layer_inputs", no_capture)
+    monkeypatch.setattr("bpdq.engine.run.capture_layer_inputs", no_capture)
     kwargs = {"recipe": RECIPE, **kwargs}
     with pytest.raises(ValueError) as info:
         bpdq.quantize_model(tiny_model(), tiny_tokenizer(), calibration=TINY_CALIBRATION, progress=False, device="cpu",

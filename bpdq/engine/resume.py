@@ -1,14 +1,14 @@
 """Resume an interrupted run: the state a checkpoint run keeps beside its output, and a clean stop on signals.
 
 A run with ``output`` and a resume mode keeps its state in ``.NAME.bpdq-resume/`` beside the output ``NAME``
-(a hidden directory of its own: the stale-temporary-directory clean-up of :class:`~bpdq.pipeline.sink.OutputDir`
+(a hidden directory of its own: the stale-temporary-directory clean-up of :class:`~bpdq.engine.sink.OutputDir`
 never touches it). After each finished decoder layer it holds:
 
 - ``layer-00000.safetensors`` ...: each finished layer's tensors, exactly as written to the checkpoint;
 - ``inputs-0000N/``: the next layer's inputs (``hidden-*.safetensors``, one file per calibration batch, and
-  ``fp-*.safetensors`` for the full-precision stream of the levers); absent in a data-free run;
+  ``fp-*.safetensors`` for the full-precision stream); absent in a data-free run;
 - ``manifest.json``: the format version, the run's *fingerprint*, the number of finished layers, each
-  finished layer's QuantLinear table and module records, and the levers' state (tuning results, the
+  finished layer's QuantLinear table and module records, and the stages' states (tuning results, the
   bit allocation and its rules).
 
 Every file is written under a temporary name and renamed; the manifest is replaced last, so a process killed
@@ -19,74 +19,38 @@ windows, as it does for the first layer.
 
 The fingerprint names what determines the result: the model (its weight files' names and sizes and the
 hash of ``config.json`` for a model directory; the hash of the config and every tensor for a model in
-memory), the dtype, the hash of the calibration token ids, the recipe and rules, the levers, the batch size,
+memory), the dtype, the hash of the calibration token ids, the recipe and rules, the stages, the batch size,
 the device type, the bpdq and torch versions and the world size. On resume any difference fails closed with
 a ``ValueError`` naming each differing field. Modes: ``auto`` continues from the state when there is one and
 starts over otherwise; ``required`` refuses to start without one; ``never`` removes an old state and starts
 over. In every mode the run keeps a new state as it goes, and removes it once the checkpoint is complete.
 
-:func:`stop_at_layer_boundary` turns SIGINT and SIGTERM into a request that the loop honours after the layer
-in work is written and its state saved (:class:`RunInterrupted`); a second signal interrupts at once.
+:func:`~bpdq.engine.interrupt.stop_at_layer_boundary` turns SIGINT and SIGTERM into a request that the loop
+honours after the layer in work is written and its state saved; a second signal interrupts at once.
 """
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import logging
 import os
 import shutil
-import signal
-import threading
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any, Sequence
 
 import torch
 
-from bpdq.pipeline import distributed
-from bpdq.pipeline.calibrate import Batch
+from bpdq.engine import distributed
+from bpdq.engine.source import LazySource
+from bpdq.batch import Batch
+from bpdq.checkpoint import CONFIG_FILE, unique_state_dict
 
 logger = logging.getLogger(__name__)
 
 RESUME_MODES = ("auto", "never", "required")
-STATE_FORMAT = 1
+STATE_FORMAT = 2
 MANIFEST_FILE = "manifest.json"
-_STOP = threading.Event()
-
-
-class RunInterrupted(KeyboardInterrupt):
-    """The run stopped at a layer boundary on request; ``state`` is where it can resume from (or ``None``)."""
-
-    def __init__(self, layers_done: int, n_layers: int, state: Path | None) -> None:
-        where = f"; its state is kept in {state}" if state is not None else ""
-        super().__init__(f"stopped after {layers_done} of {n_layers} decoder layers{where}")
-        self.layers_done, self.n_layers, self.state = layers_done, n_layers, state
-
-
-def stop_requested() -> bool:
-    return _STOP.is_set()
-
-
-@contextlib.contextmanager
-def stop_at_layer_boundary() -> Iterator[None]:
-    """While active, the first SIGINT or SIGTERM asks the run to stop after the current layer (raising
-    :class:`RunInterrupted` there); a second one raises ``KeyboardInterrupt`` at once. Main thread only."""
-
-    def handler(_signum: int, _frame: Any) -> None:
-        if _STOP.is_set():
-            raise KeyboardInterrupt
-        _STOP.set()
-        logger.warning("stop requested: finishing the current layer and saving the state (signal again to stop now)")
-
-    previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
-    _STOP.clear()
-    try:
-        yield
-    finally:
-        for sig, old in previous.items():
-            signal.signal(sig, old)
-        _STOP.clear()
 
 
 def state_dir(output: str | Path) -> Path:
@@ -161,9 +125,6 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
 def source_fingerprint(source: Any) -> dict[str, Any]:
     """What identifies the model a run reads: a directory's weight files (names, sizes) and config hash, or
     the config and every tensor of a model in memory (hashed: about a second per GB)."""
-    from bpdq.checkpoint import unique_state_dict
-    from bpdq.pipeline.source import CONFIG_FILE, LazySource
-
     if isinstance(source, LazySource):
         return {
             "files": {p.name: p.stat().st_size for p in source.files.files},
@@ -180,29 +141,38 @@ def source_fingerprint(source: Any) -> dict[str, Any]:
     return {"config_sha256": _sha256(json.dumps(config, sort_keys=True, default=str).encode()), "tensors_sha256": h.hexdigest()}
 
 
+def read_state(output: str | Path, mode: str) -> dict[str, Any] | None:
+    """The manifest of the resume state beside ``output`` (``None`` when there is none), after checking
+    ``mode``; ``required`` with no state, or an unreadable manifest, raises ``ValueError``. Changes nothing."""
+    if mode not in RESUME_MODES:
+        raise ValueError(f"resume must be one of {', '.join(RESUME_MODES)}; got {mode!r}")
+    directory = state_dir(output)
+    manifest_path = directory / MANIFEST_FILE
+    manifest = None
+    if mode != "never" and manifest_path.is_file():
+        try:
+            manifest = json.loads(manifest_path.read_text(encoding="utf-8"))
+        except ValueError as exc:
+            raise ValueError(f"resume state {manifest_path} is unreadable ({exc}); pass resume='never' to start over") from None
+    if mode == "required" and manifest is None:
+        raise ValueError(f"resume='required' but there is no resume state at {directory} (no finished layer was saved)")
+    return manifest
+
+
 class ResumeState:
     """The resume state of one run writing ``output`` (see the module docstring). ``mode`` is one of
     :data:`RESUME_MODES`; ``required`` with no state raises ``ValueError`` here, before any work."""
 
     def __init__(self, output: str | Path, mode: str) -> None:
-        if mode not in RESUME_MODES:
-            raise ValueError(f"resume must be one of {', '.join(RESUME_MODES)}; got {mode!r}")
         self.mode = mode
         self.dir = state_dir(output)
         self.manifest: dict[str, Any] | None = None
+        read_state(output, mode)  # the mode and the state's readability, before anything is removed
         if mode == "never" and self.dir.exists() and distributed.rank() == 0:
             logger.info("resume=never: removing the old resume state %s", self.dir)
             shutil.rmtree(self.dir)
         distributed.barrier()
-        if self.dir.exists():
-            manifest = self.dir / MANIFEST_FILE
-            if manifest.is_file():
-                try:
-                    self.manifest = json.loads(manifest.read_text(encoding="utf-8"))
-                except ValueError as exc:
-                    raise ValueError(f"resume state {manifest} is unreadable ({exc}); pass resume='never' to start over") from None
-        if mode == "required" and self.manifest is None:
-            raise ValueError(f"resume='required' but there is no resume state at {self.dir} (no finished layer was saved)")
+        self.manifest = read_state(output, mode)
 
     def check(self, fingerprint: dict[str, Any]) -> int:
         """The number of finished layers to resume after (0 without a state); ``ValueError`` naming each
@@ -226,7 +196,7 @@ class ResumeState:
             self.dir.mkdir(parents=True)
         distributed.barrier()
         self.manifest = {"format": STATE_FORMAT, "fingerprint": fingerprint, "layers_done": 0, "layers": {},
-                         "records": [], "levers": {}}
+                         "records": [], "stages": {}}
         return 0
 
     def _clean(self, done: int) -> None:
@@ -247,9 +217,10 @@ class ResumeState:
         return int(self.manifest["layers_done"]) if self.manifest else 0
 
     @property
-    def levers(self) -> dict[str, Any]:
+    def stage_states(self) -> dict[str, Any]:
+        """Each stage's saved :meth:`~bpdq.engine.stages.Stage.state` (by name)."""
         assert self.manifest is not None
-        return self.manifest["levers"]
+        return self.manifest["stages"]
 
     def records(self) -> list[dict[str, Any]]:
         assert self.manifest is not None
@@ -262,14 +233,15 @@ class ResumeState:
         assert self.manifest is not None
         return self.manifest["layers"][str(index)], load_file(str(self.dir / f"layer-{index:05d}.safetensors"))
 
-    def inputs(self, batches: Sequence[Batch], stream: str, first: int = 0) -> list[Batch]:
+    def inputs(self, batches: Sequence[Batch], stream: str, first: int = 0, out: Any = None) -> Any:
         """``batches`` (layer-0 inputs: their keyword arguments) with the saved hidden states of ``stream``
-        (``hidden`` or ``fp``) for the next layer to run; ``first`` is the global number of ``batches[0]``
-        (a rank's share of a distributed run)."""
+        (``hidden`` or ``fp``) for the next layer to run, appended one by one to ``out`` (an
+        :class:`~bpdq.engine.activations.ActivationStore` or a list; by default a new list); ``first`` is the
+        global number of ``batches[0]`` (a rank's share of a distributed run)."""
         from safetensors.torch import load_file
 
         folder = self.dir / f"inputs-{self.layers_done:05d}"
-        out = []
+        out = [] if out is None else out
         for j, b in enumerate(batches):
             path = folder / f"{stream}-{first + j:05d}.safetensors"
             if not path.is_file():
@@ -283,15 +255,16 @@ class ResumeState:
 
     # ---- writing -------------------------------------------------------------------------------------
 
-    def set_levers(self, **entries: Any) -> None:
+    def set_stage_states(self, states: dict[str, Any]) -> None:
+        """Save the stages' states now (e.g. a pre-pass's result, before the first layer is done)."""
         assert self.manifest is not None
-        self.manifest["levers"].update(entries)
+        self.manifest["stages"].update(states)
         if distributed.rank() == 0:
             _write_json(self.dir / MANIFEST_FILE, self.manifest)
 
     def save_layer(
         self, index: int, table: dict[str, dict[str, Any]], tensors: dict[str, torch.Tensor], records: list[dict[str, Any]],
-        streams: dict[str, Sequence[Batch] | None], levers: dict[str, Any], first: int = 0,
+        streams: dict[str, Sequence[Batch] | None], stages: dict[str, Any], first: int = 0,
     ) -> None:
         """Layer ``index`` is written: save its tensors, the next layer's inputs (each rank its share,
         ``first`` being the global number of its first batch), then the manifest (rank 0)."""
@@ -313,7 +286,7 @@ class ResumeState:
             distributed.barrier()
         self.manifest["layers"][str(index)] = table
         self.manifest["records"] = self.manifest["records"] + records
-        self.manifest["levers"].update(levers)
+        self.manifest["stages"].update(stages)
         self.manifest["layers_done"] = index + 1
         if lead:
             if saving:

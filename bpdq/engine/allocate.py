@@ -1,6 +1,6 @@
-"""Bit allocation in the run (issue 15, lever 4): planes per decoder linear chosen to meet ``target_bpw``.
+"""Bit allocation in the run (:class:`BitAllocation`): planes per decoder linear chosen to meet ``target_bpw``.
 
-Before the main loop, :func:`measure` makes one calibration pass over the *full-precision* model (one decoder
+Before the main loop (the stage's ``setup``), :func:`measure` makes one calibration pass over the *full-precision* model (one decoder
 layer materialised at a time, from the run's source): per layer it collects each quantized linear's Hessian
 on the full-precision inputs and probes the linear at k = 1..4 planes with :data:`PROBE_SOLVER` over the
 module's own bitplane grid and group size, recording the *relative* proxy loss
@@ -24,41 +24,32 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import TYPE_CHECKING, Sequence
+from typing import Any, Sequence
 
 import torch
 
 from bpdq.allocation import MAX_PLANES, MIN_PLANES, Allocation, ModuleLoss, allocate_planes, check_target_bpw, planes_bpw
-from bpdq.api import quantize_weight
+from bpdq.batch import Batch
 from bpdq.config import Recipe, Rule
-from bpdq.pipeline.calibrate import ActivationStore, Batch, collect_hessians, run_layer
-from bpdq.pipeline.source import ModelSource
-
-if TYPE_CHECKING:
-    from bpdq.pipeline.run import _Setup
+from bpdq.engine.activations import close
+from bpdq.engine.passes import collect_hessians, run_layer
+from bpdq.engine.plan import RunPlan
+from bpdq.engine.source import ModelSource
+from bpdq.engine.stages import RunContext, Stage
+from bpdq.modules import on_device
+from bpdq.report import RunReport
+from bpdq.solvers.build import quantize_weight
 
 logger = logging.getLogger(__name__)
 
 PROBE_SOLVER = {"type": "gptq", "refit": "none"}
 
 
-def _modules(s: "_Setup") -> dict[str, Recipe]:
-    """Every quantized decoder linear (full name) with its resolved recipe."""
-    from bpdq.pipeline.run import layer_plan
-
-    out: dict[str, Recipe] = {}
-    for i, layer in enumerate(s.layers):
-        prefix = f"{s.adapter.layers}.{i}"
-        for group in layer_plan(layer, prefix, s.adapter, s.recipe, s.rules):
-            out.update({f"{prefix}.{rel}": r for rel, r in group.items() if r is not None})
-    return out
-
-
-def check_allocatable(s: "_Setup", target_bpw: float) -> None:
+def check_allocatable(s: RunPlan, target_bpw: float) -> None:
     """``ValueError`` before any work unless every quantized decoder linear can take 1..4 planes at the run's
     group size and ``target_bpw`` is reachable there."""
     check_target_bpw(target_bpw, s.recipe.group_size)
-    modules = _modules(s)
+    modules = s.quantized_linears()
     if not modules:
         raise ValueError("target_bpw needs at least one quantized decoder linear; every one is skipped")
     for name, r in modules.items():
@@ -69,19 +60,17 @@ def check_allocatable(s: "_Setup", target_bpw: float) -> None:
             )
 
 
-def measure(source: ModelSource, s: "_Setup", inputs: Sequence[Batch], device: torch.device) -> list[ModuleLoss]:
+def measure(source: ModelSource, s: RunPlan, inputs: Sequence[Batch], device: torch.device) -> list[ModuleLoss]:
     """Each quantized decoder linear's proxy loss at 1..4 planes on the full-precision model (see the module
     docstring); the layers are left unchanged and released."""
-    from bpdq.pipeline.run import _on_device, layer_plan
-
     results: list[ModuleLoss] = []
     current = inputs
     try:
         for i in range(len(s.layers)):
-            prefix = f"{s.adapter.layers}.{i}"
+            prefix = s.prefix(i)
             layer = source.load(prefix)
-            names = [(rel, r) for g in layer_plan(layer, prefix, s.adapter, s.recipe, s.rules) for rel, r in g.items() if r is not None]
-            home = _on_device(layer, device)
+            names = [(rel, r) for g in s.layer_plan(layer, prefix) for rel, r in g.items() if r is not None]
+            home = on_device(layer, device)
             try:
                 hessians = collect_hessians(layer, [rel for rel, _ in names], current, device) if names else {}
                 for rel, r in names:
@@ -97,12 +86,12 @@ def measure(source: ModelSource, s: "_Setup", inputs: Sequence[Batch], device: t
             finally:
                 layer.to(home)
             source.release(prefix)
-            if current is not inputs and isinstance(current, ActivationStore):
-                current.close()
+            if current is not inputs:
+                close(current)
             current = nxt  # type: ignore[assignment]
     finally:
-        if current is not inputs and isinstance(current, ActivationStore):
-            current.close()
+        if current is not inputs:
+            close(current)
     return results
 
 
@@ -132,12 +121,49 @@ def plane_floor(target_bpw: float, group_size: int) -> int:
     return 2 if target_bpw >= planes_bpw(2, group_size) - 1e-9 else MIN_PLANES
 
 
-def allocate(source: ModelSource, s: "_Setup", inputs: Sequence[Batch], device: torch.device, target_bpw: float) -> tuple[Allocation, list[Rule]]:
+def allocate(source: ModelSource, s: RunPlan, inputs: Sequence[Batch], device: torch.device, target_bpw: float) -> tuple[Allocation, list[Rule]]:
     """Measure, allocate (at least :func:`plane_floor` planes each), and the rules that apply the allocation
     (to put before the run's rules)."""
-    recipes = _modules(s)
+    recipes = s.quantized_linears()
     losses = measure(source, s, inputs, device)
     floor = plane_floor(target_bpw, s.recipe.group_size)
     allocation = allocate_planes(losses, target_bpw, s.recipe.group_size, min_planes=floor)
     logger.info("%s", allocation)
     return allocation, plane_rules(allocation, recipes)
+
+
+class BitAllocation(Stage):
+    """Chooses 1..4 planes per decoder linear to meet ``target_bpw`` before the loop (see the module
+    docstring); its rules and its report are kept in the resume state, so a resumed run does not measure
+    again."""
+
+    name = "allocation"
+    needs_calibration = True
+    single_process = True
+
+    def __init__(self, target_bpw: float) -> None:
+        self.target_bpw = target_bpw
+        self.saved: dict[str, Any] | None = None
+
+    def fingerprint(self) -> dict[str, Any]:
+        return {"target_bpw": self.target_bpw}
+
+    def check(self, plan: RunPlan) -> None:
+        check_allocatable(plan, self.target_bpw)
+
+    def state(self) -> dict[str, Any] | None:
+        return self.saved
+
+    def restore(self, state: dict[str, Any]) -> None:
+        self.saved = state
+
+    def setup(self, run: RunContext) -> None:
+        if self.saved is None:
+            assert run.inputs is not None
+            run.progress.describe("measuring losses for the bit allocation")
+            allocation, plane_rules = allocate(run.source, run.plan, run.inputs, run.device, self.target_bpw)
+            self.saved = {"rules": [r.model_dump(mode="json") for r in plane_rules], "report": allocation.to_dict()}
+        run.add_rules([Rule(**r) for r in self.saved["rules"]])
+
+    def finish(self, report: RunReport) -> None:
+        report.allocation = self.saved["report"] if self.saved is not None else None

@@ -1,6 +1,6 @@
 """One run spread over the processes of a ``torch.distributed`` group (``torchrun``; gloo on CPU, nccl with CUDA).
 
-The run is the same loop on every rank (:mod:`bpdq.pipeline.run`), with these differences:
+The run is the same loop on every rank (:mod:`bpdq.engine.run`), with these differences:
 
 - **Calibration.** Every rank makes the same token windows and batches; rank ``r`` of ``N`` keeps a
   contiguous share of the batches (:func:`shard`; there must be at least ``N`` batches) and runs its own
@@ -11,7 +11,7 @@ The run is the same loop on every rank (:mod:`bpdq.pipeline.run`), with these di
   (:class:`~bpdq.solvers.hessian.HessianAccumulator`), so grouping the batches by rank changes only its last
   float64 bits and the float32 Hessian the solver receives is the same: the distributed checkpoint is
   byte-identical to the single-process one (at the same thread count per process; tested in
-  tests/pipeline/test_distributed.py).
+  tests/engine/test_distributed.py).
 - **Solves.** Each linear of a sequential group has an owner rank (:func:`owners`: largest weight first, to
   the least-loaded rank); the owners solve their linears at the same time, then each owner broadcasts its
   QuantLinear (packed planes, coefficients, and its record and metadata as JSON: :func:`share_linear`) and
@@ -46,6 +46,8 @@ from typing import Any, Callable, Sequence, TypeVar
 import torch
 from torch import nn
 
+from bpdq.engine.interrupt import RunInterrupted
+from bpdq.linear import QuantLinear
 from bpdq.report import ModuleRecord
 
 logger = logging.getLogger(__name__)
@@ -131,8 +133,6 @@ def fail(code: int = 1) -> None:
 def exit_code(exc: BaseException) -> int | None:
     """The code a rank failing with ``exc`` reports to the others (``None``: every rank stops with it, no
     report: a stop agreed at a layer boundary, or another rank's failure)."""
-    from bpdq.pipeline.resume import RunInterrupted
-
     if isinstance(exc, (RunInterrupted, PeerFailed)):
         return None
     return 130 if isinstance(exc, KeyboardInterrupt) else 1
@@ -228,8 +228,6 @@ def share_linear(root: nn.Module, name: str, record: ModuleRecord | None, owner:
     """After the ranks solved their own linears of a group: the QuantLinear ``name`` of ``root`` goes from
     its ``owner`` (who passes its ``record``) to every other rank, which swaps its ``nn.Linear`` for it;
     returns the module's record. A no-op in one process."""
-    from bpdq.linear import QuantLinear
-
     if not is_distributed():
         assert record is not None
         return record
@@ -251,8 +249,7 @@ def share_linear(root: nn.Module, name: str, record: ModuleRecord | None, owner:
         module.weight_dtype = linear.weight.dtype
         if linear.bias is not None:
             module.bias.data.copy_(linear.bias.detach())
-        parent, _, child = name.rpartition(".")
-        setattr(root.get_submodule(parent) if parent else root, child, module)
+        root.set_submodule(name, module)
     for buf in (module.planes, module.coeffs):
         wire = buf.to(_device())
         _dist().broadcast(wire, owner)

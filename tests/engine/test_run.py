@@ -1,4 +1,4 @@
-"""quantize_model on tiny random Llama / Qwen2 / Qwen3 models (bpdq/pipeline/run.py): every solver end to end,
+"""quantize_model on tiny random Llama / Qwen2 / Qwen3 models (bpdq/engine/run.py): every solver end to end,
 rules and skips, sequential calibration on the quantized layers' outputs, determinism, errors, devices and
 hooks."""
 
@@ -188,9 +188,9 @@ def test_quantizing_twice_is_refused():
 
 def test_progress_bar_and_log_lines(caplog):
     model, tok = tiny_model("llama", layers=2), tiny_tokenizer()
-    with caplog.at_level("INFO", logger="bpdq.pipeline"):
+    with caplog.at_level("INFO", logger="bpdq.engine"):
         bpdq.quantize_model(model, tok, recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, progress=True)
-    lines = [r.getMessage() for r in caplog.records if r.name == "bpdq.pipeline"]
+    lines = [r.getMessage() for r in caplog.records if r.name == "bpdq.engine"]
     assert any("layer 1/2" in m for m in lines) and any("layer 2/2" in m and "ETA" in m for m in lines)
 
 
@@ -240,7 +240,7 @@ def test_data_free_rtn_needs_no_text_and_runs_no_forward(tmp_path, monkeypatch):
 
 
 def rss_bytes():
-    from bpdq.pipeline.source import return_freed_memory
+    from bpdq.engine.source import return_freed_memory
 
     gc.collect()
     return_freed_memory()  # count what is held, not the allocator's free blocks
@@ -252,7 +252,7 @@ def rss_bytes():
 def test_rss_growth_per_finished_layer_is_bounded(tmp_path, solver, calibration, hidden):
     """A released layer holds nothing: memory does not grow with the number of finished layers (a layer that
     stayed would add its own size each time)."""
-    from bpdq.pipeline import CheckpointSink, LayerHooks, LazySource, run_quantization
+    from bpdq.engine import CheckpointSink, LayerHooks, LazySource, run_quantization
 
     sizes = {"hidden_size": hidden, "intermediate_size": 2 * hidden}
     src = tiny_model_dir(tmp_path / "src", "llama", layers=10, max_shard_size="5MB", **sizes)
@@ -296,7 +296,7 @@ def test_bad_input_is_named_and_leaves_nothing(case, tmp_path, monkeypatch):
         (tmp_path / "ro").write_text("a file, so nothing can be created below it")
         out = tmp_path / "ro" / "out"
         match = f"output directory '{out}' cannot be written"
-    monkeypatch.setattr("bpdq.pipeline.run._run", lambda *a, **k: pytest.fail("work started before the check"))
+    monkeypatch.setattr("bpdq.engine.run._run", lambda *a, **k: pytest.fail("work started before the check"))
     with pytest.raises(ValueError, match=match):
         bpdq.quantize_model(src, recipe={**TINY_RECIPE, "solver": "gptq"}, calibration=TINY_CALIBRATION,
                             progress=False, output=out)
@@ -327,7 +327,7 @@ def test_offloaded_activations_give_the_same_checkpoint(tmp_path, caplog):
     src = tiny_model_dir(tmp_path / "src", "qwen3", layers=2)
     recipe = {**TINY_RECIPE, "solver": "gptq"}
     bpdq.quantize_model(src, recipe=recipe, calibration=TINY_CALIBRATION, progress=False, output=tmp_path / "a")
-    with caplog.at_level("INFO", logger="bpdq.pipeline.run"):
+    with caplog.at_level("INFO", logger="bpdq.engine.run"):
         bpdq.quantize_model(src, recipe=recipe, calibration={**TINY_CALIBRATION, "offload": "9KB"}, progress=False,
                             output=tmp_path / "b")
     assert any("1 of 1 batches offloaded" in r.getMessage() for r in caplog.records)
@@ -335,7 +335,7 @@ def test_offloaded_activations_give_the_same_checkpoint(tmp_path, caplog):
 
 
 def test_layer_hooks_see_each_layer_and_a_post_solve_stage_changes_the_next_inputs(tmp_path):
-    from bpdq.pipeline import InMemorySink, InMemorySource, LayerHooks, run_quantization
+    from bpdq.engine import InMemorySink, InMemorySource, LayerHooks, run_quantization
 
     def run_with(hooks):
         model = tiny_model("llama", layers=2)
@@ -364,7 +364,7 @@ def test_layer_hooks_see_each_layer_and_a_post_solve_stage_changes_the_next_inpu
 
 
 def test_rules_that_quantize_nothing_are_refused_before_calibration(monkeypatch):
-    import bpdq.pipeline.run as run
+    import bpdq.engine.run as run
 
     def unreachable(*args, **kwargs):
         raise AssertionError("calibration ran")
@@ -379,11 +379,11 @@ def test_rules_that_quantize_nothing_are_refused_before_calibration(monkeypatch)
 
 
 def test_freed_memory_is_returned_after_every_sequential_group(monkeypatch):
-    import bpdq.pipeline.run
+    import bpdq.engine.run
     from bpdq.models.base import get_adapter
 
     calls = []
-    monkeypatch.setattr(bpdq.pipeline.run, "return_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(bpdq.engine.run, "return_freed_memory", lambda: calls.append(1))
     model = tiny_model("llama")
     groups = len(get_adapter(model).linear_groups(model.model.layers[0]))
     bpdq.quantize_model(model, tiny_tokenizer(), recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, progress=False)
@@ -394,7 +394,7 @@ def test_freed_memory_is_returned_after_every_sequential_group(monkeypatch):
 def test_a_lazy_run_drops_embeddings_and_head_between_capture_and_the_end(tmp_path, monkeypatch, tied):
     from transformers import AutoModelForCausalLM
 
-    from bpdq.pipeline.source import LazySource
+    from bpdq.engine.source import LazySource
 
     src = tiny_model_dir(tmp_path / "src", "llama", layers=2, tie_word_embeddings=tied)
     rules = [{"match": "lm_head", "grid": {"type": "bitplane", "planes": 4}}]

@@ -4,7 +4,7 @@ written as the run goes.
 :class:`OutputDir` is the atomic part: the checkpoint is built in a hidden temporary directory beside the
 target (``.NAME.tmp-*``) and renamed into place at the end; any failure removes it. Stale temporary
 directories of the same target (left by a killed process) are removed when the next one is made; a run's
-resume state, ``.NAME.bpdq-resume/`` (:mod:`bpdq.pipeline.resume`), is not one of them. The target is
+resume state, ``.NAME.bpdq-resume/`` (:mod:`bpdq.engine.resume`), is not one of them. The target is
 checked before any work: not a file, empty unless ``overwrite``, and its parent writable.
 
 :class:`CheckpointSink` streams: each finished decoder layer's tensors go to a :class:`~bpdq.shards.ShardWriter`
@@ -29,14 +29,15 @@ from bpdq.report import REPORT_FILE, RunReport
 from bpdq.shards import DEFAULT_MAX_SHARD_SIZE, ShardWriter, parse_size
 
 
-def check_output_dir(target: str | Path, overwrite: bool) -> Path:
+def check_output_dir(target: str | Path, overwrite: bool, *, flag: str = "overwrite=True") -> Path:
     """``target`` as a Path, after checking it can become a checkpoint directory (raises ``FileExistsError``
-    or ``ValueError`` naming it). Creates its missing parent directories."""
+    or ``ValueError`` naming it; ``flag`` is how the caller's user asks to overwrite). Creates its missing
+    parent directories."""
     path = Path(target).expanduser()
     if path.exists() and not path.is_dir():
         raise FileExistsError(f"output {str(path)!r} exists and is not a directory")
     if path.is_dir() and any(path.iterdir()) and not overwrite:
-        raise FileExistsError(f"output directory {str(path)!r} is not empty; pass overwrite=True to replace it")
+        raise FileExistsError(f"output directory {str(path)!r} is not empty; pass {flag} to replace it")
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         Path(tempfile.mkdtemp(prefix=f".{path.name}.probe-", dir=path.parent)).rmdir()

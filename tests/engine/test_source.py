@@ -1,4 +1,4 @@
-"""Sources (bpdq/pipeline/source.py): the lazy directory source checks shard headers before reading any
+"""Sources (bpdq/engine/source.py): the lazy directory source checks shard headers before reading any
 tensor, materialises one module with the stored values and releases it back to the meta device."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from bpdq.pipeline.source import InMemorySource, LazySource, is_model_directory
+from bpdq.engine.source import InMemorySource, LazySource, is_model_directory
 from bpdq.shards import INDEX_FILE
 from tests.tiny_models import tiny_model, tiny_model_dir
 
@@ -84,7 +84,7 @@ def test_model_directories_and_the_in_memory_source(model_dir, tmp_path):
 def test_a_lazy_source_pins_the_mmap_threshold_before_building_the_skeleton(model_dir, monkeypatch):
     import transformers
 
-    import bpdq.pipeline.source as source
+    import bpdq.engine.source as source
 
     monkeypatch.delenv("MALLOC_MMAP_THRESHOLD_", raising=False)
     assert source.cap_mmap_threshold() is True  # glibc here: mallopt accepts it
@@ -105,7 +105,7 @@ def test_a_lazy_source_pins_the_mmap_threshold_before_building_the_skeleton(mode
 
 
 def test_the_environment_s_mmap_threshold_is_left_alone(monkeypatch):
-    import bpdq.pipeline.source as source
+    import bpdq.engine.source as source
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
     assert source.cap_mmap_threshold() is False

@@ -1,5 +1,5 @@
-"""Pydantic configuration of a quantization run: the per-module ``Recipe``, the ``Rule`` s that pick or
-override it by module name, and the ``CalibrationConfig``.
+"""How each linear is quantized: the per-module ``Recipe`` and the ``Rule`` s that pick or override it by
+module name.
 
 Grids and solvers are given as registered names, ``{"type": name, **options}`` dicts or instances (as in
 :func:`bpdq.quantize_weight`); a recipe normalises them (defaults included) to complete dicts and validates
@@ -15,11 +15,11 @@ from typing import Any, Iterable
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from bpdq.devices import Autocast
 from bpdq.grids.base import Grid
 from bpdq.kernels.base import check_kernel_name, get_kernel
 from bpdq.quantized import check_group_size
 from bpdq.solvers.base import Solver
+from bpdq.solvers.build import build_grid, build_solver
 
 DEFAULT_GRID: dict[str, Any] = {"type": "bitplane", "planes": 2}
 DEFAULT_SOLVER: dict[str, Any] = {"type": "bpdq"}
@@ -31,8 +31,6 @@ class ConfigModel(BaseModel):
 
 def normalize_spec(spec: Any, kind: str) -> dict[str, Any]:
     """A grid/solver spec (name, dict, instance) as a validated ``{"type": name, **options}`` dict."""
-    from bpdq.api import build_grid, build_solver
-
     builder, base = (build_grid, Grid) if kind == "grid" else (build_solver, Solver)
     if not isinstance(spec, (str, dict, base)):
         # a ValueError, so that pydantic reports it as a validation error of the field
@@ -43,8 +41,6 @@ def normalize_spec(spec: Any, kind: str) -> dict[str, Any]:
 def check_combination(grid: dict[str, Any], solver: dict[str, Any], group_size: int, kernel: str) -> None:
     """The cross-field rules of a recipe, asked of the plug-ins themselves: the solver accepts the grid at
     this group size, and an explicitly named kernel serves every call of such a layer."""
-    from bpdq.api import build_grid, build_solver
-
     g = build_grid(dict(grid))
     build_solver(dict(solver)).check_grid(g, group_size)
     if kernel != "auto":
@@ -140,46 +136,6 @@ class Rule(ConfigModel):
             k: getattr(self, k) for k in ("group_size", "grid", "solver", "kernel") if getattr(self, k) is not None
         }
         return Recipe(**{**dict(recipe), **overrides}) if overrides else recipe
-
-
-class CalibrationConfig(ConfigModel):
-    """Calibration text (a ``.txt``/``.jsonl`` path, a directory of those, or ``builtin:NAME``) and how many
-    windows of how many tokens to draw from it with which seed."""
-
-    text: str = "builtin:python-docs"
-    samples: int = Field(default=128, ge=1, le=100_000)
-    seq_len: int = Field(default=512, ge=2, le=1_000_000)
-    seed: int = Field(default=0, ge=0)
-    offload: int | str | None = Field(
-        default=None,
-        description="memory budget of the calibration activations (bytes, or a size such as '2GB'); batches "
-        "beyond it are kept in a temporary directory on disk. None keeps them all in memory",
-    )
-    asymmetric: bool = Field(
-        default=False,
-        description="fit each decoder linear to the full-precision model's output on full-precision inputs "
-        "(GPTAQ-style): carries a full-precision activation stream and a full-precision copy of the layer in "
-        "work (twice the activations; offload splits its budget between the two streams; about 1.2x the time of "
-        "a symmetric run on SmolLM2; not in a distributed run). On in configs/smollm2-bpdq-k2.yaml (the main job)",
-    )
-
-    autocast: Autocast = Field(
-        default="none",
-        description="compute dtype of the calibration passes' forwards (torch.autocast): none (the model's dtype), "
-        "bfloat16, float16, or auto (bfloat16 where the device has bf16 matrix units: a CPU with AMX or "
-        "AVX512-BF16, a CUDA device that supports it; else none). Activations are kept and Hessians summed in "
-        "the model's dtype (float32 products); bfloat16 took 0.75x the time of float32 passes with asymmetric "
-        "calibration and tuning on SmolLM2 (CPU with AMX)",
-    )
-
-    @field_validator("offload")
-    @classmethod
-    def _offload(cls, value: int | str | None) -> int | str | None:
-        if value is not None:
-            from bpdq.shards import parse_size
-
-            parse_size(value, "calibration.offload")
-        return value
 
 
 def as_recipe(recipe: Recipe | dict[str, Any]) -> Recipe:

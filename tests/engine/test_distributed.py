@@ -1,4 +1,4 @@
-"""Distributed runs (bpdq/pipeline/distributed.py): ``bpdq quantize`` as 2 gloo ranks on the CPU, started the
+"""Distributed runs (bpdq/engine/distributed.py): ``bpdq quantize`` as 2 gloo ranks on the CPU, started the
 way torchrun starts them (RANK, WORLD_SIZE, MASTER_ADDR/PORT in the environment): the checkpoint matches the
 single-process one, a stop on one rank stops both and resumes, and a failure on one rank ends both."""
 
@@ -15,14 +15,14 @@ import torch
 import yaml
 
 import bpdq
-from bpdq.pipeline import distributed
+from bpdq.engine import distributed
 from tests.cli.conftest import REPO, tiny_strategy
 from tests.tiny_models import tiny_model_dir
 
 STOP_PLUGIN = """
 import os
-import bpdq.pipeline.resume as resume
-import bpdq.pipeline.run as run
+import bpdq.engine.resume as resume
+import bpdq.engine.run as run
 
 step = run.run_layer_step
 

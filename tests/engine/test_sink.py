@@ -1,4 +1,4 @@
-"""Sinks (bpdq/pipeline/sink.py): the atomic output directory, stale temporary directories, unwritable
+"""Sinks (bpdq/engine/sink.py): the atomic output directory, stale temporary directories, unwritable
 targets, and the streaming checkpoint sink."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import bpdq
-from bpdq.pipeline.sink import CheckpointSink, OutputDir, check_output_dir
+from bpdq.engine.sink import CheckpointSink, OutputDir, check_output_dir
 from tests.tiny_models import TINY_RECIPE, tiny_model, tiny_tokenizer
 
 

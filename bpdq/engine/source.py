@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import ctypes
 import functools
-import json
 import logging
 import os
 from abc import ABC, abstractmethod
@@ -25,12 +24,11 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from bpdq.checkpoint import unique_state_dict
+from bpdq.checkpoint import CONFIG_FILE, is_bpdq_checkpoint, unique_state_dict
 from bpdq.quantized import dtype_from_name
 from bpdq.shards import WeightFiles
 
 logger = logging.getLogger(__name__)
-CONFIG_FILE = "config.json"
 
 
 class ModelSource(ABC):
@@ -68,14 +66,7 @@ class InMemorySource(ModelSource):
 def is_model_directory(path: str | Path) -> bool:
     """A directory with a transformers ``config.json`` (not a bpdq checkpoint: that one is already quantized)."""
     p = Path(path).expanduser()
-    config = p / CONFIG_FILE
-    if not (p.is_dir() and config.is_file()):
-        return False
-    try:
-        qc = json.loads(config.read_text(encoding="utf-8")).get("quantization_config") or {}
-    except ValueError:
-        return True  # read_config reports it
-    return not (isinstance(qc, dict) and qc.get("quant_method") == "bpdq")
+    return p.is_dir() and (p / CONFIG_FILE).is_file() and not is_bpdq_checkpoint(p)
 
 
 class LazySource(ModelSource):

@@ -1,8 +1,8 @@
-"""Reading strategy files (YAML or JSON) and applying ``--set a.b.c=value`` overrides to the raw mapping.
+"""Reading config files (YAML or JSON) and applying ``--set a.b.c=value`` overrides to the raw mapping.
 
 Configs are bounded before anything else looks at them: a file above :data:`MAX_CONFIG_BYTES`, a mapping
 nested deeper than :data:`MAX_DEPTH` or holding more than :data:`MAX_NODES` values once YAML aliases are
-expanded (an "alias bomb" is a few hundred bytes) is a ``StrategyError``, never a ``RecursionError`` or
+expanded (an "alias bomb" is a few hundred bytes) is a ``ConfigError``, never a ``RecursionError`` or
 megabytes of error text.
 """
 
@@ -10,11 +10,20 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import yaml
 
-from bpdq.strategy.errors import StrategyError, format_path
+from bpdq.validation import format_path
+
+class ConfigError(ValueError):
+    """A bad config file, config mapping or override. ``problems`` holds one ``path: message`` line per
+    problem (formatted by :mod:`bpdq.validation`)."""
+
+    def __init__(self, message: str, problems: Sequence[str] = ()) -> None:
+        super().__init__(message)
+        self.problems = list(problems) or [message]
+
 
 #: Bounds on a strategy config: file size, nesting depth, and values counted with aliases expanded.
 MAX_CONFIG_BYTES = 1 << 20
@@ -38,15 +47,15 @@ def parse_yaml(text: str, source: str = "<string>") -> Any:
     try:
         data = yaml.load(text, Loader=_Loader)  # noqa: S506 (a SafeLoader subclass)
     except yaml.YAMLError as e:
-        raise StrategyError(f"{source}: not valid YAML/JSON: {e}") from None
+        raise ConfigError(f"{source}: not valid YAML/JSON: {e}") from None
     except RecursionError:
-        raise StrategyError(f"{source}: nested too deeply (a config nests at most {MAX_DEPTH} levels)") from None
+        raise ConfigError(f"{source}: nested too deeply (a config nests at most {MAX_DEPTH} levels)") from None
     check_bounds(data, source)
     return data
 
 
 def check_bounds(data: Any, source: str = "the config") -> None:
-    """Raise ``StrategyError`` if ``data`` nests deeper than ``MAX_DEPTH`` or holds more than ``MAX_NODES``
+    """Raise ``ConfigError`` if ``data`` nests deeper than ``MAX_DEPTH`` or holds more than ``MAX_NODES``
     values counting every use of a shared (aliased) value. Iterative: no recursion, stops at the bound."""
     stack = [(data, 0)]
     nodes = 0
@@ -54,11 +63,11 @@ def check_bounds(data: Any, source: str = "the config") -> None:
         value, depth = stack.pop()
         nodes += 1
         if nodes > MAX_NODES:
-            raise StrategyError(
+            raise ConfigError(
                 f"{source}: too large: more than {MAX_NODES} values once YAML aliases are expanded"
             )
         if depth > MAX_DEPTH:
-            raise StrategyError(f"{source}: nested too deeply (a config nests at most {MAX_DEPTH} levels)")
+            raise ConfigError(f"{source}: nested too deeply (a config nests at most {MAX_DEPTH} levels)")
         if isinstance(value, dict):
             stack.extend((v, depth + 1) for v in value.values())
         elif isinstance(value, (list, tuple)):
@@ -69,17 +78,17 @@ def read_config(path: str | Path) -> dict[str, Any]:
     """The raw mapping in a YAML or JSON strategy file."""
     path = Path(path)
     if not path.is_file():
-        raise StrategyError(f"strategy config {str(path)!r} does not exist or is not a file")
+        raise ConfigError(f"strategy config {str(path)!r} does not exist or is not a file")
     size = path.stat().st_size
     if size > MAX_CONFIG_BYTES:
-        raise StrategyError(f"strategy config {str(path)!r} has {size} bytes; a config has at most {MAX_CONFIG_BYTES}")
+        raise ConfigError(f"strategy config {str(path)!r} has {size} bytes; a config has at most {MAX_CONFIG_BYTES}")
     try:
         text = path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as e:
-        raise StrategyError(f"cannot read strategy config {str(path)!r}: {e}") from None
+        raise ConfigError(f"cannot read strategy config {str(path)!r}: {e}") from None
     data = parse_yaml(text, str(path))
     if not isinstance(data, dict):
-        raise StrategyError(
+        raise ConfigError(
             f"{path}: a strategy config must be a mapping with keys such as model, calibration, quantize, "
             f"rules, output, device; got {type(data).__name__}"
         )
@@ -96,7 +105,7 @@ def _split_path(dotted: str) -> list[str | int]:
         elif token and "[" not in token and "]" not in token:
             parts.append(token)
         else:
-            raise StrategyError(f"--set: bad field path {dotted!r} (use dotted names like quantize.group_size)")
+            raise ConfigError(f"--set: bad field path {dotted!r} (use dotted names like quantize.group_size)")
     return parts
 
 
@@ -104,7 +113,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one ``a.b.c=value`` override in place; the value is parsed as a YAML scalar or flow value."""
     path, sep, raw = assignment.partition("=")
     if not sep or not path.strip():
-        raise StrategyError(f"--set expects FIELD=VALUE (e.g. quantize.group_size=128), got {assignment!r}")
+        raise ConfigError(f"--set expects FIELD=VALUE (e.g. quantize.group_size=128), got {assignment!r}")
     keys = _split_path(path.strip())
     value = parse_yaml(raw, f"--set {path}") if raw.strip() else ""
     node: Any = data
@@ -114,9 +123,9 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         if isinstance(key, int):
             if not isinstance(node, list) or not -len(node) <= key < len(node):
                 size = len(node) if isinstance(node, list) else 0
-                raise StrategyError(f"--set {path}: {where} has no item [{key}] (it has {size} items)")
+                raise ConfigError(f"--set {path}: {where} has no item [{key}] (it has {size} items)")
         elif not isinstance(node, dict):
-            raise StrategyError(f"--set {path}: {where} is {node!r}, not a mapping with a {key!r} key")
+            raise ConfigError(f"--set {path}: {where} is {node!r}, not a mapping with a {key!r} key")
         if last:
             node[key] = value
             return
@@ -133,4 +142,4 @@ def _as_block(path: str, keys: list[str | int], value: Any) -> dict[str, Any]:
         return {}
     if keys[-1] in ("grid", "solver") and isinstance(value, str):
         return {"type": value}
-    raise StrategyError(f"--set {path}: {format_path(keys)} is {value!r}, not a mapping")
+    raise ConfigError(f"--set {path}: {format_path(keys)} is {value!r}, not a mapping")

@@ -1,4 +1,4 @@
-"""Resume (bpdq/pipeline/resume.py): processes killed at several points and resumed give the checkpoint bytes
+"""Resume (bpdq/engine/resume.py): processes killed at several points and resumed give the checkpoint bytes
 of an uninterrupted run; a state made by another run is refused naming the difference; the modes."""
 
 from __future__ import annotations
@@ -14,8 +14,9 @@ import pytest
 import torch
 
 import bpdq
-import bpdq.pipeline.run as run_module
-from bpdq.pipeline.resume import RunInterrupted, state_dir, stop_at_layer_boundary, stop_requested
+import bpdq.engine.run as run_module
+from bpdq.engine.interrupt import RunInterrupted, stop_at_layer_boundary, stop_requested
+from bpdq.engine.resume import state_dir
 from tests.tiny_models import TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_model_dir, tiny_tokenizer
 
 REPO = Path(__file__).resolve().parents[2]
@@ -27,8 +28,8 @@ ARGS = dict(recipe=RECIPE, calibration=TINY_CALIBRATION, rules=RULES, progress=F
 KILLER = """
 import json, os, signal, sys
 import bpdq
-import bpdq.pipeline.resume as resume
-import bpdq.pipeline.run as run
+import bpdq.engine.resume as resume
+import bpdq.engine.run as run
 import bpdq.shards as shards
 
 point, src, out, args = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
