@@ -157,7 +157,7 @@ def run(group_size: int, iters: int, quick: bool) -> dict[str, Any]:
     from bpdq.evaluate import eval_windows, perplexity
     from bpdq.calibration import load_text
     from bpdq.models import load_pretrained
-    from bpdq.engine.calibrate import token_windows
+    from bpdq.engine.passes import token_windows
 
     base = calibration_config(quick)
     calibration = base["calibration"]

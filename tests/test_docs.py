@@ -78,7 +78,7 @@ def _new_names(before: dict[str, set[str]]) -> dict[str, set[str]]:
 
 def test_every_guide_has_an_example():
     guides = sorted(p.stem for p in (DOCS / "guides").glob("add-a-*.md"))
-    assert guides == ["add-a-grid", "add-a-kernel", "add-a-model", "add-a-solver"]
+    assert guides == ["add-a-grid", "add-a-kernel", "add-a-model", "add-a-solver", "add-a-stage"]
     for guide in guides:
         example = DOCS / "examples" / (guide.replace("add-a-", "add_") + ".py")
         assert example.is_file(), f"{guide}.md has no example {_rel(example)}"

@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from bpdq.export import export_model
-from bpdq.engine import LazySource
+from bpdq.engine.source import LazySource
 from tests.tiny_models import tiny_model, tiny_model_dir
 
 PROBE = torch.tensor([[3, 1, 4, 1, 5, 9, 2, 6]])

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from bpdq.engine.calibrate import batch_windows, capture_layer_inputs, run_layer
+from bpdq.engine.passes import batch_windows, capture_layer_inputs, run_layer
 from bpdq.linear import QuantLinear
 from bpdq.tuning import TuningOptions, tune_layer
 from tests.tiny_models import tiny_model, tiny_tokenizer

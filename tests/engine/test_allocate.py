@@ -8,7 +8,7 @@ import pytest
 import bpdq
 from bpdq.allocation import planes_bpw
 from bpdq.linear import QuantLinear
-from tests.pipeline.test_run import checkpoint_files
+from tests.engine.test_loop import checkpoint_files
 from tests.tiny_models import TINY_CALIBRATION, tiny_model, tiny_model_dir, tiny_tokenizer
 
 RECIPE = {"group_size": 32, "grid": {"type": "bitplane", "planes": 2}, "solver": "gptq"}
@@ -111,7 +111,7 @@ def test_a_bad_target_fails_before_any_work(kwargs, error, tmp_path, monkeypatch
     def no_capture(*args, **kw):
         raise AssertionError("no calibration pass may run")
 
-    monkeypatch.setattr("bpdq.engine.run.capture_layer_inputs", no_capture)
+    monkeypatch.setattr("bpdq.engine.loop.capture_layer_inputs", no_capture)
     kwargs = {"recipe": RECIPE, **kwargs}
     with pytest.raises(ValueError) as info:
         bpdq.quantize_model(tiny_model(), tiny_tokenizer(), calibration=TINY_CALIBRATION, progress=False, device="cpu",

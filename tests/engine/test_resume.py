@@ -14,7 +14,7 @@ import pytest
 import torch
 
 import bpdq
-import bpdq.engine.run as run_module
+import bpdq.engine.loop as run_module
 from bpdq.engine.interrupt import RunInterrupted, stop_at_layer_boundary, stop_requested
 from bpdq.engine.resume import state_dir
 from tests.tiny_models import TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_model_dir, tiny_tokenizer
@@ -29,7 +29,7 @@ KILLER = """
 import json, os, signal, sys
 import bpdq
 import bpdq.engine.resume as resume
-import bpdq.engine.run as run
+import bpdq.engine.loop as run
 import bpdq.shards as shards
 
 point, src, out, args = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])

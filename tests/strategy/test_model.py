@@ -11,7 +11,7 @@ from pydantic import Field
 from bpdq import GRIDS, UniformGrid, build_grid
 from bpdq.config import resolve_recipe
 from bpdq.grids import UniformOptions
-from bpdq.strategy.model import MAX_PROBLEMS
+from bpdq.config.validate import MAX_PROBLEMS
 from bpdq.strategy import FORMAT_VERSION, StrategyError, load_strategy, parse_yaml, strategy_from_dict
 
 CONFIGS = Path(__file__).resolve().parents[2] / "configs"

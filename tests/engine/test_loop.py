@@ -1,4 +1,4 @@
-"""quantize_model on tiny random Llama / Qwen2 / Qwen3 models (bpdq/engine/run.py): every solver end to end,
+"""quantize_model on tiny random Llama / Qwen2 / Qwen3 models (bpdq/engine/loop.py): every solver end to end,
 rules and skips, sequential calibration on the quantized layers' outputs, determinism, errors, devices and
 hooks."""
 
@@ -252,17 +252,20 @@ def rss_bytes():
 def test_rss_growth_per_finished_layer_is_bounded(tmp_path, solver, calibration, hidden):
     """A released layer holds nothing: memory does not grow with the number of finished layers (a layer that
     stayed would add its own size each time)."""
-    from bpdq.engine import CheckpointSink, LayerHooks, LazySource, run_quantization
-
     sizes = {"hidden_size": hidden, "intermediate_size": 2 * hidden}
     src = tiny_model_dir(tmp_path / "src", "llama", layers=10, max_shard_size="5MB", **sizes)
     layer_bytes = sum(p.numel() * 4 for p in tiny_model("llama", layers=1, **sizes).model.layers[0].parameters())
     seen: list[int] = []
-    hooks = LayerHooks(after_write=[lambda step: seen.append(rss_bytes())])
-    sink = CheckpointSink(tmp_path / "out", None, max_shard_size="100KB")
-    run_quantization(LazySource(src), sink, recipe=bpdq.Recipe(**{**TINY_RECIPE, "solver": solver}), rules=(),
-                     tokenizer=tiny_tokenizer(), calibration=calibration, device=torch.device("cpu"), progress=False,
-                     batch_size=8, hooks=hooks)
+
+    class Measure(bpdq.Stage):
+        name = "measure"
+
+        def after_write(self, step):
+            seen.append(rss_bytes())
+
+    config = bpdq.QuantizeConfig(quantize={**TINY_RECIPE, "solver": solver}, calibration=calibration or {},
+                                 output=str(tmp_path / "out"), max_shard_size="100KB", device="cpu", progress=False)
+    bpdq.quantize(src, config, tokenizer=tiny_tokenizer(), stages=[Measure()])
     growth = (sum(seen[-3:]) - sum(seen[1:4])) / 3 / (len(seen) - 4)
     assert growth < 0.25 * layer_bytes, f"RSS grows {growth / 1e6:.2f} MB per finished layer: {seen}"
     assert str(src) not in open("/proc/self/maps").read()
@@ -296,7 +299,7 @@ def test_bad_input_is_named_and_leaves_nothing(case, tmp_path, monkeypatch):
         (tmp_path / "ro").write_text("a file, so nothing can be created below it")
         out = tmp_path / "ro" / "out"
         match = f"output directory '{out}' cannot be written"
-    monkeypatch.setattr("bpdq.engine.run._run", lambda *a, **k: pytest.fail("work started before the check"))
+    monkeypatch.setattr("bpdq.engine.loop._run", lambda *a, **k: pytest.fail("work started before the check"))
     with pytest.raises(ValueError, match=match):
         bpdq.quantize_model(src, recipe={**TINY_RECIPE, "solver": "gptq"}, calibration=TINY_CALIBRATION,
                             progress=False, output=out)
@@ -327,44 +330,49 @@ def test_offloaded_activations_give_the_same_checkpoint(tmp_path, caplog):
     src = tiny_model_dir(tmp_path / "src", "qwen3", layers=2)
     recipe = {**TINY_RECIPE, "solver": "gptq"}
     bpdq.quantize_model(src, recipe=recipe, calibration=TINY_CALIBRATION, progress=False, output=tmp_path / "a")
-    with caplog.at_level("INFO", logger="bpdq.engine.run"):
+    with caplog.at_level("INFO", logger="bpdq.engine.loop"):
         bpdq.quantize_model(src, recipe=recipe, calibration={**TINY_CALIBRATION, "offload": "9KB"}, progress=False,
                             output=tmp_path / "b")
     assert any("1 of 1 batches offloaded" in r.getMessage() for r in caplog.records)
     assert checkpoint_files(tmp_path / "a") == checkpoint_files(tmp_path / "b")
 
 
-def test_layer_hooks_see_each_layer_and_a_post_solve_stage_changes_the_next_inputs(tmp_path):
-    from bpdq.engine import InMemorySink, InMemorySource, LayerHooks, run_quantization
-
-    def run_with(hooks):
+def test_stages_see_each_layer_and_a_post_solve_stage_changes_the_next_inputs(tmp_path):
+    def run_with(stages):
         model = tiny_model("llama", layers=2)
-        run_quantization(InMemorySource(model), InMemorySink(), recipe=bpdq.Recipe(**{**TINY_RECIPE, "solver": "gptq"}), rules=(),
-            tokenizer=tiny_tokenizer(), calibration=TINY_CALIBRATION, device=torch.device("cpu"), progress=False,
-            batch_size=8, hooks=hooks)
-        return model
+        config = bpdq.QuantizeConfig(quantize={**TINY_RECIPE, "solver": "gptq"}, calibration=TINY_CALIBRATION,
+                                     device="cpu", progress=False)
+        report = bpdq.quantize(model, config, tokenizer=tiny_tokenizer(), stages=stages)
+        return model, report
 
     events = []
 
-    def stage(step, device):
-        events.append(("solve", step.prefix, all(isinstance(m, QuantLinear) for g in step.plan for m in
-                                                 (step.layer.get_submodule(r) for r in g)), step.outputs is None))
-        if step.index == 0:
-            step.layer.self_attn.o_proj.coeffs.mul_(0.5)
+    class Halve(bpdq.Stage):
+        name = "halve"
 
-    def written(step):
-        events.append(("write", step.prefix, len(step.records), step.outputs is not None))
+        def after_solve(self, step):
+            events.append(("solve", step.prefix, all(isinstance(m, QuantLinear) for g in step.plan for m in
+                                                     (step.layer.get_submodule(r) for r in g)), step.outputs is None))
+            if step.index == 0:
+                step.layer.self_attn.o_proj.coeffs.mul_(0.5)
 
-    changed = run_with(LayerHooks(after_solve=[stage], after_write=[written]))
+        def after_write(self, step):
+            events.append(("write", step.prefix, len(step.records), step.outputs is not None))
+
+        def finish(self, report):
+            report.extra[self.name] = len(events)
+
+    changed, report = run_with([Halve()])
     assert events == [("solve", "model.layers.0", True, True), ("write", "model.layers.0", 7, True),
                       ("solve", "model.layers.1", True, True), ("write", "model.layers.1", 7, False)]
-    plain = run_with(LayerHooks())
+    assert report.stages == ["halve"] and report.extra == {"halve": 4}
+    plain, _ = run_with([])
     assert not torch.equal(changed.model.layers[1].mlp.down_proj.coeffs, plain.model.layers[1].mlp.down_proj.coeffs), (
         "layer 1 is calibrated on the outputs of the changed layer 0")
 
 
 def test_rules_that_quantize_nothing_are_refused_before_calibration(monkeypatch):
-    import bpdq.engine.run as run
+    import bpdq.engine.loop as run
 
     def unreachable(*args, **kwargs):
         raise AssertionError("calibration ran")
@@ -379,11 +387,11 @@ def test_rules_that_quantize_nothing_are_refused_before_calibration(monkeypatch)
 
 
 def test_freed_memory_is_returned_after_every_sequential_group(monkeypatch):
-    import bpdq.engine.run
+    import bpdq.engine.loop
     from bpdq.models.base import get_adapter
 
     calls = []
-    monkeypatch.setattr(bpdq.engine.run, "return_freed_memory", lambda: calls.append(1))
+    monkeypatch.setattr(bpdq.engine.loop, "return_freed_memory", lambda: calls.append(1))
     model = tiny_model("llama")
     groups = len(get_adapter(model).linear_groups(model.model.layers[0]))
     bpdq.quantize_model(model, tiny_tokenizer(), recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, progress=False)

@@ -1,4 +1,4 @@
-"""Layer-by-layer calibration helpers (bpdq/engine/calibrate.py): replaying finished sub-blocks."""
+"""Layer-by-layer calibration helpers (bpdq/engine/passes.py): replaying finished sub-blocks."""
 
 from __future__ import annotations
 
@@ -10,8 +10,11 @@ import torch
 from torch import nn
 
 import bpdq
-from bpdq.engine import calibrate
-from bpdq.engine.calibrate import ActivationStore, Batch, Replay, outputs_like, run_layer
+from bpdq.engine import passes as calibrate
+from bpdq.batch import Batch
+from bpdq.engine.activations import ActivationStore, outputs_like
+from bpdq.engine.passes import run_layer
+from bpdq.engine.replay import Replay
 from bpdq.models.llama import LLAMA
 from tests.tiny_models import TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_tokenizer
 
@@ -230,7 +233,7 @@ class QuantLayer(nn.Module):
 
 
 def test_dense_forwards_give_the_torch_kernels_values_rebuild_on_new_coefficients_and_end_with_the_scope():
-    from bpdq.engine import calibrate
+    from bpdq.engine import passes as calibrate
 
     layer = QuantLayer()
     batches = [Batch(torch.randn(2, 40, 64), (), {}) for _ in range(2)]  # 80 tokens a batch: the tiled path
@@ -276,7 +279,7 @@ def test_dense_calibration_forwards_change_no_byte_of_a_run_with_the_torch_kerne
     outside the dense scope: switching the scope off must give a bit-identical model."""
     import contextlib
 
-    from bpdq.engine import calibrate
+    from bpdq.engine import passes as calibrate
 
     tok = tiny_tokenizer()
     recipe = {**TINY_RECIPE, "solver": {"type": "bpdq", "iters": 2}, "kernel": "torch"}
@@ -292,7 +295,7 @@ def test_dense_calibration_forwards_change_no_byte_of_a_run_with_the_torch_kerne
 
 
 def test_calibration_autocast_runs_the_layers_in_bfloat16_and_keeps_hessians_and_activations_float32():
-    from bpdq.engine.calibrate import calibration_autocast, collect_hessians
+    from bpdq.engine.passes import calibration_autocast, collect_hessians
     from bpdq.solvers.hessian import HessianAccumulator
 
     torch.manual_seed(0)
@@ -344,7 +347,7 @@ def test_calibration_autocast_comes_from_the_config_is_resolved_and_reported(mon
 def test_an_unknown_calibration_autocast_is_refused_before_any_work(monkeypatch):
     from pydantic import ValidationError
 
-    monkeypatch.setattr("bpdq.engine.run.capture_layer_inputs", lambda *a, **k: pytest.fail("no pass may run"))
+    monkeypatch.setattr("bpdq.engine.loop.capture_layer_inputs", lambda *a, **k: pytest.fail("no pass may run"))
     with pytest.raises(ValidationError, match="auto"):
         bpdq.quantize_model(tiny_model(layers=1), tiny_tokenizer(), recipe=GPTQ_RECIPE, progress=False,
                             calibration={**TINY_CALIBRATION, "autocast": "fp8"})

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from bpdq.strategy import StrategyError, apply_override, parse_yaml, read_config
-from bpdq.strategy.io import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_NODES
+from bpdq.config.files import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_NODES
 
 
 @pytest.mark.parametrize(

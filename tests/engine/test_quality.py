@@ -1,4 +1,4 @@
-"""Asymmetric calibration and coefficient tuning in the layer loop (bpdq/engine/levers.py), through
+"""Asymmetric calibration and coefficient tuning in the layer loop (bpdq/engine/quality.py), through
 quantize_model on tiny random Llamas, in memory and from a model directory."""
 
 from __future__ import annotations
@@ -9,9 +9,9 @@ import torch
 import bpdq
 from bpdq.calibration import calibration_windows
 from bpdq.linear import QuantLinear
-from bpdq.engine.levers import asymmetric_hessians
+from bpdq.engine.quality import asymmetric_hessians
 from bpdq.solvers.hessian import HessianAccumulator
-from tests.pipeline.test_run import checkpoint_files
+from tests.engine.test_loop import checkpoint_files
 from tests.tiny_models import TINY_CALIBRATION, tiny_model, tiny_model_dir, tiny_tokenizer
 
 RECIPE_2BIT = {"group_size": 32, "grid": {"type": "bitplane", "planes": 2}, "solver": "gptq"}
@@ -57,7 +57,7 @@ def test_asymmetric_flag_comes_from_the_calibration_config_and_is_reported():
 
 
 def test_equal_streams_give_the_symmetric_hessian_and_leave_the_weight_unchanged():
-    from bpdq.engine.calibrate import batch_windows, capture_layer_inputs, run_layer
+    from bpdq.engine.passes import batch_windows, capture_layer_inputs, run_layer
 
     model = tiny_model(layers=1)
     inputs = capture_layer_inputs(model, model.model.layers[0], batch_windows(calibration_windows(tiny_tokenizer(), TINY_CALIBRATION), 4))
@@ -85,7 +85,7 @@ def test_equal_streams_give_the_symmetric_hessian_and_leave_the_weight_unchanged
 def test_asymmetric_replays_finished_attention_in_both_streams_and_changes_no_byte(monkeypatch, tuning):
     from transformers.models.llama.modeling_llama import LlamaAttention
 
-    from bpdq.engine.calibrate import Replay
+    from bpdq.engine.replay import Replay
 
     calls = []
     forward = LlamaAttention.forward
@@ -138,7 +138,7 @@ def test_lever_arguments_are_checked_before_any_work(tmp_path, monkeypatch):
     def no_capture(*args, **kwargs):
         raise AssertionError("no calibration pass may run")
 
-    monkeypatch.setattr("bpdq.engine.run.capture_layer_inputs", no_capture)
+    monkeypatch.setattr("bpdq.engine.loop.capture_layer_inputs", no_capture)
     tok = tiny_tokenizer()
     with pytest.raises(ValueError, match="steps"):
         bpdq.quantize_model(tiny_model(), tok, recipe=RECIPE_2BIT, calibration=TINY_CALIBRATION, progress=False,
@@ -172,7 +172,7 @@ def test_offloaded_streams_give_the_same_checkpoint(tmp_path, caplog):
     bpdq.quantize_model(tiny_model(layers=2), tok, recipe=RECIPE_2BIT, calibration=TINY_CALIBRATION, progress=False,
                         device="cpu", batch_size=2, output=tmp_path / "memory", **levers)
     # 4 batches of 16 KB; each stream gets half of the 40 KB budget: one batch in memory, three on disk
-    with caplog.at_level("INFO", logger="bpdq.engine.run"):
+    with caplog.at_level("INFO", logger="bpdq.engine.loop"):
         bpdq.quantize_model(tiny_model(layers=2), tok, recipe=RECIPE_2BIT, progress=False, device="cpu", batch_size=2,
                             calibration={**TINY_CALIBRATION, "offload": "40KB"}, output=tmp_path / "offloaded", **levers)
     assert "3 of 4 batches offloaded" in caplog.text

@@ -1,0 +1,111 @@
+"""bpdq.quantize(model, config) and QuantizeConfig (bpdq/api.py, bpdq/config/run.py): the config as an object,
+a dict or a file; the deprecated quantize_model as a thin wrapper (same bytes); user stages."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+import bpdq
+from bpdq.config import ConfigError, QuantizeConfig, as_config
+from bpdq.engine.stages import check_stages
+from tests.engine.test_loop import checkpoint_files
+from tests.tiny_models import TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_model_dir, tiny_tokenizer
+
+GPTQ = {**TINY_RECIPE, "solver": "gptq"}
+
+
+def test_a_config_object_a_dict_and_a_file_give_the_same_checkpoint(tmp_path):
+    config = QuantizeConfig(quantize=GPTQ, calibration=TINY_CALIBRATION, device="cpu", progress=False)
+    path = tmp_path / "run.yaml"
+    config.save(path)
+    for name, given in (("object", config), ("dict", config.to_dict()), ("file", path)):
+        model = tiny_model(layers=2)
+        bpdq.quantize(model, given, tokenizer=tiny_tokenizer())
+        bpdq.save(model, tiny_tokenizer(), tmp_path / name)
+    assert checkpoint_files(tmp_path / "object") == checkpoint_files(tmp_path / "dict") == checkpoint_files(tmp_path / "file")
+
+
+def test_the_deprecated_quantize_model_warns_and_writes_the_same_bytes(tmp_path):
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=2)
+    recipe = {**TINY_RECIPE, "solver": {"type": "bpdq", "iters": 2}}
+    with pytest.warns(DeprecationWarning, match="quantize_model is deprecated"):
+        bpdq.quantize_model(src, recipe=recipe, calibration={**TINY_CALIBRATION, "asymmetric": True}, progress=False,
+                            device="cpu", output=tmp_path / "old", batch_size=4)
+    config = {"quantize": recipe, "calibration": {**TINY_CALIBRATION, "asymmetric": True, "batch_size": 4},
+              "device": "cpu", "progress": False, "output": str(tmp_path / "new")}
+    report = bpdq.quantize(src, config)
+    assert report.stages == ["fp_stream", "asymmetric"] and report.asymmetric is not None
+    assert checkpoint_files(tmp_path / "old") == checkpoint_files(tmp_path / "new")
+
+
+def test_a_strategy_file_can_be_the_config_and_its_model_is_not_part_of_it(tmp_path):
+    path = tmp_path / "strategy.yaml"
+    path.write_text("model: smollm2-135m\nquantize: {group_size: 32, solver: rtn}\noutput: somewhere\n")
+    config = as_config(path)
+    assert isinstance(config, QuantizeConfig) and config.quantize.group_size == 32 and config.output == "somewhere"
+    with pytest.raises(ConfigError, match="model: unknown key"):
+        QuantizeConfig.from_file(path)
+
+
+def test_file_overrides_and_every_problem_named_at_once(tmp_path):
+    path = tmp_path / "run.yaml"
+    path.write_text("quantize: {group_size: 32}\n")
+    config = QuantizeConfig.from_file(path, ["calibration.samples=16", "quantize.grid.planes=3"])
+    assert config.calibration.samples == 16 and config.quantize.grid["planes"] == 3
+    with pytest.raises(ConfigError) as info:
+        QuantizeConfig.from_dict({"device": "gpu", "calibration": {"batch_size": 0}, "resume": "sometimes",
+                                  "max_shard_size": "lots"})
+    problems = "\n".join(info.value.problems)
+    for field in ("device: 'gpu' is not one of auto, cpu, cuda, cuda:N", "calibration.batch_size", "resume",
+                  "max_shard_size"):
+        assert field in problems
+    with pytest.raises(TypeError, match="config must be a QuantizeConfig, a dict or a path"):
+        bpdq.quantize(tiny_model(), 42)
+
+
+def test_an_in_memory_model_of_another_dtype_than_the_config_is_refused():
+    with pytest.raises(ValueError, match="it holds float32, the config asks for bfloat16"):
+        bpdq.quantize(tiny_model(), {"dtype": "bfloat16", "quantize": TINY_RECIPE, "progress": False})
+
+
+class Diagonal(bpdq.Stage):
+    """Hessians from the inputs' second moments on the diagonal only: GPTQ then equals RTN."""
+
+    name = "diagonal"
+    provides_hessians = True
+
+    def __init__(self):
+        self.groups = []
+
+    def hessians(self, step, names):
+        self.groups.append(tuple(names))
+        return {n: torch.eye(step.layer.get_submodule(n).in_features) for n in names}
+
+
+def test_a_stage_that_computes_the_hessians_replaces_the_symmetric_ones():
+    stage = Diagonal()
+    with_stage, plain = tiny_model(layers=1), tiny_model(layers=1)
+    gptq = {**GPTQ, "solver": {"type": "gptq", "order": "natural", "refit": "none"}}
+    bpdq.quantize(with_stage, {"quantize": gptq, "calibration": TINY_CALIBRATION, "progress": False},
+                  tokenizer=tiny_tokenizer(), stages=[stage])
+    bpdq.quantize(plain, {"quantize": {**gptq, "solver": "rtn"}, "progress": False})
+    assert stage.groups == [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
+                            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
+    for a, b in zip(with_stage.model.layers[0].modules(), plain.model.layers[0].modules()):
+        if isinstance(a, bpdq.QuantLinear):
+            assert torch.equal(a.planes, b.planes)
+
+
+def test_stages_are_checked_before_any_work():
+    class Other(Diagonal):
+        name = "other"
+
+    with pytest.raises(ValueError, match="named 'diagonal'"):
+        check_stages([Diagonal(), Diagonal()])
+    with pytest.raises(ValueError, match="'diagonal', 'other' all compute the Hessians"):
+        check_stages([Diagonal(), Other()])
+    with pytest.raises(ValueError, match="'asymmetric', 'diagonal' all compute the Hessians"):
+        bpdq.quantize(tiny_model(), {"calibration": {"asymmetric": True}}, stages=[Diagonal()])
+    with pytest.raises(TypeError, match="stages must be bpdq.Stage instances, got function"):
+        bpdq.quantize(tiny_model(), {}, stages=[lambda step: None])
