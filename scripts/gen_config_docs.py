@@ -30,8 +30,8 @@ from bpdq.calibration import BUILTIN_TEXTS
 from bpdq.config import CalibrationConfig, Recipe, Rule
 from bpdq.models import BUILTIN_MODELS
 from bpdq.strategy import FORMAT_VERSION, Strategy
-from bpdq.strategy.io import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_NODES
-from bpdq.strategy.model import MAX_PROBLEMS
+from bpdq.config.files import MAX_CONFIG_BYTES, MAX_DEPTH, MAX_NODES
+from bpdq.config.validate import MAX_PROBLEMS
 from bpdq.tuning import TuningOptions
 
 DOC = Path(__file__).resolve().parents[1] / "docs" / "config.md"
@@ -85,7 +85,9 @@ INTRO = f"""\
 A strategy config says which model to quantize, with which calibration text, with which recipe for every
 linear layer (grid, solver, group size, kernel), with which per-module rules, and where to write the
 checkpoint. It is a YAML or JSON file (format version {FORMAT_VERSION}) read by `bpdq quantize CONFIG` or
-`bpdq.strategy.load_strategy(path)`. Unknown keys are errors; every problem is reported with its field path,
+`bpdq.strategy.load_strategy(path)`. Without `model:` the same fields are a `bpdq.QuantizeConfig`, the one
+configuration object of `bpdq.quantize(model, config)` (`bpdq.QuantizeConfig.from_file(path, overrides)`
+reads one; `bpdq.quantize` also takes a strategy file and ignores its `model:`). Unknown keys are errors; every problem is reported with its field path,
 the value given and what is allowed, e.g. `quantize.grid.planes: 9 is not in 1..8` (the first
 {MAX_PROBLEMS} problems, then a count). Fields can be overridden on the command line with
 `--set quantize.group_size=128` (the value is read as YAML; repeatable). A config file holds at most

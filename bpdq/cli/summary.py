@@ -12,7 +12,7 @@ from bpdq.report import RunReport
 SUMMARY_FILE = "bpdq_summary.json"
 STRATEGY_FILE = "strategy.yaml"
 WORST = 5
-LEVERS = ("asymmetric", "tuning", "allocation")  # report entries copied into the summary when the lever ran
+QUALITY_OPTIONS = ("asymmetric", "tuning", "allocation")  # report entries copied into the summary when the lever ran
 
 
 def worst_modules(report: RunReport, n: int = WORST) -> list[dict[str, Any]]:
@@ -40,10 +40,10 @@ def run_summary(report: RunReport, model: str, output: str) -> dict[str, Any]:
         "size_ratio_vs_fp16": ratio,
         "time_s": report.total_time_s,
         "worst_modules": worst_modules(report),
-    } | {key: value for key in LEVERS if (value := getattr(report, key)) is not None}
+    } | {key: value for key in QUALITY_OPTIONS if (value := getattr(report, key)) is not None}
 
 
-def _lever_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
+def _quality_rows(summary: dict[str, Any]) -> list[tuple[str, Any]]:
     rows: list[tuple[str, Any]] = []
     if "asymmetric" in summary:
         rows.append(("asymmetric calibration", f"on (damp {summary['asymmetric']['damp']:g})"))
@@ -71,7 +71,7 @@ def summary_tables(summary: dict[str, Any]) -> list[Table]:
             ("fp16 size", fmt_bytes(summary["fp16_bytes"])),
             ("size vs fp16", "n/a" if ratio is None else f"{ratio:.1%}"),
             ("time", f"{summary['time_s']:.1f} s"),
-            *_lever_rows(summary),
+            *_quality_rows(summary),
         ],
     )
     worst = Table(title=f"worst {WORST} modules by relative proxy loss", title_justify="left")

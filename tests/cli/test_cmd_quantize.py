@@ -3,15 +3,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 
 import pytest
+import yaml
 import torch
 from safetensors.torch import load_file
 from torch import nn
 
 import bpdq
 from bpdq import QuantLinear
+from bpdq.cli.summary import STRATEGY_FILE
 from bpdq.strategy import load_strategy
 from tests.cli.conftest import json_stdout, run_cli
 
@@ -183,3 +186,41 @@ def test_a_lever_in_a_plain_run_leaves_no_entry(in_process, capsys, tmp_path, ti
     assert in_process(["quantize", str(cfg), "-o", str(tmp_path / "out"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
     assert not {"asymmetric", "tuning", "allocation"} & set(summary)
+
+
+def test_flags_without_a_file_quantize_and_the_checkpoint_reloads(in_process, capsys, tmp_path, tiny_model_dir):
+    out = tmp_path / "out"
+    args = ["quantize", "--model", str(tiny_model_dir), "--method", "gptq", "--bits", "3", "--group-size", "32",
+            "--samples", "8", "--calibration", "builtin:python-docs", "--set", "calibration.seq_len=32",
+            "--output", str(out), "--json"]
+    assert in_process(args) == 0
+    summary = json.loads(capsys.readouterr().out)
+    strategy = yaml.safe_load((out / STRATEGY_FILE).read_text())
+    assert strategy["quantize"]["grid"]["type"] == "uniform" and strategy["quantize"]["grid"]["bits"] == 3
+    assert strategy["quantize"]["solver"]["type"] == "gptq" and strategy["quantize"]["group_size"] == 32
+    assert strategy["calibration"]["samples"] == 8 and summary["modules_quantized"] == 14
+    model, _ = bpdq.load(out)
+    layers = [m for m in model.modules() if isinstance(m, bpdq.QuantLinear)]
+    assert len(layers) == 14 and {m.group_size for m in layers} == {32}
+
+
+def test_flags_override_the_file(in_process, capsys, tmp_path, tiny_model_dir):
+    from tests.cli.conftest import tiny_strategy, write_config
+
+    cfg = write_config(tmp_path / "s.yaml", tiny_strategy(tiny_model_dir, tmp_path / "out", rules=[]))
+    assert in_process(["quantize", str(cfg), "--bits", "3", "--samples", "5"]) == 0
+    strategy = yaml.safe_load((tmp_path / "out" / STRATEGY_FILE).read_text())
+    assert strategy["quantize"]["grid"]["planes"] == 3 and strategy["calibration"]["samples"] == 5
+
+
+@pytest.mark.parametrize("args, message", [
+    ([], "give a strategy config file, or --model"),
+    (["--model", "m", "--bits", "9"], "--bits: must be 1..8"),
+    (["--model", "m", "--method", "awq"], "invalid choice: 'awq'"),
+    (["--model", "m", "--group-size", "0"], "--group-size: must be a positive integer"),
+])
+def test_bad_flags_exit_2_naming_the_problem(in_process, capsys, args, message):
+    with pytest.raises(SystemExit) if message.startswith(("--", "invalid")) else contextlib.nullcontext():
+        code = in_process(["quantize", *args])
+        assert code == 2
+    assert message in capsys.readouterr().err
