@@ -14,7 +14,9 @@
 # of its main worktree). One thread per process, HF_HUB_OFFLINE=1. JOBS (default 2) cases run at a time.
 # Everything lives in a temporary directory removed at exit, unless KEEP=1.
 # Prints one line per case, `identical` or `DIFFERENT (files...)`, and a total; exit 0 when all are
-# identical, 1 when any differs or a run fails, 2 on usage errors (checked before any work).
+# identical, 1 when any differs or a run fails, 2 on usage errors (checked before any work). A note in
+# brackets says where each interrupted run stopped, and where the run reports differ beyond their timings
+# (proxy losses...; information only, not part of the verdict).
 set -euo pipefail
 
 usage() { echo "usage: bash scripts/compare_revisions.sh OLD_REV [NEW_REV]   (env: PYTHON, JOBS, KEEP=1)" >&2; }
@@ -50,7 +52,10 @@ cleanup() {
   if [ "${KEEP:-0}" = 1 ]; then echo "kept: $TMP" >&2; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
-trap 'exit 130' INT TERM
+CHILD=""
+# A signal ends the helper in work (it ends its runs) before the clean-up; `wait` lets the trap run at once.
+trap 'if [ -n "$CHILD" ]; then kill -TERM "$CHILD" 2>/dev/null; wait "$CHILD"; fi; exit 130' INT TERM
+helper() { "$PYTHON" "$HELPER" "$@" & CHILD=$!; local rc=0; wait "$CHILD" || rc=$?; CHILD=""; return $rc; }
 
 export OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 HF_HUB_OFFLINE=1 TRANSFORMERS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 mkdir -p "$TMP/tmp"
@@ -77,18 +82,15 @@ echo "old: $OLD_REV ($OLD_ID)"
 echo "new: $NEW_NAME"
 echo "python: $PYTHON; $JOBS job(s); one thread per process"
 start=$SECONDS
-"$PYTHON" "$HELPER" models "$TMP/models" >"$TMP/models.log" 2>&1 || { cat "$TMP/models.log" >&2; echo "compare_revisions: could not build the models" >&2; exit 1; }
-"$PYTHON" "$HELPER" configs "$TMP/models" "$TMP/configs"
+helper models "$TMP/models" >"$TMP/models.log" 2>&1 || { cat "$TMP/models.log" >&2; echo "compare_revisions: could not build the models" >&2; exit 1; }
+helper configs "$TMP/models" "$TMP/configs"
 for side in old new; do
   src="$OLD_SRC"; [ "$side" = old ] || src="$NEW_SRC"
   echo "quantizing with $side ($src):"
-  "$PYTHON" "$HELPER" run "$src" "$TMP/configs" "$TMP/$side" \
-    --jobs "$JOBS" --python "$PYTHON"
+  helper run "$src" "$TMP/configs" "$TMP/$side" --jobs "$JOBS" --python "$PYTHON"
 done
 echo "compared ($((SECONDS - start)) s):"
-set +e
-"$PYTHON" "$HELPER" compare "$TMP/old" "$TMP/new" "$TMP/configs"
-status=$?
-set -e
+status=0
+helper compare "$TMP/old" "$TMP/new" "$TMP/configs" || status=$?
 [ $status -eq 0 ] || [ "${KEEP:-0}" = 1 ] || echo "(KEEP=1 keeps the checkpoints and logs of a rerun in its temporary directory)"
 exit $status
