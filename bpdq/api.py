@@ -18,7 +18,7 @@ from bpdq.devices import resolve_autocast, resolve_device
 from bpdq.engine import distributed
 from bpdq.engine.builtin import builtin_stages
 from bpdq.engine.loop import run_quantization
-from bpdq.engine.resume import ResumeState
+from bpdq.engine.resume import ResumeState, check_resume_mode
 from bpdq.engine.sink import CheckpointSink, InMemorySink, Sink
 from bpdq.engine.source import InMemorySource, LazySource, ModelSource
 from bpdq.engine.stages import Stage, check_stages
@@ -59,7 +59,7 @@ def quantize(
 
 
 def _quantize(model: Any, config: QuantizeConfig, *, tokenizer: Any, stages: Sequence[Stage],
-              windows: Sequence[torch.Tensor] | None = None) -> RunReport:
+              windows: Sequence[torch.Tensor] | None = None, calibration_given: bool = True) -> RunReport:
     stages = check_stages([*builtin_stages(config), *stages])
     device = resolve_device(config.device)  # checked (the allowed values in its error) before any work
     resolve_autocast(config.calibration.autocast, device)
@@ -88,7 +88,8 @@ def _quantize(model: Any, config: QuantizeConfig, *, tokenizer: Any, stages: Seq
     sink: Sink = InMemorySink() if config.output is None or distributed.rank() != 0 else CheckpointSink(
         config.output, tokenizer, overwrite=config.overwrite, max_shard_size=config.max_shard_size
     )
-    return run_quantization(source, sink, config, tokenizer=tokenizer, stages=stages, resume=state, windows=windows)
+    return run_quantization(source, sink, config, tokenizer=tokenizer, stages=stages, resume=state, windows=windows,
+                            calibration_given=calibration_given)
 
 
 def _directory_tokenizer(directory: Path) -> Any:
@@ -129,13 +130,18 @@ def quantize_model(
     warnings.warn("bpdq.quantize_model is deprecated and will be removed in the next release: use "
                   "bpdq.quantize(model, bpdq.QuantizeConfig(...), tokenizer=...)", DeprecationWarning, stacklevel=2)
     recipe, rules = as_recipe(recipe), as_rules(rules)
+    dev = resolve_device(device)
+    if autocast is not None:
+        resolve_autocast(autocast, dev)
+    if resume is not None:
+        check_resume_mode(resume)
     windows: Sequence[torch.Tensor] | None = None
     if isinstance(calibration, CalibrationConfig):
         calib = calibration.model_dump()
     elif isinstance(calibration, dict):
         calib = CalibrationConfig(**calibration).model_dump()
     else:
-        calib, windows = {}, (calibration if calibration is not None else ())
+        calib, windows = {}, calibration
     if asymmetric is not None and not isinstance(asymmetric, bool):
         raise TypeError(f"asymmetric must be True or False, got {asymmetric!r}")
     if tuning is not None and not isinstance(tuning, (TuningOptions, dict)):
@@ -149,10 +155,11 @@ def quantize_model(
     config = QuantizeConfig(
         quantize=recipe, rules=list(rules), calibration=CalibrationConfig(**calib), tuning=tuning,
         target_bpw=target_bpw, output=None if output is None else str(output), overwrite=overwrite,
-        max_shard_size=max_shard_size, resume=resume, device=str(device), progress=progress,
+        max_shard_size=max_shard_size, resume=resume, device=str(dev), progress=progress,
         dtype="auto" if dtype is None else (dtype_name(dtype) if isinstance(dtype, torch.dtype) else dtype),
     )
-    return _quantize(model, config, tokenizer=tokenizer, stages=stages, windows=windows)
+    return _quantize(model, config, tokenizer=tokenizer, stages=stages, windows=windows,
+                     calibration_given=calibration is not None)
 
 
 def _layer_prefixes(model: nn.Module) -> list[str]:

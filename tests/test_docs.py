@@ -246,3 +246,27 @@ def test_config_reference_lists_every_field(section, model):
             assert default == _documented_default(model, name, field), f"{section}.{name}: documented default {default}"
         else:
             assert default.startswith("see ["), f"{section}.{name}: default {default!r}"
+
+
+@pytest.mark.slow
+def test_readme_quick_start_runs_on_the_built_in_model(tmp_path):
+    """The README's quick start and its transformers loading, as written except for a smaller run: fewer and
+    shorter calibration windows, one solver iteration and one decoder layer (the substitutions must apply)."""
+    quick, load = blocks(REPO / "README.md", "python")[:2]
+    small = {
+        '"samples": 128,': '"samples": 2, "seq_len": 32, "text": "builtin:python-docs",',
+        'quantize={"group_size": 64,': 'rules=[{"match": r"model\\.layers\\.0\\..*"}, {"match": ".*", "skip": True}], '
+                                       'quantize={"solver": {"type": "bpdq", "iters": 1}, "group_size": 64,',
+        '"runs/mine"': repr(str(tmp_path / "mine")),
+    }
+    for old, new in small.items():
+        assert old in quick, f"the README's quick start no longer contains {old!r}: update this test"
+        quick = quick.replace(old, new)
+    namespace: dict = {}
+    exec(compile(quick, "README.md", "exec"), namespace)
+    report = namespace["report"]
+    assert report.n_quantized == 7 and report.stages == ["fp_stream", "asymmetric"]
+    assert '"runs/mine"' in load
+    exec(compile(load.replace('"runs/mine"', repr(str(tmp_path / "mine"))), "README.md", "exec"), namespace)
+    loaded = namespace["model"]
+    assert sum(isinstance(m, bpdq.QuantLinear) for m in loaded.modules()) == 7

@@ -50,7 +50,7 @@ def test_a_strategy_file_can_be_the_config_and_its_model_is_not_part_of_it(tmp_p
 
 def test_file_overrides_and_every_problem_named_at_once(tmp_path):
     path = tmp_path / "run.yaml"
-    path.write_text("quantize: {group_size: 32}\n")
+    path.write_text("quantize: {group_size: 32, grid: bitplane}\n")
     config = QuantizeConfig.from_file(path, ["calibration.samples=16", "quantize.grid.planes=3"])
     assert config.calibration.samples == 16 and config.quantize.grid["planes"] == 3
     with pytest.raises(ConfigError) as info:
@@ -79,22 +79,24 @@ class Diagonal(bpdq.Stage):
         self.groups = []
 
     def hessians(self, step, names):
-        self.groups.append(tuple(names))
+        self.groups.append(list(names))
         return {n: torch.eye(step.layer.get_submodule(n).in_features) for n in names}
 
 
 def test_a_stage_that_computes_the_hessians_replaces_the_symmetric_ones():
     stage = Diagonal()
-    with_stage, plain = tiny_model(layers=1), tiny_model(layers=1)
-    gptq = {**GPTQ, "solver": {"type": "gptq", "order": "natural", "refit": "none"}}
-    bpdq.quantize(with_stage, {"quantize": gptq, "calibration": TINY_CALIBRATION, "progress": False},
+    model, original = tiny_model(layers=1), tiny_model(layers=1)
+    recipe = {**GPTQ, "solver": {"type": "gptq", "order": "none", "refit": "none"}}
+    bpdq.quantize(model, {"quantize": recipe, "calibration": TINY_CALIBRATION, "progress": False},
                   tokenizer=tiny_tokenizer(), stages=[stage])
-    bpdq.quantize(plain, {"quantize": {**gptq, "solver": "rtn"}, "progress": False})
-    assert stage.groups == [("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), ("self_attn.o_proj",),
-                            ("mlp.gate_proj", "mlp.up_proj"), ("mlp.down_proj",)]
-    for a, b in zip(with_stage.model.layers[0].modules(), plain.model.layers[0].modules()):
-        if isinstance(a, bpdq.QuantLinear):
-            assert torch.equal(a.planes, b.planes)
+    assert stage.groups == [["self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"], ["self_attn.o_proj"],
+                            ["mlp.gate_proj", "mlp.up_proj"], ["mlp.down_proj"]]
+    for name, module in model.model.layers[0].named_modules():
+        if isinstance(module, bpdq.QuantLinear):
+            weight = original.model.layers[0].get_submodule(name).weight
+            expected = bpdq.quantize_weight(weight, torch.eye(weight.shape[1]), grid=recipe["grid"],
+                                            solver=recipe["solver"], group_size=recipe["group_size"])
+            assert torch.equal(module.planes, expected.planes) and torch.equal(module.coeffs, expected.coeffs), name
 
 
 def test_stages_are_checked_before_any_work():

@@ -12,7 +12,7 @@ from bpdq.report import RunReport
 SUMMARY_FILE = "bpdq_summary.json"
 STRATEGY_FILE = "strategy.yaml"
 WORST = 5
-QUALITY_OPTIONS = ("asymmetric", "tuning", "allocation")  # report entries copied into the summary when the lever ran
+QUALITY_OPTIONS = ("asymmetric", "tuning", "allocation")  # report entries copied into the summary when the option ran
 
 
 def worst_modules(report: RunReport, n: int = WORST) -> list[dict[str, Any]]:

@@ -29,7 +29,7 @@ The run is the same loop on every rank (:mod:`bpdq.engine.run`), with these diff
   The collectives still carry a timeout (:data:`TIMEOUT`, set when the CLI creates the group) for a rank
   that dies without a word (SIGKILL, a lost node).
 
-Not supported with several processes (refused with a ``ValueError`` before any work): the 2-bit levers
+Not supported with several processes (refused with a ``ValueError`` before any work): the quality stages
 ``asymmetric``, ``tuning`` and ``target_bpw``.
 """
 

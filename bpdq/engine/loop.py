@@ -242,12 +242,12 @@ def fingerprint(source: ModelSource, plan: RunPlan, windows: Sequence[torch.Tens
 
 def run_quantization(
     source: ModelSource, sink: Sink, config: QuantizeConfig, *, tokenizer: Any = None, stages: Sequence[Stage] = (),
-    resume: ResumeState | None = None, windows: Sequence[torch.Tensor] | None = None,
+    resume: ResumeState | None = None, windows: Sequence[torch.Tensor] | None = None, calibration_given: bool = True,
 ) -> RunReport:
     """The loop over ``source``'s decoder layers into ``sink`` (see the module docstring), as ``config`` says,
     with ``stages`` (the built-in ones included: :func:`bpdq.engine.builtin.builtin_stages`). ``windows``: token
-    windows to calibrate on instead of drawing them from ``config.calibration`` with ``tokenizer`` (an empty
-    sequence: none were given, and a run that needs data is refused);
+    windows to calibrate on instead of drawing them from ``config.calibration`` with ``tokenizer``;
+    ``calibration_given=False``: the caller has no calibration data (a run that needs it is refused);
     ``resume``: the state to continue from and to keep after each layer (removed once the sink is finished).
     On any exception the layer in work goes back to its home device and ``sink.abort()`` removes what was
     written (the resume state stays). A stop requested by a signal
@@ -261,7 +261,7 @@ def run_quantization(
         layers = get_adapter(model).layers  # before the run: a quantized model no longer looks Llama-shaped
         autocast = resolve_autocast(config.calibration.autocast, device)
         with calibration_autocast(AUTOCAST_DTYPES[autocast]):
-            report = _run(source, sink, config, tokenizer, stages, resume, windows, device, autocast)
+            report = _run(source, sink, config, tokenizer, stages, resume, windows, device, autocast, calibration_given)
         report.total_time_s = time.perf_counter() - start
         rest = {k: v for k, v in unique_state_dict(model).items() if not k.startswith(f"{layers}.")}
         sink.finish(model, rest, report)
@@ -294,6 +294,7 @@ def _check(plan: RunPlan, stages: Sequence[Stage]) -> None:
 def _run(
     source: ModelSource, sink: Sink, config: QuantizeConfig, tokenizer: Any, stages: Sequence[Stage],
     resume: ResumeState | None, windows: Sequence[torch.Tensor] | None, device: torch.device, autocast: str,
+    calibration_given: bool = True,
 ) -> RunReport:
     model = source.model
     calibration = config.calibration
@@ -303,7 +304,7 @@ def _run(
     report = RunReport(model=architecture_of(model), total_params=sum(p.numel() for p in model.parameters()),
                        stages=[s.name for s in stages])
     if plan.calibrated:
-        if windows is not None and not len(windows):
+        if not calibration_given:
             raise ValueError("calibration is required: a solver of the recipe needs a Hessian (only 'rtn' runs without data)")
         given = windows is not None
         windows = token_windows(tokenizer, windows if given else calibration, model.get_input_embeddings().num_embeddings)

@@ -106,7 +106,7 @@ _DENSE: ContextVar[dict[int, tuple[tuple[Any, ...], torch.Tensor]] | None] = Con
 
 @contextmanager
 def dense_quantized_forwards() -> Iterator[None]:
-    """One calibration pass's scope (:func:`run_layer`, :func:`collect_hessians` and the levers' passes enter
+    """One calibration pass's scope (:func:`run_layer`, :func:`collect_hessians` and the quality stages' passes enter
     it; nested scopes share the outermost): :func:`_call` runs each already-quantized linear
     (``QuantLinear``) as one dense ``F.linear`` with its dequantized weight, made at its first call and kept
     until its planes or coefficients change or the scope ends. A calibration batch holds thousands of tokens,
@@ -146,7 +146,7 @@ _AUTOCAST: ContextVar[torch.dtype | None] = ContextVar("bpdq_calibration_autocas
 @contextmanager
 def calibration_autocast(dtype: torch.dtype | None) -> Iterator[None]:
     """Inside it, every layer forward of a calibration pass (:func:`_call`: :func:`run_layer`,
-    :func:`collect_hessians`, the levers' passes) runs under ``torch.autocast`` to ``dtype`` (``None``: as it
+    :func:`collect_hessians`, the quality stages' passes) runs under ``torch.autocast`` to ``dtype`` (``None``: as it
     is). The layers' outputs are stored in the activations' dtype and the Hessian accumulators multiply in
     their own dtype, whatever the autocast (:class:`~bpdq.solvers.hessian.HessianAccumulator`)."""
     token = _AUTOCAST.set(dtype)

@@ -141,11 +141,17 @@ def source_fingerprint(source: Any) -> dict[str, Any]:
     return {"config_sha256": _sha256(json.dumps(config, sort_keys=True, default=str).encode()), "tensors_sha256": h.hexdigest()}
 
 
+def check_resume_mode(mode: str) -> str:
+    """``mode`` if it is one of :data:`RESUME_MODES`, else ``ValueError`` naming them."""
+    if mode not in RESUME_MODES:
+        raise ValueError(f"resume must be one of {', '.join(RESUME_MODES)}; got {mode!r}")
+    return mode
+
+
 def read_state(output: str | Path, mode: str) -> dict[str, Any] | None:
     """The manifest of the resume state beside ``output`` (``None`` when there is none), after checking
     ``mode``; ``required`` with no state, or an unreadable manifest, raises ``ValueError``. Changes nothing."""
-    if mode not in RESUME_MODES:
-        raise ValueError(f"resume must be one of {', '.join(RESUME_MODES)}; got {mode!r}")
+    check_resume_mode(mode)
     directory = state_dir(output)
     manifest_path = directory / MANIFEST_FILE
     manifest = None

@@ -21,7 +21,7 @@ from tests.tiny_models import tiny_model_dir
 
 STOP_PLUGIN = """
 import os
-import bpdq.engine.resume as resume
+import bpdq.engine.interrupt as resume
 import bpdq.engine.loop as run
 
 step = run.run_layer_step

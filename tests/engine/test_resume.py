@@ -139,7 +139,7 @@ def test_resume_with_the_levers_and_an_in_memory_model(tmp_path, monkeypatch):
         with pytest.raises(RunInterrupted):
             bpdq.quantize_model(tiny_model(layers=3), tok, output=out, resume="auto", **args)
     saved = json.loads((state_dir(out) / "manifest.json").read_text())
-    assert saved["levers"]["allocation"]["rules"] and len(saved["levers"]["tuning"]) == 1
+    assert saved["stages"]["allocation"]["rules"] and len(saved["stages"]["tuning"]["results"]) == 1
     assert sorted(p.name for p in (state_dir(out) / "inputs-00001").iterdir()) == ["fp-00000.safetensors", "fp-00001.safetensors",
                                                                                  "hidden-00000.safetensors", "hidden-00001.safetensors"]
     model = tiny_model(layers=3)
