@@ -32,7 +32,7 @@ CALIBRATION = {"text": "builtin:python-docs", "samples": 16, "seq_len": 32, "see
 RUN_TIMEOUT_S = 900
 # Files of a checkpoint directory that hold timings (and the output path): not compared.
 UNCOMPARED = {"bpdq_report.json", "bpdq_summary.json"}
-STRATEGY_FILE = "strategy.yaml"  # compared with the output directory's path replaced by a placeholder
+STRATEGY_FILE = "strategy.yaml"  # the run's config as saved: the old one's fields must hold the same values
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -319,6 +319,14 @@ def report_note(a: Path, b: Path) -> str:
     return f"bpdq_report.json differs beyond timings at {', '.join(paths[:3])}{' ...' if len(paths) > 3 else ''}"
 
 
+def _contains(new, old) -> bool:
+    """Whether config ``new`` holds every field of ``old`` with the same value (a newer revision may save
+    fields the older one did not have)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        return all(k in new and _contains(new[k], v) for k, v in old.items())
+    return new == old
+
+
 def differing(a: Path, b: Path) -> list[str]:
     """Files of checkpoint directories ``a`` and ``b`` that differ (or exist on one side only)."""
     fa, fb = _files(a) - UNCOMPARED, _files(b) - UNCOMPARED
@@ -327,9 +335,9 @@ def differing(a: Path, b: Path) -> list[str]:
     diff = sorted((fa ^ fb))
     for f in sorted(fa & fb):
         if f == STRATEGY_FILE:
-            ta = (a / f).read_text(encoding="utf-8").replace(str(a), "<OUTPUT>")
-            tb = (b / f).read_text(encoding="utf-8").replace(str(b), "<OUTPUT>")
-            same = ta == tb
+            ta = yaml.safe_load((a / f).read_text(encoding="utf-8").replace(str(a), "<OUTPUT>"))
+            tb = yaml.safe_load((b / f).read_text(encoding="utf-8").replace(str(b), "<OUTPUT>"))
+            same = _contains(tb, ta)
         else:
             same = filecmp.cmp(a / f, b / f, shallow=False)
         if not same:
