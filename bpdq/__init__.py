@@ -20,6 +20,7 @@ _EXPORTS = {
     "GRIDS": "bpdq.registry",
     "KERNELS": "bpdq.registry",
     "SOLVERS": "bpdq.registry",
+    "STAGES": "bpdq.registry",
     "Registry": "bpdq.registry",
     "UnknownNameError": "bpdq.registry",
     "build_grid": "bpdq.api",

@@ -16,7 +16,7 @@ from bpdq.checkpoint import load, unique_state_dict
 from bpdq.config import CalibrationConfig, QuantizeConfig, Recipe, Rule, as_config, as_recipe, as_rules
 from bpdq.devices import resolve_autocast, resolve_device
 from bpdq.engine import distributed
-from bpdq.engine.builtin import builtin_stages
+from bpdq.engine.builtin import config_stages
 from bpdq.engine.loop import run_quantization
 from bpdq.engine.resume import ResumeState, check_resume_mode
 from bpdq.engine.sink import CheckpointSink, InMemorySink, Sink
@@ -60,7 +60,7 @@ def quantize(
 
 def _quantize(model: Any, config: QuantizeConfig, *, tokenizer: Any, stages: Sequence[Stage],
               windows: Sequence[torch.Tensor] | None = None, calibration_given: bool = True) -> RunReport:
-    stages = check_stages([*builtin_stages(config), *stages])
+    stages = check_stages([*config_stages(config), *stages])
     device = resolve_device(config.device)  # checked (the allowed values in its error) before any work
     resolve_autocast(config.calibration.autocast, device)
     if config.resume is not None and config.output is None:

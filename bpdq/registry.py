@@ -1,4 +1,4 @@
-"""One explicit registry per extension axis (grids, solvers, kernels, model adapters).
+"""One explicit registry per extension axis (grids, solvers, kernels, model adapters, loop stages).
 
 A registry maps a name to an implementation class. ``register(name)`` is a class decorator; a taken name
 raises, and asking for an unknown name raises an error that lists the known ones. Nothing is discovered by
@@ -92,3 +92,5 @@ GRIDS: Registry[Any] = Registry("grid", builtins="bpdq.grids")
 SOLVERS: Registry[Any] = Registry("solver", builtins="bpdq.solvers")
 KERNELS: Registry[Any] = Registry("kernel", builtins="bpdq.kernels")
 ADAPTERS: Registry[Any] = Registry("adapter", builtins="bpdq.models")
+#: User stages of the layer loop (:class:`bpdq.engine.stages.Stage` subclasses), named in a config's ``stages``.
+STAGES: Registry[Any] = Registry("stage")

@@ -38,7 +38,7 @@ EXAMPLES = sorted((DOCS / "examples").glob("*.py"))
 MARKDOWN = sorted(DOCS.rglob("*.md")) + [REPO / "CONTRIBUTING.md"]
 #: Other markdown files whose links and ``bpdq`` command lines are checked too (their code is not run here).
 LINKED = MARKDOWN + [p for p in (REPO / "README.md", REPO / "configs" / "README.md") if p.is_file()]
-REGISTRIES = (bpdq.GRIDS, bpdq.SOLVERS, bpdq.KERNELS, bpdq.ADAPTERS)
+REGISTRIES = (bpdq.GRIDS, bpdq.SOLVERS, bpdq.KERNELS, bpdq.ADAPTERS, bpdq.STAGES)
 #: Docs whose python blocks need artifacts and are run by another test (with the artifact substituted):
 #: here they are only compiled.
 RUN_ELSEWHERE = {

@@ -17,6 +17,7 @@ from pydantic import Field, field_validator
 
 from bpdq.config.recipe import ConfigModel, Recipe, Rule
 from bpdq.devices import Autocast, check_device_name
+from bpdq.registry import STAGES
 from bpdq.shards import DEFAULT_MAX_SHARD_SIZE, parse_size
 from bpdq.tuning import TuningOptions
 
@@ -104,6 +105,21 @@ class QuantizeConfig(ConfigModel):
         "in this dtype",
     )
     progress: bool = Field(default=True, description="show a progress bar on a terminal")
+    stages: list[str | dict[str, Any]] = Field(
+        default_factory=list,
+        description="user stages of the layer loop registered with bpdq.STAGES (e.g. by a --plugin module), by "
+        "name or {type: NAME, **arguments}; they run after the built-in ones",
+    )
+
+    @field_validator("stages")
+    @classmethod
+    def _known_stages(cls, value: list[str | dict[str, Any]]) -> list[str | dict[str, Any]]:
+        for spec in value:
+            name = spec.get("type") if isinstance(spec, dict) else spec
+            if not isinstance(name, str):
+                raise ValueError(f"a stage is a registered name or {{type: NAME, ...}}, got {spec!r}")
+            STAGES.get(name)  # an unknown name lists the known ones
+        return value
 
     @field_validator("device")
     @classmethod

@@ -245,7 +245,7 @@ def run_quantization(
     resume: ResumeState | None = None, windows: Sequence[torch.Tensor] | None = None, calibration_given: bool = True,
 ) -> RunReport:
     """The loop over ``source``'s decoder layers into ``sink`` (see the module docstring), as ``config`` says,
-    with ``stages`` (the built-in ones included: :func:`bpdq.engine.builtin.builtin_stages`). ``windows``: token
+    with ``stages`` (those of the config included: :func:`bpdq.engine.builtin.config_stages`). ``windows``: token
     windows to calibrate on instead of drawing them from ``config.calibration`` with ``tokenizer``;
     ``calibration_given=False``: the caller has no calibration data (a run that needs it is refused);
     ``resume``: the state to continue from and to keep after each layer (removed once the sink is finished).

@@ -3,7 +3,9 @@
 ``LayerError`` keeps a full-precision copy of each layer before it is solved (``before_solve``), compares the
 two layers' outputs on the first calibration batch once the layer is solved (``observe``: it reads the layer
 and changes nothing), drops the copy, and puts the relative errors into the run's report (``finish``).
-Running this file quantizes a tiny random Llama with GPTQ and prints the error per layer.
+Importing this file registers it (``bpdq quantize --plugin docs/examples/add_stage.py`` with ``stages:
+[layer_error]`` in the config); running it quantizes a tiny random Llama with GPTQ and prints the error per
+layer, once with the stage given to ``bpdq.quantize`` and once named in the config.
 See docs/guides/add-a-stage.md.
 """
 
@@ -17,10 +19,9 @@ import bpdq
 from bpdq.batch import to_device
 
 
+@bpdq.STAGES.register("layer_error")
 class LayerError(bpdq.Stage):
     """Relative output error ``||y_q - y|| / ||y||`` of each decoder layer on its first calibration batch."""
-
-    name = "layer_error"
 
     def __init__(self) -> None:
         self.errors: dict[str, float] = {}
@@ -74,6 +75,9 @@ def main() -> None:
         print(f"{layer}: relative output error {error:.4f}")
     if sorted(errors) != ["model.layers.0", "model.layers.1"] or not all(0 < e < 1 for e in errors.values()):
         raise SystemExit(f"expected a small, nonzero error for both layers, got {errors}")
+    named = bpdq.quantize(tiny_llama(), config.model_copy(update={"stages": ["layer_error"]}), tokenizer=ByteTokenizer())
+    if named.extra["layer_error"] != errors:
+        raise SystemExit("the stage named in the config must measure the same errors")
 
 
 if __name__ == "__main__":

@@ -81,7 +81,7 @@ def test_overwrite_replaces_a_directory_and_reproduces_the_weights(tiny_checkpoi
 
 WAITING_PLUGIN = """
 import os, pathlib, time
-import bpdq.engine.resume as resume
+import bpdq.engine.interrupt as resume
 from bpdq.registry import SOLVERS
 from bpdq.solvers.rtn import RTN
 

@@ -104,7 +104,7 @@ def test_the_existing_output_is_left_untouched(error_runs, tmp_path_factory):
 @pytest.mark.parametrize(
     "argv, expected",
     [
-        (["quantize"], "the following arguments are required: CONFIG"),
+        (["quantize", "--bits", "9"], "--bits: must be 1..8"),
         (["eval", "x"], "the following arguments are required: --text"),
         (["eval", "x", "--text", "t.txt", "--seq-len", "0"], "0 is not a positive integer"),
         (["frobnicate"], "invalid choice: 'frobnicate'"),
