@@ -18,8 +18,9 @@ from typing import Any
 import torch
 
 from bpdq.bits import bits_to_codes, codes_to_bits, pack_bits, unpack_bits
-from bpdq.grids.base import COEFF_DTYPE
 
+#: Coefficients are stored in this dtype, ``COEFF_BITS`` bits each (as in the bits-per-weight accounting).
+COEFF_DTYPE = torch.float16
 COEFF_BITS = 16
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
