@@ -61,14 +61,14 @@ class HessianAccumulator:
                 block.add_(x2[:, r0:r1].T @ x2[:, r0:])
         self.n += x2.shape[0]
 
-    def all_reduce(self) -> None:
-        """Sum this accumulator over the ranks of a distributed run (float64 on the wire; see
-        :mod:`bpdq.pipeline.distributed`); a no-op in a single process."""
-        from bpdq.pipeline.distributed import all_reduce_hessian
-
+    def reduce(self, reduce_block: Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]) -> None:
+        """Combine this accumulator with others of the same shape, e.g. over the ranks of a distributed run:
+        ``reduce_block(block, n)`` is called on each float64 block of the sum, in order, with the number of
+        inputs ``n`` accumulated here, and returns the combined ``(block, n)`` (a sum of blocks and of counts;
+        the identity in a single process). The accumulator itself never communicates."""
         if self._blocks is None:
             raise ValueError("no calibration inputs were accumulated on this rank; nothing to reduce")
-        reduced = [all_reduce_hessian(block, self.n) for block in self._blocks]
+        reduced = [reduce_block(block, self.n) for block in self._blocks]
         self._blocks = [block for block, _ in reduced]
         self.n = reduced[0][1]
 
