@@ -230,12 +230,24 @@ def dequantize_packed(planes: torch.Tensor, coeffs: torch.Tensor, group_size: in
     uniform result dequantizes bit-for-bit like ``s * (q - z)``.
     """
     k, out, _ = planes.shape
-    bits = unpack_bits(planes).to(torch.float32)  # [k, out, in]
     n_groups = coeffs.shape[0]
-    bits = bits.view(k, out, n_groups, group_size)
+    bits = unpack_bits(planes).to(torch.float32).view(k, out, n_groups, group_size)
     c = coeffs.to(torch.float32).permute(1, 2, 0).unsqueeze(-1)  # [k+1, out, groups, 1]
-    w = torch.empty(out, n_groups, group_size, dtype=torch.float32, device=planes.device)
-    w.copy_(c[k].expand(out, n_groups, group_size))
+    return dequantize_bits(bits, c).view(out, n_groups * group_size)
+
+
+def dequantize_bits(bits: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """``coeffs[k] + sum_i coeffs[i] * bits[i]``: the format's dequantization, the one Python implementation.
+
+    ``bits`` is ``[k', *shape]`` (``k' >= k``; planes ``0..k-1`` are read) of 0/1 values, ``coeffs`` is
+    ``[k+1, ...]`` (plane coefficients first, the offset last), each ``coeffs[i]`` broadcasting to ``shape``.
+    The result ``[*shape]`` is in ``coeffs``' dtype on ``bits``' device: the offset, then each plane's term
+    added in plane order (``addcmul``), so every caller gets the same bits for the same coefficients.
+    """
+    k = coeffs.shape[0] - 1
+    shape = bits.shape[1:]
+    w = torch.empty(shape, dtype=coeffs.dtype, device=bits.device)
+    w.copy_(coeffs[k].expand(shape))
     for i in range(k):
-        w.addcmul_(bits[i], c[i])
-    return w.view(out, n_groups * group_size)
+        w.addcmul_(bits[i], coeffs[i])
+    return w
