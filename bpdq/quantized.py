@@ -23,7 +23,12 @@ from bpdq.bits import bits_to_codes, codes_to_bits, pack_bits, unpack_bits
 COEFF_DTYPE = torch.float16
 COEFF_BITS = 16
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: A weight's dtype by name, as the metadata stores it (:func:`dtype_from_name`).
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+#: The dtype names a user may pick for a model's weights (the CLI's ``--dtype``): ``auto`` (as stored or
+#: loaded) and every name of ``_DTYPES`` but ``float64``. The CLI writes them out (its parser must not import
+#: torch); tests/test_quantized.py checks that the copies agree.
+DTYPE_NAMES = ("auto", *(name for name in _DTYPES if name != "float64"))
 
 
 def bits_per_weight(k: int, group_size: int) -> float:
