@@ -1,4 +1,4 @@
-"""BPDQ: bit-plane decomposition quantization on a variable grid (DESIGN.md, "The method").
+"""BPDQ: bit-plane decomposition quantization on a variable grid (docs/method.md).
 
 For every group of ``g`` columns (in sweep order, inside lazy-update blocks):
 
