@@ -232,7 +232,9 @@ def with_damping(
             return result, lam, attempt
         if attempt < max_retries:
             new_lam = lam * growth if lam > 0 else 1e-6
-            logger.warning("Cholesky factorization of %s failed at damp=%.3g; retrying with damp=%.3g", what, lam, new_lam)
+            logger.warning(
+                "Cholesky factorization of %s failed at damp=%.3g; retrying with damp=%.3g", what, lam, new_lam
+            )
             lam = new_lam
     raise ValueError(
         f"{what} could not be factorized even with damp={lam:.3g} after {max_retries} retries; "

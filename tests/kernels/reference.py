@@ -74,7 +74,9 @@ def assert_matches_reference(layer: QuantLinear, x: torch.Tensor, kernel: str, e
     )
 
 
-def random_format_layer(case: tuple, tokens: int, dtype: torch.dtype, bias: bool, seed: int) -> tuple[QuantLinear, torch.Tensor]:
+def random_format_layer(
+    case: tuple, tokens: int, dtype: torch.dtype, bias: bool, seed: int
+) -> tuple[QuantLinear, torch.Tensor]:
     """A layer of a random format from ``tests.strategies.codes_and_coeffs`` and ``tokens`` random inputs."""
     codes, coeffs, k, g = case
     qweight = QuantizedWeight.from_codes(codes, coeffs, planes=k, group_size=g)
@@ -111,7 +113,9 @@ def random_format_property(kernel: str, max_tokens: int):
     return test
 
 
-def check_formats_match_reference(kernel: str, k: int, group_size: int, dtype: torch.dtype, tokens: tuple[int, ...]) -> None:
+def check_formats_match_reference(
+    kernel: str, k: int, group_size: int, dtype: torch.dtype, tokens: tuple[int, ...]
+) -> None:
     """A 40-row random layer of at least two groups (bias at odd ``k``) matches the reference at each token count."""
     in_features = max(256, 2 * group_size)
     layer = random_layer(k, group_size, 40, in_features, bias=k % 2 == 1, seed=10 * k + group_size)
