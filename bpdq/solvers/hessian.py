@@ -11,7 +11,7 @@ import torch
 
 logger = logging.getLogger(__name__)
 
-T = TypeVar("T")
+_T = TypeVar("_T")
 
 
 #: Rows per block of :class:`HessianAccumulator`'s upper-triangle sum: smaller blocks skip more of the lower
@@ -217,8 +217,8 @@ def damped_inverse_cholesky(
 
 
 def with_damping(
-    factorize: Callable[[float, int], T | None], damp: float, what: str, *, max_retries: int = 6, growth: float = 10.0
-) -> tuple[T, float, int]:
+    factorize: Callable[[float, int], _T | None], damp: float, what: str, *, max_retries: int = 6, growth: float = 10.0
+) -> tuple[_T, float, int]:
     """The damping escalation shared by the Cholesky factorizations of a Hessian: ``factorize(lam, attempt)``
     with ``lam = damp`` first, and after each failure (``None``) with ``lam`` multiplied by ``growth`` (``1e-6``
     after ``0``), up to ``max_retries`` times, with a logged warning naming ``what`` each time. Returns
