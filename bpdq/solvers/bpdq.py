@@ -1,6 +1,6 @@
-"""BPDQ: bit-plane decomposition quantization on a variable grid (docs/method.md).
+"""BPDQ: bit-plane decomposition quantization on a variable grid.
 
-For every group of ``g`` columns (in sweep order, inside lazy-update blocks):
+For every group of ``g`` columns (in sweep order, inside lazy-update blocks; docs/method.md, "The solver"):
 
 a. initial planes: top k bit-planes of an ``init_bits`` uniform quantization of the group's current weights;
 b. coefficients: ridge least squares in the metric whitened by ``U_loc^-T`` (``U_loc`` = the group's block of
