@@ -1,11 +1,11 @@
 """Bit allocation: planes per module (1..4 at a fixed group size) so that the model meets a target bpw.
 
 Input: for every module its parameter count and its measured proxy loss at each plane count. A module at
-``k`` planes costs ``params * bpw(k)`` bits, ``bpw(k) = k + 16 (k+1) / g`` (as
-:attr:`bpdq.quantized.QuantizedWeight.bits_per_weight`). Every module starts at ``min_planes``; the upgrades
-are the segments of the lower convex hull of its ``(bits, loss)`` points (a Lagrangian relaxation: a module
-at the hull never wants a point above it), ordered over all modules by loss decrease per extra bit (ties:
-module order). The allocation is the longest prefix of that order that fits the budget
+``k`` planes costs ``params * bpw(k)`` bits, ``bpw(k) = k + 16 (k+1) / g``
+(:func:`bpdq.quantized.bits_per_weight`). Every module starts at ``min_planes``; the upgrades are the
+segments of the lower convex hull of its ``(bits, loss)`` points (a Lagrangian relaxation: a module at the
+hull never wants a point above it), ordered over all modules by loss decrease per extra bit (ties: module
+order). The allocation is the longest prefix of that order that fits the budget
 ``target * sum(params)``, so:
 
 - the average bpw never exceeds the target, and falls short of it by less than the next upgrade's cost (one
@@ -23,15 +23,13 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Sequence
 
-from bpdq.quantized import COEFF_BITS
+from bpdq.quantized import COEFF_BITS, bits_per_weight
 
 MIN_PLANES = 1
 MAX_PLANES = 4
 
-
-def planes_bpw(planes: int, group_size: int) -> float:
-    """Bits per weight of ``planes`` bit-planes with fp16 coefficients per group: ``k + 16 (k+1) / g``."""
-    return planes + COEFF_BITS * (planes + 1) / group_size
+#: The old name of :func:`bpdq.quantized.bits_per_weight`, still imported by ``bpdq.pipeline.allocate``.
+planes_bpw = bits_per_weight
 
 
 def bpw_range(group_size: int, min_planes: int = MIN_PLANES, max_planes: int = MAX_PLANES) -> tuple[float, float]:
@@ -40,7 +38,7 @@ def bpw_range(group_size: int, min_planes: int = MIN_PLANES, max_planes: int = M
         raise ValueError(f"group_size must be a positive multiple of 8, got {group_size!r}")
     if not 1 <= min_planes <= max_planes <= 8:
         raise ValueError(f"planes range must satisfy 1 <= min_planes <= max_planes <= 8, got {min_planes}..{max_planes}")
-    return planes_bpw(min_planes, group_size), planes_bpw(max_planes, group_size)
+    return bits_per_weight(min_planes, group_size), bits_per_weight(max_planes, group_size)
 
 
 def check_target_bpw(target_bpw: float, group_size: int, min_planes: int = MIN_PLANES, max_planes: int = MAX_PLANES) -> None:
@@ -130,11 +128,11 @@ def allocate_planes(
     total = sum(m.params for m in modules)
     budget = target_bpw * total * (1 + 1e-12)
     planes = {m.name: min_planes for m in modules}
-    used = sum(m.params * planes_bpw(min_planes, group_size) for m in modules)
+    used = sum(m.params * bits_per_weight(min_planes, group_size) for m in modules)
     steps = []
     for index, m in enumerate(modules):
         for seg, (k0, k1) in enumerate(_hull_segments(m, ks, group_size)):
-            cost = m.params * (planes_bpw(k1, group_size) - planes_bpw(k0, group_size))
+            cost = m.params * (bits_per_weight(k1, group_size) - bits_per_weight(k0, group_size))
             gain = m.losses[k0] - m.losses[k1]
             steps.append((-gain / cost, index, seg, k1, cost))
     steps.sort()
@@ -153,7 +151,7 @@ def _hull_segments(m: ModuleLoss, ks: range, group_size: int) -> list[tuple[int,
     for k in ks:
         while len(hull) >= 2:
             a, b = hull[-2], hull[-1]
-            xa, xb, xk = (planes_bpw(j, group_size) for j in (a, b, k))
+            xa, xb, xk = (bits_per_weight(j, group_size) for j in (a, b, k))
             ya, yb, yk = m.losses[a], m.losses[b], m.losses[k]
             if (xb - xa) * (yk - ya) - (yb - ya) * (xk - xa) <= 0:  # b lies on or above the chord a-k
                 hull.pop()

@@ -18,11 +18,17 @@ from typing import Any
 import torch
 
 from bpdq.bits import bits_to_codes, codes_to_bits, pack_bits, unpack_bits
-from bpdq.grids.base import COEFF_DTYPE
 
+#: Coefficients are stored in this dtype, ``COEFF_BITS`` bits each (as in the bits-per-weight accounting).
+COEFF_DTYPE = torch.float16
 COEFF_BITS = 16
 
-_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "float64": torch.float64}
+#: A weight's dtype by name, as the metadata stores it (:func:`dtype_from_name`).
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+#: The dtype names a user may pick for a model's weights (the CLI's ``--dtype``): ``auto`` (as stored or
+#: loaded) and every name of ``_DTYPES`` but ``float64``. The CLI writes them out (its parser must not import
+#: torch); tests/test_quantized.py checks that the copies agree.
+DTYPE_NAMES = ("auto", *(name for name in _DTYPES if name != "float64"))
 
 
 def bits_per_weight(k: int, group_size: int) -> float:
@@ -229,12 +235,24 @@ def dequantize_packed(planes: torch.Tensor, coeffs: torch.Tensor, group_size: in
     uniform result dequantizes bit-for-bit like ``s * (q - z)``.
     """
     k, out, _ = planes.shape
-    bits = unpack_bits(planes).to(torch.float32)  # [k, out, in]
     n_groups = coeffs.shape[0]
-    bits = bits.view(k, out, n_groups, group_size)
+    bits = unpack_bits(planes).to(torch.float32).view(k, out, n_groups, group_size)
     c = coeffs.to(torch.float32).permute(1, 2, 0).unsqueeze(-1)  # [k+1, out, groups, 1]
-    w = torch.empty(out, n_groups, group_size, dtype=torch.float32, device=planes.device)
-    w.copy_(c[k].expand(out, n_groups, group_size))
+    return dequantize_bits(bits, c).view(out, n_groups * group_size)
+
+
+def dequantize_bits(bits: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
+    """``coeffs[k] + sum_i coeffs[i] * bits[i]``: the format's dequantization, the one Python implementation.
+
+    ``bits`` is ``[k', *shape]`` (``k' >= k``; planes ``0..k-1`` are read) of 0/1 values, ``coeffs`` is
+    ``[k+1, ...]`` (plane coefficients first, the offset last), each ``coeffs[i]`` broadcasting to ``shape``.
+    The result ``[*shape]`` is in ``coeffs``' dtype on ``bits``' device: the offset, then each plane's term
+    added in plane order (``addcmul``), so every caller gets the same bits for the same coefficients.
+    """
+    k = coeffs.shape[0] - 1
+    shape = bits.shape[1:]
+    w = torch.empty(shape, dtype=coeffs.dtype, device=bits.device)
+    w.copy_(coeffs[k].expand(shape))
     for i in range(k):
-        w.addcmul_(bits[i], c[i])
-    return w.view(out, n_groups * group_size)
+        w.addcmul_(bits[i], coeffs[i])
+    return w

@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from bpdq.allocation import ModuleLoss, allocate_planes, bpw_range, planes_bpw
-from bpdq.quantized import QuantizedWeight
+from bpdq.allocation import ModuleLoss, allocate_planes, bpw_range
+from bpdq.quantized import QuantizedWeight, bits_per_weight
 
 G = 64
 
@@ -29,7 +29,7 @@ def test_bpw_formula_matches_quantized_weight():
 
     for k in (1, 2, 3, 4):
         qw = QuantizedWeight.from_codes(torch.zeros(2, 128, dtype=torch.int64), torch.zeros(2, 2, k + 1), planes=k, group_size=G)
-        assert planes_bpw(k, G) == qw.bits_per_weight
+        assert bits_per_weight(k, G) == qw.bits_per_weight
     assert bpw_range(64) == (1.5, 5.25) and bpw_range(128) == (1.25, 4.625)
 
 
@@ -39,12 +39,12 @@ def test_meets_the_target_within_one_step_and_never_exceeds_it(case, target):
     mods = _modules(*case)
     alloc = allocate_planes(mods, target, G)
     total = sum(m.params for m in mods)
-    bits = sum(m.params * planes_bpw(alloc.planes[m.name], G) for m in mods)
+    bits = sum(m.params * bits_per_weight(alloc.planes[m.name], G) for m in mods)
     assert alloc.bpw == pytest.approx(bits / total, rel=1e-12)
     assert alloc.bpw <= target * (1 + 1e-12)
     # any single further plane on any module that is not at the top would exceed the target, or the
     # shortfall is below the largest single upgrade step (one module's granularity)
-    largest_step = max(m.params * (planes_bpw(4, G) - planes_bpw(1, G)) for m in mods)
+    largest_step = max(m.params * (bits_per_weight(4, G) - bits_per_weight(1, G)) for m in mods)
     assert (target - alloc.bpw) * total < largest_step + 1e-6 or all(k == 4 for k in alloc.planes.values())
     assert alloc.loss == pytest.approx(sum(m.losses[alloc.planes[m.name]] for m in mods))
     assert set(alloc.planes.values()) <= {1, 2, 3, 4}
@@ -66,14 +66,14 @@ def test_monotone_in_the_target(case, t1, t2):
 def test_spends_bits_where_they_lower_the_loss_most():
     sensitive = ModuleLoss("sensitive", 576 * 576, {1: 100.0, 2: 30.0, 3: 10.0, 4: 4.0})
     robust = ModuleLoss("robust", 576 * 576, {1: 1.0, 2: 0.5, 3: 0.3, 4: 0.2})
-    alloc = allocate_planes([sensitive, robust], planes_bpw(2, G) + 0.5 * (planes_bpw(3, G) - planes_bpw(2, G)), G)
+    alloc = allocate_planes([sensitive, robust], bits_per_weight(2, G) + 0.5 * (bits_per_weight(3, G) - bits_per_weight(2, G)), G)
     assert alloc.planes == {"sensitive": 3, "robust": 2} or alloc.planes["sensitive"] > alloc.planes["robust"]
     # the extremes: everything at one plane / at four planes
     assert set(allocate_planes([sensitive, robust], lo, G).planes.values()) == {1}
     assert set(allocate_planes([sensitive, robust], hi, G).planes.values()) == {4}
     # a uniform target on identical modules gives the uniform allocation
     same = [ModuleLoss(f"s{i}", 4096, {1: 8.0, 2: 4.0, 3: 2.0, 4: 1.0}) for i in range(5)]
-    assert set(allocate_planes(same, planes_bpw(2, G), G).planes.values()) == {2}
+    assert set(allocate_planes(same, bits_per_weight(2, G), G).planes.values()) == {2}
 
 
 def test_a_useless_plane_is_still_spent_to_meet_the_target():

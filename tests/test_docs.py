@@ -34,7 +34,7 @@ from bpdq.tuning import TuningOptions
 
 REPO = Path(__file__).resolve().parents[1]
 DOCS = REPO / "docs"
-EXAMPLES = sorted((DOCS / "examples").glob("*.py"))
+EXAMPLES = sorted((DOCS / "examples").glob("[!_]*.py"))  # _*.py: helpers the examples share
 MARKDOWN = sorted(DOCS.rglob("*.md")) + [REPO / "CONTRIBUTING.md"]
 #: Other markdown files whose links and ``bpdq`` command lines are checked too (their code is not run here).
 LINKED = MARKDOWN + [p for p in (REPO / "README.md", REPO / "configs" / "README.md") if p.is_file()]

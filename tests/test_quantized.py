@@ -10,7 +10,7 @@ from hypothesis import given
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from bpdq.quantized import QuantizedWeight, SolveStats, dequantize_packed, dtype_from_name, dtype_name
+from bpdq.quantized import DTYPE_NAMES, QuantizedWeight, SolveStats, dequantize_packed, dtype_from_name, dtype_name
 from tests.strategies import codes_and_coeffs
 
 
@@ -146,3 +146,22 @@ def test_docs_format_example_bytes():
     codes = torch.tensor([[3, 0, 1, 2, 0, 0, 0, 1] * 4])
     qw = build(codes, torch.zeros(1, 1, 3), 2, 32)
     assert qw.planes[:, 0, 0].tolist() == [133, 9]
+
+
+def test_the_cli_and_the_strategy_offer_the_dtype_names(capsys):
+    """``DTYPE_NAMES`` is what ``bpdq eval/export --dtype`` and a strategy's ``dtype`` accept (the CLI writes
+    the names out so that building its parser imports no torch)."""
+    from typing import get_args
+
+    from bpdq.cli import build_parser, cmd_eval
+    from bpdq.strategy.model import Strategy
+
+    assert DTYPE_NAMES == cmd_eval.DTYPES == ("auto", "float32", "bfloat16", "float16")
+    assert [dtype_name(dtype_from_name(name)) for name in DTYPE_NAMES[1:]] == list(DTYPE_NAMES[1:])
+    assert get_args(Strategy.model_fields["dtype"].annotation) == DTYPE_NAMES
+    parser = build_parser()
+    for command in (["eval", "model", "--text", "t.txt"], ["export", "model", "out"]):
+        assert [parser.parse_args([*command, "--dtype", name]).dtype for name in DTYPE_NAMES] == list(DTYPE_NAMES)
+        with pytest.raises(SystemExit):
+            parser.parse_args([*command, "--dtype", "float64"])
+    assert "invalid choice: 'float64'" in capsys.readouterr().err

@@ -13,6 +13,7 @@ from bpdq.cli.runtime import positive_int, device_for, load_model, load_plugins,
 
 log = logging.getLogger("bpdq.cli")
 
+#: ``bpdq.quantized.DTYPE_NAMES``, written out: building the parser must not import torch.
 DTYPES = ("auto", "float32", "bfloat16", "float16")
 
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 from typing import Any
 
+from bpdq.cli.cmd_eval import DTYPES
 from bpdq.cli.console import stdout_console
 from bpdq.cli.errors import usage_phase
 from bpdq.cli.runtime import load_plugins
@@ -22,7 +23,7 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     )
     p.add_argument("model", metavar="MODEL", help="built-in alias, .gguf file, model directory or hub id")
     p.add_argument("output", metavar="OUTPUT", help="directory to write")
-    p.add_argument("--dtype", choices=["auto", "float32", "bfloat16", "float16"], default="auto",
+    p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="dtype of the written weights (auto: as loaded; a GGUF file loads as float32)")
     p.add_argument("--max-shard-size", default="1GB", metavar="SIZE", help="largest shard, e.g. 500MB (default 1GB)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty output directory")

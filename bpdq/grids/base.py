@@ -19,9 +19,7 @@ import torch
 
 from bpdq.bits import plane_matrix
 from bpdq.options import Configurable
-
-#: Coefficients are stored in this dtype (16 bits each, as in the bits-per-weight accounting).
-COEFF_DTYPE = torch.float16
+from bpdq.quantized import COEFF_DTYPE  # the format's storage dtype; bpdq.grids re-exports it
 
 
 def round_coeffs(coeffs: torch.Tensor) -> torch.Tensor:

@@ -1,8 +1,8 @@
 """Bit-plane variable grid (BPDQ): k bit-planes with free real coefficients per row per group.
 
-Initialisation (DESIGN.md step 3a-b): quantize the group with an ``init_bits``-bit asymmetric uniform grid,
-keep the top k bit-planes of its codes, and fit the k+1 coefficients by (optionally whitened) ridge least
-squares.
+Initialisation (the first two steps of BPDQ's per-group solve, :mod:`bpdq.solvers.bpdq`): quantize the group
+with an ``init_bits``-bit asymmetric uniform grid, keep the top k bit-planes of its codes, and fit the k+1
+coefficients by (optionally whitened) ridge least squares.
 """
 
 from __future__ import annotations

@@ -12,9 +12,9 @@
   ``c_i * (s_G * P + X_G / 2)`` with ``X_G`` the group's exact input sum. AVX2 and AVX-512 give
   bit-identical results. The tables' rounding bounds the error (:func:`lut_error_bound`): per output about
   ``sum_G (g/4) * (s_G/2) * sum_i |c_i|``. One byte per entry (int8, half the lookups) moved SmolLM2 k=2's
-  perplexity by +0.25% on 4 x 512 tokens, too close to the issue's 0.3% limit; two bytes leave it unchanged
-  (``benchmarks/bench_lut_precision.py``). Rows past the last multiple of 32 run the exact scalar code on
-  every path.
+  perplexity by +0.25% on 4 x 512 tokens, close to the 0.3% that the integer tables may cost at most; two
+  bytes leave it unchanged (``benchmarks/bench_lut_precision.py``). Rows past the last multiple of 32 run the
+  exact scalar code on every path.
   Why 4 inputs and not 8: a 16-entry table sits in one register, so one shuffle looks many rows up at once;
   a 256-entry table (what ``triton_lut`` uses) needs one scalar or gather load per row and byte.
 - **Larger M**: tiles of about 2^18 weights (a few hundred KiB, cache-sized) are dequantized by the C

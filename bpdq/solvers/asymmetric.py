@@ -29,14 +29,11 @@ activations beside the quantized ones (twice the calibration activations of one 
 
 from __future__ import annotations
 
-import logging
 from collections.abc import Sequence
 
 import torch
 
-from bpdq.solvers.hessian import HessianAccumulator, check_hessian
-
-logger = logging.getLogger(__name__)
+from bpdq.solvers.hessian import HessianAccumulator, check_hessian, with_damping
 
 
 class AsymmetricAccumulator:
@@ -172,19 +169,18 @@ def _check_moment(name: str, M: torch.Tensor, shape: tuple[int, ...], like: str,
 
 
 def _damped_cholesky(H_q: torch.Tensor, damp: float, max_retries: int) -> torch.Tensor:
-    """The float64 lower Cholesky factor of ``H_q + damp * mean(diag H_q) I`` (damping raised 10x on failure)."""
-    S = H_q.to(torch.float64)
-    d = S.shape[0]
+    """The float64 lower Cholesky factor of ``H_q + damp * mean(diag H_q) I`` (damping raised 10x on failure).
+
+    The damping goes onto the diagonal of one float64 copy of ``H_q`` (restored from the saved diagonal before
+    each retry): two ``[d, d]`` matrices at a time, the copy and the factor, and the bits of ``S + lam I``
+    (adding ``0.0`` turns an entry ``-0.0`` into ``+0.0`` as that sum does off the diagonal)."""
+    S = H_q.to(torch.float64, copy=True).add_(0.0)
     scale = float(torch.diagonal(S).mean())
-    eye = torch.eye(d, dtype=torch.float64, device=S.device)
-    lam = damp
-    for attempt in range(max_retries + 1):
-        L, info = torch.linalg.cholesky_ex(S + (lam * scale) * eye)
-        if int(info) == 0:
-            break
-        if attempt == max_retries:
-            raise ValueError(f"H_q could not be factorized even with damp={lam:.3g}; check the calibration data")
-        new_lam = lam * 10.0 if lam > 0 else 1e-6
-        logger.warning("Cholesky factorization of H_q failed at damp=%.3g; retrying with damp=%.3g", lam, new_lam)
-        lam = new_lam
-    return L
+    diag = torch.diagonal(S).clone()
+
+    def factorize(lam: float, attempt: int) -> torch.Tensor | None:
+        torch.diagonal(S).copy_(diag).add_(lam * scale)
+        L, info = torch.linalg.cholesky_ex(S)
+        return L if int(info) == 0 else None
+
+    return with_damping(factorize, damp, "H_q", max_retries=max_retries)[0]

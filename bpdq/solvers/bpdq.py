@@ -1,6 +1,6 @@
-"""BPDQ: bit-plane decomposition quantization on a variable grid (DESIGN.md, "The method").
+"""BPDQ: bit-plane decomposition quantization on a variable grid.
 
-For every group of ``g`` columns (in sweep order, inside lazy-update blocks):
+For every group of ``g`` columns (in sweep order, inside lazy-update blocks; docs/method.md, "The solver"):
 
 a. initial planes: top k bit-planes of an ``init_bits`` uniform quantization of the group's current weights;
 b. coefficients: ridge least squares in the metric whitened by ``U_loc^-T`` (``U_loc`` = the group's block of
@@ -71,7 +71,6 @@ class BPDQSweep:
     coeffs: torch.Tensor  # [out, groups, k+1], fp16-representable
     best_iters: list[int]  # per group, 1-based
     iters_run: list[int]  # per group
-    errors: torch.Tensor | None = None  # [out, in] final errors E (only with keep_errors)
     scores: list[float] = field(default_factory=list)  # per group, ||E||^2 of the kept iterate
 
 
@@ -133,7 +132,6 @@ def bpdq_sweep(
     alpha: float = 1e-4,
     block: int = 128,
     tol: float | None = None,
-    keep_errors: bool = False,
 ) -> BPDQSweep:
     """BPDQ over ``W [out, in]`` (modified in place) with ``U`` (upper, ``H^-1 = U^T U``), both in sweep order."""
     if block <= 0 or block % group_size:
@@ -142,7 +140,6 @@ def bpdq_sweep(
     g = group_size
     codes = torch.empty(out, inp, dtype=torch.uint8, device=W.device)  # codes < 2^k <= 256
     coeffs = torch.empty(out, inp // g, grid.planes + 1, dtype=W.dtype, device=W.device)
-    errors = torch.empty_like(W) if keep_errors else None
     best_iters: list[int] = []
     iters_run: list[int] = []
     scores: list[float] = []
@@ -164,9 +161,7 @@ def bpdq_sweep(
             scores.append(res.score)
         if i2 < inp:
             W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1.0)
-        if errors is not None:
-            errors[:, i1:i2] = E1
-    return BPDQSweep(codes, coeffs, best_iters, iters_run, errors, scores)
+    return BPDQSweep(codes, coeffs, best_iters, iters_run, scores)
 
 
 @dataclass

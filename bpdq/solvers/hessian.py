@@ -5,10 +5,13 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TypeVar
 
 import torch
 
 logger = logging.getLogger(__name__)
+
+_T = TypeVar("_T")
 
 
 #: Rows per block of :class:`HessianAccumulator`'s upper-triangle sum: smaller blocks skip more of the lower
@@ -62,8 +65,10 @@ class HessianAccumulator:
         self.n += x2.shape[0]
 
     def reduce(self, reduce_block: Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]) -> None:
-        """Replace each float64 block of the sum and the count by ``reduce_block(block, n)`` (e.g. their sums
-        over the ranks of a distributed run)."""
+        """Combine this accumulator with others of the same shape, e.g. over the ranks of a distributed run:
+        ``reduce_block(block, n)`` is called on each float64 block of the sum, in order, with the number of
+        inputs ``n`` accumulated here, and returns the combined ``(block, n)`` (a sum of blocks and of counts;
+        the identity in a single process). The accumulator itself never communicates."""
         if self._blocks is None:
             raise ValueError("no calibration inputs were accumulated on this rank; nothing to reduce")
         reduced = [reduce_block(block, self.n) for block in self._blocks]
@@ -185,11 +190,10 @@ def damped_inverse_cholesky(
     triangle), with one ``[n, n]`` matrix alive: the damping, the factor, the inverse and ``U`` are all
     computed in place in that copy. ``build`` is called again on a retry, so the caller's matrix is never
     modified. Returns ``(U, lam_used, retries, mean(diag))``."""
-    if damp < 0:
-        raise ValueError(f"damp must be >= 0, got {damp}")
     mean_diag = scale = 0.0
-    lam = damp
-    for attempt in range(max_retries + 1):
+
+    def factorize(lam: float, attempt: int) -> torch.Tensor | None:
+        nonlocal mean_diag, scale
         work = build()
         if attempt == 0:
             mean_diag = float(torch.diagonal(work).mean())
@@ -205,15 +209,34 @@ def damped_inverse_cholesky(
             torch.cholesky_inverse(U, out=U)
             torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
             if int(info) == 0 and all(bool(torch.isfinite(U[r0:r1]).all()) for r0, r1 in row_blocks(U.shape[0])):
-                return U, lam, attempt, mean_diag
-        del U, work
+                return U
+        return None  # the failed copy is freed before the next build()
+
+    U, lam, retries = with_damping(factorize, damp, "the Hessian", max_retries=max_retries, growth=growth)
+    return U, lam, retries, mean_diag
+
+
+def with_damping(
+    factorize: Callable[[float, int], _T | None], damp: float, what: str, *, max_retries: int = 6, growth: float = 10.0
+) -> tuple[_T, float, int]:
+    """The damping escalation shared by the Cholesky factorizations of a Hessian: ``factorize(lam, attempt)``
+    with ``lam = damp`` first, and after each failure (``None``) with ``lam`` multiplied by ``growth`` (``1e-6``
+    after ``0``), up to ``max_retries`` times, with a logged warning naming ``what`` each time. Returns
+    ``(result, lam_used, retries)``; raises ``ValueError`` when every attempt fails."""
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    lam = damp
+    for attempt in range(max_retries + 1):
+        result = factorize(lam, attempt)
+        if result is not None:
+            return result, lam, attempt
         if attempt < max_retries:
             new_lam = lam * growth if lam > 0 else 1e-6
             logger.warning(
-                "Cholesky factorization of the Hessian failed at damp=%.3g; retrying with damp=%.3g", lam, new_lam
+                "Cholesky factorization of %s failed at damp=%.3g; retrying with damp=%.3g", what, lam, new_lam
             )
             lam = new_lam
     raise ValueError(
-        f"the Hessian could not be factorized even with damp={lam:.3g} after {max_retries} retries; "
-        "check the calibration data (is the Hessian symmetric positive semi-definite?)"
+        f"{what} could not be factorized even with damp={lam:.3g} after {max_retries} retries; "
+        f"check the calibration data (is {what} symmetric positive semi-definite?)"
     )

@@ -33,6 +33,7 @@ from enum import Enum
 import torch
 
 from bpdq.grids.base import round_coeffs
+from bpdq.quantized import COEFF_DTYPE, dequantize_bits
 from bpdq.solvers.base import quadratic_forms, relative_loss
 from bpdq.solvers.hessian import check_hessian
 
@@ -153,14 +154,11 @@ def design(codes: torch.Tensor, planes: int, group_size: int) -> torch.Tensor:
 
 
 def dequant_rows(V: torch.Tensor, coeffs: torch.Tensor) -> torch.Tensor:
-    """``Q [rows, in]`` in float32 with the arithmetic of :func:`bpdq.quantized.dequantize_packed` (same bits)."""
-    rows, p, n_groups, g = V.shape
-    c = coeffs.to(torch.float16).to(torch.float32).permute(2, 0, 1).unsqueeze(-1)  # [p, rows, G, 1]
-    Q = torch.empty(rows, n_groups, g, dtype=torch.float32, device=V.device)
-    Q.copy_(c[p - 1].expand(rows, n_groups, g))
-    for i in range(p - 1):
-        Q.addcmul_(V[:, i], c[i])
-    return Q.view(rows, n_groups * g)
+    """``Q [rows, in]`` in float32 from the design ``V`` and coefficients ``[rows, groups, k+1]``, rounded to
+    their storage dtype first: :func:`bpdq.quantized.dequantize_bits`, the bits of the stored model."""
+    rows, _, n_groups, g = V.shape
+    c = coeffs.to(COEFF_DTYPE).to(torch.float32).permute(2, 0, 1).unsqueeze(-1)  # [p, rows, G, 1]
+    return dequantize_bits(V.transpose(0, 1), c).view(rows, n_groups * g)
 
 
 def row_losses(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> torch.Tensor:

@@ -42,7 +42,8 @@ class SweepLayer:
 def prepare_layer(
     W: torch.Tensor, H: torch.Tensor, group_size: int, order: Order | str, damp: float, *, release: bool = False
 ) -> SweepLayer:
-    """Dead inputs (DESIGN step 1), column order (step 2), and ``U`` of the damped inverse Hessian.
+    """Dead inputs (``H_jj = 0``: ``H_jj = 1`` and ``W[:, j] = 0``), column order, and ``U`` of the damped
+    inverse Hessian.
 
     ``H`` is not modified, and one ``[in, in]`` matrix exists beside it: the dead-input fix, the permutation
     and the damping go into one working copy (built in blocks of rows), which

@@ -7,6 +7,9 @@ a strategy config on a tiny random Llama. See docs/guides/add-a-grid.md.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from pydantic import Field
 
@@ -53,19 +56,10 @@ class ClippedUniformGrid(Grid):
         return torch.cat([scale.unsqueeze(1) * powers, offset.unsqueeze(1)], dim=1)
 
 
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _example_utils import tiny_llama  # the tiny random Llama of every example
+
     # 1. From Python: a heavy-tailed weight, plain vs clipped 2-bit uniform grids (RTN without refits,
     #    group 128). Clipping sacrifices the few outliers for a finer step everywhere else.
     torch.manual_seed(0)

@@ -11,6 +11,9 @@ strategy config. See docs/guides/add-a-kernel.md.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 
 import bpdq
@@ -52,19 +55,10 @@ class PlanewiseKernel(Kernel):
         return y.to(x.dtype)
 
 
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _example_utils import tiny_llama  # the tiny random Llama of every example
+
     # 1. From Python: the new kernel against the reference, explicitly and through `auto`.
     torch.manual_seed(0)
     linear = torch.nn.Linear(256, 96)

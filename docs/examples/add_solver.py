@@ -10,6 +10,9 @@ See docs/guides/add-a-solver.md.
 
 from __future__ import annotations
 
+import sys
+from pathlib import Path
+
 import torch
 from pydantic import Field
 
@@ -59,19 +62,10 @@ def _weighted_error(grid, w, codes, coeffs, weight):
     return ((grid.dequant(codes, coeffs) - w) * weight).pow(2).sum(dim=1)
 
 
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _example_utils import tiny_llama  # the tiny random Llama of every example
+
     # 1. From Python: one layer whose inputs have very different scales (a few "outlier" features).
     torch.manual_seed(0)
     weight = torch.randn(64, 128)

@@ -12,10 +12,12 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import assume
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
 
 from bpdq.linear import QuantLinear
 from bpdq.quantized import QuantizedWeight
+from tests.strategies import codes_and_coeffs, seeds
 
 #: The kernel may be this many times less accurate than the torch kernel (different summation orders).
 ERROR_FACTOR = 4.0
@@ -72,15 +74,51 @@ def assert_matches_reference(layer: QuantLinear, x: torch.Tensor, kernel: str, e
     )
 
 
-def check_random_format(case: tuple, tokens: int, dtype: torch.dtype, bias: bool, seed: int, kernel: str) -> None:
-    """Property body shared by the Triton kernels: a random format from ``tests.strategies.codes_and_coeffs``."""
+def random_format_layer(
+    case: tuple, tokens: int, dtype: torch.dtype, bias: bool, seed: int
+) -> tuple[QuantLinear, torch.Tensor]:
+    """A layer of a random format from ``tests.strategies.codes_and_coeffs`` and ``tokens`` random inputs."""
     codes, coeffs, k, g = case
     qweight = QuantizedWeight.from_codes(codes, coeffs, planes=k, group_size=g)
     gen = torch.Generator().manual_seed(seed)
     out_features, in_features = qweight.shape
     layer = QuantLinear.from_quantized(qweight, torch.randn(out_features, generator=gen) if bias else None)
-    x = torch.randn(tokens, in_features, generator=gen).to(dtype)
+    return layer, torch.randn(tokens, in_features, generator=gen).to(dtype)
+
+
+def check_random_format(case: tuple, tokens: int, dtype: torch.dtype, bias: bool, seed: int, kernel: str) -> None:
+    """Property body shared by the Triton kernels: a random format from ``tests.strategies.codes_and_coeffs``."""
+    layer, x = random_format_layer(case, tokens, dtype, bias, seed)
     assume(reference(layer, x).abs().max() < 0.1 * torch.finfo(dtype).max)  # fp16 outputs stay finite
     with pytest.MonkeyPatch.context() as mp:  # hypothesis runs examples outside function-scoped fixtures
         mp.setenv("TRITON_INTERPRET", "1")
         assert_matches_reference(layer, x, kernel)
+
+
+def random_format_property(kernel: str, max_tokens: int):
+    """The Triton kernels' property test: any format, ``1..max_tokens`` tokens, fp32 or fp16, with or without
+    a bias, matches the reference (assign it to a ``test_*`` name in the kernel's test file)."""
+
+    @settings(max_examples=10)
+    @given(
+        case=codes_and_coeffs(max_out=40),
+        tokens=st.integers(min_value=1, max_value=max_tokens),
+        dtype=st.sampled_from([torch.float32, torch.float16]),
+        bias=st.booleans(),
+        seed=seeds,
+    )
+    def test(case, tokens, dtype, bias, seed):
+        check_random_format(case, tokens, dtype, bias, seed, kernel)
+
+    return test
+
+
+def check_formats_match_reference(
+    kernel: str, k: int, group_size: int, dtype: torch.dtype, tokens: tuple[int, ...]
+) -> None:
+    """A 40-row random layer of at least two groups (bias at odd ``k``) matches the reference at each token count."""
+    in_features = max(256, 2 * group_size)
+    layer = random_layer(k, group_size, 40, in_features, bias=k % 2 == 1, seed=10 * k + group_size)
+    gen = torch.Generator().manual_seed(k)
+    for m in tokens:
+        assert_matches_reference(layer, torch.randn(m, in_features, generator=gen).to(dtype), kernel)

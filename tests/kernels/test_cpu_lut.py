@@ -19,8 +19,7 @@ from torch import nn
 from bpdq.kernels import KernelUnavailableError, cpu_lut, select_kernel
 from bpdq.kernels.layout import column_major_planes, is_column_major
 from bpdq.linear import QuantLinear
-from bpdq.quantized import QuantizedWeight
-from tests.kernels.reference import assert_matches_reference, random_layer, reference
+from tests.kernels.reference import assert_matches_reference, random_format_layer, random_layer, reference
 from tests.strategies import codes_and_coeffs, seeds
 
 ISAS = ("portable", "avx2", "avx512")
@@ -177,12 +176,7 @@ def test_groups_past_the_int16_span(isa, group_size):
 def test_random_formats(case, tokens, bf16, bias, seed, isa):
     if ISAS.index(isa) > ISAS.index(best()):
         isa = best()
-    codes, coeffs, k, g = case
-    qweight = QuantizedWeight.from_codes(codes, coeffs, planes=k, group_size=g)
-    gen = torch.Generator().manual_seed(seed)
-    out_features, in_features = qweight.shape
-    layer = QuantLinear.from_quantized(qweight, torch.randn(out_features, generator=gen) if bias else None)
-    x = torch.randn(tokens, in_features, generator=gen).to(torch.bfloat16 if bf16 else torch.float32)
+    layer, x = random_format_layer(case, tokens, torch.bfloat16 if bf16 else torch.float32, bias, seed)
     with pytest.MonkeyPatch.context() as mp:  # hypothesis runs examples outside function-scoped fixtures
         use_env(mp, cpu_lut.ISA_ENV, isa)
         check(layer, x, isa)

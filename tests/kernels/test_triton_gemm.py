@@ -4,13 +4,15 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from bpdq.kernels.triton_gemm import tile_config
 from bpdq.linear import QuantLinear
-from tests.kernels.reference import assert_matches_reference, check_random_format, random_layer
-from tests.strategies import codes_and_coeffs, seeds
+from tests.kernels.reference import (
+    assert_matches_reference,
+    check_formats_match_reference,
+    random_format_property,
+    random_layer,
+)
 
 TOKENS = (1, 3, 8, 17, 64)
 
@@ -19,11 +21,7 @@ TOKENS = (1, 3, 8, 17, 64)
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_matches_reference(interpret, k, group_size, dtype):
-    in_features = max(256, 2 * group_size)  # at least two groups
-    layer = random_layer(k, group_size, 40, in_features, bias=k % 2 == 1, seed=10 * k + group_size)
-    gen = torch.Generator().manual_seed(k)
-    for m in TOKENS:
-        assert_matches_reference(layer, torch.randn(m, in_features, generator=gen).to(dtype), "triton_gemm")
+    check_formats_match_reference("triton_gemm", k, group_size, dtype, TOKENS)
 
 
 def test_ragged_rows_across_several_tiles(interpret):
@@ -56,13 +54,4 @@ def test_tile_config_fits_dot_and_groups(m, group_size):
     assert cfg["BM"] >= min(m, 128)
 
 
-@settings(max_examples=10)
-@given(
-    case=codes_and_coeffs(max_out=40),
-    tokens=st.integers(min_value=1, max_value=70),
-    dtype=st.sampled_from([torch.float32, torch.float16]),
-    bias=st.booleans(),
-    seed=seeds,
-)
-def test_property_matches_reference_on_any_format(case, tokens, dtype, bias, seed):
-    check_random_format(case, tokens, dtype, bias, seed, "triton_gemm")
+test_property_matches_reference_on_any_format = random_format_property("triton_gemm", max_tokens=70)

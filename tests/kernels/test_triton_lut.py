@@ -4,14 +4,16 @@ from __future__ import annotations
 
 import pytest
 import torch
-from hypothesis import given, settings
-from hypothesis import strategies as st
 
 from bpdq.kernels import KernelUnavailableError
 from bpdq.kernels.layout import is_column_major
 from bpdq.kernels.triton_lut import MAX_TOKENS, split_count
-from tests.kernels.reference import assert_matches_reference, check_random_format, random_layer
-from tests.strategies import codes_and_coeffs, seeds
+from tests.kernels.reference import (
+    assert_matches_reference,
+    check_formats_match_reference,
+    random_format_property,
+    random_layer,
+)
 
 TOKENS = (1, 3, 8)
 
@@ -20,11 +22,7 @@ TOKENS = (1, 3, 8)
 @pytest.mark.parametrize("group_size", [32, 64, 128, 256])
 @pytest.mark.parametrize("k", [1, 2, 3, 4])
 def test_matches_reference(interpret, k, group_size, dtype):
-    in_features = max(256, 2 * group_size)
-    layer = random_layer(k, group_size, 40, in_features, bias=k % 2 == 1, seed=10 * k + group_size)
-    gen = torch.Generator().manual_seed(k)
-    for m in TOKENS:
-        assert_matches_reference(layer, torch.randn(m, in_features, generator=gen).to(dtype), "triton_lut")
+    check_formats_match_reference("triton_lut", k, group_size, dtype, TOKENS)
 
 
 @pytest.mark.parametrize("bias", [False, True])
@@ -67,13 +65,4 @@ def test_more_than_eight_tokens_is_refused(interpret):
         layer(torch.randn(MAX_TOKENS + 1, 128))
 
 
-@settings(max_examples=10)
-@given(
-    case=codes_and_coeffs(max_out=40),
-    tokens=st.integers(min_value=1, max_value=8),
-    dtype=st.sampled_from([torch.float32, torch.float16]),
-    bias=st.booleans(),
-    seed=seeds,
-)
-def test_property_matches_reference_on_any_format(case, tokens, dtype, bias, seed):
-    check_random_format(case, tokens, dtype, bias, seed, "triton_lut")
+test_property_matches_reference_on_any_format = random_format_property("triton_lut", max_tokens=8)

@@ -1,4 +1,4 @@
-"""Literal, unoptimised BPDQ: DESIGN.md's steps one by one, the reference the product solver must match.
+"""Literal, unoptimised BPDQ: the method's steps one by one, the reference the product solver must match.
 
 Slow and obviously right: every column update is applied to the whole rest of the block, the delta
 correction is applied as written, every iteration restarts from a copy of the block at group entry, and

@@ -143,3 +143,25 @@ def test_a_projected_accumulator_needs_the_outputs_and_notices_identical_inputs(
         AsymmetricAccumulator(8, out_features=0)
     with pytest.raises(ValueError, match="P must be a"):
         asymmetric_target_projected(torch.randn(3, 8), acc.hessian, torch.randn(8, 8))
+
+
+def test_a_singular_h_q_is_damped_more_with_a_warning_and_an_impossible_one_is_an_error(caplog):
+    """Fewer tokens than inputs: ``H_q`` is singular, the undamped factorisation fails and is retried at
+    ``damp = 1e-6``, which gives ``W~`` of the explicitly damped formula; ``H_q`` itself is left as it was."""
+    gen = torch.Generator().manual_seed(7)
+    x_q = torch.randn(6, 16, generator=gen, dtype=torch.float64)
+    acc = AsymmetricAccumulator(16, dtype=torch.float64)
+    acc.add(x_q, x_q + 0.1 * torch.randn(6, 16, generator=gen, dtype=torch.float64))
+    H_q, C = acc.hessian, acc.cross
+    before = H_q.clone()
+    W = torch.randn(3, 16, generator=gen, dtype=torch.float64)
+    with caplog.at_level("WARNING"):
+        W_t = asymmetric_target(W, H_q, C, damp=0.0)
+    assert "Cholesky factorization of H_q failed at damp=0; retrying with damp=1e-06" in caplog.text
+    damped = H_q + 1e-6 * H_q.diagonal().mean() * torch.eye(16, dtype=torch.float64)
+    torch.testing.assert_close(W_t, W + torch.linalg.solve(damped, (W @ (C - H_q)).T).T, rtol=1e-6, atol=1e-8)
+    assert torch.equal(H_q, before)
+    indefinite = torch.ones(16, 16, dtype=torch.float64) * 2 - torch.eye(16, dtype=torch.float64)  # eigenvalue -1
+    indefinite[0, 1:] = indefinite[1:, 0] = -2.0
+    with pytest.raises(ValueError, match=r"H_q could not be factorized even with damp=0.1 after 1 retries"):
+        asymmetric_target(W, indefinite, C, damp=0.01, max_retries=1)

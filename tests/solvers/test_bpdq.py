@@ -21,6 +21,23 @@ def _case(out, inp, seed, dtype=torch.float64):
     return heavy_weight(out, inp, seed).to(dtype), correlated_hessian(inp, seed).to(dtype)
 
 
+def _sweep_with_errors(W, U, grid, group_size, **kw):
+    """:func:`bpdq_sweep` and its final errors ``E [out, in]`` (sweep order): each group's kept errors, as the
+    sweep's group solver returns them, in the order the groups are solved."""
+    kept = []
+    solve = _GroupSweeper.solve
+
+    def recording(self, *args, **kwargs):
+        result = solve(self, *args, **kwargs)
+        kept.append(result.errors)
+        return result
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(_GroupSweeper, "solve", recording)
+        res = bpdq_sweep(W, U, grid, group_size, **kw)
+    return res, torch.cat(kept, dim=1)
+
+
 @pytest.mark.parametrize(
     "k, order, block, iters, seed",
     [(1, "gar", 64, 4, 0), (2, "gar", 64, 10, 1), (2, "none", 32, 4, 2), (3, "gar", 128, 4, 3), (4, "gar", 64, 3, 4)],
@@ -84,11 +101,11 @@ def test_every_group_keeps_an_iterate_at_least_as_good_as_its_first(seed, k, blo
     W, H = _case(6, 96, seed)
     layer = prepare_layer(W, H, 32, "gar", 0.01)
     grid = BitPlaneGrid(planes=k)
-    res = bpdq_sweep(layer.W.clone(), layer.U, grid, 32, iters=6, block=block, keep_errors=True)
+    res, errors = _sweep_with_errors(layer.W.clone(), layer.U, grid, 32, iters=6, block=block)
     sweeper = _GroupSweeper(6, 32, W.dtype, W.device)
     for j, s in enumerate(range(0, 96, 32)):
         # W - Q = E U (U upper): a group's entry weights are the originals minus the earlier errors propagated
-        entry = layer.W[:, s : s + 32] - res.errors[:, :s] @ layer.U[:s, s : s + 32]
+        entry = layer.W[:, s : s + 32] - errors[:, :s] @ layer.U[:s, s : s + 32]
         first = sweeper.solve(entry, layer.U[s : s + 32, s : s + 32], grid, iters=1, alpha=1e-4, tol=None)
         assert res.scores[j] <= first.score * (1 + 1e-9)
 
@@ -113,11 +130,11 @@ def test_product_errors_reproduce_the_stored_model(block):
     """W - Q = E U over the whole layer, with Q the stored (fp16-coefficient) model in sweep order."""
     W, H = _case(8, 128, 6)
     layer = prepare_layer(W, H, 32, "gar", 0.01)
-    res = bpdq_sweep(layer.W.clone(), layer.U, BitPlaneGrid(planes=2), 32, iters=4, block=block, keep_errors=True)
+    res, errors = _sweep_with_errors(layer.W.clone(), layer.U, BitPlaneGrid(planes=2), 32, iters=4, block=block)
     planes = bpdq.bits.pack_bits(bpdq.bits.codes_to_bits(res.codes, 2))
     Q = dequantize_packed(planes, res.coeffs.permute(1, 2, 0).to(torch.float16), 32).double()
-    torch.testing.assert_close(layer.W - Q, res.errors @ layer.U, rtol=1e-9, atol=1e-9)
-    assert sum(res.scores) == pytest.approx(float(res.errors.pow(2).sum()), rel=1e-9)
+    torch.testing.assert_close(layer.W - Q, errors @ layer.U, rtol=1e-9, atol=1e-9)
+    assert sum(res.scores) == pytest.approx(float(errors.pow(2).sum()), rel=1e-9)
 
 
 def test_gar_result_in_original_order_is_what_the_sweep_produced():

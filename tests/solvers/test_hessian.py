@@ -55,6 +55,40 @@ def test_accumulator_rejects_bad_inputs():
         HessianAccumulator(4, dtype=torch.float16)
 
 
+def test_reduce_combines_accumulators_block_by_block():
+    """``reduce`` hands each float64 block and the count to the given function: summing two accumulators'
+    blocks (what a distributed all-reduce does) gives the Hessian of one accumulator over all the inputs."""
+    n = 800  # three blocks of rows (384 each)
+    gen = torch.Generator().manual_seed(4)
+    batches = [torch.randn(50, n, generator=gen), torch.randn(70, n, generator=gen)]
+    whole, first, second = HessianAccumulator(n), HessianAccumulator(n), HessianAccumulator(n)
+    for b in batches:
+        whole.add(b)
+    first.add(batches[0])
+    second.add(batches[1])
+    sent = []
+
+    def record(block, count):
+        sent.append((block, count))
+        return block, count
+
+    before = second.hessian
+    second.reduce(record)  # the identity: a single process
+    assert len(sent) == 3 and all(block.dtype == torch.float64 and count == 70 for block, count in sent)
+    assert second.n == 70 and torch.equal(second.hessian, before)
+    others = iter(sent)
+
+    def add_other(block, count):
+        other, other_count = next(others)
+        return block + other, count + other_count
+
+    first.reduce(add_other)
+    assert first.n == whole.n == 120
+    assert torch.equal(first.hessian, whole.hessian)
+    with pytest.raises(ValueError, match="nothing to reduce"):
+        HessianAccumulator(n).reduce(record)
+
+
 def test_check_hessian_names_the_problem():
     with pytest.raises(ValueError, match=r"\[3, 3\]"):
         check_hessian(torch.eye(4), 3)

@@ -8,11 +8,11 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from bpdq.grids import BitPlaneGrid, UniformGrid
-from bpdq.quantized import dequantize_packed
+from bpdq.quantized import QuantizedWeight, dequantize_packed
 from bpdq.solvers import BPDQ, GPTQ, RTN
-from bpdq.solvers.refit import design, refit_coefficients
+from bpdq.solvers.refit import dequant_rows, design, refit_coefficients
 from tests.solvers.cases import correlated_hessian, correlated_inputs, heavy_weight
-from tests.strategies import DISTRIBUTIONS, make_weight, scales, seeds
+from tests.strategies import DISTRIBUTIONS, codes_and_coeffs, make_weight, scales, seeds
 
 
 def _loss64(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
@@ -24,6 +24,16 @@ def _loss64(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 def _solver_layout(qw):
     """``(codes [out, in], coeffs [out, groups, k+1] float32)`` of a QuantizedWeight."""
     return qw.codes(), qw.coeffs.permute(2, 0, 1).to(torch.float32)
+
+
+@given(case=codes_and_coeffs())
+def test_the_refit_losses_see_the_stored_model_bit_for_bit(case):
+    """The refit compares rows by their losses under the stored (fp16-coefficient) model: its dequantization
+    of the design matrix has the bits of the packed format's."""
+    codes, coeffs, k, g = case
+    stored = QuantizedWeight.from_codes(codes, coeffs, planes=k, group_size=g)
+    for dtype in (torch.float32, torch.float64):
+        assert torch.equal(dequant_rows(design(codes, k, g), coeffs.to(dtype)), stored.dequantize(torch.float32))
 
 
 @settings(max_examples=25, deadline=None)
