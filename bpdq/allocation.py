@@ -28,10 +28,6 @@ from bpdq.quantized import COEFF_BITS, bits_per_weight
 MIN_PLANES = 1
 MAX_PLANES = 4
 
-#: The old name of :func:`bpdq.quantized.bits_per_weight`, still imported by ``bpdq.pipeline.allocate``.
-planes_bpw = bits_per_weight
-
-
 def bpw_range(group_size: int, min_planes: int = MIN_PLANES, max_planes: int = MAX_PLANES) -> tuple[float, float]:
     """The targets an allocation can meet at ``group_size``: ``(bpw(min_planes), bpw(max_planes))``."""
     if not isinstance(group_size, int) or group_size <= 0 or group_size % 8:

@@ -34,6 +34,7 @@ from bpdq.devices import AUTOCAST_DTYPES, Autocast, resolve_autocast
 from bpdq.batch import Batch, to_device
 from bpdq.linear import QuantLinear
 from bpdq.modules import swapped_module
+from bpdq.quantized import dequantize_bits
 
 logger = logging.getLogger(__name__)
 
@@ -99,12 +100,8 @@ class _TunableLinear(nn.Module):
         self.bias = q.bias
 
     def weight(self) -> torch.Tensor:
-        k, out, n_groups, g = self.shape
-        c = self.coeffs
-        w = c[k].expand(out, n_groups, g)
-        for i in range(k):
-            w = w + self.bits[i].to(c.dtype) * c[i]
-        return w.reshape(out, n_groups * g)
+        _, out, n_groups, g = self.shape
+        return dequantize_bits(self.bits, self.coeffs).reshape(out, n_groups * g)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight()

@@ -28,7 +28,7 @@ from typing import Any, Sequence
 
 import torch
 
-from bpdq.allocation import MAX_PLANES, MIN_PLANES, Allocation, ModuleLoss, allocate_planes, check_target_bpw, planes_bpw
+from bpdq.allocation import MAX_PLANES, MIN_PLANES, Allocation, ModuleLoss, allocate_planes, check_target_bpw
 from bpdq.batch import Batch
 from bpdq.config import Recipe, Rule
 from bpdq.engine.activations import close
@@ -37,6 +37,7 @@ from bpdq.engine.plan import RunPlan
 from bpdq.engine.source import ModelSource
 from bpdq.engine.stages import RunContext, Stage
 from bpdq.modules import on_device
+from bpdq.quantized import bits_per_weight
 from bpdq.report import RunReport
 from bpdq.solvers.build import quantize_weight
 
@@ -118,7 +119,7 @@ def plane_floor(target_bpw: float, group_size: int) -> int:
     15 one-plane linears (and 4 planes for every ``v_proj``) reached 2.49x full-precision perplexity,
     uniform 2 planes at 2.75 bpw 2.33x (``benchmarks/bench_quality.py``). Below ``bpw(2 planes)`` some
     modules must take one plane."""
-    return 2 if target_bpw >= planes_bpw(2, group_size) - 1e-9 else MIN_PLANES
+    return 2 if target_bpw >= bits_per_weight(2, group_size) - 1e-9 else MIN_PLANES
 
 
 def allocate(source: ModelSource, s: RunPlan, inputs: Sequence[Batch], device: torch.device, target_bpw: float) -> tuple[Allocation, list[Rule]]:

@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 
 import bpdq
-from bpdq.allocation import planes_bpw
+from bpdq.quantized import bits_per_weight as planes_bpw
 from bpdq.linear import QuantLinear
 from tests.engine.test_loop import checkpoint_files
 from tests.tiny_models import TINY_CALIBRATION, tiny_model, tiny_model_dir, tiny_tokenizer
