@@ -39,12 +39,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.set_defaults(run=run)
 
 
-def _is_bpdq(model: Any) -> bool:
-    qc = getattr(model.config, "quantization_config", None)
-    return isinstance(qc, dict) and qc.get("quant_method") == "bpdq"
-
-
 def run(args: argparse.Namespace) -> int:
+    from bpdq.checkpoint import is_bpdq_checkpoint
     from bpdq.evaluate import eval_windows, perplexity
     from bpdq.models import check_positions
 
@@ -61,7 +57,7 @@ def run(args: argparse.Namespace) -> int:
                      batch_size=args.batch_size)
     result = {
         "model": args.model,
-        "quantized": _is_bpdq(model),
+        "quantized": is_bpdq_checkpoint(args.model),
         "text": args.text,
         "seq_len": args.seq_len,
         "windows": int(windows.shape[0]),
