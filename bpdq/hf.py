@@ -34,7 +34,7 @@ class BpdqConfig(QuantizationConfigMixin):
 
 
 class BpdqHfQuantizer(HfQuantizer):
-    """Loads pre-quantized bpdq checkpoints (quantizing a dense model is :func:`bpdq.quantize_model`'s job)."""
+    """Loads pre-quantized bpdq checkpoints (quantizing a dense model is :func:`bpdq.quantize`'s job)."""
 
     requires_calibration = True
     quantization_config: BpdqConfig
@@ -42,7 +42,7 @@ class BpdqHfQuantizer(HfQuantizer):
     def __init__(self, quantization_config: BpdqConfig, **kwargs: Any) -> None:
         if not kwargs.get("pre_quantized", True):
             raise ValueError(
-                "from_pretrained can only load bpdq checkpoints; quantize a dense model with bpdq.quantize_model "
+                "from_pretrained can only load bpdq checkpoints; quantize a dense model with bpdq.quantize "
                 "(or the `bpdq quantize` command) and save it with bpdq.save"
             )
         super().__init__(quantization_config, **kwargs)
