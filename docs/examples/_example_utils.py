@@ -1,6 +1,7 @@
-"""What the examples in this folder share (not an example itself): the tiny random Llama they quantize.
+"""What the examples in this folder share (not an example itself): the tiny random Llama they quantize and
+the byte-level tokenizer that turns the calibration text into its token ids.
 
-An example imports it in its ``main()``, after putting this folder on ``sys.path`` (``python
+An example imports them in its ``main()``, after putting this folder on ``sys.path`` (``python
 docs/examples/add_grid.py`` does that already; importing an example as a ``--plugin`` never runs ``main()``).
 """
 
@@ -20,3 +21,11 @@ def tiny_llama(seed: int = 0):
     config.architectures = ["LlamaForCausalLM"]
     torch.manual_seed(seed)
     return LlamaForCausalLM(config).eval()
+
+
+class ByteTokenizer:
+    """Enough of a tokenizer for the calibration windows: one token per byte of the text (the tiny models'
+    256-token vocabularies hold every byte)."""
+
+    def __call__(self, text: str, **_kwargs):
+        return {"input_ids": list(text.encode("utf-8"))}

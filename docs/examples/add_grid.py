@@ -2,7 +2,7 @@
 
 Importing this file registers the grid as ``clipped_uniform`` (so ``bpdq quantize --plugin
 docs/examples/add_grid.py`` can use it from a config); running it shows the grid in use from Python and from
-a strategy config on a tiny random Llama. See docs/guides/add-a-grid.md.
+a config (``bpdq.QuantizeConfig.from_dict``) on a tiny random Llama. See docs/guides/add-a-grid.md.
 """
 
 from __future__ import annotations
@@ -16,7 +16,6 @@ from pydantic import Field
 import bpdq
 from bpdq.grids import Grid, ridge_lstsq, round_coeffs
 from bpdq.options import Options
-from bpdq.strategy import strategy_from_dict
 
 
 class ClippedUniformOptions(Options):
@@ -58,7 +57,7 @@ class ClippedUniformGrid(Grid):
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _example_utils import tiny_llama  # the tiny random Llama of every example
+    from _example_utils import ByteTokenizer, tiny_llama  # the tiny random Llama and tokenizer of every example
 
     # 1. From Python: a heavy-tailed weight, plain vs clipped 2-bit uniform grids (RTN without refits,
     #    group 128). Clipping sacrifices the few outliers for a finer step everywhere else.
@@ -78,16 +77,13 @@ def main() -> None:
     )
     print(layer)
 
-    # 2. From a strategy config (the same mapping a YAML file holds): GPTQ over the new grid.
-    strategy = strategy_from_dict({
-        "model": "tiny-random-llama",  # the pipeline below gets the model object directly
+    # 2. From a config (the fields of a strategy file, less `model:`): GPTQ over the new grid.
+    config = bpdq.QuantizeConfig.from_dict({
         "quantize": {"group_size": 32, "grid": {"type": "clipped_uniform", "bits": 3, "clip": 0.9},
                      "solver": {"type": "gptq"}},
+        "calibration": {"samples": 4, "seq_len": 32}, "device": "cpu", "progress": False,
     })
-    model = tiny_llama()
-    windows = [torch.randint(0, 256, (32,)) for _ in range(4)]  # calibration token ids
-    report = bpdq.quantize_model(model, None, recipe=strategy.quantize, rules=strategy.rules,
-                                 calibration=windows, device="cpu", progress=False)
+    report = bpdq.quantize(tiny_llama(), config, tokenizer=ByteTokenizer())
     grids = {m.recipe["grid"]["type"] for m in report.quantized}
     print(f"quantized {report.n_quantized} linears with grids {grids}, {report.avg_bpw_quantized:.3f} bpw")
     if grids != {"clipped_uniform"}:

@@ -6,7 +6,7 @@ coefficients. The unpacked planes are prepared once per layer and cached (``Kern
 ``[groups, tokens, out]`` intermediate must fit a fixed budget (``supports`` says why not otherwise), so
 ``auto`` falls back to the ``torch`` kernel for large calls. Importing this file registers it as
 ``planewise``; running it checks it against the reference kernel and uses it from Python and from a
-strategy config. See docs/guides/add-a-kernel.md.
+config (``bpdq.QuantizeConfig.from_dict``). See docs/guides/add-a-kernel.md.
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import torch
 import bpdq
 from bpdq.bits import unpack_bits
 from bpdq.kernels import Kernel, select_kernel
-from bpdq.strategy import strategy_from_dict
 
 #: Largest ``[groups, tokens, out]`` fp32 intermediate, in elements (4 MiB).
 MAX_INTERMEDIATE = 2**20
@@ -57,7 +56,7 @@ class PlanewiseKernel(Kernel):
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _example_utils import tiny_llama  # the tiny random Llama of every example
+    from _example_utils import ByteTokenizer, tiny_llama  # the tiny random Llama and tokenizer of every example
 
     # 1. From Python: the new kernel against the reference, explicitly and through `auto`.
     torch.manual_seed(0)
@@ -79,15 +78,14 @@ def main() -> None:
     except bpdq.KernelUnavailableError as exc:
         print("explicit choice that cannot run:", exc)
 
-    # 2. From a strategy config: every quantized linear of a tiny Llama runs on the new kernel.
-    strategy = strategy_from_dict({
-        "model": "tiny-random-llama",  # the pipeline below gets the model object directly
+    # 2. From a config: every quantized linear of a tiny Llama runs on the new kernel.
+    config = bpdq.QuantizeConfig.from_dict({
         "quantize": {"group_size": 32, "grid": {"type": "bitplane", "planes": 2}, "solver": "rtn",
                      "kernel": "planewise"},
+        "calibration": {"samples": 4, "seq_len": 32}, "device": "cpu", "progress": False,
     })
     model = tiny_llama()
-    windows = [torch.randint(0, 256, (32,)) for _ in range(2)]
-    bpdq.quantize_model(model, None, recipe=strategy.quantize, calibration=windows, device="cpu", progress=False)
+    bpdq.quantize(model, config, tokenizer=ByteTokenizer())
     quantized = [m for m in model.modules() if isinstance(m, bpdq.QuantLinear)]
     kernels = {m.kernel for m in quantized}
     ids = torch.randint(0, 256, (1, 8))

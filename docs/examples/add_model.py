@@ -5,16 +5,19 @@ so those four form the first sequential group; the attention output projection i
 final norm ``model.final_layernorm``. The adapter is data: where the decoder layers live, the sequential
 groups of linears, the final norm and the output head. Importing this file registers it (so
 ``bpdq quantize --plugin docs/examples/add_model.py`` works for a Phi checkpoint); running it quantizes a
-tiny random Phi from Python and from a strategy config. See docs/guides/add-a-model.md.
+tiny random Phi from Python and from a config (``bpdq.QuantizeConfig.from_dict``).
+See docs/guides/add-a-model.md.
 """
 
 from __future__ import annotations
+
+import sys
+from pathlib import Path
 
 import torch
 
 import bpdq
 from bpdq.models import Adapter, get_adapter, register_adapter
-from bpdq.strategy import strategy_from_dict
 
 PHI = register_adapter(
     Adapter(
@@ -44,6 +47,9 @@ def tiny_phi(seed: int = 0):
 
 
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _example_utils import ByteTokenizer  # the byte-level tokenizer of every example
+
     model = tiny_phi()
     print("adapter:", get_adapter(model))
     print("sequential groups of layer 0:", PHI.linear_groups(model.model.layers[0]))
@@ -52,11 +58,11 @@ def main() -> None:
         reference = model(ids).logits
 
     # 1. From Python: GPTQ at 4 bits (uniform grid), every decoder linear.
-    windows = [torch.randint(0, 256, (32,)) for _ in range(4)]  # calibration token ids
-    report = bpdq.quantize_model(
-        model, None, recipe={"group_size": 32, "grid": {"type": "uniform", "bits": 4}, "solver": "gptq"},
-        calibration=windows, device="cpu", progress=False,
+    config = bpdq.QuantizeConfig(
+        quantize={"group_size": 32, "grid": {"type": "uniform", "bits": 4}, "solver": "gptq"},
+        calibration={"samples": 4, "seq_len": 32}, device="cpu", progress=False,
     )
+    report = bpdq.quantize(model, config, tokenizer=ByteTokenizer())
     with torch.no_grad():
         drift = (model(ids).logits - reference).abs().max().item()
     print(f"quantized {report.n_quantized} linears at {report.avg_bpw_quantized:.3f} bpw; "
@@ -64,16 +70,16 @@ def main() -> None:
     if report.n_quantized != 2 * 6:
         raise SystemExit(f"expected 6 linears per layer, 2 layers; got {report.n_quantized}")
 
-    # 2. From a strategy config: 2-bit BPDQ (2 iterations to stay fast), layer 0 left in full precision.
-    strategy = strategy_from_dict({
-        "model": "tiny-random-phi",  # the pipeline below gets the model object directly
+    # 2. From a config (the fields of a strategy file, less `model:`): 2-bit BPDQ (2 iterations to stay
+    #    fast), layer 0 left in full precision.
+    config = bpdq.QuantizeConfig.from_dict({
         "quantize": {"group_size": 32, "grid": {"type": "bitplane", "planes": 2},
                      "solver": {"type": "bpdq", "iters": 2}},
         "rules": [{"match": r"model\.layers\.0\..*", "skip": True}],
+        "calibration": {"samples": 4, "seq_len": 32}, "device": "cpu", "progress": False,
     })
     model = tiny_phi()
-    report = bpdq.quantize_model(model, None, recipe=strategy.quantize, rules=strategy.rules,
-                                 calibration=windows, device="cpu", progress=False)
+    report = bpdq.quantize(model, config, tokenizer=ByteTokenizer())
     print(f"with the config: {report.n_quantized} quantized, {report.n_skipped} skipped (layer 0)")
     quantized = sorted(n for n, m in model.named_modules() if isinstance(m, bpdq.QuantLinear))
     if report.n_skipped != 6 or not all(n.startswith("model.layers.1.") for n in quantized):

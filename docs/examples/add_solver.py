@@ -4,8 +4,8 @@
 diagonal of the Hessian, ``H_jj`` (how large input ``j`` is on the calibration data), as a per-column
 weight in the least-squares refit of every group's coefficients. Importing this file registers it (so
 ``bpdq quantize --plugin docs/examples/add_solver.py`` can use it from a config); running it compares it
-with ``rtn`` on one layer and quantizes a tiny random Llama from a strategy config.
-See docs/guides/add-a-solver.md.
+with ``rtn`` on one layer and quantizes a tiny random Llama from a config
+(``bpdq.QuantizeConfig.from_dict``). See docs/guides/add-a-solver.md.
 """
 
 from __future__ import annotations
@@ -21,7 +21,6 @@ from bpdq.grids import round_coeffs
 from bpdq.options import Options
 from bpdq.quantized import SolveStats
 from bpdq.solvers import HessianAccumulator, Solver
-from bpdq.strategy import strategy_from_dict
 
 
 class DiagRTNOptions(Options):
@@ -64,7 +63,7 @@ def _weighted_error(grid, w, codes, coeffs, weight):
 
 def main() -> None:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
-    from _example_utils import tiny_llama  # the tiny random Llama of every example
+    from _example_utils import ByteTokenizer, tiny_llama  # the tiny random Llama and tokenizer of every example
 
     # 1. From Python: one layer whose inputs have very different scales (a few "outlier" features).
     torch.manual_seed(0)
@@ -85,17 +84,14 @@ def main() -> None:
     except ValueError as err:
         print("without a Hessian:", err)
 
-    # 2. From a strategy config: diag_rtn everywhere, but plain rtn for the MLP down projections.
-    strategy = strategy_from_dict({
-        "model": "tiny-random-llama",  # the pipeline below gets the model object directly
+    # 2. From a config: diag_rtn everywhere, but plain rtn for the MLP down projections.
+    config = bpdq.QuantizeConfig.from_dict({
         "quantize": {"group_size": 32, "grid": {"type": "bitplane", "planes": 2},
                      "solver": {"type": "diag_rtn", "refits": 2}},
         "rules": [{"match": r".*\.mlp\.down_proj", "solver": "rtn"}],
+        "calibration": {"samples": 4, "seq_len": 32}, "device": "cpu", "progress": False,
     })
-    model = tiny_llama()
-    windows = [torch.randint(0, 256, (32,)) for _ in range(4)]
-    report = bpdq.quantize_model(model, None, recipe=strategy.quantize, rules=strategy.rules,
-                                 calibration=windows, device="cpu", progress=False)
+    report = bpdq.quantize(tiny_llama(), config, tokenizer=ByteTokenizer())
     solvers = {m.name: m.recipe["solver"]["type"] for m in report.quantized}
     layer1 = {k.removeprefix("model.layers.1."): v for k, v in solvers.items() if k.startswith("model.layers.1.")}
     print("solver per module of layer 1:", layer1)

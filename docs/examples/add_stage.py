@@ -12,6 +12,8 @@ See docs/guides/add-a-stage.md.
 from __future__ import annotations
 
 import copy
+import sys
+from pathlib import Path
 
 import torch
 
@@ -45,26 +47,10 @@ class LayerError(bpdq.Stage):
         report.extra[self.name] = self.errors
 
 
-def tiny_llama(seed: int = 0):
-    from transformers import LlamaConfig, LlamaForCausalLM
-
-    config = LlamaConfig(
-        vocab_size=256, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=128,
-    )
-    config.architectures = ["LlamaForCausalLM"]
-    torch.manual_seed(seed)
-    return LlamaForCausalLM(config).eval()
-
-
-class ByteTokenizer:
-    """Enough of a tokenizer for the calibration windows: one token per byte of the text."""
-
-    def __call__(self, text: str, **_kwargs):
-        return {"input_ids": list(text.encode("utf-8"))}
-
-
 def main() -> None:
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from _example_utils import ByteTokenizer, tiny_llama  # the tiny random Llama and tokenizer of every example
+
     config = bpdq.QuantizeConfig(
         quantize={"group_size": 32, "grid": {"type": "uniform", "bits": 4}, "solver": "gptq"},
         calibration={"samples": 4, "seq_len": 32}, device="cpu", progress=False,
