@@ -31,7 +31,7 @@ from typing import Any
 
 from bpdq.cli.console import emit_json, stdout_console
 from bpdq.cli.errors import EXIT_FAILURE, EXIT_USAGE, UsageError, usage_phase
-from bpdq.cli.runtime import device_for, load_model, load_plugins, load_text
+from bpdq.cli.runtime import device_for, left_distributed_group, load_model, load_plugins, load_text
 from bpdq.cli.summary import SUMMARY_FILE, STRATEGY_FILE, run_summary, summary_tables
 
 log = logging.getLogger("bpdq.cli")
@@ -177,6 +177,7 @@ def run(args: argparse.Namespace) -> int:
     finally:
         if created:
             distributed.destroy()
+            left_distributed_group()
 
 
 def _run(args: argparse.Namespace) -> int:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 import traceback
 from typing import Sequence
@@ -15,6 +16,7 @@ from typing import Sequence
 from bpdq.version import __version__
 from bpdq.cli import cmd_eval, cmd_export, cmd_generate, cmd_inspect, cmd_quantize
 from bpdq.cli.console import setup_logging
+from bpdq.cli.runtime import distributed_rank_left
 from bpdq.cli.errors import EXIT_FAILURE, EXIT_USAGE, UsageError
 
 COMMANDS = (cmd_quantize, cmd_eval, cmd_inspect, cmd_generate, cmd_export)
@@ -51,7 +53,19 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Run one command; returns the exit code (argparse itself exits with 2 on bad arguments)."""
+    """Run one command; returns the exit code (argparse itself exits with 2 on bad arguments). A rank of a
+    distributed run leaves the process at once with that code, once its output is flushed: the process
+    group's native threads can abort the interpreter's shutdown after a successful run (SIGABRT)."""
+    code = _main(argv)
+    if distributed_rank_left():
+        logging.shutdown()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    return code
+
+
+def _main(argv: Sequence[str] | None) -> int:
     args = build_parser().parse_args(argv)
     setup_logging(args.debug)
     try:

@@ -64,3 +64,16 @@ def load_text(spec: str, what: str = "--text") -> str:
     if not text.strip():
         raise UsageError(f"{what}: {spec!r} holds no text")
     return text
+
+
+#: Set by a command that joined a process group of several ranks (and left it): see :func:`bpdq.cli.main.main`.
+_LEFT_GROUP = False
+
+
+def left_distributed_group() -> None:
+    global _LEFT_GROUP
+    _LEFT_GROUP = True
+
+
+def distributed_rank_left() -> bool:
+    return _LEFT_GROUP
