@@ -63,28 +63,29 @@ def _quantize(model: Any, config: QuantizeConfig, *, tokenizer: Any, stages: Seq
     stages = check_stages([*config_stages(config), *stages])
     device = resolve_device(config.device)  # checked (the allowed values in its error) before any work
     resolve_autocast(config.calibration.autocast, device)
-    if config.resume is not None and config.output is None:
-        raise ValueError("resume needs output= (the state is kept beside the checkpoint directory)")
-    state = ResumeState(config.output, config.resume) if config.resume is not None else None
     dtype = None if config.dtype == "auto" else config.dtype
-    if isinstance(model, ModelSource):
-        source: ModelSource = model
-        if config.output is None and isinstance(model, LazySource):
-            raise ValueError("quantizing a model directory needs output= (the checkpoint is written as the run goes)")
-    elif isinstance(model, (str, Path)):
-        if config.output is None:
-            raise ValueError("quantizing a model directory needs output= (the checkpoint is written as the run goes)")
-        source = LazySource(model, dtype)
-        if tokenizer is None:
-            tokenizer = _directory_tokenizer(Path(model).expanduser())
-    elif isinstance(model, nn.Module):
+    if isinstance(model, nn.Module):
         held = next(model.parameters()).dtype
         if dtype is not None and dtype_name(held) != dtype:
             raise ValueError(f"dtype applies to a model directory; cast an in-memory model before quantizing it "
                              f"(it holds {dtype_name(held)}, the config asks for {dtype})")
-        source = InMemorySource(model)
-    else:
+    elif isinstance(model, (str, Path)) or isinstance(model, LazySource):
+        if config.output is None:
+            raise ValueError("quantizing a model directory needs output= (the checkpoint is written as the run goes)")
+    elif not isinstance(model, ModelSource):
         raise TypeError(f"model must be an nn.Module or a model directory path, got {type(model).__name__}")
+    if config.resume is not None and config.output is None:
+        raise ValueError("resume needs output= (the state is kept beside the checkpoint directory)")
+    state = ResumeState(config.output, config.resume) if config.resume is not None else None
+    source: ModelSource
+    if isinstance(model, ModelSource):
+        source = model
+    elif isinstance(model, (str, Path)):
+        source = LazySource(model, dtype)
+        if tokenizer is None:
+            tokenizer = _directory_tokenizer(Path(model).expanduser())
+    else:
+        source = InMemorySource(model)
     sink: Sink = InMemorySink() if config.output is None or distributed.rank() != 0 else CheckpointSink(
         config.output, tokenizer, overwrite=config.overwrite, max_shard_size=config.max_shard_size
     )

@@ -111,3 +111,24 @@ def test_stages_are_checked_before_any_work():
         bpdq.quantize(tiny_model(), {"calibration": {"asymmetric": True}}, stages=[Diagonal()])
     with pytest.raises(TypeError, match="stages must be bpdq.Stage instances, got function"):
         bpdq.quantize(tiny_model(), {}, stages=[lambda step: None])
+
+
+def test_a_registered_stage_is_named_in_the_config(register):
+    class Counting(bpdq.Stage):
+        def __init__(self, start=0):
+            self.count = start
+
+        def after_write(self, step):
+            self.count += 1
+
+        def finish(self, report):
+            report.extra[self.name] = self.count
+
+    register(bpdq.STAGES, "counting", Counting)
+    report = bpdq.quantize(tiny_model(layers=2), {"quantize": TINY_RECIPE, "progress": False,
+                                                  "stages": [{"type": "counting", "start": 10}]})
+    assert report.stages == ["counting"] and report.extra == {"counting": 12}
+    with pytest.raises(ValueError, match="unknown stage 'nope'; known stages: 'counting'"):
+        QuantizeConfig(stages=["nope"])
+    with pytest.raises(ValueError, match="stage 'counting' cannot be made with arguments {'steps': 3}"):
+        bpdq.quantize(tiny_model(), {"quantize": TINY_RECIPE, "stages": [{"type": "counting", "steps": 3}]})
