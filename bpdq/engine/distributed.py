@@ -1,6 +1,6 @@
 """One run spread over the processes of a ``torch.distributed`` group (``torchrun``; gloo on CPU, nccl with CUDA).
 
-The run is the same loop on every rank (:mod:`bpdq.engine.run`), with these differences:
+The run is the same loop on every rank (:mod:`bpdq.engine.loop`), with these differences:
 
 - **Calibration.** Every rank makes the same token windows and batches; rank ``r`` of ``N`` keeps a
   contiguous share of the batches (:func:`shard`; there must be at least ``N`` batches) and runs its own
