@@ -102,7 +102,7 @@ def _strategy_data(args: argparse.Namespace) -> dict[str, Any]:
     data: dict[str, Any] = read_config(args.config) if args.config is not None else {}
     if args.model is not None:
         data["model"] = args.model
-    recipe = data.setdefault("quantize", {}) if isinstance(data.get("quantize", {}), dict) else data["quantize"]
+    recipe = data.setdefault("quantize", {})  # a malformed block is left for the validation to name
     if isinstance(recipe, dict):
         if args.method is not None:
             bitplane = args.method == "bpdq"
