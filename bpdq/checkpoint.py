@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from bpdq.devices import resolve_device
+from bpdq.experts import PROJECTIONS, QuantExperts, buffer_prefix
 from bpdq.kernels.base import check_kernel_name
 from bpdq.linear import QuantLinear
 from bpdq.shards import WEIGHTS_FILE, WeightFiles  # noqa: F401  (WEIGHTS_FILE: public name)
@@ -30,6 +31,9 @@ QUANT_METHOD = "bpdq"
 FORMAT_VERSION = 1
 CONFIG_FILE = "config.json"
 MODULE_FIELDS = {"planes", "group_size", "bias", "kernel", "grid", "solver"}
+#: An entry of a fused experts module (:class:`~bpdq.experts.QuantExperts`): ``"type": "experts"``.
+EXPERTS_FIELDS = {"type", "kernel", "projections"}
+PROJECTION_FIELDS = {"planes", "group_size", "grid", "solver"}
 LOADING_NOTE = (
     "bpdq checkpoint: pip install bpdq, then load it with bpdq.load(dir), or import bpdq before "
     "transformers' AutoModelForCausalLM.from_pretrained(dir). Without bpdq, transformers skips this "
@@ -56,6 +60,9 @@ def quantization_config(model: nn.Module, recipes: dict[str, dict[str, Any]] | N
             source = recipes.get(name) or known.get(name) or {"grid": m.grid, "solver": m.solver}
             entry.update({k: source[k] for k in ("grid", "solver") if source.get(k)})
             modules[name] = entry
+        elif isinstance(m, QuantExperts):
+            modules[name] = {"type": "experts", "kernel": m.kernel, "projections": {
+                p: {k: v for k, v in m.meta[p].items() if v or k in ("planes", "group_size")} for p in PROJECTIONS}}
     return {
         "quant_method": QUANT_METHOD,
         "format_version": FORMAT_VERSION,
@@ -117,6 +124,9 @@ def check_quantization_config(qc: Any) -> dict[str, dict[str, Any]]:
     for name, entry in modules.items():
         if not isinstance(entry, dict):
             raise ValueError(f"quantization_config.modules[{name!r}] must be an object")
+        if "type" in entry:
+            _check_experts_entry(name, entry)
+            continue
         unknown = set(entry) - MODULE_FIELDS
         if unknown:
             raise ValueError(
@@ -131,10 +141,54 @@ def check_quantization_config(qc: Any) -> dict[str, dict[str, Any]]:
     return modules
 
 
+def _check_experts_entry(name: str, entry: dict[str, Any]) -> None:
+    where = f"quantization_config.modules[{name!r}]"
+    if entry.get("type") != "experts":
+        raise ValueError(f"{where}.type must be 'experts' (the only typed entry), got {entry.get('type')!r}")
+    unknown = set(entry) - EXPERTS_FIELDS
+    if unknown:
+        raise ValueError(f"{where} has unknown fields {sorted(unknown)}; allowed {sorted(EXPERTS_FIELDS)}")
+    projections = entry.get("projections")
+    if not isinstance(projections, dict) or set(projections) != set(PROJECTIONS):
+        raise ValueError(f"{where}.projections must be an object with exactly {list(PROJECTIONS)}")
+    for proj, settings in projections.items():
+        if not isinstance(settings, dict) or set(settings) - PROJECTION_FIELDS:
+            raise ValueError(f"{where}.projections.{proj} must be an object with fields among {sorted(PROJECTION_FIELDS)}")
+        for key in ("planes", "group_size"):
+            value = settings.get(key)
+            if not isinstance(value, int) or isinstance(value, bool):
+                raise ValueError(f"{where}.projections.{proj}.{key} must be an integer, got {value!r}")
+
+
+def packed_names(modules: dict[str, dict[str, Any]]) -> set[str]:
+    """The names of the packed buffers (planes and coefficients, always stored as they are) of a module table."""
+    out: set[str] = set()
+    for name, entry in modules.items():
+        if entry.get("type") == "experts":
+            out |= {f"{name}.{buffer_prefix(p)}_{b}" for p in PROJECTIONS for b in ("planes", "coeffs")}
+        else:
+            out |= {f"{name}.{b}" for b in ("planes", "coeffs")}
+    return out
+
+
 def replace_linears(model: nn.Module, modules: dict[str, dict[str, Any]], *, kernel: str | None = None) -> None:
     """Swap the ``nn.Linear`` named in ``modules`` (a checkpoint's table) for empty QuantLinear modules of
-    the same shape, on the linear's device (``meta`` included). ``kernel`` overrides the stored kernel."""
+    the same shape, on the linear's device (``meta`` included), and the fused experts modules of its
+    ``experts`` entries for empty :class:`~bpdq.experts.QuantExperts`. ``kernel`` overrides the stored kernel."""
     for name, entry in modules.items():
+        if entry.get("type") == "experts":
+            try:
+                experts = model.get_submodule(name)
+            except AttributeError:
+                raise ValueError(f"quantization_config names module {name!r}, which the model does not have") from None
+            if not isinstance(getattr(experts, "gate_up_proj", None), torch.Tensor):
+                raise ValueError(f"quantization_config names {name!r}, a {type(experts).__name__}, not fused experts")
+            try:
+                q = QuantExperts.like(experts, entry["projections"], kernel=kernel or entry.get("kernel", "auto"))
+            except ValueError as exc:
+                raise ValueError(f"quantization_config.modules[{name!r}]: {exc}") from None
+            model.set_submodule(name, q)
+            continue
         try:
             linear = model.get_submodule(name)
         except AttributeError:
@@ -180,7 +234,7 @@ def stored_dtype(header: dict[str, torch.Tensor], modules: dict[str, dict[str, A
     """The dtype a checkpoint's model was saved in: that of most of its floating-point elements outside the
     packed buffers (whose coefficients are always fp16). ``config.dtype`` is not trusted: it says what the
     model was built with, not what it was cast to before saving."""
-    packed = {f"{name}.{buf}" for name in modules for buf in ("planes", "coeffs")}
+    packed = packed_names(modules)
     counts: dict[torch.dtype, int] = {}
     for name, t in header.items():
         if name not in packed and t.is_floating_point():

@@ -20,6 +20,7 @@ from transformers.quantizers import auto as _auto
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
 from bpdq.checkpoint import QUANT_METHOD, _check_tensors, check_quantization_config, replace_linears
+from bpdq.experts import QuantExperts
 from bpdq.linear import QuantLinear
 
 class BpdqConfig(QuantizationConfigMixin):
@@ -70,6 +71,8 @@ def check_checkpoint_files(model: torch.nn.Module, files: list[str]) -> None:
     found = _header_tensors(files)
     expected = _expected_tensors(model, found)
     packed = {f"{name}.{buf}" for name, m in model.named_modules() if isinstance(m, QuantLinear) for buf in ("planes", "coeffs")}
+    packed |= {f"{name}.{buf}" for name, m in model.named_modules() if isinstance(m, QuantExperts)
+               for buf, t in m.named_buffers() if t.dtype in (torch.uint8, torch.float16)}
     for name, ref in expected.items():
         t = found.get(name)
         if t is not None and name not in packed and t.is_floating_point() and ref.is_floating_point():

@@ -20,6 +20,9 @@ class ModuleRecord:
     proxy_loss: float | None = None
     relative_loss: float | None = None
     time_s: float = 0.0
+    #: How an expert of a mixture of experts was calibrated: ``{"tokens": routed tokens, "hessian": "routed" |
+    #: "all" | "pooled"}`` (``None`` for other modules).
+    calibration: dict[str, Any] | None = None
 
 
 @dataclass

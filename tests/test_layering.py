@@ -16,7 +16,7 @@ LAYERS: list[dict[str, tuple[str, ...]]] = [
               "bpdq.batch", "bpdq.modules")},
     {"grids": ("bpdq.grids",)},
     {"solvers": ("bpdq.solvers", "bpdq.allocation"), "kernels": ("bpdq.kernels",)},
-    {"nn": ("bpdq.linear", "bpdq.checkpoint", "bpdq.tuning")},
+    {"nn": ("bpdq.linear", "bpdq.experts", "bpdq.checkpoint", "bpdq.tuning")},
     {"config": ("bpdq.config", "bpdq.calibration", "bpdq.strategy")},
     {"models": ("bpdq.models",)},
     {"engine": ("bpdq.engine",)},

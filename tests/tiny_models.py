@@ -8,6 +8,8 @@ import functools
 import torch
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")
+#: Mixtures of experts (8 experts of intermediate size 32, 2 active; Qwen2-MoE with a shared expert of 64).
+MOE_ARCHITECTURES = ("qwen3_moe", "qwen2_moe", "mixtral")
 
 
 @functools.lru_cache(maxsize=1)
@@ -30,7 +32,8 @@ def tiny_tokenizer():
 def tiny_model(arch: str = "llama", *, layers: int = 2, seed: int = 0, dtype: torch.dtype = torch.float32, **sizes):
     """A randomly initialised causal LM of the given family (hidden 64, intermediate 128; ``sizes`` overrides
     config fields such as ``hidden_size``): llama, qwen2, qwen3 (registered adapters), mistral, gemma
-    (Llama-shaped, served by the fallback) or phi3 (fused projections)."""
+    (Llama-shaped, served by the fallback), phi3 (fused projections) or a mixture of experts of
+    ``MOE_ARCHITECTURES``."""
     import transformers
 
     common = dict(
@@ -43,10 +46,18 @@ def tiny_model(arch: str = "llama", *, layers: int = 2, seed: int = 0, dtype: to
         max_position_embeddings=256,
         tie_word_embeddings=True,
     ) | sizes
-    family = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "phi3": "Phi3"}
+    family = {"llama": "Llama", "qwen2": "Qwen2", "qwen3": "Qwen3", "mistral": "Mistral", "gemma": "Gemma", "phi3": "Phi3",
+              "qwen3_moe": "Qwen3Moe", "qwen2_moe": "Qwen2Moe", "mixtral": "Mixtral"}
     config_cls = getattr(transformers, f"{family[arch]}Config")
     model_cls = getattr(transformers, f"{family[arch]}ForCausalLM")
-    extra: dict = {"head_dim": 16} if arch in ("qwen3", "gemma") else {}
+    extra: dict = {"head_dim": 16} if arch in ("qwen3", "gemma", "qwen3_moe") else {}
+    if arch in ("qwen3_moe", "qwen2_moe"):
+        extra.update(num_experts=8, num_experts_per_tok=2, moe_intermediate_size=32, norm_topk_prob=True)
+    if arch == "qwen2_moe":
+        extra.update(shared_expert_intermediate_size=64)
+    if arch == "mixtral":
+        extra.update(num_local_experts=8, num_experts_per_tok=2)
+        common["intermediate_size"] = sizes.get("intermediate_size", 32)
     if arch == "phi3":
         extra.update(pad_token_id=None, eos_token_id=None, bos_token_id=None)
     config = config_cls(**common, **extra)

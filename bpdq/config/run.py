@@ -55,6 +55,19 @@ class CalibrationConfig(ConfigModel):
         "the model's dtype (float32 products)",
     )
 
+    moe_all_experts: bool = Field(
+        default=False,
+        description="mixtures of experts: calibrate every expert on every calibration token (for its Hessians only; "
+        "the layer's output still follows the router). Off: each expert sees the tokens routed to it",
+    )
+    moe_min_tokens: int | None = Field(
+        default=None,
+        ge=1,
+        description="mixtures of experts: an expert routed fewer tokens than this (None: its input width, the hidden "
+        "size) is calibrated on every token of the layer instead (the pooled Hessian; recorded per expert in "
+        "the report)",
+    )
+
     @field_validator("offload")
     @classmethod
     def _offload(cls, value: int | str | None) -> int | str | None:

@@ -34,7 +34,7 @@ from bpdq.batch import Batch
 from bpdq.checkpoint import quantization_config, replace_linears, unique_state_dict
 from bpdq.config import QuantizeConfig, Recipe
 from bpdq.devices import AUTOCAST_DTYPES, resolve_autocast, resolve_device
-from bpdq.engine import distributed
+from bpdq.engine import distributed, moe
 from bpdq.engine.activations import ActivationStore, close
 from bpdq.engine.passes import (
     batch_windows,
@@ -113,14 +113,18 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
     blocks = (*adapter.replay, *(b for b in tails if b not in adapter.replay))
     done: set[str] = set()
     for group in step.plan:
-        todo = [rel for rel, r in group.items() if r is not None]
+        linears = group
+        if moe.is_experts_group(plan, group):  # a mixture of experts' fused experts: solved expert by expert
+            step.records += moe.solve_experts(step, group, plan, progress, replay)
+            linears = {}
+        todo = [rel for rel, r in linears.items() if r is not None]
         if replay is not None:
             for block, tail in tails.items():  # this group's pass reaches the tail: keep its input
                 if f"{block}.{tail}" in group and all(
                     rel in done for g in step.plan for rel in g if rel.startswith(f"{block}.") and rel != f"{block}.{tail}"
                 ):
                     replay.record_tail(block)
-        for rel, r in group.items():
+        for rel, r in linears.items():
             if r is None:
                 step.records.append(ModuleRecord(f"{prefix}.{rel}", skipped=True, n_params=layer.get_submodule(rel).weight.numel()))
                 progress.advance()
@@ -283,6 +287,7 @@ def _check(plan: RunPlan, stages: Sequence[Stage]) -> None:
     """The stages' own checks, then what a run of several processes or without data cannot do."""
     for stage in stages:
         stage.check(plan)
+    moe.check(plan, stages)
     if any(s.single_process for s in stages) and distributed.is_distributed():
         raise ValueError("calibration.asymmetric, tuning and target_bpw are not supported in a distributed run "
                          f"({distributed.world_size()} processes): run them in one process")
@@ -299,6 +304,7 @@ def _run(
     model = source.model
     calibration = config.calibration
     plan = make_plan(model, config.quantize, tuple(config.rules))
+    plan.calibration = calibration
     _check(plan, stages)
     fp_stream = any(s.fp_stream for s in stages)
     report = RunReport(model=architecture_of(model), total_params=sum(p.numel() for p in model.parameters()),

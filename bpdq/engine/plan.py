@@ -10,7 +10,8 @@ from typing import Any, Iterable, Sequence
 
 from torch import nn
 
-from bpdq.config import Recipe, Rule, as_recipe, as_rules, resolve_recipe
+from bpdq.config import CalibrationConfig, Recipe, Rule, as_recipe, as_rules, resolve_recipe
+from bpdq.experts import QuantExperts
 from bpdq.linear import QuantLinear
 from bpdq.models.base import Adapter, get_adapter
 from bpdq.solvers.build import build_solver
@@ -30,6 +31,8 @@ class RunPlan:
     layers: nn.ModuleList
     head_recipe: Recipe | None
     calibrated: bool
+    #: The run's calibration settings (the mixture-of-experts options are read by :mod:`bpdq.engine.moe`).
+    calibration: CalibrationConfig | None = None
 
     def prefix(self, index: int) -> str:
         return f"{self.adapter.layers}.{index}"
@@ -68,6 +71,9 @@ def _check_rules(model: nn.Module, adapter: Adapter, recipe: Recipe, rules: Sequ
                 f"rule {rule.match!r} asks to quantize the embedding {emb_name!r}; bpdq quantizes linears only"
             )
     linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if adapter.experts is not None:  # a mixture of experts' fused experts, named by their parameters
+        linears += [f"{adapter.layers}.{i}.{n}" for i, layer in enumerate(adapter.decoder_layers(model))
+                    for g in adapter.linear_groups(layer) if adapter.experts.is_experts(g) for n in g]
     for rule in rules:
         if not any(rule.matches(n) for n in linears):
             logger.warning("rule %r matches no linear module of the model", rule.match)
@@ -92,7 +98,7 @@ def needs_calibration(recipe: Recipe | dict[str, Any], rules: Iterable[Rule | di
 def make_plan(model: nn.Module, recipe: Recipe, rules: tuple[Rule, ...]) -> RunPlan:
     """The plan of quantizing ``model``; ``ValueError`` if the model is quantized already or the rules leave
     nothing to quantize."""
-    if any(isinstance(m, QuantLinear) for m in model.modules()):
+    if any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules()):
         raise ValueError("the model already holds QuantLinear modules: it is quantized already")
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)

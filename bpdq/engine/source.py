@@ -3,7 +3,8 @@
 A source hands out modules by dotted name (``load``) and takes them back (``release``). The in-memory source
 returns the model's own modules and releases nothing. The lazy source builds the model skeleton on the meta
 device from ``config.json``, checks every shard header against it before any tensor is read (a missing
-tensor, or one of the wrong shape, is an error naming it), and materialises a module by reading only its
+tensor, or one of the wrong shape, is an error naming it; a mixture of experts' fused parameters are read
+from the per-expert tensors ``save_pretrained`` writes), and materialises a module by reading only its
 tensors (``safe_open`` per file, files closed after reading); ``release`` sends the module back to the meta
 device, so a finished decoder layer holds no memory.
 
@@ -26,6 +27,7 @@ from torch import nn
 
 from bpdq.checkpoint import CONFIG_FILE, is_bpdq_checkpoint, unique_state_dict
 from bpdq.quantized import dtype_from_name
+from bpdq.registry import ADAPTERS
 from bpdq.shards import WeightFiles
 
 logger = logging.getLogger(__name__)
@@ -116,8 +118,22 @@ class LazySource(ModelSource):
 
     def _check_headers(self) -> None:
         stored = self.files.meta
+        experts = getattr(ADAPTERS.get(self.model.config.architectures[0]), "experts", None) \
+            if self.model.config.architectures[0] in ADAPTERS else None
+        #: Model tensors stored under other names (a mixture of experts' per-expert tensors): their stored
+        #: names and how to combine them (:meth:`bpdq.models.moe.MoeLayout.stored`).
+        self._stored: dict[str, tuple[list[str], Callable[[list[torch.Tensor]], torch.Tensor]]] = {}
         for name, ref in self._expected().items():
             t = stored.get(name)
+            if t is None and experts is not None:
+                found = experts.stored(name, stored)
+                if found is not None:
+                    self._stored[name] = found
+                    shape = tuple(found[1]([stored[n] for n in found[0]]).shape)  # meta tensors: no data
+                    if shape != tuple(ref.shape):
+                        raise ValueError(f"{self.directory}: tensor {name!r} made of {found[0][0]!r}... has shape "
+                                         f"{shape}, the model expects {tuple(ref.shape)}")
+                    continue
             if t is None:
                 raise ValueError(f"{self.directory}: tensor {name!r} of the model is in none of its safetensors files")
             if tuple(t.shape) != tuple(ref.shape):
@@ -125,7 +141,8 @@ class LazySource(ModelSource):
                     f"{self.directory}: tensor {name!r} in {self.files.where[name].name} has shape {tuple(t.shape)}, "
                     f"the model ({type(self.model).__name__} from config.json) expects {tuple(ref.shape)}"
                 )
-        extra = sorted(set(stored) - set(self._expected()) - set(self.model.state_dict()))
+        used = {n for names, _ in self._stored.values() for n in names}
+        extra = sorted(set(stored) - set(self._expected()) - set(self.model.state_dict()) - used)
         if extra:
             logger.warning("%s: ignoring %d tensors the model does not use, e.g. %s", self.directory, len(extra), extra[:3])
 
@@ -133,7 +150,14 @@ class LazySource(ModelSource):
         names = [n for n in names if self._tensor(n).is_meta]
         if not names:
             return
-        for name, t in self.files.read(names).items():
+        direct = [n for n in names if n not in self._stored]
+        read = self.files.read(direct + [s for n in names if n in self._stored for s in self._stored[n][0]])
+        for name in names:
+            if name in self._stored:
+                parts, combine = self._stored[name]
+                t = combine([read.pop(p) for p in parts])
+            else:
+                t = read.pop(name)
             current = self._tensor(name)
             if t.is_floating_point():
                 t = t.to(current.dtype)

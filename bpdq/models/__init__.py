@@ -1,6 +1,6 @@
 """Model adapters (registered in ``bpdq.ADAPTERS`` by architecture) and model loading."""
 
-from bpdq.models import llama, qwen2, qwen3  # noqa: F401  (register the built-in adapters)
+from bpdq.models import llama, moe, qwen2, qwen3  # noqa: F401  (register the built-in adapters)
 from bpdq.models.base import (
     Adapter,
     architecture_of,

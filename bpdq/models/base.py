@@ -18,7 +18,8 @@ Adapters are registered in ``bpdq.ADAPTERS`` under the ``architectures`` name of
 A model without a registered adapter gets the Llama-shaped fallback when :func:`detect_adapter` recognises
 it: a non-empty ``nn.ModuleList`` of decoder layers whose linears are exactly ``q_proj``, ``k_proj``,
 ``v_proj``, ``o_proj``, ``gate_proj``, ``up_proj`` and ``down_proj`` (Mistral, Gemma, OLMo, ...). Anything
-else (fused ``qkv_proj``, mixtures of experts) gets a clear error.
+else (fused ``qkv_proj``, unregistered mixtures of experts) gets a clear error. ``experts`` describes the
+sparse layers of a mixture-of-experts decoder (:mod:`bpdq.models.moe`).
 """
 
 from __future__ import annotations
@@ -53,6 +54,9 @@ class Adapter:
     head: str = "lm_head"
     replay: tuple[str, ...] = ()
     tails: tuple[tuple[str, str], ...] = ()
+    #: A mixture-of-experts layout (:class:`bpdq.models.moe.MoeLayout`): its ``groups`` replace ``groups`` in
+    #: the layers whose MLP is sparse.
+    experts: Any = None
 
     def decoder_layers(self, model: nn.Module) -> nn.ModuleList:
         try:
@@ -68,15 +72,19 @@ class Adapter:
     def linear_groups(self, layer: nn.Module) -> list[list[str]]:
         """The sequential groups of ``layer``'s linears (names relative to the layer)."""
         linears = [name for name, mod in layer.named_modules() if isinstance(mod, nn.Linear)]
-        if self.groups is None:
-            return [[name] for name in linears]
+        groups = self.groups
         present = set(linears)
-        missing = [n for g in self.groups for n in g if n not in present]
+        if self.experts is not None and self.experts.module(layer) is not None:
+            groups = self.experts.groups
+            present |= {n for g in groups if self.experts.is_experts(g) for n in g}
+        if groups is None:
+            return [[name] for name in linears]
+        missing = [n for g in groups for n in g if n not in present]
         if missing:
             raise ValueError(
                 f"adapter {self.architecture!r}: decoder layer has no linear(s) {missing}; its linears are {linears}"
             )
-        return [list(g) for g in self.groups]
+        return [list(g) for g in groups]
 
 
 def register_adapter(adapter: Adapter) -> Adapter:

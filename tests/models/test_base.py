@@ -18,7 +18,7 @@ def test_unsupported_architecture_lists_supported_and_guide():
     with pytest.raises(ValueError) as exc:
         get_adapter(model)
     msg = str(exc.value)
-    assert "Phi3ForCausalLM" in msg and "LlamaForCausalLM, Qwen2ForCausalLM, Qwen3ForCausalLM" in msg
+    assert "Phi3ForCausalLM" in msg and "LlamaForCausalLM, MixtralForCausalLM, Qwen2ForCausalLM, Qwen2MoeForCausalLM" in msg
     assert "not Llama-shaped" in msg and "docs/guides/add-a-model.md" in msg
 
 

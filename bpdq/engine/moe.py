@@ -1,0 +1,188 @@
+"""Quantizing a sparse layer's fused experts, one expert at a time.
+
+The experts group of a mixture-of-experts layer (``mlp.experts.gate_up_proj``, ``mlp.experts.down_proj``:
+:mod:`bpdq.models.moe`) is calibrated by one pass through the layer, stopped at the experts module: for every
+calibration batch it keeps what the experts receive, the hidden states ``x [T, H]`` and the router's top-k
+choice ``[T, k]``, computed in the quantized model's stream (the layer's earlier groups are quantized
+already). Then, expert by expert:
+
+1. the tokens the expert calibrates on: those routed to it; every token of the layer when
+   ``calibration.moe_all_experts`` is on (``"all"``), or when fewer than ``calibration.moe_min_tokens`` (by
+   default the expert's input width, the hidden size) are routed to it (``"pooled"``: the layer's pooled
+   Hessian; an expert no token reaches is one of them);
+2. ``gate_up_proj[e]`` is solved with the Hessian of those tokens (gate and up rows share it: one input);
+3. ``down_proj[e]`` with the Hessian of ``act(gate) * up`` on the same tokens, computed with the quantized
+   ``gate_up_proj[e]``;
+
+and the results go into a :class:`~bpdq.experts.QuantExperts` that replaces the module. Memory beyond the
+layer and its captured inputs (one hidden-state stream plus the routing): one expert's two Hessians and its
+intermediate activations; the pooled ``gate_up`` Hessian is kept while it is used. Each expert's record in
+the report says how it was calibrated (:attr:`~bpdq.report.ModuleRecord.calibration`).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any, Sequence
+
+import torch
+from torch import nn
+
+from bpdq.batch import Batch
+from bpdq.config import Recipe
+from bpdq.engine import distributed
+from bpdq.engine.passes import _call, _passes, _Stop, dense_quantized_forwards
+from bpdq.engine.replay import Replay
+from bpdq.engine.stages import LayerStep, Stage
+from bpdq.experts import PROJECTIONS, QuantExperts
+from bpdq.quantized import dequantize_packed
+from bpdq.report import ModuleRecord
+from bpdq.solvers.build import build_solver, quantize_weight
+from bpdq.solvers.hessian import HessianAccumulator
+
+#: Built-in stages that change how linears are calibrated or solved; not available on expert layers yet.
+UNSUPPORTED_STAGES = {"fp_stream": "calibration.asymmetric or tuning", "asymmetric": "calibration.asymmetric",
+                      "tuning": "tuning", "allocation": "target_bpw"}
+
+
+def is_experts_group(plan: Any, group: dict[str, Any]) -> bool:
+    experts = plan.adapter.experts
+    return experts is not None and experts.is_experts(list(group))
+
+
+def check(plan: Any, stages: Sequence[Stage]) -> None:
+    """Refuse, before any work, what expert layers do not support: asymmetric calibration, tuning, target_bpw
+    and distributed runs."""
+    layout = plan.adapter.experts
+    if layout is None or not any(layout.module(layer) is not None for layer in plan.layers):
+        return
+    options = sorted({UNSUPPORTED_STAGES[s.name] for s in stages if s.name in UNSUPPORTED_STAGES})
+    if options:
+        raise ValueError(f"{', '.join(options)} {'is' if len(options) == 1 else 'are'} not supported on a mixture of "
+                         f"experts ({plan.adapter.architecture}) yet: turn {'it' if len(options) == 1 else 'them'} off")
+    if distributed.is_distributed():
+        raise ValueError(f"a mixture of experts ({plan.adapter.architecture}) is quantized in one process only, not in "
+                         f"a distributed run of {distributed.world_size()} processes")
+
+
+def capture_expert_inputs(layer: nn.Module, experts: str, batches: Sequence[Batch], device: torch.device,
+                          replay: Replay | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """Per batch, the experts module's input ``x [T, H]`` and the router's choice ``top_k_index [T, k]`` (the
+    pass stops there), on the CPU."""
+    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+        values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index") if k in kwargs]
+        captured.append((values[0].detach().to("cpu"), values[1].detach().to("cpu")))
+        raise _Stop
+
+    handle = layer.get_submodule(experts).register_forward_pre_hook(grab, with_kwargs=True)
+    try:
+        with dense_quantized_forwards():
+            for i, b in _passes(batches, replay):
+                try:
+                    _call(layer, b, device)
+                except _Stop:
+                    pass
+                if len(captured) != i + 1:
+                    raise RuntimeError(f"the experts module {experts!r} never received an input during calibration")
+    finally:
+        handle.remove()
+    return captured
+
+
+def _hessian(xs: Sequence[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
+    acc = HessianAccumulator(width, device=device)
+    for x in xs:
+        acc.add(x)
+    return acc.hessian
+
+
+def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, progress: Any,
+                  replay: Replay | None) -> list[ModuleRecord]:
+    """Quantize the layer's experts group (see the module docstring); the experts module becomes a
+    :class:`QuantExperts`. Returns one record per expert and projection."""
+    layout = plan.adapter.experts
+    layer, prefix, device = step.layer, step.prefix, step.device
+    experts = layout.module(layer)
+    recipes = {name.rpartition(".")[2]: r for name, r in group.items()}
+    base = f"{prefix}.{layout.experts}"
+    num = experts.gate_up_proj.shape[0]
+    if all(r is None for r in recipes.values()):
+        for name in PROJECTIONS:
+            progress.advance()
+        return [ModuleRecord(f"{base}.{name}", skipped=True, n_params=getattr(experts, name).numel()) for name in PROJECTIONS]
+    if any(r is None for r in recipes.values()):
+        raise ValueError(f"{base}: a rule skips one of {list(PROJECTIONS)} but not the other; the fused experts are "
+                         "quantized or kept whole (skip both, or neither)")
+    uses_hessian = any(build_solver(dict(r.solver)).requires_hessian for r in recipes.values())
+    captured = None
+    if uses_hessian:
+        progress.describe(f"{prefix}: calibrating {layout.experts}")
+        captured = capture_expert_inputs(layer, layout.experts, step.inputs, device, replay)
+    calibration = plan.calibration
+    all_experts = bool(calibration is not None and calibration.moe_all_experts)
+    hidden = experts.gate_up_proj.shape[2]
+    min_tokens = calibration.moe_min_tokens if calibration is not None and calibration.moe_min_tokens else hidden
+    pooled: torch.Tensor | None = None
+    quant: QuantExperts | None = None
+    records: list[ModuleRecord] = []
+    for e in range(num):
+        progress.describe(f"{base}.{e}")
+        xs: list[torch.Tensor] = []
+        tokens, source = 0, None
+        if captured is not None:
+            routed = [x[(idx == e).any(dim=-1)] for x, idx in captured]
+            tokens = sum(r.shape[0] for r in routed)
+            source = "all" if all_experts else "routed" if tokens >= min_tokens else "pooled"
+            xs = routed if source == "routed" else [x for x, _ in captured]
+            del routed
+        hessian = None
+        if source == "routed":
+            hessian = _hessian([x.to(device) for x in xs], hidden, device)
+        elif source is not None:
+            if pooled is None:
+                pooled = _hessian([x.to(device) for x in xs], hidden, device)
+            hessian = pooled
+        qws = {}
+        start = time.perf_counter()
+        qws["gate_up_proj"] = _solve(experts.gate_up_proj[e], hessian, recipes["gate_up_proj"], f"{base}.{e}.gate_up_proj",
+                                     release=source == "routed")
+        del hessian
+        inner = None
+        if source is not None:
+            w = dequantize_packed(qws["gate_up_proj"].planes, qws["gate_up_proj"].coeffs, qws["gate_up_proj"].group_size)
+            acc = HessianAccumulator(w.shape[0] // 2, device=device)
+            for x in xs:
+                gate, up = torch.nn.functional.linear(x.to(device), w.to(device, x.dtype)).chunk(2, dim=-1)
+                acc.add(experts.act_fn(gate) * up)
+            inner = acc.hessian
+            del w, acc
+        qws["down_proj"] = _solve(experts.down_proj[e], inner, recipes["down_proj"], f"{base}.{e}.down_proj", release=True)
+        del inner, xs
+        if quant is None:
+            quant = QuantExperts.like(experts, {n: {"planes": q.k, "group_size": q.group_size} for n, q in qws.items()},
+                                      kernel=recipes["gate_up_proj"].kernel)
+        for name, qw in qws.items():
+            quant.set_expert(name, e, qw)
+            records.append(ModuleRecord(
+                name=f"{base}.{e}.{name}", skipped=False, n_params=qw.shape[0] * qw.shape[1],
+                recipe=recipes[name].model_dump(mode="json"), bits_per_weight=qw.bits_per_weight,
+                proxy_loss=qw.stats.proxy_loss, relative_loss=qw.stats.relative_loss, time_s=qw.stats.time_s,
+                calibration={"tokens": tokens, "hessian": source} if source is not None else None,
+            ))
+        del qws
+        progress.describe(f"{base}.{e} ({time.perf_counter() - start:.1f}s)")
+    assert quant is not None
+    layer.set_submodule(layout.experts, quant)
+    for _ in PROJECTIONS:
+        progress.advance()
+    return records
+
+
+def _solve(weight: torch.Tensor, hessian: torch.Tensor | None, recipe: Recipe, name: str, *, release: bool) -> Any:
+    try:
+        return quantize_weight(weight, hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size,
+                               release_hessian=release)
+    except ValueError as exc:
+        raise ValueError(f"cannot quantize {name}: {exc}") from None
