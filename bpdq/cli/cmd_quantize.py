@@ -183,6 +183,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     from bpdq.api import quantize
     from bpdq.engine import distributed
+    from bpdq.engine.moe import check_config as check_experts
     from bpdq.engine.plan import needs_calibration
     from bpdq.engine.resume import read_state
     from bpdq.engine.source import LazySource, is_model_directory
@@ -213,6 +214,8 @@ def _run(args: argparse.Namespace) -> int:
         log.info("quantizing %s on %s: data-free (no solver of the strategy uses a Hessian)", strategy.model, device)
     config = strategy.config().model_copy(update={"output": str(output), "overwrite": args.overwrite,
                                                   "resume": args.resume, "device": str(device)})
+    with usage_phase():
+        check_experts(model.model if isinstance(model, LazySource) else model, config)
     report = quantize(model, config, tokenizer=tokenizer)
     _ignore_signals()
     if distributed.rank() != 0:

@@ -29,20 +29,20 @@ import torch
 from torch import nn
 
 from bpdq.batch import Batch
-from bpdq.config import Recipe
+from bpdq.config import QuantizeConfig, Recipe
 from bpdq.engine import distributed
 from bpdq.engine.passes import _call, _passes, _Stop, dense_quantized_forwards
 from bpdq.engine.replay import Replay
 from bpdq.engine.stages import LayerStep, Stage
 from bpdq.experts import PROJECTIONS, QuantExperts
+from bpdq.models.base import get_adapter
 from bpdq.quantized import dequantize_packed
 from bpdq.report import ModuleRecord
 from bpdq.solvers.build import build_solver, quantize_weight
 from bpdq.solvers.hessian import HessianAccumulator
 
 #: Built-in stages that change how linears are calibrated or solved; not available on expert layers yet.
-UNSUPPORTED_STAGES = {"fp_stream": "calibration.asymmetric or tuning", "asymmetric": "calibration.asymmetric",
-                      "tuning": "tuning", "allocation": "target_bpw"}
+UNSUPPORTED_STAGES = {"asymmetric": "calibration.asymmetric", "tuning": "tuning", "allocation": "target_bpw"}
 
 
 def is_experts_group(plan: Any, group: dict[str, Any]) -> bool:
@@ -53,15 +53,31 @@ def is_experts_group(plan: Any, group: dict[str, Any]) -> bool:
 def check(plan: Any, stages: Sequence[Stage]) -> None:
     """Refuse, before any work, what expert layers do not support: asymmetric calibration, tuning, target_bpw
     and distributed runs."""
-    layout = plan.adapter.experts
-    if layout is None or not any(layout.module(layer) is not None for layer in plan.layers):
+    _refuse(plan.adapter, plan.layers, [s.name for s in stages])
+
+
+def check_config(model: nn.Module, config: QuantizeConfig) -> None:
+    """:func:`check` for ``model`` (its module tree: weights may be on the meta device) and ``config``, without a
+    plan (a command line reports these as usage errors)."""
+    from bpdq.engine.builtin import config_stages
+
+    try:
+        adapter = get_adapter(model)
+    except ValueError:
+        return  # the run itself reports it
+    _refuse(adapter, adapter.decoder_layers(model), [s.name for s in config_stages(config)])
+
+
+def _refuse(adapter: Any, layers: Sequence[nn.Module], stages: Sequence[str]) -> None:
+    layout = adapter.experts
+    if layout is None or not any(layout.module(layer) is not None for layer in layers):
         return
-    options = sorted({UNSUPPORTED_STAGES[s.name] for s in stages if s.name in UNSUPPORTED_STAGES})
+    options = sorted({UNSUPPORTED_STAGES[s] for s in stages if s in UNSUPPORTED_STAGES})
     if options:
         raise ValueError(f"{', '.join(options)} {'is' if len(options) == 1 else 'are'} not supported on a mixture of "
-                         f"experts ({plan.adapter.architecture}) yet: turn {'it' if len(options) == 1 else 'them'} off")
+                         f"experts ({adapter.architecture}) yet: turn {'it' if len(options) == 1 else 'them'} off")
     if distributed.is_distributed():
-        raise ValueError(f"a mixture of experts ({plan.adapter.architecture}) is quantized in one process only, not in "
+        raise ValueError(f"a mixture of experts ({adapter.architecture}) is quantized in one process only, not in "
                          f"a distributed run of {distributed.world_size()} processes")
 
 

@@ -145,3 +145,18 @@ def test_quality_options_are_refused_on_experts_before_any_work(tmp_path, extra,
     with pytest.raises(ValueError, match=f"{named}.*not supported on a mixture of experts"):
         bpdq.quantize(tiny_model("qwen3_moe"), config(tmp_path / "out", **extra), tokenizer=tiny_tokenizer())
     assert not (tmp_path / "out").exists()
+
+
+def test_the_cli_quantizes_a_mixtral_directory_and_refuses_tuning_with_exit_2(tmp_path):
+    from tests.cli.conftest import run_many, write_config
+
+    src = tiny_model_dir(tmp_path / "src", "mixtral")
+    base = {"model": str(src), "calibration": TINY_CALIBRATION, "quantize": RECIPE, "device": "cpu"}
+    ok = write_config(tmp_path / "ok.yaml", {**base, "output": str(tmp_path / "ok")})
+    tuned = write_config(tmp_path / "tuned.yaml", {**base, "output": str(tmp_path / "tuned"), "tuning": {}})
+    procs = run_many({"ok": ["quantize", str(ok)], "tuned": ["quantize", str(tuned)]})
+    assert procs["ok"].returncode == 0, procs["ok"].stderr
+    model, _ = bpdq.load(tmp_path / "ok")
+    assert all(isinstance(layer.mlp.experts, QuantExperts) for layer in model.model.layers)
+    assert procs["tuned"].returncode == 2 and "tuning is not supported on a mixture of experts" in procs["tuned"].stderr
+    assert not (tmp_path / "tuned").exists()
