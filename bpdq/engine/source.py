@@ -26,8 +26,8 @@ import torch
 from torch import nn
 
 from bpdq.checkpoint import CONFIG_FILE, is_bpdq_checkpoint, unique_state_dict
+from bpdq.models.base import get_adapter
 from bpdq.quantized import dtype_from_name
-from bpdq.registry import ADAPTERS
 from bpdq.shards import WeightFiles
 
 logger = logging.getLogger(__name__)
@@ -118,8 +118,10 @@ class LazySource(ModelSource):
 
     def _check_headers(self) -> None:
         stored = self.files.meta
-        experts = getattr(ADAPTERS.get(self.model.config.architectures[0]), "experts", None) \
-            if self.model.config.architectures[0] in ADAPTERS else None
+        try:
+            experts = get_adapter(self.model).experts
+        except ValueError:  # not quantizable: the run says why
+            experts = None
         #: Model tensors stored under other names (a mixture of experts' per-expert tensors): their stored
         #: names and how to combine them (:meth:`bpdq.models.moe.MoeLayout.stored`).
         self._stored: dict[str, tuple[list[str], Callable[[list[torch.Tensor]], torch.Tensor]]] = {}

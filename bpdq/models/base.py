@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 from torch import nn
 
@@ -131,6 +131,12 @@ def detect_adapter(model: nn.Module) -> Adapter | None:
     return None
 
 
+#: The fallbacks :func:`get_adapter` tries, in order, for an architecture without a registered adapter: each
+#: returns an adapter when it recognises the model unambiguously, else ``None`` (the mixture-of-experts one is
+#: added by :mod:`bpdq.models.moe`).
+FALLBACKS: list[Callable[[nn.Module], "Adapter | None"]] = [detect_adapter]
+
+
 def architecture_of(model: nn.Module) -> str:
     archs = getattr(getattr(model, "config", None), "architectures", None) or [type(model).__name__]
     return archs[0]
@@ -142,13 +148,16 @@ def get_adapter(model: nn.Module) -> Adapter:
     arch = architecture_of(model)
     if arch in ADAPTERS:
         return ADAPTERS.get(arch)
-    detected = detect_adapter(model)
-    if detected is not None:
-        logger.info("%s has no registered adapter; using the Llama-shaped fallback (layers at %s)", arch, detected.layers)
-        return detected
+    for fallback in FALLBACKS:
+        detected = fallback(model)
+        if detected is not None:
+            logger.info("%s has no registered adapter; using the %s fallback (layers at %s)", arch,
+                        "mixture-of-experts" if detected.experts is not None else "Llama-shaped", detected.layers)
+            return detected
     raise ValueError(
         f"unsupported architecture {arch!r}: no registered adapter, and its decoder layers are not Llama-shaped "
-        f"(linears q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj); registered: "
+        f"(linears q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj) nor a mixture of experts in "
+        f"transformers' fused layout (Llama attention, mlp.gate, mlp.experts); registered: "
         f"{', '.join(ADAPTERS.names())}. To add one, register an Adapter (bpdq.models.register_adapter, or "
         f"bpdq.models.generic_adapter to calibrate each linear on its own): see {GUIDE}"
     )

@@ -23,7 +23,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from bpdq.models.base import Adapter, register_adapter
+from bpdq.models.base import FALLBACKS, Adapter, architecture_of, register_adapter
 from bpdq.models.llama import LLAMA_GROUPS
 
 ATTENTION_GROUPS = LLAMA_GROUPS[:2]
@@ -104,3 +104,46 @@ QWEN2_MOE_ADAPTER = register_adapter(Adapter("Qwen2MoeForCausalLM", groups=LLAMA
                                              tails=MOE_TAILS, experts=QWEN2_MOE))
 MIXTRAL_ADAPTER = register_adapter(Adapter("MixtralForCausalLM", groups=LLAMA_GROUPS, replay=("self_attn",),
                                            tails=MOE_TAILS, experts=MIXTRAL))
+
+
+def detect_moe_adapter(model: nn.Module) -> Adapter | None:
+    """An adapter for an unregistered mixture of experts whose layers are unambiguous: ``model.layers`` whose
+    linears are exactly Llama's attention (``self_attn.q/k/v/o_proj``) plus, per layer, either a dense Llama MLP
+    or a sparse block ``mlp`` with a router ``mlp.gate`` (a ``weight [E, H]``, no linear), fused experts
+    ``mlp.experts`` and at most a Qwen2-MoE-style shared expert (``mlp.shared_expert.gate/up/down_proj`` and
+    ``mlp.shared_expert_gate``). Experts are read from a model directory under the Qwen names
+    (``mlp.experts.{e}.gate_proj/up_proj/down_proj.weight``, the layout most transformers MoE models save).
+    ``None`` for anything else (OLMoE is recognised; DeepSeek's layers, with other attention, are not)."""
+    try:
+        layers = model.get_submodule("model.layers")
+        norm, head = model.get_submodule("model.norm"), model.get_submodule("lm_head")
+    except AttributeError:
+        return None
+    if not isinstance(layers, nn.ModuleList) or len(layers) == 0 or norm is None or not isinstance(head, nn.Linear):
+        return None
+    attention = {n for g in ATTENTION_GROUPS for n in g}
+    dense = {n for g in LLAMA_GROUPS for n in g}
+    shared = {n for g in QWEN2_MOE.groups[2:4] for n in g}
+    layout = None
+    for layer in layers:
+        linears = {n for n, m in layer.named_modules() if isinstance(m, nn.Linear)}
+        if linears == dense:
+            continue
+        gate = getattr(getattr(layer, "mlp", None), "gate", None)
+        if QWEN_MOE.module(layer) is None or isinstance(gate, nn.Linear) or getattr(gate, "weight", None) is None:
+            return None
+        if linears == attention:
+            found = QWEN_MOE
+        elif linears == attention | shared | {"mlp.shared_expert_gate"}:
+            found = QWEN2_MOE
+        else:
+            return None
+        if layout not in (None, found):
+            return None
+        layout = found
+    if layout is None:
+        return None  # dense: the Llama-shaped fallback's case
+    return Adapter(architecture_of(model), groups=LLAMA_GROUPS, replay=("self_attn",), tails=MOE_TAILS, experts=layout)
+
+
+FALLBACKS.append(detect_moe_adapter)

@@ -160,3 +160,23 @@ def test_the_cli_quantizes_a_mixtral_directory_and_refuses_tuning_with_exit_2(tm
     assert all(isinstance(layer.mlp.experts, QuantExperts) for layer in model.model.layers)
     assert procs["tuned"].returncode == 2 and "tuning is not supported on a mixture of experts" in procs["tuned"].stderr
     assert not (tmp_path / "tuned").exists()
+
+
+def test_an_unregistered_mixture_of_experts_in_the_fused_layout_is_detected(tmp_path):
+    import transformers
+
+    from bpdq.models import get_adapter
+
+    olmoe = transformers.OlmoeConfig(vocab_size=len(tiny_tokenizer()), hidden_size=64, intermediate_size=32,
+                                      num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                      num_experts=8, num_experts_per_tok=2, max_position_embeddings=256)
+    olmoe.architectures = ["OlmoeForCausalLM"]
+    torch.manual_seed(0)
+    model = transformers.OlmoeForCausalLM(olmoe).eval()
+    assert "OlmoeForCausalLM" not in bpdq.ADAPTERS and get_adapter(model).experts is not None
+    model.save_pretrained(tmp_path / "src")
+    tiny_tokenizer().save_pretrained(tmp_path / "src")
+    report = bpdq.quantize(tmp_path / "src", config(tmp_path / "out"))
+    assert len([m for m in report.modules if m.calibration is not None]) == 2 * 8 * 2
+    loaded, _ = bpdq.load(tmp_path / "out")
+    assert all(isinstance(layer.mlp.experts, QuantExperts) for layer in loaded.model.layers)
