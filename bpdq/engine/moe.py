@@ -54,6 +54,10 @@ def check(plan: Any, stages: Sequence[Stage]) -> None:
     """Refuse, before any work, what expert layers do not support: asymmetric calibration, tuning, target_bpw
     and distributed runs."""
     _refuse(plan.adapter, plan.layers, [s.name for s in stages])
+    for i, layer in enumerate(plan.layers):
+        for group in plan.layer_plan(layer, plan.prefix(i)):
+            if is_experts_group(plan, group):
+                _check_recipes(f"{plan.prefix(i)}.{plan.adapter.experts.experts}", group)
 
 
 def check_config(model: nn.Module, config: QuantizeConfig) -> None:
@@ -128,9 +132,7 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
         for name in PROJECTIONS:
             progress.advance()
         return [ModuleRecord(f"{base}.{name}", skipped=True, n_params=getattr(experts, name).numel()) for name in PROJECTIONS]
-    if any(r is None for r in recipes.values()):
-        raise ValueError(f"{base}: a rule skips one of {list(PROJECTIONS)} but not the other; the fused experts are "
-                         "quantized or kept whole (skip both, or neither)")
+    _check_recipes(base, group)
     uses_hessian = any(build_solver(dict(r.solver)).requires_hessian for r in recipes.values())
     captured = None
     if uses_hessian:
@@ -194,6 +196,13 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
     for _ in PROJECTIONS:
         progress.advance()
     return records
+
+
+def _check_recipes(base: str, group: dict[str, Recipe | None]) -> None:
+    skipped = [name for name, r in group.items() if r is None]
+    if len(skipped) not in (0, len(group)):
+        raise ValueError(f"{base}: a rule skips one of {list(PROJECTIONS)} but not the other; the fused experts are "
+                         "quantized or kept whole (skip both, or neither)")
 
 
 def _solve(weight: torch.Tensor, hessian: torch.Tensor | None, recipe: Recipe, name: str, *, release: bool) -> Any:

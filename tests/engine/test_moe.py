@@ -180,3 +180,23 @@ def test_an_unregistered_mixture_of_experts_in_the_fused_layout_is_detected(tmp_
     assert len([m for m in report.modules if m.calibration is not None]) == 2 * 8 * 2
     loaded, _ = bpdq.load(tmp_path / "out")
     assert all(isinstance(layer.mlp.experts, QuantExperts) for layer in loaded.model.layers)
+
+
+def test_rules_give_each_projection_its_recipe_and_a_half_skip_is_refused(tmp_path):
+    rules = [{"match": r".*experts\.down_proj", "grid": {"type": "bitplane", "planes": 3}}]
+    model = tiny_model("mixtral", layers=1)
+    bpdq.quantize(model, config(tmp_path / "out", quantize={**RECIPE, "solver": "rtn"}, rules=rules), tokenizer=tiny_tokenizer())
+    experts = model.model.layers[0].mlp.experts
+    assert experts.meta["gate_up_proj"]["planes"] == 2 and experts.meta["down_proj"]["planes"] == 3
+    loaded, _ = bpdq.load(tmp_path / "out")
+    x = ids()
+    with torch.no_grad():
+        assert torch.equal(loaded(x).logits, model(x).logits)
+    skip_down = [{"match": r".*experts\.down_proj", "skip": True}]
+    with pytest.raises(ValueError, match="skips one of .*gate_up_proj.*down_proj.*but not the other"):
+        bpdq.quantize(tiny_model("mixtral", layers=1), config(tmp_path / "half", rules=skip_down), tokenizer=tiny_tokenizer())
+    assert not (tmp_path / "half").exists()
+    skip_both = [{"match": r".*experts\..*", "skip": True}]
+    report = bpdq.quantize(tiny_model("mixtral", layers=1), config(rules=skip_both), tokenizer=tiny_tokenizer())
+    assert [m.name for m in report.modules if m.skipped] == ["model.layers.0.mlp.experts.gate_up_proj",
+                                                              "model.layers.0.mlp.experts.down_proj"]
