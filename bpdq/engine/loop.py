@@ -74,8 +74,8 @@ def quantize_linear(
             linear.weight, hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size,
             release_hessian=release_hessian,
         )
-    except ValueError as exc:
-        raise ValueError(f"cannot quantize {full}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"cannot quantize {full}: {exc}") from None
     root.set_submodule(rel, QuantLinear.from_quantized(qw, linear.bias, kernel=recipe.kernel))
     return ModuleRecord(
         name=full,
