@@ -52,7 +52,8 @@ def quantize(
     the layer loop after the built-in ones.
 
     With ``config.output`` the checkpoint is written there as the run goes, appearing atomically at the end;
-    with ``config.resume`` the run keeps its state beside it after each decoder layer and continues an
+    the output is locked for the run (another process writing it raises ``ValueError`` naming its PID) and
+    may not be, contain or lie inside the model directory or the calibration file; with ``config.resume`` the run keeps its state beside it after each decoder layer and continues an
     interrupted run with the same fingerprint. Inside an initialised ``torch.distributed`` group of several
     processes (e.g. under ``torchrun``) every rank calls this with the same arguments: the calibration
     batches are shared out, the Hessians summed over the ranks, and rank 0 writes the output.

@@ -11,7 +11,13 @@ again continues after the last finished layer (a changed model, calibration, rec
 naming what differs); ``never`` removes the old state and starts over; ``required`` refuses to start without
 one. Ctrl-C or SIGTERM finishes the layer in work, saves the state, says how to resume and exits 130 (a
 second signal stops at once, losing that layer); the partial checkpoint directory is removed, the state
-kept. Once the checkpoint is in place, signals no longer interrupt the command.
+kept. After the last layer a signal no longer stops the run (only the checkpoint's write is left); once the
+checkpoint is in place, signals no longer interrupt the command. Running the command again after it
+completed is refused (the output is not empty); ``--overwrite`` quantizes again from the start.
+
+One run per output: the output is locked (:mod:`bpdq.engine.lock`) from its check to the summary; a second
+run on it exits 2 naming the first's PID. An output on, inside or above the model directory or the
+calibration file is refused, even with ``--overwrite``.
 
 Distributed (``torchrun --nproc_per_node=N -m bpdq.cli quantize CONFIG``): the command joins the process
 group torchrun describes (gloo on CPU, nccl with CUDA; :mod:`bpdq.engine.distributed`); rank 0 logs, writes
