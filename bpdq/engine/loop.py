@@ -392,6 +392,8 @@ def _run(
                 del step
                 if i < n_layers - 1 and distributed.any_rank(stop_requested()):  # after the last, only the write is left
                     raise RunInterrupted(i + 1, n_layers, resume.dir if resume is not None else None)
+            if stop_requested():
+                logger.warning("stop requested after the last decoder layer: finishing the checkpoint instead")
             source.load_outside(layers_prefix)
             if plan.head_recipe is not None:
                 bar.describe(plan.adapter.head)
