@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import warnings
+from contextlib import ExitStack
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
@@ -17,9 +18,10 @@ from bpdq.config import CalibrationConfig, QuantizeConfig, Recipe, Rule, as_conf
 from bpdq.devices import resolve_autocast, resolve_device
 from bpdq.engine import distributed
 from bpdq.engine.builtin import config_stages
+from bpdq.engine.lock import lock_output
 from bpdq.engine.loop import run_quantization
 from bpdq.engine.resume import ResumeState, check_resume_mode
-from bpdq.engine.sink import CheckpointSink, InMemorySink, Sink
+from bpdq.engine.sink import CheckpointSink, InMemorySink, Sink, check_output_dir
 from bpdq.engine.source import InMemorySource, LazySource, ModelSource
 from bpdq.engine.stages import Stage, check_stages
 from bpdq.linear import QuantLinear
@@ -50,7 +52,8 @@ def quantize(
     the layer loop after the built-in ones.
 
     With ``config.output`` the checkpoint is written there as the run goes, appearing atomically at the end;
-    with ``config.resume`` the run keeps its state beside it after each decoder layer and continues an
+    the output is locked for the run (another process writing it raises ``ValueError`` naming its PID) and
+    may not be, contain or lie inside the model directory or the calibration file; with ``config.resume`` the run keeps its state beside it after each decoder layer and continues an
     interrupted run with the same fingerprint. Inside an initialised ``torch.distributed`` group of several
     processes (e.g. under ``torchrun``) every rank calls this with the same arguments: the calibration
     batches are shared out, the Hessians summed over the ranks, and rank 0 writes the output.
@@ -76,6 +79,34 @@ def _quantize(model: Any, config: QuantizeConfig, *, tokenizer: Any, stages: Seq
         raise TypeError(f"model must be an nn.Module or a model directory path, got {type(model).__name__}")
     if config.resume is not None and config.output is None:
         raise ValueError("resume needs output= (the state is kept beside the checkpoint directory)")
+    with ExitStack() as locked:
+        if config.output is not None:  # checked, resolved and locked before anything is read or removed
+            output = check_output_dir(config.output, config.overwrite, inputs=run_inputs(model, config))
+            if distributed.rank() == 0:
+                locked.enter_context(lock_output(output))
+            config = config.model_copy(update={"output": str(output)})
+        return _quantize_at(model, config, tokenizer=tokenizer, stages=stages, windows=windows,
+                            calibration_given=calibration_given, dtype=dtype)
+
+
+def run_inputs(model: Any, config: QuantizeConfig) -> dict[str, Path | None]:
+    """What a run of ``model`` with ``config`` reads from disk (the model directory, the calibration file):
+    its output may be none of them, nor inside or above them."""
+    directory: Any = None
+    if isinstance(model, LazySource):
+        directory = model.directory
+    elif isinstance(model, (str, Path)):
+        directory = model
+    else:
+        module = model.model if isinstance(model, ModelSource) else model
+        directory = getattr(getattr(module, "config", None), "_name_or_path", None) or None
+    text = config.calibration.text
+    found = {"model directory": directory, "calibration text": None if text.startswith("builtin:") else text}
+    return {k: Path(v).expanduser() if v is not None and Path(v).expanduser().exists() else None for k, v in found.items()}
+
+
+def _quantize_at(model: Any, config: QuantizeConfig, *, tokenizer: Any, stages: Sequence[Stage],
+                 windows: Sequence[torch.Tensor] | None, calibration_given: bool, dtype: str | None) -> RunReport:
     state = ResumeState(config.output, config.resume) if config.resume is not None else None
     source: ModelSource
     if isinstance(model, ModelSource):
@@ -87,7 +118,8 @@ def _quantize(model: Any, config: QuantizeConfig, *, tokenizer: Any, stages: Seq
     else:
         source = InMemorySource(model)
     sink: Sink = InMemorySink() if config.output is None or distributed.rank() != 0 else CheckpointSink(
-        config.output, tokenizer, overwrite=config.overwrite, max_shard_size=config.max_shard_size
+        config.output, tokenizer, overwrite=config.overwrite, max_shard_size=config.max_shard_size,
+        inputs=run_inputs(model, config),
     )
     return run_quantization(source, sink, config, tokenizer=tokenizer, stages=stages, resume=state, windows=windows,
                             calibration_given=calibration_given)

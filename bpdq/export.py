@@ -30,7 +30,8 @@ def export_model(
     from bpdq.engine.sink import OutputDir
 
     size = parse_size(max_shard_size)
-    out = OutputDir(output, overwrite=overwrite)
+    source = Path(name_or_path).expanduser()
+    out = OutputDir(output, overwrite=overwrite, inputs={"model": source if source.exists() else None})
     try:
         model, tokenizer = load_pretrained(name_or_path, dtype=dtype)
         if any(isinstance(m, QuantLinear) for m in model.modules()):

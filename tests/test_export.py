@@ -24,6 +24,11 @@ def test_export_writes_an_ordinary_sharded_directory_with_the_same_weights(tmp_p
     assert torch.equal(layer.mlp.up_proj.weight, tiny_model("qwen2", layers=2).model.layers[1].mlp.up_proj.weight)
     with pytest.raises(FileExistsError, match="not empty"):
         export_model(str(src), out)
+    before = sorted(p.name for p in src.iterdir())
+    for target in (src, tmp_path):
+        with pytest.raises(ValueError, match="the model '"):
+            export_model(str(src), target, overwrite=True)
+    assert sorted(p.name for p in src.iterdir()) == before
 
 
 def test_export_refuses_a_quantized_checkpoint_and_leaves_nothing(tmp_path):

@@ -31,9 +31,12 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
+    from bpdq.engine.sink import check_output_dir
     from bpdq.export import export_model
 
     load_plugins(args.plugin)
+    with usage_phase():
+        check_output_dir(args.output, args.overwrite, flag="--overwrite")  # the command line's flag in the message
     with usage_phase(f"export {args.model!r}"):
         out = export_model(args.model, args.output, dtype=None if args.dtype == "auto" else args.dtype,
                            max_shard_size=args.max_shard_size, overwrite=args.overwrite)

@@ -11,7 +11,13 @@ again continues after the last finished layer (a changed model, calibration, rec
 naming what differs); ``never`` removes the old state and starts over; ``required`` refuses to start without
 one. Ctrl-C or SIGTERM finishes the layer in work, saves the state, says how to resume and exits 130 (a
 second signal stops at once, losing that layer); the partial checkpoint directory is removed, the state
-kept. Once the checkpoint is in place, signals no longer interrupt the command.
+kept. After the last layer a signal no longer stops the run (only the checkpoint's write is left); once the
+checkpoint is in place, signals no longer interrupt the command. Running the command again after it
+completed is refused (the output is not empty); ``--overwrite`` quantizes again from the start.
+
+One run per output: the output is locked (:mod:`bpdq.engine.lock`) from its check to the summary; a second
+run on it exits 2 naming the first's PID. An output on, inside or above the model directory or the
+calibration file is refused, even with ``--overwrite``.
 
 Distributed (``torchrun --nproc_per_node=N -m bpdq.cli quantize CONFIG``): the command joins the process
 group torchrun describes (gloo on CPU, nccl with CUDA; :mod:`bpdq.engine.distributed`); rank 0 logs, writes
@@ -22,12 +28,13 @@ reported by that rank and every rank exits with its exit code.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 from bpdq.cli.console import emit_json, stdout_console
 from bpdq.cli.errors import EXIT_FAILURE, EXIT_USAGE, UsageError, usage_phase
@@ -127,13 +134,36 @@ def _strategy_data(args: argparse.Namespace) -> dict[str, Any]:
     return data
 
 
-def _output_dir(args: argparse.Namespace, configured: str | None) -> Path:
+def _output_dir(args: argparse.Namespace, configured: str | None, inputs: dict[str, str]) -> Path:
+    """The output (its links resolved), checked before any work; ``inputs``: what the run reads."""
     from bpdq.engine.sink import check_output_dir
 
     if not (args.output or configured):
         raise UsageError("no output directory: set `output:` in the config or pass --output DIR")
+    local = {k: v for k, v in inputs.items() if not v.startswith("builtin:") and Path(v).expanduser().exists()}
     with usage_phase():
-        return check_output_dir(args.output or configured, args.overwrite, flag="--overwrite")  # type: ignore[arg-type]
+        return check_output_dir(args.output or configured, args.overwrite, flag="--overwrite", inputs=local)  # type: ignore[arg-type]
+
+
+def _check_resume(output: Path, mode: str) -> None:
+    """A missing required state, or an unreadable one, before any work (nothing is changed)."""
+    from bpdq.engine.resume import read_state, state_dir
+
+    with resume_refusals():
+        found = read_state(output, "auto" if mode == "required" else mode)
+    if mode == "required" and found is None:
+        raise UsageError(f"--resume required: there is no resume state at {state_dir(output)} (no finished layer was saved)")
+
+
+@contextlib.contextmanager
+def resume_refusals() -> Iterator[None]:
+    """A resume state that cannot be used is a usage error, with the command line's way to start over."""
+    from bpdq.engine.resume import ResumeRefused
+
+    try:
+        yield
+    except ResumeRefused as exc:
+        raise UsageError(f"--resume: {exc.problem}; pass --resume never to start over") from exc
 
 
 def _ignore_signals() -> None:
@@ -181,21 +211,31 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from bpdq.api import quantize
     from bpdq.engine import distributed
-    from bpdq.engine.moe import check_config as check_experts
-    from bpdq.engine.plan import needs_calibration
-    from bpdq.engine.resume import read_state
-    from bpdq.engine.source import LazySource, is_model_directory
+    from bpdq.engine.lock import lock_output
     from bpdq.strategy import strategy_from_dict
 
     load_plugins(args.plugin)
     with usage_phase():
         source = f"strategy config {args.config!r}" if args.config is not None else "command line"
         strategy = strategy_from_dict(_strategy_data(args), source)
-    output = _output_dir(args, strategy.output)
-    with usage_phase("--resume"):
-        read_state(output, args.resume)  # a missing required state, or an unreadable one, before any work
+    output = _output_dir(args, strategy.output, {"model directory": strategy.model,
+                                                 "calibration text": strategy.calibration.text})
+    with contextlib.ExitStack() as locked:
+        if distributed.rank() == 0:  # one run per output, from here until its summary is written
+            with usage_phase():
+                locked.enter_context(lock_output(output))
+        _check_resume(output, args.resume)
+        return _quantize(args, strategy, output)
+
+
+def _quantize(args: argparse.Namespace, strategy: Any, output: Path) -> int:
+    from bpdq.api import quantize
+    from bpdq.engine import distributed
+    from bpdq.engine.moe import check_config as check_experts
+    from bpdq.engine.plan import needs_calibration
+    from bpdq.engine.source import LazySource, is_model_directory
+
     device = device_for(strategy.device)
     calibrated = needs_calibration(strategy.quantize, strategy.rules)
     if calibrated:
@@ -216,7 +256,8 @@ def _run(args: argparse.Namespace) -> int:
                                                   "resume": args.resume, "device": str(device)})
     with usage_phase():
         check_experts(model.model if isinstance(model, LazySource) else model, config)
-    report = quantize(model, config, tokenizer=tokenizer)
+    with resume_refusals():
+        report = quantize(model, config, tokenizer=tokenizer)
     _ignore_signals()
     if distributed.rank() != 0:
         return 0

@@ -20,11 +20,9 @@ from __future__ import annotations
 
 import logging
 import sys
-import tempfile
 import time
 from contextlib import ExitStack
 from dataclasses import asdict
-from pathlib import Path
 from typing import Any, Sequence
 
 import torch
@@ -47,6 +45,7 @@ from bpdq.engine.passes import (
 from bpdq.engine.plan import RunPlan, make_plan
 from bpdq.engine.replay import Replay
 from bpdq.engine.interrupt import RunInterrupted, stop_requested
+from bpdq.engine.lock import locked_tempdir
 from bpdq.engine.resume import ResumeState, source_fingerprint, windows_hash
 from bpdq.engine.sink import Sink
 from bpdq.engine.source import ModelSource, return_freed_memory
@@ -75,8 +74,8 @@ def quantize_linear(
             linear.weight, hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size,
             release_hessian=release_hessian,
         )
-    except ValueError as exc:
-        raise ValueError(f"cannot quantize {full}: {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise type(exc)(f"cannot quantize {full}: {exc}") from None
     root.set_submodule(rel, QuantLinear.from_quantized(qw, linear.bias, kernel=recipe.kernel))
     return ModuleRecord(
         name=full,
@@ -228,18 +227,23 @@ def restore_layer(source: ModelSource, sink: Sink, resume: ResumeState, prefix: 
 
 
 def fingerprint(source: ModelSource, plan: RunPlan, windows: Sequence[torch.Tensor] | None, stages: Sequence[Stage],
-                batch_size: int, device: torch.device, autocast: str) -> dict[str, Any]:
-    """What a resumed run must share with the run that saved the state (see :mod:`bpdq.engine.resume`)."""
+                batch_size: int, device: torch.device, autocast: str, calibration: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What a resumed run must share with the run that saved the state (see :mod:`bpdq.engine.resume`);
+    ``calibration``: how the windows were drawn (named in a refusal beside their hash)."""
+    import transformers
+
     return {
         "model": source_fingerprint(source),
         "calibration_sha256": windows_hash(windows),
+        "calibration": calibration,
         "calibration_autocast": autocast,
+        "autocast_auto": resolve_autocast("auto", device),  # what a stage's autocast: auto becomes here
         "recipe": plan.recipe.model_dump(mode="json"),
         "rules": [r.model_dump(mode="json") for r in plan.rules],
         "stages": {s.name: s.fingerprint() for s in stages},
         "batch_size": batch_size,
         "device": device.type,
-        "versions": {"bpdq": __version__, "torch": torch.__version__},
+        "versions": {"bpdq": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "world_size": distributed.world_size(),
     }
 
@@ -317,12 +321,15 @@ def _run(
         check_positions(model, max(w.numel() for w in windows), "calibration seq_len")
         report.calibration = {"windows": len(windows), "seq_len": windows[0].numel()} | (
             {} if given else calibration.model_dump(mode="json")) | {"autocast": autocast}
+        drawn = None if given else {k: getattr(calibration, k) for k in ("samples", "seq_len", "seed")}
     else:
-        windows = None
+        windows, drawn = None, None
         logger.info("no solver of this recipe uses a Hessian: data-free run, the calibration is not used")
     done, first = 0, 0
+    n_layers = len(plan.layers)
     if resume is not None:
-        done = resume.check(fingerprint(source, plan, windows, stages, calibration.batch_size, device, autocast))
+        done = resume.check(fingerprint(source, plan, windows, stages, calibration.batch_size, device, autocast, drawn),
+                            n_layers)
         if done or resume.stage_states:
             for stage in stages:
                 saved = resume.stage_states.get(stage.name)
@@ -330,16 +337,18 @@ def _run(
                     stage.restore(saved)
     model.eval()
     layers_prefix = plan.adapter.layers
-    n_layers = len(plan.layers)
+    # inputs for what is left: a layer, or the head (a state whose every layer is done saved none without one)
+    needs_inputs = windows is not None and (done < n_layers or plan.head_recipe is not None)
     with ExitStack() as stack:
         bar = stack.enter_context(RunProgress(n_layers, plan.n_steps(), enabled=config.progress and distributed.rank() == 0 and sys.stderr.isatty()))
         stack.enter_context(torch.no_grad())
         inputs: Sequence[Batch] | None = None
         fp_inputs: Sequence[Batch] | None = None
-        if windows is not None:
+        if needs_inputs:
+            assert windows is not None
             spill, budget = None, None
             if calibration.offload is not None:
-                spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bpdq-activations-")))
+                spill = stack.enter_context(locked_tempdir("bpdq-activations-"))
                 budget = parse_size(calibration.offload, "offload") // 2 if fp_stream else calibration.offload  # two streams
             source.load_outside(layers_prefix)
             batches = batch_windows(windows, calibration.batch_size)
@@ -351,7 +360,8 @@ def _run(
                 assert resume is not None
                 captured = inputs
                 inputs = resume.inputs(captured, "hidden", first, ActivationStore(spill, budget))
-                fp_inputs = resume.inputs(captured, "fp", first, ActivationStore(spill, budget)) if fp_stream else None
+                fp_inputs = (resume.inputs(captured, "fp", first, ActivationStore(spill, budget))
+                             if fp_stream and done < n_layers else None)
                 close(captured)
             if spill is not None:
                 logger.info("calibration activations: %d of %d batches offloaded to %s", inputs.n_offloaded,  # type: ignore[union-attr]
@@ -386,8 +396,10 @@ def _run(
                 close(inputs, fp_inputs)
                 inputs, fp_inputs = step.outputs, step.fp_outputs
                 del step
-                if distributed.any_rank(stop_requested()):
+                if i < n_layers - 1 and distributed.any_rank(stop_requested()):  # after the last, only the write is left
                     raise RunInterrupted(i + 1, n_layers, resume.dir if resume is not None else None)
+            if stop_requested():
+                logger.warning("stop requested after the last decoder layer: finishing the checkpoint instead")
             source.load_outside(layers_prefix)
             if plan.head_recipe is not None:
                 bar.describe(plan.adapter.head)

@@ -139,7 +139,7 @@ def test_resume_required_without_a_state_is_a_usage_error(in_process, capsys, tm
     cfg = write_config(tmp_path / "s.yaml", tiny_strategy(tiny_model_dir, tmp_path / "out"))
     assert in_process(["quantize", str(cfg), "--resume", "required"]) == 2
     err = capsys.readouterr().err
-    assert "--resume: resume='required' but there is no resume state at" in err and "Traceback" not in err
+    assert "--resume required: there is no resume state at" in err and "Traceback" not in err
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
 
 
@@ -152,6 +152,65 @@ def test_an_unwritable_output_is_named_before_any_work(in_process, capsys, tmp_p
     assert in_process(["quantize", str(cfg), "-o", str(out)]) == 2
     err = capsys.readouterr().err
     assert f"output directory '{out}' cannot be written" in err and "Traceback" not in err
+
+
+def test_overwrite_never_replaces_the_model_directory(in_process, capsys, tmp_path, tiny_model_dir):
+    import shutil
+
+    from tests.cli.conftest import tiny_strategy, write_config
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "models" / "src")
+    before = sorted(p.name for p in model.iterdir())
+    cfg = write_config(tmp_path / "s.yaml", tiny_strategy(model))
+    for out, relation in [(model, "is the model directory"), (tmp_path / "models", "contains the model directory")]:
+        assert in_process(["quantize", str(cfg), "-o", str(out), "--overwrite"]) == 2
+        assert f"output '{out}' {relation} '{model}'" in capsys.readouterr().err
+    assert sorted(p.name for p in model.iterdir()) == before and sorted(p.name for p in tmp_path.iterdir()) == ["models", "s.yaml"]
+
+
+def test_a_dangling_link_as_output_is_refused_before_any_work(in_process, capsys, tmp_path, tiny_model_dir):
+    from tests.cli.conftest import tiny_strategy, write_config
+
+    (tmp_path / "out").symlink_to(tmp_path / "gone")
+    cfg = write_config(tmp_path / "s.yaml", tiny_strategy(tiny_model_dir, tmp_path / "out"))
+    assert in_process(["quantize", str(cfg)]) == 2
+    assert "is a symbolic link to" in capsys.readouterr().err
+
+
+def test_a_second_run_on_an_output_in_use_exits_2_naming_the_holder(in_process, capsys, tmp_path, tiny_model_dir):
+    import subprocess
+    import sys
+
+    from tests.cli.conftest import REPO, tiny_strategy, write_config
+
+    holder = "import sys, time\nfrom bpdq.engine.lock import lock_output\nwith lock_output(sys.argv[1]):\n" \
+             "    print('locked', flush=True)\n    time.sleep(120)\n"
+    proc = subprocess.Popen([sys.executable, "-c", holder, str(tmp_path / "out")], stdout=subprocess.PIPE, text=True,
+                            env={"PYTHONPATH": str(REPO), "PATH": ""})
+    try:
+        assert proc.stdout.readline().strip() == "locked"
+        cfg = write_config(tmp_path / "s.yaml", tiny_strategy(tiny_model_dir, tmp_path / "out"))
+        assert in_process(["quantize", str(cfg), "--resume", "never"]) == 2
+        assert f"is in use by process {proc.pid}" in capsys.readouterr().err
+    finally:
+        proc.kill()
+        proc.wait()
+
+
+def test_a_resume_refused_for_a_changed_recipe_exits_2_with_the_flags(in_process, capsys, tmp_path, tiny_model_dir,
+                                                                     monkeypatch):
+    import bpdq.engine.loop as loop
+    from tests.cli.conftest import tiny_strategy, write_config
+
+    cfg = write_config(tmp_path / "s.yaml", tiny_strategy(tiny_model_dir, tmp_path / "out"))
+    with monkeypatch.context() as m:
+        m.setattr(loop, "stop_requested", lambda: True)
+        assert in_process(["quantize", str(cfg)]) == 130
+    capsys.readouterr()
+    assert in_process(["quantize", str(cfg), "--set", "quantize.group_size=64", "--resume", "required"]) == 2
+    err = capsys.readouterr().err
+    assert "recipe.group_size: 32 -> 64" in err and "pass --resume never to start over" in err and "resume='" not in err
+    assert (tmp_path / ".out.bpdq-resume" / "manifest.json").is_file() and not (tmp_path / "out").exists()
 
 
 def test_the_levers_run_from_the_config_and_reach_the_json_summary(in_process, capsys, tmp_path, tiny_model_dir):

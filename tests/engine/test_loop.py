@@ -179,6 +179,19 @@ def test_argument_errors():
         bpdq.quantize_model(model, tok, recipe={**TINY_RECIPE, "group_size": 48}, calibration=TINY_CALIBRATION, progress=False)
 
 
+def test_an_integer_weight_is_refused_naming_the_linear(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=1, max_shard_size="10GB")
+    shard = next(src.glob("*.safetensors"))
+    tensors = load_file(str(shard))
+    tensors["model.layers.0.mlp.up_proj.weight"] = tensors["model.layers.0.mlp.up_proj.weight"].to(torch.int32)
+    save_file(tensors, str(shard), metadata={"format": "pt"})
+    with pytest.raises(TypeError, match="cannot quantize model.layers.0.mlp.up_proj: weight must be floating point"):
+        bpdq.quantize(src, {"quantize": TINY_RECIPE, "output": str(tmp_path / "out"), "resume": "auto", "progress": False})
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"], "no output, no state, no lock left"
+
+
 def test_quantizing_twice_is_refused():
     model, tok = tiny_model("llama", layers=1), tiny_tokenizer()
     bpdq.quantize_model(model, tok, recipe=TINY_RECIPE, calibration=TINY_CALIBRATION, progress=False)

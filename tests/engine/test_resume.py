@@ -15,6 +15,7 @@ import torch
 
 import bpdq
 import bpdq.engine.loop as run_module
+import bpdq.engine.sink
 from bpdq.engine.interrupt import RunInterrupted, stop_at_layer_boundary, stop_requested
 from bpdq.engine.resume import state_dir
 from tests.tiny_models import TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_model_dir, tiny_tokenizer
@@ -104,13 +105,13 @@ def test_a_state_from_another_run_is_refused_naming_the_difference(tmp_path, mon
     assert layers_done(out) == 1 and not out.exists()
     for changes, named in [
         ({"recipe": {**RECIPE, "solver": "bpdq"}}, "recipe.solver.type: gptq -> bpdq"),
-        ({"calibration": {**TINY_CALIBRATION, "seed": 1}}, "calibration_sha256"),
+        ({"calibration": {**TINY_CALIBRATION, "seed": 1}}, "calibration.seed: 0 -> 1"),
         ({"rules": []}, "rules: "),
         ({"batch_size": 2}, "batch_size: 8 -> 2"),
     ]:
         with pytest.raises(ValueError, match="made by a different run") as exc:
             bpdq.quantize_model(src, output=out, resume="auto", **{**ARGS, **changes})
-        assert named in str(exc.value) and "--resume never" in str(exc.value)
+        assert named in str(exc.value) and "pass resume='never' to start over" in str(exc.value)
         assert layers_done(out) == 1, "a refused resume keeps the state"
     (src / "config.json").write_text((src / "config.json").read_text().replace('"rms_norm_eps": 1e-06', '"rms_norm_eps": 1e-05'))
     with pytest.raises(ValueError, match="model.config_sha256"):
@@ -161,3 +162,141 @@ def test_the_first_signal_asks_for_a_stop_and_the_second_interrupts(sig):
         with pytest.raises(KeyboardInterrupt):
             os.kill(os.getpid(), sig)
     assert not stop_requested() and signal.getsignal(sig) is before
+
+
+# ---- a run without a head rule (the default): nothing is saved after the last layer ---------------------
+
+PLAIN = {**ARGS, "rules": []}
+
+
+def reference_checkpoint(src, path):
+    bpdq.quantize_model(src, output=path, **PLAIN)
+    return checkpoint_files(path)
+
+
+def test_a_stop_in_the_last_layer_finishes_the_run(tmp_path, monkeypatch):
+    """After the last layer only the final write is left: a stop asked during it does not interrupt."""
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=2)
+    reference = reference_checkpoint(src, tmp_path / "reference")
+    step = run_module.run_layer_step
+    asked = []
+
+    def stop_in_last_layer(source, plan, index, *a, **k):
+        asked.append(index == 1)
+        return step(source, plan, index, *a, **k)
+
+    monkeypatch.setattr(run_module, "run_layer_step", stop_in_last_layer)
+    monkeypatch.setattr(run_module, "stop_requested", lambda: asked[-1])
+    try:
+        bpdq.quantize_model(src, output=tmp_path / "out", resume="auto", **PLAIN)
+    except RunInterrupted as exc:  # a KeyboardInterrupt: it would end the whole session
+        pytest.fail(f"interrupted after the last layer: {exc}")
+    assert checkpoint_files(tmp_path / "out") == reference and not state_dir(tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("failure", [OSError(28, "No space left on device"), KeyboardInterrupt()])
+def test_a_failed_final_write_resumes_to_the_same_checkpoint(tmp_path, monkeypatch, failure):
+    """A full disk on the last shard (or a second Ctrl-C, or a kill) while the checkpoint is written, after
+    every layer is saved: the same call finishes the run from the state."""
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=2)
+    reference = reference_checkpoint(src, tmp_path / "reference")
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        def fail(*a, **k):
+            raise failure
+        m.setattr(bpdq.engine.sink.CheckpointSink, "finish", fail)
+        with pytest.raises(type(failure)):
+            bpdq.quantize_model(src, output=out, resume="auto", **PLAIN)
+    assert layers_done(out) == 2 and not out.exists()
+    report = bpdq.quantize_model(src, output=out, resume="required", **PLAIN)
+    assert checkpoint_files(out) == reference and len(report.modules) == 2 * 7
+    assert not state_dir(out).exists() and sorted(p.name for p in tmp_path.iterdir()) == ["out", "reference", "src"]
+
+
+# ---- integrity: every file of the state is checked before any work --------------------------------------
+
+
+@pytest.fixture
+def stopped(tmp_path, monkeypatch):
+    """``(src, out)``: a 3-layer run without a head rule, stopped after its first layer."""
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=3)
+    out = tmp_path / "out"
+    with monkeypatch.context() as m:
+        stop_after_first_layer(m)
+        with pytest.raises(RunInterrupted):
+            bpdq.quantize_model(src, output=out, resume="auto", **PLAIN)
+    return src, out
+
+
+def flip_last_byte(path):
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("name", ["layer-00000.safetensors", "inputs-00001/hidden-00000.safetensors"])
+def test_flipped_bytes_in_a_state_file_are_refused_naming_it(stopped, name):
+    src, out = stopped
+    flip_last_byte(state_dir(out) / name)
+    with pytest.raises(ValueError, match="pass resume='never' to start over") as exc:
+        bpdq.quantize_model(src, output=out, resume="auto", **PLAIN)
+    assert f"{state_dir(out) / name} is damaged" in str(exc.value) and not out.exists()
+
+
+@pytest.mark.parametrize("value, named", [(99, "layers_done is 99; the model has 3 decoder layers"),
+                                          (-1, "layers_done is -1"), ("abc", 'layers_done is "abc", not a JSON int')])
+def test_a_manifest_with_a_bad_layer_count_is_refused_naming_it(stopped, value, named):
+    src, out = stopped
+    manifest = state_dir(out) / "manifest.json"
+    manifest.write_text(json.dumps({**json.loads(manifest.read_text()), "layers_done": value}))
+    with pytest.raises(ValueError, match="pass resume='never'") as exc:
+        bpdq.quantize_model(src, output=out, resume="auto", **PLAIN)
+    assert named in str(exc.value) and str(manifest) in str(exc.value)
+
+
+@pytest.mark.parametrize("content, named", [(lambda data: data[:-100], "has"),
+                                            (lambda data: b"\x80\x04\x95" + b"\x00" * (len(data) - 3), "is damaged")])
+def test_a_truncated_or_replaced_layer_file_is_named(stopped, content, named):
+    src, out = stopped
+    path = state_dir(out) / "layer-00000.safetensors"
+    path.write_bytes(content(path.read_bytes()))
+    with pytest.raises(ValueError) as exc:
+        bpdq.quantize_model(src, output=out, resume="auto", **PLAIN)
+    assert f"resume state file {path} {named}" in str(exc.value)
+
+
+def test_a_changed_model_file_header_is_refused(stopped):
+    """Same size, same config.json: the shard's header hash tells."""
+    src, out = stopped
+    shard = next(p for p in sorted(src.glob("*.safetensors")))
+    shard.write_bytes(shard.read_bytes().replace(b'"format":"pt"', b'"format":"xx"', 1))
+    with pytest.raises(ValueError, match=rf"model\.files\.{shard.name}\.header_sha256"):
+        bpdq.quantize_model(src, output=out, resume="auto", **PLAIN)
+
+
+def test_a_full_disk_while_saving_the_state_names_the_file(tmp_path, monkeypatch):
+    import safetensors.torch
+
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=2)
+    out = tmp_path / "out"
+
+    def full(tensors, filename, metadata=None):
+        Path(filename).write_bytes(b"part")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(safetensors.torch, "save_file", full)
+    with pytest.raises(OSError, match="cannot save the resume state file .*layer-00000.safetensors .*No space left") as exc:
+        bpdq.quantize_model(src, output=out, resume="auto", **PLAIN)
+    assert exc.value.errno == 28 and not list(state_dir(out).glob("*.tmp")) and not out.exists()
+
+
+def test_a_failure_in_the_first_layer_leaves_no_state(tmp_path, monkeypatch):
+    src = tiny_model_dir(tmp_path / "src", "llama", layers=2)
+
+    def broken(*a, **k):
+        raise ValueError("no solution")
+
+    monkeypatch.setattr(run_module, "quantize_weight", broken)
+    with pytest.raises(ValueError, match="cannot quantize model.layers.0.self_attn.q_proj: no solution"):
+        bpdq.quantize_model(src, output=tmp_path / "out", resume="auto", **PLAIN)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["src"]

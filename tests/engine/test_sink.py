@@ -8,7 +8,7 @@ import torch
 
 import bpdq
 from bpdq.engine.sink import CheckpointSink, OutputDir, check_output_dir
-from tests.tiny_models import TINY_RECIPE, tiny_model, tiny_tokenizer
+from tests.tiny_models import TINY_RECIPE, tiny_model, tiny_model_dir, tiny_tokenizer
 
 
 def leftovers(parent, name):
@@ -82,3 +82,46 @@ def test_checkpoint_sink_streams_layers_then_the_rest(tmp_path):
     loaded, _ = bpdq.load(tmp_path / "ckpt")
     for k, v in loaded.state_dict().items():
         assert torch.equal(v, state[k])
+
+
+def test_an_output_on_an_input_is_refused_before_anything_is_removed(tmp_path):
+    """Equal to, inside or a parent of the model directory or the calibration file: refused even with
+    overwrite, links resolved; nothing is touched."""
+    model = tiny_model_dir(tmp_path / "models" / "src", "llama", layers=1)
+    calib = tmp_path / "data" / "calib.txt"
+    calib.parent.mkdir()
+    calib.write_text("some text " * 100)
+    (tmp_path / "link").symlink_to(model)
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    inputs = {"model directory": model, "calibration text": calib}
+    for target, relation in [(model, "is the model directory"), (tmp_path / "link", "is the model directory"),
+                             (tmp_path / "models", "contains the model directory"), (model / "q", "is inside the model"),
+                             (tmp_path / "data", "contains the calibration text")]:
+        with pytest.raises(ValueError, match=f"output '{target}' {relation}"):
+            check_output_dir(target, overwrite=True, inputs=inputs)
+    config = {"quantize": TINY_RECIPE, "calibration": {"text": str(calib), "samples": 2, "seq_len": 16},
+              "output": str(tmp_path / "models"), "overwrite": True, "progress": False}
+    with pytest.raises(ValueError, match="contains the model directory"):
+        bpdq.quantize(model, config)
+    with pytest.raises(ValueError, match="contains the calibration text"):
+        bpdq.quantize(model, {**config, "output": str(tmp_path / "data")})
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before
+
+
+def test_a_dangling_or_looping_link_is_refused_and_a_good_one_written_through(tmp_path):
+    (tmp_path / "dangling").symlink_to(tmp_path / "nowhere")
+    (tmp_path / "loop").symlink_to(tmp_path / "loop")
+    with pytest.raises(ValueError, match=r"output '.*dangling' is a symbolic link to '.*nowhere', which does not exist"):
+        check_output_dir(tmp_path / "dangling", overwrite=True)
+    with pytest.raises(ValueError, match="output '.*loop' is a symbolic link that loops"):
+        check_output_dir(tmp_path / "loop", overwrite=True)
+    real = tmp_path / "disk" / "ckpt"
+    real.mkdir(parents=True)
+    (real / "old.txt").write_text("x")
+    (tmp_path / "ckpt").symlink_to(real)
+    bpdq.quantize(tiny_model("llama", layers=1), {"quantize": TINY_RECIPE, "output": str(tmp_path / "ckpt"),
+                                                  "overwrite": True, "progress": False}, tokenizer=tiny_tokenizer())
+    assert (tmp_path / "ckpt").is_symlink() and (tmp_path / "ckpt").resolve() == real
+    assert (real / "model.safetensors").is_file() and not (real / "old.txt").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ckpt", "dangling", "disk", "loop"]
+    assert sorted(p.name for p in real.parent.iterdir()) == ["ckpt"]
