@@ -245,7 +245,7 @@ def fingerprint(source: ModelSource, plan: RunPlan, windows: Sequence[torch.Tens
         "device": device.type,
         "versions": {"bpdq": __version__, "torch": torch.__version__, "transformers": transformers.__version__},
         "world_size": distributed.world_size(),
-    }
+    } | moe.fingerprint(plan)
 
 
 def run_quantization(

@@ -50,6 +50,13 @@ def is_experts_group(plan: Any, group: dict[str, Any]) -> bool:
     return experts is not None and experts.is_experts(list(group))
 
 
+def fingerprint(plan: Any) -> dict[str, Any]:
+    """The mixture-of-experts options a resumed run must share (nothing for a model without experts)."""
+    if plan.adapter.experts is None or plan.calibration is None:
+        return {}
+    return {"moe": {k: getattr(plan.calibration, k) for k in ("moe_all_experts", "moe_min_tokens")}}
+
+
 def check(plan: Any, stages: Sequence[Stage]) -> None:
     """Refuse, before any work, what expert layers do not support: asymmetric calibration, tuning, target_bpw
     and distributed runs."""

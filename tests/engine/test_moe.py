@@ -88,6 +88,9 @@ def test_a_model_directory_gives_the_in_memory_bytes_and_a_resumed_run_too(tmp_p
         m.setattr(run_module, "stop_requested", lambda: True)
         with pytest.raises(RunInterrupted):
             bpdq.quantize(src, config(out, resume="auto"))
+    other = {**TINY_CALIBRATION, "moe_all_experts": True}
+    with pytest.raises(ValueError, match="moe_all_experts"):
+        bpdq.quantize(src, config(out, resume="required", calibration=other))
     bpdq.quantize(src, config(out, resume="required"))
     assert checkpoint_files(out) == reference
 
