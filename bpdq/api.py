@@ -24,6 +24,7 @@ from bpdq.engine.resume import ResumeState, check_resume_mode
 from bpdq.engine.sink import CheckpointSink, InMemorySink, Sink, check_output_dir
 from bpdq.engine.source import InMemorySource, LazySource, ModelSource
 from bpdq.engine.stages import Stage, check_stages
+from bpdq.experts import QuantExperts
 from bpdq.linear import QuantLinear
 from bpdq.models.base import get_adapter
 from bpdq.quantized import dtype_name
@@ -218,7 +219,7 @@ def save(
     Weights above ``max_shard_size`` bytes (an int, or a size such as ``"500MB"``) are split into shards at
     decoder-layer boundaries, with a ``model.safetensors.index.json``, exactly as a streaming
     :func:`quantize` run with ``output`` writes them."""
-    if not any(isinstance(m, QuantLinear) for m in model.modules()):
+    if not any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules()):
         raise ValueError("the model holds no QuantLinear module: nothing was quantized, so it is not saved as a bpdq checkpoint")
     if report is not None and not isinstance(report, RunReport):
         raise TypeError(f"report must be a RunReport or None, got {type(report).__name__}")

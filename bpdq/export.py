@@ -25,6 +25,7 @@ def export_model(
     safetensors shards of at most ``max_shard_size`` and the tokenizer files; returns ``output``."""
     from transformers import AutoModelForCausalLM
 
+    from bpdq.experts import QuantExperts
     from bpdq.linear import QuantLinear
     from bpdq.models import load_pretrained
     from bpdq.engine.sink import OutputDir
@@ -34,7 +35,7 @@ def export_model(
     out = OutputDir(output, overwrite=overwrite, inputs={"model": source if source.exists() else None})
     try:
         model, tokenizer = load_pretrained(name_or_path, dtype=dtype)
-        if any(isinstance(m, QuantLinear) for m in model.modules()):
+        if any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules()):
             raise ValueError(f"{name_or_path!r} is a quantized checkpoint; export takes a full-precision model")
         plain = AutoModelForCausalLM.from_config(model.config, dtype=model.dtype)
         plain.load_state_dict(model.state_dict())

@@ -63,6 +63,11 @@ def describe(directory: Path) -> dict[str, Any]:
     with usage_phase(str(directory)):
         weights = WeightFiles(directory)  # one model.safetensors or the shards of an index, headers validated
     out_modules = []
+    for experts, entry in [(n, e) for n, e in modules.items() if e.get("type") == "experts"]:
+        del modules[experts]  # a fused experts module: a row per expert and projection (per projection without a report)
+        for proj, settings in entry["projections"].items():
+            names = [n for n in records if n.startswith(f"{experts}.") and n.endswith(f".{proj}")] or [f"{experts}.{proj}"]
+            modules.update(dict.fromkeys(names, settings))
     for name in list(records) + [n for n in modules if n not in records]:  # the pipeline's order
         rec, meta = records.get(name), modules.get(name, {})
         recipe = rec.recipe if rec and rec.recipe else ({k: meta[k] for k in ("grid", "solver") if k in meta}

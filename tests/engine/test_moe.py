@@ -203,3 +203,16 @@ def test_rules_give_each_projection_its_recipe_and_a_half_skip_is_refused(tmp_pa
     report = bpdq.quantize(tiny_model("mixtral", layers=1), config(rules=skip_both), tokenizer=tiny_tokenizer())
     assert [m.name for m in report.modules if m.skipped] == ["model.layers.0.mlp.experts.gate_up_proj",
                                                               "model.layers.0.mlp.experts.down_proj"]
+
+
+def test_inspect_lists_each_expert_of_a_checkpoint(tmp_path):
+    from tests.cli.conftest import json_stdout, run_cli
+
+    bpdq.quantize(tiny_model("qwen3_moe", layers=1), config(tmp_path / "out"), tokenizer=tiny_tokenizer())
+    info = json_stdout(run_cli("inspect", str(tmp_path / "out"), "--json"))
+    names = [m["name"] for m in info["modules"]]
+    assert info["modules_quantized"] == 4 + 8 * 2 and info["modules_skipped"] == 0
+    assert "model.layers.0.mlp.experts.7.down_proj" in names and len(names) == len(set(names)) == 20
+    (tmp_path / "out" / "bpdq_report.json").unlink()
+    info = json_stdout(run_cli("inspect", str(tmp_path / "out"), "--json"))
+    assert info["modules_quantized"] == 4 + 2 and {m["planes"] for m in info["modules"]} == {2}
