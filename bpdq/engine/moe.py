@@ -15,15 +15,17 @@ already). Then, expert by expert:
    ``gate_up_proj[e]``;
 
 and the results go into a :class:`~bpdq.experts.QuantExperts` that replaces the module. Memory beyond the
-layer and its captured inputs (one hidden-state stream plus the routing): one expert's two Hessians and its
-intermediate activations; the pooled ``gate_up`` Hessian is kept while it is used. Each expert's record in
-the report says how it was calibrated (:attr:`~bpdq.report.ModuleRecord.calibration`).
+layer: its captured inputs (one hidden-state stream plus the routing, kept like the layer's activations:
+offloaded to disk beyond ``calibration.offload``, then read once per expert and Hessian), one expert's two
+Hessians and its intermediate activations; the pooled ``gate_up`` Hessian is kept while it is used. Each
+expert's record in the report says how it was calibrated (:attr:`~bpdq.report.ModuleRecord.calibration`).
+Resume works at layer granularity (a layer's experts are saved together), and a distributed run is refused.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any, Sequence
+from typing import Any, Iterable, Iterator, Sequence
 
 import torch
 from torch import nn
@@ -31,6 +33,7 @@ from torch import nn
 from bpdq.batch import Batch
 from bpdq.config import QuantizeConfig, Recipe
 from bpdq.engine import distributed
+from bpdq.engine.activations import ActivationStore, close, outputs_like
 from bpdq.engine.passes import _call, _passes, _Stop, dense_quantized_forwards
 from bpdq.engine.replay import Replay
 from bpdq.engine.stages import LayerStep, Stage
@@ -92,15 +95,19 @@ def _refuse(adapter: Any, layers: Sequence[nn.Module], stages: Sequence[str]) ->
                          f"a distributed run of {distributed.world_size()} processes")
 
 
-def capture_expert_inputs(layer: nn.Module, experts: str, batches: Sequence[Batch], device: torch.device,
-                          replay: Replay | None) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """Per batch, the experts module's input ``x [T, H]`` and the router's choice ``top_k_index [T, k]`` (the
-    pass stops there), on the CPU."""
-    captured: list[tuple[torch.Tensor, torch.Tensor]] = []
+def capture_expert_inputs(layer: nn.Module, experts: str, num_experts: int, batches: Sequence[Batch],
+                          device: torch.device, replay: Replay | None) -> tuple[ActivationStore, torch.Tensor]:
+    """Per batch, the experts module's input ``x [T, H]`` as ``hidden`` and the router's choice
+    ``top_k_index [T, k]`` as the only positional argument (the pass stops there), on the CPU, in a container
+    like ``batches`` (offloaded beyond the same budget); and how many tokens were routed to each expert."""
+    captured = outputs_like(batches)
+    counts = torch.zeros(num_experts, dtype=torch.int64)
 
     def grab(_module: nn.Module, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
         values = list(args) + [kwargs[k] for k in ("hidden_states", "top_k_index") if k in kwargs]
-        captured.append((values[0].detach().to("cpu"), values[1].detach().to("cpu")))
+        index = values[1].detach().to("cpu")
+        counts.add_(torch.bincount(index.flatten(), minlength=num_experts)[:num_experts])
+        captured.append(Batch(values[0].detach().to("cpu"), (index,), {}))
         raise _Stop
 
     handle = layer.get_submodule(experts).register_forward_pre_hook(grab, with_kwargs=True)
@@ -113,12 +120,22 @@ def capture_expert_inputs(layer: nn.Module, experts: str, batches: Sequence[Batc
                     pass
                 if len(captured) != i + 1:
                     raise RuntimeError(f"the experts module {experts!r} never received an input during calibration")
+    except BaseException:
+        captured.close()
+        raise
     finally:
         handle.remove()
-    return captured
+    return captured, counts
 
 
-def _hessian(xs: Sequence[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
+def _inputs(captured: Sequence[Batch], expert: int | None, device: torch.device) -> Iterator[torch.Tensor]:
+    """The captured inputs routed to ``expert`` (every input for ``None``), batch by batch, on ``device``."""
+    for b in captured:
+        x = b.hidden if expert is None else b.hidden[(b.args[0] == expert).any(dim=-1)]
+        yield x.to(device)
+
+
+def _hessian(xs: Iterable[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
     acc = HessianAccumulator(width, device=device)
     for x in xs:
         acc.add(x)
@@ -141,10 +158,10 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
         return [ModuleRecord(f"{base}.{name}", skipped=True, n_params=getattr(experts, name).numel()) for name in PROJECTIONS]
     _check_recipes(base, group)
     uses_hessian = any(build_solver(dict(r.solver)).requires_hessian for r in recipes.values())
-    captured = None
+    captured, counts = None, torch.zeros(num, dtype=torch.int64)
     if uses_hessian:
         progress.describe(f"{prefix}: calibrating {layout.experts}")
-        captured = capture_expert_inputs(layer, layout.experts, step.inputs, device, replay)
+        captured, counts = capture_expert_inputs(layer, layout.experts, num, step.inputs, device, replay)
     calibration = plan.calibration
     all_experts = bool(calibration is not None and calibration.moe_all_experts)
     hidden = experts.gate_up_proj.shape[2]
@@ -152,52 +169,51 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
     pooled: torch.Tensor | None = None
     quant: QuantExperts | None = None
     records: list[ModuleRecord] = []
-    for e in range(num):
-        progress.describe(f"{base}.{e}")
-        xs: list[torch.Tensor] = []
-        tokens, source = 0, None
-        if captured is not None:
-            routed = [x[(idx == e).any(dim=-1)] for x, idx in captured]
-            tokens = sum(r.shape[0] for r in routed)
-            source = "all" if all_experts else "routed" if tokens >= min_tokens else "pooled"
-            xs = routed if source == "routed" else [x for x, _ in captured]
-            del routed
-        hessian = None
-        if source == "routed":
-            hessian = _hessian([x.to(device) for x in xs], hidden, device)
-        elif source is not None:
-            if pooled is None:
-                pooled = _hessian([x.to(device) for x in xs], hidden, device)
-            hessian = pooled
-        qws = {}
-        start = time.perf_counter()
-        qws["gate_up_proj"] = _solve(experts.gate_up_proj[e], hessian, recipes["gate_up_proj"], f"{base}.{e}.gate_up_proj",
-                                     release=source == "routed")
-        del hessian
-        inner = None
-        if source is not None:
-            w = dequantize_packed(qws["gate_up_proj"].planes, qws["gate_up_proj"].coeffs, qws["gate_up_proj"].group_size)
-            acc = HessianAccumulator(w.shape[0] // 2, device=device)
-            for x in xs:
-                gate, up = torch.nn.functional.linear(x.to(device), w.to(device, x.dtype)).chunk(2, dim=-1)
-                acc.add(experts.act_fn(gate) * up)
-            inner = acc.hessian
-            del w, acc
-        qws["down_proj"] = _solve(experts.down_proj[e], inner, recipes["down_proj"], f"{base}.{e}.down_proj", release=True)
-        del inner, xs
-        if quant is None:
-            quant = QuantExperts.like(experts, {n: {"planes": q.k, "group_size": q.group_size} for n, q in qws.items()},
-                                      kernel=recipes["gate_up_proj"].kernel)
-        for name, qw in qws.items():
-            quant.set_expert(name, e, qw)
-            records.append(ModuleRecord(
-                name=f"{base}.{e}.{name}", skipped=False, n_params=qw.shape[0] * qw.shape[1],
-                recipe=recipes[name].model_dump(mode="json"), bits_per_weight=qw.bits_per_weight,
-                proxy_loss=qw.stats.proxy_loss, relative_loss=qw.stats.relative_loss, time_s=qw.stats.time_s,
-                calibration={"tokens": tokens, "hessian": source} if source is not None else None,
-            ))
-        del qws
-        progress.describe(f"{base}.{e} ({time.perf_counter() - start:.1f}s)")
+    try:
+        for e in range(num):
+            progress.describe(f"{base}.{e}")
+            tokens, source = int(counts[e]), None
+            if captured is not None:
+                source = "all" if all_experts else "routed" if tokens >= min_tokens else "pooled"
+            which = e if source == "routed" else None  # the tokens expert e is calibrated on
+            hessian = None
+            if source == "routed":
+                hessian = _hessian(_inputs(captured, e, device), hidden, device)
+            elif source is not None:
+                if pooled is None:
+                    pooled = _hessian(_inputs(captured, None, device), hidden, device)
+                hessian = pooled
+            qws = {}
+            start = time.perf_counter()
+            qws["gate_up_proj"] = _solve(experts.gate_up_proj[e], hessian, recipes["gate_up_proj"], f"{base}.{e}.gate_up_proj",
+                                         release=source == "routed")
+            del hessian
+            inner = None
+            if source is not None:
+                w = dequantize_packed(qws["gate_up_proj"].planes, qws["gate_up_proj"].coeffs, qws["gate_up_proj"].group_size)
+                acc = HessianAccumulator(w.shape[0] // 2, device=device)
+                for x in _inputs(captured, which, device):
+                    gate, up = torch.nn.functional.linear(x, w.to(device, x.dtype)).chunk(2, dim=-1)
+                    acc.add(experts.act_fn(gate) * up)
+                inner = acc.hessian
+                del w, acc
+            qws["down_proj"] = _solve(experts.down_proj[e], inner, recipes["down_proj"], f"{base}.{e}.down_proj", release=True)
+            del inner
+            if quant is None:
+                quant = QuantExperts.like(experts, {n: {"planes": q.k, "group_size": q.group_size} for n, q in qws.items()},
+                                          kernel=recipes["gate_up_proj"].kernel)
+            for name, qw in qws.items():
+                quant.set_expert(name, e, qw)
+                records.append(ModuleRecord(
+                    name=f"{base}.{e}.{name}", skipped=False, n_params=qw.shape[0] * qw.shape[1],
+                    recipe=recipes[name].model_dump(mode="json"), bits_per_weight=qw.bits_per_weight,
+                    proxy_loss=qw.stats.proxy_loss, relative_loss=qw.stats.relative_loss, time_s=qw.stats.time_s,
+                    calibration={"tokens": tokens, "hessian": source} if source is not None else None,
+                ))
+            del qws
+            progress.describe(f"{base}.{e} ({time.perf_counter() - start:.1f}s)")
+    finally:
+        close(captured)
     assert quant is not None
     layer.set_submodule(layout.experts, quant)
     for _ in PROJECTIONS:

@@ -216,3 +216,22 @@ def test_inspect_lists_each_expert_of_a_checkpoint(tmp_path):
     (tmp_path / "out" / "bpdq_report.json").unlink()
     info = json_stdout(run_cli("inspect", str(tmp_path / "out"), "--json"))
     assert info["modules_quantized"] == 4 + 2 and {m["planes"] for m in info["modules"]} == {2}
+
+
+def test_offloaded_activations_and_expert_inputs_give_the_same_checkpoint(tmp_path, monkeypatch):
+    import bpdq.engine.moe as moe
+
+    bpdq.quantize(tiny_model("qwen3_moe"), config(tmp_path / "memory"), tokenizer=tiny_tokenizer())
+    offloaded: list[int] = []
+    capture = moe.capture_expert_inputs
+
+    def spy(*args, **kwargs):
+        store, counts = capture(*args, **kwargs)
+        offloaded.append(store.n_offloaded)
+        return store, counts
+
+    monkeypatch.setattr(moe, "capture_expert_inputs", spy)
+    offload = {**TINY_CALIBRATION, "offload": "9KB"}
+    bpdq.quantize(tiny_model("qwen3_moe"), config(tmp_path / "offloaded", calibration=offload), tokenizer=tiny_tokenizer())
+    assert checkpoint_files(tmp_path / "offloaded") == checkpoint_files(tmp_path / "memory")
+    assert len(offloaded) == 2 and all(n > 0 for n in offloaded), "the captured expert inputs are offloaded too"
