@@ -11,15 +11,15 @@ import bpdq
 from bpdq.experts import QuantExperts
 from bpdq.kernels import cpu_lut
 
-E, H, I, TOKENS, TOP_K = 4, 64, 32, 12, 2
+E, H, INTER, TOKENS, TOP_K = 4, 64, 32, 12, 2
 
 
 def solved_experts(kernel: str = "torch", seed: int = 0) -> tuple[QuantExperts, torch.Tensor, torch.Tensor]:
     """A QuantExperts of random experts (RTN, 2 planes on gate_up, 3 on down) and their dequantized weights."""
     g = torch.Generator().manual_seed(seed)
-    gate_up, down = torch.randn(E, 2 * I, H, generator=g) / H**0.5, torch.randn(E, H, I, generator=g) / I**0.5
+    gate_up, down = torch.randn(E, 2 * INTER, H, generator=g) / H**0.5, torch.randn(E, H, INTER, generator=g) / INTER**0.5
     recipes = {"gate_up_proj": (2, 32), "down_proj": (3, 32)}
-    q = QuantExperts(E, H, I, projections={n: {"planes": k, "group_size": gs} for n, (k, gs) in recipes.items()},
+    q = QuantExperts(E, H, INTER, projections={n: {"planes": k, "group_size": gs} for n, (k, gs) in recipes.items()},
                      act_fn=F.silu, kernel=kernel)
     for name, weights in (("gate_up_proj", gate_up), ("down_proj", down)):
         k, gs = recipes[name]
@@ -78,15 +78,15 @@ def test_every_kernel_runs_per_expert_like_the_torch_reference(kernel, monkeypat
 def test_state_dict_round_trip_and_shape_checks():
     q, _, _ = solved_experts()
     x, index, weights = routing()
-    empty = QuantExperts(E, H, I, projections={"gate_up_proj": {"planes": 2, "group_size": 32},
+    empty = QuantExperts(E, H, INTER, projections={"gate_up_proj": {"planes": 2, "group_size": 32},
                                                "down_proj": {"planes": 3, "group_size": 32}}, act_fn=F.silu, kernel="torch")
     empty.load_state_dict(q.state_dict())
     assert torch.equal(empty(x, index, weights), q(x, index, weights))
     assert sorted(q.state_dict()) == ["down_coeffs", "down_planes", "gate_up_coeffs", "gate_up_planes"]
-    assert tuple(q.gate_up_planes.shape) == (E, 2, 2 * I, H // 8) and tuple(q.down_coeffs.shape) == (E, I // 32, 4, H)
+    assert tuple(q.gate_up_planes.shape) == (E, 2, 2 * INTER, H // 8) and tuple(q.down_coeffs.shape) == (E, INTER // 32, 4, H)
     with pytest.raises(ValueError, match="group size 16, the module holds .* and 32"):
-        q.set_expert("down_proj", 0, bpdq.quantize_weight(torch.randn(H, I), grid={"type": "bitplane", "planes": 3},
+        q.set_expert("down_proj", 0, bpdq.quantize_weight(torch.randn(H, INTER), grid={"type": "bitplane", "planes": 3},
                                                           solver="rtn", group_size=16))
     with pytest.raises(ValueError, match="in_features 32 is not divisible by group_size 64"):
-        QuantExperts(E, H, I, projections={"gate_up_proj": {"planes": 2, "group_size": 32},
+        QuantExperts(E, H, INTER, projections={"gate_up_proj": {"planes": 2, "group_size": 32},
                                            "down_proj": {"planes": 2, "group_size": 64}}, act_fn=F.silu)
