@@ -41,8 +41,8 @@ Environment variables (so that CI runs every path):
   saves CPU time between calls at the cost of a wake-up per call; another value makes the kernel
   unavailable (with the reason), like an unknown ``BPDQ_CPU_ISA``.
 
-Memory: each thread that calls the lookup-table path keeps a scratch for its tables (about 24 bytes per token and input
-bytes at the largest ``M`` it used), freed when the thread exits or by :func:`release_scratch`.
+Memory: each thread that calls the lookup-table path keeps a scratch for its tables (about 24 bytes per token
+and input, at the largest ``M`` it used), freed when the thread exits or by :func:`release_scratch`.
 
 The first two are read when the library is first needed (:func:`native`; ``native.cache_clear()`` re-reads
 them); ``BPDQ_CPU_SPIN_US`` once per process, by the C library.
