@@ -31,7 +31,8 @@ time over the blocks on and above the diagonal, batched over the chunk's rows; t
 are shared by all rows: :func:`gram_matrices`) and a ``[P, P]`` float32 Cholesky. Rows are processed in
 chunks sized from the memory free for the refit (:func:`memory_budget`: half the free device memory on a
 GPU, a quarter of the available RAM up to 1 GiB on the CPU), so a wide layer runs over a hundred rows per
-chunk, and the Python loop over column groups runs once per chunk.
+chunk, and the Python loop over column groups runs once per chunk. A row's result does not depend on its
+chunk (:func:`row_chunks`), so the free memory never changes a checkpoint.
 """
 
 from __future__ import annotations
@@ -115,6 +116,18 @@ def row_bytes(inp: int, planes: int, group_size: int) -> int:
     return 4 * inp * (3 * p + 4) + 12 * P * P
 
 
+def row_chunks(rows: int, fit: int) -> list[tuple[int, int]]:
+    """Spans of rows for chunks of at most ``fit`` rows (where the budget allows that many): the largest power
+    of two within ``fit`` (at least 2), so that budgets a little apart give the same chunks, and a last chunk
+    of one row joins the one before. A row's products then never run as a one-row product (a matrix-vector
+    path whose sums may be ordered differently), and its result does not depend on the chunk it is in."""
+    step = 2 ** max(1, int(max(fit, 1)).bit_length() - 1)
+    spans = [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+    if len(spans) > 1 and spans[-1][1] - spans[-1][0] == 1:
+        spans[-2:] = [(spans[-2][0], rows)]
+    return spans
+
+
 def refit_coefficients(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -157,12 +170,10 @@ def _refit(
     n_groups, p = inp // group_size, planes + 1
     H32 = H.to(torch.float32)
     budget = memory_budget(H.device) if chunk_bytes is None else chunk_bytes
-    chunk = max(1, min(out, budget // row_bytes(inp, planes, group_size)))
     new = coeffs.clone()
     before = after = reference = 0.0
     improved = 0
-    for r0 in range(0, out, chunk):
-        r1 = min(out, r0 + chunk)
+    for r0, r1 in row_chunks(out, budget // row_bytes(inp, planes, group_size)):
         R = r1 - r0
         V = design(codes[r0:r1], planes, group_size)  # [R, p, G, g] float32
         old = coeffs[r0:r1]

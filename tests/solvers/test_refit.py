@@ -182,13 +182,21 @@ def test_gram_matrices_are_the_dense_design_products():
         torch.testing.assert_close(gram_matrices(V, H).double(), ref, rtol=1e-5, atol=1e-5 * float(ref.abs().max()))
 
 
-def test_refit_chunks_give_the_same_result():
-    W, H = heavy_weight(12, 128, 3), correlated_hessian(128, 3)
+def test_refit_chunks_give_the_same_coefficients():
+    """Rows are independent and never computed alone: any budget gives the same coefficients (the budget
+    follows the free memory, which must not change a checkpoint)."""
+    from bpdq.solvers.refit import row_bytes, row_chunks
+
+    assert row_chunks(5, 1) == [(0, 2), (2, 5)] and row_chunks(9, 7) == [(0, 4), (4, 9)]
+    assert row_chunks(8, 100) == [(0, 8)] and row_chunks(1, 0) == [(0, 1)]
+    W, H = heavy_weight(13, 256, 3), correlated_hessian(256, 3)
     codes, coeffs = _solver_layout(GPTQ()(W, H, BitPlaneGrid(planes=2), 32))
     whole = refit_coefficients(W, H, codes, coeffs, 2, 32)
-    rowwise = refit_coefficients(W, H, codes, coeffs, 2, 32, chunk_bytes=1)  # one row per chunk
-    torch.testing.assert_close(rowwise.coeffs, whole.coeffs, rtol=0, atol=2e-3 * float(whole.coeffs.abs().max()))
-    assert rowwise.loss_after == pytest.approx(whole.loss_after, rel=1e-3)
+    assert whole.rows_improved > 0
+    for rows in (0, 2, 3, 5, 12):
+        part = refit_coefficients(W, H, codes, coeffs, 2, 32, chunk_bytes=rows * row_bytes(256, 2, 32))
+        assert torch.equal(part.coeffs, whole.coeffs), rows
+        assert part.loss_after == pytest.approx(whole.loss_after, rel=1e-12)
 
 
 def test_gptq_refit_needs_the_bitplane_grid_and_improves_it():
