@@ -125,13 +125,13 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
                 step.records.append(ModuleRecord(f"{prefix}.{rel}", skipped=True, n_params=layer.get_submodule(rel).weight.numel()))
                 progress.advance()
         if todo:
+            owner = distributed.owners({rel: layer.get_submodule(rel).weight.numel() for rel in todo})
             hessians: dict[str, torch.Tensor | None] = dict.fromkeys(todo)
             if step.inputs is not None:
                 progress.describe(f"{prefix}: calibrating {', '.join(todo)}")
                 found = provider.hessians(step, todo) if provider is not None else None
                 hessians.update(found if found is not None
-                                else collect_hessians(layer, todo, step.inputs, device, replay, group=True))
-            owner = distributed.owners({rel: layer.get_submodule(rel).weight.numel() for rel in todo})
+                                else collect_hessians(layer, todo, step.inputs, device, replay, group=True, owners=owner))
             solved: dict[str, ModuleRecord] = {}
             for rel in todo:  # in a distributed run, each rank its own linears of the group
                 hessian = hessians.pop(rel)
@@ -183,9 +183,11 @@ def run_layer_step(
 
 
 def quantize_head(source: ModelSource, plan: RunPlan, batches: Sequence[Batch] | None, device: torch.device) -> ModuleRecord:
-    """Quantize the output projection (calibrated on the final norm of the last layer's outputs)."""
+    """Quantize the output projection (calibrated on the final norm of the last layer's outputs); in a
+    distributed run rank 0 solves it and shares it with the others."""
     model = source.model
     head = source.load(plan.adapter.head)
+    owner, mine = 0, distributed.rank() == 0
     hessian = None
     if batches is not None:
         norm = source.load(plan.adapter.norm)
@@ -196,15 +198,20 @@ def quantize_head(source: ModelSource, plan: RunPlan, batches: Sequence[Batch] |
                 acc.add(norm(b.hidden.to(device)))
         finally:
             norm.to(home)
-        acc.reduce(distributed.all_reduce_hessian)
-        hessian = acc.hessian
+        distributed.reduce_hessians([acc], [{owner}])
+        hessian = acc.hessian if mine else None
+        del acc
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:  # the embedding keeps its dense weight; the head gets its own copy to quantize
         head.weight = nn.Parameter(head.weight.detach(), requires_grad=False)
     home = on_device(head, device)
     try:
         assert plan.head_recipe is not None
-        record = quantize_linear(model, plan.adapter.head, plan.adapter.head, plan.head_recipe, hessian, release_hessian=True)
+        record = None
+        if mine:
+            record = quantize_linear(model, plan.adapter.head, plan.adapter.head, plan.head_recipe, hessian,
+                                     release_hessian=True)
+        record = distributed.share_linear(model, plan.adapter.head, record, owner)
     finally:
         model.get_submodule(plan.adapter.head).to(home)
     if tied:
@@ -257,7 +264,7 @@ def run_quantization(
     model = source.model
     was_training = model.training
     try:
-        device = resolve_device(config.device)
+        device = distributed.rank_device(resolve_device(config.device))
         layers = get_adapter(model).layers  # before the run: a quantized model no longer looks Llama-shaped
         autocast = resolve_autocast(config.calibration.autocast, device)
         with calibration_autocast(AUTOCAST_DTYPES[autocast]):

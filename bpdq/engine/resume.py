@@ -165,6 +165,9 @@ def read_state(output: str | Path, mode: str) -> dict[str, Any] | None:
     return manifest
 
 
+_SHARED = "in a distributed run it must be on a filesystem all ranks share, at the same path"
+
+
 class ResumeState:
     """The resume state of one run writing ``output`` (see the module docstring). ``mode`` is one of
     :data:`RESUME_MODES`; ``required`` with no state raises ``ValueError`` here, before any work."""
@@ -184,6 +187,7 @@ class ResumeState:
         """The number of finished layers to resume after (0 without a state); ``ValueError`` naming each
         difference if the saved state was made by another run. Starts a new state when there is none."""
         fingerprint = json.loads(json.dumps(fingerprint))  # the JSON form, as it is saved
+        self._check_shared()
         if self.manifest is not None:
             if self.manifest.get("format") != STATE_FORMAT:
                 raise ValueError(f"resume state {self.dir} has format {self.manifest.get('format')!r}, this bpdq "
@@ -201,9 +205,21 @@ class ResumeState:
             shutil.rmtree(self.dir, ignore_errors=True)
             self.dir.mkdir(parents=True)
         distributed.barrier()
+        distributed.check_same(f"{self.dir.is_dir()}", f"whether the new resume state directory exists ({_SHARED})")
         self.manifest = {"format": STATE_FORMAT, "fingerprint": fingerprint, "layers_done": 0, "layers": {},
                          "records": [], "stages": {}}
         return 0
+
+    def _check_shared(self) -> None:
+        """Rank 0 decides whether to resume and from what (its state's finished layers and manifest hash); a
+        rank that sees another state (node-local disks: another directory's, or none) fails every rank, before
+        the Hessians of different layers could be summed."""
+        if self.manifest is None:
+            seen = "no resume state"
+        else:
+            digest = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
+            seen = f"a resume state with {self.manifest.get('layers_done')} finished layers (manifest sha256 {digest}...)"
+        distributed.check_same(seen, f"the resume state ({_SHARED})")
 
     def _clean(self, done: int) -> None:
         """Remove what a killed process left beyond the manifest (temporary files, a newer layer or inputs)."""
