@@ -149,3 +149,82 @@ def test_the_levers_are_refused_in_a_distributed_run(lever, monkeypatch):
         bpdq.quantize_model(model, tiny_tokenizer(), recipe={"group_size": 32, "grid": {"type": "bitplane", "planes": 2},
                             "solver": "gptq"}, calibration=TINY_CALIBRATION, progress=False, **lever)
     assert not any(isinstance(m, bpdq.QuantLinear) for m in model.modules())  # refused before any work
+
+
+def test_resume_state_on_different_directories_per_rank_is_refused(setup):
+    """Node-local state: rank 0 sees a state with a finished layer, rank 1 (another directory) none. Both
+    stop before any Hessian is summed, naming the resume state, and neither writes a checkpoint."""
+    tmp, cfg = setup
+    stop = ranks(2, "quantize", str(cfg), "-o", str(tmp / "local0"), "--plugin", str(tmp / "stop.py"),
+                 env={"BPDQ_TEST_STOP": "1"})
+    assert [p.returncode for p in stop] == [130, 130], [p.stderr for p in stop]
+    assert (tmp / ".local0.bpdq-resume" / "manifest.json").is_file()
+    port = str(free_port())
+    procs = []
+    for r, out in enumerate(("local0", "local1")):  # each rank its own output, so its own state directory
+        e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RANK=str(r),
+                 LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "bpdq.cli", "quantize", str(cfg), "-o", str(tmp / out)],
+                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] != [0, 0] and all(p.returncode for p in procs), [d[1] for d in done]
+    assert "the ranks disagree on the resume state" in done[1][1] and "rank 1 has 'no resume state'" in done[1][1]
+    assert "on a filesystem all ranks share" in done[1][1]
+    assert not (tmp / "local0").exists() and not (tmp / "local1").exists()
+    assert json.loads((tmp / ".local0.bpdq-resume" / "manifest.json").read_text())["layers_done"] == 1  # kept
+
+
+def test_an_indexed_cuda_device_is_this_rank_s_or_refused(monkeypatch):
+    cuda1 = torch.device("cuda", 1)
+    assert distributed.rank_device(cuda1) == cuda1  # one process: as given
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.rank_device(torch.device("cuda")) == cuda1  # each rank its own GPU
+    assert distributed.rank_device(cuda1) == cuda1
+    assert distributed.rank_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device 'cuda:0' in a distributed run: .*cuda:LOCAL_RANK \(cuda:1 on this rank\); use device 'cuda' or 'auto'"):
+        distributed.rank_device(torch.device("cuda", 0))
+
+
+def _reduce_worker(r: int, port: str, result) -> None:
+    import torch.distributed as dist
+
+    from bpdq.solvers.hessian import HessianAccumulator
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=r, world_size=2)
+    try:
+        gen = torch.Generator().manual_seed(r)
+        accs = [HessianAccumulator(900) for _ in range(2)]  # 900 inputs: several row blocks
+        for i, acc in enumerate(accs):
+            acc.add(torch.randn(3 + r + i, 900, generator=gen))
+        distributed.reduce_hessians(accs, [{1}, {0, 1}])
+        result[r] = [(acc.n, acc.hessian if r in dests else None) for acc, dests in zip(accs, [{1}, {0, 1}])]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hessians_are_reduced_onto_their_owners():
+    import torch.multiprocessing as mp
+
+    from bpdq.solvers.hessian import HessianAccumulator
+
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_reduce_worker, args=(str(free_port()), result), nprocs=2)
+        got = dict(result)
+    refs = []
+    for i in range(2):  # the reference: one process accumulating both ranks' inputs
+        ref = HessianAccumulator(900)
+        for r in range(2):
+            gen = torch.Generator().manual_seed(r)
+            xs = [torch.randn(3 + r + j, 900, generator=gen) for j in range(2)]
+            ref.add(xs[i])
+        refs.append(ref)
+    for r in range(2):
+        for i, (n, H) in enumerate(got[r]):
+            assert n == refs[i].n == 7 + 2 * i  # counts reach every rank
+            if i == 0 and r == 0:
+                assert H is None  # not its owner
+            else:
+                assert torch.equal(H, refs[i].hessian)
