@@ -18,9 +18,14 @@ The run is the same loop on every rank (:mod:`bpdq.engine.loop`), with these dif
   the least-loaded rank); the owners solve their linears at the same time, then each owner broadcasts its
   QuantLinear (packed planes, coefficients, and its record and metadata as JSON: :func:`share_linear`) and
   the other ranks swap it in. Groups are solved one after another (each one's Hessians need the previous
-  ones quantized), so the solves run in parallel within a group only: q/k/v and gate/up in a Llama layer;
-  o_proj and down_proj are solved by one rank while the others wait. The output projection is solved by
-  rank 0 alone and shared like the others.
+  ones quantized), so the solves run in parallel within a group only: q/k/v and gate/up in a Llama layer.
+  A linear alone in its group (o_proj, down_proj) and the output projection are split by rows instead when
+  their solver's rows are independent (``Solver.rows_independent``: GPTQ, not BPDQ, whose groups keep the
+  iterate that is best summed over all rows): every rank gets the whole Hessian, solves its contiguous
+  share of the rows (:func:`row_share`), and the packed shares travel to every rank (:func:`gather_rows`);
+  a row's result does not depend on the other rows, so the bytes are those of one process. Otherwise
+  o_proj and down_proj are solved by their owner while the others wait, and the output projection by
+  rank 0.
 - **Output.** Rank 0 writes the checkpoint and the report; the others write nothing (their resume inputs
   excepted: each rank saves its own share of the next layer's inputs under their global batch numbers, so
   the state directory must be on a filesystem all ranks share).
@@ -51,7 +56,9 @@ from torch import nn
 
 from bpdq.engine.interrupt import RunInterrupted
 from bpdq.linear import QuantLinear
+from bpdq.quantized import QuantizedWeight, SolveStats
 from bpdq.report import ModuleRecord
+from bpdq.solvers.base import relative_loss
 from bpdq.solvers.hessian import HessianAccumulator
 
 logger = logging.getLogger(__name__)
@@ -201,8 +208,64 @@ def shard(items: Sequence[T]) -> list[T]:
 
 def shard_start(n: int) -> int:
     """The global index of this rank's first item of :func:`shard` over ``n`` items."""
-    world, r = world_size(), rank()
-    return r * (n // world) + min(r, n % world)
+    return _share(n, rank())[0]
+
+
+def _share(n: int, r: int) -> tuple[int, int]:
+    world = world_size()
+    start = r * (n // world) + min(r, n % world)
+    return start, start + n // world + (r < n % world)
+
+
+def splits_rows(rows: int, rows_independent: bool) -> bool:
+    """Whether a linear of ``rows`` output rows is solved by every rank, each its share of the rows: in a
+    distributed run, for a solver whose rows are independent, when each share has at least 2 rows (one row
+    alone would run through matrix-vector paths that may round differently)."""
+    return rows_independent and is_distributed() and rows >= 2 * world_size()
+
+
+def row_share(rows: int) -> tuple[int, int]:
+    """This rank's contiguous share ``[r0, r1)`` of ``rows`` rows (the first ranks take one more)."""
+    return _share(rows, rank())
+
+
+def gather_rows(part: QuantizedWeight, rows: int) -> QuantizedWeight:
+    """Every rank's row share of one weight (:func:`row_share`), solved on its rank, into the whole
+    QuantizedWeight on every rank: packed planes and coefficients travel from each rank in turn, with its
+    statistics (the losses are summed, the reference of the relative loss too; the time is the slowest
+    share's). A no-op in one process."""
+    if not is_distributed():
+        return part
+    agree()
+    dev, home = _device(), part.planes.device
+    k, _, cols = part.planes.shape
+    n_groups = part.coeffs.shape[0]
+    planes, coeffs, stats = [], [], []
+    for src in range(world_size()):
+        r0, r1 = _share(rows, src)
+        mine = src == rank()
+        p = part.planes.contiguous().to(dev) if mine else torch.empty(k, r1 - r0, cols, dtype=torch.uint8, device=dev)
+        c = part.coeffs.contiguous().to(dev) if mine else torch.empty(n_groups, k + 1, r1 - r0, dtype=part.coeffs.dtype, device=dev)
+        _dist().broadcast(p, src)
+        _dist().broadcast(c, src)
+        planes.append(p.to(home))
+        coeffs.append(c.to(home))
+        stats.append(json.loads(_broadcast_bytes(json.dumps(part.stats.to_dict()).encode() if mine else None, src)))
+    return QuantizedWeight(torch.cat(planes, 1), torch.cat(coeffs, 2), part.group_size, (rows, part.shape[1]),
+                           part.dtype, part.grid, part.solver, _merged_stats(stats))
+
+
+def _merged_stats(parts: list[dict[str, Any]]) -> SolveStats:
+    """One weight's statistics from its row shares' (see :func:`gather_rows`)."""
+    extra = dict(parts[0].get("extra", {}))
+    if "refit" in extra:
+        extra["refit"] = {key: sum(p["extra"]["refit"][key] for p in parts) for key in extra["refit"]}
+    merged = SolveStats(time_s=max(p["time_s"] for p in parts), extra=extra)
+    if all(p["proxy_loss"] is not None for p in parts):
+        loss = sum(p["proxy_loss"] for p in parts)
+        reference = sum(p["proxy_loss"] / p["relative_loss"] for p in parts if p["relative_loss"])
+        merged.proxy_loss, merged.relative_loss = loss, relative_loss(loss, reference)
+    return merged
 
 
 def reduce_hessians(accs: Sequence[HessianAccumulator], dests: Sequence[Collection[int]]) -> None:

@@ -275,12 +275,12 @@ def group_inputs(
 
 def collect_hessians(
     layer: nn.Module, names: Sequence[str], batches: Sequence[Batch], device: torch.device, replay: Replay | None = None,
-    *, group: bool = False, owners: dict[str, int] | None = None,
+    *, group: bool = False, owners: dict[str, set[int]] | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """``H = 2/n sum x x^T`` of the inputs of the linears ``names`` (relative to ``layer``) over all batches
     (:func:`group_inputs` per batch; ``group`` as there), summed over the ranks of a distributed run onto the
-    rank that solves each linear (``owners``, default: every rank gets every Hessian); ``None`` for a linear
-    this rank does not own. Linears called on the very same input tensor (q/k/v, gate/up) share one
+    ranks that solve each linear (``owners``, default: every rank gets every Hessian); ``None`` for a linear
+    this rank does not solve. Linears called on the very same input tensor (q/k/v, gate/up) share one
     accumulation."""
     accs: dict[str, HessianAccumulator] = {}
     alias: dict[str, str] = {}
@@ -295,8 +295,8 @@ def collect_hessians(
                 else:
                     accs.setdefault(name, HessianAccumulator(layer.get_submodule(name).in_features, device=device)).add(x)
     everyone = range(distributed.world_size())
-    dests = {key: {owners[n] for n in names if alias.get(n, n) == key} if owners is not None else set(everyone)
-             for key in accs}
+    dests = {key: set().union(*(owners[n] for n in names if alias.get(n, n) == key)) if owners is not None
+             else set(everyone) for key in accs}
     distributed.reduce_hessians(list(accs.values()), list(dests.values()))  # the same order on every rank
     me = distributed.rank()
     hessians: dict[str, torch.Tensor | None] = {}

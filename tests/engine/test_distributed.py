@@ -35,6 +35,21 @@ if os.environ.get("BPDQ_TEST_STOP"):
     run.run_layer_step = stopping
 """
 
+SPLIT_PLUGIN = """
+import os
+import bpdq.engine.distributed as distributed
+
+gather = distributed.gather_rows
+
+def recording(part, rows):  # each rank notes the row-split solves it took part in
+    with open(os.path.join(os.environ["BPDQ_TEST_SPLIT_DIR"], f"rank-{os.environ['RANK']}.txt"), "a") as f:
+        f.write(f"{rows}x{part.shape[1]}:{part.shape[0]}\\n")
+    return gather(part, rows)
+
+if os.environ.get("BPDQ_TEST_SPLIT_DIR"):
+    distributed.gather_rows = recording
+"""
+
 BREAK_PLUGIN = """
 import os
 import bpdq.shards as shards
@@ -83,7 +98,7 @@ def setup(tmp_path_factory):
     strategy["rules"].append({"match": "lm_head", "grid": {"type": "bitplane", "planes": 3}})
     cfg = tmp / "s.yaml"
     cfg.write_text(yaml.safe_dump(strategy))
-    for name, text in (("stop.py", STOP_PLUGIN), ("break.py", BREAK_PLUGIN)):
+    for name, text in (("stop.py", STOP_PLUGIN), ("break.py", BREAK_PLUGIN), ("split.py", SPLIT_PLUGIN)):
         (tmp / name).write_text(text)
     bpdq.quantize_model(src, recipe=strategy["quantize"], calibration=strategy["calibration"], rules=strategy["rules"],
                         progress=False, output=tmp / "one")  # the single-process reference
@@ -103,8 +118,16 @@ def test_two_ranks_stop_together_resume_and_match_one_process(setup):
     assert manifest["layers_done"] == 1 and manifest["fingerprint"]["world_size"] == 2
     # each rank saved its own 2 batches of the next layer's inputs, under their global numbers
     assert sorted(p.name for p in (state / "inputs-00001").iterdir()) == [f"hidden-{j:05d}.safetensors" for j in range(4)]
-    second = ranks(2, *args)
+    split = tmp / "split"
+    split.mkdir()
+    second = ranks(2, *args, "--plugin", str(tmp / "split.py"), env={"BPDQ_TEST_SPLIT_DIR": str(split)})
     assert [p.returncode for p in second] == [0, 0], [p.stderr for p in second]
+    # GPTQ's rows are independent: the second layer's down_proj (64 x 128; its o_proj is skipped by a rule)
+    # and the head (vocabulary x 64) were solved half by each rank
+    for r in range(2):
+        seen = (split / f"rank-{r}.txt").read_text().split()
+        vocab = int(seen[-1].split("x")[0])
+        assert seen == ["64x128:32", f"{vocab}x64:{vocab // 2 + (r < vocab % 2)}"]
     assert "checkpoint written to" in second[0].stdout
     assert second[1].stdout == "" and not state.exists()
     # float64 sums of the same per-batch terms, grouped differently, round to the same float32 Hessians
@@ -134,6 +157,25 @@ def test_shares_of_batches_and_of_solves(monkeypatch):
         assert distributed.shard(list(range(5))) == share and distributed.shard_start(5) == share[0]
     with pytest.raises(ValueError, match="1 calibration batches cannot be shared by 2 processes"):
         distributed.shard([0])
+
+
+def test_row_shares_and_merged_statistics(monkeypatch):
+    assert not distributed.splits_rows(64, True)  # one process: never
+    assert distributed.row_share(7) == (0, 7)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    assert distributed.splits_rows(6, True) and not distributed.splits_rows(5, True)  # each share >= 2 rows
+    assert not distributed.splits_rows(64, False)  # BPDQ: rows coupled by the group's best iterate
+    shares = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(distributed.row_share(8))
+    assert shares == [(0, 3), (3, 6), (6, 8)]
+    parts = [{"proxy_loss": 1.0, "relative_loss": 0.5, "time_s": 2.0, "extra": {"damp": 0.01, "refit": {"rows": 3, "rows_improved": 1}}},
+             {"proxy_loss": 3.0, "relative_loss": 0.25, "time_s": 3.0, "extra": {"damp": 0.01, "refit": {"rows": 2, "rows_improved": 2}}}]
+    merged = distributed._merged_stats(parts)
+    assert merged.proxy_loss == 4.0 and merged.relative_loss == pytest.approx(4.0 / (2.0 + 12.0))
+    assert merged.time_s == 3.0 and merged.extra == {"damp": 0.01, "refit": {"rows": 5, "rows_improved": 3}}
 
 
 @pytest.mark.parametrize("lever", [{"asymmetric": True}, {"tuning": {"steps": 1}}, {"target_bpw": 3.0}], ids=str)
