@@ -242,7 +242,7 @@ def _quantize(args: argparse.Namespace, strategy: Any, output: Path) -> int:
     model: Any
     if is_model_directory(strategy.model):
         with usage_phase(f"model {strategy.model!r}"):
-            model = LazySource(strategy.model, None if strategy.dtype == "auto" else strategy.dtype)
+            model = LazySource(strategy.model, None if strategy.dtype == "auto" else strategy.dtype, tune_allocator=True)
             tokenizer = _tokenizer(strategy.model)
     else:
         model, tokenizer = load_model(strategy.model, "cpu", dtype=strategy.dtype)

@@ -78,6 +78,7 @@ class BPDQSweep:
 class BPDQ(Solver):
     Options = BPDQOptions
     requires_hessian = True
+    rows_independent = False  # each group keeps the iterate with the smallest error summed over all rows
 
     def check_grid(self, grid: Grid, group_size: int) -> None:
         check_bitplane_grid(grid, self.options.init_bits)

@@ -38,6 +38,7 @@ class GPTQOptions(Options):
 class GPTQ(Solver):
     Options = GPTQOptions
     requires_hessian = True
+    rows_independent = True  # per row: the grid's initial fit, the snaps, the error propagation; the refit
 
     def _solve(self, W: torch.Tensor, H: torch.Tensor | None, grid: Grid, group_size: int) -> tuple[torch.Tensor, torch.Tensor, SolveStats]:
         assert H is not None  # Solver.__call__ enforces requires_hessian

@@ -81,6 +81,17 @@ def test_model_directories_and_the_in_memory_source(model_dir, tmp_path):
     assert not any(p.is_meta for p in model.parameters())
 
 
+def test_a_lazy_source_leaves_the_allocator_alone_unless_asked(model_dir, monkeypatch):
+    import bpdq.engine.source as source
+
+    calls = []
+    monkeypatch.setattr(source, "cap_mmap_threshold", lambda threshold=None: calls.append(threshold) or True)
+    LazySource(model_dir)  # a library call must not change a process-wide setting
+    assert calls == []
+    LazySource(model_dir, tune_allocator=True)
+    assert calls == [source.SKELETON_MMAP_THRESHOLD, None]
+
+
 def test_a_lazy_source_pins_the_mmap_threshold_before_building_the_skeleton(model_dir, monkeypatch):
     import transformers
 
@@ -93,14 +104,14 @@ def test_a_lazy_source_pins_the_mmap_threshold_before_building_the_skeleton(mode
     from_config = transformers.AutoModelForCausalLM.from_config
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
                         lambda *a, **k: calls.append("skeleton") or from_config(*a, **k))
-    LazySource(model_dir)
+    LazySource(model_dir, tune_allocator=True)
     # the skeleton's weights are allocated before they move to meta: above the threshold they would leave
     # a heap of their size that later layers re-dirty piecemeal; the run goes on at MMAP_THRESHOLD
     assert calls == [source.SKELETON_MMAP_THRESHOLD, "skeleton", None]
     calls.clear()
     monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", lambda *a, **k: 1 / 0)
     with pytest.raises(ZeroDivisionError):
-        LazySource(model_dir)
+        LazySource(model_dir, tune_allocator=True)
     assert calls == [source.SKELETON_MMAP_THRESHOLD, None]  # restored on an error too
 
 

@@ -473,3 +473,40 @@ def test_lut_error_bound_rejects_shapes_that_do_not_fit():
         cpu_lut.lut_error_bound(torch.ones(1, 128), coeffs, 32)
     with pytest.raises(ValueError, match="must be"):
         cpu_lut.lut_error_bound(torch.ones(128), coeffs, 64)
+
+
+def test_a_bias_whose_storage_is_replaced_is_read_from_its_new_storage():
+    layer = random_layer(2, 64, 40, 128, bias=True, seed=1)
+    layer.set_kernel("cpu_lut")
+    x = torch.randn(1, 128)
+    layer(x)  # the plan exists now
+    layer.bias.data = torch.randn(40)  # same Parameter object, new storage (the old one is freed)
+    assert_matches_reference(layer, x, "cpu_lut", cpu_lut.lut_error_bound(x, layer.coeffs, layer.group_size))
+
+
+def test_the_table_scratch_is_freed_when_its_thread_exits_or_on_release():
+    import threading
+
+    layer = random_layer(2, 64, 40, 4096, bias=False, seed=2)
+    layer.set_kernel("cpu_lut")
+    x = torch.randn(8, 4096)
+    cpu_lut.release_scratch()
+    before = cpu_lut.scratch_bytes()
+    seen: list[int] = []
+
+    def call() -> None:
+        layer(x)
+        seen.append(cpu_lut.scratch_bytes())
+
+    for _ in range(3):  # a server's thread per request must not leak a table scratch per thread
+        t = threading.Thread(target=call)
+        t.start()
+        t.join()
+        assert seen[-1] > before  # the tables of 8 x 4096 inputs were allocated in that thread
+        assert cpu_lut.scratch_bytes() == before
+    layer(x)
+    assert cpu_lut.scratch_bytes() > before
+    cpu_lut.release_scratch()  # the documented call frees the calling thread's scratch
+    assert cpu_lut.scratch_bytes() == before
+    layer(x)  # and the next call allocates it again
+    assert torch.equal(layer(x), layer(x))
