@@ -46,7 +46,7 @@ from bpdq.engine.passes import (
 )
 from bpdq.engine.plan import RunPlan, make_plan
 from bpdq.engine.replay import Replay
-from bpdq.engine.interrupt import RunInterrupted, stop_requested
+from bpdq.engine.interrupt import RunInterrupted, layers_begin, stop_requested
 from bpdq.engine.resume import ResumeState, source_fingerprint, windows_hash
 from bpdq.engine.sink import Sink
 from bpdq.engine.source import ModelSource, return_freed_memory
@@ -251,7 +251,8 @@ def run_quantization(
     ``resume``: the state to continue from and to keep after each layer (removed once the sink is finished).
     On any exception the layer in work goes back to its home device and ``sink.abort()`` removes what was
     written (the resume state stays). A stop requested by a signal
-    (:func:`~bpdq.engine.resume.stop_at_layer_boundary`) raises :class:`RunInterrupted` after a layer."""
+    (:func:`~bpdq.engine.interrupt.stop_at_layer_boundary`) raises :class:`RunInterrupted` after a layer;
+    before the first layer the signal interrupts at once."""
     start = time.perf_counter()
     stages = check_stages(stages)
     model = source.model
@@ -363,6 +364,7 @@ def _run(
                     restore_layer(source, sink, resume, plan.prefix(i), i)
                     for _ in range(restored[i]):
                         bar.advance()
+            layers_begin()  # a signal now stops the run at the next layer boundary, its state saved
             for i in range(done, n_layers):
                 bar.layer(i)
                 prefix = plan.prefix(i)
