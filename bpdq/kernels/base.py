@@ -60,6 +60,10 @@ class Kernel(ABC):
         """
         return None
 
+    def skipped(self, reason: str) -> None:
+        """``auto`` passed this kernel over for a call, for ``reason`` (from :meth:`supports`): the place to
+        warn that a faster kernel is unavailable. An explicit choice that cannot run raises instead."""
+
     def prepare(self, layer: PackedLinear) -> object:
         """Kernel-specific repacking of the layer's canonical buffers, computed once and cached on the layer.
 
@@ -113,5 +117,6 @@ def select_kernel(choice: str, layer: PackedLinear, x: torch.Tensor) -> Kernel:
         reason = kernel.supports(layer, x) or kernel.auto_excluded(layer, x)
         if reason is None:
             return kernel
+        kernel.skipped(reason)
         reasons.append(f"{name}: {reason}")
     raise KernelUnavailableError("no registered kernel supports this call: " + "; ".join(reasons))
