@@ -15,8 +15,9 @@ kept. Once the checkpoint is in place, signals no longer interrupt the command.
 
 Distributed (``torchrun --nproc_per_node=N -m bpdq.cli quantize CONFIG``): the command joins the process
 group torchrun describes (gloo on CPU, nccl with CUDA; :mod:`bpdq.engine.distributed`); rank 0 logs, writes
-the checkpoint and prints the summary, the other ranks log only warnings and errors. An error on one rank is
-reported by that rank and every rank exits with its exit code.
+the checkpoint and prints the summary, the other ranks log only warnings and errors. Every rank checks the
+inputs (and builds the model's skeleton) before the group is made, so a bad input ends each rank with exit 2
+on its own; an error on one rank during the run is reported by that rank and every rank exits with its code.
 """
 
 from __future__ import annotations
@@ -153,36 +154,38 @@ def run(args: argparse.Namespace) -> int:
     from bpdq.engine import distributed
     from bpdq.engine.interrupt import RunInterrupted, stop_at_layer_boundary
 
-    created = distributed.init_from_env()
-    rank = distributed.rank()
+    rank = distributed.rank_from_env()
     if rank:
         setup_logging(args.debug, rank)
-    try:
-        with stop_at_layer_boundary():
-            code = _run(args)
-        distributed.agree()  # rank 0 wrote its summary: every rank ends with 0
-        return code
-    except RunInterrupted as exc:
-        if rank == 0:
-            sys.stderr.write(f"bpdq {args.command}: {exc}; run the same command again to resume (--resume auto, "
-                             "the default; --resume never starts over)\n")
-        return EXIT_INTERRUPTED
-    except distributed.PeerFailed as exc:
-        log.debug("%s", exc)
-        return exc.code
-    except BaseException as exc:
-        code = distributed.exit_code(exc)
-        distributed.fail(EXIT_USAGE if isinstance(exc, UsageError) else code or EXIT_FAILURE)
-        raise
-    finally:
-        if created:
-            distributed.destroy()
-            left_distributed_group()
+    with stop_at_layer_boundary():
+        job = _prepare(args)  # every rank checks its inputs alone: a bad one ends it with 2, no group made yet
+        created = distributed.init_from_env()
+        try:
+            code = _run(args, *job)
+            distributed.agree()  # rank 0 wrote its summary: every rank ends with 0
+            return code
+        except RunInterrupted as exc:
+            if rank == 0:
+                sys.stderr.write(f"bpdq {args.command}: {exc}; run the same command again to resume (--resume "
+                                 "auto, the default; --resume never starts over)\n")
+            return EXIT_INTERRUPTED
+        except distributed.PeerFailed as exc:
+            log.debug("%s", exc)
+            return exc.code
+        except BaseException as exc:
+            code = distributed.exit_code(exc)
+            distributed.fail(EXIT_USAGE if isinstance(exc, UsageError) else code or EXIT_FAILURE)
+            raise
+        finally:
+            if created:
+                distributed.destroy()
+                left_distributed_group()
 
 
-def _run(args: argparse.Namespace) -> int:
-    from bpdq.api import quantize
-    from bpdq.engine import distributed
+def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Path]:
+    """``(strategy, model, tokenizer, config, output)``: the strategy read and checked, the model loaded (a
+    model directory: its skeleton) and the run's plan checked against it, each failing as a ``UsageError``."""
+    from bpdq.engine.loop import preflight
     from bpdq.engine.plan import needs_calibration
     from bpdq.engine.resume import read_state
     from bpdq.engine.source import LazySource, is_model_directory
@@ -206,13 +209,24 @@ def _run(args: argparse.Namespace) -> int:
             tokenizer = _tokenizer(strategy.model)
     else:
         model, tokenizer = load_model(strategy.model, "cpu", dtype=strategy.dtype)
-    if calibrated:
-        log.info("quantizing %s on %s: %d calibration windows of %d tokens", strategy.model, device,
-                 strategy.calibration.samples, strategy.calibration.seq_len)
-    else:
-        log.info("quantizing %s on %s: data-free (no solver of the strategy uses a Hessian)", strategy.model, device)
     config = strategy.config().model_copy(update={"output": str(output), "overwrite": args.overwrite,
                                                   "resume": args.resume, "device": str(device)})
+    with usage_phase():
+        preflight(model.model if isinstance(model, LazySource) else model, config, device,
+                  seq_len=strategy.calibration.seq_len, warn=False)  # the run warns about its rules itself
+    return strategy, model, tokenizer, config, output
+
+
+def _run(args: argparse.Namespace, strategy: Any, model: Any, tokenizer: Any, config: Any, output: Path) -> int:
+    from bpdq.api import quantize
+    from bpdq.engine import distributed
+    from bpdq.engine.plan import needs_calibration
+
+    if needs_calibration(strategy.quantize, strategy.rules):
+        log.info("quantizing %s on %s: %d calibration windows of %d tokens", strategy.model, config.device,
+                 strategy.calibration.samples, strategy.calibration.seq_len)
+    else:
+        log.info("quantizing %s on %s: data-free (no solver of the strategy uses a Hessian)", strategy.model, config.device)
     report = quantize(model, config, tokenizer=tokenizer)
     _ignore_signals()
     if distributed.rank() != 0:

@@ -44,7 +44,7 @@ from bpdq.engine.passes import (
     run_layer,
     token_windows,
 )
-from bpdq.engine.plan import RunPlan, make_plan
+from bpdq.engine.plan import RunPlan, check_kernels, make_plan
 from bpdq.engine.replay import Replay
 from bpdq.engine.interrupt import RunInterrupted, layers_begin, stop_requested
 from bpdq.engine.resume import ResumeState, source_fingerprint, windows_hash
@@ -280,6 +280,19 @@ def run_quantization(
     return report
 
 
+def preflight(model: nn.Module, config: QuantizeConfig, device: torch.device, *, seq_len: int | None = None,
+              warn: bool = True) -> RunPlan:
+    """The plan of quantizing ``model`` as ``config`` says on ``device``, and the checks a run makes before
+    any work (``ValueError``): rules that leave nothing to quantize, a kernel that cannot run on ``device``,
+    calibration windows of ``seq_len`` tokens beyond the model's positions (when a solver needs them).
+    Reads no tensor: ``model`` may be a skeleton on the meta device."""
+    plan = make_plan(model, config.quantize, tuple(config.rules), warn=warn)
+    check_kernels(plan, device)
+    if plan.calibrated and seq_len is not None:
+        check_positions(model, seq_len, "calibration seq_len")
+    return plan
+
+
 def _check(plan: RunPlan, stages: Sequence[Stage]) -> None:
     """The stages' own checks, then what a run of several processes or without data cannot do."""
     for stage in stages:
@@ -299,7 +312,7 @@ def _run(
 ) -> RunReport:
     model = source.model
     calibration = config.calibration
-    plan = make_plan(model, config.quantize, tuple(config.rules))
+    plan = preflight(model, config, device, seq_len=calibration.seq_len if windows is None and calibration_given else None)
     _check(plan, stages)
     fp_stream = any(s.fp_stream for s in stages)
     report = RunReport(model=architecture_of(model), total_params=sum(p.numel() for p in model.parameters()),

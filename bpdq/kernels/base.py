@@ -53,6 +53,11 @@ class Kernel(ABC):
         its layers (calibration, prefill and decode), so recipes accept only kernels that serve them."""
         return None
 
+    def runs_on(self, device: torch.device) -> str | None:
+        """``None`` if this kernel can run calls on ``device`` at all, else why not (checked before a run
+        quantizes layers for it)."""
+        return None
+
     def auto_excluded(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         """Why ``auto`` should skip this kernel for a call it supports (``None``: ``auto`` may pick it).
 
@@ -101,6 +106,18 @@ def check_kernel_name(name: object) -> str:
     if name != "auto":
         KERNELS.get(name)  # raises with the known names
     return name
+
+
+def check_kernel_device(name: str, device: torch.device) -> None:
+    """Raise ``ValueError`` if kernel ``name`` (``"auto"`` always runs) cannot run on ``device``, naming the
+    kernels that can."""
+    if name == "auto":
+        return
+    reason = get_kernel(name).runs_on(device)
+    if reason is not None:
+        usable = ["auto", *sorted(n for n in KERNELS.names() if get_kernel(n).runs_on(device) is None)]
+        raise ValueError(f"kernel {name!r} cannot run on {device.type}: {reason}; kernels that run on "
+                         f"{device.type}: {', '.join(usable)}")
 
 
 def select_kernel(choice: str, layer: PackedLinear, x: torch.Tensor) -> Kernel:

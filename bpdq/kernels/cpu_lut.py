@@ -201,6 +201,11 @@ class CpuLutKernel(Kernel):
             return f"input dtype {x.dtype} is not supported; allowed: {[str(d) for d in DTYPES]}"
         return native().reason
 
+    def runs_on(self, device: torch.device) -> str | None:
+        if device.type != "cpu":
+            return f"the native kernel runs on CPU tensors, not on {device.type}"
+        return native().reason
+
     def skipped(self, reason: str) -> None:
         if reason == native().reason:  # the library, not the call: every CPU layer falls back
             _warn_fallback(reason)
