@@ -194,13 +194,14 @@ def load(
     """``(model, tokenizer)`` from a bpdq checkpoint (one ``model.safetensors`` or shards with an index);
     quantized linears are QuantLinear modules (no dense weight is ever materialised), and shards are read
     one at a time straight into the model (no second copy of the weights). The model gets the dtype its
-    tensors were saved in.
+    tensors were saved in. ``tokenizer`` is ``None`` when the checkpoint holds no tokenizer files (one
+    quantized from a weights-only directory); tokenizer files that cannot be loaded are an error.
 
     ``kernel=None`` keeps each module's stored kernel (as ``from_pretrained`` does); a name (``"auto"``
     included) replaces it for every module. ``device`` is checked before anything is read.
     """
     from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     dev = resolve_device(device)
     if kernel is not None:
@@ -208,7 +209,12 @@ def load(
     path = Path(directory).expanduser()
     if not (path / CONFIG_FILE).is_file():
         raise ValueError(f"{path} is not a bpdq checkpoint: {CONFIG_FILE} is missing")
-    config_data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    try:
+        config_data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(config_data, dict):
+        raise ValueError(f"{path / CONFIG_FILE} is not a JSON object")
     qc = config_data.pop("quantization_config", None)
     modules = check_quantization_config(qc)
     if "model_type" not in config_data:
@@ -225,5 +231,20 @@ def load(
         model.load_state_dict(files.read(names), strict=False, assign=True)
     model.tie_weights()
     model.config.quantization_config = qc
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model.to(dev).eval(), tokenizer
+    return model.to(dev).eval(), _tokenizer(path)
+
+
+#: Files of which at least one is in a directory with a (transformers) tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def _tokenizer(path: Path) -> Any:
+    """The tokenizer saved in ``path``, or ``None`` when it holds no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"the tokenizer in {path} cannot be loaded: {exc}") from None

@@ -221,3 +221,15 @@ def test_damaged_weights_file_is_named(ckpt, damage):
     weights.write_bytes(DAMAGED_WEIGHTS[damage](weights.read_bytes()))
     with pytest.raises(ValueError, match=r"model\.safetensors is not a valid safetensors file"):
         bpdq.load(ckpt)
+
+
+def test_a_checkpoint_without_a_tokenizer_loads_with_none(tmp_path):
+    import bpdq
+    from tests.tiny_models import TINY_RECIPE, tiny_model
+
+    model = tiny_model("llama", layers=1)
+    bpdq.quantize(model, {"quantize": TINY_RECIPE})
+    bpdq.save(model, None, tmp_path / "ckpt")
+    loaded, tokenizer = bpdq.load(tmp_path / "ckpt")
+    assert tokenizer is None
+    assert loaded.state_dict().keys() == model.state_dict().keys()
