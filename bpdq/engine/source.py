@@ -13,20 +13,18 @@ embeddings, the final norm and the head, and one decoder layer at a time).
 
 from __future__ import annotations
 
-import copy
 import ctypes
 import functools
 import logging
 import os
-import re
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Callable, Iterable
 
 import torch
 from torch import nn
 
-from bpdq.checkpoint import CONFIG_FILE, is_bpdq_checkpoint, unique_state_dict
+from bpdq.checkpoint import CONFIG_FILE, check_config, is_bpdq_checkpoint, unique_state_dict
 from bpdq.quantized import dtype_from_name
 from bpdq.shards import WeightFiles
 
@@ -179,52 +177,6 @@ class LazySource(ModelSource):
                 self._assign(name, self._tensor(name).to("meta"))
         self.model.tie_weights()
         return_freed_memory()
-
-
-_LAYER_NAME = re.compile(r"(.+?)\.(\d+)\.")
-
-
-def stored_layers(names: Iterable[str]) -> tuple[str, int]:
-    """``(prefix, count)`` of the decoder layers among tensor ``names``: the prefix before the first number
-    that most names share (``model.layers``) and one more than its largest index; ``("", 0)`` when no
-    name holds a number."""
-    indices: dict[str, set[int]] = {}
-    for name in names:
-        if m := _LAYER_NAME.match(name):
-            indices.setdefault(m.group(1), set()).add(int(m.group(2)))
-    if not indices:
-        return "", 0
-    prefix = max(indices, key=lambda p: len(indices[p]))
-    return prefix, max(indices[prefix]) + 1
-
-
-def check_config(config: Any, files: WeightFiles, path: Path) -> None:
-    """Refuse a ``config.json`` (at ``path``) that disagrees with the weights' headers before the model is built
-    from it: its layer count must be the weights' own, and a one-layer model built from it on the meta device
-    (no memory) must give every tensor it shares with the weights the stored shape. So the sizes a run
-    allocates are bounded by the weights on disk, whatever the config says."""
-    prefix, n_layers = stored_layers(files.meta)
-    declared = getattr(config, "num_hidden_layers", None)
-    if declared != n_layers:
-        held = f"{n_layers} decoder layers ({prefix}.0 to {prefix}.{n_layers - 1})" if n_layers else "no decoder layers"
-        raise ValueError(f"{path} disagrees with the weights: it says num_hidden_layers {declared!r}, "
-                         f"the safetensors files hold {held}")
-    from transformers import AutoModelForCausalLM
-
-    probe = copy.deepcopy(config)
-    probe.num_hidden_layers = min(n_layers, 1)
-    if isinstance(getattr(probe, "layer_types", None), list):
-        probe.layer_types = probe.layer_types[:1]
-    try:
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(probe)
-    except Exception as exc:  # noqa: BLE001 - a config transformers cannot build a model from
-        raise ValueError(f"cannot build a model from {path}: {type(exc).__name__}: {exc}") from None
-    for name, ref in model.state_dict().items():
-        stored = files.meta.get(name)
-        if stored is not None and tuple(stored.shape) != tuple(ref.shape):
-            raise ValueError(f"{path} disagrees with the weights: from it, tensor {name!r} would have shape "
-                             f"{tuple(ref.shape)}; {files.where[name].name} holds {tuple(stored.shape)}")
 
 
 @functools.cache
