@@ -10,8 +10,9 @@ Resume (``--resume auto|never|required``, default ``auto``): the run keeps its s
 again continues after the last finished layer (a changed model, calibration, recipe, rules... is refused,
 naming what differs); ``never`` removes the old state and starts over; ``required`` refuses to start without
 one. Ctrl-C or SIGTERM finishes the layer in work, saves the state, says how to resume and exits 130 (a
-second signal stops at once, losing that layer); the partial checkpoint directory is removed, the state
-kept. Once the checkpoint is in place, signals no longer interrupt the command.
+second signal stops at once, losing that layer; before the first layer, while the model loads and the
+calibration inputs are captured, the first one does); the partial checkpoint directory is removed, the
+state kept. Once the checkpoint is in place, signals no longer interrupt the command.
 
 Distributed (``torchrun --nproc_per_node=N -m bpdq.cli quantize CONFIG``): the command joins the process
 group torchrun describes (gloo on CPU, nccl with CUDA; :mod:`bpdq.engine.distributed`); rank 0 logs, writes

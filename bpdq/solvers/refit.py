@@ -132,14 +132,23 @@ def refit_coefficients(
 
 
 def apply_refit(
-    mode: Refit | str, W: torch.Tensor | None, H: torch.Tensor, codes: torch.Tensor, coeffs: torch.Tensor, planes: int, group_size: int
+    mode: Refit | str, W: torch.Tensor | None, H: torch.Tensor, codes: torch.Tensor, coeffs: torch.Tensor, planes: int,
+    group_size: int, *, shift: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float | int], tuple[float, float] | None]:
     """A solver's ``refit`` option: ``(coeffs, stats extra, (proxy_loss, relative_loss) or None)``; ``W`` is
     the original weight (``None`` for ``none``). The refit's losses are the solver's statistics: no second
-    pass over ``H`` for them."""
+    pass over ``H`` for them. ``shift > 0``: refit against ``H + shift I`` (a float32 copy), the damped
+    Hessian the sweep factorised when ``H`` itself was not positive definite: under an indefinite ``H`` the
+    least-squares 'loss' has no minimum, and the refit would take coefficients far from the weights. Its
+    losses are then not ``H``'s, and none are returned (the solver's caller computes them under ``H``)."""
     if Refit(mode) is Refit.NONE or W is None:
         return coeffs, {}, None
+    if shift > 0:
+        H = H.to(torch.float32, copy=True)
+        H.diagonal().add_(shift)
     res = refit_coefficients(W, H, codes, coeffs, planes, group_size)
+    if shift > 0:
+        return res.coeffs, {"refit": res.to_dict() | {"shift": shift}}, None
     loss = max(res.loss_after, 0.0)
     return res.coeffs, {"refit": res.to_dict()}, (loss, relative_loss(loss, res.reference))
 
