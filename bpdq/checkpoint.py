@@ -292,15 +292,15 @@ def load(
         names = [n for n, f in files.where.items() if f == file]
         model.load_state_dict(files.read(names), strict=False, assign=True)
     model.tie_weights()
-    return model.to(dev).eval(), _tokenizer(files.directory)
+    return model.to(dev).eval(), directory_tokenizer(files.directory)
 
 
 #: Files of which at least one is in a directory with a (transformers) tokenizer.
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 
 
-def _tokenizer(path: Path) -> Any:
-    """The tokenizer saved in ``path``, or ``None`` when it holds no tokenizer files."""
+def directory_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in directory ``path``, or ``None`` when it holds no tokenizer files."""
     from transformers import AutoTokenizer
 
     if not any((path / name).is_file() for name in TOKENIZER_FILES):

@@ -144,10 +144,15 @@ def _ignore_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _tokenizer(directory: str) -> Any:
-    from transformers import AutoTokenizer
+def _tokenizer(directory: str, calibrated: bool) -> Any:
+    """A model directory's tokenizer; ``None`` where it has none and the run is data-free."""
+    from bpdq.checkpoint import directory_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(Path(directory).expanduser()))
+    tokenizer = directory_tokenizer(Path(directory).expanduser())
+    if tokenizer is None and calibrated:
+        raise UsageError(f"{directory} has no tokenizer files, and the calibration needs one to draw its windows "
+                         "(a data-free solver such as rtn does not)")
+    return tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
@@ -207,7 +212,7 @@ def _prepare(args: argparse.Namespace) -> tuple[Any, Any, Any, Any, Path]:
     if is_model_directory(strategy.model):
         with usage_phase(f"model {strategy.model!r}"):
             model = LazySource(strategy.model, None if strategy.dtype == "auto" else strategy.dtype)
-            tokenizer = _tokenizer(strategy.model)
+            tokenizer = _tokenizer(strategy.model, calibrated)
     else:
         model, tokenizer = load_model(strategy.model, "cpu", dtype=strategy.dtype)
     config = strategy.config().model_copy(update={"output": str(output), "overwrite": args.overwrite,

@@ -72,3 +72,20 @@ def test_a_rank_of_a_distributed_run_refuses_a_bad_input_before_joining_the_grou
     assert proc.returncode == 2, proc.stderr
     assert "calibration seq_len is 512 tokens, beyond the model's maximum of 256 positions" in proc.stderr
     assert sorted(p.name for p in tmp_path.iterdir()) == ["s.yaml"]
+
+
+def test_a_model_directory_without_a_tokenizer_quantizes_data_free_only(in_process, capsys, tmp_path, tiny_model_dir):
+    import bpdq
+
+    model = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    for p in model.iterdir():
+        if p.name.startswith("tokenizer") or p.name in ("special_tokens_map.json", "chat_template.jinja"):
+            p.unlink()
+    data = tiny_strategy(model, tmp_path / "out")
+    data["quantize"]["solver"] = {"type": "gptq"}
+    assert in_process(["quantize", str(write_config(tmp_path / "gptq.yaml", data))]) == 2
+    err = capsys.readouterr().err
+    assert f"{model} has no tokenizer" in err and "calibration" in err and not (tmp_path / "out").exists()
+    assert in_process(["quantize", str(write_config(tmp_path / "rtn.yaml", tiny_strategy(model, tmp_path / "out")))]) == 0
+    loaded, tokenizer = bpdq.load(tmp_path / "out")
+    assert tokenizer is None and loaded.config.quantization_config["quant_method"] == "bpdq"
