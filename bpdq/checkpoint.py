@@ -211,19 +211,20 @@ def stored_layers(names: Iterable[str]) -> tuple[str, int]:
 
 def check_config(config: Any, files: WeightFiles, path: Path) -> None:
     """Refuse a ``config.json`` (at ``path``) that disagrees with the weights' headers before the model is built
-    from it: its layer count must be the weights' own, and a one-layer model built from it on the meta device
-    (no memory) must give every tensor it shares with the weights the stored shape. So the sizes a model
-    built from it allocates are bounded by the weights on disk, whatever the config says."""
+    from it: it may not ask for more decoder layers than the weights hold (fewer is a model cut short: the
+    rest is not read), and a one-layer model built from it on the meta device (no memory) must give every
+    tensor it shares with the weights the stored shape. So the sizes a model built from it allocates are
+    bounded by the weights on disk, whatever the config says."""
     prefix, n_layers = stored_layers(files.meta)
     declared = getattr(config, "num_hidden_layers", None)
-    if declared != n_layers:
+    if not isinstance(declared, int) or isinstance(declared, bool) or not 0 <= declared <= n_layers:
         held = f"{n_layers} decoder layers ({prefix}.0 to {prefix}.{n_layers - 1})" if n_layers else "no decoder layers"
         raise ValueError(f"{path} disagrees with the weights: it says num_hidden_layers {declared!r}, "
                          f"the safetensors files hold {held}")
     from transformers import AutoModelForCausalLM
 
     probe = copy.deepcopy(config)
-    probe.num_hidden_layers = min(n_layers, 1)
+    probe.num_hidden_layers = min(declared, 1)
     if isinstance(getattr(probe, "layer_types", None), list):
         probe.layer_types = probe.layer_types[:1]
     try:

@@ -124,7 +124,7 @@ def _edit_config(model_dir, **changes):
 
 @pytest.mark.parametrize("changes, what", [
     ({"num_hidden_layers": 1_000_000_000}, "num_hidden_layers 1000000000, .* 3 decoder layers"),
-    ({"num_hidden_layers": 2}, "num_hidden_layers 2, .* 3 decoder layers"),
+    ({"num_hidden_layers": 4}, "num_hidden_layers 4, .* 3 decoder layers"),
     ({"num_hidden_layers": "many"}, "num_hidden_layers"),
     ({"hidden_size": 1e7}, "hidden_size"),
     ({"hidden_size": 10**7}, r"model\.embed_tokens\.weight"),
@@ -153,3 +153,11 @@ def test_an_invalid_config_is_named(model_dir):
     _edit_config(model_dir, num_hidden_layers=7)  # Qwen3's layer_types lists 3 layers
     with pytest.raises(ValueError, match="(?s)cannot read .*config.json.*num_hidden_layers"):
         LazySource(model_dir)
+
+
+def test_a_config_with_fewer_layers_than_the_weights_reads_only_those(tmp_path, caplog):
+    model_dir = tiny_model_dir(tmp_path / "llama", "llama", layers=3)
+    _edit_config(model_dir, num_hidden_layers=2)
+    source = LazySource(model_dir)
+    assert len(source.model.model.layers) == 2
+    assert "ignoring 9 tensors the model does not use" in caplog.text  # layer 2's
