@@ -92,6 +92,13 @@ def rank() -> int:
     return _dist().get_rank() if is_distributed() else 0
 
 
+def rank_from_env() -> int:
+    """This process's rank as torchrun describes it (``RANK`` when ``WORLD_SIZE`` > 1), before any group exists."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    return int(os.environ.get("RANK", "0"))
+
+
 def world_size() -> int:
     return _dist().get_world_size() if is_distributed() else 1
 

@@ -42,9 +42,9 @@ from bpdq.engine.passes import (
     run_layer,
     token_windows,
 )
-from bpdq.engine.plan import RunPlan, make_plan
+from bpdq.engine.plan import RunPlan, check_kernels, make_plan
 from bpdq.engine.replay import Replay
-from bpdq.engine.interrupt import RunInterrupted, stop_requested
+from bpdq.engine.interrupt import RunInterrupted, layers_begin, stop_requested
 from bpdq.engine.lock import locked_tempdir
 from bpdq.engine.resume import ResumeState, source_fingerprint, windows_hash
 from bpdq.engine.sink import Sink
@@ -277,7 +277,8 @@ def run_quantization(
     ``resume``: the state to continue from and to keep after each layer (removed once the sink is finished).
     On any exception the layer in work goes back to its home device and ``sink.abort()`` removes what was
     written (the resume state stays). A stop requested by a signal
-    (:func:`~bpdq.engine.resume.stop_at_layer_boundary`) raises :class:`RunInterrupted` after a layer."""
+    (:func:`~bpdq.engine.interrupt.stop_at_layer_boundary`) raises :class:`RunInterrupted` after a layer;
+    before the first layer the signal interrupts at once."""
     start = time.perf_counter()
     stages = check_stages(stages)
     model = source.model
@@ -305,6 +306,19 @@ def run_quantization(
     return report
 
 
+def preflight(model: nn.Module, config: QuantizeConfig, device: torch.device, *, seq_len: int | None = None,
+              warn: bool = True) -> RunPlan:
+    """The plan of quantizing ``model`` as ``config`` says on ``device``, and the checks a run makes before
+    any work (``ValueError``): rules that leave nothing to quantize, a kernel that cannot run on ``device``,
+    calibration windows of ``seq_len`` tokens beyond the model's positions (when a solver needs them).
+    Reads no tensor: ``model`` may be a skeleton on the meta device."""
+    plan = make_plan(model, config.quantize, tuple(config.rules), warn=warn)
+    check_kernels(plan, device)
+    if plan.calibrated and seq_len is not None:
+        check_positions(model, seq_len, "calibration seq_len")
+    return plan
+
+
 def _check(plan: RunPlan, stages: Sequence[Stage]) -> None:
     """The stages' own checks, then what a run of several processes or without data cannot do."""
     for stage in stages:
@@ -324,7 +338,7 @@ def _run(
 ) -> RunReport:
     model = source.model
     calibration = config.calibration
-    plan = make_plan(model, config.quantize, tuple(config.rules))
+    plan = preflight(model, config, device, seq_len=calibration.seq_len if windows is None and calibration_given else None)
     _check(plan, stages)
     fp_stream = any(s.fp_stream for s in stages)
     report = RunReport(model=architecture_of(model), total_params=sum(p.numel() for p in model.parameters()),
@@ -395,6 +409,7 @@ def _run(
                     restore_layer(source, sink, resume, plan.prefix(i), i)
                     for _ in range(restored[i]):
                         bar.advance()
+            layers_begin()  # a signal now stops the run at the next layer boundary, its state saved
             for i in range(done, n_layers):
                 bar.layer(i)
                 prefix = plan.prefix(i)

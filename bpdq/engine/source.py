@@ -24,7 +24,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from bpdq.checkpoint import CONFIG_FILE, is_bpdq_checkpoint, unique_state_dict
+from bpdq.checkpoint import CONFIG_FILE, check_config, is_bpdq_checkpoint, unique_state_dict
 from bpdq.quantized import dtype_from_name
 from bpdq.shards import WeightFiles
 
@@ -94,8 +94,9 @@ class LazySource(ModelSource):
         # built at glibc's smallest default threshold, and the run goes on at MMAP_THRESHOLD.
         try:
             config = AutoConfig.from_pretrained(str(self.directory))
-        except (ValueError, OSError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to parse or validate the file is the file's fault
             raise ValueError(f"cannot read {self.directory / CONFIG_FILE}: {exc}") from None
+        check_config(config, self.files, self.directory / CONFIG_FILE)
         if isinstance(dtype, str):
             dtype = dtype_from_name(dtype)
         stored = getattr(config, "dtype", None)

@@ -221,10 +221,16 @@ class CpuLutKernel(Kernel):
             return f"the native kernel runs on CPU tensors; got input on {x.device}, planes on {layer.planes.device}"
         if x.dtype not in DTYPES:
             return f"input dtype {x.dtype} is not supported; allowed: {[str(d) for d in DTYPES]}"
-        reason = native().reason
-        if reason is not None:
+        return native().reason
+
+    def runs_on(self, device: torch.device) -> str | None:
+        if device.type != "cpu":
+            return f"the native kernel runs on CPU tensors, not on {device.type}"
+        return native().reason
+
+    def skipped(self, reason: str) -> None:
+        if reason == native().reason:  # the library, not the call: every CPU layer falls back
             _warn_fallback(reason)
-        return reason
 
     def forward(self, layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
         plan = layer._kernel_cache.get(self.name)

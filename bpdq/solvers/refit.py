@@ -43,7 +43,6 @@ from enum import Enum
 
 import torch
 
-from bpdq.grids.base import round_coeffs
 from bpdq.quantized import COEFF_DTYPE, dequantize_bits
 from bpdq.solvers.base import relative_loss
 from bpdq.solvers.hessian import check_hessian
@@ -213,14 +212,23 @@ def _candidates(old: torch.Tensor, d: torch.Tensor) -> torch.Tensor:
 
 
 def apply_refit(
-    mode: Refit | str, W: torch.Tensor | None, H: torch.Tensor, codes: torch.Tensor, coeffs: torch.Tensor, planes: int, group_size: int
+    mode: Refit | str, W: torch.Tensor | None, H: torch.Tensor, codes: torch.Tensor, coeffs: torch.Tensor, planes: int,
+    group_size: int, *, shift: float = 0.0,
 ) -> tuple[torch.Tensor, dict[str, float | int], tuple[float, float] | None]:
     """A solver's ``refit`` option: ``(coeffs, stats extra, (proxy_loss, relative_loss) or None)``; ``W`` is
     the original weight (``None`` for ``none``). The refit's losses are the solver's statistics: no second
-    pass over ``H`` for them."""
+    pass over ``H`` for them. ``shift > 0``: refit against ``H + shift I`` (a float32 copy), the damped
+    Hessian the sweep factorised when ``H`` itself was not positive definite: under an indefinite ``H`` the
+    least-squares 'loss' has no minimum, and the refit would take coefficients far from the weights. Its
+    losses are then not ``H``'s, and none are returned (the solver's caller computes them under ``H``)."""
     if Refit(mode) is Refit.NONE or W is None:
         return coeffs, {}, None
+    if shift > 0:
+        H = H.to(torch.float32, copy=True)
+        H.diagonal().add_(shift)
     res = _refit(W, H, codes, coeffs, planes, group_size, RIDGE, None)  # Solver.__call__ checked W, H and the group size
+    if shift > 0:
+        return res.coeffs, {"refit": res.to_dict() | {"shift": shift}}, None
     loss = max(res.loss_after, 0.0)
     return res.coeffs, {"refit": res.to_dict()}, (loss, relative_loss(loss, res.reference))
 

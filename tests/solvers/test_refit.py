@@ -95,7 +95,8 @@ def _float64_refit(W, H, codes, coeffs, k, g, ridge=1e-6):
     rhs = (D.transpose(1, 2) @ (W64 @ H64).unsqueeze(-1)).squeeze(-1) + lam.unsqueeze(1) * c_old
     sol = torch.linalg.solve(gram + lam.view(-1, 1, 1) * torch.eye(gram.shape[1], dtype=torch.float64), rhs)
     cand = sol.view(coeffs.shape).to(torch.float16).to(coeffs.dtype)
-    loss = lambda c: (((W64 - (D @ c.reshape(R, -1, 1).double()).squeeze(-1)) @ H64) * (W64 - (D @ c.reshape(R, -1, 1).double()).squeeze(-1))).sum(1)
+    def loss(c):
+        return (((W64 - (D @ c.reshape(R, -1, 1).double()).squeeze(-1)) @ H64) * (W64 - (D @ c.reshape(R, -1, 1).double()).squeeze(-1))).sum(1)
     better = loss(cand) < loss(coeffs)
     return torch.where(better.view(-1, 1, 1), cand, coeffs), float(torch.where(better, loss(cand), loss(coeffs)).sum())
 
@@ -116,7 +117,8 @@ def test_refit_solves_the_joint_normal_equations():
     gram = D.transpose(1, 2) @ H @ D
     ref = torch.linalg.solve(gram, y)
     # the loss the solution reaches, not its coefficients (ill-determined directions differ), is what counts
-    reached = lambda x: (x * (gram @ x.unsqueeze(-1)).squeeze(-1)).sum(1) - 2 * (x * y).sum(1)
+    def reached(x):
+        return (x * (gram @ x.unsqueeze(-1)).squeeze(-1)).sum(1) - 2 * (x * y).sum(1)
     torch.testing.assert_close(reached(d), reached(ref), rtol=1e-4, atol=0.0)
 
 
