@@ -12,6 +12,11 @@ thread counts the float32 matrix products round differently, in one process as i
 
     python benchmarks/bench_distributed.py                   # SmolLM2, 1 and 2 processes (tens of minutes on 2 cores)
     python benchmarks/bench_distributed.py --tiny            # smoke run: a tiny random Llama, seconds
+
+``--synthetic``: the scaling check instead: a random bfloat16 Llama with hidden 1024 (intermediate 2816, 16/8
+heads) and two decoder layers, GPTQ over the 2-bit uniform grid, g = 64, 64 windows of 512 tokens, one
+thread per process (``--threads 1``), one process against ``torchrun --nproc_per_node=2``: the speed-up
+(target >= 1.7) with byte-identical checkpoints. With ``--tiny`` it shrinks to a smoke run.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -35,6 +41,15 @@ def _peak():
         json.dump({"peak_rss": peak}, f)
 
 atexit.register(_peak)
+_exit = os._exit
+
+
+def _exit_with_peak(code):  # a distributed rank leaves through os._exit, which skips atexit
+    _peak()
+    _exit(code)
+
+
+os._exit = _exit_with_peak
 """
 
 
@@ -46,9 +61,22 @@ def tiny_model(directory: Path) -> None:
     tiny_model_dir(directory, "llama", layers=4, hidden_size=128, intermediate_size=256)
 
 
+def synthetic_model(directory: Path, tiny: bool) -> None:
+    """A random bfloat16 Llama, two decoder layers, hidden 1024 (``tiny``: 128), as a safetensors directory."""
+    import torch
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from tests.tiny_models import tiny_model_dir
+
+    sizes = (dict(hidden_size=128, intermediate_size=384, num_attention_heads=4, num_key_value_heads=2) if tiny
+             else dict(hidden_size=1024, intermediate_size=2816, num_attention_heads=16, num_key_value_heads=8))
+    tiny_model_dir(directory, "llama", layers=2, max_shard_size="2GB", dtype=torch.bfloat16,
+                   max_position_embeddings=512, tie_word_embeddings=False, **sizes)
+
+
 def run_procs(n: int, config: Path, output: Path, work: Path, threads: int | None) -> dict:
     rss_dir = work / f"rss-{n}"
-    rss_dir.mkdir()
+    rss_dir.mkdir(exist_ok=True)
     plugin = work / "rss_plugin.py"
     plugin.write_text(RSS_PLUGIN)
     env = dict(os.environ, OMP_NUM_THREADS=str(threads or max(1, (os.cpu_count() or 1) // n)), BPDQ_BENCH_RSS_DIR=str(rss_dir),
@@ -64,6 +92,11 @@ def run_procs(n: int, config: Path, output: Path, work: Path, threads: int | Non
     return {"procs": n, "seconds": seconds, "peak_rss": peaks}
 
 
+def checkpoint_bytes(out: Path) -> bytes:
+    """The checkpoint's safetensors files, concatenated in name order (one file or shards)."""
+    return b"".join(p.read_bytes() for p in sorted(out.glob("*.safetensors")))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--procs", default="1,2", help="process counts, comma-separated (the first is the reference)")
@@ -74,34 +107,49 @@ def main() -> None:
                         help="threads per rank for every process count (default: cpu_count // N)")
     parser.add_argument("--tiny", action="store_true", help="smoke run: a tiny random Llama, 16 windows of 32 tokens")
     parser.add_argument("--workdir", default=None, help="where the model and checkpoints go (default: a temp dir)")
+    parser.add_argument("--synthetic", action="store_true",
+                        help="the scaling check: hidden-1024 two-layer bf16 Llama, GPTQ 2-bit, 64 x 512 tokens, 1 thread per process")
     args = parser.parse_args()
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bpdq-bench-distributed-"))
     work.mkdir(parents=True, exist_ok=True)
-    model_dir = work / ("tiny-llama" if args.tiny else "smollm2-135m")
-    if not model_dir.exists():
-        if args.tiny:
-            tiny_model(model_dir)
-        else:
-            subprocess.run([sys.executable, "-m", "bpdq.cli", "export", "smollm2-135m", str(model_dir)], check=True)
-    samples, seq_len, group = (16, 32, 32) if args.tiny else (args.samples, args.seq_len, 64)
+    if args.synthetic:
+        model_dir = work / ("synthetic-128" if args.tiny else "synthetic-1024")
+        if not model_dir.exists():
+            synthetic_model(model_dir, args.tiny)
+        samples, seq_len, group = (16, 64, 64) if args.tiny else (64, 512, 64)
+        quantize = {"group_size": group, "grid": {"type": "uniform", "bits": 2}, "solver": {"type": "gptq"}}
+        args.threads = args.threads or 1
+        title = f"synthetic bf16 Llama (hidden {128 if args.tiny else 1024}, 2 layers), GPTQ 2-bit g={group}"
+    else:
+        model_dir = work / ("tiny-llama" if args.tiny else "smollm2-135m")
+        if not model_dir.exists():
+            if args.tiny:
+                tiny_model(model_dir)
+            else:
+                subprocess.run([sys.executable, "-m", "bpdq.cli", "export", "smollm2-135m", str(model_dir)], check=True)
+        samples, seq_len, group = (16, 32, 32) if args.tiny else (args.samples, args.seq_len, 64)
+        quantize = {"group_size": group, "grid": {"type": "bitplane", "planes": 2},
+                    "solver": {"type": "bpdq", "iters": 2 if args.tiny else args.iters}}
+        title = f"{'tiny random Llama' if args.tiny else 'SmolLM2-135M'}, BPDQ k=2 g={group}"
     config = work / "strategy.json"
     config.write_text(json.dumps({
         "model": str(model_dir),
         "calibration": {"text": "builtin:python-docs", "samples": samples, "seq_len": seq_len, "seed": 0},
-        "quantize": {"group_size": group, "grid": {"type": "bitplane", "planes": 2},
-                     "solver": {"type": "bpdq", "iters": 2 if args.tiny else args.iters}},
+        "quantize": quantize,
         "device": "cpu",
     }))
     rows, reference = [], None
     for n in (int(x) for x in args.procs.split(",")):
         out = work / f"out-{n}"
+        for old in (out, work / f".{out.name}.bpdq-resume"):  # a previous run's output and resume state
+            shutil.rmtree(old, ignore_errors=True)
         r = run_procs(n, config, out, work, args.threads)
-        weights = (out / "model.safetensors").read_bytes() if (out / "model.safetensors").exists() else None
+        weights = checkpoint_bytes(out)
         reference = reference or (r["seconds"], weights)
-        same = "yes" if weights is not None and weights == reference[1] else "no"
+        same = "yes" if weights and weights == reference[1] else "no"
         rows.append(f"| {n} | {r['seconds']:.1f} | {reference[0] / r['seconds']:.2f} | "
                     f"{', '.join(f'{p / 1e9:.2f}' for p in r['peak_rss'])} | {same} |")
-    print(f"{'tiny random Llama' if args.tiny else 'SmolLM2-135M'}, BPDQ k=2 g={group}, {samples} windows x {seq_len} tokens")
+    print(f"{title}, {samples} windows x {seq_len} tokens, {args.threads or 'cpu_count // N'} thread(s) per process")
     print("| processes | seconds | speed-up | peak RSS per rank (GB) | same bytes as 1 process |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))

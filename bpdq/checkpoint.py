@@ -13,9 +13,11 @@ their format; :func:`bpdq.save` writes them.
 
 from __future__ import annotations
 
+import copy
 import json
+import re
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
 from torch import nn
@@ -213,21 +215,23 @@ def replace_linears(model: nn.Module, modules: dict[str, dict[str, Any]], *, ker
         model.set_submodule(name, q)
 
 
-def _check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor]) -> None:
+def _check_tensors(expected: dict[str, torch.Tensor], found: dict[str, torch.Tensor], files: WeightFiles | None = None) -> None:
+    """Every tensor ``expected`` is ``found`` with its shape and dtype, and nothing else (``files``: the
+    weight files ``found`` lists, to name them)."""
     missing = sorted(set(expected) - set(found))
     unexpected = sorted(set(found) - set(expected))
     if missing or unexpected:
         raise ValueError(
-            f"checkpoint tensors do not match the model: missing {missing[:10]}, unexpected {unexpected[:10]}"
+            f"checkpoint tensors{'' if files is None else f' in {files.directory}'} do not match the model: "
+            f"missing {missing[:10]}, unexpected {unexpected[:10]}"
         )
     for name, ref in expected.items():
-        t = found[name]
+        t, where = found[name], "" if files is None else f" (in {files.where[name].name})"
         if tuple(t.shape) != tuple(ref.shape):
-            raise ValueError(
-                f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, the model expects {tuple(ref.shape)}"
-            )
+            raise ValueError(f"checkpoint tensor {name!r} has shape {tuple(t.shape)}, the model expects "
+                             f"{tuple(ref.shape)}{where}")
         if t.dtype != ref.dtype:
-            raise ValueError(f"checkpoint tensor {name!r} has dtype {t.dtype}, the model expects {ref.dtype}")
+            raise ValueError(f"checkpoint tensor {name!r} has dtype {t.dtype}, the model expects {ref.dtype}{where}")
 
 
 def stored_dtype(header: dict[str, torch.Tensor], modules: dict[str, dict[str, Any]]) -> torch.dtype:
@@ -242,42 +246,121 @@ def stored_dtype(header: dict[str, torch.Tensor], modules: dict[str, dict[str, A
     return max(counts, key=counts.__getitem__) if counts else torch.float32
 
 
+_LAYER_NAME = re.compile(r"(.+?)\.(\d+)\.")
+
+
+def stored_layers(names: Iterable[str]) -> tuple[str, int]:
+    """``(prefix, count)`` of the decoder layers among tensor ``names``: the prefix before the first number
+    that most names share (``model.layers``) and one more than its largest index; ``("", 0)`` when no
+    name holds a number."""
+    indices: dict[str, set[int]] = {}
+    for name in names:
+        if m := _LAYER_NAME.match(name):
+            indices.setdefault(m.group(1), set()).add(int(m.group(2)))
+    if not indices:
+        return "", 0
+    prefix = max(indices, key=lambda p: len(indices[p]))
+    return prefix, max(indices[prefix]) + 1
+
+
+def check_config(config: Any, files: WeightFiles, path: Path) -> None:
+    """Refuse a ``config.json`` (at ``path``) that disagrees with the weights' headers before the model is built
+    from it: it may not ask for more decoder layers than the weights hold (fewer is a model cut short: the
+    rest is not read), and a one-layer model built from it on the meta device (no memory) must give every
+    tensor it shares with the weights the stored shape. So the sizes a model built from it allocates are
+    bounded by the weights on disk, whatever the config says."""
+    prefix, n_layers = stored_layers(files.meta)
+    declared = getattr(config, "num_hidden_layers", None)
+    if not isinstance(declared, int) or isinstance(declared, bool) or not 0 <= declared <= n_layers:
+        held = f"{n_layers} decoder layers ({prefix}.0 to {prefix}.{n_layers - 1})" if n_layers else "no decoder layers"
+        raise ValueError(f"{path} disagrees with the weights: it says num_hidden_layers {declared!r}, "
+                         f"the safetensors files hold {held}")
+    from transformers import AutoModelForCausalLM
+
+    probe = copy.deepcopy(config)
+    probe.num_hidden_layers = min(declared, 1)
+    if isinstance(getattr(probe, "layer_types", None), list):
+        probe.layer_types = probe.layer_types[:1]
+    try:
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(probe)
+    except Exception as exc:  # noqa: BLE001 - a config transformers cannot build a model from
+        raise ValueError(f"cannot build a model from {path}: {type(exc).__name__}: {exc}") from None
+    for name, ref in model.state_dict().items():
+        stored = files.meta.get(name)
+        if stored is not None and tuple(stored.shape) != tuple(ref.shape):
+            raise ValueError(f"{path} disagrees with the weights: from it, tensor {name!r} would have shape "
+                             f"{tuple(ref.shape)}; {files.where[name].name} holds {tuple(stored.shape)}")
+
+
+def skeleton(directory: str | Path, *, kernel: str | None = None) -> tuple[nn.Module, WeightFiles]:
+    """A checkpoint's model on the meta device (QuantLinear modules in place) and its weight files, every
+    stored tensor checked against the model (name, shape, dtype) from the headers; nothing is read."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if kernel is not None:
+        check_kernel_name(kernel)
+    path = Path(directory).expanduser()
+    if not (path / CONFIG_FILE).is_file():
+        raise ValueError(f"{path} is not a bpdq checkpoint: {CONFIG_FILE} is missing")
+    try:
+        config_data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, ValueError) as exc:
+        raise ValueError(f"{path / CONFIG_FILE} is not valid JSON: {exc}") from None
+    if not isinstance(config_data, dict):
+        raise ValueError(f"{path / CONFIG_FILE} is not a JSON object")
+    qc = config_data.pop("quantization_config", None)
+    modules = check_quantization_config(qc)
+    if "model_type" not in config_data:
+        raise ValueError(f"{path / CONFIG_FILE} has no 'model_type'")
+    files = WeightFiles(path)
+    try:
+        config = AutoConfig.for_model(**config_data)
+    except Exception as exc:  # noqa: BLE001 - any failure to validate the file is the file's fault
+        raise ValueError(f"cannot read {path / CONFIG_FILE}: {exc}") from None
+    check_config(config, files, path / CONFIG_FILE)
+    with init_empty_weights(include_buffers=False):
+        model = AutoModelForCausalLM.from_config(config, dtype=stored_dtype(files.meta, modules))
+    replace_linears(model, modules, kernel=kernel)
+    model.tie_weights()
+    _check_tensors(unique_state_dict(model), files.meta, files)
+    model.config.quantization_config = qc
+    return model, files
+
+
 def load(
     directory: str | Path, *, device: str = "cpu", kernel: str | None = None
 ) -> tuple[nn.Module, Any]:
     """``(model, tokenizer)`` from a bpdq checkpoint (one ``model.safetensors`` or shards with an index);
     quantized linears are QuantLinear modules (no dense weight is ever materialised), and shards are read
     one at a time straight into the model (no second copy of the weights). The model gets the dtype its
-    tensors were saved in.
+    tensors were saved in. ``tokenizer`` is ``None`` when the checkpoint holds no tokenizer files (one
+    quantized from a weights-only directory); tokenizer files that cannot be loaded are an error.
 
     ``kernel=None`` keeps each module's stored kernel (as ``from_pretrained`` does); a name (``"auto"``
     included) replaces it for every module. ``device`` is checked before anything is read.
     """
-    from accelerate import init_empty_weights
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
-
     dev = resolve_device(device)
-    if kernel is not None:
-        check_kernel_name(kernel)
-    path = Path(directory).expanduser()
-    if not (path / CONFIG_FILE).is_file():
-        raise ValueError(f"{path} is not a bpdq checkpoint: {CONFIG_FILE} is missing")
-    config_data = json.loads((path / CONFIG_FILE).read_text(encoding="utf-8"))
-    qc = config_data.pop("quantization_config", None)
-    modules = check_quantization_config(qc)
-    if "model_type" not in config_data:
-        raise ValueError(f"{path / CONFIG_FILE} has no 'model_type'")
-    files = WeightFiles(path)
-    config = AutoConfig.for_model(**config_data)
-    with init_empty_weights(include_buffers=False):
-        model = AutoModelForCausalLM.from_config(config, dtype=stored_dtype(files.meta, modules))
-    replace_linears(model, modules, kernel=kernel)
-    model.tie_weights()
-    _check_tensors(unique_state_dict(model), files.meta)
+    model, files = skeleton(directory, kernel=kernel)
     for file in files.files:
         names = [n for n, f in files.where.items() if f == file]
         model.load_state_dict(files.read(names), strict=False, assign=True)
     model.tie_weights()
-    model.config.quantization_config = qc
-    tokenizer = AutoTokenizer.from_pretrained(str(path))
-    return model.to(dev).eval(), tokenizer
+    return model.to(dev).eval(), directory_tokenizer(files.directory)
+
+
+#: Files of which at least one is in a directory with a (transformers) tokenizer.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def directory_tokenizer(path: Path) -> Any:
+    """The tokenizer saved in directory ``path``, or ``None`` when it holds no tokenizer files."""
+    from transformers import AutoTokenizer
+
+    if not any((path / name).is_file() for name in TOKENIZER_FILES):
+        return None
+    try:
+        return AutoTokenizer.from_pretrained(str(path))
+    except (OSError, ValueError) as exc:
+        raise ValueError(f"the tokenizer in {path} cannot be loaded: {exc}") from None

@@ -197,6 +197,16 @@ class ShardWriter:
         self._written.update(self._pending)
         self._pending, self._pending_bytes = {}, 0
 
+    def abort(self) -> None:
+        """Give up: close and remove the open shard's scratch file (its descriptor, and the disk space of a
+        deleted file, would otherwise live as long as whatever holds the writer). Shards already written stay
+        for the caller to remove with their directory. Safe to call more than once."""
+        scratch, self._scratch = self._scratch, None
+        self._pending, self._pending_bytes = {}, 0
+        if scratch is not None:
+            scratch.close()
+            Path(scratch.name).unlink(missing_ok=True)
+
     def close(self) -> list[Path]:
         """Write what is pending, give the shards their final names (and write the index); returns the files."""
         if self._pending or not self._shards:

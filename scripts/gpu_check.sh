@@ -3,7 +3,8 @@
 # natively (no interpreter, bf16 included), (2) a short kernel benchmark (M=1 and M=64 on 4096x4096 and
 # 4096x11008, k=2/3, g=64: time, GB/s, ratio to a dense fp16 matmul), (3) a CUDA quantization of SmolLM2-135M
 # (BPDQ k=2, g=64, 3 iterations, 32 x 512 calibration tokens) with lm_head quantized, then its perplexity and
-# a generation on CUDA. Logs and results: runs/gpu_check/.
+# a generation on CUDA, (4) the joint refit's time against BPDQ's sweep on an 8B-shaped down_proj. Logs and
+# results: runs/gpu_check/.
 #
 #   PYTHON=/path/to/env/bin/python bash scripts/gpu_check.sh
 #
@@ -89,6 +90,30 @@ step eval 60 "$PYTHON" -m bpdq.cli eval "$OUT/smollm2" --text builtin:python-doc
     --max-windows 8 --device cuda --json
 step generate 40 "$PYTHON" -m bpdq.cli generate "$OUT/smollm2" --prompt "What is a list in Python?" --chat \
     --max-new-tokens 24 --device cuda --json
+
+# (4) the joint refit against BPDQ's sweep on an 8B-shaped down_proj (4096 x 14336, k=2, g=64, 10 iterations)
+# on CUDA: float32 Cholesky, chunks from the free GPU memory; target refit <= 0.5x the sweep
+step refit_speed 150 "$PYTHON" - <<'PY'
+import time, torch
+from bpdq.grids import BitPlaneGrid
+from bpdq.solvers import BPDQ
+from bpdq.solvers.refit import apply_refit, memory_budget
+dev = torch.device("cuda")
+g = torch.Generator(device=dev).manual_seed(0)
+x = torch.randn(8192, 14336, device=dev, generator=g) * (0.5 + torch.rand(14336, device=dev, generator=g))
+H = 2 / 8192 * (x.T @ x)
+del x
+W = torch.randn(4096, 14336, device=dev, generator=g) * 0.02
+torch.cuda.synchronize(); t = time.perf_counter()
+qw = BPDQ(refit="none")(W, H, BitPlaneGrid(planes=2), 64)
+torch.cuda.synchronize(); sweep = time.perf_counter() - t
+codes, coeffs = qw.codes(), qw.coeffs.permute(2, 0, 1).float()
+torch.cuda.reset_peak_memory_stats(); t = time.perf_counter()
+_, extra, _ = apply_refit("full", W, H, codes, coeffs, 2, 64)
+torch.cuda.synchronize(); refit = time.perf_counter() - t
+print(f"sweep {sweep:.1f} s, refit {refit:.1f} s, refit/sweep {refit / sweep:.3f} (target <= 0.5); "
+      f"budget {memory_budget(dev) / 2**30:.1f} GiB, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; {extra['refit']}")
+PY
 
 echo "== gpu_check summary ($((SECONDS - START)) s)"
 printf '%s\n' "${RESULTS[@]}" | tee "$OUT/summary.txt"

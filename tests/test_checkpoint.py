@@ -221,3 +221,30 @@ def test_damaged_weights_file_is_named(ckpt, damage):
     weights.write_bytes(DAMAGED_WEIGHTS[damage](weights.read_bytes()))
     with pytest.raises(ValueError, match=r"model\.safetensors is not a valid safetensors file"):
         bpdq.load(ckpt)
+
+
+def test_a_checkpoint_without_a_tokenizer_loads_with_none(tmp_path):
+    import bpdq
+    from tests.tiny_models import TINY_RECIPE, tiny_model
+
+    model = tiny_model("llama", layers=1)
+    bpdq.quantize(model, {"quantize": TINY_RECIPE})
+    bpdq.save(model, None, tmp_path / "ckpt")
+    loaded, tokenizer = bpdq.load(tmp_path / "ckpt")
+    assert tokenizer is None
+    assert loaded.state_dict().keys() == model.state_dict().keys()
+
+
+def test_a_checkpoint_config_that_disagrees_with_the_weights_is_refused(tmp_path):
+    import json
+
+    import bpdq
+    from tests.tiny_models import TINY_RECIPE, tiny_model
+
+    model = tiny_model("llama", layers=1)
+    bpdq.quantize(model, {"quantize": TINY_RECIPE})
+    path = bpdq.save(model, None, tmp_path / "ckpt")
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(config | {"num_hidden_layers": 1_000_000_000}))
+    with pytest.raises(ValueError, match="config.json disagrees with the weights: it says num_hidden_layers 1000000000"):
+        bpdq.load(path)

@@ -109,3 +109,26 @@ def test_a_corrupt_file_is_named(tmp_path):
     (tmp_path / WEIGHTS_FILE).write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{not json}")
     with pytest.raises(ValueError, match=r"model\.safetensors is not a valid safetensors file"):
         WeightFiles(tmp_path)
+
+
+def test_abort_closes_and_removes_the_scratch_file(tmp_path):
+    w = ShardWriter(tmp_path, "1MB")
+    w.add(units()[0])
+    scratch = w._scratch
+    assert scratch is not None and not scratch.closed
+    w.abort()
+    assert scratch.closed  # the descriptor (and a deleted file's disk space) is not left to the traceback
+    assert list(tmp_path.iterdir()) == []
+    w.abort()  # twice: nothing left to do
+
+
+def test_a_checkpoint_sink_s_abort_closes_its_writer(tmp_path):
+    from bpdq.engine.sink import CheckpointSink
+
+    sink = CheckpointSink(tmp_path / "out", None)
+    sink.write_tensors(units()[0])
+    scratch = sink.writer._scratch
+    assert scratch is not None
+    sink.abort()
+    assert scratch.closed and not (tmp_path / "out").exists()
+    assert [p.name for p in tmp_path.iterdir()] == []

@@ -9,7 +9,7 @@ from typing import Any
 
 from bpdq.cli.console import emit_json, stdout_console
 from bpdq.cli.errors import usage_phase
-from bpdq.cli.runtime import positive_int, device_for, load_model, load_plugins, load_text
+from bpdq.cli.runtime import positive_int, device_for, load_model, load_plugins, load_text, tokenizer_for
 
 log = logging.getLogger("bpdq.cli")
 
@@ -35,6 +35,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
     p.add_argument("--dtype", choices=DTYPES, default="auto",
                    help="dtype of a full-precision model (default auto: as stored); a checkpoint keeps its own")
+    p.add_argument("--tokenizer", metavar="DIR_OR_HUB_ID", default=None,
+                   help="the tokenizer to use (default: the model's own; needed for a checkpoint saved without one)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(run=run)
 
@@ -48,6 +50,7 @@ def run(args: argparse.Namespace) -> int:
     device = device_for(args.device)
     text = load_text(args.text)
     model, tokenizer = load_model(args.model, device, dtype=args.dtype)
+    tokenizer = tokenizer_for(args.model, tokenizer, args.tokenizer)
     with usage_phase("--seq-len"):
         check_positions(model, args.seq_len, "--seq-len")
     with usage_phase("--text"):

@@ -8,7 +8,7 @@ from typing import Any
 
 from bpdq.cli.console import emit_json
 from bpdq.cli.errors import UsageError, usage_phase
-from bpdq.cli.runtime import positive_int, device_for, load_checkpoint, load_plugins
+from bpdq.cli.runtime import check_utf8, device_for, load_checkpoint, load_plugins, positive_int, tokenizer_for
 
 
 def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
@@ -25,6 +25,8 @@ def add_parser(sub: Any, common: argparse.ArgumentParser) -> None:
                    help="tokens to generate (default 64); the prompt plus N must fit the model's positions")
     p.add_argument("--chat", action="store_true", help="use the tokenizer's chat template (if it has one)")
     p.add_argument("--device", default="auto", help="auto | cpu | cuda | cuda:N (default auto)")
+    p.add_argument("--tokenizer", metavar="DIR_OR_HUB_ID", default=None,
+                   help="the tokenizer to use (default: the model's own; needed for a checkpoint saved without one)")
     p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(run=run)
 
@@ -45,10 +47,12 @@ def run(args: argparse.Namespace) -> int:
     from bpdq.models import check_positions
 
     load_plugins(args.plugin)
+    check_utf8(args.prompt, "--prompt")
     if not args.prompt.strip():
         raise UsageError("--prompt is empty")
     device = device_for(args.device)
     model, tokenizer = load_checkpoint(args.directory, device)
+    tokenizer = tokenizer_for(args.directory, tokenizer, args.tokenizer)
     ids = _encode(tokenizer, args.prompt, args.chat).to(device)
     with usage_phase("--max-new-tokens"):
         check_positions(model, ids.shape[1] + args.max_new_tokens, "the prompt plus --max-new-tokens")

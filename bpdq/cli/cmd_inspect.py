@@ -1,6 +1,7 @@
 """``bpdq inspect DIR``: what a checkpoint holds (method, recipe per module, bpw, sizes, proxy losses).
 
-Reads ``config.json``, ``bpdq_report.json`` and the safetensors header (validated); the weights are not loaded.
+Reads ``config.json``, ``bpdq_report.json`` and the safetensors headers, checked against the model the config
+describes (tensor names, shapes, dtypes); the weights are not loaded.
 """
 
 from __future__ import annotations
@@ -44,9 +45,8 @@ def _recipe_text(recipe: dict[str, Any] | None) -> str:
 
 def describe(directory: Path) -> dict[str, Any]:
     """The JSON description of a checkpoint directory."""
-    from bpdq.checkpoint import CONFIG_FILE, check_quantization_config
+    from bpdq.checkpoint import CONFIG_FILE, check_quantization_config, skeleton
     from bpdq.report import REPORT_FILE, RunReport
-    from bpdq.shards import WeightFiles
 
     config_path = directory / CONFIG_FILE
     if not config_path.is_file():
@@ -61,7 +61,7 @@ def describe(directory: Path) -> dict[str, Any]:
             report = RunReport.read(directory / REPORT_FILE)
     records = {m.name: m for m in report.modules} if report else {}
     with usage_phase(str(directory)):
-        weights = WeightFiles(directory)  # one model.safetensors or the shards of an index, headers validated
+        _, weights = skeleton(directory)  # the model on meta: every stored tensor's name, shape and dtype checked
     out_modules = []
     for experts, entry in [(n, e) for n, e in modules.items() if e.get("type") == "experts"]:
         del modules[experts]  # a fused experts module: a row per expert and projection (per projection without a report)

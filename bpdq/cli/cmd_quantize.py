@@ -10,9 +10,10 @@ Resume (``--resume auto|never|required``, default ``auto``): the run keeps its s
 again continues after the last finished layer (a changed model, calibration, recipe, rules... is refused,
 naming what differs); ``never`` removes the old state and starts over; ``required`` refuses to start without
 one. Ctrl-C or SIGTERM finishes the layer in work, saves the state, says how to resume and exits 130 (a
-second signal stops at once, losing that layer); the partial checkpoint directory is removed, the state
-kept. After the last layer a signal no longer stops the run (only the checkpoint's write is left); once the
-checkpoint is in place, signals no longer interrupt the command. Running the command again after it
+second signal stops at once, losing that layer; before the first layer, while the model loads and the
+calibration inputs are captured, the first one does); the partial checkpoint directory is removed, the
+state kept. After the last layer a signal no longer stops the run (only the checkpoint's write is left); once
+the checkpoint is in place, signals no longer interrupt the command. Running the command again after it
 completed is refused (the output is not empty); ``--overwrite`` quantizes again from the start.
 
 One run per output: the output is locked (:mod:`bpdq.engine.lock`) from its check to the summary; a second
@@ -21,8 +22,9 @@ calibration file is refused, even with ``--overwrite``.
 
 Distributed (``torchrun --nproc_per_node=N -m bpdq.cli quantize CONFIG``): the command joins the process
 group torchrun describes (gloo on CPU, nccl with CUDA; :mod:`bpdq.engine.distributed`); rank 0 logs, writes
-the checkpoint and prints the summary, the other ranks log only warnings and errors. An error on one rank is
-reported by that rank and every rank exits with its exit code.
+the checkpoint and prints the summary, the other ranks log only warnings and errors. Every rank checks the
+inputs (and builds the model's skeleton) before the group is made, so a bad input ends each rank with exit 2
+on its own; an error on one rank during the run is reported by that rank and every rank exits with its code.
 """
 
 from __future__ import annotations
@@ -172,10 +174,15 @@ def _ignore_signals() -> None:
         signal.signal(sig, signal.SIG_IGN)
 
 
-def _tokenizer(directory: str) -> Any:
-    from transformers import AutoTokenizer
+def _tokenizer(directory: str, calibrated: bool) -> Any:
+    """A model directory's tokenizer; ``None`` where it has none and the run is data-free."""
+    from bpdq.checkpoint import directory_tokenizer
 
-    return AutoTokenizer.from_pretrained(str(Path(directory).expanduser()))
+    tokenizer = directory_tokenizer(Path(directory).expanduser())
+    if tokenizer is None and calibrated:
+        raise UsageError(f"{directory} has no tokenizer files, and the calibration needs one to draw its windows "
+                         "(a data-free solver such as rtn does not)")
+    return tokenizer
 
 
 def run(args: argparse.Namespace) -> int:
@@ -183,36 +190,43 @@ def run(args: argparse.Namespace) -> int:
     from bpdq.engine import distributed
     from bpdq.engine.interrupt import RunInterrupted, stop_at_layer_boundary
 
-    created = distributed.init_from_env()
-    rank = distributed.rank()
+    rank = distributed.rank_from_env()
     if rank:
         setup_logging(args.debug, rank)
-    try:
-        with stop_at_layer_boundary():
-            code = _run(args)
-        distributed.agree()  # rank 0 wrote its summary: every rank ends with 0
-        return code
-    except RunInterrupted as exc:
-        if rank == 0:
-            sys.stderr.write(f"bpdq {args.command}: {exc}; run the same command again to resume (--resume auto, "
-                             "the default; --resume never starts over)\n")
-        return EXIT_INTERRUPTED
-    except distributed.PeerFailed as exc:
-        log.debug("%s", exc)
-        return exc.code
-    except BaseException as exc:
-        code = distributed.exit_code(exc)
-        distributed.fail(EXIT_USAGE if isinstance(exc, UsageError) else code or EXIT_FAILURE)
-        raise
-    finally:
-        if created:
-            distributed.destroy()
-            left_distributed_group()
+    with stop_at_layer_boundary(), contextlib.ExitStack() as held:
+        job = _prepare(args, held)  # every rank checks its inputs alone: a bad one ends it with 2, no group made yet
+        created = distributed.init_from_env()
+        try:
+            code = _run(args, *job)
+            distributed.agree()  # rank 0 wrote its summary: every rank ends with 0
+            return code
+        except RunInterrupted as exc:
+            if rank == 0:
+                sys.stderr.write(f"bpdq {args.command}: {exc}; run the same command again to resume (--resume "
+                                 "auto, the default; --resume never starts over)\n")
+            return EXIT_INTERRUPTED
+        except distributed.PeerFailed as exc:
+            log.debug("%s", exc)
+            return exc.code
+        except BaseException as exc:
+            code = distributed.exit_code(exc)
+            distributed.fail(EXIT_USAGE if isinstance(exc, UsageError) else code or EXIT_FAILURE)
+            raise
+        finally:
+            if created:
+                distributed.destroy()
+                left_distributed_group()
 
 
-def _run(args: argparse.Namespace) -> int:
+def _prepare(args: argparse.Namespace, held: contextlib.ExitStack) -> tuple[Any, Any, Any, Any, Path]:
+    """``(strategy, model, tokenizer, config, output)``: the strategy read and checked, the output locked (rank
+    0, until ``held`` closes), the model loaded (a model directory: its skeleton) and the run's plan checked
+    against it, each failing as a ``UsageError``."""
     from bpdq.engine import distributed
     from bpdq.engine.lock import lock_output
+    from bpdq.engine.loop import preflight
+    from bpdq.engine.plan import needs_calibration
+    from bpdq.engine.source import LazySource, is_model_directory
     from bpdq.strategy import strategy_from_dict
 
     load_plugins(args.plugin)
@@ -221,21 +235,10 @@ def _run(args: argparse.Namespace) -> int:
         strategy = strategy_from_dict(_strategy_data(args), source)
     output = _output_dir(args, strategy.output, {"model directory": strategy.model,
                                                  "calibration text": strategy.calibration.text})
-    with contextlib.ExitStack() as locked:
-        if distributed.rank() == 0:  # one run per output, from here until its summary is written
-            with usage_phase():
-                locked.enter_context(lock_output(output))
-        _check_resume(output, args.resume)
-        return _quantize(args, strategy, output)
-
-
-def _quantize(args: argparse.Namespace, strategy: Any, output: Path) -> int:
-    from bpdq.api import quantize
-    from bpdq.engine import distributed
-    from bpdq.engine.moe import check_config as check_experts
-    from bpdq.engine.plan import needs_calibration
-    from bpdq.engine.source import LazySource, is_model_directory
-
+    if distributed.rank_from_env() == 0:  # one run per output, from here until its summary is written
+        with usage_phase():
+            held.enter_context(lock_output(output))
+    _check_resume(output, args.resume)
     device = device_for(strategy.device)
     calibrated = needs_calibration(strategy.quantize, strategy.rules)
     if calibrated:
@@ -243,19 +246,28 @@ def _quantize(args: argparse.Namespace, strategy: Any, output: Path) -> int:
     model: Any
     if is_model_directory(strategy.model):
         with usage_phase(f"model {strategy.model!r}"):
-            model = LazySource(strategy.model, None if strategy.dtype == "auto" else strategy.dtype)
-            tokenizer = _tokenizer(strategy.model)
+            model = LazySource(strategy.model, None if strategy.dtype == "auto" else strategy.dtype, tune_allocator=True)
+            tokenizer = _tokenizer(strategy.model, calibrated)
     else:
         model, tokenizer = load_model(strategy.model, "cpu", dtype=strategy.dtype)
-    if calibrated:
-        log.info("quantizing %s on %s: %d calibration windows of %d tokens", strategy.model, device,
-                 strategy.calibration.samples, strategy.calibration.seq_len)
-    else:
-        log.info("quantizing %s on %s: data-free (no solver of the strategy uses a Hessian)", strategy.model, device)
     config = strategy.config().model_copy(update={"output": str(output), "overwrite": args.overwrite,
                                                   "resume": args.resume, "device": str(device)})
     with usage_phase():
-        check_experts(model.model if isinstance(model, LazySource) else model, config)
+        preflight(model.model if isinstance(model, LazySource) else model, config, device,
+                  seq_len=strategy.calibration.seq_len, warn=False)  # the run warns about its rules itself
+    return strategy, model, tokenizer, config, output
+
+
+def _run(args: argparse.Namespace, strategy: Any, model: Any, tokenizer: Any, config: Any, output: Path) -> int:
+    from bpdq.api import quantize
+    from bpdq.engine import distributed
+    from bpdq.engine.plan import needs_calibration
+
+    if needs_calibration(strategy.quantize, strategy.rules):
+        log.info("quantizing %s on %s: %d calibration windows of %d tokens", strategy.model, config.device,
+                 strategy.calibration.samples, strategy.calibration.seq_len)
+    else:
+        log.info("quantizing %s on %s: data-free (no solver of the strategy uses a Hessian)", strategy.model, config.device)
     with resume_refusals():
         report = quantize(model, config, tokenizer=tokenizer)
     _ignore_signals()

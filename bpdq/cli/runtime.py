@@ -56,6 +56,34 @@ def load_checkpoint(directory: str, device: Any) -> tuple[Any, Any]:
         return load(path, device=str(device))
 
 
+def tokenizer_for(model_name: str, tokenizer: Any, spec: str | None) -> Any:
+    """The tokenizer a command runs with: the one ``--tokenizer`` names (a directory or hub id) over the
+    model's own; a model without one and no flag is a usage error."""
+    if spec is not None:
+        from transformers import AutoTokenizer
+
+        with usage_phase(f"--tokenizer {spec!r}"):
+            try:
+                return AutoTokenizer.from_pretrained(str(Path(spec).expanduser()) if Path(spec).expanduser().exists()
+                                                     else spec)
+            except OSError as exc:
+                raise ValueError(f"no tokenizer there: {str(exc).splitlines()[0]}") from None
+    if tokenizer is None:
+        raise UsageError(f"{model_name} has no tokenizer (it was quantized from a directory without one): pass "
+                         "--tokenizer DIR_OR_HUB_ID, e.g. the original model's")
+    return tokenizer
+
+
+def check_utf8(text: str, what: str) -> None:
+    """A command-line text that held bytes invalid in UTF-8 (Python keeps them as lone surrogates) is a usage error."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        bad = text[exc.start].encode("utf-8", "surrogateescape")
+        raise UsageError(f"{what} is not valid UTF-8 (byte 0x{bad.hex()} at character {exc.start}); "
+                         "give the text in UTF-8") from None
+
+
 def load_text(spec: str, what: str = "--text") -> str:
     from bpdq.calibration import load_text as _load_text
 

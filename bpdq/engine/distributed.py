@@ -6,7 +6,9 @@ The run is the same loop on every rank (:mod:`bpdq.engine.loop`), with these dif
   contiguous share of the batches (:func:`shard`; there must be at least ``N`` batches) and runs its own
   share through each layer, for the Hessians and for the next layer's inputs.
 - **Hessians.** Each rank accumulates ``sum x x^T`` and the sample count over its batches; the sums are
-  all-reduced in float64 (:func:`all_reduce_hessian`) so that every rank holds the same Hessian. A Hessian
+  reduced in float64 onto the rank that solves the linear (:func:`reduce_hessians`: one status exchange per
+  sequential group, asynchronous reductions), so that the owner holds the whole Hessian and the other
+  ranks none. A Hessian
   is a float64 sum of per-batch float32 terms in one process too
   (:class:`~bpdq.solvers.hessian.HessianAccumulator`), so grouping the batches by rank changes only its last
   float64 bits and the float32 Hessian the solver receives is the same: the distributed checkpoint is
@@ -16,8 +18,14 @@ The run is the same loop on every rank (:mod:`bpdq.engine.loop`), with these dif
   the least-loaded rank); the owners solve their linears at the same time, then each owner broadcasts its
   QuantLinear (packed planes, coefficients, and its record and metadata as JSON: :func:`share_linear`) and
   the other ranks swap it in. Groups are solved one after another (each one's Hessians need the previous
-  ones quantized), so the solves run in parallel within a group only: q/k/v and gate/up in a Llama layer;
-  o_proj and down_proj are solved by one rank while the others wait.
+  ones quantized), so the solves run in parallel within a group only: q/k/v and gate/up in a Llama layer.
+  A linear alone in its group (o_proj, down_proj) and the output projection are split by rows instead when
+  their solver's rows are independent (``Solver.rows_independent``: GPTQ, not BPDQ, whose groups keep the
+  iterate that is best summed over all rows): every rank gets the whole Hessian, solves its contiguous
+  share of the rows (:func:`row_share`), and the packed shares travel to every rank (:func:`gather_rows`);
+  a row's result does not depend on the other rows, so the bytes are those of one process. Otherwise
+  o_proj and down_proj are solved by their owner while the others wait, and the output projection by
+  rank 0.
 - **Output.** Rank 0 writes the checkpoint and the report; the others write nothing (their resume inputs
   excepted: each rank saves its own share of the next layer's inputs under their global batch numbers, so
   the state directory must be on a filesystem all ranks share).
@@ -41,14 +49,17 @@ import json
 import logging
 import os
 from dataclasses import asdict
-from typing import Any, Callable, Sequence, TypeVar
+from typing import Any, Callable, Collection, Sequence, TypeVar
 
 import torch
 from torch import nn
 
 from bpdq.engine.interrupt import RunInterrupted
 from bpdq.linear import QuantLinear
+from bpdq.quantized import QuantizedWeight, SolveStats
 from bpdq.report import ModuleRecord
+from bpdq.solvers.base import relative_loss
+from bpdq.solvers.hessian import HessianAccumulator
 
 logger = logging.getLogger(__name__)
 
@@ -81,6 +92,13 @@ def rank() -> int:
     return _dist().get_rank() if is_distributed() else 0
 
 
+def rank_from_env() -> int:
+    """This process's rank as torchrun describes it (``RANK`` when ``WORLD_SIZE`` > 1), before any group exists."""
+    if int(os.environ.get("WORLD_SIZE", "1")) <= 1:
+        return 0
+    return int(os.environ.get("RANK", "0"))
+
+
 def world_size() -> int:
     return _dist().get_world_size() if is_distributed() else 1
 
@@ -105,6 +123,24 @@ def init_from_env() -> bool:
     else:
         dist.init_process_group("gloo", timeout=TIMEOUT)
     return True
+
+
+def local_rank() -> int:
+    """This process's rank on its node (torchrun's ``LOCAL_RANK``; 0 outside a distributed run)."""
+    return int(os.environ.get("LOCAL_RANK", "0")) if is_distributed() else 0
+
+
+def rank_device(device: torch.device) -> torch.device:
+    """The compute device of this rank: in a distributed run a CUDA device is this rank's own GPU,
+    ``cuda:LOCAL_RANK``, so ``cuda`` (or ``auto``) becomes that; an explicit ``cuda:N`` that is not it is a
+    ``ValueError`` (every rank would share GPU N). Unchanged in one process and for the CPU."""
+    if device.type != "cuda" or not is_distributed():
+        return device
+    own = local_rank()
+    if device.index is not None and device.index != own:
+        raise ValueError(f"device {str(device)!r} in a distributed run: each rank computes on its own GPU, "
+                         f"cuda:LOCAL_RANK (cuda:{own} on this rank); use device 'cuda' or 'auto'")
+    return torch.device("cuda", own)
 
 
 def agree(code: int = 0) -> None:
@@ -179,21 +215,112 @@ def shard(items: Sequence[T]) -> list[T]:
 
 def shard_start(n: int) -> int:
     """The global index of this rank's first item of :func:`shard` over ``n`` items."""
-    world, r = world_size(), rank()
-    return r * (n // world) + min(r, n % world)
+    return _share(n, rank())[0]
 
 
-def all_reduce_hessian(total: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    """``(sum over ranks of total, sum of n)``: the sums travel in float64 and come back in ``total``'s dtype."""
+def _share(n: int, r: int) -> tuple[int, int]:
+    world = world_size()
+    start = r * (n // world) + min(r, n % world)
+    return start, start + n // world + (r < n % world)
+
+
+def splits_rows(rows: int, rows_independent: bool) -> bool:
+    """Whether a linear of ``rows`` output rows is solved by every rank, each its share of the rows: in a
+    distributed run, for a solver whose rows are independent, when each share has at least 2 rows (one row
+    alone would run through matrix-vector paths that may round differently)."""
+    return rows_independent and is_distributed() and rows >= 2 * world_size()
+
+
+def row_share(rows: int) -> tuple[int, int]:
+    """This rank's contiguous share ``[r0, r1)`` of ``rows`` rows (the first ranks take one more)."""
+    return _share(rows, rank())
+
+
+def gather_rows(part: QuantizedWeight, rows: int) -> QuantizedWeight:
+    """Every rank's row share of one weight (:func:`row_share`), solved on its rank, into the whole
+    QuantizedWeight on every rank: packed planes and coefficients travel from each rank in turn, with its
+    statistics (the losses are summed, the reference of the relative loss too; the time is the slowest
+    share's). A no-op in one process."""
     if not is_distributed():
-        return total, n
+        return part
     agree()
-    dev = _device()
-    wide = total.to(device=dev, dtype=torch.float64)
-    count = torch.tensor([n], dtype=torch.int64, device=dev)
-    _dist().all_reduce(wide)
-    _dist().all_reduce(count)
-    return wide.to(device=total.device, dtype=total.dtype), int(count.item())
+    dev, home = _device(), part.planes.device
+    k, _, cols = part.planes.shape
+    n_groups = part.coeffs.shape[0]
+    planes, coeffs, stats = [], [], []
+    for src in range(world_size()):
+        r0, r1 = _share(rows, src)
+        mine = src == rank()
+        p = part.planes.contiguous().to(dev) if mine else torch.empty(k, r1 - r0, cols, dtype=torch.uint8, device=dev)
+        c = part.coeffs.contiguous().to(dev) if mine else torch.empty(n_groups, k + 1, r1 - r0, dtype=part.coeffs.dtype, device=dev)
+        _dist().broadcast(p, src)
+        _dist().broadcast(c, src)
+        planes.append(p.to(home))
+        coeffs.append(c.to(home))
+        stats.append(json.loads(_broadcast_bytes(json.dumps(part.stats.to_dict()).encode() if mine else None, src)))
+    return QuantizedWeight(torch.cat(planes, 1), torch.cat(coeffs, 2), part.group_size, (rows, part.shape[1]),
+                           part.dtype, part.grid, part.solver, _merged_stats(stats))
+
+
+def _merged_stats(parts: list[dict[str, Any]]) -> SolveStats:
+    """One weight's statistics from its row shares' (see :func:`gather_rows`)."""
+    extra = dict(parts[0].get("extra", {}))
+    if "refit" in extra:
+        extra["refit"] = {key: sum(p["extra"]["refit"][key] for p in parts) for key in extra["refit"]}
+    merged = SolveStats(time_s=max(p["time_s"] for p in parts), extra=extra)
+    if all(p["proxy_loss"] is not None for p in parts):
+        loss = sum(p["proxy_loss"] for p in parts)
+        reference = sum(p["proxy_loss"] / p["relative_loss"] for p in parts if p["relative_loss"])
+        merged.proxy_loss, merged.relative_loss = loss, relative_loss(loss, reference)
+    return merged
+
+
+def reduce_hessians(accs: Sequence[HessianAccumulator], dests: Sequence[Collection[int]]) -> None:
+    """Sum each accumulator over the ranks, in place, onto the ranks in its ``dests`` (the owners of the
+    linears it serves): one status exchange for all of them, then every float64 block is reduced
+    asynchronously (``dist.reduce`` to a single owner; an all-reduce where several ranks own linears that
+    share the accumulator) and the sample counts go to every rank in one all-reduce. Afterwards only the
+    ranks in ``dests`` hold the sum; on the others the accumulator's blocks are undefined (drop it). A no-op
+    in one process."""
+    if not is_distributed():
+        return
+    agree()
+    dist, dev = _dist(), _device()
+    counts = torch.tensor([acc.n for acc in accs], dtype=torch.int64, device=dev)
+    works = [dist.all_reduce(counts, async_op=True)]
+    late: list[tuple[torch.Tensor, torch.Tensor]] = []  # blocks that live off the collectives' device
+    for acc, dest in zip(accs, dests):
+        owners = sorted(set(dest))
+        if not owners:
+            raise ValueError("a Hessian must have at least one owner rank")
+        for block in acc.sums:
+            wire = block if block.device == dev else block.to(dev)
+            if wire is not block:
+                late.append((block, wire))
+            if len(owners) == 1:
+                works.append(dist.reduce(wire, owners[0], async_op=True))
+            else:
+                works.append(dist.all_reduce(wire, async_op=True))
+    for work in works:
+        work.wait()
+    for block, wire in late:
+        block.copy_(wire)
+    for acc, n in zip(accs, counts.tolist()):
+        acc.n = int(n)
+
+
+def check_same(value: str, what: str) -> None:
+    """Rank 0's ``value`` is the run's: every rank compares its own with it, and if any differs every rank
+    raises ``ValueError`` naming ``what`` and both values. A no-op in one process."""
+    if not is_distributed():
+        return
+    agree()
+    ref = _broadcast_bytes(value.encode() if rank() == 0 else None, 0).decode()
+    differs = torch.tensor([int(ref != value)], dtype=torch.int64, device=_device())
+    _dist().all_reduce(differs, op=_dist().ReduceOp.MAX)
+    if differs.item():
+        mine = f"rank {rank()} has {value!r}" if ref != value else "another rank has something else"
+        raise ValueError(f"the ranks disagree on {what}: rank 0 has {ref!r}, {mine}")
 
 
 def destroy() -> None:

@@ -1,4 +1,5 @@
-"""Stopping a run cleanly at a decoder-layer boundary on SIGINT or SIGTERM."""
+"""Stopping a run on SIGINT or SIGTERM: at once while it loads the model and captures the calibration
+inputs (nothing to save yet), cleanly at a decoder-layer boundary once the layers are in work."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Any, Iterator
 
 logger = logging.getLogger(__name__)
 _STOP = threading.Event()
+_LAYERS = threading.Event()  # the layer loop has begun: a first signal waits for its boundary
 
 
 class RunInterrupted(KeyboardInterrupt):
@@ -26,24 +28,35 @@ def stop_requested() -> bool:
     return _STOP.is_set()
 
 
+def layers_begin() -> None:
+    """The run reaches its first decoder layer: from now on (until the handlers are restored) a first signal
+    asks for a stop at the next layer boundary instead of interrupting at once."""
+    _LAYERS.set()
+
+
 @contextlib.contextmanager
 def stop_at_layer_boundary() -> Iterator[None]:
-    """While active, the first SIGINT or SIGTERM asks the run to stop after the current layer (raising
-    :class:`RunInterrupted` there); a second one raises ``KeyboardInterrupt`` at once. Main thread only."""
+    """While active, SIGINT or SIGTERM raises ``KeyboardInterrupt`` at once until :func:`layers_begin`
+    (loading a model or capturing activations can take minutes, and nothing is saved yet); after it, the
+    first signal asks the run to stop after the current layer (raising :class:`RunInterrupted` there) and a
+    second one raises ``KeyboardInterrupt`` at once. Main thread only."""
 
     def handler(_signum: int, _frame: Any) -> None:
-        if _STOP.is_set():
+        if _STOP.is_set() or not _LAYERS.is_set():
+            _STOP.set()
             raise KeyboardInterrupt
         _STOP.set()
         logger.warning("stop requested: finishing the current layer and saving the state (signal again to stop now)")
 
     previous = {sig: signal.signal(sig, handler) for sig in (signal.SIGINT, signal.SIGTERM)}
     _STOP.clear()
+    _LAYERS.clear()
     try:
         yield
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
         _STOP.clear()
+        _LAYERS.clear()
 
 

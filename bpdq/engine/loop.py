@@ -42,9 +42,9 @@ from bpdq.engine.passes import (
     run_layer,
     token_windows,
 )
-from bpdq.engine.plan import RunPlan, make_plan
+from bpdq.engine.plan import RunPlan, check_kernels, make_plan
 from bpdq.engine.replay import Replay
-from bpdq.engine.interrupt import RunInterrupted, stop_requested
+from bpdq.engine.interrupt import RunInterrupted, layers_begin, stop_requested
 from bpdq.engine.lock import locked_tempdir
 from bpdq.engine.resume import ResumeState, source_fingerprint, windows_hash
 from bpdq.engine.sink import Sink
@@ -56,7 +56,7 @@ from bpdq.modules import on_device
 from bpdq.progress import RunProgress
 from bpdq.report import ModuleRecord, RunReport
 from bpdq.shards import parse_size
-from bpdq.solvers.build import quantize_weight
+from bpdq.solvers.build import build_solver, quantize_weight
 from bpdq.solvers.hessian import HessianAccumulator
 from bpdq.version import __version__
 
@@ -64,18 +64,24 @@ logger = logging.getLogger(__name__)
 
 
 def quantize_linear(
-    root: nn.Module, rel: str, full: str, recipe: Recipe, hessian: torch.Tensor | None, *, release_hessian: bool = False
+    root: nn.Module, rel: str, full: str, recipe: Recipe, hessian: torch.Tensor | None, *, release_hessian: bool = False,
+    split: bool = False,
 ) -> ModuleRecord:
     """Solve the ``nn.Linear`` ``rel`` of ``root`` and swap it for a QuantLinear (on the weight's device);
-    ``release_hessian``: as :func:`~bpdq.solvers.build.quantize_weight`'s."""
+    ``release_hessian``: as :func:`~bpdq.solvers.build.quantize_weight`'s. ``split``: every rank of a
+    distributed run calls this, solves its share of the rows, and all ranks get the whole result
+    (:func:`~bpdq.engine.distributed.gather_rows`)."""
     linear = root.get_submodule(rel)
+    rows = slice(*distributed.row_share(linear.out_features)) if split else slice(None)
     try:
         qw = quantize_weight(
-            linear.weight, hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size,
+            linear.weight[rows], hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size,
             release_hessian=release_hessian,
         )
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"cannot quantize {full}: {exc}") from None
+    if split:
+        qw = distributed.gather_rows(qw, linear.out_features)
     root.set_submodule(rel, QuantLinear.from_quantized(qw, linear.bias, kernel=recipe.kernel))
     return ModuleRecord(
         name=full,
@@ -128,23 +134,28 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
                 step.records.append(ModuleRecord(f"{prefix}.{rel}", skipped=True, n_params=layer.get_submodule(rel).weight.numel()))
                 progress.advance()
         if todo:
+            # a linear alone in its group is solved by every rank (a share of its rows each) where its solver
+            # allows it; the others each by one owner rank
+            split = {rel for rel in todo if len(todo) == 1 and distributed.splits_rows(
+                layer.get_submodule(rel).out_features, build_solver(group[rel].solver).rows_independent)}  # type: ignore[union-attr]
+            owner = distributed.owners({rel: layer.get_submodule(rel).weight.numel() for rel in todo})
+            solvers = {rel: set(range(distributed.world_size())) if rel in split else {owner[rel]} for rel in todo}
             hessians: dict[str, torch.Tensor | None] = dict.fromkeys(todo)
             if step.inputs is not None:
                 progress.describe(f"{prefix}: calibrating {', '.join(todo)}")
                 found = provider.hessians(step, todo) if provider is not None else None
                 hessians.update(found if found is not None
-                                else collect_hessians(layer, todo, step.inputs, device, replay, group=True))
-            owner = distributed.owners({rel: layer.get_submodule(rel).weight.numel() for rel in todo})
+                                else collect_hessians(layer, todo, step.inputs, device, replay, group=True, owners=solvers))
             solved: dict[str, ModuleRecord] = {}
-            for rel in todo:  # in a distributed run, each rank its own linears of the group
+            for rel in todo:  # in a distributed run, each rank its own linears of the group (or its rows)
                 hessian = hessians.pop(rel)
-                if owner[rel] == distributed.rank():
+                if distributed.rank() in solvers[rel]:
                     progress.describe(f"{prefix}.{rel}")
                     last = hessian is not None and not any(h is hessian for h in hessians.values())  # q/k/v share one
                     solved[rel] = quantize_linear(layer, rel, f"{prefix}.{rel}", group[rel], hessian,  # type: ignore[arg-type]
-                                                  release_hessian=last)
+                                                  release_hessian=last, split=rel in split)
             for rel in todo:
-                step.records.append(distributed.share_linear(layer, rel, solved.get(rel), owner[rel]))
+                step.records.append(solved[rel] if rel in split else distributed.share_linear(layer, rel, solved.get(rel), owner[rel]))
                 progress.advance()
             del hessians
             return_freed_memory()  # the group's Hessians and solver copies, before the next group's
@@ -186,9 +197,14 @@ def run_layer_step(
 
 
 def quantize_head(source: ModelSource, plan: RunPlan, batches: Sequence[Batch] | None, device: torch.device) -> ModuleRecord:
-    """Quantize the output projection (calibrated on the final norm of the last layer's outputs)."""
+    """Quantize the output projection (calibrated on the final norm of the last layer's outputs); in a
+    distributed run rank 0 solves it and shares it with the others."""
     model = source.model
     head = source.load(plan.adapter.head)
+    assert plan.head_recipe is not None
+    split = distributed.splits_rows(head.out_features, build_solver(plan.head_recipe.solver).rows_independent)
+    owner = 0
+    mine = split or distributed.rank() == owner
     hessian = None
     if batches is not None:
         norm = source.load(plan.adapter.norm)
@@ -199,15 +215,21 @@ def quantize_head(source: ModelSource, plan: RunPlan, batches: Sequence[Batch] |
                 acc.add(norm(b.hidden.to(device)))
         finally:
             norm.to(home)
-        acc.reduce(distributed.all_reduce_hessian)
-        hessian = acc.hessian
+        distributed.reduce_hessians([acc], [set(range(distributed.world_size())) if split else {owner}])
+        hessian = acc.hessian if mine else None
+        del acc
     tied = getattr(model.config, "tie_word_embeddings", False)
     if tied:  # the embedding keeps its dense weight; the head gets its own copy to quantize
         head.weight = nn.Parameter(head.weight.detach(), requires_grad=False)
     home = on_device(head, device)
     try:
-        assert plan.head_recipe is not None
-        record = quantize_linear(model, plan.adapter.head, plan.adapter.head, plan.head_recipe, hessian, release_hessian=True)
+        record = None
+        if mine:
+            record = quantize_linear(model, plan.adapter.head, plan.adapter.head, plan.head_recipe, hessian,
+                                     release_hessian=True, split=split)
+        if not split:
+            record = distributed.share_linear(model, plan.adapter.head, record, owner)
+        assert record is not None
     finally:
         model.get_submodule(plan.adapter.head).to(home)
     if tied:
@@ -259,13 +281,14 @@ def run_quantization(
     ``resume``: the state to continue from and to keep after each layer (removed once the sink is finished).
     On any exception the layer in work goes back to its home device and ``sink.abort()`` removes what was
     written (the resume state stays). A stop requested by a signal
-    (:func:`~bpdq.engine.resume.stop_at_layer_boundary`) raises :class:`RunInterrupted` after a layer."""
+    (:func:`~bpdq.engine.interrupt.stop_at_layer_boundary`) raises :class:`RunInterrupted` after a layer;
+    before the first layer the signal interrupts at once."""
     start = time.perf_counter()
     stages = check_stages(stages)
     model = source.model
     was_training = model.training
     try:
-        device = resolve_device(config.device)
+        device = distributed.rank_device(resolve_device(config.device))
         layers = get_adapter(model).layers  # before the run: a quantized model no longer looks Llama-shaped
         autocast = resolve_autocast(config.calibration.autocast, device)
         with calibration_autocast(AUTOCAST_DTYPES[autocast]):
@@ -287,11 +310,25 @@ def run_quantization(
     return report
 
 
+def preflight(model: nn.Module, config: QuantizeConfig, device: torch.device, *, seq_len: int | None = None,
+              warn: bool = True) -> RunPlan:
+    """The plan of quantizing ``model`` as ``config`` says on ``device``, and the checks a run makes before
+    any work (``ValueError``): rules that leave nothing to quantize, a kernel that cannot run on ``device``,
+    calibration windows of ``seq_len`` tokens beyond the model's positions (when a solver needs them).
+    Reads no tensor: ``model`` may be a skeleton on the meta device."""
+    plan = make_plan(model, config.quantize, tuple(config.rules), warn=warn)
+    plan.calibration = config.calibration
+    moe.check(plan, config)
+    check_kernels(plan, device)
+    if plan.calibrated and seq_len is not None:
+        check_positions(model, seq_len, "calibration seq_len")
+    return plan
+
+
 def _check(plan: RunPlan, stages: Sequence[Stage]) -> None:
     """The stages' own checks, then what a run of several processes or without data cannot do."""
     for stage in stages:
         stage.check(plan)
-    moe.check(plan, stages)
     if any(s.single_process for s in stages) and distributed.is_distributed():
         raise ValueError("calibration.asymmetric, tuning and target_bpw are not supported in a distributed run "
                          f"({distributed.world_size()} processes): run them in one process")
@@ -307,8 +344,7 @@ def _run(
 ) -> RunReport:
     model = source.model
     calibration = config.calibration
-    plan = make_plan(model, config.quantize, tuple(config.rules))
-    plan.calibration = calibration
+    plan = preflight(model, config, device, seq_len=calibration.seq_len if windows is None and calibration_given else None)
     _check(plan, stages)
     fp_stream = any(s.fp_stream for s in stages)
     report = RunReport(model=architecture_of(model), total_params=sum(p.numel() for p in model.parameters()),
@@ -379,6 +415,7 @@ def _run(
                     restore_layer(source, sink, resume, plan.prefix(i), i)
                     for _ in range(restored[i]):
                         bar.advance()
+            layers_begin()  # a signal now stops the run at the next layer boundary, its state saved
             for i in range(done, n_layers):
                 bar.layer(i)
                 prefix = plan.prefix(i)

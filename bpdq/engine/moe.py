@@ -36,17 +36,12 @@ from bpdq.engine import distributed
 from bpdq.engine.activations import ActivationStore, close, outputs_like
 from bpdq.engine.passes import _call, _passes, _Stop, dense_quantized_forwards
 from bpdq.engine.replay import Replay
-from bpdq.engine.stages import LayerStep, Stage
+from bpdq.engine.stages import LayerStep
 from bpdq.experts import PROJECTIONS, QuantExperts
-from bpdq.models.base import get_adapter
 from bpdq.quantized import dequantize_packed
 from bpdq.report import ModuleRecord
 from bpdq.solvers.build import build_solver, quantize_weight
 from bpdq.solvers.hessian import HessianAccumulator
-
-#: Built-in stages that change how linears are calibrated or solved; not available on expert layers yet.
-UNSUPPORTED_STAGES = {"asymmetric": "calibration.asymmetric", "tuning": "tuning", "allocation": "target_bpw"}
-
 
 def is_experts_group(plan: Any, group: dict[str, Any]) -> bool:
     experts = plan.adapter.experts
@@ -60,39 +55,25 @@ def fingerprint(plan: Any) -> dict[str, Any]:
     return {"moe": {k: getattr(plan.calibration, k) for k in ("moe_all_experts", "moe_min_tokens")}}
 
 
-def check(plan: Any, stages: Sequence[Stage]) -> None:
-    """Refuse, before any work, what expert layers do not support: asymmetric calibration, tuning, target_bpw
-    and distributed runs."""
-    _refuse(plan.adapter, plan.layers, [s.name for s in stages])
+def check(plan: Any, config: QuantizeConfig) -> None:
+    """Refuse, before any work, what expert layers do not support: asymmetric calibration, tuning, target_bpw,
+    distributed runs, and a rule that skips one of the two fused projections but not the other."""
+    layout = plan.adapter.experts
+    if layout is None or not any(layout.module(layer) is not None for layer in plan.layers):
+        return
+    options = [name for name, on in (("calibration.asymmetric", config.calibration.asymmetric),
+                                     ("target_bpw", config.target_bpw is not None),
+                                     ("tuning", config.tuning is not None)) if on]
+    if options:
+        raise ValueError(f"{', '.join(options)} {'is' if len(options) == 1 else 'are'} not supported on a mixture of "
+                         f"experts ({plan.adapter.architecture}) yet: turn {'it' if len(options) == 1 else 'them'} off")
+    if distributed.is_distributed():
+        raise ValueError(f"a mixture of experts ({plan.adapter.architecture}) is quantized in one process only, not "
+                         f"in a distributed run of {distributed.world_size()} processes")
     for i, layer in enumerate(plan.layers):
         for group in plan.layer_plan(layer, plan.prefix(i)):
             if is_experts_group(plan, group):
-                _check_recipes(f"{plan.prefix(i)}.{plan.adapter.experts.experts}", group)
-
-
-def check_config(model: nn.Module, config: QuantizeConfig) -> None:
-    """:func:`check` for ``model`` (its module tree: weights may be on the meta device) and ``config``, without a
-    plan (a command line reports these as usage errors)."""
-    from bpdq.engine.builtin import config_stages
-
-    try:
-        adapter = get_adapter(model)
-    except ValueError:
-        return  # the run itself reports it
-    _refuse(adapter, adapter.decoder_layers(model), [s.name for s in config_stages(config)])
-
-
-def _refuse(adapter: Any, layers: Sequence[nn.Module], stages: Sequence[str]) -> None:
-    layout = adapter.experts
-    if layout is None or not any(layout.module(layer) is not None for layer in layers):
-        return
-    options = sorted({UNSUPPORTED_STAGES[s] for s in stages if s in UNSUPPORTED_STAGES})
-    if options:
-        raise ValueError(f"{', '.join(options)} {'is' if len(options) == 1 else 'are'} not supported on a mixture of "
-                         f"experts ({adapter.architecture}) yet: turn {'it' if len(options) == 1 else 'them'} off")
-    if distributed.is_distributed():
-        raise ValueError(f"a mixture of experts ({adapter.architecture}) is quantized in one process only, not in "
-                         f"a distributed run of {distributed.world_size()} processes")
+                _check_recipes(f"{plan.prefix(i)}.{layout.experts}", group)
 
 
 def capture_expert_inputs(layer: nn.Module, experts: str, num_experts: int, batches: Sequence[Batch],

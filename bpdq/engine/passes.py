@@ -275,11 +275,13 @@ def group_inputs(
 
 def collect_hessians(
     layer: nn.Module, names: Sequence[str], batches: Sequence[Batch], device: torch.device, replay: Replay | None = None,
-    *, group: bool = False,
-) -> dict[str, torch.Tensor]:
+    *, group: bool = False, owners: dict[str, set[int]] | None = None,
+) -> dict[str, torch.Tensor | None]:
     """``H = 2/n sum x x^T`` of the inputs of the linears ``names`` (relative to ``layer``) over all batches
-    (:func:`group_inputs` per batch; ``group`` as there), summed over the ranks of a distributed run.
-    Linears called on the very same input tensor (q/k/v, gate/up) share one accumulation."""
+    (:func:`group_inputs` per batch; ``group`` as there), summed over the ranks of a distributed run onto the
+    ranks that solve each linear (``owners``, default: every rank gets every Hessian); ``None`` for a linear
+    this rank does not solve. Linears called on the very same input tensor (q/k/v, gate/up) share one
+    accumulation."""
     accs: dict[str, HessianAccumulator] = {}
     alias: dict[str, str] = {}
     with dense_quantized_forwards():
@@ -292,7 +294,14 @@ def collect_hessians(
                     alias[name] = alias.get(same, same)
                 else:
                     accs.setdefault(name, HessianAccumulator(layer.get_submodule(name).in_features, device=device)).add(x)
-    for acc in accs.values():  # the same order on every rank of a distributed run
-        acc.reduce(distributed.all_reduce_hessian)
-    hessians = {key: accs.pop(key).hessian for key in list(accs)}  # each float64 sum dropped once converted
+    everyone = range(distributed.world_size())
+    dests = {key: set().union(*(owners[n] for n in names if alias.get(n, n) == key)) if owners is not None
+             else set(everyone) for key in accs}
+    distributed.reduce_hessians(list(accs.values()), list(dests.values()))  # the same order on every rank
+    me = distributed.rank()
+    hessians: dict[str, torch.Tensor | None] = {}
+    for key in list(accs):  # each float64 sum dropped once converted (at once where this rank owns none)
+        acc = accs.pop(key)
+        hessians[key] = acc.hessian if me in dests[key] else None
+        del acc
     return {n: hessians[alias.get(n, n)] for n in names}

@@ -8,10 +8,12 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Iterable, Sequence
 
+import torch
 from torch import nn
 
 from bpdq.config import CalibrationConfig, Recipe, Rule, as_recipe, as_rules, resolve_recipe
 from bpdq.experts import QuantExperts
+from bpdq.kernels.base import check_kernel_device
 from bpdq.linear import QuantLinear
 from bpdq.models.base import Adapter, get_adapter
 from bpdq.solvers.build import build_solver
@@ -61,7 +63,7 @@ def first_rule(name: str, rules: Sequence[Rule]) -> Rule | None:
     return next((r for r in rules if r.matches(name)), None)
 
 
-def _check_rules(model: nn.Module, adapter: Adapter, recipe: Recipe, rules: Sequence[Rule]) -> None:
+def _check_rules(model: nn.Module, adapter: Adapter, recipe: Recipe, rules: Sequence[Rule], warn: bool) -> None:
     emb = model.get_input_embeddings()
     emb_name = next((n for n, m in model.named_modules() if m is emb), None)
     if emb_name is not None:
@@ -74,7 +76,7 @@ def _check_rules(model: nn.Module, adapter: Adapter, recipe: Recipe, rules: Sequ
     if adapter.experts is not None:  # a mixture of experts' fused experts, named by their parameters
         linears += [f"{adapter.layers}.{i}.{n}" for i, layer in enumerate(adapter.decoder_layers(model))
                     for g in adapter.linear_groups(layer) if adapter.experts.is_experts(g) for n in g]
-    for rule in rules:
+    for rule in rules if warn else ():
         if not any(rule.matches(n) for n in linears):
             logger.warning("rule %r matches no linear module of the model", rule.match)
     decoder = [n for n in linears if n.startswith(f"{adapter.layers}.")]
@@ -95,14 +97,14 @@ def needs_calibration(recipe: Recipe | dict[str, Any], rules: Iterable[Rule | di
     return any(build_solver(dict(r.solver)).requires_hessian for r in recipes)
 
 
-def make_plan(model: nn.Module, recipe: Recipe, rules: tuple[Rule, ...]) -> RunPlan:
+def make_plan(model: nn.Module, recipe: Recipe, rules: tuple[Rule, ...], *, warn: bool = True) -> RunPlan:
     """The plan of quantizing ``model``; ``ValueError`` if the model is quantized already or the rules leave
-    nothing to quantize."""
+    nothing to quantize. ``warn``: log a warning for each rule that matches no linear."""
     if any(isinstance(m, (QuantLinear, QuantExperts)) for m in model.modules()):
         raise ValueError("the model already holds QuantLinear modules: it is quantized already")
     adapter = get_adapter(model)
     layers = adapter.decoder_layers(model)
-    _check_rules(model, adapter, recipe, rules)
+    _check_rules(model, adapter, recipe, rules, warn)
     head_rule = first_rule(adapter.head, rules)
     head_recipe = head_rule.apply(recipe) if head_rule is not None else None
     plan = RunPlan(recipe, rules, adapter, layers, head_recipe, calibrated=False)
@@ -110,3 +112,11 @@ def make_plan(model: nn.Module, recipe: Recipe, rules: tuple[Rule, ...]) -> RunP
                for r in g.values() if r is not None] + ([head_recipe] if head_recipe else [])
     plan.calibrated = any(build_solver(dict(r.solver)).requires_hessian for r in recipes)
     return plan
+
+
+def check_kernels(plan: RunPlan, device: torch.device) -> None:
+    """``ValueError`` if a kernel the plan names cannot run on ``device``: the run calls the quantized layers
+    there (the next layer's inputs), and a checkpoint quantized there is first run there."""
+    for name in sorted({r.kernel for r in plan.quantized_linears().values()} | (
+            {plan.head_recipe.kernel} if plan.head_recipe is not None else set())):
+        check_kernel_device(name, device)

@@ -265,6 +265,9 @@ def verify_files(manifest: dict[str, Any], directory: Path) -> None:
             raise ResumeRefused(f"resume state file {path} is damaged (its sha256 differs from the one recorded)")
 
 
+_SHARED = "in a distributed run it must be on a filesystem all ranks share, at the same path"
+
+
 class ResumeState:
     """The resume state of one run writing ``output`` (see the module docstring). ``mode`` is one of
     :data:`RESUME_MODES`; ``required`` with no state raises ``ValueError`` here, before any work."""
@@ -286,6 +289,7 @@ class ResumeState:
         damaged (every file is checked against its recorded size and sha256). Starts a new state when there
         is none."""
         fingerprint = json.loads(json.dumps(fingerprint))  # the JSON form, as it is saved
+        self._check_shared()
         if self.manifest is not None:
             check_manifest(self.manifest, self.dir, n_layers)
             diff = fingerprint_differences(self.manifest["fingerprint"], fingerprint)
@@ -304,6 +308,17 @@ class ResumeState:
         self.manifest = {"format": STATE_FORMAT, "fingerprint": fingerprint, "layers_done": 0, "layers": {},
                          "records": [], "stages": {}, "files": {}}
         return 0
+
+    def _check_shared(self) -> None:
+        """Rank 0 decides whether to resume and from what (its state's finished layers and manifest hash); a
+        rank that sees another state (node-local disks: another directory's, or none) fails every rank, before
+        the Hessians of different layers could be summed."""
+        if self.manifest is None:
+            seen = "no resume state"
+        else:
+            digest = hashlib.sha256(json.dumps(self.manifest, sort_keys=True).encode()).hexdigest()[:16]
+            seen = f"a resume state with {self.manifest.get('layers_done')} finished layers (manifest sha256 {digest}...)"
+        distributed.check_same(seen, f"the resume state ({_SHARED})")
 
     def _clean(self, done: int) -> None:
         """Remove what a killed process left beyond the manifest (temporary files, a newer layer or inputs)."""

@@ -173,4 +173,5 @@ class CheckpointSink(Sink):
         return self.out.commit()
 
     def abort(self) -> None:
+        self.writer.abort()
         self.out.abort()

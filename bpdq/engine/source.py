@@ -25,7 +25,7 @@ from typing import Callable, Iterable
 import torch
 from torch import nn
 
-from bpdq.checkpoint import CONFIG_FILE, is_bpdq_checkpoint, unique_state_dict
+from bpdq.checkpoint import CONFIG_FILE, check_config, is_bpdq_checkpoint, unique_state_dict
 from bpdq.models.base import get_adapter
 from bpdq.quantized import dtype_from_name
 from bpdq.shards import WeightFiles
@@ -76,9 +76,11 @@ class LazySource(ModelSource):
 
     ``dtype`` (a torch dtype or a name; ``None`` = the config's ``dtype``, else float32) is the dtype the
     floating tensors are materialised in, as ``from_pretrained(dtype=...)`` would load them.
+    ``tune_allocator``: pin glibc's mmap threshold for the process (:func:`cap_mmap_threshold`; a process-wide
+    setting that cannot be undone, so only a program that owns its process asks for it: the CLI does).
     """
 
-    def __init__(self, directory: str | Path, dtype: torch.dtype | str | None = None) -> None:
+    def __init__(self, directory: str | Path, dtype: torch.dtype | str | None = None, *, tune_allocator: bool = False) -> None:
         from accelerate import init_empty_weights
         from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -94,19 +96,22 @@ class LazySource(ModelSource):
         # built at glibc's smallest default threshold, and the run goes on at MMAP_THRESHOLD.
         try:
             config = AutoConfig.from_pretrained(str(self.directory))
-        except (ValueError, OSError, KeyError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure to parse or validate the file is the file's fault
             raise ValueError(f"cannot read {self.directory / CONFIG_FILE}: {exc}") from None
+        check_config(config, self.files, self.directory / CONFIG_FILE)
         if isinstance(dtype, str):
             dtype = dtype_from_name(dtype)
         stored = getattr(config, "dtype", None)
         self.dtype = dtype or (stored if isinstance(stored, torch.dtype) else torch.float32)
-        cap_mmap_threshold(SKELETON_MMAP_THRESHOLD)
+        if tune_allocator:
+            cap_mmap_threshold(SKELETON_MMAP_THRESHOLD)
         try:
             with init_empty_weights(include_buffers=False):
                 self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
             self.model.tie_weights()
         finally:
-            cap_mmap_threshold()
+            if tune_allocator:
+                cap_mmap_threshold()
         if not getattr(self.model.config, "architectures", None):
             self.model.config.architectures = [type(self.model).__name__]
         self.model.eval()
@@ -212,7 +217,7 @@ def _malloc_trim() -> Callable[[int], int] | None:
         return None
 
 
-#: glibc's ``M_MMAP_THRESHOLD`` during a run from a model directory: blocks from 4 MiB up are mapped, and go
+#: glibc's ``M_MMAP_THRESHOLD`` during a CLI run from a model directory: blocks from 4 MiB up are mapped, and go
 #: back to the OS when freed. glibc's own threshold starts at 128 KiB but grows up to 32 MiB as large blocks
 #: are freed, and then a solve's freed temporaries stay in the heap. Measured on a 2-layer hidden-2048 model
 #: from disk: GPTQ 2-bit peaked at 1.02 GB with it and 1.15 GB without, BPDQ k=2 1.29 vs 1.55 GB, with no

@@ -43,6 +43,15 @@ def on_cuda(x: torch.Tensor) -> bool:
     return x.device.type == "cuda"
 
 
+def device_reason(device: torch.device) -> str | None:
+    """Why the Triton kernels cannot run on ``device`` at all, or ``None``."""
+    if not triton_importable():
+        return "triton is not installed (pip install triton)"
+    if device.type != "cuda" and not interpret_mode():
+        return "Triton kernels need a CUDA device (or TRITON_INTERPRET=1 to run them on the CPU for testing)"
+    return None
+
+
 def call_reason(layer: PackedLinear, x: torch.Tensor) -> str | None:
     """Why a Triton kernel cannot run ``layer(x)`` (device, dtype, plane count, group size), or ``None``."""
     if not triton_importable():

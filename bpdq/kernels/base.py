@@ -53,12 +53,21 @@ class Kernel(ABC):
         its layers (calibration, prefill and decode), so recipes accept only kernels that serve them."""
         return None
 
+    def runs_on(self, device: torch.device) -> str | None:
+        """``None`` if this kernel can run calls on ``device`` at all, else why not (checked before a run
+        quantizes layers for it)."""
+        return None
+
     def auto_excluded(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         """Why ``auto`` should skip this kernel for a call it supports (``None``: ``auto`` may pick it).
 
         For kernels that can run somewhere only for testing (Triton under ``TRITON_INTERPRET=1`` on the CPU).
         """
         return None
+
+    def skipped(self, reason: str) -> None:
+        """``auto`` passed this kernel over for a call, for ``reason`` (from :meth:`supports`): the place to
+        warn that a faster kernel is unavailable. An explicit choice that cannot run raises instead."""
 
     def prepare(self, layer: PackedLinear) -> object:
         """Kernel-specific repacking of the layer's canonical buffers, computed once and cached on the layer.
@@ -99,6 +108,18 @@ def check_kernel_name(name: object) -> str:
     return name
 
 
+def check_kernel_device(name: str, device: torch.device) -> None:
+    """Raise ``ValueError`` if kernel ``name`` (``"auto"`` always runs) cannot run on ``device``, naming the
+    kernels that can."""
+    if name == "auto":
+        return
+    reason = get_kernel(name).runs_on(device)
+    if reason is not None:
+        usable = ["auto", *sorted(n for n in KERNELS.names() if get_kernel(n).runs_on(device) is None)]
+        raise ValueError(f"kernel {name!r} cannot run on {device.type}: {reason}; kernels that run on "
+                         f"{device.type}: {', '.join(usable)}")
+
+
 def select_kernel(choice: str, layer: PackedLinear, x: torch.Tensor) -> Kernel:
     """Resolve ``choice`` ("auto" or a name) to a kernel that can run ``layer(x)``."""
     if choice != "auto":
@@ -113,5 +134,6 @@ def select_kernel(choice: str, layer: PackedLinear, x: torch.Tensor) -> Kernel:
         reason = kernel.supports(layer, x) or kernel.auto_excluded(layer, x)
         if reason is None:
             return kernel
+        kernel.skipped(reason)
         reasons.append(f"{name}: {reason}")
     raise KernelUnavailableError("no registered kernel supports this call: " + "; ".join(reasons))

@@ -41,6 +41,9 @@ Environment variables (so that CI runs every path):
   saves CPU time between calls at the cost of a wake-up per call; another value makes the kernel
   unavailable (with the reason), like an unknown ``BPDQ_CPU_ISA``.
 
+Memory: each thread that calls the lookup-table path keeps a scratch for its tables (about 24 bytes per token
+and input, at the largest ``M`` it used), freed when the thread exits or by :func:`release_scratch`.
+
 The first two are read when the library is first needed (:func:`native`; ``native.cache_clear()`` re-reads
 them); ``BPDQ_CPU_SPIN_US`` once per process, by the C library.
 
@@ -77,7 +80,7 @@ MAX_TOKENS = 8
 TILE_WEIGHTS = 1 << 18
 DTYPES = (torch.float32, torch.bfloat16)
 #: The C library's ABI version this module calls (``bpdq_abi_version()``).
-ABI_VERSION = 1
+ABI_VERSION = 2
 ISAS = ("portable", "avx2", "avx512")
 #: Paths that look up integer tables (error bounded by :func:`lut_error_bound`); the others use exact fp32 tables.
 INT_TABLE_ISAS = ("avx2", "avx512")
@@ -152,7 +155,26 @@ def _load() -> tuple[ctypes.CDLL | None, str | None]:
     lib.bpdq_dequant.restype = _INT
     lib.bpdq_dequant.argtypes = [_P, _P, _I64, _I64, _I64, _I64, _I64, _I64, _P, _INT, _INT]
     lib.bpdq_best_isa.restype = _INT
+    lib.bpdq_release_scratch.restype = None
+    lib.bpdq_release_scratch.argtypes = []
+    lib.bpdq_scratch_bytes.restype = _I64
+    lib.bpdq_scratch_bytes.argtypes = []
     return lib, None
+
+
+def release_scratch() -> None:
+    """Free the calling thread's lookup-table scratch (the library keeps one per calling thread, grown to the
+    largest call, for the next call; a thread's scratch is also freed when the thread exits). A no-op
+    without the library."""
+    lib = native().lib
+    if lib is not None:
+        lib.bpdq_release_scratch()
+
+
+def scratch_bytes() -> int:
+    """Bytes of lookup-table scratch the library holds, all threads together (0 without the library)."""
+    lib = native().lib
+    return int(lib.bpdq_scratch_bytes()) if lib is not None else 0
 
 
 def lut_error_bound(x: torch.Tensor, coeffs: torch.Tensor, group_size: int) -> torch.Tensor:
@@ -199,10 +221,16 @@ class CpuLutKernel(Kernel):
             return f"the native kernel runs on CPU tensors; got input on {x.device}, planes on {layer.planes.device}"
         if x.dtype not in DTYPES:
             return f"input dtype {x.dtype} is not supported; allowed: {[str(d) for d in DTYPES]}"
-        reason = native().reason
-        if reason is not None:
+        return native().reason
+
+    def runs_on(self, device: torch.device) -> str | None:
+        if device.type != "cpu":
+            return f"the native kernel runs on CPU tensors, not on {device.type}"
+        return native().reason
+
+    def skipped(self, reason: str) -> None:
+        if reason == native().reason:  # the library, not the call: every CPU layer falls back
             _warn_fallback(reason)
-        return reason
 
     def forward(self, layer: PackedLinear, x: torch.Tensor) -> torch.Tensor:
         plan = layer._kernel_cache.get(self.name)
@@ -240,12 +268,19 @@ class _Plan:
             raise ValueError(
                 f"coeffs must be contiguous float16 {[(8 * c) // group_size, k + 1, n]}, got {coeffs.dtype}{list(coeffs.shape)}"
             )
-        if bias is not None and (tuple(bias.shape) != (n,) or bias.dtype not in _DT or not bias.is_contiguous()):
-            raise ValueError(f"bias must be contiguous float32/bfloat16/float16 ({n},), got {bias.dtype}{list(bias.shape)}")
         self.planes, self.coeffs, self.bias, self.group_size = planes, coeffs, bias, group_size
         self.k, self.n, self.kdim = k, n, 8 * c
-        self.bias_ptr = bias.data_ptr() if bias is not None else None
-        self.bias_dt = _DT[bias.dtype] if bias is not None else 0
+        self._bias_args()
+
+    def _bias_args(self) -> tuple[int | None, int]:
+        """The bias's pointer and dtype code, taken per call: ``bias.data = other`` keeps the object but
+        replaces (and may free) its storage."""
+        bias, n = self.bias, self.n
+        if bias is None:
+            return None, 0
+        if tuple(bias.shape) != (n,) or bias.dtype not in _DT or not bias.is_contiguous():
+            raise ValueError(f"bias must be contiguous float32/bfloat16/float16 ({n},), got {bias.dtype}{list(bias.shape)}")
+        return bias.data_ptr(), _DT[bias.dtype]
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         if x.dim() != 2 or x.shape[1] != self.kdim:
@@ -261,10 +296,11 @@ class _Plan:
         if m > MAX_TOKENS:
             return self._tiled(nat, x)
         y = torch.empty((m, self.n), dtype=x.dtype)
+        bias_ptr, bias_dt = self._bias_args()
         status = nat.lib.bpdq_lut_gemv(
             x.data_ptr(), _DT[x.dtype], x.stride(0), m, self.kdim,
             self.planes.data_ptr(), self.coeffs.data_ptr(), self.k, self.n, self.group_size,
-            self.bias_ptr, self.bias_dt, y.data_ptr(), _DT[x.dtype], self.n, nat.isa, torch.get_num_threads(),
+            bias_ptr, bias_dt, y.data_ptr(), _DT[x.dtype], self.n, nat.isa, torch.get_num_threads(),
         )  # fmt: skip
         if status:
             raise MemoryError(f"bpdq_lut_gemv failed (status {status}) for M={m}, shape ({self.n}, {self.kdim})")

@@ -31,6 +31,9 @@ class TritonGemmKernel(Kernel):
     def serves(self, planes: int, group_size: int) -> str | None:
         return _triton.recipe_reason(planes, group_size)
 
+    def runs_on(self, device: torch.device) -> str | None:
+        return _triton.device_reason(device)
+
     def auto_excluded(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         return _triton.auto_reason(x)
 

@@ -59,6 +59,9 @@ class TritonLutKernel(Kernel):
             "calibration; use 'auto', which picks it for decode on CUDA"
         )
 
+    def runs_on(self, device: torch.device) -> str | None:
+        return _triton.device_reason(device)
+
     def auto_excluded(self, layer: PackedLinear, x: torch.Tensor) -> str | None:
         return _triton.auto_reason(x)
 

@@ -42,6 +42,10 @@ class Solver(Configurable, ABC):
     """Abstract solver. ``requires_hessian`` solvers raise if called without one."""
 
     requires_hessian: bool = False
+    #: Whether each output row's codes and coefficients depend on that row's weights, the Hessian and the
+    #: options alone (not on the other rows): then solving a block of rows gives those rows' result, and a
+    #: distributed run may split the solve by rows over its processes (statistics are sums over rows).
+    rows_independent: bool = False
 
     def __call__(
         self, weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid, group_size: int, *,

@@ -78,6 +78,7 @@ class BPDQSweep:
 class BPDQ(Solver):
     Options = BPDQOptions
     requires_hessian = True
+    rows_independent = False  # each group keeps the iterate with the smallest error summed over all rows
 
     def check_grid(self, grid: Grid, group_size: int) -> None:
         check_bitplane_grid(grid, self.options.init_bits)
@@ -94,9 +95,10 @@ class BPDQ(Solver):
             iters=opts.iters, alpha=opts.alpha, block=block_width(opts.block_size, group_size), tol=opts.tol,
         )
         codes, coeffs, group_of = restore_order(res.codes, res.coeffs, layer.perm, group_size)
-        layer_extra, best_iters, iters_run = layer.extra(), res.best_iters, res.iters_run
+        layer_extra, best_iters, iters_run, shift = layer.extra(), res.best_iters, res.iters_run, layer.refit_shift()
         del layer, res  # U and the sweep-order weight and codes: the refit needs none of them
-        coeffs, refit_extra, loss = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size)
+        coeffs, refit_extra, loss = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size,
+                                                shift=shift)
         best = [0] * len(group_of)
         run = [0] * len(group_of)
         for j, orig in enumerate(group_of):

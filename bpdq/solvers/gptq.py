@@ -38,6 +38,7 @@ class GPTQOptions(Options):
 class GPTQ(Solver):
     Options = GPTQOptions
     requires_hessian = True
+    rows_independent = True  # per row: the grid's initial fit, the snaps, the error propagation; the refit
 
     def _solve(self, W: torch.Tensor, H: torch.Tensor | None, grid: Grid, group_size: int) -> tuple[torch.Tensor, torch.Tensor, SolveStats]:
         assert H is not None  # Solver.__call__ enforces requires_hessian
@@ -58,7 +59,8 @@ class GPTQ(Solver):
         from_sweep = original is None and layer.loss_from_errors
         codes, coeffs, errors = gptq_sweep(layer.W, layer.U, grid, group_size, block_width(opts.block_size, group_size))
         codes, coeffs, _ = restore_order(codes, coeffs, layer.perm, group_size)
-        coeffs, refit_extra, loss = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size)
+        coeffs, refit_extra, loss = apply_refit(opts.refit, original, H, codes, coeffs, grid.planes, group_size,
+                                                shift=layer.refit_shift())
         stats = SolveStats(extra={**layer.extra(), "order": Order(opts.order).value, **refit_extra})
         if loss is not None:
             stats.proxy_loss, stats.relative_loss = loss

@@ -76,6 +76,15 @@ class HessianAccumulator:
         self.n = reduced[0][1]
 
     @property
+    def sums(self) -> list[torch.Tensor]:
+        """The float64 blocks of the upper-triangle sum, in order, for a caller that combines accumulators in
+        place (e.g. a reduction over the ranks of a distributed run; it then sets :attr:`n` to the combined
+        count)."""
+        if self._blocks is None:
+            raise ValueError("no calibration inputs were accumulated on this rank; nothing to reduce")
+        return list(self._blocks)
+
+    @property
     def hessian(self) -> torch.Tensor:
         """``H`` in ``dtype``: each block of rows converted, then mirrored below the diagonal (exactly
         symmetric outside the diagonal blocks, which are summed whole)."""

@@ -35,6 +35,11 @@ class SweepLayer:
     dead: torch.Tensor  # bool [in], dead inputs in sweep order
     loss_from_errors: bool  # sweep_proxy_loss applies: damp >= SWEEP_LOSS_MIN_DAMP, dead rows/columns of H all zero
 
+    def refit_shift(self) -> float:
+        """What a refit adds to ``H``'s diagonal: the sweep's damping when ``H`` needed more than was asked
+        (a failed factorization: ``H`` is not positive definite), else nothing."""
+        return self.damp * self.mean_diag if self.retries else 0.0
+
     def extra(self) -> dict[str, Any]:
         return {"damp": self.damp, "cholesky_retries": self.retries, "dead_inputs": self.n_dead}
 

@@ -119,3 +119,26 @@ def truncated_checkpoint(tmp_path, tiny_checkpoint):
     weights = path / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:-100])
     return path
+
+
+@pytest.fixture
+def tokenizerless_checkpoint(tmp_path, tiny_checkpoint):
+    """A copy of the tiny checkpoint without its tokenizer files (as a run on a weights-only directory writes it)."""
+    import shutil
+
+    path = Path(shutil.copytree(tiny_checkpoint[1], tmp_path / "no-tokenizer"))
+    for p in path.iterdir():
+        if p.name.startswith("tokenizer") or p.name in ("special_tokens_map.json", "chat_template.jinja"):
+            p.unlink()
+    return path
+
+
+@pytest.fixture
+def truncated_config_checkpoint(tmp_path, tiny_checkpoint):
+    """A copy of the tiny checkpoint whose config.json lost its second half."""
+    import shutil
+
+    path = Path(shutil.copytree(tiny_checkpoint[1], tmp_path / "truncated-config"))
+    config = path / "config.json"
+    config.write_text(config.read_text()[: len(config.read_text()) // 2])
+    return path

@@ -70,3 +70,21 @@ def test_truncated_weights_are_a_usage_error_naming_the_file(in_process, capsys,
 def test_seq_len_beyond_the_model_positions_is_a_usage_error(in_process, capsys, tiny_model_dir):
     assert in_process(["eval", str(tiny_model_dir), "--text", TEXT, "--seq-len", "257", "--device", "cpu"]) == 2
     assert "--seq-len: --seq-len is 257 tokens, beyond the model's maximum of 256 positions" in capsys.readouterr().err
+
+
+def test_a_truncated_config_is_a_usage_error_naming_the_file(in_process, capsys, truncated_config_checkpoint):
+    args = ["eval", str(truncated_config_checkpoint), "--text", "builtin:python-docs-test", "--device", "cpu"]
+    assert in_process(args) == 2
+    err = capsys.readouterr().err
+    assert str(truncated_config_checkpoint / "config.json") in err and "Traceback" not in err
+
+
+def test_a_checkpoint_without_a_tokenizer_needs_the_tokenizer_flag(in_process, capsys, tokenizerless_checkpoint,
+                                                                     tiny_model_dir):
+    args = ["eval", str(tokenizerless_checkpoint), "--text", "builtin:python-docs-test", "--seq-len", "32",
+            "--max-windows", "2", "--device", "cpu", "--json"]
+    assert in_process(args) == 2
+    err = capsys.readouterr().err
+    assert f"{tokenizerless_checkpoint} has no tokenizer" in err and "--tokenizer" in err and "Traceback" not in err
+    assert in_process([*args, "--tokenizer", str(tiny_model_dir)]) == 0
+    assert json.loads(capsys.readouterr().out)["windows"] == 2

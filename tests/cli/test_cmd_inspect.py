@@ -67,3 +67,23 @@ def test_a_sharded_checkpoint_is_described_with_all_its_shards(tiny_checkpoint, 
     info = json.loads(proc.stdout)
     assert info["modules_quantized"] == 13
     assert info["checkpoint_bytes"] == sum(p.stat().st_size for p in shards)
+
+
+@pytest.mark.parametrize("name, change, expected", [
+    ("model.norm.weight", lambda t: t.double(), "has dtype torch.float64, the model expects torch.float32"),
+    ("model.layers.0.self_attn.q_proj.planes", lambda t: t.int(), "has dtype torch.int32, the model expects torch.uint8"),
+    ("model.layers.1.mlp.up_proj.coeffs", lambda t: t[:, :1].contiguous(), "has shape"),
+])
+def test_wrong_tensor_dtypes_or_shapes_are_a_usage_error(in_process, capsys, tmp_path, tiny_checkpoint, name, change,
+                                                          expected):
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    path = shutil.copytree(tiny_checkpoint[1], tmp_path / "bad")
+    tensors = load_file(str(path / "model.safetensors"))
+    tensors[name] = change(tensors[name])
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    assert in_process(["inspect", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert f"tensor {name!r}" in err and expected in err and "model.safetensors" in err and "Traceback" not in err

@@ -283,3 +283,14 @@ def test_bad_flags_exit_2_naming_the_problem(in_process, capsys, args, message):
         code = in_process(["quantize", *args])
         assert code == 2
     assert message in capsys.readouterr().err
+
+
+def test_the_cli_pins_the_mmap_threshold_for_its_process(in_process, capsys, tmp_path, tiny_model_dir, monkeypatch):
+    import bpdq.engine.source as source
+    from tests.cli.conftest import tiny_strategy, write_config
+
+    calls = []
+    monkeypatch.setattr(source, "cap_mmap_threshold", lambda threshold=None: calls.append(threshold) or True)
+    cfg = write_config(tmp_path / "s.yaml", tiny_strategy(tiny_model_dir))
+    assert in_process(["quantize", str(cfg), "-o", str(tmp_path / "out"), "--json"]) == 0
+    assert calls == [source.SKELETON_MMAP_THRESHOLD, None]  # the CLI owns its process; a library call does not

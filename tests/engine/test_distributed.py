@@ -35,6 +35,21 @@ if os.environ.get("BPDQ_TEST_STOP"):
     run.run_layer_step = stopping
 """
 
+SPLIT_PLUGIN = """
+import os
+import bpdq.engine.distributed as distributed
+
+gather = distributed.gather_rows
+
+def recording(part, rows):  # each rank notes the row-split solves it took part in
+    with open(os.path.join(os.environ["BPDQ_TEST_SPLIT_DIR"], f"rank-{os.environ['RANK']}.txt"), "a") as f:
+        f.write(f"{rows}x{part.shape[1]}:{part.shape[0]}\\n")
+    return gather(part, rows)
+
+if os.environ.get("BPDQ_TEST_SPLIT_DIR"):
+    distributed.gather_rows = recording
+"""
+
 BREAK_PLUGIN = """
 import os
 import bpdq.shards as shards
@@ -83,7 +98,7 @@ def setup(tmp_path_factory):
     strategy["rules"].append({"match": "lm_head", "grid": {"type": "bitplane", "planes": 3}})
     cfg = tmp / "s.yaml"
     cfg.write_text(yaml.safe_dump(strategy))
-    for name, text in (("stop.py", STOP_PLUGIN), ("break.py", BREAK_PLUGIN)):
+    for name, text in (("stop.py", STOP_PLUGIN), ("break.py", BREAK_PLUGIN), ("split.py", SPLIT_PLUGIN)):
         (tmp / name).write_text(text)
     bpdq.quantize_model(src, recipe=strategy["quantize"], calibration=strategy["calibration"], rules=strategy["rules"],
                         progress=False, output=tmp / "one")  # the single-process reference
@@ -103,8 +118,16 @@ def test_two_ranks_stop_together_resume_and_match_one_process(setup):
     assert manifest["layers_done"] == 1 and manifest["fingerprint"]["world_size"] == 2
     # each rank saved its own 2 batches of the next layer's inputs, under their global numbers
     assert sorted(p.name for p in (state / "inputs-00001").iterdir()) == [f"hidden-{j:05d}.safetensors" for j in range(4)]
-    second = ranks(2, *args)
+    split = tmp / "split"
+    split.mkdir()
+    second = ranks(2, *args, "--plugin", str(tmp / "split.py"), env={"BPDQ_TEST_SPLIT_DIR": str(split)})
     assert [p.returncode for p in second] == [0, 0], [p.stderr for p in second]
+    # GPTQ's rows are independent: the second layer's down_proj (64 x 128; its o_proj is skipped by a rule)
+    # and the head (vocabulary x 64) were solved half by each rank
+    for r in range(2):
+        seen = (split / f"rank-{r}.txt").read_text().split()
+        vocab = int(seen[-1].split("x")[0])
+        assert seen == ["64x128:32", f"{vocab}x64:{vocab // 2 + (r < vocab % 2)}"]
     assert "checkpoint written to" in second[0].stdout
     assert second[1].stdout == "" and not state.exists()
     # float64 sums of the same per-batch terms, grouped differently, round to the same float32 Hessians
@@ -136,6 +159,25 @@ def test_shares_of_batches_and_of_solves(monkeypatch):
         distributed.shard([0])
 
 
+def test_row_shares_and_merged_statistics(monkeypatch):
+    assert not distributed.splits_rows(64, True)  # one process: never
+    assert distributed.row_share(7) == (0, 7)
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setattr(distributed, "world_size", lambda: 3)
+    assert distributed.splits_rows(6, True) and not distributed.splits_rows(5, True)  # each share >= 2 rows
+    assert not distributed.splits_rows(64, False)  # BPDQ: rows coupled by the group's best iterate
+    shares = []
+    for r in range(3):
+        monkeypatch.setattr(distributed, "rank", lambda r=r: r)
+        shares.append(distributed.row_share(8))
+    assert shares == [(0, 3), (3, 6), (6, 8)]
+    parts = [{"proxy_loss": 1.0, "relative_loss": 0.5, "time_s": 2.0, "extra": {"damp": 0.01, "refit": {"rows": 3, "rows_improved": 1}}},
+             {"proxy_loss": 3.0, "relative_loss": 0.25, "time_s": 3.0, "extra": {"damp": 0.01, "refit": {"rows": 2, "rows_improved": 2}}}]
+    merged = distributed._merged_stats(parts)
+    assert merged.proxy_loss == 4.0 and merged.relative_loss == pytest.approx(4.0 / (2.0 + 12.0))
+    assert merged.time_s == 3.0 and merged.extra == {"damp": 0.01, "refit": {"rows": 5, "rows_improved": 3}}
+
+
 @pytest.mark.parametrize("lever", [{"asymmetric": True}, {"tuning": {"steps": 1}}, {"target_bpw": 3.0}], ids=str)
 def test_the_levers_are_refused_in_a_distributed_run(lever, monkeypatch):
     from tests.tiny_models import TINY_CALIBRATION, tiny_model, tiny_tokenizer
@@ -149,3 +191,82 @@ def test_the_levers_are_refused_in_a_distributed_run(lever, monkeypatch):
         bpdq.quantize_model(model, tiny_tokenizer(), recipe={"group_size": 32, "grid": {"type": "bitplane", "planes": 2},
                             "solver": "gptq"}, calibration=TINY_CALIBRATION, progress=False, **lever)
     assert not any(isinstance(m, bpdq.QuantLinear) for m in model.modules())  # refused before any work
+
+
+def test_resume_state_on_different_directories_per_rank_is_refused(setup):
+    """Node-local state: rank 0 sees a state with a finished layer, rank 1 (another directory) none. Both
+    stop before any Hessian is summed, naming the resume state, and neither writes a checkpoint."""
+    tmp, cfg = setup
+    stop = ranks(2, "quantize", str(cfg), "-o", str(tmp / "local0"), "--plugin", str(tmp / "stop.py"),
+                 env={"BPDQ_TEST_STOP": "1"})
+    assert [p.returncode for p in stop] == [130, 130], [p.stderr for p in stop]
+    assert (tmp / ".local0.bpdq-resume" / "manifest.json").is_file()
+    port = str(free_port())
+    procs = []
+    for r, out in enumerate(("local0", "local1")):  # each rank its own output, so its own state directory
+        e = dict(os.environ, HF_HUB_OFFLINE="1", PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", RANK=str(r),
+                 LOCAL_RANK=str(r), WORLD_SIZE="2", MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        procs.append(subprocess.Popen([sys.executable, "-m", "bpdq.cli", "quantize", str(cfg), "-o", str(tmp / out)],
+                                      env=e, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    done = [p.communicate(timeout=300) for p in procs]
+    assert [p.returncode for p in procs] != [0, 0] and all(p.returncode for p in procs), [d[1] for d in done]
+    assert "the ranks disagree on the resume state" in done[1][1] and "rank 1 has 'no resume state'" in done[1][1]
+    assert "on a filesystem all ranks share" in done[1][1]
+    assert not (tmp / "local0").exists() and not (tmp / "local1").exists()
+    assert json.loads((tmp / ".local0.bpdq-resume" / "manifest.json").read_text())["layers_done"] == 1  # kept
+
+
+def test_an_indexed_cuda_device_is_this_rank_s_or_refused(monkeypatch):
+    cuda1 = torch.device("cuda", 1)
+    assert distributed.rank_device(cuda1) == cuda1  # one process: as given
+    monkeypatch.setattr(distributed, "is_distributed", lambda: True)
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    assert distributed.rank_device(torch.device("cuda")) == cuda1  # each rank its own GPU
+    assert distributed.rank_device(cuda1) == cuda1
+    assert distributed.rank_device(torch.device("cpu")) == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"device 'cuda:0' in a distributed run: .*cuda:LOCAL_RANK \(cuda:1 on this rank\); use device 'cuda' or 'auto'"):
+        distributed.rank_device(torch.device("cuda", 0))
+
+
+def _reduce_worker(r: int, port: str, result) -> None:
+    import torch.distributed as dist
+
+    from bpdq.solvers.hessian import HessianAccumulator
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+    dist.init_process_group("gloo", rank=r, world_size=2)
+    try:
+        gen = torch.Generator().manual_seed(r)
+        accs = [HessianAccumulator(900) for _ in range(2)]  # 900 inputs: several row blocks
+        for i, acc in enumerate(accs):
+            acc.add(torch.randn(3 + r + i, 900, generator=gen))
+        distributed.reduce_hessians(accs, [{1}, {0, 1}])
+        result[r] = [(acc.n, acc.hessian if r in dests else None) for acc, dests in zip(accs, [{1}, {0, 1}])]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_hessians_are_reduced_onto_their_owners():
+    import torch.multiprocessing as mp
+
+    from bpdq.solvers.hessian import HessianAccumulator
+
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_reduce_worker, args=(str(free_port()), result), nprocs=2)
+        got = dict(result)
+    refs = []
+    for i in range(2):  # the reference: one process accumulating both ranks' inputs
+        ref = HessianAccumulator(900)
+        for r in range(2):
+            gen = torch.Generator().manual_seed(r)
+            xs = [torch.randn(3 + r + j, 900, generator=gen) for j in range(2)]
+            ref.add(xs[i])
+        refs.append(ref)
+    for r in range(2):
+        for i, (n, H) in enumerate(got[r]):
+            assert n == refs[i].n == 7 + 2 * i  # counts reach every rank
+            if i == 0 and r == 0:
+                assert H is None  # not its owner
+            else:
+                assert torch.equal(H, refs[i].hessian)

@@ -16,7 +16,7 @@ import torch
 import bpdq
 import bpdq.engine.loop as run_module
 import bpdq.engine.sink
-from bpdq.engine.interrupt import RunInterrupted, stop_at_layer_boundary, stop_requested
+from bpdq.engine.interrupt import RunInterrupted, layers_begin, stop_at_layer_boundary, stop_requested
 from bpdq.engine.resume import state_dir
 from tests.tiny_models import TINY_CALIBRATION, TINY_RECIPE, tiny_model, tiny_model_dir, tiny_tokenizer
 
@@ -156,6 +156,10 @@ def test_resume_with_the_levers_and_an_in_memory_model(tmp_path, monkeypatch):
 def test_the_first_signal_asks_for_a_stop_and_the_second_interrupts(sig):
     before = signal.getsignal(sig)
     with stop_at_layer_boundary():
+        with pytest.raises(KeyboardInterrupt):  # before the layers: nothing to save, it stops at once
+            os.kill(os.getpid(), sig)
+    with stop_at_layer_boundary():
+        layers_begin()
         assert not stop_requested()
         os.kill(os.getpid(), sig)
         assert stop_requested()

@@ -81,6 +81,17 @@ def test_model_directories_and_the_in_memory_source(model_dir, tmp_path):
     assert not any(p.is_meta for p in model.parameters())
 
 
+def test_a_lazy_source_leaves_the_allocator_alone_unless_asked(model_dir, monkeypatch):
+    import bpdq.engine.source as source
+
+    calls = []
+    monkeypatch.setattr(source, "cap_mmap_threshold", lambda threshold=None: calls.append(threshold) or True)
+    LazySource(model_dir)  # a library call must not change a process-wide setting
+    assert calls == []
+    LazySource(model_dir, tune_allocator=True)
+    assert calls == [source.SKELETON_MMAP_THRESHOLD, None]
+
+
 def test_a_lazy_source_pins_the_mmap_threshold_before_building_the_skeleton(model_dir, monkeypatch):
     import transformers
 
@@ -91,16 +102,21 @@ def test_a_lazy_source_pins_the_mmap_threshold_before_building_the_skeleton(mode
     calls = []
     monkeypatch.setattr(source, "cap_mmap_threshold", lambda threshold=None: calls.append(threshold) or True)
     from_config = transformers.AutoModelForCausalLM.from_config
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
-                        lambda *a, **k: calls.append("skeleton") or from_config(*a, **k))
-    LazySource(model_dir)
+    def skeleton(config, **kwargs):  # the whole model's (a one-layer meta probe checks the config first)
+        if config.num_hidden_layers == 3:
+            calls.append("skeleton")
+        return from_config(config, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", skeleton)
+    LazySource(model_dir, tune_allocator=True)
     # the skeleton's weights are allocated before they move to meta: above the threshold they would leave
     # a heap of their size that later layers re-dirty piecemeal; the run goes on at MMAP_THRESHOLD
     assert calls == [source.SKELETON_MMAP_THRESHOLD, "skeleton", None]
     calls.clear()
-    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", lambda *a, **k: 1 / 0)
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config",
+                        lambda c, **k: 1 / 0 if c.num_hidden_layers == 3 else from_config(c, **k))
     with pytest.raises(ZeroDivisionError):
-        LazySource(model_dir)
+        LazySource(model_dir, tune_allocator=True)
     assert calls == [source.SKELETON_MMAP_THRESHOLD, None]  # restored on an error too
 
 
@@ -109,3 +125,50 @@ def test_the_environment_s_mmap_threshold_is_left_alone(monkeypatch):
 
     monkeypatch.setenv("MALLOC_MMAP_THRESHOLD_", "33554432")
     assert source.cap_mmap_threshold() is False
+
+
+def _edit_config(model_dir, **changes):
+    config = json.loads((model_dir / "config.json").read_text())
+    config.update(changes)
+    (model_dir / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, what", [
+    ({"num_hidden_layers": 1_000_000_000}, "num_hidden_layers 1000000000, .* 3 decoder layers"),
+    ({"num_hidden_layers": 4}, "num_hidden_layers 4, .* 3 decoder layers"),
+    ({"num_hidden_layers": "many"}, "num_hidden_layers"),
+    ({"hidden_size": 1e7}, "hidden_size"),
+    ({"hidden_size": 10**7}, r"model\.embed_tokens\.weight"),
+    ({"intermediate_size": 10**9}, r"model\.layers\.0\.mlp\.\w+_proj\.weight"),
+    ({"vocab_size": 10**9}, r"model\.embed_tokens\.weight"),
+])
+def test_a_config_that_disagrees_with_the_weights_is_refused_before_the_skeleton(tmp_path, monkeypatch, changes, what):
+    import transformers
+
+    model_dir = tiny_model_dir(tmp_path / "llama", "llama", layers=3)
+
+    build = transformers.AutoModelForCausalLM.from_config
+
+    def no_skeleton(config, *args, **kwargs):
+        assert config.num_hidden_layers <= 1, "the model skeleton was built from the config"
+        return build(config, *args, **kwargs)
+
+    monkeypatch.setattr(transformers.AutoModelForCausalLM, "from_config", no_skeleton)
+    _edit_config(model_dir, **changes)
+    with pytest.raises(ValueError, match=f"config.json.*{what}") as info:
+        LazySource(model_dir)
+    assert str(model_dir / "config.json") in str(info.value)
+
+
+def test_an_invalid_config_is_named(model_dir):
+    _edit_config(model_dir, num_hidden_layers=7)  # Qwen3's layer_types lists 3 layers
+    with pytest.raises(ValueError, match="(?s)cannot read .*config.json.*num_hidden_layers"):
+        LazySource(model_dir)
+
+
+def test_a_config_with_fewer_layers_than_the_weights_reads_only_those(tmp_path, caplog):
+    model_dir = tiny_model_dir(tmp_path / "llama", "llama", layers=3)
+    _edit_config(model_dir, num_hidden_layers=2)
+    source = LazySource(model_dir)
+    assert len(source.model.model.layers) == 2
+    assert "ignoring 9 tensors the model does not use" in caplog.text  # layer 2's

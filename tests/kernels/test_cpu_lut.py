@@ -318,19 +318,25 @@ def test_integer_tables_are_used_their_error_holds_its_bound_and_the_bound_is_sm
 
 def test_unknown_isa_value_is_refused(monkeypatch):
     use_env(monkeypatch, cpu_lut.ISA_ENV, "sse9")
+    monkeypatch.setattr(cpu_lut, "_warned", False)
     layer = random_layer(2, 32, 8, 64, bias=False, seed=0)
     layer.set_kernel("cpu_lut")
-    with pytest.raises(KernelUnavailableError, match=r"BPDQ_CPU_ISA='sse9' is not one of \['auto', 'portable'"):
-        layer(torch.randn(1, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a pinned kernel raises; it does not announce a fallback first
+        with pytest.raises(KernelUnavailableError, match=r"BPDQ_CPU_ISA='sse9' is not one of \['auto', 'portable'"):
+            layer(torch.randn(1, 64))
 
 
 @pytest.mark.parametrize("value", ["fast", "-5", "100001", "1.5"])
 def test_a_bad_spin_time_is_refused_with_the_allowed_range(monkeypatch, value):
     use_env(monkeypatch, cpu_lut.SPIN_ENV, value)
+    monkeypatch.setattr(cpu_lut, "_warned", False)
     layer = random_layer(2, 32, 8, 64, bias=False, seed=0)
     layer.set_kernel("cpu_lut")
-    with pytest.raises(KernelUnavailableError, match=f"{cpu_lut.SPIN_ENV}='{value}' is not an integer from 0 to 100000"):
-        layer(torch.randn(1, 64))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        with pytest.raises(KernelUnavailableError, match=f"{cpu_lut.SPIN_ENV}='{value}' is not an integer from 0 to 100000"):
+            layer(torch.randn(1, 64))
     use_env(monkeypatch, cpu_lut.SPIN_ENV, " 0 ")
     assert cpu_lut.native().reason is None
 
@@ -473,3 +479,40 @@ def test_lut_error_bound_rejects_shapes_that_do_not_fit():
         cpu_lut.lut_error_bound(torch.ones(1, 128), coeffs, 32)
     with pytest.raises(ValueError, match="must be"):
         cpu_lut.lut_error_bound(torch.ones(128), coeffs, 64)
+
+
+def test_a_bias_whose_storage_is_replaced_is_read_from_its_new_storage():
+    layer = random_layer(2, 64, 40, 128, bias=True, seed=1)
+    layer.set_kernel("cpu_lut")
+    x = torch.randn(1, 128)
+    layer(x)  # the plan exists now
+    layer.bias.data = torch.randn(40)  # same Parameter object, new storage (the old one is freed)
+    assert_matches_reference(layer, x, "cpu_lut", cpu_lut.lut_error_bound(x, layer.coeffs, layer.group_size))
+
+
+def test_the_table_scratch_is_freed_when_its_thread_exits_or_on_release():
+    import threading
+
+    layer = random_layer(2, 64, 40, 4096, bias=False, seed=2)
+    layer.set_kernel("cpu_lut")
+    x = torch.randn(8, 4096)
+    cpu_lut.release_scratch()
+    before = cpu_lut.scratch_bytes()
+    seen: list[int] = []
+
+    def call() -> None:
+        layer(x)
+        seen.append(cpu_lut.scratch_bytes())
+
+    for _ in range(3):  # a server's thread per request must not leak a table scratch per thread
+        t = threading.Thread(target=call)
+        t.start()
+        t.join()
+        assert seen[-1] > before  # the tables of 8 x 4096 inputs were allocated in that thread
+        assert cpu_lut.scratch_bytes() == before
+    layer(x)
+    assert cpu_lut.scratch_bytes() > before
+    cpu_lut.release_scratch()  # the documented call frees the calling thread's scratch
+    assert cpu_lut.scratch_bytes() == before
+    layer(x)  # and the next call allocates it again
+    assert torch.equal(layer(x), layer(x))

@@ -203,3 +203,24 @@ def test_sweeps_need_blocks_of_whole_groups():
         bpdq_sweep(layer.W.clone(), layer.U, BitPlaneGrid(planes=2), 32, block=48)
     with pytest.raises(ValueError, match="multiple of group_size"):
         bpdq.solvers.gptq_sweep(layer.W.clone(), layer.U, UniformGrid(bits=2), 32, 48)
+
+
+@pytest.mark.parametrize("solver", ["bpdq", {"type": "gptq", "refit": "full"}])
+def test_an_indefinite_hessian_with_a_positive_diagonal_gives_sane_weights(solver):
+    """The sweep needs more damping to factorise such a Hessian; the refit must fit against that damped,
+    positive definite Hessian too, not the indefinite one (whose 'loss' has no minimum)."""
+    torch.manual_seed(0)
+    d = 128
+    X = torch.randn(512, d)
+    H = X.T @ X / 512
+    v = torch.nn.functional.normalize(torch.randn(d), dim=0)
+    H -= 3.0 * float(torch.linalg.eigvalsh(H).max()) * torch.outer(v, v)
+    assert float(H.diagonal().min()) > 0 and float(torch.linalg.eigvalsh(H).min()) < 0
+    W = torch.randn(64, d)
+    gptq = bpdq.quantize_weight(W, H, grid={"type": "uniform", "bits": 2}, solver="gptq", group_size=32)
+    qw = bpdq.quantize_weight(W, H, grid={"type": "bitplane", "planes": 2}, solver=solver, group_size=32)
+    assert qw.stats.extra["cholesky_retries"] > 0
+    error = float((W - qw.dequantize()).norm() / W.norm())
+    reference = float((W - gptq.dequantize()).norm() / W.norm())
+    assert reference < 0.6 and error < 1.5 * reference, (error, reference)
+    assert qw.stats.extra["refit"]["loss_after"] >= 0

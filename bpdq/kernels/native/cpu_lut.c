@@ -699,8 +699,8 @@ static void gemv_range(void *ctx, int64_t b0, int64_t b1) {
 /* ---------------------------------------------------------------------------------------------------- */
 /* public entry points                                                                                   */
 
-/* Bumped whenever an entry point's signature changes; cpu_lut.py refuses a library built from another. */
-int bpdq_abi_version(void) { return 1; }
+/* Bumped whenever an entry point is added or its signature changes; cpu_lut.py refuses a library built from another. */
+int bpdq_abi_version(void) { return 2; }
 
 /* Best path this CPU and the compiler support: 0 portable, 1 AVX2 (+FMA, F16C), 2 AVX-512 (F, BW, VL). */
 int bpdq_best_isa(void) {
@@ -715,18 +715,53 @@ int bpdq_best_isa(void) {
     return ISA_PORTABLE;
 }
 
-/* Per-thread scratch for tables, grown on demand and kept for the next call. */
+/* Per-thread scratch for tables, grown on demand and kept for the next call of the same thread. A thread
+ * key's destructor frees it when the thread exits (a server with a thread per request would otherwise leak
+ * one scratch per thread); bpdq_release_scratch frees the calling thread's at once. scratch_live counts the
+ * bytes held by all threads (bpdq_scratch_bytes). */
 static __thread float *scratch = NULL;
 static __thread size_t scratch_len = 0;
+static pthread_key_t scratch_key;
+static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
+static int scratch_key_ok = 0;
+static atomic_llong scratch_live = 0;
+
+static void scratch_free(void) {
+    if (scratch) atomic_fetch_sub(&scratch_live, (long long)(scratch_len * sizeof(float)));
+    free(scratch);
+    scratch = NULL;
+    scratch_len = 0;
+}
+
+static void scratch_at_exit(void *value) { /* the thread's TLS is still valid while key destructors run */
+    (void)value;
+    scratch_free();
+}
+
+static void scratch_key_init(void) { scratch_key_ok = pthread_key_create(&scratch_key, scratch_at_exit) == 0; }
 
 static float *get_scratch(size_t n) {
     if (n > scratch_len) {
-        free(scratch);
+        pthread_once(&scratch_once, scratch_key_init);
+        if (!scratch_key_ok) return NULL; /* without the destructor the buffer would outlive its thread */
+        scratch_free();
         scratch = (float *)malloc(n * sizeof(float));
-        scratch_len = scratch ? n : 0;
+        if (!scratch) return NULL;
+        scratch_len = n;
+        atomic_fetch_add(&scratch_live, (long long)(n * sizeof(float)));
+        pthread_setspecific(scratch_key, scratch); /* non-NULL: the destructor runs at thread exit */
     }
     return scratch;
 }
+
+/* Free the calling thread's table scratch (the next call allocates it again). */
+void bpdq_release_scratch(void) {
+    scratch_free();
+    if (scratch_key_ok) pthread_setspecific(scratch_key, NULL);
+}
+
+/* Bytes of table scratch held by all threads together. */
+int64_t bpdq_scratch_bytes(void) { return (int64_t)atomic_load(&scratch_live); }
 
 /* y[M, N] (row stride y_stride, dtype y_dt) = x[M, K] (row stride x_stride, dtype x_dt) @ W_hat^T + bias.
  * Returns 0, or -1 when out of memory / bad arguments. */
