@@ -12,7 +12,7 @@ import bpdq
 from bpdq.config import QuantizeConfig
 from bpdq.engine.guided import GuidedHessian
 from bpdq.engine.passes import token_windows
-from tests.tiny_models import TINY_CALIBRATION, tiny_model, tiny_tokenizer
+from tests.tiny_models import TINY_CALIBRATION, tiny_model, tiny_model_dir, tiny_tokenizer
 
 GPTQ = {"group_size": 32, "grid": {"type": "bitplane", "planes": 2}, "solver": {"type": "bpdq", "iters": 2}}
 CONFIG = {"quantize": GPTQ, "calibration": {**TINY_CALIBRATION, "batch_size": 4}, "progress": False}
@@ -101,3 +101,10 @@ def test_named_in_the_config_and_bad_arguments():
     with pytest.raises(ValueError, match="'asymmetric', 'guided_hessian' all compute the Hessians"):
         bpdq.quantize(tiny_model(), {**CONFIG, "calibration": {**CONFIG["calibration"], "asymmetric": True}},
                       tokenizer=tiny_tokenizer(), stages=[GuidedHessian()])
+
+
+def test_a_model_read_from_a_directory_is_refused_before_any_layer(tmp_path):
+    src = tiny_model_dir(tmp_path / "src")
+    with pytest.raises(ValueError, match="guided_hessian needs the model in memory"):
+        bpdq.quantize(src, {**CONFIG, "output": str(tmp_path / "out")}, stages=[GuidedHessian()])
+    assert not (tmp_path / "out" / "model.safetensors").exists()
