@@ -397,6 +397,7 @@ def plot(results_files: list[Path], png: Path) -> dict[str, list[dict[str, Any]]
             for p in sel:
                 ax.annotate(p["row"], (p["bpw"], p["ratio"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
+        ax.margins(x=0.12)  # room for the labels of the outermost points
         ax.set_title(f"{name}", fontsize=10)
         ax.set_xlabel("bits per weight")
         ax.grid(True, alpha=0.3)
