@@ -1,4 +1,4 @@
-"""Quality table of the 2-bit levers (issue 15): perplexity ratio vs full precision, bpw and quantization time.
+"""Quality table of the 2-bit levers: perplexity ratio vs full precision, bpw and quantization time.
 
 Each row is a strategy config (the main job's, ``configs/smollm2-bpdq-k2.yaml``: SmolLM2-135M in float32,
 128 x 512 calibration windows of ``builtin:python-docs``) with a few overrides, quantized and evaluated through
