@@ -1,9 +1,11 @@
-"""AutoRound W2 asymmetric on SmolLM2-135M, the 2-bit peer row of bench_quality.py (issue 15).
+"""AutoRound W2 on SmolLM2-135M, the 2-bit peer rows of bench_quality.py.
 
 Runs in its own venv (AutoRound pins its own dependencies): ``bash scripts/setup_autoround.sh`` builds
 ``.venv-autoround``, then
 
-    .venv-autoround/bin/python benchmarks/bench_autoround.py            # the real row (tens of minutes)
+    .venv-autoround/bin/python benchmarks/bench_autoround.py            # the 50-iteration row (tens of minutes)
+    .venv-autoround/bin/python benchmarks/bench_autoround.py --iters 200                            # `default` recipe
+    .venv-autoround/bin/python benchmarks/bench_autoround.py --iters 200 --sym --enable-alg-ext     # SignRoundV2
     .venv-autoround/bin/python benchmarks/bench_autoround.py --quick    # smoke run: checks the plumbing
 
 Same inputs as bpdq's rows: the model loaded as bpdq's CLI loads it (the main job's config,
@@ -12,15 +14,18 @@ from that config's ``calibration`` block (128 x 512 tokens of ``builtin:python-d
 AutoRound as its dataset (a list of ``[1, seq_len]`` token-id tensors; the ids its calibration pass embeds
 are checked to be exactly those windows; as for any token-id dataset, AutoRound leaves each window's last
 token and any pad token out of its loss), and bpdq's perplexity on ``builtin:python-docs-test`` (16 windows of
-512 tokens) of the fake-quantized model (AutoRound leaves the dequantized weights in the linears when no
+512 tokens; more texts with ``--text NAME=SPEC``, as bench_quality.py passes its cross-domain one) of the
+fake-quantized model (AutoRound leaves the dequantized weights in the linears when no
 export format is given; each quantized group is checked to hold at most 2**bits distinct values).
 
-AutoRound settings: bits=2, group_size=64, sym=False, iters=50, nsamples=128, seqlen=512, amp=False (fp32
-tuning), device_map="cpu", everything else at auto-round 0.16.1's defaults. bpw is its storage: ``bits``-bit
-codes plus, per group, one scale in its scale dtype and (asymmetric) one ``bits``-bit zero point.
+AutoRound settings: bits=2, group_size=64, sym=False (``--sym``: True), iters=50 (``--iters``; its `default`
+recipe has 200), nsamples=128, seqlen=512, amp=False (fp32 tuning), device_map="cpu", enable_alg_ext=False
+(``--enable-alg-ext``: SignRoundV2, checked to be the quantizer that ran), everything else at auto-round
+0.16.1's defaults (its `default` recipe's batch of 8 and learning rate 1/iters). bpw is its storage:
+``bits``-bit codes plus, per group, one scale in its scale dtype and (asymmetric) one ``bits``-bit zero point.
 
-Prints one JSON object on stdout (all logging goes to stderr):
-``{"row", "description", "bpw", "perplexity", "quantize_time_s", "settings"}``.
+Prints one JSON object on stdout (all logging goes to stderr): ``{"row", "description", "bpw", "perplexity",
+"perplexity_by_text", "quantize_time_s", "settings"}``.
 """
 
 from __future__ import annotations
@@ -35,7 +40,7 @@ from typing import Any
 
 import yaml
 
-from bench_quality import BASE_CONFIG, EVAL_TEXT, QUICK
+from bench_quality import BASE_CONFIG, EVAL_TEXT, PRIMARY, QUICK
 
 logger = logging.getLogger("bench_autoround")
 
@@ -150,7 +155,24 @@ def check_group_size(model: Any, group_size: int) -> None:
                          f"{sorted(widths)}; allowed: {[d for d in range(1, g + 1) if g % d == 0]}")
 
 
-def run(group_size: int, iters: int, quick: bool) -> dict[str, Any]:
+def used_quantizers(autoround: Any) -> list[str]:
+    """Class names of the algorithms the AutoRound compressor composed (preprocessors, then the quantizer)."""
+    composer = getattr(autoround, "_alg_composer", None)
+    if composer is None or getattr(composer, "block_quantizer", None) is None:
+        raise RuntimeError("the AutoRound compressor has no algorithm composer: cannot tell which quantizer ran")
+    return [type(a).__name__ for a in (*composer.preprocessors, composer.block_quantizer)]
+
+
+def text_option(text: str) -> tuple[str, str]:
+    """``NAME=SPEC`` (SPEC: builtin:NAME or a .txt/.jsonl file) as ``(name, spec)``."""
+    name, sep, spec = text.partition("=")
+    if not sep or not name or not spec:
+        raise argparse.ArgumentTypeError(f"{text!r} is not NAME=SPEC (e.g. licenses=/tmp/licenses.txt)")
+    return name, spec
+
+
+def run(group_size: int, iters: int, quick: bool, sym: bool = False, enable_alg_ext: bool = False,
+        texts: dict[str, str] | None = None) -> dict[str, Any]:
     AutoRound = import_auto_round()
     import torch
 
@@ -167,43 +189,54 @@ def run(group_size: int, iters: int, quick: bool) -> dict[str, Any]:
     dataset = [w.unsqueeze(0) for w in windows]  # AutoRound takes a list of [1, seq_len] token-id tensors
     pad = tokenizer.pad_token_id  # AutoRound masks these out of its calibration (none in bpdq's built-in text)
     pad_tokens = 0 if pad is None else int(sum(int((w == pad).sum()) for w in windows))
+    texts = {PRIMARY: EVAL_TEXT, **(texts or {})}
+    loaded = {name: load_text(spec) for name, spec in texts.items()}  # a bad text fails before the long run
     settings = {
-        "auto_round": AUTO_ROUND_VERSION, "bits": BITS, "group_size": group_size, "sym": False, "iters": iters,
+        "auto_round": AUTO_ROUND_VERSION, "bits": BITS, "group_size": group_size, "sym": sym, "iters": iters,
         "nsamples": len(windows), "seqlen": windows[0].numel(), "amp": False, "device_map": "cpu",
-        "to_quant_block_names": QUICK_BLOCKS if quick else None,
+        "enable_alg_ext": enable_alg_ext, "to_quant_block_names": QUICK_BLOCKS if quick else None,
     }
     logger.info("AutoRound %s on %s (%s): %d calibration windows of %d tokens", settings, base["model"],
                 base["dtype"], len(windows), windows[0].numel())
     recorder = EmbeddingRecorder(model)
     start = time.perf_counter()
-    autoround = AutoRound(model, tokenizer, scheme="W2A16", bits=BITS, group_size=group_size, sym=False,
+    autoround = AutoRound(model, tokenizer, scheme="W2A16", bits=BITS, group_size=group_size, sym=sym,
                           iters=iters, nsamples=len(windows), seqlen=windows[0].numel(), dataset=dataset,
-                          amp=False, device_map="cpu", **({"to_quant_block_names": QUICK_BLOCKS} if quick else {}))
+                          amp=False, device_map="cpu", enable_alg_ext=enable_alg_ext,
+                          **({"to_quant_block_names": QUICK_BLOCKS} if quick else {}))
     model, layer_config = autoround.quantize()
+    quantizers = used_quantizers(autoround)
+    if enable_alg_ext != ("SignRoundV2Quantizer" in quantizers):
+        raise RuntimeError(f"enable_alg_ext={enable_alg_ext} but AutoRound ran {quantizers}")
     quantize_time = time.perf_counter() - start
     calls = recorder.check(windows)
     names = check_fake_quantized(model, layer_config)
     for name in names:
         resolved = {k: layer_config[name][k] for k in ("bits", "group_size", "sym")}
-        if resolved != {"bits": BITS, "group_size": group_size, "sym": False}:
+        if resolved != {"bits": BITS, "group_size": group_size, "sym": sym}:
             raise RuntimeError(f"AutoRound resolved {resolved} for {name}, not the settings asked for")
     scale_dtype = getattr(torch, str(autoround.scale_dtype).removeprefix("torch."))
     scale_bits = torch.finfo(scale_dtype).bits
 
     ev = QUICK_EVAL if quick else EVAL
-    text = load_text(EVAL_TEXT)
-    n_windows = int(eval_windows(tokenizer, text, ev["seq_len"], ev["max_windows"]).shape[0])
-    start = time.perf_counter()
-    ppl = perplexity(model, tokenizer, text, seq_len=ev["seq_len"], max_windows=ev["max_windows"])
-    eval_time = time.perf_counter() - start
+    by_text, evals = {}, {}
+    for name, text in loaded.items():
+        n_windows = int(eval_windows(tokenizer, text, ev["seq_len"], ev["max_windows"]).shape[0])
+        start = time.perf_counter()
+        by_text[name] = perplexity(model, tokenizer, text, seq_len=ev["seq_len"], max_windows=ev["max_windows"])
+        evals[name] = {"text": texts[name], "seq_len": ev["seq_len"], "windows": n_windows,
+                       "time_s": time.perf_counter() - start}
     return {
         "row": f"autoround-w{BITS}g{group_size}",
-        "description": f"peer: AutoRound W{BITS} g{group_size} asym, {iters} iters, fp32",
+        "description": f"peer: AutoRound W{BITS} g{group_size} {'sym' if sym else 'asym'}, {iters} iters"
+                       + (" + enable_alg_ext" if enable_alg_ext else "") + ", fp32",
         "bpw": model_bpw(model, layer_config, names, scale_bits),
-        "perplexity": ppl,
+        "perplexity": by_text[PRIMARY],
+        "perplexity_by_text": by_text,
         "quantize_time_s": quantize_time,
         "settings": {
             **settings,
+            "quantizers": quantizers,
             "scale_dtype": str(scale_dtype).removeprefix("torch."),
             "enable_torch_compile": autoround.enable_torch_compile,
             "model": base["model"],
@@ -213,7 +246,7 @@ def run(group_size: int, iters: int, quick: bool) -> dict[str, Any]:
             "calibration_forward_calls": calls,
             "calibration_windows_verified": True,
             "pad_tokens_in_windows": pad_tokens,
-            "eval": {"text": EVAL_TEXT, "seq_len": ev["seq_len"], "windows": n_windows, "time_s": eval_time},
+            "eval": evals,
             "quick": quick,
         },
     }
@@ -224,6 +257,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--group-size", type=positive_int, default=64, help="weights per group (default 64)")
     p.add_argument("--iters", type=positive_int, default=None,
                    help=f"AutoRound iterations per block (default {ITERS}; {QUICK_ITERS} with --quick)")
+    p.add_argument("--sym", action="store_true", help="symmetric grid (W2A16's own default; asymmetric without)")
+    p.add_argument("--enable-alg-ext", action="store_true",
+                   help="AutoRound's algorithm extension (SignRoundV2); in auto-round 0.16.1 it changes the "
+                   "rounding only on symmetric int grids")
+    p.add_argument("--text", type=text_option, action="append", default=[], metavar="NAME=SPEC",
+                   help=f"another evaluation text besides {EVAL_TEXT} (repeatable)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK['calibration']['samples']} x "
                    f"{QUICK['calibration']['seq_len']} calibration, the first decoder layer, {QUICK_ITERS} iters, "
                    f"{QUICK_EVAL['max_windows']} eval windows of {QUICK_EVAL['seq_len']}")
@@ -234,7 +273,7 @@ def main(argv: list[str] | None = None) -> int:
     stdout = os.fdopen(os.dup(sys.stdout.fileno()), "w")
     sys.stdout.flush()
     os.dup2(sys.stderr.fileno(), sys.stdout.fileno())
-    result = run(args.group_size, iters, args.quick)
+    result = run(args.group_size, iters, args.quick, args.sym, args.enable_alg_ext, dict(args.text))
     stdout.write(json.dumps(result) + "\n")
     stdout.flush()
     return 0

@@ -45,6 +45,35 @@ def test_every_shipped_config_is_valid():
         assert load_strategy(path).model
 
 
+def test_every_shipped_config_opens_with_a_comment_of_at_most_3_lines():
+    for path in sorted(CONFIGS.glob("*.yaml")):
+        lines = path.read_text(encoding="utf-8").splitlines()
+        comment = [line for line in lines if line.lstrip().startswith("#")]
+        assert comment and lines[0].startswith("#"), f"{path.name} does not open with a comment saying what it runs"
+        assert len(comment) <= 3, f"{path.name} has {len(comment)} comment lines, at most 3 allowed"
+
+
+# SmolLM2-135M's decoder linears per layer (out, in): q, k, v, o, gate, up, down
+SMOLLM2_LINEARS = {"self_attn.q_proj": (576, 576), "self_attn.k_proj": (192, 576), "self_attn.v_proj": (192, 576),
+                   "self_attn.o_proj": (576, 576), "mlp.gate_proj": (1536, 576), "mlp.up_proj": (1536, 576),
+                   "mlp.down_proj": (576, 1536)}
+
+
+@pytest.mark.parametrize("name, bpw", [("smollm2-bpdq-k2-2.28bpw.yaml", 2.28125), ("smollm2-bpdq-k2-2.375bpw.yaml", 2.375),
+                                       ("smollm2-bpdq-k2-2.375bpw-fast.yaml", 2.375), ("smollm2-bpdq-k2.yaml", 2.75)])
+def test_budget_configs_spend_the_bits_their_names_say(name, bpw):
+    from bpdq.quantized import bits_per_weight
+
+    s = load_strategy(CONFIGS / name)
+    total = bits = 0.0
+    for module, (out, inp) in SMOLLM2_LINEARS.items():
+        recipe = resolve_recipe(f"model.layers.7.{module}", s.quantize, s.rules)
+        assert inp % recipe.group_size == 0, f"{name}: {module} g={recipe.group_size} does not divide {inp}"
+        total += out * inp
+        bits += out * inp * bits_per_weight(recipe.grid["planes"], recipe.group_size)
+    assert bits / total == pytest.approx(bpw)
+
+
 def test_alpha_written_1e_minus_4_is_a_number(tmp_path):
     path = tmp_path / "s.yaml"
     path.write_text("model: m\nquantize:\n  grid: bitplane\n  solver: {type: gptq, damp: 1e-2}\n")
