@@ -283,8 +283,10 @@ def _check(plan: RunPlan, stages: Sequence[Stage]) -> None:
     """The stages' own checks, then what a run of several processes or without data cannot do."""
     for stage in stages:
         stage.check(plan)
-    if any(s.single_process for s in stages) and distributed.is_distributed():
-        raise ValueError("calibration.asymmetric, tuning and target_bpw are not supported in a distributed run "
+    options = {"tuning": "tuning", "allocation": "target_bpw"}  # the built-in stages' config options
+    single = [options.get(s.name, f"stage {s.name!r}") for s in stages if s.single_process]
+    if single and distributed.is_distributed():
+        raise ValueError(f"{' and '.join(single)} {'is' if len(single) == 1 else 'are'} not supported in a distributed run "
                          f"({distributed.world_size()} processes): run them in one process")
     if any(s.needs_calibration for s in stages) and not plan.calibrated:
         raise ValueError("calibration.asymmetric, tuning and target_bpw need calibration data: use a solver that "

@@ -40,13 +40,14 @@ import torch
 from torch import nn
 
 from bpdq.batch import Batch
+from bpdq.engine import distributed
 from bpdq.engine.activations import outputs_like
 from bpdq.engine.passes import dense_quantized_forwards, group_inputs, run_layer
 from bpdq.engine.replay import Replay
 from bpdq.engine.stages import LayerStep, Stage
 from bpdq.linear import QuantLinear
 from bpdq.report import RunReport
-from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target_projected, asymmetric_targets
+from bpdq.solvers.asymmetric import AsymmetricAccumulator, corrected_targets
 from bpdq.tuning import TuningOptions, tune_layer
 
 ASYMMETRIC_DAMP = 0.01  # damping of W~'s solve, relative to mean(diag H_q) (as GPTQ's default)
@@ -102,25 +103,34 @@ def asymmetric_hessians(
     for r in (replay, fp_replay):
         if r is not None:
             r.end_pass(len(inputs))
+    for acc in accs.values():  # the same order on every rank of a distributed run: with the Hessian sums
+        acc.reduce(distributed.all_reduce_hessian)
+        acc.identical = not distributed.any_rank(not acc.identical)
     hessians: dict[str, torch.Tensor] = {}
     for root in list(accs):  # H_q factorised once for the linears that share it
         acc = accs.pop(root)
-        H_q, C, projected, identical = acc.hessian, acc.cross, acc.out_features is not None, acc.identical
-        del acc
         members = [n for n in names if alias.get(n, n) == root]
-        weights = [layer.get_submodule(n).weight for n in members]
+        weights = [layer.get_submodule(n).weight.detach() for n in members]
         dev = weights[0].device
-        if projected and identical:  # x_fp == x_q: W~ = W exactly, as C - S = 0 gives it
-            targets = [weights[0].detach().clone()]
-        elif projected:
-            targets = [asymmetric_target_projected(weights[0].detach(), H_q.to(dev), C.to(dev), damp)]
+        identical = acc.identical
+        if identical:  # x_fp == x_q in every batch: W~ = W exactly
+            H_q = acc.hessian
+        elif acc.out_features is None:  # W D first: D is freed before H_q is made
+            corrections = acc.corrections(weights)
+            H_q = acc.hessian
         else:
-            targets = asymmetric_targets([w.detach() for w in weights], H_q.to(dev), C.to(dev), damp)
-        del C
-        with torch.no_grad():
-            for n, weight, target in zip(members, weights, targets):
-                hessians[n] = H_q
-                weight.copy_(target)
+            H_q = acc.hessian
+            corrections = acc.corrections(weights, H_q)
+        del acc  # the float64 sums, before the factorisation
+        if not identical:
+            targets = corrected_targets(weights, H_q.to(dev), [c.to(dev) for c in corrections], damp)
+            del corrections
+            with torch.no_grad():
+                for weight, target in zip(weights, targets):
+                    weight.copy_(target)
+            del targets
+        for n in members:
+            hessians[n] = H_q
     return {n: hessians[n] for n in names}
 
 
@@ -136,7 +146,6 @@ class FullPrecisionStream(Stage):
     name = "fp_stream"
     fp_stream = True
     needs_calibration = True
-    single_process = True
 
     def before_solve(self, step: LayerStep) -> None:
         if step.fp_inputs is not None:
@@ -157,7 +166,6 @@ class AsymmetricCalibration(Stage):
     provides_hessians = True
     fp_stream = True
     needs_calibration = True
-    single_process = True
 
     def fingerprint(self) -> dict[str, Any]:
         return {"damp": ASYMMETRIC_DAMP}
