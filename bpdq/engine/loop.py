@@ -109,7 +109,7 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
     adapter = plan.adapter
     provider = next((s for s in stages if s.provides_hessians), None)
     tails = dict(adapter.tails) if use_tails(step.inputs, device) else {}
-    replay = step.replay = Replay(layer, tails) if step.inputs is not None else None
+    replay = step.replay = Replay(layer, tails, like=step.inputs) if step.inputs is not None else None
     blocks = (*adapter.replay, *(b for b in tails if b not in adapter.replay))
     done: set[str] = set()
     for group in step.plan:
@@ -171,13 +171,17 @@ def run_layer_step(
         for stage in stages:
             stage.observe(step)
         for stage in stages:
-            if type(stage).after_solve is not Stage.after_solve:
-                step.replay = None  # the stage may change what the recorded sub-blocks computed
+            if type(stage).after_solve is not Stage.after_solve and step.replay is not None:
+                step.replay.close()  # the stage may change what the recorded sub-blocks computed
+                step.replay = None
                 stage.after_solve(step)
         if inputs is not None and (not last or plan.head_recipe is not None):
             step.outputs = run_layer(step.layer, inputs, device, step.replay)
     finally:
         layer.to(home)
+        for replay in (step.replay, step.fp_replay):  # this layer's recordings, before the next layer starts
+            if replay is not None:
+                replay.close()
         step.fp_layer = step.fp_replay = step.replay = None
     return step
 

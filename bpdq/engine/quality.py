@@ -25,7 +25,8 @@ weights on the device, one full-precision forward per batch per sequential group
 (the fp stream), plus tuning's own cost (see :mod:`bpdq.tuning`). Each forward stops once the group's
 linears have their inputs, and a sub-block already finished (the adapter's ``replay``: attention once its
 linears are solved) is replayed in both streams from its recorded outputs instead of being run again, as in
-the symmetric passes: one more hidden-state stream of recorded outputs per stream while a layer is solved.
+the symmetric passes: one more hidden-state stream of recorded outputs per stream while a layer is solved
+(on the CPU, in a store like the stream's own, offloaded with it).
 The copy never changes, so its sub-block is recorded in the pass of the block's last linears already (that
 pass runs the block to its end: ``o_proj`` in the attention), one pass earlier than in the quantized stream.
 """
@@ -156,6 +157,8 @@ class FullPrecisionStream(Stage):
             return
         if step.fp_outputs is None:
             step.fp_outputs = run_layer(step.fp_layer, step.fp_inputs, step.device, step.fp_replay)
+        if step.fp_replay is not None:
+            step.fp_replay.close()
         step.fp_layer = step.fp_replay = None
 
 
@@ -172,7 +175,7 @@ class AsymmetricCalibration(Stage):
 
     def before_solve(self, step: LayerStep) -> None:
         if step.fp_layer is not None:
-            step.fp_replay = Replay(step.fp_layer)
+            step.fp_replay = Replay(step.fp_layer, like=step.fp_inputs)
 
     def hessians(self, step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
         """Asymmetric Hessians of a group (the linears' weights become their targets ``W~``). A sub-block

@@ -57,6 +57,52 @@ def test_a_finished_block_is_recorded_once_then_replayed_with_the_same_outputs()
     assert "forward" not in vars(layer.block), "the replay must restore the block's own forward"
 
 
+class TupleBlock(Block):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:  # as attention blocks return
+        return super().forward(x), None
+
+
+def test_recordings_go_to_a_store_like_the_inputs_offloaded_with_them_and_close_deletes_them(tmp_path):
+    torch.manual_seed(0)
+    layer = Layer()
+    layer.block = TupleBlock()
+    layer.forward = lambda x: layer.out(x + layer.block(x)[0])
+    batches = ActivationStore.from_batches([Batch(torch.randn(2, 3, 4), (), {}) for _ in range(4)], tmp_path, "100B")
+    expected = run_layer(layer, batches, torch.device("cpu"))
+    files = set(tmp_path.iterdir())
+    replay = Replay(layer, like=batches)
+    replay.finish("block")
+    run_layer(layer, batches, torch.device("cpu"), replay)  # records: one batch (96 bytes) in memory, 3 on disk
+    recorded = set(tmp_path.iterdir()) - files
+    assert replay._ready["block"].n_offloaded == 3 and len(recorded) == 3 + 3  # and 3 of run_layer's outputs
+    calls = layer.block.calls
+    replayed = run_layer(layer, batches, torch.device("cpu"), replay)
+    assert layer.block.calls == calls and all(torch.equal(a.hidden, b.hidden) for a, b in zip(expected, replayed))
+    replay.close()
+    assert not replay.finished and len(set(tmp_path.iterdir()) - files) == 3 + 3  # the recordings' files are gone
+    run_layer(layer, batches, torch.device("cpu"), replay)
+    assert layer.block.calls == calls + len(batches)  # nothing is replayed after close
+
+
+def test_each_layers_recordings_are_closed_before_the_next_layer_starts(monkeypatch):
+    from bpdq.engine import loop
+
+    made: list[Replay] = []
+    closed: set[int] = set()
+    init, close, step = Replay.__init__, Replay.close, loop.run_layer_step
+    monkeypatch.setattr(Replay, "__init__", lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    monkeypatch.setattr(Replay, "close", lambda self: closed.add(id(self)) or close(self))
+
+    def checked(source, plan, index, *args, **kwargs):
+        assert all(id(r) in closed for r in made), f"layer {index} starts with recordings of an earlier layer alive"
+        return step(source, plan, index, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "run_layer_step", checked)
+    bpdq.quantize_model(tiny_model(layers=3), tiny_tokenizer(), recipe={**TINY_RECIPE, "solver": "gptq"},
+                        calibration=TINY_CALIBRATION, progress=False, asymmetric=True)
+    assert len(made) == 6 and all(id(r) in closed for r in made)  # per layer: the layer's and its copy's
+
+
 def test_a_pass_that_stops_before_the_block_records_nothing():
     layer = Layer()
     batches = [Batch(torch.randn(1, 2, 4), (), {}) for _ in range(2)]
