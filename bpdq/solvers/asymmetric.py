@@ -174,11 +174,13 @@ def _times(W: torch.Tensor, D: torch.Tensor, scale: float, dtype: torch.dtype) -
 
 
 def _projected(W: torch.Tensor, P: torch.Tensor, scale: float, H_q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``scale * P - W H_q`` in ``dtype``, in float64 a block of ``H_q``'s columns at a time."""
-    W64 = W.to(device=P.device, dtype=torch.float64)
+    """``scale * P - W H_q`` in ``dtype``, a block of ``W``'s rows at a time: ``W H_q`` multiplied in ``H_q``'s
+    dtype (no float64 copy of ``H_q``), the difference taken in float64."""
     out = torch.empty(W.shape, dtype=dtype, device=P.device)
-    for c0, c1 in _row_ranges(H_q.shape[1], H_q.shape[0]):  # columns of the symmetric H_q, as rows
-        out[:, c0:c1] = P[:, c0:c1] * scale - W64 @ H_q[:, c0:c1].to(device=P.device, dtype=torch.float64)
+    H = H_q.to(P.device)
+    for r0, r1 in _row_ranges(W.shape[0], W.shape[1]):
+        WH = W[r0:r1].to(device=P.device, dtype=H.dtype) @ H
+        out[r0:r1] = P[r0:r1] * scale - WH.to(torch.float64)
     return out
 
 
@@ -212,11 +214,12 @@ def corrected_targets(
     U = damped_inverse_cholesky(H_q.clone, damp, max_retries=max_retries, what="H_q", widen=True)[0]
     out = []
     for W, M, z in zip(weights, corrections, zero):
-        if z:
-            out.append(W.clone())
-            continue
-        X = (M.to(U.dtype) @ U.mT) @ U  # M (H_q + lam I)^-1 = M U^T U
-        out.append((W.to(torch.float64) + X.to(device=W.device, dtype=torch.float64)).to(W.dtype))
+        target = W.clone()
+        if not z:
+            for r0, r1 in _row_ranges(W.shape[0], W.shape[1]):  # M (H_q + lam I)^-1 = M U^T U, by rows
+                X = (M[r0:r1].to(device=U.device, dtype=U.dtype) @ U.mT) @ U
+                target[r0:r1] = (W[r0:r1].to(torch.float64) + X.to(device=W.device, dtype=torch.float64)).to(W.dtype)
+        out.append(target)
     return out
 
 
