@@ -338,20 +338,21 @@ def _run(
         fp_inputs: Sequence[Batch] | None = None
         if windows is not None:
             spill, budget = None, None
-            if calibration.offload is not None:
+            if calibration.offload is not None:  # one budget for every activation stream of the run
                 spill = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="bpdq-activations-")))
-                budget = parse_size(calibration.offload, "offload") // 2 if fp_stream else calibration.offload  # two streams
+                budget = parse_size(calibration.offload, "offload")
             source.load_outside(layers_prefix)
             batches = batch_windows(windows, calibration.batch_size)
             first = distributed.shard_start(len(batches))  # the global number of this rank's first batch
-            inputs = capture_layer_inputs(model, plan.layers[0], distributed.shard(batches), ActivationStore(spill, budget))
+            store = ActivationStore(spill, budget)
+            inputs = capture_layer_inputs(model, plan.layers[0], distributed.shard(batches), store)
             source.release_outside(layers_prefix)  # read again after the last layer
             fp_inputs = inputs if fp_stream else None
             if done:
                 assert resume is not None
                 captured = inputs
-                inputs = resume.inputs(captured, "hidden", first, ActivationStore(spill, budget))
-                fp_inputs = resume.inputs(captured, "fp", first, ActivationStore(spill, budget)) if fp_stream else None
+                inputs = resume.inputs(captured, "hidden", first, store.empty_like())
+                fp_inputs = resume.inputs(captured, "fp", first, store.empty_like()) if fp_stream else None
                 close(captured)
             if spill is not None:
                 logger.info("calibration activations: %d of %d batches offloaded to %s", inputs.n_offloaded,  # type: ignore[union-attr]

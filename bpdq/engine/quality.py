@@ -20,7 +20,7 @@ outputs on the fp inputs become the next layer's fp inputs (``LayerStep.fp_outpu
   solved layer with the quantized model's inputs and the full-precision layer's outputs on the fp inputs as
   targets (AutoRound-style: the tuned layer also absorbs the error accumulated by the layers before it).
 
-Cost: twice the calibration activations (with ``offload`` each stream gets half the budget), one more layer's
+Cost: twice the calibration activations (``offload`` bounds both streams together), one more layer's
 weights on the device, one full-precision forward per batch per sequential group (asymmetric) and per layer
 (the fp stream), plus tuning's own cost (see :mod:`bpdq.tuning`). Each forward stops once the group's
 linears have their inputs, and a sub-block already finished (the adapter's ``replay``: attention once its
