@@ -77,6 +77,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "gptq-asym": {"recipe": GPTQ, "asymmetric": True},
 }
 DEFAULT_RECIPES = "gptq,bpdq,bpdq-asym,bpdq-tune"
+RUNTIME = 0.3e9  # bytes a run holds above its start whatever the widths (measured: 0.25-0.35 GB)
 
 
 # ---- the model directories -------------------------------------------------------------------------------
@@ -220,7 +221,7 @@ def run_one(model: str, recipe: str, output: str, samples: int, seq_len: int, of
     with meter.stage("run"), warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)  # quantize_model: token-id windows as given
         bpdq.quantize_model(model, recipe={"group_size": 64, **spec["recipe"]}, calibration=ids, device="cpu",
-                            progress=False, output=output, asymmetric=spec.get("asymmetric", False),
+                            progress=False, output=output, overwrite=True, asymmetric=spec.get("asymmetric", False),
                             tuning=spec.get("tuning"), offload=offload)
     elapsed = time.perf_counter() - start
     meter.close()
@@ -262,27 +263,30 @@ def budgets(shape: Shape, recipe: str, tokens: int, batch_tokens: int) -> dict[s
     linears = {"q_proj": (d, d), "k_proj": (kv, d), "v_proj": (kv, d), "o_proj": (d, d),
                "gate_proj": (f, d), "up_proj": (f, d), "down_proj": (d, f)}
     groups = {"q_proj+k_proj+v_proj": d, "o_proj": d, "gate_proj+up_proj": d, "down_proj": f}
-    out: dict[str, float] = {"capture": embed + stream + batch}
+    run = RUNTIME  # what the run itself holds whatever the widths (the model skeleton, allocator and torch caches)
+    out: dict[str, float] = {"capture": run + 2 * embed + stream + batch}  # embeddings and head (untied) are read
     for name, n in groups.items():
         hess = 8 * n * n  # the float64 upper triangle 4 n^2 + the float32 Hessian 4 n^2 handed out
         if spec.get("asymmetric"):
-            rows = [linears[x][0] for x in name.split("+")]
-            projected = name == "down_proj"
-            hess = 16 * n * n if not projected else 8 * n * n + 8 * rows[0] * n  # + D (or P) in float64
-        out[f"hessians {name}"] = layers + held + hess + batch
+            corrections = 4 * sum(linears[x][0] for x in name.split("+")) * n  # W D per linear, float32
+            if name == "down_proj":  # P [out, in] float64 beside the sums, then the factorisation
+                hess = max(8 * n * n + 8 * d * n + corrections, 12 * n * n + corrections)
+            else:  # D float64 beside the upper triangle, then H_q, its working copy and a temporary
+                hess = 12 * n * n + corrections
+        out[f"hessians {name}"] = run + layers + held + hess + batch
     for name, (rows, n) in linears.items():
-        solver = 4 * rows * n * 4  # float32 copies of the weight: W, Q, the errors, the target
+        solver = 3 * 4 * rows * n  # float32 copies of the weight: W, Q, the errors
         if recipe.startswith("bpdq"):
-            solver += 64 * 2**20 * 3  # the refit's work buffers (a chunk of 64 MiB, its Gram blocks and solve)
-        out[f"solve {name}"] = layers + held + 8 * n * n + solver  # H and U (float32)
-    out["outputs"] = layers + held + batch
+            solver += 3 * 64 * 2**20  # the refit's work buffers (a chunk of 64 MiB, its Gram blocks and solve)
+        out[f"solve {name}"] = run + layers + held + 8 * n * n + solver  # H and U (float32)
+    out["outputs"] = run + layers + held + batch
     if fp:
-        out["fp outputs"] = layers + held + batch
+        out["fp outputs"] = run + layers + held + batch
     if spec.get("tuning") is not None:
-        out["tuning"] = layers + held + 4 * layer + batch * 4  # fp32 master copies, Adam moments, autograd
+        out["tuning"] = run + layers + held + 4 * layer + 4 * batch  # float32 dense weights and their autograd
     packed = sum(r * n for r, n in linears.values()) * (2 + 16 * 3 / 64) / 8
-    out["write"] = layer + held + packed
-    out["finish"] = 2 * embed + packed
+    out["write"] = run + layer + held + packed
+    out["finish"] = run + 2 * embed + packed
     return out
 
 

@@ -292,6 +292,7 @@ def collect_hessians(
                     alias[name] = alias.get(same, same)
                 else:
                     accs.setdefault(name, HessianAccumulator(layer.get_submodule(name).in_features, device=device)).add(x)
+            seen = x = b = None  # this batch's tensors are not kept while the next batch runs
     for acc in accs.values():  # the same order on every rank of a distributed run
         acc.reduce(distributed.all_reduce_hessian)
     hessians = {key: accs.pop(key).hessian for key in list(accs)}  # each float64 sum dropped once converted

@@ -101,6 +101,7 @@ def asymmetric_hessians(
                 if acc.out_features is not None and y is None:
                     raise RuntimeError(f"the full-precision pass gave no output of {n} for batch {i}")
                 acc.add(xq[n], xf[n], y if acc.out_features is not None else None)
+            xq = xf = kept = y = b = fb = None  # this batch's tensors are not kept while the next batch runs
     for r in (replay, fp_replay):
         if r is not None:
             r.end_pass(len(inputs))
