@@ -171,9 +171,10 @@ def run_layer_step(
         for stage in stages:
             stage.observe(step)
         for stage in stages:
-            if type(stage).after_solve is not Stage.after_solve and step.replay is not None:
-                step.replay.close()  # the stage may change what the recorded sub-blocks computed
-                step.replay = None
+            if type(stage).after_solve is not Stage.after_solve:
+                if step.replay is not None:  # the stage may change what the recorded sub-blocks computed
+                    step.replay.close()
+                    step.replay = None
                 stage.after_solve(step)
         if inputs is not None and (not last or plan.head_recipe is not None):
             step.outputs = run_layer(step.layer, inputs, device, step.replay)
