@@ -402,3 +402,17 @@ def test_an_unknown_calibration_autocast_is_refused_before_any_work(monkeypatch)
     with pytest.raises(ValueError, match=r"autocast must be one of \['none', 'bfloat16', 'float16', 'auto'\]"):
         bpdq.quantize_model(tiny_model(layers=1), tiny_tokenizer(), recipe=GPTQ_RECIPE, progress=False,
                             calibration=TINY_CALIBRATION, autocast="fp8")
+
+
+def test_stores_made_from_one_another_share_one_budget_and_closing_gives_it_back(tmp_path):
+    batch = lambda: Batch(torch.randn(2, 3, 4), (), {})  # noqa: E731 - 96 bytes
+    inputs = ActivationStore(tmp_path, 200)  # room for two batches in all
+    outputs, recordings = inputs.empty_like(), outputs_like(inputs)
+    for store in (inputs, outputs, recordings):
+        store.append(batch())
+    assert [s.n_offloaded for s in (inputs, outputs, recordings)] == [0, 0, 1]
+    inputs.close()  # its 96 bytes go back to the others
+    recordings.append(batch())
+    outputs.append(batch())
+    assert (recordings.n_offloaded, outputs.n_offloaded) == (1, 1)
+    assert sum(b.hidden.numel() for s in (outputs, recordings) for b in s._items if isinstance(b, Batch)) * 4 <= 200
