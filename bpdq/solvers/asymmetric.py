@@ -112,9 +112,10 @@ class AsymmetricAccumulator:
         assert self._moment is not None
         n = self.n
         for r0, r1 in _row_ranges(self._moment.shape[0], self.in_features):
-            block, _ = reduce_block(self._moment[r0:r1], n)
-            if block is not self._moment[r0:r1]:
-                self._moment[r0:r1].copy_(block)
+            rows = self._moment[r0:r1]
+            block, _ = reduce_block(rows, n)
+            if block is not rows:
+                rows.copy_(block)
 
     @property
     def hessian(self) -> torch.Tensor:
