@@ -72,6 +72,18 @@ def asymmetric_hessians(
     appended to it. ``fp_complete``: sub-blocks of ``fp_layer`` its passes run to their end (see
     :func:`~bpdq.engine.passes.group_inputs`), so that ``fp_replay`` records them in this pass. ``group``: ``names`` are one
     sequential group of the adapter (see :func:`~bpdq.engine.passes.collect_hessians`)."""
+    accs, alias = accumulate_asymmetric(layer, fp_layer, names, inputs, fp_inputs, device, replay=replay,
+                                        fp_replay=fp_replay, fp_out=fp_out, fp_complete=fp_complete, group=group)
+    return asymmetric_targets_of(layer, names, accs, alias, damp)
+
+
+def accumulate_asymmetric(
+    layer: nn.Module, fp_layer: nn.Module, names: Sequence[str], inputs: Sequence[Batch], fp_inputs: Sequence[Batch],
+    device: torch.device, *, replay: Replay | None = None, fp_replay: Replay | None = None, fp_out: Any = None,
+    fp_complete: Sequence[str] = (), group: bool = False,
+) -> tuple[dict[str, AsymmetricAccumulator], dict[str, str]]:
+    """The passes of :func:`asymmetric_hessians`: its accumulators (summed over the ranks of a distributed run)
+    by the first linear of each shared input, and the other linears' aliases to it."""
     if len(inputs) != len(fp_inputs):
         raise ValueError(f"{len(inputs)} quantized batches but {len(fp_inputs)} full-precision ones")
     accs: dict[str, AsymmetricAccumulator] = {}
@@ -108,6 +120,15 @@ def asymmetric_hessians(
     for acc in accs.values():  # the same order on every rank of a distributed run: with the Hessian sums
         acc.reduce(distributed.all_reduce_hessian)
         acc.identical = not distributed.any_rank(not acc.identical)
+    return accs, alias
+
+
+def asymmetric_targets_of(
+    layer: nn.Module, names: Sequence[str], accs: dict[str, AsymmetricAccumulator], alias: dict[str, str],
+    damp: float = ASYMMETRIC_DAMP,
+) -> dict[str, torch.Tensor]:
+    """The second half of :func:`asymmetric_hessians`: each linear's weight replaced by its target, and
+    ``H_q`` of each (``accs`` are spent, one at a time)."""
     hessians: dict[str, torch.Tensor] = {}
     for root in list(accs):  # H_q factorised once for the linears that share it
         acc = accs.pop(root)
@@ -116,13 +137,13 @@ def asymmetric_hessians(
         dev = weights[0].device
         identical = acc.identical
         if identical:  # x_fp == x_q in every batch: W~ = W exactly
-            H_q = acc.hessian
+            H_q = acc.pop_hessian()
         elif acc.out_features is None:  # W D first: D is freed before H_q is made
             corrections = acc.corrections(weights)
-            H_q = acc.hessian
-        else:
-            H_q = acc.hessian
-            corrections = acc.corrections(weights, H_q)
+            H_q = acc.pop_hessian()
+        else:  # P - W H_q in P's storage, from the float64 sum: P is freed before H_q is made
+            corrections = acc.corrections(weights)
+            H_q = acc.pop_hessian()
         del acc  # the float64 sums, before the factorisation
         if not identical:
             targets = corrected_targets(weights, H_q.to(dev), [c.to(dev) for c in corrections], damp)
@@ -198,12 +219,15 @@ class AsymmetricCalibration(Stage):
         fp_out = None
         if set(names) <= set(step.plan[-1]):  # the last group: its fp passes also give the fp outputs
             fp_out = outputs_like(step.fp_inputs)
-        hessians = asymmetric_hessians(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, step.device,
-                                       replay=step.replay, fp_replay=step.fp_replay, fp_out=fp_out,
-                                       fp_complete=complete, group=True)
-        if fp_out is not None:
+        accs, alias = accumulate_asymmetric(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, step.device,
+                                            replay=step.replay, fp_replay=step.fp_replay, fp_out=fp_out,
+                                            fp_complete=complete, group=True)
+        if fp_out is not None:  # the copy's last pass is done: it goes before the targets' factorisation
             step.fp_outputs = fp_out
-        return hessians
+            if step.fp_replay is not None:
+                step.fp_replay.close()
+            step.fp_layer = step.fp_replay = None
+        return asymmetric_targets_of(step.layer, names, accs, alias)
 
     def finish(self, report: RunReport) -> None:
         report.asymmetric = {"damp": ASYMMETRIC_DAMP}

@@ -27,9 +27,10 @@ multiply-adds on SmolLM2's ``down_proj``), and ``W D = P - W S`` (:func:`asymmet
 same target up to float rounding.
 
 Memory, counted in ``[in, in]`` float64 matrices: the accumulator holds ``D`` (one) and the Hessian's
-upper triangle (a half), then the float32 ``H_q`` (a half) while it is handed out; the correction ``W D``
-is taken (``[out, in]``) and ``D`` freed before the factorisation, which works on one copy of ``H_q`` (a
-half in float32, one when retried in float64). At most two are alive at any point.
+upper triangle (a half); the correction ``W D`` is taken (``[out, in]``) and ``D`` freed, then the float32
+``H_q`` (a half) is made as the upper triangle is freed block by block (:meth:`AsymmetricAccumulator.pop_hessian`),
+and the factorisation works on one copy of ``H_q`` (a half in float32, one when retried in float64). At
+most two are alive at any point.
 """
 
 from __future__ import annotations
@@ -122,6 +123,11 @@ class AsymmetricAccumulator:
         """``H_q = 2/n sum x_q x_q^T``."""
         return self._hq.hessian
 
+    def pop_hessian(self) -> torch.Tensor:
+        """:attr:`hessian`, freeing the float64 sum block by block as it is converted
+        (:meth:`~bpdq.solvers.hessian.HessianAccumulator.pop_hessian`); the moment stays."""
+        return self._hq.pop_hessian()
+
     @property
     def moment(self) -> torch.Tensor:
         """``D = 2/n sum (x_fp - x_q) x_q^T`` (``P = 2/n sum y_fp x_q^T`` with ``out_features``), float64."""
@@ -140,21 +146,25 @@ class AsymmetricAccumulator:
             M.add_(self.hessian.to(torch.float64))
         return M.to(self._hq.dtype)
 
-    def corrections(self, weights: Sequence[torch.Tensor], H_q: torch.Tensor | None = None) -> list[torch.Tensor]:
-        """``W D`` of each of ``weights`` (linears that read these inputs), ``[out, in]`` in ``H_q``'s dtype
-        (the accumulator's by default), for :func:`corrected_targets`; with ``out_features`` (one weight),
-        ``P - W H_q`` (``H_q``: this accumulator's :attr:`hessian`). The moment is released: the accumulator
-        is spent. All zero when every batch had ``x_fp == x_q`` (without ``out_features``)."""
+    def corrections(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``W D`` of each of ``weights`` (linears that read these inputs), ``[out, in]`` in the accumulator's
+        dtype, for :func:`corrected_targets`; with ``out_features`` (one weight), ``P - W H_q``, computed in
+        ``P``'s float64 storage from the Hessian's float64 sum (no ``[in, in]`` matrix made). The moment is
+        released; the Hessian stays (:meth:`pop_hessian`). All zero when every batch had ``x_fp == x_q``
+        (without ``out_features``)."""
         if self._moment is None:
             raise ValueError("no calibration inputs were accumulated; the cross-covariance is undefined")
         moment, self._moment = self._moment, None
-        scale, dtype = 2.0 / self.n, (H_q.dtype if H_q is not None else self._hq.dtype)
+        scale, dtype = 2.0 / self.n, self._hq.dtype
         if self.out_features is None:
             out = [_times(W, moment, scale, dtype) for W in weights]
-        elif len(weights) != 1 or H_q is None:
-            raise ValueError("a projected accumulator corrects one weight and needs its H_q")
+        elif len(weights) != 1:
+            raise ValueError("a projected accumulator corrects one weight")
         else:
-            out = [_projected(weights[0], moment, scale, H_q, dtype)]
+            moment.mul_(scale)
+            self._hq.subtract_product_(moment, weights[0])
+            out = [moment.to(dtype)]
+            del moment
         if not all(bool(torch.isfinite(M).all()) for M in out):  # a non-finite moment gives non-finite products
             raise ValueError("the accumulated cross-covariance contains NaN or Inf values (non-finite inputs?)")
         return out

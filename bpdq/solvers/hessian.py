@@ -79,11 +79,39 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         """``H`` in ``dtype``: each block of rows converted, then mirrored below the diagonal (exactly
         symmetric outside the diagonal blocks, which are summed whole)."""
+        return self._convert(release=False)
+
+    def subtract_product_(self, out: torch.Tensor, W: torch.Tensor) -> None:
+        """``out -= W H`` in float64 (``out``: float64 ``[rows, in_features]``, ``W``: ``[rows, in_features]``),
+        read from the float64 sum's blocks without making ``H``: ``W``'s columns converted a block at a time."""
         if self._blocks is None or self.n == 0:
             raise ValueError("no calibration inputs were accumulated; the Hessian is undefined")
-        H = torch.empty(self.in_features, self.in_features, dtype=self.dtype, device=self._blocks[0].device)
-        for (r0, r1), block in zip(self._ranges, self._blocks):
+        scale = 2.0 / self.n
+        for i, ((r0, r1), block) in enumerate(zip(self._ranges, self._blocks)):
+            W_i = W[:, r0:r1].to(device=out.device, dtype=torch.float64)
+            out[:, r0:].sub_(W_i @ block, alpha=scale)  # H[r0:r1, r0:], the upper part of the block's rows
+            for s0, s1 in self._ranges[i + 1:]:  # H[s0:s1, r0:r1] below the diagonal: the block's transpose
+                W_s = W[:, s0:s1].to(device=out.device, dtype=torch.float64)
+                out[:, r0:r1].sub_(W_s @ block[:, s0 - r0:s1 - r0].T, alpha=scale)
+
+    def pop_hessian(self) -> torch.Tensor:
+        """:attr:`hessian`, freeing each float64 block as soon as it is converted: the sum and the result are
+        never both whole in memory. The accumulator is spent."""
+        return self._convert(release=True)
+
+    def _convert(self, release: bool) -> torch.Tensor:
+        if self._blocks is None or self.n == 0:
+            raise ValueError("no calibration inputs were accumulated; the Hessian is undefined")
+        blocks = self._blocks
+        if release:
+            self._blocks = None
+        H = torch.empty(self.in_features, self.in_features, dtype=self.dtype, device=blocks[0].device)
+        for i, (r0, r1) in enumerate(self._ranges):
+            block = blocks[i]
+            if release:
+                blocks[i] = None  # type: ignore[call-overload]
             rows = block.to(self.dtype, copy=True).mul_(2.0 / self.n)
+            del block
             if not torch.isfinite(rows).all():
                 raise ValueError("the accumulated Hessian contains NaN or Inf values (non-finite calibration inputs?)")
             H[r0:r1, r0:] = rows

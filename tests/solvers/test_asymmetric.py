@@ -195,3 +195,15 @@ def test_a_float32_factorisation_that_fails_is_retried_in_float64_at_the_same_da
     H64 = H_q.double()
     expected = asymmetric_target(W.double(), H64, C.double())
     torch.testing.assert_close(W_t, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_projected_correction_is_read_from_the_hessian_sum_without_an_in_by_in_matrix():
+    x_fp, x_q = _pair(6, n=900, tokens=300)  # 900 inputs: the Hessian's sum has several blocks of rows
+    W = heavy_weight(10, 900, 6).double()
+    acc = AsymmetricAccumulator(900, dtype=torch.float64, out_features=10)
+    acc.add(x_q, x_fp, x_fp @ W.T)
+    P, H_q = acc.cross, acc.hessian
+    (M,) = acc.corrections([W])
+    torch.testing.assert_close(M, P - W @ H_q, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="undefined"):
+        acc.corrections([W])  # the moment is spent
