@@ -266,20 +266,23 @@ def budgets(shape: Shape, recipe: str, tokens: int, batch_tokens: int) -> dict[s
     run = RUNTIME  # what the run itself holds whatever the widths (the model skeleton, allocator and torch caches)
     out: dict[str, float] = {"capture": run + 2 * embed + stream + batch}  # embeddings and head (untied) are read
     for name, n in groups.items():
-        hess = 8 * n * n  # the float64 upper triangle 4 n^2 + the float32 Hessian 4 n^2 handed out
+        # the float64 upper triangle 4 n^2 + the float32 Hessian 4 n^2 handed out
+        out[f"hessians {name}"] = run + layers + held + 8 * n * n + batch
         if spec.get("asymmetric"):
             corrections = 4 * sum(linears[x][0] for x in name.split("+")) * n  # W D per linear, float32
-            if name == "down_proj":  # P [out, in] float64 beside the sums, then the factorisation
-                hess = max(8 * n * n + 8 * d * n + corrections, 12 * n * n + corrections)
-            else:  # D float64 beside the upper triangle, then H_q, its working copy and a temporary
-                hess = 12 * n * n + corrections
-        out[f"hessians {name}"] = run + layers + held + hess + batch
+            if name == "down_proj":  # P (float64) beside the upper triangle; then, the fp copy dropped, the
+                # correction in P's storage, H_q and its working copy
+                out[f"hessians {name}"] = run + held + max(layers + 4 * n * n + 8 * d * n + batch,
+                                                           layer + 8 * n * n + corrections)
+            else:  # D (float64) beside the upper triangle and the corrections; then H_q and its working copy
+                out[f"hessians {name}"] = run + layers + held + 12 * n * n + corrections + batch
     for name, (rows, n) in linears.items():
         solver = 3 * 4 * rows * n  # float32 copies of the weight: W, Q, the errors
         if recipe.startswith("bpdq"):
             solver += 3 * 64 * 2**20  # the refit's work buffers (a chunk of 64 MiB, its Gram blocks and solve)
-        out[f"solve {name}"] = run + layers + held + 8 * n * n + solver  # H and U (float32)
-    out["outputs"] = run + layers + held + batch
+        copy = layer if spec.get("asymmetric") and name == "down_proj" else layers  # the fp copy is dropped by then
+        out[f"solve {name}"] = run + copy + held + 8 * n * n + solver  # H and U (float32)
+    out["outputs"] = run + (layer if spec.get("asymmetric") else layers) + held + batch
     if fp:
         out["fp outputs"] = run + layers + held + batch
     if spec.get("tuning") is not None:

@@ -4,7 +4,8 @@ Both quality options read a *full-precision stream*: the inputs each decoder lay
 full-precision model (``LayerStep.fp_inputs``; the first layer's equal the captured inputs), carried beside
 the quantized model's inputs. Per layer, :class:`FullPrecisionStream` keeps a full-precision copy of the layer
 (one layer's weights on the compute device, beside the layer being quantized); after the solve, the copy's
-outputs on the fp inputs become the next layer's fp inputs (``LayerStep.fp_outputs``) and the copy is dropped.
+outputs on the fp inputs become the next layer's fp inputs (``LayerStep.fp_outputs``) and the copy is dropped
+(with asymmetric calibration as soon as the last group's passes gave those outputs, before its targets).
 
 - **Asymmetric calibration** (:class:`AsymmetricCalibration`, ``calibration.asymmetric``): for each
   sequential group, the full-precision copy runs on the fp inputs and the partially quantized layer on the
