@@ -193,8 +193,8 @@ def _instrument(meter: StageMeter) -> None:
 
     wrap(loop, "capture_layer_inputs", "capture")
     wrap(loop, "collect_hessians", lambda layer, names, *a, **k: f"hessians {'+'.join(_short(n) for n in names)}")
-    wrap(quality, "asymmetric_hessians",
-         lambda layer, fp, names, *a, **k: f"hessians {'+'.join(_short(n) for n in names)}")
+    wrap(quality.AsymmetricCalibration, "hessians",
+         lambda stage, step, names, *a, **k: f"hessians {'+'.join(_short(n) for n in names)}")
     wrap(loop, "quantize_linear", lambda root, rel, *a, **k: f"solve {_short(rel)}")
     wrap(loop, "run_layer", "outputs")
     wrap(quality, "run_layer", "fp outputs")

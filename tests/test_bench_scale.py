@@ -29,7 +29,7 @@ def test_a_tiny_run_reports_every_stage_against_a_budget(recipe, tmp_path, monke
     import bpdq.engine.quality as quality
     from bpdq.engine.sink import CheckpointSink
 
-    for owner, attr in ((loop, "capture_layer_inputs"), (loop, "collect_hessians"), (quality, "asymmetric_hessians"),
+    for owner, attr in ((loop, "capture_layer_inputs"), (loop, "collect_hessians"), (quality.AsymmetricCalibration, "hessians"),
                         (loop, "quantize_linear"), (loop, "run_layer"), (quality, "run_layer"),
                         (quality.CoefficientTuning, "after_solve"), (CheckpointSink, "write_layer"),
                         (CheckpointSink, "finish")):

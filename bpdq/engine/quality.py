@@ -138,13 +138,13 @@ def asymmetric_targets_of(
         dev = weights[0].device
         identical = acc.identical
         if identical:  # x_fp == x_q in every batch: W~ = W exactly
-            H_q = acc.pop_hessian()
+            H_q = acc.hessian
         elif acc.out_features is None:  # W D first: D is freed before H_q is made
             corrections = acc.corrections(weights)
-            H_q = acc.pop_hessian()
+            H_q = acc.hessian
         else:  # P - W H_q in P's storage, from the float64 sum: P is freed before H_q is made
             corrections = acc.corrections(weights)
-            H_q = acc.pop_hessian()
+            H_q = acc.hessian
         del acc  # the float64 sums, before the factorisation
         if not identical:
             targets = corrected_targets(weights, H_q.to(dev), [c.to(dev) for c in corrections], damp)

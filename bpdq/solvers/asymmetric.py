@@ -28,9 +28,8 @@ same target up to float rounding.
 
 Memory, counted in ``[in, in]`` float64 matrices: the accumulator holds ``D`` (one) and the Hessian's
 upper triangle (a half); the correction ``W D`` is taken (``[out, in]``) and ``D`` freed, then the float32
-``H_q`` (a half) is made as the upper triangle is freed block by block (:meth:`AsymmetricAccumulator.pop_hessian`),
-and the factorisation works on one copy of ``H_q`` (a half in float32, one when retried in float64). At
-most two are alive at any point.
+``H_q`` (a half) is made and the upper triangle freed, and the factorisation works on one copy of ``H_q`` (a
+half in float32, one when retried in float64). At most two are alive at any point.
 """
 
 from __future__ import annotations
@@ -123,11 +122,6 @@ class AsymmetricAccumulator:
         """``H_q = 2/n sum x_q x_q^T``."""
         return self._hq.hessian
 
-    def pop_hessian(self) -> torch.Tensor:
-        """:attr:`hessian`, freeing the float64 sum block by block as it is converted
-        (:meth:`~bpdq.solvers.hessian.HessianAccumulator.pop_hessian`); the moment stays."""
-        return self._hq.pop_hessian()
-
     @property
     def moment(self) -> torch.Tensor:
         """``D = 2/n sum (x_fp - x_q) x_q^T`` (``P = 2/n sum y_fp x_q^T`` with ``out_features``), float64."""
@@ -150,7 +144,7 @@ class AsymmetricAccumulator:
         """``W D`` of each of ``weights`` (linears that read these inputs), ``[out, in]`` in the accumulator's
         dtype, for :func:`corrected_targets`; with ``out_features`` (one weight), ``P - W H_q``, computed in
         ``P``'s float64 storage from the Hessian's float64 sum (no ``[in, in]`` matrix made). The moment is
-        released; the Hessian stays (:meth:`pop_hessian`). All zero when every batch had ``x_fp == x_q``
+        released; the Hessian stays. All zero when every batch had ``x_fp == x_q``
         (without ``out_features``)."""
         if self._moment is None:
             raise ValueError("no calibration inputs were accumulated; the cross-covariance is undefined")

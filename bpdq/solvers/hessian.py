@@ -79,7 +79,16 @@ class HessianAccumulator:
     def hessian(self) -> torch.Tensor:
         """``H`` in ``dtype``: each block of rows converted, then mirrored below the diagonal (exactly
         symmetric outside the diagonal blocks, which are summed whole)."""
-        return self._convert(release=False)
+        if self._blocks is None or self.n == 0:
+            raise ValueError("no calibration inputs were accumulated; the Hessian is undefined")
+        H = torch.empty(self.in_features, self.in_features, dtype=self.dtype, device=self._blocks[0].device)
+        for (r0, r1), block in zip(self._ranges, self._blocks):
+            rows = block.to(self.dtype, copy=True).mul_(2.0 / self.n)
+            if not torch.isfinite(rows).all():
+                raise ValueError("the accumulated Hessian contains NaN or Inf values (non-finite calibration inputs?)")
+            H[r0:r1, r0:] = rows
+            H[r1:, r0:r1] = rows[:, r1 - r0 :].T
+        return H
 
     def subtract_product_(self, out: torch.Tensor, W: torch.Tensor) -> None:
         """``out -= W H`` in float64 (``out``: float64 ``[rows, in_features]``, ``W``: ``[rows, in_features]``),
@@ -93,30 +102,6 @@ class HessianAccumulator:
             for s0, s1 in self._ranges[i + 1:]:  # H[s0:s1, r0:r1] below the diagonal: the block's transpose
                 W_s = W[:, s0:s1].to(device=out.device, dtype=torch.float64)
                 out[:, r0:r1].sub_(W_s @ block[:, s0 - r0:s1 - r0].T, alpha=scale)
-
-    def pop_hessian(self) -> torch.Tensor:
-        """:attr:`hessian`, freeing each float64 block as soon as it is converted: the sum and the result are
-        never both whole in memory. The accumulator is spent."""
-        return self._convert(release=True)
-
-    def _convert(self, release: bool) -> torch.Tensor:
-        if self._blocks is None or self.n == 0:
-            raise ValueError("no calibration inputs were accumulated; the Hessian is undefined")
-        blocks = self._blocks
-        if release:
-            self._blocks = None
-        H = torch.empty(self.in_features, self.in_features, dtype=self.dtype, device=blocks[0].device)
-        for i, (r0, r1) in enumerate(self._ranges):
-            block = blocks[i]
-            if release:
-                blocks[i] = None  # type: ignore[call-overload]
-            rows = block.to(self.dtype, copy=True).mul_(2.0 / self.n)
-            del block
-            if not torch.isfinite(rows).all():
-                raise ValueError("the accumulated Hessian contains NaN or Inf values (non-finite calibration inputs?)")
-            H[r0:r1, r0:] = rows
-            H[r1:, r0:r1] = rows[:, r1 - r0 :].T
-        return H
 
 
 def check_hessian(H: object, in_features: int | None = None) -> None:
