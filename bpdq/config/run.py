@@ -37,15 +37,15 @@ class CalibrationConfig(ConfigModel):
     batch_size: int = Field(default=8, ge=1, le=4096, description="calibration windows per forward pass")
     offload: int | str | None = Field(
         default=None,
-        description="memory budget of the calibration activations (bytes, or a size such as '2GB'); batches "
-        "beyond it are kept in a temporary directory on disk. None keeps them all in memory",
+        description="memory budget of the calibration activations (bytes, or a size such as '2GB'), every "
+        "stream together (inputs, outputs, full-precision stream, recorded sub-block outputs); batches beyond it "
+        "are kept in a temporary directory on disk. None keeps them all in memory",
     )
     asymmetric: bool = Field(
         default=False,
         description="fit each decoder linear to the full-precision model's output on full-precision inputs "
         "(GPTAQ-style): carries a full-precision activation stream and a full-precision copy of the layer in "
-        "work (twice the activations; offload splits its budget between the two streams; not in a distributed "
-        "run)",
+        "work (twice the activations, within the one offload budget; also under torchrun)",
     )
     autocast: Autocast = Field(
         default="none",

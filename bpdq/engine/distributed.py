@@ -37,8 +37,10 @@ The run is the same loop on every rank (:mod:`bpdq.engine.loop`), with these dif
   The collectives still carry a timeout (:data:`TIMEOUT`, set when the CLI creates the group) for a rank
   that dies without a word (SIGKILL, a lost node).
 
+Asymmetric calibration runs as the rest: each rank carries its share of the full-precision stream, and the
+cross moments are reduced with the Hessians (:meth:`~bpdq.solvers.asymmetric.AsymmetricAccumulator.reduce`).
 Not supported with several processes (refused with a ``ValueError`` before any work): the quality stages
-``asymmetric``, ``tuning`` and ``target_bpw``.
+``tuning`` and ``target_bpw``.
 """
 
 from __future__ import annotations
@@ -307,6 +309,20 @@ def reduce_hessians(accs: Sequence[HessianAccumulator], dests: Sequence[Collecti
         block.copy_(wire)
     for acc, n in zip(accs, counts.tolist()):
         acc.n = int(n)
+
+
+def all_reduce_hessian(total: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
+    """``(sum over ranks of total, sum of n)`` on every rank (asymmetric calibration's accumulators, whose
+    targets every rank computes): the sums travel in float64 and come back in ``total``'s dtype."""
+    if not is_distributed():
+        return total, n
+    agree()
+    dev = _device()
+    wide = total.to(device=dev, dtype=torch.float64)
+    count = torch.tensor([n], dtype=torch.int64, device=dev)
+    _dist().all_reduce(wide)
+    _dist().all_reduce(count)
+    return wide.to(device=total.device, dtype=total.dtype), int(count.item())
 
 
 def check_same(value: str, what: str) -> None:

@@ -114,7 +114,7 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
     adapter = plan.adapter
     provider = next((s for s in stages if s.provides_hessians), None)
     tails = dict(adapter.tails) if use_tails(step.inputs, device) else {}
-    replay = step.replay = Replay(layer, tails) if step.inputs is not None else None
+    replay = step.replay = Replay(layer, tails, like=step.inputs) if step.inputs is not None else None
     blocks = (*adapter.replay, *(b for b in tails if b not in adapter.replay))
     done: set[str] = set()
     for group in step.plan:
@@ -186,12 +186,17 @@ def run_layer_step(
             stage.observe(step)
         for stage in stages:
             if type(stage).after_solve is not Stage.after_solve:
-                step.replay = None  # the stage may change what the recorded sub-blocks computed
+                if step.replay is not None:  # the stage may change what the recorded sub-blocks computed
+                    step.replay.close()
+                    step.replay = None
                 stage.after_solve(step)
         if inputs is not None and (not last or plan.head_recipe is not None):
             step.outputs = run_layer(step.layer, inputs, device, step.replay)
     finally:
         layer.to(home)
+        for replay in (step.replay, step.fp_replay):  # this layer's recordings, before the next layer starts
+            if replay is not None:
+                replay.close()
         step.fp_layer = step.fp_replay = step.replay = None
     return step
 
@@ -329,8 +334,10 @@ def _check(plan: RunPlan, stages: Sequence[Stage]) -> None:
     """The stages' own checks, then what a run of several processes or without data cannot do."""
     for stage in stages:
         stage.check(plan)
-    if any(s.single_process for s in stages) and distributed.is_distributed():
-        raise ValueError("calibration.asymmetric, tuning and target_bpw are not supported in a distributed run "
+    options = {"tuning": "tuning", "allocation": "target_bpw"}  # the built-in stages' config options
+    single = [options.get(s.name, f"stage {s.name!r}") for s in stages if s.single_process]
+    if single and distributed.is_distributed():
+        raise ValueError(f"{' and '.join(single)} {'is' if len(single) == 1 else 'are'} not supported in a distributed run "
                          f"({distributed.world_size()} processes): run them in one process")
     if any(s.needs_calibration for s in stages) and not plan.calibrated:
         raise ValueError("calibration.asymmetric, tuning and target_bpw need calibration data: use a solver that "
@@ -383,20 +390,21 @@ def _run(
         if needs_inputs:
             assert windows is not None
             spill, budget = None, None
-            if calibration.offload is not None:
+            if calibration.offload is not None:  # one budget for every activation stream of the run
                 spill = stack.enter_context(locked_tempdir("bpdq-activations-"))
-                budget = parse_size(calibration.offload, "offload") // 2 if fp_stream else calibration.offload  # two streams
+                budget = parse_size(calibration.offload, "offload")
             source.load_outside(layers_prefix)
             batches = batch_windows(windows, calibration.batch_size)
             first = distributed.shard_start(len(batches))  # the global number of this rank's first batch
-            inputs = capture_layer_inputs(model, plan.layers[0], distributed.shard(batches), ActivationStore(spill, budget))
+            store = ActivationStore(spill, budget)
+            inputs = capture_layer_inputs(model, plan.layers[0], distributed.shard(batches), store)
             source.release_outside(layers_prefix)  # read again after the last layer
             fp_inputs = inputs if fp_stream else None
             if done:
                 assert resume is not None
                 captured = inputs
-                inputs = resume.inputs(captured, "hidden", first, ActivationStore(spill, budget))
-                fp_inputs = (resume.inputs(captured, "fp", first, ActivationStore(spill, budget))
+                inputs = resume.inputs(captured, "hidden", first, store.empty_like())
+                fp_inputs = (resume.inputs(captured, "fp", first, store.empty_like())
                              if fp_stream and done < n_layers else None)
                 close(captured)
             if spill is not None:

@@ -294,6 +294,7 @@ def collect_hessians(
                     alias[name] = alias.get(same, same)
                 else:
                     accs.setdefault(name, HessianAccumulator(layer.get_submodule(name).in_features, device=device)).add(x)
+            seen = x = b = None  # this batch's tensors are not kept while the next batch runs
     everyone = range(distributed.world_size())
     dests = {key: set().union(*(owners[n] for n in names if alias.get(n, n) == key)) if owners is not None
              else set(everyone) for key in accs}

@@ -4,7 +4,8 @@ Both quality options read a *full-precision stream*: the inputs each decoder lay
 full-precision model (``LayerStep.fp_inputs``; the first layer's equal the captured inputs), carried beside
 the quantized model's inputs. Per layer, :class:`FullPrecisionStream` keeps a full-precision copy of the layer
 (one layer's weights on the compute device, beside the layer being quantized); after the solve, the copy's
-outputs on the fp inputs become the next layer's fp inputs (``LayerStep.fp_outputs``) and the copy is dropped.
+outputs on the fp inputs become the next layer's fp inputs (``LayerStep.fp_outputs``) and the copy is dropped
+(with asymmetric calibration as soon as the last group's passes gave those outputs, before its targets).
 
 - **Asymmetric calibration** (:class:`AsymmetricCalibration`, ``calibration.asymmetric``): for each
   sequential group, the full-precision copy runs on the fp inputs and the partially quantized layer on the
@@ -20,12 +21,13 @@ outputs on the fp inputs become the next layer's fp inputs (``LayerStep.fp_outpu
   solved layer with the quantized model's inputs and the full-precision layer's outputs on the fp inputs as
   targets (AutoRound-style: the tuned layer also absorbs the error accumulated by the layers before it).
 
-Cost: twice the calibration activations (with ``offload`` each stream gets half the budget), one more layer's
+Cost: twice the calibration activations (``offload`` bounds both streams together), one more layer's
 weights on the device, one full-precision forward per batch per sequential group (asymmetric) and per layer
 (the fp stream), plus tuning's own cost (see :mod:`bpdq.tuning`). Each forward stops once the group's
 linears have their inputs, and a sub-block already finished (the adapter's ``replay``: attention once its
 linears are solved) is replayed in both streams from its recorded outputs instead of being run again, as in
-the symmetric passes: one more hidden-state stream of recorded outputs per stream while a layer is solved.
+the symmetric passes: one more hidden-state stream of recorded outputs per stream while a layer is solved
+(on the CPU, in a store like the stream's own, offloaded with it).
 The copy never changes, so its sub-block is recorded in the pass of the block's last linears already (that
 pass runs the block to its end: ``o_proj`` in the attention), one pass earlier than in the quantized stream.
 """
@@ -40,13 +42,14 @@ import torch
 from torch import nn
 
 from bpdq.batch import Batch
+from bpdq.engine import distributed
 from bpdq.engine.activations import outputs_like
 from bpdq.engine.passes import dense_quantized_forwards, group_inputs, run_layer
 from bpdq.engine.replay import Replay
 from bpdq.engine.stages import LayerStep, Stage
 from bpdq.linear import QuantLinear
 from bpdq.report import RunReport
-from bpdq.solvers.asymmetric import AsymmetricAccumulator, asymmetric_target_projected, asymmetric_targets
+from bpdq.solvers.asymmetric import AsymmetricAccumulator, corrected_targets
 from bpdq.tuning import TuningOptions, tune_layer
 
 ASYMMETRIC_DAMP = 0.01  # damping of W~'s solve, relative to mean(diag H_q) (as GPTQ's default)
@@ -70,6 +73,18 @@ def asymmetric_hessians(
     appended to it. ``fp_complete``: sub-blocks of ``fp_layer`` its passes run to their end (see
     :func:`~bpdq.engine.passes.group_inputs`), so that ``fp_replay`` records them in this pass. ``group``: ``names`` are one
     sequential group of the adapter (see :func:`~bpdq.engine.passes.collect_hessians`)."""
+    accs, alias = accumulate_asymmetric(layer, fp_layer, names, inputs, fp_inputs, device, replay=replay,
+                                        fp_replay=fp_replay, fp_out=fp_out, fp_complete=fp_complete, group=group)
+    return asymmetric_targets_of(layer, names, accs, alias, damp)
+
+
+def accumulate_asymmetric(
+    layer: nn.Module, fp_layer: nn.Module, names: Sequence[str], inputs: Sequence[Batch], fp_inputs: Sequence[Batch],
+    device: torch.device, *, replay: Replay | None = None, fp_replay: Replay | None = None, fp_out: Any = None,
+    fp_complete: Sequence[str] = (), group: bool = False,
+) -> tuple[dict[str, AsymmetricAccumulator], dict[str, str]]:
+    """The passes of :func:`asymmetric_hessians`: its accumulators (summed over the ranks of a distributed run)
+    by the first linear of each shared input, and the other linears' aliases to it."""
     if len(inputs) != len(fp_inputs):
         raise ValueError(f"{len(inputs)} quantized batches but {len(fp_inputs)} full-precision ones")
     accs: dict[str, AsymmetricAccumulator] = {}
@@ -99,28 +114,47 @@ def asymmetric_hessians(
                 if acc.out_features is not None and y is None:
                     raise RuntimeError(f"the full-precision pass gave no output of {n} for batch {i}")
                 acc.add(xq[n], xf[n], y if acc.out_features is not None else None)
+            xq = xf = kept = y = b = fb = None  # this batch's tensors are not kept while the next batch runs
     for r in (replay, fp_replay):
         if r is not None:
             r.end_pass(len(inputs))
+    for acc in accs.values():  # the same order on every rank of a distributed run: with the Hessian sums
+        acc.reduce(distributed.all_reduce_hessian)
+        acc.identical = not distributed.any_rank(not acc.identical)
+    return accs, alias
+
+
+def asymmetric_targets_of(
+    layer: nn.Module, names: Sequence[str], accs: dict[str, AsymmetricAccumulator], alias: dict[str, str],
+    damp: float = ASYMMETRIC_DAMP,
+) -> dict[str, torch.Tensor]:
+    """The second half of :func:`asymmetric_hessians`: each linear's weight replaced by its target, and
+    ``H_q`` of each (``accs`` are spent, one at a time)."""
     hessians: dict[str, torch.Tensor] = {}
     for root in list(accs):  # H_q factorised once for the linears that share it
         acc = accs.pop(root)
-        H_q, C, projected, identical = acc.hessian, acc.cross, acc.out_features is not None, acc.identical
-        del acc
         members = [n for n in names if alias.get(n, n) == root]
-        weights = [layer.get_submodule(n).weight for n in members]
+        weights = [layer.get_submodule(n).weight.detach() for n in members]
         dev = weights[0].device
-        if projected and identical:  # x_fp == x_q: W~ = W exactly, as C - S = 0 gives it
-            targets = [weights[0].detach().clone()]
-        elif projected:
-            targets = [asymmetric_target_projected(weights[0].detach(), H_q.to(dev), C.to(dev), damp)]
-        else:
-            targets = asymmetric_targets([w.detach() for w in weights], H_q.to(dev), C.to(dev), damp)
-        del C
-        with torch.no_grad():
-            for n, weight, target in zip(members, weights, targets):
-                hessians[n] = H_q
-                weight.copy_(target)
+        identical = acc.identical
+        if identical:  # x_fp == x_q in every batch: W~ = W exactly
+            H_q = acc.hessian
+        elif acc.out_features is None:  # W D first: D is freed before H_q is made
+            corrections = acc.corrections(weights)
+            H_q = acc.hessian
+        else:  # P - W H_q in P's storage, from the float64 sum: P is freed before H_q is made
+            corrections = acc.corrections(weights)
+            H_q = acc.hessian
+        del acc  # the float64 sums, before the factorisation
+        if not identical:
+            targets = corrected_targets(weights, H_q.to(dev), [c.to(dev) for c in corrections], damp)
+            del corrections
+            with torch.no_grad():
+                for weight, target in zip(weights, targets):
+                    weight.copy_(target)
+            del targets
+        for n in members:
+            hessians[n] = H_q
     return {n: hessians[n] for n in names}
 
 
@@ -136,7 +170,6 @@ class FullPrecisionStream(Stage):
     name = "fp_stream"
     fp_stream = True
     needs_calibration = True
-    single_process = True
 
     def before_solve(self, step: LayerStep) -> None:
         if step.fp_inputs is not None:
@@ -147,6 +180,8 @@ class FullPrecisionStream(Stage):
             return
         if step.fp_outputs is None:
             step.fp_outputs = run_layer(step.fp_layer, step.fp_inputs, step.device, step.fp_replay)
+        if step.fp_replay is not None:
+            step.fp_replay.close()
         step.fp_layer = step.fp_replay = None
 
 
@@ -157,14 +192,13 @@ class AsymmetricCalibration(Stage):
     provides_hessians = True
     fp_stream = True
     needs_calibration = True
-    single_process = True
 
     def fingerprint(self) -> dict[str, Any]:
         return {"damp": ASYMMETRIC_DAMP}
 
     def before_solve(self, step: LayerStep) -> None:
         if step.fp_layer is not None:
-            step.fp_replay = Replay(step.fp_layer)
+            step.fp_replay = Replay(step.fp_layer, like=step.fp_inputs)
 
     def hessians(self, step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
         """Asymmetric Hessians of a group (the linears' weights become their targets ``W~``). A sub-block
@@ -186,12 +220,15 @@ class AsymmetricCalibration(Stage):
         fp_out = None
         if set(names) <= set(step.plan[-1]):  # the last group: its fp passes also give the fp outputs
             fp_out = outputs_like(step.fp_inputs)
-        hessians = asymmetric_hessians(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, step.device,
-                                       replay=step.replay, fp_replay=step.fp_replay, fp_out=fp_out,
-                                       fp_complete=complete, group=True)
-        if fp_out is not None:
+        accs, alias = accumulate_asymmetric(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, step.device,
+                                            replay=step.replay, fp_replay=step.fp_replay, fp_out=fp_out,
+                                            fp_complete=complete, group=True)
+        if fp_out is not None:  # the copy's last pass is done: it goes before the targets' factorisation
             step.fp_outputs = fp_out
-        return hessians
+            if step.fp_replay is not None:
+                step.fp_replay.close()
+            step.fp_layer = step.fp_replay = None
+        return asymmetric_targets_of(step.layer, names, accs, alias)
 
     def finish(self, report: RunReport) -> None:
         report.asymmetric = {"damp": ASYMMETRIC_DAMP}

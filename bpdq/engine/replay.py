@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 from contextlib import ExitStack, contextmanager
-from typing import Any, Iterator
+from typing import Any, Iterator, Sequence
 
 import torch
 from torch import nn
+from torch.utils._pytree import tree_flatten, tree_unflatten
 
+from bpdq.batch import Batch
+from bpdq.engine.activations import ActivationStore, outputs_like
 from bpdq.modules import replaced_forward
 
 
@@ -28,20 +31,37 @@ class Replay:
     input, and builds the other batches' outputs as ``tail(recorded input)``: for the attention block, one
     ``o_proj`` instead of q/k/v, rotary embeddings, attention and ``o_proj``. If the check fails the block
     is recorded by running it, as without a tail. A kept input is dropped once its output is recorded.
+
+    The recordings go to the CPU, into an :class:`~bpdq.engine.activations.ActivationStore` per block made
+    like ``like`` (the layer's inputs: the same directory and memory budget, so ``calibration.offload``
+    bounds them too; in memory without ``like``), and each batch's output comes back to its device only while
+    that batch runs. :meth:`close` deletes them (the loop does once the layer's last pass is done).
     """
 
-    def __init__(self, layer: nn.Module, tails: dict[str, str] | None = None) -> None:
+    def __init__(self, layer: nn.Module, tails: dict[str, str] | None = None, like: Sequence[Batch] | None = None) -> None:
         self.layer = layer
         self.tails = dict(tails or {})
-        self._pending: dict[str, list[Any]] = {}
-        self._ready: dict[str, list[Any]] = {}
+        self._like = like
+        self._pending: dict[str, ActivationStore] = {}
+        self._ready: dict[str, ActivationStore] = {}
         self._tail_inputs: dict[str, list[torch.Tensor | None]] = {}  # block -> the tail's input per batch
         self._recording: set[str] = set()  # blocks whose tail inputs are being recorded
         self._template: dict[str, tuple[int, int] | None] = {}  # block -> (tuple length, slot) or None (plain)
 
+    def _store(self) -> ActivationStore:
+        return outputs_like(self._like) if self._like is not None else ActivationStore()
+
     def finish(self, name: str) -> None:
-        if name not in self._ready:
-            self._pending.setdefault(name, [])
+        if name not in self._ready and name not in self._pending:
+            self._pending[name] = self._store()
+
+    def close(self) -> None:
+        """Delete every recording (their files with ``offload``) and kept tail input; nothing is replayed after."""
+        for store in (*self._pending.values(), *self._ready.values()):
+            store.close()
+        self._pending, self._ready = {}, {}
+        for name in list(self._tail_inputs):
+            self._drop_tail(name)
 
     def record_tail(self, name: str) -> None:
         """Keep the input of ``name``'s tail linear in the next passes (until one pass gives it for every
@@ -63,7 +83,7 @@ class Replay:
         with ExitStack() as stack:
             for name, outputs in self._ready.items():
                 module = self.layer.get_submodule(name)
-                stack.enter_context(replaced_forward(module, lambda *_a, o=outputs[index], **_k: o))
+                stack.enter_context(replaced_forward(module, lambda *_a, o=_unpack(outputs[index]), **_k: o))
             for name in self._recording:
                 inputs = self._tail_inputs[name]
                 if len(inputs) == index:
@@ -74,7 +94,7 @@ class Replay:
                 if len(outputs) != index:
                     continue
                 module = self.layer.get_submodule(name)
-                hook = module.register_forward_hook(lambda _m, _a, out, o=outputs: o.append(out))
+                hook = module.register_forward_hook(lambda _m, _a, out, o=outputs: o.append(_pack(out)))
                 stack.callback(hook.remove)
                 if name in self._tail_inputs and name not in self._recording:
                     stack.enter_context(self._from_tail(name, module, index))
@@ -134,9 +154,32 @@ class Replay:
                 self._ready[name] = self._pending.pop(name)
                 self._drop_tail(name)
             else:
-                self._pending[name] = []
+                self._pending[name].close()
+                self._pending[name] = self._store()
                 if name in self._template:  # recorded inputs were used up: record the block by running it
                     self._drop_tail(name)
+
+
+def _pack(out: Any) -> Batch:
+    """A sub-block's output as a :class:`Batch` on the CPU: its largest tensor as the hidden states (what an
+    :class:`ActivationStore` may offload), the rest of its structure in ``args``."""
+    leaves, spec = tree_flatten(out)
+    tensors = [i for i, v in enumerate(leaves) if isinstance(v, torch.Tensor)]
+    if not tensors:
+        return Batch(torch.empty(0), (spec, None, leaves, None), {})
+    main = max(tensors, key=lambda i: leaves[i].numel())
+    device = leaves[main].device
+    rest = [None if i == main else v.detach().to("cpu") if isinstance(v, torch.Tensor) else v for i, v in enumerate(leaves)]
+    return Batch(leaves[main].detach().to("cpu"), (spec, main, rest, device), {})
+
+
+def _unpack(batch: Batch) -> Any:
+    """The output :func:`_pack` packed, its tensors back on their device."""
+    spec, main, rest, device = batch.args
+    leaves = [v.to(device) if isinstance(v, torch.Tensor) else v for v in rest]
+    if main is not None:
+        leaves[main] = batch.hidden.to(device)
+    return tree_unflatten(leaves, spec)
 
 
 def _fill(template: tuple[int, int] | None, value: torch.Tensor) -> Any:

@@ -49,7 +49,7 @@ class LayerStep:
     ``inputs`` are the layer's inputs in the quantized model (``None`` in a data-free run); ``fp_inputs``
     the full-precision stream (``None`` unless a stage reads it). ``outputs`` are filled in by the loop and
     become the next layer's ``inputs``; ``fp_outputs`` (filled in by a stage, from ``fp_layer``, a
-    full-precision copy of the layer) the next ``fp_inputs``. ``replay`` records and replays the layer's
+    full-precision copy of the layer, dropped once they exist) the next ``fp_inputs``. ``replay`` records and replays the layer's
     finished sub-blocks (``blocks``: those it may replay, the adapter's ``replay``).
     """
 

@@ -10,48 +10,54 @@ quantized model, it sees ``x_q`` (inputs carrying the errors of the layers quant
 so any Hessian-based solver, given ``W~`` and ``H_q = 2/n S`` instead of ``W`` and ``H``, minimises the
 asymmetric objective. ``W~`` is computed as a *correction* of ``W``:
 
-    W~ = W + W (C - S) (S + lam * mean(diag S) I)^-1
+    W~ = W + W D (S + lam * mean(diag S) I)^-1,    D = C - S = sum_t (x_fp,t - x_q,t) x_q,t^T
 
-which equals ``W C S^-1`` without damping, and equals ``W`` exactly when ``x_fp == x_q`` (``C - S = 0``)
-whatever the damping, so the symmetric case is untouched. The damping plays the role it plays in GPTQ:
-directions the quantized inputs never excite get no correction. The solve is a float64 Cholesky of the
-damped ``S`` (retried with 10x more damping if it fails, like :func:`inverse_cholesky`).
+which equals ``W C S^-1`` without damping. :class:`AsymmetricAccumulator` sums ``D`` itself (float32
+products of each batch, added in float64, like the Hessian): it is exactly zero when ``x_fp == x_q``, and
+then ``W~ = W`` bit for bit whatever the damping, so the symmetric case is untouched. The damping plays the
+role it plays in GPTQ: directions the quantized inputs never excite get no correction. The solve goes
+through :func:`~bpdq.solvers.hessian.damped_inverse_cholesky`, the symmetric solvers' own factorisation:
+``U`` with ``(S + lam I)^-1 = U^T U`` in ``H_q``'s dtype (a float32 failure is retried in float64, then
+with 10x more damping), and ``W~ = W + ((W D) U^T) U``.
 
 For a linear with fewer outputs than inputs (``down_proj``) ``W C`` is accumulated directly as
 ``P = sum_t y_fp,t x_q,t^T`` with ``y_fp = W x_fp`` (the full-precision linear's output, which the
 full-precision stream computes anyway): an ``[out, in]`` product instead of ``[in, in]`` (0.375 of the
-multiply-adds on SmolLM2's ``down_proj``), and :func:`asymmetric_target_projected` gives
-``W~ = W + (P - W S) (S + lam * mean(diag S) I)^-1``, the same target up to float rounding.
+multiply-adds on SmolLM2's ``down_proj``), and ``W D = P - W S`` (:func:`asymmetric_target_projected`), the
+same target up to float rounding.
 
-Memory: the accumulator holds two ``[in, in]`` matrices (or ``[in, in]`` and ``[out, in]``); the layer loop must also keep the full-precision
-activations beside the quantized ones (twice the calibration activations of one layer).
+Memory, counted in ``[in, in]`` float64 matrices: the accumulator holds ``D`` (one) and the Hessian's
+upper triangle (a half); the correction ``W D`` is taken (``[out, in]``) and ``D`` freed, then the float32
+``H_q`` (a half) is made and the upper triangle freed, and the factorisation works on one copy of ``H_q`` (a
+half in float32, one when retried in float64). At most two are alive at any point.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 
-from bpdq.solvers.hessian import HessianAccumulator, check_hessian, with_damping
+from bpdq.solvers.hessian import HessianAccumulator, check_hessian, damped_inverse_cholesky
 
 
 class AsymmetricAccumulator:
-    """Streaming ``H_q = 2/n sum x_q x_q^T`` and ``C = 2/n sum x_fp x_q^T`` (the scaling of
-    :class:`~bpdq.solvers.hessian.HessianAccumulator`) from pairs of batches of equal shape ``[..., in]``."""
+    """Streaming ``H_q = 2/n sum x_q x_q^T`` and ``D = 2/n sum (x_fp - x_q) x_q^T`` (the scaling of
+    :class:`~bpdq.solvers.hessian.HessianAccumulator`) from pairs of batches of equal shape ``[..., in]``;
+    ``D``'s products are computed in ``dtype`` and summed in float64 (exactly zero for equal streams)."""
 
     def __init__(
         self, in_features: int, *, dtype: torch.dtype = torch.float32, device: torch.device | str | None = None,
         out_features: int | None = None,
     ) -> None:
         """``out_features``: accumulate ``P = 2/n sum y_fp x_q^T`` (``y_fp`` the full-precision linear's
-        outputs, given to :meth:`add`) instead of ``C`` (see the module docstring)."""
+        outputs, given to :meth:`add`) instead of ``D`` (see the module docstring)."""
         if out_features is not None and (not isinstance(out_features, int) or out_features <= 0):
             raise ValueError(f"out_features must be a positive int or None, got {out_features!r}")
         self._hq = HessianAccumulator(in_features, dtype=dtype, device=device)
         self._device = device
         self.out_features = out_features
-        self._cross: torch.Tensor | None = None
+        self._moment: torch.Tensor | None = None  # float64 sum of D (or of P with out_features), unscaled
         self.identical = True  # every batch so far had x_fp == x_q exactly
 
     @property
@@ -79,16 +85,37 @@ class AsymmetricAccumulator:
         self._hq.add(x_q)
         if self._hq.n == before:
             return
-        d = self.in_features
+        d, dtype = self.in_features, self._hq.dtype
         rows = d if self.out_features is None else self.out_features
-        if self._cross is None:
+        if self._moment is None:
             dev = self._device if self._device is not None else x_q.device
-            self._cross = torch.zeros(rows, d, dtype=self._hq.dtype, device=dev)
-        self.identical = self.identical and torch.equal(x_q, x_fp)
-        q = x_q.detach().reshape(-1, d).to(device=self._cross.device, dtype=self._cross.dtype)
-        f = (x_fp if y_fp is None else y_fp).detach().reshape(-1, rows).to(device=self._cross.device, dtype=self._cross.dtype)
-        with torch.autocast(q.device.type, enabled=False):  # in the accumulator's dtype inside an autocast pass
-            self._cross.addmm_(f.T, q)
+            self._moment = torch.zeros(rows, d, dtype=torch.float64, device=dev)
+        equal = torch.equal(x_q, x_fp)
+        self.identical = self.identical and equal
+        if equal and self.out_features is None:
+            return  # x_fp - x_q = 0: nothing to add to D
+        dev = self._moment.device
+        q = x_q.detach().reshape(-1, d).to(device=dev, dtype=dtype)
+        if self.out_features is None:
+            f = x_fp.detach().reshape(-1, d).to(device=dev, dtype=dtype) - q
+        else:
+            f = y_fp.detach().reshape(-1, rows).to(device=dev, dtype=dtype)  # type: ignore[union-attr]
+        with torch.autocast(dev.type, enabled=False):  # in the accumulator's dtype inside an autocast pass
+            for r0, r1 in _row_ranges(rows, d):  # no [rows, in] temporary in ``dtype``
+                self._moment[r0:r1].add_(f[:, r0:r1].T @ q)
+
+    def reduce(self, reduce_block: Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]) -> None:
+        """Combine with the accumulators of other ranks: the Hessian's blocks, then ``D`` (or ``P``) by
+        blocks of rows, each through ``reduce_block`` as in
+        :meth:`~bpdq.solvers.hessian.HessianAccumulator.reduce` (the cross moment travels with the Hessian)."""
+        self._hq.reduce(reduce_block)
+        assert self._moment is not None
+        n = self.n
+        for r0, r1 in _row_ranges(self._moment.shape[0], self.in_features):
+            rows = self._moment[r0:r1]
+            block, _ = reduce_block(rows, n)
+            if block is not rows:
+                rows.copy_(block)
 
     @property
     def hessian(self) -> torch.Tensor:
@@ -96,14 +123,109 @@ class AsymmetricAccumulator:
         return self._hq.hessian
 
     @property
-    def cross(self) -> torch.Tensor:
-        """``C = 2/n sum x_fp x_q^T`` (``P = 2/n sum y_fp x_q^T`` with ``out_features``)."""
-        if self._cross is None:
+    def moment(self) -> torch.Tensor:
+        """``D = 2/n sum (x_fp - x_q) x_q^T`` (``P = 2/n sum y_fp x_q^T`` with ``out_features``), float64."""
+        if self._moment is None:
             raise ValueError("no calibration inputs were accumulated; the cross-covariance is undefined")
-        C = self._cross * (2.0 / self.n)
-        if not torch.isfinite(C).all():
+        M = self._moment * (2.0 / self.n)
+        if not torch.isfinite(M).all():
             raise ValueError("the accumulated cross-covariance contains NaN or Inf values (non-finite inputs?)")
-        return C
+        return M
+
+    @property
+    def cross(self) -> torch.Tensor:
+        """``C = H_q + D = 2/n sum x_fp x_q^T`` in the accumulator's dtype (``P`` with ``out_features``)."""
+        M = self.moment
+        if self.out_features is None:
+            M.add_(self.hessian.to(torch.float64))
+        return M.to(self._hq.dtype)
+
+    def corrections(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+        """``W D`` of each of ``weights`` (linears that read these inputs), ``[out, in]`` in the accumulator's
+        dtype, for :func:`corrected_targets`; with ``out_features`` (one weight), ``P - W H_q``, computed in
+        ``P``'s float64 storage from the Hessian's float64 sum (no ``[in, in]`` matrix made). The moment is
+        released; the Hessian stays. All zero when every batch had ``x_fp == x_q``
+        (without ``out_features``)."""
+        if self._moment is None:
+            raise ValueError("no calibration inputs were accumulated; the cross-covariance is undefined")
+        moment, self._moment = self._moment, None
+        scale, dtype = 2.0 / self.n, self._hq.dtype
+        if self.out_features is None:
+            out = [_times(W, moment, scale, dtype) for W in weights]
+        elif len(weights) != 1:
+            raise ValueError("a projected accumulator corrects one weight")
+        else:
+            moment.mul_(scale)
+            self._hq.subtract_product_(moment, weights[0])
+            out = [moment.to(dtype)]
+            del moment
+        if not all(bool(torch.isfinite(M).all()) for M in out):  # a non-finite moment gives non-finite products
+            raise ValueError("the accumulated cross-covariance contains NaN or Inf values (non-finite inputs?)")
+        return out
+
+
+def _row_ranges(rows: int, width: int, elements: int = 1 << 22) -> list[tuple[int, int]]:
+    """``[r0, r1)`` ranges of about ``elements`` entries (at most 384 rows) of a ``[rows, width]`` matrix."""
+    step = max(1, min(384, elements // max(width, 1)))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
+
+
+def _times(W: torch.Tensor, D: torch.Tensor, scale: float, dtype: torch.dtype) -> torch.Tensor:
+    """``scale * W D`` in ``dtype``, multiplied in float64 a block of ``W``'s rows at a time."""
+    out = torch.empty(W.shape, dtype=dtype, device=D.device)
+    for r0, r1 in _row_ranges(W.shape[0], W.shape[1]):
+        out[r0:r1] = (W[r0:r1].to(device=D.device, dtype=torch.float64) @ D).mul_(scale)
+    return out
+
+
+def _projected(W: torch.Tensor, P: torch.Tensor, scale: float, H_q: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``scale * P - W H_q`` in ``dtype``, a block of ``W``'s rows at a time: ``W H_q`` multiplied in ``H_q``'s
+    dtype (no float64 copy of ``H_q``), the difference taken in float64."""
+    out = torch.empty(W.shape, dtype=dtype, device=P.device)
+    H = H_q.to(P.device)
+    for r0, r1 in _row_ranges(W.shape[0], W.shape[1]):
+        WH = W[r0:r1].to(device=P.device, dtype=H.dtype) @ H
+        out[r0:r1] = P[r0:r1] * scale - WH.to(torch.float64)
+    return out
+
+
+def corrected_targets(
+    weights: Sequence[torch.Tensor], H_q: torch.Tensor, corrections: Sequence[torch.Tensor], damp: float = 0.01,
+    *, max_retries: int = 6,
+) -> list[torch.Tensor]:
+    """``W + M (H_q + damp * mean(diag H_q) I)^-1`` for each weight ``W`` and its correction ``M`` (``W D``:
+    :meth:`AsymmetricAccumulator.corrections`), in ``W``'s dtype, with ``H_q`` factorised once
+    (:func:`~bpdq.solvers.hessian.damped_inverse_cholesky`, in ``H_q``'s dtype; ``H_q`` is not modified).
+    A weight whose correction is all zero is returned unchanged (a copy), and when all are, nothing is
+    factorised."""
+    if len(weights) != len(corrections):
+        raise ValueError(f"{len(weights)} weights but {len(corrections)} corrections")
+    for W, M in zip(weights, corrections):
+        if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+            raise ValueError("W must be a 2-D floating-point torch.Tensor [out, in]")
+        if not isinstance(M, torch.Tensor) or M.shape != W.shape:
+            raise ValueError(f"a correction must have its weight's shape {tuple(W.shape)}, got {getattr(M, 'shape', None)}")
+    if not weights:
+        return []
+    d = weights[0].shape[1]
+    if any(W.shape[1] != d for W in weights):
+        raise ValueError(f"weights must share in_features, got {[W.shape[1] for W in weights]}")
+    check_hessian(H_q, d)
+    if damp < 0:
+        raise ValueError(f"damp must be >= 0, got {damp}")
+    zero = [not bool(M.any()) for M in corrections]
+    if all(zero):
+        return [W.clone() for W in weights]
+    U = damped_inverse_cholesky(H_q.clone, damp, max_retries=max_retries, what="H_q", widen=True)[0]
+    out = []
+    for W, M, z in zip(weights, corrections, zero):
+        target = W.clone()
+        if not z:
+            for r0, r1 in _row_ranges(W.shape[0], W.shape[1]):  # M (H_q + lam I)^-1 = M U^T U, by rows
+                X = (M[r0:r1].to(device=U.device, dtype=U.dtype) @ U.mT) @ U
+                target[r0:r1] = (W[r0:r1].to(torch.float64) + X.to(device=W.device, dtype=torch.float64)).to(W.dtype)
+        out.append(target)
+    return out
 
 
 def asymmetric_target(
@@ -111,7 +233,9 @@ def asymmetric_target(
 ) -> torch.Tensor:
     """``W~ = W + W (C - H_q) (H_q + damp * mean(diag H_q) I)^-1`` in ``W``'s dtype (see the module docstring).
 
-    ``H_q`` and ``C`` must come with the same scaling (as :class:`AsymmetricAccumulator` gives them).
+    ``H_q`` and ``C`` must come with the same scaling (as :class:`AsymmetricAccumulator` gives them). The run
+    itself uses :meth:`AsymmetricAccumulator.corrections` and :func:`corrected_targets` (``D`` summed
+    directly, with less memory).
     """
     return asymmetric_targets([W], H_q, C, damp, max_retries=max_retries)[0]
 
@@ -131,32 +255,24 @@ def asymmetric_targets(
         raise ValueError(f"weights must share in_features, got {[W.shape[1] for W in weights]}")
     check_hessian(H_q, d)
     _check_moment("C", C, (d, d), "H_q", damp)
-    S = H_q.to(torch.float64)
-    delta = C.to(torch.float64) - S
-    if not bool(delta.any()):
-        return [W.clone() for W in weights]
-    del S
-    L = _damped_cholesky(H_q, damp, max_retries)
-    out = []
-    for W in weights:  # correction^T = S_lam^-1 (W delta)^T   (S_lam symmetric)
-        corr = torch.cholesky_solve((W.to(torch.float64) @ delta).T, L).T
-        out.append((W.to(torch.float64) + corr).to(W.dtype))
-    return out
+    delta = C.to(torch.float64) - H_q.to(torch.float64)
+    corrections = [_times(W, delta, 1.0, H_q.dtype) for W in weights]
+    del delta
+    return corrected_targets(weights, H_q, corrections, damp, max_retries=max_retries)
 
 
 def asymmetric_target_projected(
     W: torch.Tensor, H_q: torch.Tensor, P: torch.Tensor, damp: float = 0.01, *, max_retries: int = 6
 ) -> torch.Tensor:
     """``W~ = W + (P - W H_q) (H_q + damp * mean(diag H_q) I)^-1`` in ``W``'s dtype, with ``P = W C`` as
-    :class:`AsymmetricAccumulator` with ``out_features`` gives it (the same scaling as ``H_q``)."""
+    :class:`AsymmetricAccumulator` with ``out_features`` gives it in :attr:`~AsymmetricAccumulator.cross`
+    (the same scaling as ``H_q``)."""
     if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
         raise ValueError("W must be a 2-D floating-point torch.Tensor [out, in]")
     check_hessian(H_q, W.shape[1])
     _check_moment("P", P, tuple(W.shape), "W", damp)
-    W64 = W.to(torch.float64)
-    delta = P.to(torch.float64) - W64 @ H_q.to(torch.float64)
-    L = _damped_cholesky(H_q, damp, max_retries)
-    return (W64 + torch.cholesky_solve(delta.T, L).T).to(W.dtype)
+    M = _projected(W, P.to(torch.float64), 1.0, H_q, H_q.dtype)
+    return corrected_targets([W], H_q, [M], damp, max_retries=max_retries)[0]
 
 
 def _check_moment(name: str, M: torch.Tensor, shape: tuple[int, ...], like: str, damp: float) -> None:
@@ -166,21 +282,3 @@ def _check_moment(name: str, M: torch.Tensor, shape: tuple[int, ...], like: str,
         raise ValueError(f"{name} contains NaN or Inf values")
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
-
-
-def _damped_cholesky(H_q: torch.Tensor, damp: float, max_retries: int) -> torch.Tensor:
-    """The float64 lower Cholesky factor of ``H_q + damp * mean(diag H_q) I`` (damping raised 10x on failure).
-
-    The damping goes onto the diagonal of one float64 copy of ``H_q`` (restored from the saved diagonal before
-    each retry): two ``[d, d]`` matrices at a time, the copy and the factor, and the bits of ``S + lam I``
-    (adding ``0.0`` turns an entry ``-0.0`` into ``+0.0`` as that sum does off the diagonal)."""
-    S = H_q.to(torch.float64, copy=True).add_(0.0)
-    scale = float(torch.diagonal(S).mean())
-    diag = torch.diagonal(S).clone()
-
-    def factorize(lam: float, attempt: int) -> torch.Tensor | None:
-        torch.diagonal(S).copy_(diag).add_(lam * scale)
-        L, info = torch.linalg.cholesky_ex(S)
-        return L if int(info) == 0 else None
-
-    return with_damping(factorize, damp, "H_q", max_retries=max_retries)[0]

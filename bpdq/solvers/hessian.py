@@ -99,6 +99,19 @@ class HessianAccumulator:
             H[r1:, r0:r1] = rows[:, r1 - r0 :].T
         return H
 
+    def subtract_product_(self, out: torch.Tensor, W: torch.Tensor) -> None:
+        """``out -= W H`` in float64 (``out``: float64 ``[rows, in_features]``, ``W``: ``[rows, in_features]``),
+        read from the float64 sum's blocks without making ``H``: ``W``'s columns converted a block at a time."""
+        if self._blocks is None or self.n == 0:
+            raise ValueError("no calibration inputs were accumulated; the Hessian is undefined")
+        scale = 2.0 / self.n
+        for i, ((r0, r1), block) in enumerate(zip(self._ranges, self._blocks)):
+            W_i = W[:, r0:r1].to(device=out.device, dtype=torch.float64)
+            out[:, r0:].sub_(W_i @ block, alpha=scale)  # H[r0:r1, r0:], the upper part of the block's rows
+            for s0, s1 in self._ranges[i + 1:]:  # H[s0:s1, r0:r1] below the diagonal: the block's transpose
+                W_s = W[:, s0:s1].to(device=out.device, dtype=torch.float64)
+                out[:, r0:r1].sub_(W_s @ block[:, s0 - r0:s1 - r0].T, alpha=scale)
+
 
 def check_hessian(H: object, in_features: int | None = None) -> None:
     """Raise ``TypeError``/``ValueError`` unless ``H`` can be a Hessian ``2/n sum x x^T`` (of ``in_features``).
@@ -193,18 +206,31 @@ def inverse_cholesky(
 
 
 def damped_inverse_cholesky(
-    build: Callable[[], torch.Tensor], damp: float, *, max_retries: int = 6, growth: float = 10.0
+    build: Callable[[], torch.Tensor], damp: float, *, max_retries: int = 6, growth: float = 10.0,
+    what: str = "the Hessian", widen: bool = False,
 ) -> tuple[torch.Tensor, float, int, float]:
     """:func:`inverse_cholesky` of the matrix ``build()`` returns (a fresh copy each call, read from its lower
     triangle), with one ``[n, n]`` matrix alive: the damping, the factor, the inverse and ``U`` are all
     computed in place in that copy. ``build`` is called again on a retry, so the caller's matrix is never
-    modified. Returns ``(U, lam_used, retries, mean(diag))``."""
+    modified. ``widen``: a float32 copy that fails is retried in float64 at the same damping before the
+    damping grows (``U`` is then float64). ``what`` names the matrix in the warnings. Returns
+    ``(U, lam_used, retries, mean(diag))``."""
     mean_diag = scale = 0.0
 
     def factorize(lam: float, attempt: int) -> torch.Tensor | None:
+        U, dtype = attempt_at(lam, attempt, False)
+        if U is None and widen and dtype == torch.float32:
+            logger.warning("float32 Cholesky factorization of %s failed at damp=%.3g; retrying in float64", what, lam)
+            U, _ = attempt_at(lam, attempt, True)
+        return U
+
+    def attempt_at(lam: float, attempt: int, wide: bool) -> tuple[torch.Tensor | None, torch.dtype]:
         nonlocal mean_diag, scale
         work = build()
-        if attempt == 0:
+        dtype = work.dtype
+        if wide:
+            work = work.to(torch.float64)
+        if attempt == 0 and not wide:
             mean_diag = float(torch.diagonal(work).mean())
             scale = mean_diag if mean_diag > 0 else 1.0
         torch.diagonal(work).add_(lam * scale)
@@ -218,10 +244,10 @@ def damped_inverse_cholesky(
             torch.cholesky_inverse(U, out=U)
             torch.linalg.cholesky_ex(U, upper=True, out=(U, info))
             if int(info) == 0 and all(bool(torch.isfinite(U[r0:r1]).all()) for r0, r1 in row_blocks(U.shape[0])):
-                return U
-        return None  # the failed copy is freed before the next build()
+                return U, dtype
+        return None, dtype  # the failed copy is freed before the next build()
 
-    U, lam, retries = with_damping(factorize, damp, "the Hessian", max_retries=max_retries, growth=growth)
+    U, lam, retries = with_damping(factorize, damp, what, max_retries=max_retries, growth=growth)
     return U, lam, retries, mean_diag
 
 

@@ -178,8 +178,9 @@ def test_row_shares_and_merged_statistics(monkeypatch):
     assert merged.time_s == 3.0 and merged.extra == {"damp": 0.01, "refit": {"rows": 5, "rows_improved": 3}}
 
 
-@pytest.mark.parametrize("lever", [{"asymmetric": True}, {"tuning": {"steps": 1}}, {"target_bpw": 3.0}], ids=str)
-def test_the_levers_are_refused_in_a_distributed_run(lever, monkeypatch):
+@pytest.mark.parametrize("lever,refused", [({"tuning": {"steps": 1}}, "tuning is"), ({"target_bpw": 3.0}, "target_bpw is")],
+                         ids=str)
+def test_the_levers_are_refused_in_a_distributed_run(lever, refused, monkeypatch):
     from tests.tiny_models import TINY_CALIBRATION, tiny_model, tiny_tokenizer
 
     # rank 0 of 2, as far as the checks before any work can tell (no group: no collective may run)
@@ -187,7 +188,7 @@ def test_the_levers_are_refused_in_a_distributed_run(lever, monkeypatch):
                         ("fail", lambda code=1: None)):
         monkeypatch.setattr(distributed, name, value)
     model = tiny_model(layers=1)
-    with pytest.raises(ValueError, match=r"asymmetric, tuning and target_bpw are not supported in a distributed run \(2"):
+    with pytest.raises(ValueError, match=rf"{refused} not supported in a distributed run \(2"):
         bpdq.quantize_model(model, tiny_tokenizer(), recipe={"group_size": 32, "grid": {"type": "bitplane", "planes": 2},
                             "solver": "gptq"}, calibration=TINY_CALIBRATION, progress=False, **lever)
     assert not any(isinstance(m, bpdq.QuantLinear) for m in model.modules())  # refused before any work
@@ -270,3 +271,27 @@ def test_hessians_are_reduced_onto_their_owners():
                 assert H is None  # not its owner
             else:
                 assert torch.equal(H, refs[i].hessian)
+
+
+def test_asymmetric_calibration_in_two_ranks_matches_one_process(setup):
+    """Each rank carries its share of the full-precision stream; the cross moments are summed over the ranks
+    with the Hessians (float64 sums of the same per-batch terms), so the checkpoint is the single-process one."""
+    tmp, symmetric_cfg = setup
+    src = tmp / "src"
+    strategy = yaml.safe_load(symmetric_cfg.read_text())  # the symmetric runs' strategy, asymmetric
+    strategy["calibration"]["asymmetric"] = True
+    cfg = tmp / "asym.yaml"
+    cfg.write_text(yaml.safe_dump(strategy))
+    report = bpdq.quantize_model(src, recipe=strategy["quantize"], calibration=strategy["calibration"],
+                                 rules=strategy["rules"], progress=False, output=tmp / "asym-one")
+    assert report.asymmetric is not None
+    args = ["quantize", str(cfg), "-o", str(tmp / "asym-two"), "--plugin", str(tmp / "stop.py")]
+    first = ranks(2, *args, env={"BPDQ_TEST_STOP": "1"})  # stopped after the first layer, then resumed
+    assert [p.returncode for p in first] == [130, 130], [p.stderr for p in first]
+    saved = sorted(p.name for p in (tmp / ".asym-two.bpdq-resume" / "inputs-00001").iterdir())
+    assert saved == sorted(f"{s}-{j:05d}.safetensors" for s in ("fp", "hidden") for j in range(4))  # both streams
+    procs = ranks(2, *args)
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
+    one, two = (tmp / "asym-one" / "model.safetensors").read_bytes(), (tmp / "asym-two" / "model.safetensors").read_bytes()
+    symmetric = (tmp / "one" / "model.safetensors").read_bytes()
+    assert two == one and one != symmetric

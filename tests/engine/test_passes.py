@@ -57,6 +57,53 @@ def test_a_finished_block_is_recorded_once_then_replayed_with_the_same_outputs()
     assert "forward" not in vars(layer.block), "the replay must restore the block's own forward"
 
 
+class TupleBlock(Block):
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, None]:  # as attention blocks return
+        return super().forward(x), None
+
+
+def test_recordings_go_to_a_store_like_the_inputs_offloaded_with_them_and_close_deletes_them(tmp_path):
+    torch.manual_seed(0)
+    layer = Layer()
+    layer.block = TupleBlock()
+    layer.forward = lambda x: layer.out(x + layer.block(x)[0])
+    batches = ActivationStore.from_batches([Batch(torch.randn(2, 3, 4), (), {}) for _ in range(4)], tmp_path, "100B")
+    expected = run_layer(layer, batches, torch.device("cpu"))
+    files = set(tmp_path.iterdir())
+    replay = Replay(layer, like=batches)
+    replay.finish("block")
+    # records: the inputs' first batch (96 bytes) fills the budget they share: the recordings go to disk
+    run_layer(layer, batches, torch.device("cpu"), replay)
+    recorded = set(tmp_path.iterdir()) - files
+    assert replay._ready["block"].n_offloaded == 4 and len(recorded) == 4 + 4  # and 4 of run_layer's outputs
+    calls = layer.block.calls
+    replayed = run_layer(layer, batches, torch.device("cpu"), replay)
+    assert layer.block.calls == calls and all(torch.equal(a.hidden, b.hidden) for a, b in zip(expected, replayed))
+    replay.close()
+    assert not replay.finished and len(set(tmp_path.iterdir()) - files) == 4 + 4  # two passes' outputs: the recordings are gone
+    run_layer(layer, batches, torch.device("cpu"), replay)
+    assert layer.block.calls == calls + len(batches)  # nothing is replayed after close
+
+
+def test_each_layers_recordings_are_closed_before_the_next_layer_starts(monkeypatch):
+    from bpdq.engine import loop
+
+    made: list[Replay] = []
+    closed: set[int] = set()
+    init, close, step = Replay.__init__, Replay.close, loop.run_layer_step
+    monkeypatch.setattr(Replay, "__init__", lambda self, *a, **k: made.append(self) or init(self, *a, **k))
+    monkeypatch.setattr(Replay, "close", lambda self: closed.add(id(self)) or close(self))
+
+    def checked(source, plan, index, *args, **kwargs):
+        assert all(id(r) in closed for r in made), f"layer {index} starts with recordings of an earlier layer alive"
+        return step(source, plan, index, *args, **kwargs)
+
+    monkeypatch.setattr(loop, "run_layer_step", checked)
+    bpdq.quantize_model(tiny_model(layers=3), tiny_tokenizer(), recipe={**TINY_RECIPE, "solver": "gptq"},
+                        calibration=TINY_CALIBRATION, progress=False, asymmetric=True)
+    assert len(made) == 6 and all(id(r) in closed for r in made)  # per layer: the layer's and its copy's
+
+
 def test_a_pass_that_stops_before_the_block_records_nothing():
     layer = Layer()
     batches = [Batch(torch.randn(1, 2, 4), (), {}) for _ in range(2)]
@@ -207,7 +254,8 @@ def test_a_pass_over_a_store_writes_to_a_store_with_its_budget(tmp_path):
     for b in batches:
         store.append(b)
     out = run_layer(layer, store, torch.device("cpu"))
-    assert isinstance(out, ActivationStore) and out.budget == store.budget and out.n_offloaded == 2
+    # the budget is shared with the inputs, which fill it: every output goes to disk
+    assert isinstance(out, ActivationStore) and out.budget == store.budget and out.n_offloaded == 3
     expected = run_layer(layer, batches, torch.device("cpu"))
     assert not expected.offloads and not outputs_like(batches).offloads  # from a list: a store in memory
     for a, b in zip(out, expected):  # a tensor read back from disk may sit at another alignment: last-bit differences
@@ -354,3 +402,17 @@ def test_an_unknown_calibration_autocast_is_refused_before_any_work(monkeypatch)
     with pytest.raises(ValueError, match=r"autocast must be one of \['none', 'bfloat16', 'float16', 'auto'\]"):
         bpdq.quantize_model(tiny_model(layers=1), tiny_tokenizer(), recipe=GPTQ_RECIPE, progress=False,
                             calibration=TINY_CALIBRATION, autocast="fp8")
+
+
+def test_stores_made_from_one_another_share_one_budget_and_closing_gives_it_back(tmp_path):
+    batch = lambda: Batch(torch.randn(2, 3, 4), (), {})  # noqa: E731 - 96 bytes
+    inputs = ActivationStore(tmp_path, 200)  # room for two batches in all
+    outputs, recordings = inputs.empty_like(), outputs_like(inputs)
+    for store in (inputs, outputs, recordings):
+        store.append(batch())
+    assert [s.n_offloaded for s in (inputs, outputs, recordings)] == [0, 0, 1]
+    inputs.close()  # its 96 bytes go back to the others
+    recordings.append(batch())
+    outputs.append(batch())
+    assert (recordings.n_offloaded, outputs.n_offloaded) == (1, 1)
+    assert sum(b.hidden.numel() for s in (outputs, recordings) for b in s._items if isinstance(b, Batch)) * 4 <= 200

@@ -8,6 +8,7 @@ from hypothesis import given, settings
 
 from bpdq.grids import BitPlaneGrid
 from bpdq.solvers import BPDQ, GPTQ, HessianAccumulator
+from bpdq.solvers import asymmetric
 from bpdq.solvers.asymmetric import (
     AsymmetricAccumulator,
     asymmetric_target,
@@ -100,8 +101,8 @@ def test_linears_that_share_inputs_factorise_h_q_once_with_the_same_bits(monkeyp
     weights = [heavy_weight(rows, 48, rows) for rows in (8, 4, 4)]  # q, k, v
     each = [asymmetric_target(W, acc.hessian, acc.cross) for W in weights]
     calls = []
-    factor = torch.linalg.cholesky_ex
-    monkeypatch.setattr(torch.linalg, "cholesky_ex", lambda *a, **k: calls.append(1) or factor(*a, **k))
+    factor = asymmetric.damped_inverse_cholesky
+    monkeypatch.setattr(asymmetric, "damped_inverse_cholesky", lambda *a, **k: calls.append(1) or factor(*a, **k))
     shared = asymmetric_targets(weights, acc.hessian, acc.cross)
     assert len(calls) == 1
     assert all(torch.equal(a, b) for a, b in zip(each, shared)) and not torch.equal(shared[0], weights[0])
@@ -165,3 +166,44 @@ def test_a_singular_h_q_is_damped_more_with_a_warning_and_an_impossible_one_is_a
     indefinite[0, 1:] = indefinite[1:, 0] = -2.0
     with pytest.raises(ValueError, match=r"H_q could not be factorized even with damp=0.1 after 1 retries"):
         asymmetric_target(W, indefinite, C, damp=0.01, max_retries=1)
+
+
+def test_a_float32_factorisation_that_fails_is_retried_in_float64_at_the_same_damping(monkeypatch, caplog):
+    """float32 ``H_q``: the factorisation runs in float32; where it fails, the same damping is tried in float64
+    before the damping grows, and the target is the float64 one."""
+    x_fp, x_q = _pair(5, n=32, tokens=200)
+    acc = AsymmetricAccumulator(32)
+    acc.add(x_q.float(), x_fp.float())
+    W = heavy_weight(6, 32, 5)
+    H_q, C = acc.hessian, acc.cross
+    assert H_q.dtype == torch.float32
+    factor, dtypes = torch.linalg.cholesky_ex, []
+
+    def no_float32(A, *args, **kwargs):  # every float32 factorisation fails
+        dtypes.append(A.dtype)
+        L, info = factor(A, *args, **kwargs)
+        if A.dtype == torch.float32:
+            info.fill_(1)
+        return L, info
+
+    monkeypatch.setattr(torch.linalg, "cholesky_ex", no_float32)
+    with caplog.at_level("WARNING"):
+        W_t = asymmetric_target(W, H_q, C)
+    assert "float32 Cholesky factorization of H_q failed at damp=0.01; retrying in float64" in caplog.text
+    assert "retrying with damp" not in caplog.text and dtypes[0] == torch.float32 and torch.float64 in dtypes
+    monkeypatch.undo()
+    H64 = H_q.double()
+    expected = asymmetric_target(W.double(), H64, C.double())
+    torch.testing.assert_close(W_t, expected.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_the_projected_correction_is_read_from_the_hessian_sum_without_an_in_by_in_matrix():
+    x_fp, x_q = _pair(6, n=900, tokens=300)  # 900 inputs: the Hessian's sum has several blocks of rows
+    W = heavy_weight(10, 900, 6).double()
+    acc = AsymmetricAccumulator(900, dtype=torch.float64, out_features=10)
+    acc.add(x_q, x_fp, x_fp @ W.T)
+    P, H_q = acc.cross, acc.hessian
+    (M,) = acc.corrections([W])
+    torch.testing.assert_close(M, P - W @ H_q, rtol=1e-9, atol=1e-9)
+    with pytest.raises(ValueError, match="undefined"):
+        acc.corrections([W])  # the moment is spent

@@ -267,3 +267,4 @@ def test_mirror_lower_copies_the_lower_triangle_up_across_blocks():
     lower = A.tril().clone()
     _mirror_lower(A)
     assert torch.equal(A, A.T) and torch.equal(A.tril(), lower)
+
