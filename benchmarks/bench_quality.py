@@ -117,8 +117,8 @@ ROWS = [
     Row("bpdq-k2", "today's BPDQ k=2 g=64 (paper algorithm, refit none)", _q(_k(2), BPDQ_TODAY)),
     Row("bpdq-k2-refit", "+ joint full-Hessian refit (lever 1)", _q(_k(2), {"type": "bpdq", "refit": "full"})),
     Row("bpdq-k2-asym", "+ asymmetric calibration (lever 2)", {**_q(_k(2), BPDQ_TODAY), "calibration": {"asymmetric": True}}, "asymmetric"),
-    Row("bpdq-k2-defaults", "default-on levers (bpdq solver defaults)", _q(_k(2), {"type": "bpdq"})),
-    Row("bpdq-k2-defaults-asym", "defaults + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}), "calibration": {"asymmetric": True}}, "asymmetric"),
+    Row("bpdq-k2-defaults", "bpdq solver defaults, symmetric calibration (asymmetric: false)", _q(_k(2), {"type": "bpdq"})),
+    Row("bpdq-k2-defaults-asym", "the library defaults (asymmetric calibration: auto)", {**_q(_k(2), {"type": "bpdq"}), "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-k2-tuned", "defaults + coefficient tuning (lever 3)", {**_q(_k(2), {"type": "bpdq"}), "tuning": TUNING}, "tuning"),
     Row("bpdq-k2-asym-tuned", "defaults + asymmetric calibration + tuning", {**_q(_k(2), {"type": "bpdq"}), "calibration": {"asymmetric": True}, "tuning": TUNING}, "tuning"),
     # SmolLM2's 576 and 1536 input columns share no group size of 128: g=192 (2.25 bpw) is the largest that

@@ -64,7 +64,7 @@ def quantize(
 
 def _quantize(model: Any, config: QuantizeConfig, *, tokenizer: Any, stages: Sequence[Stage],
               windows: Sequence[torch.Tensor] | None = None, calibration_given: bool = True) -> RunReport:
-    stages = check_stages([*config_stages(config), *stages])
+    stages = check_stages([*config_stages(config, stages), *stages])
     device = distributed.rank_device(resolve_device(config.device))  # checked (the allowed values in its error) before any work
     resolve_autocast(config.calibration.autocast, device)
     dtype = None if config.dtype == "auto" else config.dtype

@@ -67,7 +67,7 @@ def tiny_model(arch: str = "llama", *, layers: int = 2, seed: int = 0, dtype: to
     return model
 
 
-TINY_CALIBRATION = {"text": "builtin:python-docs", "samples": 8, "seq_len": 32, "seed": 0}
+TINY_CALIBRATION = {"text": "builtin:python-docs", "samples": 8, "seq_len": 32, "seed": 0, "asymmetric": False}
 TINY_RECIPE = {"group_size": 32, "grid": {"type": "bitplane", "planes": 2}, "solver": "rtn"}
 
 

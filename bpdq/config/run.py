@@ -41,11 +41,13 @@ class CalibrationConfig(ConfigModel):
         "stream together (inputs, outputs, full-precision stream, recorded sub-block outputs); batches beyond it "
         "are kept in a temporary directory on disk. None keeps them all in memory",
     )
-    asymmetric: bool = Field(
-        default=False,
+    asymmetric: bool | Literal["auto"] = Field(
+        default="auto",
         description="fit each decoder linear to the full-precision model's output on full-precision inputs "
         "(GPTAQ-style): carries a full-precision activation stream and a full-precision copy of the layer in "
-        "work (twice the activations, within the one offload budget; also under torchrun)",
+        "work (twice the activations, within the one offload budget; also under torchrun). auto: on wherever it "
+        "applies (a solver that uses a Hessian, dense decoder layers, no other stage computing the Hessians); "
+        "true: required; false: off",
     )
     autocast: Autocast = Field(
         default="none",

@@ -42,6 +42,7 @@ from bpdq.engine.passes import (
     run_layer,
     token_windows,
 )
+from bpdq.engine.builtin import applicable
 from bpdq.engine.plan import RunPlan, check_kernels, make_plan
 from bpdq.engine.replay import Replay
 from bpdq.engine.interrupt import RunInterrupted, layers_begin, stop_requested
@@ -352,6 +353,7 @@ def _run(
     model = source.model
     calibration = config.calibration
     plan = preflight(model, config, device, seq_len=calibration.seq_len if windows is None and calibration_given else None)
+    stages = applicable(stages, plan)
     _check(plan, stages)
     fp_stream = any(s.fp_stream for s in stages)
     report = RunReport(model=architecture_of(model), total_params=sum(p.numel() for p in model.parameters()),

@@ -55,13 +55,19 @@ def fingerprint(plan: Any) -> dict[str, Any]:
     return {"moe": {k: getattr(plan.calibration, k) for k in ("moe_all_experts", "moe_min_tokens")}}
 
 
+def has_experts(plan: Any) -> bool:
+    """Whether a decoder layer of ``plan`` holds a mixture of experts' fused experts."""
+    layout = plan.adapter.experts
+    return layout is not None and any(layout.module(layer) is not None for layer in plan.layers)
+
+
 def check(plan: Any, config: QuantizeConfig) -> None:
     """Refuse, before any work, what expert layers do not support: asymmetric calibration, tuning, target_bpw,
     distributed runs, and a rule that skips one of the two fused projections but not the other."""
-    layout = plan.adapter.experts
-    if layout is None or not any(layout.module(layer) is not None for layer in plan.layers):
+    if not has_experts(plan):
         return
-    options = [name for name, on in (("calibration.asymmetric", config.calibration.asymmetric),
+    layout = plan.adapter.experts
+    options = [name for name, on in (("calibration.asymmetric", config.calibration.asymmetric is True),
                                      ("target_bpw", config.target_bpw is not None),
                                      ("tuning", config.tuning is not None)) if on]
     if options:

@@ -193,6 +193,9 @@ class AsymmetricCalibration(Stage):
     fp_stream = True
     needs_calibration = True
 
+    def __init__(self, *, auto: bool = False) -> None:
+        self.auto = auto  # turned on by ``calibration.asymmetric: auto``: left out where it does not apply
+
     def fingerprint(self) -> dict[str, Any]:
         return {"damp": ASYMMETRIC_DAMP}
 

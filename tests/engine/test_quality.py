@@ -3,6 +3,8 @@ quantize_model on tiny random Llamas, in memory and from a model directory."""
 
 from __future__ import annotations
 
+import importlib
+
 import pytest
 import torch
 
@@ -237,3 +239,38 @@ def test_equal_streams_leave_every_weight_unchanged_at_width_and_over_many_batch
         symmetric = collect_hessians(layer, ["a", "b"], inputs, torch.device("cpu"), group=True)
     assert torch.equal(hessians["a"], symmetric["a"])
     assert all(torch.equal(v, before[k]) for k, v in layer.state_dict().items())
+
+
+def _default_calibration() -> dict:
+    return {k: v for k, v in TINY_CALIBRATION.items() if k != "asymmetric"}  # the library's default: auto
+
+
+def test_asymmetric_calibration_is_the_default_where_it_applies():
+    assert bpdq.QuantizeConfig().calibration.asymmetric == "auto"
+    cfg = {"quantize": RECIPE_2BIT, "calibration": _default_calibration(), "progress": False, "device": "cpu"}
+    auto = bpdq.quantize(tiny_model(layers=2), cfg, tokenizer=tiny_tokenizer())
+    assert auto.asymmetric == {"damp": 0.01} and auto.stages == ["fp_stream", "asymmetric"]
+    on = tiny_model(layers=2)
+    required = bpdq.quantize(on, {**cfg, "calibration": {**cfg["calibration"], "asymmetric": True}}, tokenizer=tiny_tokenizer())
+    off = tiny_model(layers=2)
+    plain = bpdq.quantize(off, {**cfg, "calibration": {**cfg["calibration"], "asymmetric": False}}, tokenizer=tiny_tokenizer())
+    assert plain.asymmetric is None and plain.stages == []
+    assert [r.proxy_loss for r in auto.modules] == [r.proxy_loss for r in required.modules]  # auto = true here
+    q = lambda m: m.model.layers[0].mlp.down_proj.quantized_weight()  # noqa: E731
+    assert not torch.equal(q(on).coeffs, q(off).coeffs)
+
+
+def test_auto_leaves_asymmetric_calibration_out_where_it_cannot_apply(caplog):
+    cfg = {"calibration": _default_calibration(), "progress": False, "device": "cpu"}
+    with caplog.at_level("INFO", logger="bpdq.engine.builtin"):
+        rtn = bpdq.quantize(tiny_model(layers=1), {**cfg, "quantize": {**RECIPE_2BIT, "solver": "rtn"}}, tokenizer=tiny_tokenizer())
+    assert rtn.asymmetric is None and rtn.stages == [] and "off, no solver uses a Hessian" in caplog.text
+    with pytest.raises(ValueError, match="need calibration data"):  # asked for explicitly: refused, as before
+        bpdq.quantize(tiny_model(layers=1), {**cfg, "quantize": {**RECIPE_2BIT, "solver": "rtn"},
+                                             "calibration": {**cfg["calibration"], "asymmetric": True}})
+    moe = bpdq.quantize(tiny_model("qwen3_moe"), {**cfg, "quantize": RECIPE_2BIT}, tokenizer=tiny_tokenizer())
+    assert moe.asymmetric is None and moe.stages == []
+    importlib.import_module("bpdq.engine.guided")  # registers the stage
+    guided = bpdq.quantize(tiny_model(layers=1), {**cfg, "quantize": RECIPE_2BIT, "stages": ["guided_hessian"]},
+                           tokenizer=tiny_tokenizer())  # the named stage computes the Hessians: no conflict
+    assert guided.stages == ["guided_hessian"]
