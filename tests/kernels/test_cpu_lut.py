@@ -8,6 +8,7 @@ decode sizes) to that plus, per output, the analytic bound of their table roundi
 
 from __future__ import annotations
 
+import time
 import warnings
 
 import pytest
@@ -509,6 +510,11 @@ def test_the_table_scratch_is_freed_when_its_thread_exits_or_on_release():
         t.start()
         t.join()
         assert seen[-1] > before  # the tables of 8 x 4096 inputs were allocated in that thread
+        # join() returns when the Python thread is done; the OS thread (whose exit runs the destructor) ends
+        # a moment later: wait for it, up to a bound far beyond any thread exit
+        deadline = time.monotonic() + 10
+        while cpu_lut.scratch_bytes() != before and time.monotonic() < deadline:
+            time.sleep(0.01)
         assert cpu_lut.scratch_bytes() == before
     layer(x)
     assert cpu_lut.scratch_bytes() > before
