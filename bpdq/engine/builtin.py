@@ -30,7 +30,7 @@ def config_stages(config: QuantizeConfig, given: Sequence[Stage] = ()) -> list[S
         except TypeError as exc:
             raise ValueError(f"stage {name!r} cannot be made with arguments {arguments}: {exc}") from None
     asymmetric = config.calibration.asymmetric
-    if asymmetric == "auto" and any(s.provides_hessians for s in [*named, *given]):
+    if asymmetric == "auto" and any(getattr(s, "provides_hessians", False) for s in [*named, *given]):
         asymmetric = False
     stages: list[Stage] = []
     if asymmetric or config.tuning is not None:

@@ -60,7 +60,7 @@ def tiny_strategy(model_dir: Path, output: Path | None = None, **changes: Any) -
     """A valid strategy for the tiny model: RTN 2-bit bit-plane, group 32, layer 0's mlp.down_proj at 3 planes."""
     data: dict[str, Any] = {
         "model": str(model_dir),
-        "calibration": {"text": "builtin:python-docs", "samples": 4, "seq_len": 32, "seed": 0},
+        "calibration": {"text": "builtin:python-docs", "samples": 4, "seq_len": 32, "seed": 0, "asymmetric": False},
         "quantize": {"group_size": 32, "grid": {"type": "bitplane", "planes": 2}, "solver": {"type": "rtn"}},
         "rules": [
             {"match": r"model\.layers\.0\.mlp\.down_proj", "grid": {"type": "bitplane", "planes": 3}},
