@@ -92,6 +92,13 @@ class BpdqVllmConfig(QuantizationConfig):
         if isinstance(layer, RoutedExperts):
             entry = self.modules.get(prefix)
             if entry is None:
+                stored = prefix.replace(".block_sparse_moe.", ".mlp.")
+                if stored != prefix and stored in self.modules:
+                    raise ValueError(
+                        f"bpdq checkpoint names the mixture of experts block {stored!r} (transformers' module name), "
+                        f"vLLM's model names it {prefix!r} and renames no checkpoint weight from one to the other: "
+                        "bpdq's Mixtral checkpoints are not served by vLLM yet (docs/serving.md)"
+                    )
                 return UnquantizedFusedMoEMethod(layer.moe_config)
             if entry.get("type") != "experts":
                 raise ValueError(f"bpdq checkpoint quantizes {prefix!r}, vLLM's fused experts layer, with a linear "

@@ -5,7 +5,7 @@
 - ``tiny_llama``: a random Llama whose 4 attention heads (2 KV heads) divide by 2, for tensor parallelism, with
   the tokenizer given (SmolLM2's in the tests); ``intermediate`` and ``group_size`` choose whether a 2-way split of ``down_proj``'s
   inputs falls on group boundaries.
-- ``tiny_moe``: a random Qwen3-MoE or Mixtral (8 experts, 2 active, 2 layers; head size 32, which vLLM's CPU
+- ``tiny_moe``: a random Qwen3-MoE, Qwen2-MoE (with a shared expert) or Mixtral (8 experts, 2 active, 2 layers; head size 32, which vLLM's CPU
   attention supports) with the tiny tokenizer of ``tests/tiny_models.py``, every expert quantized.
 """
 
@@ -54,7 +54,8 @@ MOE_RTN2 = {"group_size": 32, "grid": {"type": "bitplane", "planes": 2}, "solver
 
 
 def tiny_moe(directory: Path, arch: str = "qwen3_moe", *, seed: int = 0) -> Path:
-    """A random mixture of experts (``qwen3_moe`` or ``mixtral``), quantized and written to ``directory``."""
+    """A random mixture of experts (``qwen3_moe``, ``qwen2_moe`` or ``mixtral``), quantized and written to
+    ``directory``."""
     import transformers
 
     from tests.tiny_models import TINY_CALIBRATION, tiny_tokenizer
@@ -67,11 +68,15 @@ def tiny_moe(directory: Path, arch: str = "qwen3_moe", *, seed: int = 0) -> Path
         config = transformers.Qwen3MoeConfig(**common, intermediate_size=256, moe_intermediate_size=64, num_experts=8,
                                              norm_topk_prob=True)
         cls = transformers.Qwen3MoeForCausalLM
+    elif arch == "qwen2_moe":
+        config = transformers.Qwen2MoeConfig(**common, intermediate_size=256, moe_intermediate_size=64, num_experts=8,
+                                             shared_expert_intermediate_size=128, norm_topk_prob=True)
+        cls = transformers.Qwen2MoeForCausalLM
     elif arch == "mixtral":
         config = transformers.MixtralConfig(**common, intermediate_size=64, num_local_experts=8)
         cls = transformers.MixtralForCausalLM
     else:
-        raise ValueError(f"arch must be 'qwen3_moe' or 'mixtral', got {arch!r}")
+        raise ValueError(f"arch must be 'qwen3_moe', 'qwen2_moe' or 'mixtral', got {arch!r}")
     config.architectures = [cls.__name__]
     torch.manual_seed(seed)
     model = cls(config).eval()

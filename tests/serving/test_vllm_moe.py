@@ -161,6 +161,22 @@ def test_a_linear_entry_on_the_experts_layer_is_refused():
         config.get_quant_method(layer, "model.layers.0.mlp.experts")
 
 
+def test_mixtral_block_named_differently_by_vllm_is_refused():
+    from vllm.model_executor.layers.fused_moe import RoutedExperts
+
+    from bpdq.serving.vllm import BpdqVllmConfig
+
+    projections = {name: {"planes": 2, "group_size": 32} for name in ("gate_up_proj", "down_proj")}
+    config = BpdqVllmConfig.from_config({"quant_method": "bpdq", "format_version": 1, "modules": {
+        "model.layers.0.mlp.experts": {"type": "experts", "projections": projections}}})
+    layer = RoutedExperts.__new__(RoutedExperts)
+    # vLLM 0.32's Mixtral builds `block_sparse_moe`; bpdq's checkpoint (and transformers 5's module) say `mlp`
+    with pytest.raises(ValueError, match=r"names the mixture of experts block 'model.layers.0.mlp.experts' "
+                       r"\(transformers' module name\), vLLM's model names it "
+                       r"'model.layers.0.block_sparse_moe.experts'"):
+        config.get_quant_method(layer, "model.layers.0.block_sparse_moe.experts")
+
+
 # ---- one engine: a tiny Qwen3-MoE ---------------------------------------------------------------------------
 
 ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "seed": 0,
@@ -168,13 +184,14 @@ ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "seed
 NEW_TOKENS = 12
 
 
-def test_tiny_qwen3_moe_served_matches_bpdq_load(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_tiny_moe_served_matches_bpdq_load(tmp_path, arch):
     from vllm import LLM, SamplingParams
     from vllm.inputs import TokensPrompt
 
     from tests.tiny_models import tiny_tokenizer
 
-    ckpt = checkpoints.tiny_moe(tmp_path / "qwen3-moe")
+    ckpt = checkpoints.tiny_moe(tmp_path / arch, arch)
     model, _ = bpdq.load(ckpt)
     assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
     tok = tiny_tokenizer()
