@@ -5,8 +5,9 @@
 - ``tiny_llama``: a random Llama whose 4 attention heads (2 KV heads) divide by 2, for tensor parallelism, with
   the tokenizer given (SmolLM2's in the tests); ``intermediate`` and ``group_size`` choose whether a 2-way split of ``down_proj``'s
   inputs falls on group boundaries.
-- ``tiny_moe``: a random Qwen3-MoE, Qwen2-MoE (with a shared expert) or Mixtral (8 experts, 2 active, 2 layers; head size 32, which vLLM's CPU
-  attention supports) with the tiny tokenizer of ``tests/tiny_models.py``, every expert quantized.
+- ``tiny_moe``: a random Qwen3-MoE, Qwen2-MoE (with a shared expert) or Mixtral (8 experts, 2 active, 2 layers;
+  head size 32, which vLLM's CPU attention supports) with the tiny tokenizer of ``tests/tiny_models.py``, every
+  expert quantized.
 """
 
 from __future__ import annotations
