@@ -1,8 +1,9 @@
 """Mixtures of experts served by vLLM (CPU build) through bpdq's fused-MoE method (bpdq/serving/vllm.py).
 
 The method's pieces without an engine (weights created, stacked checkpoint tensors loaded per rank, the forward
-against bpdq's QuantExperts), then one engine: a tiny quantized Qwen3-MoE in ``vllm.LLM``, its greedy tokens and
-prompt log-probabilities against ``bpdq.load``'s model. Runs only in the vLLM virtual environment
+against bpdq's QuantExperts), then engines: tiny quantized Qwen3-MoE and Qwen2-MoE in ``vllm.LLM`` (the Qwen3-MoE
+also over two ranks, tensor- and expert-parallel), their greedy tokens and prompt log-probabilities against
+``bpdq.load``'s model. Runs only in the vLLM virtual environment
 (``scripts/test_vllm.sh``).
 """
 
@@ -184,41 +185,70 @@ ENGINE = {"dtype": "float32", "max_model_len": 256, "enforce_eager": True, "seed
 NEW_TOKENS = 12
 
 
-@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
-def test_tiny_moe_served_matches_bpdq_load(tmp_path, arch):
-    from vllm import LLM, SamplingParams
-    from vllm.inputs import TokensPrompt
-
+def reference(ckpt):
+    """bpdq.load's model on the prompts: (prompt token ids, their log-probabilities, greedy continuation)."""
     from tests.tiny_models import tiny_tokenizer
 
-    ckpt = checkpoints.tiny_moe(tmp_path / arch, arch)
     model, _ = bpdq.load(ckpt)
     assert isinstance(model.model.layers[0].mlp.experts, QuantExperts)
     tok = tiny_tokenizer()
-    prompts = [tok(t).input_ids for t in ("def fibonacci(n):", "The Python list method append", "import os\n")]
-    reference = []
+    out = []
     with torch.no_grad():
-        for ids in prompts:
+        for text in ("def fibonacci(n):", "The Python list method append", "import os\n"):
+            ids = tok(text).input_ids
             x = torch.tensor([ids])
             logprobs = model(x).logits.log_softmax(-1)[0]
             prompt_lp = logprobs[:-1].gather(1, x[0, 1:, None])[:, 0]
-            out = model.generate(x, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
-            reference.append((prompt_lp, out[0, len(ids):].tolist()))
-    del model
-    llm = LLM(model=str(ckpt), **ENGINE)
+            greedy = model.generate(x, max_new_tokens=NEW_TOKENS, min_new_tokens=NEW_TOKENS, do_sample=False)
+            out.append((ids, prompt_lp, greedy[0, len(ids):].tolist()))
+    return out
+
+
+def experts_layout(model: torch.nn.Module) -> tuple[str, list[int]]:
+    """In each vLLM worker: the method of layer 0's experts and the shape of its ``gate_up_planes``."""
+    routed = model.model.layers[0].mlp.experts.routed_experts
+    return type(routed.quant_method).__name__, list(routed.gate_up_planes.shape)
+
+
+def check_served(ckpt, monkeypatch, layouts, **engine):
+    """Serve ``ckpt`` in ``vllm.LLM`` and compare with :func:`reference`: equal greedy tokens, prompt
+    log-probabilities within 1e-3; ``layouts``: each rank's ``gate_up_planes`` shape."""
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    expected = reference(ckpt)
+    monkeypatch.setenv("VLLM_ALLOW_INSECURE_SERIALIZATION", "1")  # apply_model sends a function to the workers
+    llm = LLM(model=str(ckpt), **ENGINE, **engine)
     try:
         assert llm.llm_engine.model_config.quantization == "bpdq"
+        assert llm.apply_model(experts_layout) == [("BpdqFusedMoEMethod", shape) for shape in layouts]
         params = SamplingParams(max_tokens=NEW_TOKENS, min_tokens=NEW_TOKENS, temperature=0.0, prompt_logprobs=0)
-        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids, _, _ in expected], params, use_tqdm=False)
     finally:
         llm.llm_engine.engine_core.shutdown()
         del llm
         gc.collect()
-    for ids, out, (prompt_lp, expected) in zip(prompts, outs, reference):
+    for out, (ids, prompt_lp, greedy) in zip(outs, expected):
         got_lp = torch.tensor([lp[t].logprob for t, lp in zip(ids[1:], out.prompt_logprobs[1:])])
         diff = (got_lp - prompt_lp).abs().max().item()
         got = list(out.outputs[0].token_ids)
-        log.info("prompt %s: max |logprob diff| %.2e, vLLM %s, bpdq %s", ids[:4], diff, got, expected)
+        log.info("%s prompt %s: max |logprob diff| %.2e, vLLM %s, bpdq %s", engine, ids[:4], diff, got, greedy)
         # a wrong expert, shard or routing changes log-probabilities by far more than float32 rounding
         assert prompt_lp.min() < -1.0 and diff < 1e-3, (diff, prompt_lp)
-        assert got == expected
+        assert got == greedy
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "qwen2_moe"])
+def test_tiny_moe_served_matches_bpdq_load(tmp_path, monkeypatch, arch):
+    # 8 experts, 2 planes, gate and up rows of 64 each, 128 / 8 bytes of input columns
+    check_served(checkpoints.tiny_moe(tmp_path / arch, arch), monkeypatch, [[8, 2, 128, 16]])
+
+
+@pytest.mark.parametrize("expert_parallel", [False, True], ids=["tensor", "expert"])
+def test_tiny_qwen3_moe_over_two_ranks(tmp_path, monkeypatch, expert_parallel):
+    # tensor parallelism splits each expert's 64 intermediate rows in two (whole groups of 32 for down_proj);
+    # expert parallelism gives each rank 4 of the 8 experts
+    monkeypatch.setenv("VLLM_CPU_OMP_THREADS_BIND", "0|1")
+    layout = [4, 2, 128, 16] if expert_parallel else [8, 2, 64, 16]
+    check_served(checkpoints.tiny_moe(tmp_path / "qwen3_moe"), monkeypatch, [layout, layout], tensor_parallel_size=2,
+                 enable_expert_parallel=expert_parallel)
