@@ -276,14 +276,17 @@ class BpdqFusedMoEMethod(FusedMoEMethodBase):
         for name in PROJECTIONS:
             g = self.projections[name]["group_size"]
             out, inp = shapes[name]
-            if inp % g or inp % 8:
-                full = inp * tp if name == "down_proj" else inp
+            if not (inp % g or inp % 8):
+                continue
+            if name == "down_proj" and tp > 1:
                 raise ValueError(
-                    f"{where} {name}: {'tensor parallelism over ' + str(tp) + ' ranks leaves' if tp > 1 else 'has'} "
-                    f"{inp} input columns of {full} per rank, which is not a whole number of its groups of {g} "
-                    f"columns (and of bytes of 8); serve it with a tensor_parallel_size that divides {full // g} "
-                    f"(or quantize with a group size dividing {inp})"
+                    f"{where} {name}: tensor parallelism over {tp} ranks splits its {inp * tp} input columns into "
+                    f"{inp} per rank, which cuts its groups of {g} columns (or bytes of 8 columns); serve it with a "
+                    f"tensor_parallel_size that divides {inp * tp // g}, with enable_expert_parallel=True, or "
+                    f"quantize with a group size dividing {inp}"
                 )
+            raise ValueError(f"{where} {name}: its {inp} input columns are not a whole number of groups of {g} "
+                             "columns and of bytes of 8 columns")
         self.hidden_size, self.intermediate = hidden_size, inter
         for name in PROJECTIONS:
             k, g = self.projections[name]["planes"], self.projections[name]["group_size"]

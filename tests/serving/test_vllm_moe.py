@@ -137,7 +137,7 @@ def test_tensor_parallel_split_cutting_a_group_is_refused():
     method = BpdqFusedMoEMethod("model.layers.0.mlp.experts", {"type": "experts", "projections": projections},
                                 layer.moe_config)
     with pytest.raises(ValueError, match=r"'model.layers.0.mlp.experts' down_proj: tensor parallelism over 2 ranks "
-                       r"leaves 32 input columns of 64 per rank, which is not a whole number of its groups of 64"):
+                       r"splits its 64 input columns into 32 per rank, which cuts its groups of 64 columns"):
         method.create_weights(layer, E, H, INTER // 2, torch.float32, weight_loader=None)
 
 
