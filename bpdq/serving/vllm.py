@@ -19,6 +19,12 @@ which must fall on group boundaries (``in / tp`` a multiple of the group size); 
 refused when the model is built, with a message naming it and the sizes. Compute goes through
 :class:`bpdq.QuantLinear` and bpdq's kernel dispatch (Triton on CUDA, the native ``cpu_lut`` kernel on the CPU),
 wrapped in the custom op ``bpdq::vllm_linear`` so that ``torch.compile`` and CUDA graphs treat it as opaque.
+
+Mixtures of experts: a checkpoint's ``"type": "experts"`` entry (docs/format.md) gets :class:`BpdqFusedMoEMethod`
+on vLLM's fused-MoE layer (``RoutedExperts``): it holds the stacked ``gate_up``/``down`` planes and coefficients of
+the rank's local experts (tensor parallelism: the gate and up halves split by output rows, ``down`` by input
+columns on group boundaries) and computes, after vLLM's routing, each routed local expert through
+:class:`bpdq.experts.QuantExperts` (custom op ``bpdq::vllm_experts``).
 """
 
 from __future__ import annotations
@@ -28,17 +34,20 @@ from typing import Any, Callable
 
 import torch
 from torch.nn import Parameter
+from vllm.model_executor.layers.fused_moe import FusedMoEMethodBase, RoutedExperts
+from vllm.model_executor.layers.fused_moe.unquantized_fused_moe_method import UnquantizedFusedMoEMethod
 from vllm.model_executor.layers.linear import LinearBase, LinearMethodBase, UnquantizedLinearMethod
 from vllm.model_executor.layers.quantization import register_quantization_config
 from vllm.model_executor.layers.quantization.base_config import QuantizationConfig, QuantizeMethodBase
 from vllm.model_executor.utils import set_weight_attrs
 
 from bpdq.checkpoint import QUANT_METHOD, check_quantization_config
+from bpdq.experts import PROJECTIONS, QuantExperts, buffer_prefix
 from bpdq.linear import QuantLinear
 
 log = logging.getLogger(__name__)
 
-__all__ = ["BpdqLinearMethod", "BpdqVllmConfig", "register"]
+__all__ = ["BpdqFusedMoEMethod", "BpdqLinearMethod", "BpdqVllmConfig", "register"]
 
 
 class BpdqVllmConfig(QuantizationConfig):
@@ -80,6 +89,21 @@ class BpdqVllmConfig(QuantizationConfig):
             if not parts:
                 return UnquantizedLinearMethod()
             return BpdqLinearMethod(prefix, parts)
+        if isinstance(layer, RoutedExperts):
+            entry = self.modules.get(prefix)
+            if entry is None:
+                stored = prefix.replace(".block_sparse_moe.", ".mlp.")
+                if stored != prefix and stored in self.modules:
+                    raise ValueError(
+                        f"bpdq checkpoint names the mixture of experts block {stored!r} (transformers' module name), "
+                        f"vLLM's model names it {prefix!r} and renames no checkpoint weight from one to the other: "
+                        "bpdq's Mixtral checkpoints are not served by vLLM yet (docs/serving.md)"
+                    )
+                return UnquantizedFusedMoEMethod(layer.moe_config)
+            if entry.get("type") != "experts":
+                raise ValueError(f"bpdq checkpoint quantizes {prefix!r}, vLLM's fused experts layer, with a linear "
+                                 "entry; an experts module needs a \"type\": \"experts\" entry (docs/format.md)")
+            return BpdqFusedMoEMethod(prefix, entry, layer.moe_config)
         if prefix in self.modules:
             raise ValueError(
                 f"bpdq checkpoint quantizes {prefix!r}, a {type(layer).__name__}: the vLLM plugin serves quantized "
@@ -196,6 +220,163 @@ class BpdqLinearMethod(LinearMethodBase):
         return y + bias if bias is not None else y
 
 
+# ---- mixtures of experts ------------------------------------------------------------------------------------
+
+#: kinds of stacked tensors per projection: ``<prefix>_planes uint8[E, k, out, in/8]``, ``<prefix>_coeffs
+#: float16[E, in/g, k+1, out]``; the axes of ``out`` and of the (packed) ``in`` columns.
+_EXPERT_AXES = {"planes": {"out": 2, "in": 3}, "coeffs": {"out": 3, "in": 1}}
+
+
+def shard_experts_tensor(projection: str, kind: str, tensor: torch.Tensor, rank: int, tp: int) -> torch.Tensor:
+    """Tensor-parallel rank ``rank``'s part of a stacked experts tensor (all experts): ``gate_up`` keeps its
+    ``1/tp`` of the gate rows and of the up rows (gate, then up); ``down`` its ``1/tp`` of the input columns (whole
+    groups and whole bytes, checked by the caller)."""
+    if tp == 1:
+        return tensor
+    axes = _EXPERT_AXES[kind]
+    if projection == "gate_up_proj":
+        gate, up = tensor.chunk(2, dim=axes["out"])
+        return torch.cat([gate.chunk(tp, dim=axes["out"])[rank], up.chunk(tp, dim=axes["out"])[rank]], axes["out"])
+    return tensor.chunk(tp, dim=axes["in"])[rank]
+
+
+class BpdqFusedMoEMethod(FusedMoEMethodBase):
+    """The stacked packed experts of one vLLM fused-MoE layer (its rank's local experts and tensor-parallel part);
+    the forward runs each routed local expert through :class:`bpdq.experts.QuantExperts` (plain PyTorch or bpdq's
+    kernels), after vLLM's routing."""
+
+    def __init__(self, prefix: str, entry: dict[str, Any], moe: Any) -> None:
+        super().__init__(moe)
+        self.prefix = prefix
+        self.projections = {name: dict(entry["projections"][name]) for name in PROJECTIONS}
+        self.experts: QuantExperts | None = None
+
+    def create_weights(
+        self,
+        layer: torch.nn.Module,
+        num_experts: int,
+        hidden_size: int,
+        intermediate_size_per_partition: int,
+        params_dtype: torch.dtype,
+        **extra_weight_attrs: Any,
+    ) -> None:
+        moe = layer.moe_config
+        where = f"bpdq experts layer {self.prefix!r}"
+        if moe.activation.value != "silu" or not moe.is_act_and_mul:
+            raise ValueError(f"{where}: vLLM builds it with activation {moe.activation.value!r}; bpdq's experts "
+                             "compute down(silu(gate x) * up x) only (Qwen2/3-MoE, Mixtral)")
+        if getattr(layer, "apply_router_weight_on_input", False):
+            raise ValueError(f"{where}: router weights applied to the input are not supported")
+        unpadded = extra_weight_attrs.get("unpadded_hidden_size") or hidden_size
+        if unpadded != hidden_size:
+            raise ValueError(f"{where}: vLLM pads the hidden size {unpadded} to {hidden_size} (all-to-all "
+                             "kernels); bpdq's experts are not padded")
+        inter, tp = intermediate_size_per_partition, moe.tp_size
+        shapes = {"gate_up_proj": (2 * inter, hidden_size), "down_proj": (hidden_size, inter)}
+        for name in PROJECTIONS:
+            g = self.projections[name]["group_size"]
+            out, inp = shapes[name]
+            if not (inp % g or inp % 8):
+                continue
+            if name == "down_proj" and tp > 1:
+                raise ValueError(
+                    f"{where} {name}: tensor parallelism over {tp} ranks splits its {inp * tp} input columns into "
+                    f"{inp} per rank, which cuts its groups of {g} columns (or bytes of 8 columns); serve it with a "
+                    f"tensor_parallel_size that divides {inp * tp // g}, with enable_expert_parallel=True, or "
+                    f"quantize with a group size dividing {inp}"
+                )
+            raise ValueError(f"{where} {name}: its {inp} input columns are not a whole number of groups of {g} "
+                             "columns and of bytes of 8 columns")
+        self.hidden_size, self.intermediate = hidden_size, inter
+        for name in PROJECTIONS:
+            k, g = self.projections[name]["planes"], self.projections[name]["group_size"]
+            out, inp = shapes[name]
+            prefix = buffer_prefix(name)
+            for kind, shape, dtype in (("planes", (num_experts, k, out, inp // 8), torch.uint8),
+                                       ("coeffs", (num_experts, inp // g, k + 1, out), torch.float16)):
+                param = Parameter(torch.empty(shape, dtype=dtype), requires_grad=False)
+                set_weight_attrs(param, {"weight_loader": self._loader(layer, name, kind)})
+                layer.register_parameter(f"{prefix}_{kind}", param)
+        _load_stacked_by_name(layer, {f"{buffer_prefix(n)}_{kind}" for n in PROJECTIONS for kind in _EXPERT_AXES})
+
+    def _loader(self, layer: torch.nn.Module, projection: str, kind: str) -> Callable[..., None]:
+        def load(param: Parameter, loaded: torch.Tensor, *_: Any) -> None:
+            moe = layer.moe_config
+            expected_dtype = torch.uint8 if kind == "planes" else torch.float16
+            full = list(param.shape)
+            full[0] = moe.num_experts
+            axes = _EXPERT_AXES[kind]
+            full[axes["out"]] *= moe.tp_size if projection == "gate_up_proj" else 1
+            full[axes["in"]] *= moe.tp_size if projection == "down_proj" else 1
+            if loaded.dtype != expected_dtype or list(loaded.shape) != full:
+                raise ValueError(
+                    f"bpdq experts layer {self.prefix!r}: checkpoint {buffer_prefix(projection)}_{kind} tensor is "
+                    f"{loaded.dtype}{list(loaded.shape)}, expected {expected_dtype}{full} "
+                    f"({self.projections[projection]['planes']} planes, group size "
+                    f"{self.projections[projection]['group_size']}, {moe.num_experts} experts)"
+                )
+            part = shard_experts_tensor(projection, kind, loaded, moe.tp_rank, moe.tp_size)
+            for e in range(moe.num_experts):
+                local = layer._map_global_expert_id_to_local_expert_id(e)
+                if local >= 0:
+                    param.data[local].copy_(part[e])
+
+        return load
+
+    def get_fused_moe_quant_config(self, layer: torch.nn.Module) -> None:
+        return None  # no vLLM kernel runs these weights
+
+    def process_weights_after_loading(self, layer: torch.nn.Module) -> None:
+        experts = QuantExperts(
+            layer.gate_up_planes.shape[0], self.hidden_size, self.intermediate, projections=self.projections,
+            act_fn=torch.nn.functional.silu, dtype=layer.params_dtype, device="meta",
+        )
+        for name in PROJECTIONS:
+            prefix = buffer_prefix(name)
+            for kind in _EXPERT_AXES:
+                setattr(experts, f"{prefix}_{kind}", getattr(layer, f"{prefix}_{kind}").data)
+        self.experts = experts
+        self.key = _register_experts(experts)
+
+    def apply(
+        self,
+        layer: torch.nn.Module,
+        x: torch.Tensor,
+        topk_weights: torch.Tensor,
+        topk_ids: torch.Tensor,
+        shared_experts: Any = None,
+        shared_experts_input: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        expert_map = layer.expert_map
+        if expert_map is not None:  # global -> local ids; -1: another rank's expert
+            topk_ids = expert_map[topk_ids.long()]
+        return torch.ops.bpdq.vllm_experts(x, topk_weights, topk_ids.long(), self.key)
+
+
+def _load_stacked_by_name(layer: torch.nn.Module, names: set[str]) -> None:
+    """Have ``layer.load_weights`` load the stacked bpdq tensors ``names`` (named relative to the layer, all experts
+    in one tensor) through their parameters' loaders: vLLM's own ``RoutedExperts.load_weights`` matches only its
+    expert-name patterns (``experts.{e}.gate_proj``, ``experts.gate_up_proj``) and would drop them."""
+    original = layer.load_weights
+
+    def load_weights(weights: Any) -> Any:
+        loaded: list[str] = []
+
+        def others() -> Any:
+            for name, tensor in weights:
+                if name in names:
+                    param = getattr(layer, name)
+                    param.weight_loader(param, tensor)
+                    loaded.append(name)
+                else:
+                    yield name, tensor
+
+        yield from original(others())
+        yield from loaded
+
+    layer.load_weights = load_weights
+
+
 # ---- the custom op: bpdq's kernel dispatch is Python, opaque to torch.compile -------------------------------
 
 _LAYERS: list[QuantLinear] = []
@@ -214,6 +395,24 @@ def _vllm_linear(x: torch.Tensor, key: int) -> torch.Tensor:
 @_vllm_linear.register_fake
 def _(x: torch.Tensor, key: int) -> torch.Tensor:
     return x.new_empty(*x.shape[:-1], _LAYERS[key].out_features)
+
+
+_EXPERTS: list[QuantExperts] = []
+
+
+def _register_experts(experts: QuantExperts) -> int:
+    _EXPERTS.append(experts)
+    return len(_EXPERTS) - 1
+
+
+@torch.library.custom_op("bpdq::vllm_experts", mutates_args=())
+def _vllm_experts(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, key: int) -> torch.Tensor:
+    return _EXPERTS[key](x, topk_ids, topk_weights)
+
+
+@_vllm_experts.register_fake
+def _(x: torch.Tensor, topk_weights: torch.Tensor, topk_ids: torch.Tensor, key: int) -> torch.Tensor:
+    return torch.empty_like(x)
 
 
 def register() -> None:
