@@ -189,6 +189,18 @@ def _projected(W: torch.Tensor, P: torch.Tensor, scale: float, H_q: torch.Tensor
     return out
 
 
+def _check_weights(weights: Sequence[torch.Tensor], H_q: torch.Tensor) -> int:
+    """The shared ``in_features`` of ``weights`` (2-D floating-point tensors), ``H_q`` checked against it."""
+    for W in weights:
+        if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
+            raise ValueError("W must be a 2-D floating-point torch.Tensor [out, in]")
+    d = weights[0].shape[1]
+    if any(W.shape[1] != d for W in weights):
+        raise ValueError(f"weights must share in_features, got {[W.shape[1] for W in weights]}")
+    check_hessian(H_q, d)
+    return d
+
+
 def corrected_targets(
     weights: Sequence[torch.Tensor], H_q: torch.Tensor, corrections: Sequence[torch.Tensor], damp: float = 0.01,
     *, max_retries: int = 6,
@@ -200,17 +212,12 @@ def corrected_targets(
     factorised."""
     if len(weights) != len(corrections):
         raise ValueError(f"{len(weights)} weights but {len(corrections)} corrections")
-    for W, M in zip(weights, corrections):
-        if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
-            raise ValueError("W must be a 2-D floating-point torch.Tensor [out, in]")
-        if not isinstance(M, torch.Tensor) or M.shape != W.shape:
-            raise ValueError(f"a correction must have its weight's shape {tuple(W.shape)}, got {getattr(M, 'shape', None)}")
     if not weights:
         return []
-    d = weights[0].shape[1]
-    if any(W.shape[1] != d for W in weights):
-        raise ValueError(f"weights must share in_features, got {[W.shape[1] for W in weights]}")
-    check_hessian(H_q, d)
+    d = _check_weights(weights, H_q)
+    for W, M in zip(weights, corrections):
+        if not isinstance(M, torch.Tensor) or M.shape != W.shape:
+            raise ValueError(f"a correction must have its weight's shape {tuple(W.shape)}, got {getattr(M, 'shape', None)}")
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
     zero = [not bool(M.any()) for M in corrections]
@@ -245,15 +252,9 @@ def asymmetric_targets(
 ) -> list[torch.Tensor]:
     """:func:`asymmetric_target` of each of ``weights`` (linears that read the same inputs, e.g. q/k/v),
     with ``H_q`` factorised once: each result has the same bits as its own :func:`asymmetric_target`."""
-    for W in weights:
-        if not isinstance(W, torch.Tensor) or W.dim() != 2 or not W.is_floating_point():
-            raise ValueError("W must be a 2-D floating-point torch.Tensor [out, in]")
     if not weights:
         return []
-    d = weights[0].shape[1]
-    if any(W.shape[1] != d for W in weights):
-        raise ValueError(f"weights must share in_features, got {[W.shape[1] for W in weights]}")
-    check_hessian(H_q, d)
+    d = _check_weights(weights, H_q)
     _check_moment("C", C, (d, d), "H_q", damp)
     delta = C.to(torch.float64) - H_q.to(torch.float64)
     corrections = [_times(W, delta, 1.0, H_q.dtype) for W in weights]
