@@ -214,7 +214,7 @@ def corrected_targets(
         raise ValueError(f"{len(weights)} weights but {len(corrections)} corrections")
     if not weights:
         return []
-    d = _check_weights(weights, H_q)
+    _check_weights(weights, H_q)
     for W, M in zip(weights, corrections):
         if not isinstance(M, torch.Tensor) or M.shape != W.shape:
             raise ValueError(f"a correction must have its weight's shape {tuple(W.shape)}, got {getattr(M, 'shape', None)}")
