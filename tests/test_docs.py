@@ -254,7 +254,7 @@ def test_readme_quick_start_runs_on_the_built_in_model(tmp_path):
     shorter calibration windows, one solver iteration and one decoder layer (the substitutions must apply)."""
     quick, load = blocks(REPO / "README.md", "python")[:2]
     small = {
-        '"samples": 128,': '"samples": 2, "seq_len": 32, "text": "builtin:python-docs",',
+        '"samples": 128}': '"samples": 2, "seq_len": 32, "text": "builtin:python-docs"}',
         'quantize={"group_size": 64,': 'rules=[{"match": r"model\\.layers\\.0\\..*"}, {"match": ".*", "skip": True}], '
                                        'quantize={"solver": {"type": "bpdq", "iters": 1}, "group_size": 64,',
         '"runs/mine"': repr(str(tmp_path / "mine")),
@@ -265,7 +265,7 @@ def test_readme_quick_start_runs_on_the_built_in_model(tmp_path):
     namespace: dict = {}
     exec(compile(quick, "README.md", "exec"), namespace)
     report = namespace["report"]
-    assert report.n_quantized == 7 and report.stages == ["fp_stream", "asymmetric"]
+    assert report.n_quantized == 7 and report.stages == ["fp_stream", "asymmetric"]  # the default: auto
     assert '"runs/mine"' in load
     exec(compile(load.replace('"runs/mine"', repr(str(tmp_path / "mine"))), "README.md", "exec"), namespace)
     loaded = namespace["model"]
