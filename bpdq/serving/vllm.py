@@ -94,12 +94,17 @@ class BpdqVllmConfig(QuantizationConfig):
             if entry is None:
                 stored = prefix.replace(".block_sparse_moe.", ".mlp.")
                 if stored != prefix and stored in self.modules:
-                    raise ValueError(
-                        f"bpdq checkpoint names the mixture of experts block {stored!r} (transformers' module name), "
-                        f"vLLM's model names it {prefix!r} and renames no checkpoint weight from one to the other: "
-                        "bpdq's Mixtral checkpoints are not served by vLLM yet (docs/serving.md)"
-                    )
-                return UnquantizedFusedMoEMethod(layer.moe_config)
+                    if _architecture() != "MixtralForCausalLM":
+                        raise ValueError(
+                            f"bpdq checkpoint names the mixture of experts block {stored!r} (transformers' module "
+                            f"name), vLLM's {_architecture()} names it {prefix!r} and renames no checkpoint weight "
+                            "from one to the other; the plugin maps these names for Mixtral only"
+                        )
+                    _teach_mixtral_transformers_names()
+                    self.modules = {k.replace(".mlp.", ".block_sparse_moe.", 1): v for k, v in self.modules.items()}
+                    entry = self.modules[prefix]
+                else:
+                    return UnquantizedFusedMoEMethod(layer.moe_config)
             if entry.get("type") != "experts":
                 raise ValueError(f"bpdq checkpoint quantizes {prefix!r}, vLLM's fused experts layer, with a linear "
                                  "entry; an experts module needs a \"type\": \"experts\" entry (docs/format.md)")
@@ -124,6 +129,34 @@ class BpdqVllmConfig(QuantizationConfig):
                 f"(not {missing}); a fused layer must be quantized in all its parts or in none"
             )
         return found
+
+
+#: transformers 5 (and so bpdq's checkpoints) name Mixtral's sparse block ``mlp``; vLLM's Mixtral, like the
+#: checkpoints on the hub, ``block_sparse_moe``.
+MIXTRAL_RENAME = {".mlp.": ".block_sparse_moe."}
+
+
+def _architecture() -> str | None:
+    """The architecture of the model vLLM is building (``None`` outside a model build)."""
+    from vllm.config.vllm import get_current_vllm_config_or_none
+
+    config = get_current_vllm_config_or_none()
+    return None if config is None or config.model_config is None else config.model_config.architecture
+
+
+def _teach_mixtral_transformers_names() -> None:
+    """Make vLLM's Mixtral read a checkpoint written with transformers 5's module names (``layers.N.mlp.gate``,
+    ``layers.N.mlp.experts.*``): its weight mapper gains the rename ``.mlp.`` -> ``.block_sparse_moe.``. Called
+    while a bpdq Mixtral checkpoint's model is built, before its weights load; checkpoints in vLLM's names have
+    no ``.mlp.`` in a Mixtral, so the rename leaves them as they are."""
+    from vllm.model_executor.models import mixtral
+    from vllm.model_executor.models.utils import WeightsMapper
+
+    mapper = mixtral.MixtralModel.hf_to_vllm_mapper
+    if all(mapper.orig_to_new_substr.get(k) == v for k, v in MIXTRAL_RENAME.items()):
+        return
+    mixtral.MixtralModel.hf_to_vllm_mapper = mapper | WeightsMapper(orig_to_new_substr=MIXTRAL_RENAME)
+    log.info("bpdq: vLLM's Mixtral reads this checkpoint's transformers 5 names (%s)", MIXTRAL_RENAME)
 
 
 def _pad_planes(kind: str, tensor: torch.Tensor, k: int) -> torch.Tensor:
