@@ -20,8 +20,8 @@ class ModuleRecord:
     proxy_loss: float | None = None
     relative_loss: float | None = None
     time_s: float = 0.0
-    #: How an expert of a mixture of experts was calibrated: ``{"tokens": routed tokens, "hessian": "routed" |
-    #: "all" | "pooled"}`` (``None`` for other modules).
+    #: How an expert of a mixture of experts was calibrated: ``{"tokens": routed tokens, "hessian": "mixed" |
+    #: "routed" | "pooled" | "all"}`` (``None`` for other modules).
     calibration: dict[str, Any] | None = None
 
 

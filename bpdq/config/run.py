@@ -65,9 +65,16 @@ class CalibrationConfig(ConfigModel):
     moe_min_tokens: int | None = Field(
         default=None,
         ge=1,
-        description="mixtures of experts: an expert routed fewer tokens than this (None: its input width, the hidden "
-        "size) is calibrated on every token of the layer instead (the pooled Hessian; recorded per expert in "
-        "the report)",
+        description="mixtures of experts: an expert routed fewer tokens than this is calibrated on the layer's "
+        "pooled Hessian alone (every token of the layer). None: only the experts no token reaches",
+    )
+    moe_prior: float = Field(
+        default=1.0,
+        ge=0,
+        allow_inf_nan=False,
+        description="mixtures of experts: each expert's Hessian is its routed tokens' plus the layer's pooled "
+        "Hessian, weighted as this many tokens per input column (1.0: as many tokens as the expert's input "
+        "width); 0: the routed tokens alone. Recorded per expert in the report",
     )
 
     @field_validator("offload")

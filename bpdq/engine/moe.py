@@ -6,18 +6,22 @@ calibration batch it keeps what the experts receive, the hidden states ``x [T, H
 choice ``[T, k]``, computed in the quantized model's stream (the layer's earlier groups are quantized
 already). Then, expert by expert:
 
-1. the tokens the expert calibrates on: those routed to it; every token of the layer when
-   ``calibration.moe_all_experts`` is on (``"all"``), or when fewer than ``calibration.moe_min_tokens`` (by
-   default the expert's input width, the hidden size) are routed to it (``"pooled"``: the layer's pooled
-   Hessian; an expert no token reaches is one of them);
-2. ``gate_up_proj[e]`` is solved with the Hessian of those tokens (gate and up rows share it: one input);
-3. ``down_proj[e]`` with the Hessian of ``act(gate) * up`` on the same tokens, computed with the quantized
-   ``gate_up_proj[e]``;
+1. which tokens the expert calibrates on (``calibration`` of its report record): ``"mixed"`` by default, the
+   Hessian of the tokens routed to it plus the layer's pooled Hessian (every token's), weighted as
+   ``calibration.moe_prior`` tokens per input column; ``"routed"``, its routed tokens alone
+   (``moe_prior: 0``); ``"pooled"``, the pooled Hessian alone, for an expert routed fewer than
+   ``calibration.moe_min_tokens`` tokens (by default: no token); ``"all"``, every token of the layer, for
+   every expert (``calibration.moe_all_experts``);
+2. ``gate_up_proj[e]`` is solved with that Hessian of the experts' inputs (gate and up rows share it);
+3. ``down_proj[e]`` with the Hessian of its own input ``act(gate) * up``, computed with the quantized
+   ``gate_up_proj[e]`` on the same tokens; its pooled part comes from evenly spaced tokens of the layer, at
+   about :data:`PRIOR_SAMPLE` per intermediate column (every token for ``"all"``);
 
 and the results go into a :class:`~bpdq.experts.QuantExperts` that replaces the module. Memory beyond the
 layer: its captured inputs (one hidden-state stream plus the routing, kept like the layer's activations:
-offloaded to disk beyond ``calibration.offload``, then read once per expert and Hessian), one expert's two
-Hessians and its intermediate activations; the pooled ``gate_up`` Hessian is kept while it is used. Each
+offloaded to disk beyond ``calibration.offload``, then read once per expert and Hessian), one expert's
+Hessians (two of each width while its routed and pooled parts are mixed) and its intermediate activations; the
+pooled ``gate_up`` Hessian is kept for the layer. Each
 expert's record in the report says how it was calibrated (:attr:`~bpdq.report.ModuleRecord.calibration`).
 Resume works at layer granularity (a layer's experts are saved together), and a distributed run is refused.
 """
@@ -52,7 +56,7 @@ def fingerprint(plan: Any) -> dict[str, Any]:
     """The mixture-of-experts options a resumed run must share (nothing for a model without experts)."""
     if plan.adapter.experts is None or plan.calibration is None:
         return {}
-    return {"moe": {k: getattr(plan.calibration, k) for k in ("moe_all_experts", "moe_min_tokens")}}
+    return {"moe": {k: getattr(plan.calibration, k) for k in ("moe_all_experts", "moe_min_tokens", "moe_prior")}}
 
 
 def has_experts(plan: Any) -> bool:
@@ -115,11 +119,29 @@ def capture_expert_inputs(layer: nn.Module, experts: str, num_experts: int, batc
     return captured, counts
 
 
-def _inputs(captured: Sequence[Batch], expert: int | None, device: torch.device) -> Iterator[torch.Tensor]:
-    """The captured inputs routed to ``expert`` (every input for ``None``), batch by batch, on ``device``."""
+#: The pooled Hessian of an expert's ``down_proj`` input (its own intermediate activations, which every
+#: expert computes differently) comes from about this many tokens per intermediate column, evenly spaced
+#: over the layer's tokens.
+PRIOR_SAMPLE = 16
+
+
+def _inputs(captured: Sequence[Batch], expert: int | None, device: torch.device,
+            sample: int | None = None) -> Iterator[torch.Tensor]:
+    """The captured inputs routed to ``expert`` (every input for ``None``; with ``sample``, about that many of
+    them, every ``stride``-th token), batch by batch, on ``device``."""
+    stride = 1
+    if expert is None and sample is not None:
+        total = sum(b.hidden.shape[0] for b in captured)
+        stride = max(1, total // max(1, sample))
     for b in captured:
         x = b.hidden if expert is None else b.hidden[(b.args[0] == expert).any(dim=-1)]
-        yield x.to(device)
+        yield x[::stride].to(device)
+
+
+def _mix(routed: torch.Tensor, pooled: torch.Tensor, weight: float) -> torch.Tensor:
+    """``weight * routed + (1 - weight) * pooled``, in ``routed``'s memory (per-token Hessians: the routed
+    tokens' share ``weight`` of tokens)."""
+    return routed.mul_(weight).add_(pooled, alpha=1.0 - weight)
 
 
 def _hessian(xs: Iterable[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
@@ -151,8 +173,9 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
         captured, counts = capture_expert_inputs(layer, layout.experts, num, step.inputs, device, replay)
     calibration = plan.calibration
     all_experts = bool(calibration is not None and calibration.moe_all_experts)
+    min_tokens = max(1, calibration.moe_min_tokens or 1) if calibration is not None else 1
+    prior = calibration.moe_prior if calibration is not None else 0.0
     hidden = experts.gate_up_proj.shape[2]
-    min_tokens = calibration.moe_min_tokens if calibration is not None and calibration.moe_min_tokens else hidden
     pooled: torch.Tensor | None = None
     quant: QuantExperts | None = None
     records: list[ModuleRecord] = []
@@ -161,29 +184,43 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
             progress.describe(f"{base}.{e}")
             tokens, source = int(counts[e]), None
             if captured is not None:
-                source = "all" if all_experts else "routed" if tokens >= min_tokens else "pooled"
-            which = e if source == "routed" else None  # the tokens expert e is calibrated on
+                source = ("all" if all_experts else "pooled" if tokens < min_tokens
+                          else "mixed" if prior > 0 else "routed")
+            weight = tokens / (tokens + prior * hidden) if source == "mixed" else None  # the routed tokens' share
             hessian = None
-            if source == "routed":
+            if source in ("routed", "mixed"):
                 hessian = _hessian(_inputs(captured, e, device), hidden, device)
-            elif source is not None:
-                if pooled is None:
-                    pooled = _hessian(_inputs(captured, None, device), hidden, device)
+            if source in ("pooled", "all", "mixed") and pooled is None:
+                pooled = _hessian(_inputs(captured, None, device), hidden, device)
+            if source == "mixed":
+                hessian = _mix(hessian, pooled, weight)
+            elif source in ("pooled", "all"):
                 hessian = pooled
             qws = {}
             start = time.perf_counter()
             qws["gate_up_proj"] = _solve(experts.gate_up_proj[e], hessian, recipes["gate_up_proj"], f"{base}.{e}.gate_up_proj",
-                                         release=source == "routed")
+                                         release=source in ("routed", "mixed"))
             del hessian
             inner = None
             if source is not None:
                 w = dequantize_packed(qws["gate_up_proj"].planes, qws["gate_up_proj"].coeffs, qws["gate_up_proj"].group_size)
-                acc = HessianAccumulator(w.shape[0] // 2, device=device)
-                for x in _inputs(captured, which, device):
-                    gate, up = torch.nn.functional.linear(x, w.to(device, x.dtype)).chunk(2, dim=-1)
-                    acc.add(experts.act_fn(gate) * up)
-                inner = acc.hessian
-                del w, acc
+                width = w.shape[0] // 2
+                w = w.to(device)
+
+                def act(x: torch.Tensor) -> torch.Tensor:
+                    gate, up = torch.nn.functional.linear(x, w.to(x.dtype)).chunk(2, dim=-1)
+                    return experts.act_fn(gate) * up
+
+                if source == "routed":
+                    inner = _hessian(map(act, _inputs(captured, e, device)), width, device)
+                elif source == "mixed":
+                    inner = _mix(_hessian(map(act, _inputs(captured, e, device)), width, device),
+                                 _hessian(map(act, _inputs(captured, None, device, sample=PRIOR_SAMPLE * width)), width, device),
+                                 tokens / (tokens + prior * width))
+                else:  # the expert on the layer's tokens: all of them ("all"), or evenly spaced ones ("pooled")
+                    sample = None if source == "all" else PRIOR_SAMPLE * width
+                    inner = _hessian(map(act, _inputs(captured, None, device, sample=sample)), width, device)
+                del w
             qws["down_proj"] = _solve(experts.down_proj[e], inner, recipes["down_proj"], f"{base}.{e}.down_proj", release=True)
             del inner
             if quant is None:

@@ -60,9 +60,9 @@ def test_every_expert_is_quantized_and_both_loaders_give_the_same_logits(tmp_pat
             assert isinstance(layer.mlp.shared_expert_gate, torch.nn.Linear), "the shared expert's gate stays dense"
     experts_records = [m for m in report.modules if m.calibration is not None]
     assert len(experts_records) == 2 * 8 * 2
-    assert {m.calibration["hessian"] for m in experts_records} <= {"routed", "pooled"}
-    for m in experts_records:  # fewer routed tokens than the hidden size (64): the pooled Hessian
-        assert (m.calibration["hessian"] == "pooled") == (m.calibration["tokens"] < 64), m
+    assert {m.calibration["hessian"] for m in experts_records} <= {"mixed", "pooled"}
+    for m in experts_records:  # routed tokens plus the pooled Hessian; no routed token: the pooled Hessian alone
+        assert (m.calibration["hessian"] == "pooled") == (m.calibration["tokens"] == 0), m
     x = ids()
     with torch.no_grad():
         expected = model(x).logits
@@ -106,7 +106,7 @@ def test_zero_routed_experts_use_the_pooled_hessian_and_all_experts_calibrates_e
         return logits, (top / top.sum(dim=-1, keepdim=True)).to(logits.dtype), index
 
     router.forward = never_6_or_7
-    report = bpdq.quantize(model, config(calibration={**TINY_CALIBRATION, "moe_min_tokens": 1}), tokenizer=tiny_tokenizer())
+    report = bpdq.quantize(model, config(calibration={**TINY_CALIBRATION, "moe_prior": 0}), tokenizer=tiny_tokenizer())
     by_name = {m.name: m.calibration for m in report.modules if m.calibration}
     assert by_name["model.layers.0.mlp.experts.7.gate_up_proj"] == {"tokens": 0, "hessian": "pooled"}
     assert by_name["model.layers.0.mlp.experts.6.down_proj"] == {"tokens": 0, "hessian": "pooled"}
@@ -116,14 +116,17 @@ def test_zero_routed_experts_use_the_pooled_hessian_and_all_experts_calibrates_e
     assert {m.calibration["hessian"] for m in report.modules if m.calibration} == {"all"}
 
 
-def test_one_expert_equals_quantize_weight_with_the_hessian_of_its_routed_tokens():
+@pytest.mark.parametrize("prior", [1.0, 0.0, 3.0])
+def test_one_expert_equals_quantize_weight_with_the_hessian_of_its_routed_tokens(prior):
     model = tiny_model("mixtral", layers=1)
     dense_gate_up = model.model.layers[0].mlp.experts.gate_up_proj.detach().clone()
     batches = torch.stack(calibration_windows(tiny_tokenizer(), TINY_CALIBRATION)).split(8)
     routed: dict[int, HessianAccumulator] = {e: HessianAccumulator(64) for e in range(8)}
+    pooled = HessianAccumulator(64)
 
     def grab(_module, args):
         x, index = args[0], args[1]
+        pooled.add(x)
         for e in range(8):
             routed[e].add(x[(index == e).any(dim=-1)])
 
@@ -134,9 +137,15 @@ def test_one_expert_equals_quantize_weight_with_the_hessian_of_its_routed_tokens
     handle.remove()
     expert = max(range(8), key=lambda e: routed[e].n)
     rules = [{"match": r".*self_attn\..*", "skip": True}]  # the experts then see the full-precision stream
-    bpdq.quantize(model, config(rules=rules), tokenizer=tiny_tokenizer())
-    expected = bpdq.quantize_weight(dense_gate_up[expert], routed[expert].hessian, grid=RECIPE["grid"],
+    calibration = {**TINY_CALIBRATION, "moe_prior": prior}
+    report = bpdq.quantize(model, config(rules=rules, calibration=calibration), tokenizer=tiny_tokenizer())
+    n = routed[expert].n
+    share = n / (n + prior * 64)  # the pooled Hessian weighs as prior x 64 (the hidden size) tokens
+    hessian = routed[expert].hessian.mul_(share).add_(pooled.hessian, alpha=1.0 - share) if prior else routed[expert].hessian
+    expected = bpdq.quantize_weight(dense_gate_up[expert], hessian, grid=RECIPE["grid"],
                                     solver=RECIPE["solver"], group_size=32)
+    record = next(m for m in report.modules if m.name == f"model.layers.0.mlp.experts.{expert}.gate_up_proj")
+    assert record.calibration == {"tokens": n, "hessian": "mixed" if prior else "routed"}
     got = model.model.layers[0].mlp.experts.quantized_weight("gate_up_proj", expert)
     assert routed[expert].n >= 64
     assert torch.equal(got.planes, expected.planes) and torch.equal(got.coeffs, expected.coeffs)
