@@ -325,6 +325,48 @@ def all_reduce_hessian(total: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
     return wide.to(device=total.device, dtype=total.dtype), int(count.item())
 
 
+def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:
+    """An int64 tensor summed over the ranks (a copy on every rank; ``counts`` itself in one process)."""
+    if not is_distributed():
+        return counts
+    agree()
+    wire = counts.to(device=_device(), dtype=torch.int64)
+    _dist().all_reduce(wire)
+    return wire.to(counts.device)
+
+
+def share_weight(qw: QuantizedWeight | None, owner: int) -> QuantizedWeight:
+    """The QuantizedWeight solved on ``owner`` (which passes it; the others pass ``None``) on every rank: its
+    metadata and statistics as JSON, then its packed planes and coefficients. A no-op in one process."""
+    if not is_distributed():
+        assert qw is not None
+        return qw
+    agree()
+    mine = rank() == owner
+    meta = None
+    if mine:
+        assert qw is not None
+        meta = json.dumps({"shape": list(qw.shape), "k": qw.k, "group_size": qw.group_size,
+                           "dtype": str(qw.dtype).removeprefix("torch."), "grid": qw.grid, "solver": qw.solver,
+                           "stats": qw.stats.to_dict()}).encode()
+    info = json.loads(_broadcast_bytes(meta, owner))
+    out, inp = info["shape"]
+    k, g = info["k"], info["group_size"]
+    dev = _device()
+    planes = qw.planes.contiguous().to(dev) if mine else torch.empty(k, out, inp // 8, dtype=torch.uint8, device=dev)
+    coeffs = (qw.coeffs.contiguous().to(dev) if mine
+              else torch.empty(inp // g, k + 1, out, dtype=torch.float16, device=dev))
+    _dist().broadcast(planes, owner)
+    _dist().broadcast(coeffs, owner)
+    if mine:
+        return qw
+    stats = info["stats"]
+    return QuantizedWeight(planes.cpu(), coeffs.cpu(), g, (out, inp), getattr(torch, info["dtype"]), info["grid"],
+                           info["solver"], SolveStats(proxy_loss=stats["proxy_loss"], relative_loss=stats["relative_loss"],
+                                                      time_s=stats["time_s"], best_iters=stats["best_iters"],
+                                                      extra=stats.get("extra", {})))
+
+
 def check_same(value: str, what: str) -> None:
     """Rank 0's ``value`` is the run's: every rank compares its own with it, and if any differs every rank
     raises ``ValueError`` naming ``what`` and both values. A no-op in one process."""

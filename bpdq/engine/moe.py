@@ -23,11 +23,13 @@ offloaded to disk beyond ``calibration.offload``, then read once per expert and 
 Hessians (two of each width while its routed and pooled parts are mixed) and its intermediate activations; the
 pooled ``gate_up`` Hessian is kept for the layer. Each
 expert's record in the report says how it was calibrated (:attr:`~bpdq.report.ModuleRecord.calibration`).
-Resume works at layer granularity (a layer's experts are saved together), and a distributed run is refused.
+Resume works at layer granularity (a layer's experts are saved together). Under ``torchrun`` the experts are
+shared out over the ranks, one per rank at a time (:func:`solve_experts`).
 """
 
 from __future__ import annotations
 
+import functools
 import time
 from typing import Any, Iterable, Iterator, Sequence
 
@@ -67,7 +69,7 @@ def has_experts(plan: Any) -> bool:
 
 def check(plan: Any, config: QuantizeConfig) -> None:
     """Refuse, before any work, what expert layers do not support: asymmetric calibration, tuning, target_bpw,
-    distributed runs, and a rule that skips one of the two fused projections but not the other."""
+    and a rule that skips one of the two fused projections but not the other."""
     if not has_experts(plan):
         return
     layout = plan.adapter.experts
@@ -77,9 +79,6 @@ def check(plan: Any, config: QuantizeConfig) -> None:
     if options:
         raise ValueError(f"{', '.join(options)} {'is' if len(options) == 1 else 'are'} not supported on a mixture of "
                          f"experts ({plan.adapter.architecture}) yet: turn {'it' if len(options) == 1 else 'them'} off")
-    if distributed.is_distributed():
-        raise ValueError(f"a mixture of experts ({plan.adapter.architecture}) is quantized in one process only, not "
-                         f"in a distributed run of {distributed.world_size()} processes")
     for i, layer in enumerate(plan.layers):
         for group in plan.layer_plan(layer, plan.prefix(i)):
             if is_experts_group(plan, group):
@@ -126,16 +125,28 @@ PRIOR_SAMPLE = 16
 
 
 def _inputs(captured: Sequence[Batch], expert: int | None, device: torch.device,
-            sample: int | None = None) -> Iterator[torch.Tensor]:
-    """The captured inputs routed to ``expert`` (every input for ``None``; with ``sample``, about that many of
-    them, every ``stride``-th token), batch by batch, on ``device``."""
-    stride = 1
-    if expert is None and sample is not None:
-        total = sum(b.hidden.shape[0] for b in captured)
-        stride = max(1, total // max(1, sample))
+            stride: int = 1) -> Iterator[torch.Tensor]:
+    """The captured inputs routed to ``expert`` (every input for ``None``, or every ``stride``-th token of
+    each batch), batch by batch, on ``device``."""
     for b in captured:
-        x = b.hidden if expert is None else b.hidden[(b.args[0] == expert).any(dim=-1)]
-        yield x[::stride].to(device)
+        x = b.hidden[::stride] if expert is None else b.hidden[(b.args[0] == expert).any(dim=-1)]
+        yield x.to(device)
+
+
+def _hessian(xs: Iterable[torch.Tensor], width: int, device: torch.device, owners: set[int] | None = None,
+             *, reduce: bool = True) -> Any:
+    """The Hessian of ``xs``: with ``reduce``, summed over the ranks onto ``owners`` (all in one process) and
+    returned as a matrix (``None`` on other ranks); without, the rank's own accumulator."""
+    acc = HessianAccumulator(width, device=device).start()
+    for x in xs:
+        acc.add(x)
+    if not reduce:
+        return acc
+    if distributed.is_distributed():
+        distributed.reduce_hessians([acc], [owners if owners is not None else set(range(distributed.world_size()))])
+        if owners is not None and distributed.rank() not in owners:
+            return None
+    return acc.hessian
 
 
 def _mix(routed: torch.Tensor, pooled: torch.Tensor, weight: float) -> torch.Tensor:
@@ -144,17 +155,15 @@ def _mix(routed: torch.Tensor, pooled: torch.Tensor, weight: float) -> torch.Ten
     return routed.mul_(weight).add_(pooled, alpha=1.0 - weight)
 
 
-def _hessian(xs: Iterable[torch.Tensor], width: int, device: torch.device) -> torch.Tensor:
-    acc = HessianAccumulator(width, device=device)
-    for x in xs:
-        acc.add(x)
-    return acc.hessian
-
-
 def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, progress: Any,
                   replay: Replay | None) -> list[ModuleRecord]:
     """Quantize the layer's experts group (see the module docstring); the experts module becomes a
-    :class:`QuantExperts`. Returns one record per expert and projection."""
+    :class:`QuantExperts`. Returns one record per expert and projection.
+
+    In a distributed run each rank captures its own batches' expert inputs; the experts are solved in rounds
+    of one expert per rank: each Hessian is reduced onto the expert's rank, which solves it, and the
+    quantized ``gate_up_proj`` (needed by every rank for ``down_proj``'s inputs) and ``down_proj`` go to
+    every rank. The sums are float64 as in one process, so the result is the same bytes."""
     layout = plan.adapter.experts
     layer, prefix, device = step.layer, step.prefix, step.device
     experts = layout.module(layer)
@@ -167,75 +176,98 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
         return [ModuleRecord(f"{base}.{name}", skipped=True, n_params=getattr(experts, name).numel()) for name in PROJECTIONS]
     _check_recipes(base, group)
     uses_hessian = any(build_solver(dict(r.solver)).requires_hessian for r in recipes.values())
-    captured, counts = None, torch.zeros(num, dtype=torch.int64)
+    captured, counts, total = None, torch.zeros(num, dtype=torch.int64), 0
     if uses_hessian:
         progress.describe(f"{prefix}: calibrating {layout.experts}")
         captured, counts = capture_expert_inputs(layer, layout.experts, num, step.inputs, device, replay)
+        local = torch.cat([counts, torch.tensor([sum(b.hidden.shape[0] for b in captured)], dtype=torch.int64)])
+        both = distributed.all_reduce_counts(local)
+        counts, total = both[:-1], int(both[-1])
     calibration = plan.calibration
     all_experts = bool(calibration is not None and calibration.moe_all_experts)
     min_tokens = max(1, calibration.moe_min_tokens or 1) if calibration is not None else 1
     prior = calibration.moe_prior if calibration is not None else 0.0
-    hidden = experts.gate_up_proj.shape[2]
+    hidden, width = experts.gate_up_proj.shape[2], experts.down_proj.shape[2]
+    stride = max(1, total // (PRIOR_SAMPLE * width))  # down's pooled part: every stride-th token of each batch
+    sources = [None if captured is None else "all" if all_experts else "pooled" if int(counts[e]) < min_tokens
+               else "mixed" if prior > 0 else "routed" for e in range(num)]
+    ranks = distributed.world_size()
+    me = distributed.rank()
+    everyone = set(range(ranks))
     pooled: torch.Tensor | None = None
+    if any(src in ("pooled", "all", "mixed") for src in sources):  # every rank that owns an expert may need it
+        pooled = _hessian(_inputs(captured, None, device), hidden, device, everyone)
     quant: QuantExperts | None = None
     records: list[ModuleRecord] = []
     try:
-        for e in range(num):
-            progress.describe(f"{base}.{e}")
-            tokens, source = int(counts[e]), None
-            if captured is not None:
-                source = ("all" if all_experts else "pooled" if tokens < min_tokens
-                          else "mixed" if prior > 0 else "routed")
-            weight = tokens / (tokens + prior * hidden) if source == "mixed" else None  # the routed tokens' share
-            hessian = None
-            if source in ("routed", "mixed"):
-                hessian = _hessian(_inputs(captured, e, device), hidden, device)
-            if source in ("pooled", "all", "mixed") and pooled is None:
-                pooled = _hessian(_inputs(captured, None, device), hidden, device)
-            if source == "mixed":
-                hessian = _mix(hessian, pooled, weight)
-            elif source in ("pooled", "all"):
-                hessian = pooled
-            qws = {}
+        for first in range(0, num, ranks):
+            mine = list(range(first, min(first + ranks, num)))  # expert first + r is solved on rank r
+            owner = {e: e - first for e in mine}
             start = time.perf_counter()
-            qws["gate_up_proj"] = _solve(experts.gate_up_proj[e], hessian, recipes["gate_up_proj"], f"{base}.{e}.gate_up_proj",
-                                         release=source in ("routed", "mixed"))
-            del hessian
-            inner = None
-            if source is not None:
-                w = dequantize_packed(qws["gate_up_proj"].planes, qws["gate_up_proj"].coeffs, qws["gate_up_proj"].group_size)
-                width = w.shape[0] // 2
-                w = w.to(device)
-
-                def act(x: torch.Tensor) -> torch.Tensor:
-                    gate, up = torch.nn.functional.linear(x, w.to(x.dtype)).chunk(2, dim=-1)
-                    return experts.act_fn(gate) * up
-
-                if source == "routed":
-                    inner = _hessian(map(act, _inputs(captured, e, device)), width, device)
-                elif source == "mixed":
-                    inner = _mix(_hessian(map(act, _inputs(captured, e, device)), width, device),
-                                 _hessian(map(act, _inputs(captured, None, device, sample=PRIOR_SAMPLE * width)), width, device),
-                                 tokens / (tokens + prior * width))
-                else:  # the expert on the layer's tokens: all of them ("all"), or evenly spaced ones ("pooled")
-                    sample = None if source == "all" else PRIOR_SAMPLE * width
-                    inner = _hessian(map(act, _inputs(captured, None, device, sample=sample)), width, device)
+            progress.describe(f"{base}.{mine[0]}" if len(mine) == 1 else f"{base}.{mine[0]}-{mine[-1]}")
+            # gate_up: the routed tokens' Hessian of each expert of the round onto its rank, mixed there
+            routed = {e: _hessian(_inputs(captured, e, device), hidden, device, {owner[e]}, reduce=False)
+                      for e in mine if sources[e] in ("routed", "mixed")}
+            _reduce(routed, owner)
+            gate_up = {}
+            for e in mine:
+                if owner[e] != me:
+                    continue
+                hessian = routed.pop(e).hessian if e in routed else None
+                if sources[e] == "mixed":
+                    hessian = _mix(hessian, pooled, int(counts[e]) / (int(counts[e]) + prior * hidden))
+                elif sources[e] in ("pooled", "all"):
+                    hessian = pooled
+                gate_up[e] = _solve(experts.gate_up_proj[e], hessian, recipes["gate_up_proj"],
+                                    f"{base}.{e}.gate_up_proj", release=sources[e] in ("routed", "mixed"))
+                del hessian
+            routed.clear()
+            gate_up = {e: distributed.share_weight(gate_up.get(e), owner[e]) for e in mine}
+            # down: its input is the expert's own act(gate) * up, from its quantized gate_up
+            accs: dict[tuple[int, str], HessianAccumulator] = {}
+            for e in mine:
+                if sources[e] is None:
+                    continue
+                qw = gate_up[e]
+                w = dequantize_packed(qw.planes, qw.coeffs, qw.group_size).to(device)
+                act = functools.partial(_expert_inner, w, experts.act_fn)
+                if sources[e] in ("routed", "mixed"):
+                    accs[(e, "routed")] = _hessian(map(act, _inputs(captured, e, device)), width, device, reduce=False)
+                if sources[e] in ("pooled", "all", "mixed"):
+                    every = 1 if sources[e] == "all" else stride
+                    accs[(e, "pooled")] = _hessian(map(act, _inputs(captured, None, device, every)), width, device,
+                                                   reduce=False)
                 del w
-            qws["down_proj"] = _solve(experts.down_proj[e], inner, recipes["down_proj"], f"{base}.{e}.down_proj", release=True)
-            del inner
-            if quant is None:
-                quant = QuantExperts.like(experts, {n: {"planes": q.k, "group_size": q.group_size} for n, q in qws.items()},
-                                          kernel=recipes["gate_up_proj"].kernel)
-            for name, qw in qws.items():
-                quant.set_expert(name, e, qw)
-                records.append(ModuleRecord(
-                    name=f"{base}.{e}.{name}", skipped=False, n_params=qw.shape[0] * qw.shape[1],
-                    recipe=recipes[name].model_dump(mode="json"), bits_per_weight=qw.bits_per_weight,
-                    proxy_loss=qw.stats.proxy_loss, relative_loss=qw.stats.relative_loss, time_s=qw.stats.time_s,
-                    calibration={"tokens": tokens, "hessian": source} if source is not None else None,
-                ))
-            del qws
-            progress.describe(f"{base}.{e} ({time.perf_counter() - start:.1f}s)")
+            _reduce(accs, {key: owner[key[0]] for key in accs})
+            down = {}
+            for e in mine:
+                if owner[e] != me:
+                    continue
+                inner = None
+                if sources[e] == "mixed":
+                    inner = _mix(accs.pop((e, "routed")).hessian, accs.pop((e, "pooled")).hessian,
+                                 int(counts[e]) / (int(counts[e]) + prior * width))
+                elif sources[e] is not None:
+                    inner = accs.pop((e, "routed") if sources[e] == "routed" else (e, "pooled")).hessian
+                down[e] = _solve(experts.down_proj[e], inner, recipes["down_proj"], f"{base}.{e}.down_proj", release=True)
+                del inner
+            accs.clear()
+            down = {e: distributed.share_weight(down.get(e), owner[e]) for e in mine}
+            for e in mine:
+                qws = {"gate_up_proj": gate_up[e], "down_proj": down[e]}
+                if quant is None:
+                    quant = QuantExperts.like(experts, {n: {"planes": q.k, "group_size": q.group_size}
+                                                        for n, q in qws.items()}, kernel=recipes["gate_up_proj"].kernel)
+                for name, qw in qws.items():
+                    quant.set_expert(name, e, qw)
+                    records.append(ModuleRecord(
+                        name=f"{base}.{e}.{name}", skipped=False, n_params=qw.shape[0] * qw.shape[1],
+                        recipe=recipes[name].model_dump(mode="json"), bits_per_weight=qw.bits_per_weight,
+                        proxy_loss=qw.stats.proxy_loss, relative_loss=qw.stats.relative_loss, time_s=qw.stats.time_s,
+                        calibration={"tokens": int(counts[e]), "hessian": sources[e]} if sources[e] is not None else None,
+                    ))
+            del gate_up, down
+            progress.describe(f"{base}.{mine[-1]} ({time.perf_counter() - start:.1f}s)")
     finally:
         close(captured)
     assert quant is not None
@@ -243,6 +275,24 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
     for _ in PROJECTIONS:
         progress.advance()
     return records
+
+
+def _expert_inner(w: torch.Tensor, act_fn: Any, x: torch.Tensor) -> torch.Tensor:
+    """An expert's ``down_proj`` input, ``act(gate) * up``, from its (dequantized) ``gate_up`` weight ``w``."""
+    gate, up = torch.nn.functional.linear(x, w.to(x.dtype)).chunk(2, dim=-1)
+    return act_fn(gate) * up
+
+
+def _reduce(accs: dict[Any, HessianAccumulator], owner: dict[Any, int]) -> None:
+    """Each accumulator summed over the ranks onto its owner rank (one exchange for all of them); the other
+    ranks drop theirs. A no-op in one process."""
+    if not distributed.is_distributed():
+        return
+    keys = list(accs)
+    distributed.reduce_hessians([accs[k] for k in keys], [{owner[k]} for k in keys])
+    for k in keys:
+        if owner[k] != distributed.rank():
+            del accs[k]
 
 
 def _check_recipes(base: str, group: dict[str, Recipe | None]) -> None:

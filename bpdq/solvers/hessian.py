@@ -64,6 +64,14 @@ class HessianAccumulator:
                 block.add_(x2[:, r0:r1].T @ x2[:, r0:])
         self.n += x2.shape[0]
 
+    def start(self) -> "HessianAccumulator":
+        """Allocate the zero sums now (on ``device``, the CPU when ``None``), so that an accumulator that
+        receives no input still takes part in a reduction over the ranks. Returns the accumulator."""
+        if self._blocks is None:
+            n = self.in_features
+            self._blocks = [torch.zeros(r1 - r0, n - r0, dtype=torch.float64, device=self.device) for r0, r1 in self._ranges]
+        return self
+
     def reduce(self, reduce_block: Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]) -> None:
         """Combine this accumulator with others of the same shape, e.g. over the ranks of a distributed run:
         ``reduce_block(block, n)`` is called on each float64 block of the sum, in order, with the number of

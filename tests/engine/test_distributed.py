@@ -295,3 +295,26 @@ def test_asymmetric_calibration_in_two_ranks_matches_one_process(setup):
     one, two = (tmp / "asym-one" / "model.safetensors").read_bytes(), (tmp / "asym-two" / "model.safetensors").read_bytes()
     symmetric = (tmp / "one" / "model.safetensors").read_bytes()
     assert two == one and one != symmetric
+
+
+def test_a_mixture_of_experts_over_three_ranks_matches_one_process(tmp_path):
+    """Experts shared out one per rank per round (8 experts over 3 ranks: rounds of 3, 3 and 2), each Hessian
+    reduced onto its expert's rank, each quantized projection sent to every rank: the single-process bytes,
+    with the default mixed Hessians and an expert calibrated on the pooled Hessian alone."""
+    src = tiny_model_dir(tmp_path / "src", "qwen3_moe", layers=2)
+    strategy = {"model": str(src), "device": "cpu", "max_shard_size": "40KB",
+                "calibration": {"text": "builtin:python-docs", "samples": 24, "seq_len": 32, "seed": 0,
+                                "moe_min_tokens": 192},  # the mean number of routed tokens
+                "quantize": {"group_size": 32, "grid": {"type": "bitplane", "planes": 2}, "solver": {"type": "gptq"}}}
+    cfg = tmp_path / "moe.yaml"
+    cfg.write_text(yaml.safe_dump(strategy))
+    report = bpdq.quantize_model(src, recipe=strategy["quantize"], calibration=strategy["calibration"],
+                                 progress=False, output=tmp_path / "one", max_shard_size="40KB")
+    sources = {m.calibration["hessian"] for m in report.modules if m.calibration}
+    assert sources == {"mixed", "pooled"}, sources  # both kinds of expert, so both paths are compared
+    procs = ranks(3, "quantize", str(cfg), "-o", str(tmp_path / "three"))
+    assert [p.returncode for p in procs] == [0, 0, 0], [p.stderr for p in procs]
+    files = sorted(p.name for p in (tmp_path / "one").iterdir() if p.suffix == ".safetensors")
+    assert len(files) > 1
+    for name in files:
+        assert (tmp_path / "three" / name).read_bytes() == (tmp_path / "one" / name).read_bytes(), name
