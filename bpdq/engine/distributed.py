@@ -37,7 +37,9 @@ The run is the same loop on every rank (:mod:`bpdq.engine.loop`), with these dif
   The collectives still carry a timeout (:data:`TIMEOUT`, set when the CLI creates the group) for a rank
   that dies without a word (SIGKILL, a lost node).
 
-Asymmetric calibration runs as the rest: each rank carries its share of the full-precision stream, and the
+A mixture of experts' experts are solved in rounds of one expert per rank, each Hessian reduced onto its
+expert's rank and each quantized projection sent to every rank (:func:`share_weight`; see
+:func:`bpdq.engine.moe.solve_experts`). Asymmetric calibration runs as the rest: each rank carries its share of the full-precision stream, and the
 cross moments are reduced with the Hessians (:meth:`~bpdq.solvers.asymmetric.AsymmetricAccumulator.reduce`).
 Not supported with several processes (refused with a ``ValueError`` before any work): the quality stages
 ``tuning`` and ``target_bpw``.
