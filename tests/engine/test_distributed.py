@@ -300,7 +300,8 @@ def test_asymmetric_calibration_in_two_ranks_matches_one_process(setup):
 def test_a_mixture_of_experts_over_three_ranks_matches_one_process(tmp_path):
     """Experts shared out one per rank per round (8 experts over 3 ranks: rounds of 3, 3 and 2), each Hessian
     reduced onto its expert's rank, each quantized projection sent to every rank: the single-process bytes,
-    with the default mixed Hessians and an expert calibrated on the pooled Hessian alone."""
+    with the default mixed Hessians and experts calibrated on the pooled Hessian alone, after a stop in the
+    first layer and a resume."""
     src = tiny_model_dir(tmp_path / "src", "qwen3_moe", layers=2)
     strategy = {"model": str(src), "device": "cpu", "max_shard_size": "40KB",
                 "calibration": {"text": "builtin:python-docs", "samples": 24, "seq_len": 32, "seed": 0,
@@ -312,8 +313,13 @@ def test_a_mixture_of_experts_over_three_ranks_matches_one_process(tmp_path):
                                  progress=False, output=tmp_path / "one", max_shard_size="40KB")
     sources = {m.calibration["hessian"] for m in report.modules if m.calibration}
     assert sources == {"mixed", "pooled"}, sources  # both kinds of expert, so both paths are compared
-    procs = ranks(3, "quantize", str(cfg), "-o", str(tmp_path / "three"))
+    (tmp_path / "stop.py").write_text(STOP_PLUGIN)
+    args = ["quantize", str(cfg), "-o", str(tmp_path / "three"), "--plugin", str(tmp_path / "stop.py")]
+    first = ranks(3, *args, env={"BPDQ_TEST_STOP": "1"})  # rank 1 asks for a stop in the first layer
+    assert [p.returncode for p in first] == [130, 130, 130], [p.stderr for p in first]
+    procs = ranks(3, *args)  # resumed at the second layer
     assert [p.returncode for p in procs] == [0, 0, 0], [p.stderr for p in procs]
+    assert "resum" in procs[0].stderr.lower(), procs[0].stderr
     files = sorted(p.name for p in (tmp_path / "one").iterdir() if p.suffix == ".safetensors")
     assert len(files) > 1
     for name in files:
