@@ -16,7 +16,8 @@ thread counts the float32 matrix products round differently, in one process as i
 ``--synthetic``: the scaling check instead: a random bfloat16 Llama with hidden 1024 (intermediate 2816, 16/8
 heads) and two decoder layers, GPTQ over the 2-bit uniform grid, g = 64, 64 windows of 512 tokens, one
 thread per process (``--threads 1``), one process against ``torchrun --nproc_per_node=2``: the speed-up
-(target >= 1.7) with byte-identical checkpoints. With ``--tiny`` it shrinks to a smoke run.
+(target >= 1.7) with byte-identical checkpoints. With ``--tiny`` it shrinks to a smoke run. ``--asymmetric false``
+turns the library's default asymmetric calibration off.
 """
 
 from __future__ import annotations
@@ -107,6 +108,8 @@ def main() -> None:
                         help="threads per rank for every process count (default: cpu_count // N)")
     parser.add_argument("--tiny", action="store_true", help="smoke run: a tiny random Llama, 16 windows of 32 tokens")
     parser.add_argument("--workdir", default=None, help="where the model and checkpoints go (default: a temp dir)")
+    parser.add_argument("--asymmetric", choices=["auto", "false"], default="auto",
+                        help="calibration.asymmetric (auto, the library default: on for these recipes; false: off)")
     parser.add_argument("--synthetic", action="store_true",
                         help="the scaling check: hidden-1024 two-layer bf16 Llama, GPTQ 2-bit, 64 x 512 tokens, 1 thread per process")
     args = parser.parse_args()
@@ -134,7 +137,8 @@ def main() -> None:
     config = work / "strategy.json"
     config.write_text(json.dumps({
         "model": str(model_dir),
-        "calibration": {"text": "builtin:python-docs", "samples": samples, "seq_len": seq_len, "seed": 0},
+        "calibration": {"text": "builtin:python-docs", "samples": samples, "seq_len": seq_len, "seed": 0,
+                        "asymmetric": args.asymmetric == "auto" and "auto"},
         "quantize": quantize,
         "device": "cpu",
     }))
@@ -149,7 +153,8 @@ def main() -> None:
         same = "yes" if weights and weights == reference[1] else "no"
         rows.append(f"| {n} | {r['seconds']:.1f} | {reference[0] / r['seconds']:.2f} | "
                     f"{', '.join(f'{p / 1e9:.2f}' for p in r['peak_rss'])} | {same} |")
-    print(f"{title}, {samples} windows x {seq_len} tokens, {args.threads or 'cpu_count // N'} thread(s) per process")
+    print(f"{title}, {samples} windows x {seq_len} tokens, asymmetric calibration {args.asymmetric}, "
+          f"{args.threads or 'cpu_count // N'} thread(s) per process")
     print("| processes | seconds | speed-up | peak RSS per rank (GB) | same bytes as 1 process |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))

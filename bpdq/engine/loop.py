@@ -142,6 +142,10 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
             owner = distributed.owners({rel: layer.get_submodule(rel).weight.numel() for rel in todo})
             solvers = {rel: set(range(distributed.world_size())) if rel in split else {owner[rel]} for rel in todo}
             hessians: dict[str, torch.Tensor | None] = dict.fromkeys(todo)
+            if distributed.is_distributed():
+                step.rows = {rel: distributed.row_share(layer.get_submodule(rel).out_features) if rel in split
+                             else (0, layer.get_submodule(rel).out_features) if distributed.rank() in solvers[rel]
+                             else None for rel in todo}
             if step.inputs is not None:
                 progress.describe(f"{prefix}: calibrating {', '.join(todo)}")
                 found = provider.hessians(step, todo) if provider is not None else None
@@ -159,6 +163,7 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
                 step.records.append(solved[rel] if rel in split else distributed.share_linear(layer, rel, solved.get(rel), owner[rel]))
                 progress.advance()
             del hessians
+            step.rows = {}
             return_freed_memory()  # the group's Hessians and solver copies, before the next group's
         done.update(group)
         if replay is not None:

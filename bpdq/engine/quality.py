@@ -49,7 +49,7 @@ from bpdq.engine.replay import Replay
 from bpdq.engine.stages import LayerStep, Stage
 from bpdq.linear import QuantLinear
 from bpdq.report import RunReport
-from bpdq.solvers.asymmetric import AsymmetricAccumulator, corrected_targets
+from bpdq.solvers.asymmetric import AsymmetricAccumulator, aligned_rows, corrected_targets
 from bpdq.tuning import TuningOptions, tune_layer
 
 ASYMMETRIC_DAMP = 0.01  # damping of W~'s solve, relative to mean(diag H_q) (as GPTQ's default)
@@ -126,15 +126,27 @@ def accumulate_asymmetric(
 
 def asymmetric_targets_of(
     layer: nn.Module, names: Sequence[str], accs: dict[str, AsymmetricAccumulator], alias: dict[str, str],
-    damp: float = ASYMMETRIC_DAMP,
-) -> dict[str, torch.Tensor]:
+    damp: float = ASYMMETRIC_DAMP, rows: dict[str, tuple[int, int] | None] | None = None,
+) -> dict[str, torch.Tensor | None]:
     """The second half of :func:`asymmetric_hessians`: each linear's weight replaced by its target, and
-    ``H_q`` of each (``accs`` are spent, one at a time)."""
-    hessians: dict[str, torch.Tensor] = {}
+    ``H_q`` of each (``accs`` are spent, one at a time). ``rows`` (a distributed run's
+    :attr:`~bpdq.engine.stages.LayerStep.rows`): only the rows this rank solves get their target (whole
+    blocks of them, computed as in one process), and a linear it does not solve gets neither (``None``)."""
+    hessians: dict[str, torch.Tensor | None] = {}
     for root in list(accs):  # H_q factorised once for the linears that share it
         acc = accs.pop(root)
         members = [n for n in names if alias.get(n, n) == root]
-        weights = [layer.get_submodule(n).weight.detach() for n in members]
+        spans: dict[str, tuple[int, int]] = {}
+        for n in members:
+            out, inp = layer.get_submodule(n).weight.shape
+            share = rows.get(n, (0, out)) if rows else (0, out)
+            if share is not None:
+                spans[n] = aligned_rows(share[0], share[1], out, inp)
+        mine = [n for n in members if n in spans]
+        if not mine:  # another rank solves these linears
+            del acc
+            continue
+        weights = [layer.get_submodule(n).weight.detach()[slice(*spans[n])] for n in mine]
         dev = weights[0].device
         identical = acc.identical
         if identical:  # x_fp == x_q in every batch: W~ = W exactly
@@ -143,7 +155,7 @@ def asymmetric_targets_of(
             corrections = acc.corrections(weights)
             H_q = acc.hessian
         else:  # P - W H_q in P's storage, from the float64 sum: P is freed before H_q is made
-            corrections = acc.corrections(weights)
+            corrections = acc.corrections(weights, rows=spans[mine[0]])
             H_q = acc.hessian
         del acc  # the float64 sums, before the factorisation
         if not identical:
@@ -153,9 +165,9 @@ def asymmetric_targets_of(
                 for weight, target in zip(weights, targets):
                     weight.copy_(target)
             del targets
-        for n in members:
+        for n in mine:
             hessians[n] = H_q
-    return {n: hessians[n] for n in names}
+    return {n: hessians.get(n) for n in names}
 
 
 def _projectable(linear: nn.Module) -> bool:
@@ -231,7 +243,7 @@ class AsymmetricCalibration(Stage):
             if step.fp_replay is not None:
                 step.fp_replay.close()
             step.fp_layer = step.fp_replay = None
-        return asymmetric_targets_of(step.layer, names, accs, alias)
+        return asymmetric_targets_of(step.layer, names, accs, alias, rows=step.rows)
 
     def finish(self, report: RunReport) -> None:
         report.asymmetric = {"damp": ASYMMETRIC_DAMP}

@@ -50,7 +50,8 @@ class LayerStep:
     the full-precision stream (``None`` unless a stage reads it). ``outputs`` are filled in by the loop and
     become the next layer's ``inputs``; ``fp_outputs`` (filled in by a stage, from ``fp_layer``, a
     full-precision copy of the layer, dropped once they exist) the next ``fp_inputs``. ``replay`` records and replays the layer's
-    finished sub-blocks (``blocks``: those it may replay, the adapter's ``replay``).
+    finished sub-blocks (``blocks``: those it may replay, the adapter's ``replay``). A stage that computes
+    Hessians and changes weights may skip the rows ``rows`` says another rank solves.
     """
 
     index: int
@@ -67,6 +68,9 @@ class LayerStep:
     replay: Replay | None = None
     fp_replay: Replay | None = None  # ``fp_layer``'s, when a stage replays its finished sub-blocks
     blocks: tuple[str, ...] = ()
+    #: While a group's Hessians are computed: the rows ``(r0, r1)`` of each of its linears this rank solves
+    #: (``None``: none, another rank solves it). Empty outside a distributed run: every row of every linear.
+    rows: dict[str, tuple[int, int] | None] = field(default_factory=dict)
 
 
 @dataclass

@@ -140,12 +140,12 @@ class AsymmetricAccumulator:
             M.add_(self.hessian.to(torch.float64))
         return M.to(self._hq.dtype)
 
-    def corrections(self, weights: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    def corrections(self, weights: Sequence[torch.Tensor], rows: tuple[int, int] | None = None) -> list[torch.Tensor]:
         """``W D`` of each of ``weights`` (linears that read these inputs), ``[out, in]`` in the accumulator's
         dtype, for :func:`corrected_targets`; with ``out_features`` (one weight), ``P - W H_q``, computed in
-        ``P``'s float64 storage from the Hessian's float64 sum (no ``[in, in]`` matrix made). The moment is
-        released; the Hessian stays. All zero when every batch had ``x_fp == x_q``
-        (without ``out_features``)."""
+        ``P``'s float64 storage from the Hessian's float64 sum (no ``[in, in]`` matrix made); ``rows``: the
+        weight is those rows ``[r0, r1)`` of the linear's (``P``'s rows). The moment is released; the Hessian
+        stays. All zero when every batch had ``x_fp == x_q`` (without ``out_features``)."""
         if self._moment is None:
             raise ValueError("no calibration inputs were accumulated; the cross-covariance is undefined")
         moment, self._moment = self._moment, None
@@ -155,6 +155,8 @@ class AsymmetricAccumulator:
         elif len(weights) != 1:
             raise ValueError("a projected accumulator corrects one weight")
         else:
+            if rows is not None:
+                moment = moment[rows[0]:rows[1]]
             moment.mul_(scale)
             self._hq.subtract_product_(moment, weights[0])
             out = [moment.to(dtype)]
@@ -162,6 +164,13 @@ class AsymmetricAccumulator:
         if not all(bool(torch.isfinite(M).all()) for M in out):  # a non-finite moment gives non-finite products
             raise ValueError("the accumulated cross-covariance contains NaN or Inf values (non-finite inputs?)")
         return out
+
+
+def aligned_rows(r0: int, r1: int, rows: int, width: int) -> tuple[int, int]:
+    """The smallest run of whole :func:`_row_ranges` blocks of a ``[rows, width]`` matrix that covers rows
+    ``[r0, r1)``: its products, block by block, are those of the whole matrix's blocks, bit for bit."""
+    step = _row_ranges(rows, width)[0][1] if rows else 1
+    return r0 // step * step, min(rows, -(-r1 // step) * step)
 
 
 def _row_ranges(rows: int, width: int, elements: int = 1 << 22) -> list[tuple[int, int]]:

@@ -207,3 +207,44 @@ def test_the_projected_correction_is_read_from_the_hessian_sum_without_an_in_by_
     torch.testing.assert_close(M, P - W @ H_q, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="undefined"):
         acc.corrections([W])  # the moment is spent
+
+
+def test_aligned_rows_are_whole_blocks_covering_the_share():
+    from bpdq.solvers.asymmetric import _row_ranges, aligned_rows
+
+    rows, width = 5000, 20000
+    starts = {r0 for r0, _ in _row_ranges(rows, width)} | {rows}
+    for r0, r1 in ((0, 2500), (2500, 5000), (1, 2), (209, 418), (4999, 5000)):
+        lo, hi = aligned_rows(r0, r1, rows, width)
+        assert lo <= r0 and hi >= r1 and lo in starts and hi in starts, (r0, r1, lo, hi)
+    assert aligned_rows(2500, 5000, rows, width) == (2299, 5000)  # blocks of 4194304 // 20000 = 209 rows
+
+
+def test_targets_only_for_the_rows_a_rank_solves():
+    from torch import nn
+
+    from bpdq.engine.quality import asymmetric_targets_of
+    from bpdq.solvers.asymmetric import AsymmetricAccumulator
+
+    torch.manual_seed(0)
+    x_q = torch.randn(256, 64)
+    x_fp = x_q + 0.1 * torch.randn(256, 64)
+
+    def run(rows):
+        layer = nn.ModuleDict({"a": nn.Linear(64, 48, bias=False), "b": nn.Linear(64, 32, bias=False)})
+        torch.manual_seed(1)
+        for m in layer.values():
+            nn.init.normal_(m.weight)
+        before = {n: m.weight.detach().clone() for n, m in layer.items()}
+        acc = AsymmetricAccumulator(64)
+        acc.add(x_q, x_fp)
+        hessians = asymmetric_targets_of(layer, ["a", "b"], {"a": acc}, {"b": "a"}, rows=rows)
+        return hessians, {n: m.weight.detach() for n, m in layer.items()}, before
+
+    h_all, w_all, before = run(None)
+    h_part, w_part, _ = run({"a": (0, 48), "b": None})  # this rank solves a, another rank b
+    assert h_part["b"] is None and torch.equal(h_part["a"], h_all["a"])
+    assert torch.equal(w_part["a"], w_all["a"]) and not torch.equal(w_all["a"], before["a"])
+    assert torch.equal(w_part["b"], before["b"])  # not this rank's: left as it was
+    h_none, w_none, _ = run({"a": None, "b": None})
+    assert h_none == {"a": None, "b": None} and torch.equal(w_none["a"], before["a"])
