@@ -201,31 +201,31 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
     records: list[ModuleRecord] = []
     try:
         for first in range(0, num, ranks):
-            mine = list(range(first, min(first + ranks, num)))  # expert first + r is solved on rank r
-            owner = {e: e - first for e in mine}
+            round_experts = list(range(first, min(first + ranks, num)))  # expert first + r is solved on rank r
+            owner = {e: e - first for e in round_experts}
             start = time.perf_counter()
-            progress.describe(f"{base}.{mine[0]}" if len(mine) == 1 else f"{base}.{mine[0]}-{mine[-1]}")
+            progress.describe(f"{base}.{round_experts[0]}" if len(round_experts) == 1 else f"{base}.{round_experts[0]}-{round_experts[-1]}")
             # gate_up: the routed tokens' Hessian of each expert of the round onto its rank, mixed there
-            routed = {e: _hessian(_inputs(captured, e, device), hidden, device, {owner[e]}, reduce=False)
-                      for e in mine if sources[e] in ("routed", "mixed")}
+            routed = {e: _hessian(_inputs(captured, e, device), hidden, device, reduce=False)
+                      for e in round_experts if sources[e] in ("routed", "mixed")}
             _reduce(routed, owner)
             gate_up = {}
-            for e in mine:
+            for e in round_experts:
                 if owner[e] != me:
                     continue
                 hessian = routed.pop(e).hessian if e in routed else None
                 if sources[e] == "mixed":
-                    hessian = _mix(hessian, pooled, int(counts[e]) / (int(counts[e]) + prior * hidden))
+                    hessian = _mix(hessian, pooled, _routed_share(int(counts[e]), prior, hidden))
                 elif sources[e] in ("pooled", "all"):
                     hessian = pooled
                 gate_up[e] = _solve(experts.gate_up_proj[e], hessian, recipes["gate_up_proj"],
                                     f"{base}.{e}.gate_up_proj", release=sources[e] in ("routed", "mixed"))
                 del hessian
             routed.clear()
-            gate_up = {e: distributed.share_weight(gate_up.get(e), owner[e]) for e in mine}
+            gate_up = {e: distributed.share_weight(gate_up.get(e), owner[e]) for e in round_experts}
             # down: its input is the expert's own act(gate) * up, from its quantized gate_up
             accs: dict[tuple[int, str], HessianAccumulator] = {}
-            for e in mine:
+            for e in round_experts:
                 if sources[e] is None:
                     continue
                 qw = gate_up[e]
@@ -240,20 +240,20 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
                 del w
             _reduce(accs, {key: owner[key[0]] for key in accs})
             down = {}
-            for e in mine:
+            for e in round_experts:
                 if owner[e] != me:
                     continue
                 inner = None
                 if sources[e] == "mixed":
                     inner = _mix(accs.pop((e, "routed")).hessian, accs.pop((e, "pooled")).hessian,
-                                 int(counts[e]) / (int(counts[e]) + prior * width))
+                                 _routed_share(int(counts[e]), prior, width))
                 elif sources[e] is not None:
                     inner = accs.pop((e, "routed") if sources[e] == "routed" else (e, "pooled")).hessian
                 down[e] = _solve(experts.down_proj[e], inner, recipes["down_proj"], f"{base}.{e}.down_proj", release=True)
                 del inner
             accs.clear()
-            down = {e: distributed.share_weight(down.get(e), owner[e]) for e in mine}
-            for e in mine:
+            down = {e: distributed.share_weight(down.get(e), owner[e]) for e in round_experts}
+            for e in round_experts:
                 qws = {"gate_up_proj": gate_up[e], "down_proj": down[e]}
                 if quant is None:
                     quant = QuantExperts.like(experts, {n: {"planes": q.k, "group_size": q.group_size}
@@ -267,7 +267,7 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
                         calibration={"tokens": int(counts[e]), "hessian": sources[e]} if sources[e] is not None else None,
                     ))
             del gate_up, down
-            progress.describe(f"{base}.{mine[-1]} ({time.perf_counter() - start:.1f}s)")
+            progress.describe(f"{base}.{round_experts[-1]} ({time.perf_counter() - start:.1f}s)")
     finally:
         close(captured)
     assert quant is not None
@@ -275,6 +275,11 @@ def solve_experts(step: LayerStep, group: dict[str, Recipe | None], plan: Any, p
     for _ in PROJECTIONS:
         progress.advance()
     return records
+
+
+def _routed_share(tokens: int, prior: float, width: int) -> float:
+    """The routed tokens' weight in a mixed Hessian: ``tokens`` against the pooled one's ``prior * width``."""
+    return tokens / (tokens + prior * width)
 
 
 def _expert_inner(w: torch.Tensor, act_fn: Any, x: torch.Tensor) -> torch.Tensor:
