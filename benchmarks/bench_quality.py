@@ -98,6 +98,7 @@ class Row:
     overrides: dict[str, Any] = field(default_factory=dict)  # merged into the base strategy
     lever: str | None = None  # key the quantize summary must hold to prove the lever ran
     peer: Peer | None = None  # run by the peer's script instead of bpdq's CLI
+    plugin: str | None = None  # a module the CLI imports first (``--plugin``): an experimental stage
 
 
 def _q(grid: dict[str, Any], solver: dict[str, Any], group_size: int = 64) -> dict[str, Any]:
@@ -112,6 +113,8 @@ def DOWN(group_size: int) -> dict[str, Any]:  # noqa: N802 - reads as a constant
     """A rule giving every ``mlp.down_proj`` its own group size."""
     return {"match": r"model\.layers\.\d+\.mlp\.down_proj", "group_size": group_size}
 
+
+GUIDED = {"type": "guided_hessian", "mix": 0.5, "asymmetric": True}
 
 ROWS = [
     Row("bpdq-k2", "today's BPDQ k=2 g=64 (paper algorithm, refit none)", _q(_k(2), BPDQ_TODAY)),
@@ -129,6 +132,9 @@ ROWS = [
     # mixed group sizes: down_proj (1536 inputs) takes g=128 or g=64, the 576-input linears g=192
     Row("bpdq-k2-g192-down128-asym", "k=2 g=192, down_proj g=128 (2.28 bpw) + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(128)], "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-k2-g192-down128-asym-tuned", "k=2 g=192, down_proj g=128 (2.28 bpw) + asymmetric calibration + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(128)], "calibration": {"asymmetric": True}, "tuning": TUNING}, "tuning"),
+    # the output-aware token weights of bpdq/engine/guided.py in asymmetric calibration's sums
+    Row("bpdq-k2-g192-down128-guided-asym", "k=2 g=192, down_proj g=128 (2.28 bpw) + guided asymmetric calibration (mix 0.5)", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(128)], "calibration": {"asymmetric": False}, "stages": [GUIDED]}, "asymmetric", plugin="bpdq.engine.guided"),
+    Row("bpdq-k2-g192-down128-guided-asym-tuned", "k=2 g=192, down_proj g=128 (2.28 bpw) + guided asymmetric calibration (mix 0.5) + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(128)], "calibration": {"asymmetric": False}, "stages": [GUIDED], "tuning": TUNING}, "tuning", plugin="bpdq.engine.guided"),
     Row("bpdq-k2-g192-down64-asym", "k=2 g=192, down_proj g=64 (2.375 bpw) + asymmetric calibration", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(64)], "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-k2-g192-down64-asym-tuned", "k=2 g=192, down_proj g=64 (2.375 bpw) + asymmetric calibration + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(64)], "calibration": {"asymmetric": True}, "tuning": TUNING}, "tuning"),
     Row("bpdq-k2-g192-down64-tuned", "k=2 g=192, down_proj g=64 (2.375 bpw) + tuning", {**_q(_k(2), {"type": "bpdq"}, 192), "rules": [DOWN(64)], "tuning": TUNING}, "tuning"),
@@ -287,7 +293,8 @@ def run_row(row: Row, quick: bool, workdir: Path, tuning: dict[str, Any] | None 
     config = workdir / f"{row.name}.yaml"
     config.write_text(yaml.safe_dump(data, sort_keys=False), encoding="utf-8")
     out = workdir / row.name
-    summary, err, wall = _cli("quantize", str(config), "--output", str(out), "--overwrite")
+    summary, err, wall = _cli("quantize", str(config), "--output", str(out), "--overwrite",
+                              *(["--plugin", row.plugin] if row.plugin else []))
     if summary is None:
         hint = f" (lever {row.lever!r} is not wired into the pipeline yet?)" if row.lever else ""
         return {"row": row.name, "error": f"quantize failed{hint}: {err}"}

@@ -33,7 +33,7 @@ def config_stages(config: QuantizeConfig, given: Sequence[Stage] = ()) -> list[S
     if asymmetric == "auto" and any(getattr(s, "provides_hessians", False) for s in [*named, *given]):
         asymmetric = False
     stages: list[Stage] = []
-    if asymmetric or config.tuning is not None:
+    if asymmetric or config.tuning is not None or any(s.fp_stream for s in [*named, *given]):
         stages.append(FullPrecisionStream())
     if asymmetric:
         stages.append(AsymmetricCalibration(auto=asymmetric == "auto"))

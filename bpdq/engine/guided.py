@@ -16,6 +16,11 @@ activations). The token weights of every decoder linear are kept (``n_tokens`` f
 are then summed from the quantized model's inputs as the loop does, each linear with its own weights (q, k
 and v share an input but not a weight).
 
+With ``asymmetric: true`` the same token weights go into asymmetric calibration's sums instead (the
+quantized inputs' Hessian and the cross moment with the full-precision inputs, each linear on its own;
+see :mod:`bpdq.engine.quality`): use it with ``calibration.asymmetric: false``, as the stage computes the
+Hessians either way.
+
 Not a default, and limited to what the experiment needs: the model in memory (no lazy source), one
 process, no resume, the head (``lm_head``) keeps the loop's Hessian. Importing this module registers the
 stage: ``stages: [guided_hessian]`` (or ``{type: guided_hessian, mix: 0.5}``) with ``--plugin
@@ -32,6 +37,7 @@ from torch import nn
 
 from bpdq.batch import Batch
 from bpdq.engine.passes import _call, _first_output, _passes, dense_quantized_forwards, group_inputs
+from bpdq.engine.quality import AsymmetricCalibration
 from bpdq.engine.source import InMemorySource
 from bpdq.engine.stages import LayerStep, RunContext, Stage
 from bpdq.registry import STAGES
@@ -42,25 +48,30 @@ from bpdq.solvers.hessian import HessianAccumulator
 @STAGES.register("guided_hessian")
 class GuidedHessian(Stage):
     """Hessians weighted per token by the squared output gradient of each linear (see the module docstring).
-    ``mix`` in ``[0, 1]``: 0 gives the loop's Hessian, 1 the gradient weights alone."""
+    ``mix`` in ``[0, 1]``: 0 gives the loop's Hessian, 1 the gradient weights alone. ``asymmetric``: weight
+    asymmetric calibration's sums instead (its targets and Hessians)."""
 
     provides_hessians = True
     needs_calibration = True
     single_process = True
 
-    def __init__(self, mix: float = 1.0, seed: int = 0) -> None:
+    def __init__(self, mix: float = 1.0, seed: int = 0, asymmetric: bool = False) -> None:
         if isinstance(mix, bool) or not isinstance(mix, (int, float)) or not 0.0 <= mix <= 1.0:
             raise ValueError(f"guided_hessian: mix must be a number in [0, 1], got {mix!r}")
         if isinstance(seed, bool) or not isinstance(seed, int):
             raise ValueError(f"guided_hessian: seed must be an int, got {seed!r}")
+        if not isinstance(asymmetric, bool):
+            raise ValueError(f"guided_hessian: asymmetric must be true or false, got {asymmetric!r}")
         self.mix = float(mix)
         self.seed = seed
+        self.asymmetric = AsymmetricCalibration() if asymmetric else None
+        self.fp_stream = asymmetric  # type: ignore[misc]  # the full-precision stream, for asymmetric sums
         #: per decoder linear (full name): one ``[tokens]`` float32 weight vector per calibration batch
         self.weights: dict[str, list[torch.Tensor]] = {}
         self.stats: dict[str, Any] = {}
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"mix": self.mix, "seed": self.seed}
+        return {"mix": self.mix, "seed": self.seed, "asymmetric": self.asymmetric is not None}
 
     def restore(self, state: dict[str, Any]) -> None:
         raise ValueError("guided_hessian does not resume a run: its token weights come from the first layer's "
@@ -133,8 +144,20 @@ class GuidedHessian(Stage):
             output.register_hook(record)
         return hook
 
+    def before_solve(self, step: LayerStep) -> None:
+        if self.asymmetric is not None:
+            self.asymmetric.before_solve(step)
+
+    def _weights(self, step: LayerStep, name: str, batch: int) -> torch.Tensor:
+        return self.weights[f"{step.prefix}.{name}"][batch]
+
     def hessians(self, step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
         assert step.inputs is not None
+        if self.asymmetric is not None:
+            found = self.asymmetric.hessians(step, names, token_weights=lambda n, i: self._weights(step, n, i))
+            for n in names:
+                self.weights.pop(f"{step.prefix}.{n}", None)  # used once
+            return found  # type: ignore[return-value]
         accs = {n: HessianAccumulator(step.layer.get_submodule(n).in_features, device=step.device) for n in names}
         with dense_quantized_forwards():
             for i, b in _passes(step.inputs, step.replay):
@@ -152,4 +175,6 @@ class GuidedHessian(Stage):
         return {n: accs[n].hessian for n in names}
 
     def finish(self, report: RunReport) -> None:
-        report.extra[self.name] = self.stats
+        report.extra[self.name] = {**self.stats, "asymmetric": self.asymmetric is not None}
+        if self.asymmetric is not None:
+            self.asymmetric.finish(report)

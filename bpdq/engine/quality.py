@@ -36,7 +36,7 @@ from __future__ import annotations
 
 import copy
 from contextlib import nullcontext
-from typing import Any, ContextManager, Sequence
+from typing import Any, Callable, ContextManager, Sequence
 
 import torch
 from torch import nn
@@ -82,9 +82,12 @@ def accumulate_asymmetric(
     layer: nn.Module, fp_layer: nn.Module, names: Sequence[str], inputs: Sequence[Batch], fp_inputs: Sequence[Batch],
     device: torch.device, *, replay: Replay | None = None, fp_replay: Replay | None = None, fp_out: Any = None,
     fp_complete: Sequence[str] = (), group: bool = False,
+    token_weights: Callable[[str, int], torch.Tensor] | None = None,
 ) -> tuple[dict[str, AsymmetricAccumulator], dict[str, str]]:
     """The passes of :func:`asymmetric_hessians`: its accumulators (summed over the ranks of a distributed run)
-    by the first linear of each shared input, and the other linears' aliases to it."""
+    by the first linear of each shared input, and the other linears' aliases to it. ``token_weights(name,
+    batch)``: a non-negative weight per token of that batch (``[tokens]``) for the linear's sums, each linear
+    then accumulated on its own (see :mod:`bpdq.engine.guided`)."""
     if len(inputs) != len(fp_inputs):
         raise ValueError(f"{len(inputs)} quantized batches but {len(fp_inputs)} full-precision ones")
     accs: dict[str, AsymmetricAccumulator] = {}
@@ -100,12 +103,20 @@ def accumulate_asymmetric(
             with _batch(fp_replay, i):
                 xf = group_inputs(fp_layer, names, fb, device, fp_out, fp_complete, keep=kept, group=group)
             for n in names:
-                root = next(o for o in names if xq[o] is xq[n] and xf[o] is xf[n])  # n itself at worst
+                root = n if token_weights is not None else next(
+                    o for o in names if xq[o] is xq[n] and xf[o] is xf[n])  # n itself at worst
                 if root != n:
                     alias[n] = root
                     continue
                 shared = any(xq[o] is xq[n] for o in names if o != n)
                 y = kept.get(n) if not shared else None
+                q, f = xq[n], xf[n]
+                if token_weights is not None:  # sqrt(w_t) on both inputs (and y): w_t on every product
+                    s = token_weights(n, i).to(q.device, torch.float32).sqrt()[:, None]
+                    d = q.shape[-1]
+                    q, f = q.reshape(-1, d).float() * s, f.reshape(-1, d).float() * s
+                    if y is not None:
+                        y = y.reshape(-1, y.shape[-1]).float() * s
                 if n not in accs:
                     out_features = layer.get_submodule(n).out_features if y is not None else None
                     accs[n] = AsymmetricAccumulator(layer.get_submodule(n).in_features, device=device,
@@ -113,8 +124,8 @@ def accumulate_asymmetric(
                 acc = accs[n]
                 if acc.out_features is not None and y is None:
                     raise RuntimeError(f"the full-precision pass gave no output of {n} for batch {i}")
-                acc.add(xq[n], xf[n], y if acc.out_features is not None else None)
-            xq = xf = kept = y = b = fb = None  # this batch's tensors are not kept while the next batch runs
+                acc.add(q, f, y if acc.out_features is not None else None)
+            xq = xf = kept = y = b = fb = q = f = None  # this batch's tensors are not kept while the next batch runs
     for r in (replay, fp_replay):
         if r is not None:
             r.end_pass(len(inputs))
@@ -215,10 +226,12 @@ class AsymmetricCalibration(Stage):
         if step.fp_layer is not None:
             step.fp_replay = Replay(step.fp_layer, like=step.fp_inputs)
 
-    def hessians(self, step: LayerStep, names: list[str]) -> dict[str, torch.Tensor]:
+    def hessians(self, step: LayerStep, names: list[str], *,
+                 token_weights: Callable[[str, int], torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
         """Asymmetric Hessians of a group (the linears' weights become their targets ``W~``). A sub-block
         finished in the quantized layer (see ``step.replay``) is replayed in the full-precision copy too: the
-        copy never changes, and the group's inputs are not inside the block."""
+        copy never changes, and the group's inputs are not inside the block. ``token_weights``: see
+        :func:`accumulate_asymmetric`."""
         assert step.inputs is not None and step.fp_inputs is not None and step.fp_layer is not None
         complete: list[str] = []
         if step.replay is not None and step.fp_replay is not None:
@@ -237,7 +250,7 @@ class AsymmetricCalibration(Stage):
             fp_out = outputs_like(step.fp_inputs)
         accs, alias = accumulate_asymmetric(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, step.device,
                                             replay=step.replay, fp_replay=step.fp_replay, fp_out=fp_out,
-                                            fp_complete=complete, group=True)
+                                            fp_complete=complete, group=True, token_weights=token_weights)
         if fp_out is not None:  # the copy's last pass is done: it goes before the targets' factorisation
             step.fp_outputs = fp_out
             if step.fp_replay is not None:

@@ -108,3 +108,32 @@ def test_a_model_read_from_a_directory_is_refused_before_any_layer(tmp_path):
     with pytest.raises(ValueError, match="guided_hessian needs the model in memory"):
         bpdq.quantize(src, {**CONFIG, "output": str(tmp_path / "out")}, stages=[GuidedHessian()])
     assert not (tmp_path / "out" / "model.safetensors").exists()
+
+
+ASYMMETRIC = {**CONFIG, "calibration": {**CONFIG["calibration"], "asymmetric": True}}
+
+
+def test_asymmetric_with_mix_0_is_asymmetric_calibration_byte_for_byte():
+    plain, guided = tiny_model(), tiny_model()
+    bpdq.quantize(plain, ASYMMETRIC, tokenizer=tiny_tokenizer())
+    report = bpdq.quantize(guided, CONFIG, tokenizer=tiny_tokenizer(), stages=[GuidedHessian(mix=0.0, asymmetric=True)])
+    a, b = _packed(plain), _packed(guided)
+    assert a.keys() == b.keys() and len(a) == 14
+    for name in a:
+        assert torch.equal(a[name][0], b[name][0]) and torch.equal(a[name][1], b[name][1]), name
+    assert report.stages == ["fp_stream", "guided_hessian"] and report.asymmetric == {"damp": 0.01}
+    assert report.extra["guided_hessian"]["asymmetric"] is True
+
+
+def test_asymmetric_with_mix_1_weights_the_asymmetric_sums():
+    plain, guided, symmetric = tiny_model(), tiny_model(), tiny_model()
+    bpdq.quantize(plain, ASYMMETRIC, tokenizer=tiny_tokenizer())
+    stage = GuidedHessian(mix=1.0, asymmetric=True)
+    bpdq.quantize(guided, CONFIG, tokenizer=tiny_tokenizer(), stages=[stage])
+    bpdq.quantize(symmetric, CONFIG, tokenizer=tiny_tokenizer(), stages=[GuidedHessian(mix=1.0)])
+    a, b, c = _packed(plain), _packed(guided), _packed(symmetric)
+    assert any(not torch.equal(a[n][1], b[n][1]) for n in a)  # not the unweighted asymmetric sums
+    assert any(not torch.equal(c[n][1], b[n][1]) for n in a)  # nor the weighted symmetric Hessian
+    assert stage.weights == {}
+    with pytest.raises(ValueError, match="asymmetric must be true or false"):
+        GuidedHessian(asymmetric="yes")
