@@ -142,6 +142,7 @@ ROWS = [
     Row("bpdq-k3", "today's BPDQ k=3 g=64 (4.0 bpw)", _q(_k(3), BPDQ_TODAY)),
     Row("bpdq-k3-refit", "k=3 + refit", _q(_k(3), {"type": "bpdq", "refit": "full"})),
     Row("bpdq-k3-asym", "k=3 + asymmetric calibration", {**_q(_k(3), BPDQ_TODAY), "calibration": {"asymmetric": True}}, "asymmetric"),
+    Row("bpdq-k3-defaults-asym", "k=3 (4.0 bpw), the library defaults (asymmetric calibration: auto)", {**_q(_k(3), {"type": "bpdq"}), "calibration": {"asymmetric": True}}, "asymmetric"),
     Row("bpdq-k3-tuned", "k=3 defaults + tuning", {**_q(_k(3), {"type": "bpdq"}), "tuning": TUNING}, "tuning"),
     Row("bpdq-k3-asym-tuned", "k=3 defaults + asymmetric calibration + tuning", {**_q(_k(3), {"type": "bpdq"}), "calibration": {"asymmetric": True}, "tuning": TUNING}, "tuning"),
     Row("rtn-3bit", "RTN uniform 3-bit g=64", _q({"type": "uniform", "bits": 3}, {"type": "rtn"})),
