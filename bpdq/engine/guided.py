@@ -38,7 +38,7 @@ from torch import nn
 from bpdq.batch import Batch
 from bpdq.engine.passes import _call, _first_output, _passes, dense_quantized_forwards, group_inputs
 from bpdq.engine.quality import AsymmetricCalibration
-from bpdq.engine.source import InMemorySource
+from bpdq.engine.source import InMemorySource, return_freed_memory
 from bpdq.engine.stages import LayerStep, RunContext, Stage
 from bpdq.registry import STAGES
 from bpdq.report import RunReport
@@ -89,6 +89,7 @@ class GuidedHessian(Stage):
         with torch.enable_grad():
             for b in run.inputs:
                 self._batch_gradients(plan, norm, head, b, run.device, generator, grads)
+                return_freed_memory()  # the batch's freed graphs: glibc keeps them otherwise (GBs per batch)
         for name, per_batch in grads.items():
             mean = torch.cat(per_batch).mean().clamp_min(torch.finfo(torch.float32).tiny)
             self.weights[name] = [(1.0 - self.mix) + self.mix * g / mean for g in per_batch]

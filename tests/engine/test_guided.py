@@ -137,3 +137,13 @@ def test_asymmetric_with_mix_1_weights_the_asymmetric_sums():
     assert stage.weights == {}
     with pytest.raises(ValueError, match="asymmetric must be true or false"):
         GuidedHessian(asymmetric="yes")
+
+
+def test_the_heap_is_trimmed_after_each_batch_of_the_gradient_pass(monkeypatch):
+    import bpdq.engine.guided as guided
+
+    calls = []
+    monkeypatch.setattr(guided, "return_freed_memory", lambda: calls.append(1))
+    bpdq.quantize(tiny_model(), CONFIG, tokenizer=tiny_tokenizer(), stages=[GuidedHessian(mix=0.5)])
+    batches = -(-QuantizeConfig(**CONFIG).calibration.samples // 4)
+    assert len(calls) == batches > 1
