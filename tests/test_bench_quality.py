@@ -29,6 +29,8 @@ BENCH = _bench()
 @pytest.mark.parametrize("quick", [False, True], ids=["full", "quick"])
 @pytest.mark.parametrize("row", [r for r in BENCH.ROWS if r.peer is None], ids=lambda r: r.name)
 def test_every_row_is_a_valid_strategy_with_the_rows_own_grid_and_solver(row, quick):
+    if row.plugin:  # an experimental stage's module registers it, as the CLI's --plugin does
+        importlib.import_module(row.plugin)
     data = BENCH.row_strategy(row, quick)
     strategy = strategy_from_dict(data, row.name)
     want = row.overrides["quantize"]
