@@ -203,7 +203,9 @@ def _cli(*args: str) -> tuple[dict[str, Any] | None, str, float]:
     proc = subprocess.run([sys.executable, "-m", "bpdq.cli", *args, "--json"], capture_output=True, text=True, env=env, cwd=ROOT)
     wall = time.perf_counter() - start
     if proc.returncode:
-        return None, proc.stderr.strip()[-2000:], wall
+        status = (f"killed by signal {-proc.returncode} (out of memory?)" if proc.returncode < 0
+                  else f"exit status {proc.returncode}")
+        return None, f"{status}: {proc.stderr.strip()[-2000:]}", wall
     return json.loads(proc.stdout), "", wall
 
 
@@ -297,7 +299,7 @@ def run_row(row: Row, quick: bool, workdir: Path, tuning: dict[str, Any] | None 
     summary, err, wall = _cli("quantize", str(config), "--output", str(out), "--overwrite",
                               *(["--plugin", row.plugin] if row.plugin else []))
     if summary is None:
-        hint = f" (lever {row.lever!r} is not wired into the pipeline yet?)" if row.lever else ""
+        hint = f" (lever {row.lever!r} is not wired into the pipeline yet?)" if row.lever and "exit status 2" in err else ""
         return {"row": row.name, "error": f"quantize failed{hint}: {err}"}
     if row.lever and row.lever not in summary:
         return {"row": row.name, "error": f"lever {row.lever!r} is not wired into the pipeline yet: the run's summary "
