@@ -398,14 +398,17 @@ def plot(results_files: list[Path], png: Path) -> dict[str, list[dict[str, Any]]
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, len(points), figsize=(6.5 * len(points), 5), squeeze=False, sharey=True)
+    fig, axes = plt.subplots(1, len(points), figsize=(6.5 * len(points), 5), squeeze=False)
     for ax, (name, pts) in zip(axes[0], points.items()):
         for peer, marker, color, label in ((False, "o", "tab:blue", "bpdq rows"), (True, "^", "tab:red", "peer toolkits")):
             sel = [p for p in pts if p["peer"] is peer]
             if sel:
                 ax.scatter([p["bpw"] for p in sel], [p["ratio"] for p in sel], marker=marker, color=color, label=label)
-            for p in sel:
-                ax.annotate(p["row"], (p["bpw"], p["ratio"]), fontsize=6, xytext=(3, 3), textcoords="offset points")
+        # labels of points at about the same bpw stacked downwards, highest ratio first, so they do not overlap
+        stacked: dict[float, int] = {}
+        for p in sorted(pts, key=lambda q: -q["ratio"]):
+            i = stacked[round(p["bpw"], 1)] = stacked.get(round(p["bpw"], 1), -1) + 1
+            ax.annotate(p["row"], (p["bpw"], p["ratio"]), fontsize=6, xytext=(4, 3 - 9 * i), textcoords="offset points")
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
         ax.margins(x=0.12)  # room for the labels of the outermost points
         ax.set_title(f"{name}", fontsize=10)
