@@ -324,7 +324,10 @@ def run_row(row: Row, quick: bool, workdir: Path, tuning: dict[str, Any] | None 
 def _tuning_words(tuning: dict[str, Any]) -> str:
     autocast = tuning.get("autocast", "none")
     words = f"{tuning['steps']} steps/layer" + (f", {autocast} autocast" if autocast != "none" else "")
-    return words + (f", kept state chosen on {tuning['eval_windows']} batches" if "eval_windows" in tuning else "")
+    words += f", kept state chosen on {tuning['eval_windows']} batches" if "eval_windows" in tuning else ""
+    if tuning.get("learn_planes"):
+        words += ", learned planes" + (f" (step {tuning['planes_lr']:g})" if tuning.get("planes_lr") else "")
+    return words
 
 
 def _fp_by_text(results: dict[str, Any]) -> dict[str, dict[str, Any]]:
@@ -437,6 +440,10 @@ def main(argv: list[str] | None = None) -> int:
                    "several times faster on a CPU with AMX or AVX512-BF16)")
     p.add_argument("--tuning-eval-windows", type=int, default=None,
                    help=f"calibration batches the tuning rows choose their kept state on (default {TUNING_EVAL})")
+    p.add_argument("--tuning-learn-planes", action="store_true",
+                   help="the tuning rows also learn plane choices (tuning option learn_planes; experimental)")
+    p.add_argument("--tuning-planes-lr", type=float, default=None,
+                   help="step of the plane offsets in grid steps per optimizer step (default: 1 / steps)")
     p.add_argument("--calibration-autocast", choices=["none", "bfloat16", "float16", "auto"], default=None,
                    help="compute dtype of every bpdq row's calibration passes (default: none, float32; bfloat16 "
                    "took 0.75x the time with asymmetric calibration and tuning on a CPU with AMX)")
@@ -468,7 +475,8 @@ def main(argv: list[str] | None = None) -> int:
     unknown = [n for n in names if n not in ROW_NAMES]
     if unknown:
         p.error(f"unknown rows {unknown}; known: {', '.join(ROW_NAMES)}")
-    given = (("steps", args.tuning_steps), ("autocast", args.tuning_autocast), ("eval_windows", args.tuning_eval_windows))
+    given = (("steps", args.tuning_steps), ("autocast", args.tuning_autocast), ("eval_windows", args.tuning_eval_windows),
+             ("learn_planes", args.tuning_learn_planes or None), ("planes_lr", args.tuning_planes_lr))
     tuning = {k: v for k, v in given if v is not None}
     calibration = {"autocast": args.calibration_autocast} if args.calibration_autocast else None
     base = yaml.safe_load(BASE_CONFIG.read_text(encoding="utf-8"))

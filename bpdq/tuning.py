@@ -29,7 +29,7 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from torch import nn
 
-from bpdq.bits import unpack_bits
+from bpdq.bits import codes_to_bits, pack_bits, plane_matrix, unpack_bits
 from bpdq.devices import AUTOCAST_DTYPES, Autocast, resolve_autocast
 from bpdq.batch import Batch, to_device
 from bpdq.linear import QuantLinear
@@ -61,6 +61,26 @@ class TuningOptions(BaseModel):
         default=32, ge=1, le=100_000,
         description="calibration batches (drawn once by the seed) on which the kept state is chosen; null: all of them",
     )
+    learn_planes: bool = Field(
+        default=False,
+        description="also move plane choices: each weight's code is the grid level nearest to its starting value "
+        "plus a learned offset (sign-gradient steps, bounded by planes_bound grid steps); experimental",
+    )
+    planes_lr: float | None = Field(
+        default=None, gt=0.0, le=1.0,
+        description="step of the offsets, in grid steps per optimizer step; null: 1 / steps",
+    )
+    planes_bound: float = Field(
+        default=1.0, gt=0.0, le=4.0, description="largest offset, in grid steps (1: a weight can reach its neighbour levels)",
+    )
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What decides the tuned bits (the plane options only when planes are learned)."""
+        data = self.model_dump(mode="json")
+        if not self.learn_planes:
+            for key in ("learn_planes", "planes_lr", "planes_bound"):
+                data.pop(key)
+        return data
 
 
 @dataclass
@@ -88,9 +108,15 @@ class TuningResult:
 
 
 class _TunableLinear(nn.Module):
-    """Dense weight ``c_0 + sum_i c_i b_i`` per group from frozen planes and trainable coefficients."""
+    """Dense weight ``c_0 + sum_i c_i b_i`` per group from planes and trainable coefficients.
 
-    def __init__(self, q: QuantLinear) -> None:
+    With ``learn_planes`` the planes are not frozen: each weight's code is the grid level nearest to
+    ``w + v * s`` (``w`` the weight its starting planes give with the current coefficients, ``s`` its group's
+    starting mean level spacing, ``v`` a trainable offset bounded by ``bound``) and gradients reach ``v``
+    straight through the rounding. At ``v = 0`` the codes are the starting planes (up to levels of equal value).
+    """
+
+    def __init__(self, q: QuantLinear, learn_planes: bool = False, bound: float = 1.0) -> None:
         super().__init__()
         k, out, inp, g = q.k, q.out_features, q.in_features, q.group_size
         self.shape = (k, out, inp // g, g)
@@ -98,10 +124,57 @@ class _TunableLinear(nn.Module):
         # coeffs [groups, k+1, out] -> [k+1, out, groups, 1]
         self.coeffs = nn.Parameter(q.coeffs.detach().to(torch.float32).permute(1, 2, 0).unsqueeze(-1).contiguous())
         self.bias = q.bias
+        self.bound = bound
+        self.offsets: nn.Parameter | None = None
+        if learn_planes:
+            with torch.no_grad():
+                levels = self.levels()
+                spread = levels.amax(0) - levels.amin(0)
+                self.register_buffer("step", (spread / (2**k - 1)).clamp_min(torch.finfo(torch.float32).tiny), persistent=False)
+            self.offsets = nn.Parameter(torch.zeros(self.bits.shape[1:], dtype=torch.float32, device=self.bits.device))
+
+    def levels(self) -> torch.Tensor:
+        """The grid levels of every group in code order, ``[2^k, out, groups, 1]``."""
+        k = self.shape[0]
+        return torch.einsum("qc,c...->q...", plane_matrix(k, device=self.coeffs.device), self.coeffs)
+
+    def codes(self) -> torch.Tensor:
+        """Bits ``uint8[k, out, groups, g]`` of the level nearest to ``w + offsets * step`` (learned planes), ``w``
+        the weight the starting planes give with the current coefficients."""
+        with torch.no_grad():
+            target = dequantize_bits(self.bits, self.coeffs).addcmul_(self.offsets, self.step)
+            levels = self.levels()
+            best = (target - levels[0]).abs_()
+            code = torch.zeros(target.shape, dtype=torch.uint8, device=target.device)
+            for q in range(1, levels.shape[0]):
+                d = (target - levels[q]).abs_()
+                closer = d < best
+                best = torch.where(closer, d, best)
+                code.masked_fill_(closer, q)
+            return codes_to_bits(code, self.shape[0])
 
     def weight(self) -> torch.Tensor:
         _, out, n_groups, g = self.shape
-        return dequantize_bits(self.bits, self.coeffs).reshape(out, n_groups * g)
+        if self.offsets is None:
+            return dequantize_bits(self.bits, self.coeffs).reshape(out, n_groups * g)
+        w = dequantize_bits(self.codes(), self.coeffs)
+        moved = self.offsets * self.step
+        return (w + (moved - moved.detach())).reshape(out, n_groups * g)
+
+    def sign_step(self, lr: float) -> None:
+        """One sign-gradient step of the offsets, clamped to the bound."""
+        if self.offsets is None or self.offsets.grad is None:
+            return
+        with torch.no_grad():
+            self.offsets.sub_(lr * self.offsets.grad.sign()).clamp_(-self.bound, self.bound)
+            self.offsets.grad = None
+
+    def stored_planes(self) -> torch.Tensor | None:
+        """The learned planes in QuantLinear layout (packed), or None when the planes are frozen."""
+        if self.offsets is None:
+            return None
+        k, out, n_groups, g = self.shape
+        return pack_bits(self.codes().reshape(k, out, n_groups * g))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         w = self.weight()
@@ -141,7 +214,8 @@ def tune_layer(
     if opts.autocast == "auto":
         opts = opts.model_copy(update={"autocast": resolve_autocast(opts.autocast, dev)})
     start = time.perf_counter()
-    tunables = {n: _TunableLinear(m).to(dev) for n, m in quantized}
+    tunables = {n: _TunableLinear(m, opts.learn_planes, opts.planes_bound).to(dev) for n, m in quantized}
+    offsets = [t.offsets for t in tunables.values() if t.offsets is not None]
     norms = [m for _, m in layer.named_modules() if type(m).__name__.endswith("RMSNorm")] if opts.tune_norms else []
     with ExitStack() as stack:
         stack.enter_context(_frozen(layer))
@@ -149,8 +223,9 @@ def tune_layer(
             stack.enter_context(swapped_module(layer, name, module))
         masters = [stack.enter_context(_float_weight(n)) for n in norms]
         params = [t.coeffs for t in tunables.values()] + masters
-        for p in params:
+        for p in params + offsets:
             p.requires_grad_(True)
+        planes_lr = opts.planes_lr if opts.planes_lr is not None else 1.0 / max(opts.steps, 1)
         chosen = _eval_subset(len(batches), opts)
         def evaluate() -> float:
             return _loss(layer, [batches[i] for i in chosen], [targets[i] for i in chosen], dev, opts, tunables.values())
@@ -164,6 +239,8 @@ def tune_layer(
             per_pass = math.ceil(len(batches) / opts.windows_per_step)
             for steps in range(1, opts.steps + 1):
                 ok = _step(layer, batches, targets, next(order), dev, opts, optim, params)
+                for t in tunables.values():
+                    t.sign_step(planes_lr)
                 if not ok:
                     logger.warning("coefficient tuning stopped at step %d: non-finite loss or coefficients", steps)
                     break
@@ -171,10 +248,13 @@ def tune_layer(
                     loss = evaluate()
                     if math.isfinite(loss) and loss < best_loss:
                         best_loss, best, best_step = loss, _snapshot(tunables, masters), steps
-    coeffs_best, norms_best = best
-    for (_, q), c in zip(quantized, coeffs_best):
+    coeffs_best, planes_best, norms_best = best
+    for (_, q), c, planes in zip(quantized, coeffs_best, planes_best):
         # through load_state_dict, so that the QuantLinear drops kernel repacks of the old coefficients
-        q.load_state_dict({"coeffs": c.to(q.coeffs.device)}, strict=False)
+        state = {"coeffs": c.to(q.coeffs.device)}
+        if planes is not None:
+            state["planes"] = planes.to(q.planes.device)
+        q.load_state_dict(state, strict=False)
     for norm, w in zip(norms, norms_best):
         with torch.no_grad():
             norm.weight.copy_(w.to(norm.weight.dtype))
@@ -241,8 +321,11 @@ def _rounded(tunables) -> Iterator[None]:
             t.coeffs.data.copy_(s)
 
 
-def _snapshot(tunables: dict[str, _TunableLinear], masters: list[nn.Parameter]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
-    return [t.stored() for t in tunables.values()], [m.detach().clone() for m in masters]
+def _snapshot(tunables: dict[str, _TunableLinear], masters: list[nn.Parameter]):
+    """Coefficients (fp16), planes (learned ones decided by the fp16 coefficients, or None) and norm weights."""
+    with _rounded(tunables.values()):
+        planes = [t.stored_planes() for t in tunables.values()]
+    return [t.stored() for t in tunables.values()], planes, [m.detach().clone() for m in masters]
 
 
 @contextmanager

@@ -290,7 +290,7 @@ class CoefficientTuning(Stage):
         self.results: list[dict[str, Any]] = []
 
     def fingerprint(self) -> dict[str, Any]:
-        return self.options.model_dump(mode="json")
+        return self.options.fingerprint()
 
     def state(self) -> dict[str, Any]:
         return {"results": self.results}
