@@ -170,12 +170,10 @@ def asymmetric_targets_of(
             H_q = acc.hessian
         del acc  # the float64 sums, before the factorisation
         if not identical:
-            targets = corrected_targets(weights, H_q.to(dev), [c.to(dev) for c in corrections], damp)
+            corrections = [c.to(dev) for c in corrections]
+            with torch.no_grad():  # each target written into its weight: no [out, in] copy at the stage's peak
+                corrected_targets(weights, H_q.to(dev), corrections, damp, in_place=True)
             del corrections
-            with torch.no_grad():
-                for weight, target in zip(weights, targets):
-                    weight.copy_(target)
-            del targets
         for n in mine:
             hessians[n] = H_q
     return {n: hessians.get(n) for n in names}

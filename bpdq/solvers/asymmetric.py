@@ -212,13 +212,14 @@ def _check_weights(weights: Sequence[torch.Tensor], H_q: torch.Tensor) -> int:
 
 def corrected_targets(
     weights: Sequence[torch.Tensor], H_q: torch.Tensor, corrections: Sequence[torch.Tensor], damp: float = 0.01,
-    *, max_retries: int = 6,
+    *, max_retries: int = 6, in_place: bool = False,
 ) -> list[torch.Tensor]:
     """``W + M (H_q + damp * mean(diag H_q) I)^-1`` for each weight ``W`` and its correction ``M`` (``W D``:
     :meth:`AsymmetricAccumulator.corrections`), in ``W``'s dtype, with ``H_q`` factorised once
     (:func:`~bpdq.solvers.hessian.damped_inverse_cholesky`, in ``H_q``'s dtype; ``H_q`` is not modified).
     A weight whose correction is all zero is returned unchanged (a copy), and when all are, nothing is
-    factorised."""
+    factorised. ``in_place``: each target is written into its weight, a block of rows at a time (the same
+    bits; no ``[out, in]`` copy), and the weights themselves are returned."""
     if len(weights) != len(corrections):
         raise ValueError(f"{len(weights)} weights but {len(corrections)} corrections")
     if not weights:
@@ -229,13 +230,13 @@ def corrected_targets(
             raise ValueError(f"a correction must have its weight's shape {tuple(W.shape)}, got {getattr(M, 'shape', None)}")
     if damp < 0:
         raise ValueError(f"damp must be >= 0, got {damp}")
-    zero = [not bool(M.any()) for M in corrections]
+    zero = [not any(bool(M[r0:r1].any()) for r0, r1 in _row_ranges(*M.shape)) for M in corrections]  # no [o, n] bool
     if all(zero):
-        return [W.clone() for W in weights]
+        return [W if in_place else W.clone() for W in weights]
     U = damped_inverse_cholesky(H_q.clone, damp, max_retries=max_retries, what="H_q", widen=True)[0]
     out = []
     for W, M, z in zip(weights, corrections, zero):
-        target = W.clone()
+        target = W if in_place else W.clone()
         if not z:
             for r0, r1 in _row_ranges(W.shape[0], W.shape[1]):  # M (H_q + lam I)^-1 = M U^T U, by rows
                 X = (M[r0:r1].to(device=U.device, dtype=U.dtype) @ U.mT) @ U

@@ -19,6 +19,8 @@ _T = TypeVar("_T")
 #: about 0.7x at 576 (4096 tokens, one thread, float32), and on SmolLM2 gave the same checkpoint as whole
 #: blocks; 256 was 5% faster again but changed the float sums, and with them some 2-bit choices.
 _ROWS = 384
+#: Largest float64 product (bytes) :meth:`HessianAccumulator.subtract_product_` makes at once.
+_PRODUCT_BYTES = 1 << 28
 
 
 class HessianAccumulator:
@@ -109,16 +111,20 @@ class HessianAccumulator:
 
     def subtract_product_(self, out: torch.Tensor, W: torch.Tensor) -> None:
         """``out -= W H`` in float64 (``out``: float64 ``[rows, in_features]``, ``W``: ``[rows, in_features]``),
-        read from the float64 sum's blocks without making ``H``: ``W``'s columns converted a block at a time."""
+        read from the float64 sum's blocks without making ``H``: ``W``'s columns converted a block at a time,
+        for a block of rows at a time (no ``[rows, in_features]`` float64 temporary)."""
         if self._blocks is None or self.n == 0:
             raise ValueError("no calibration inputs were accumulated; the Hessian is undefined")
         scale = 2.0 / self.n
-        for i, ((r0, r1), block) in enumerate(zip(self._ranges, self._blocks)):
-            W_i = W[:, r0:r1].to(device=out.device, dtype=torch.float64)
-            out[:, r0:].sub_(W_i @ block, alpha=scale)  # H[r0:r1, r0:], the upper part of the block's rows
-            for s0, s1 in self._ranges[i + 1:]:  # H[s0:s1, r0:r1] below the diagonal: the block's transpose
-                W_s = W[:, s0:s1].to(device=out.device, dtype=torch.float64)
-                out[:, r0:r1].sub_(W_s @ block[:, s0 - r0:s1 - r0].T, alpha=scale)
+        step = max(1, _PRODUCT_BYTES // (8 * self.in_features))  # rows of ``out`` at a time
+        for o0 in range(0, out.shape[0], step):
+            o, w = out[o0:o0 + step], W[o0:o0 + step]
+            for i, ((r0, r1), block) in enumerate(zip(self._ranges, self._blocks)):
+                W_i = w[:, r0:r1].to(device=out.device, dtype=torch.float64)
+                o[:, r0:].sub_(W_i @ block, alpha=scale)  # H[r0:r1, r0:], the upper part of the block's rows
+                for s0, s1 in self._ranges[i + 1:]:  # H[s0:s1, r0:r1] below the diagonal: the block's transpose
+                    W_s = w[:, s0:s1].to(device=out.device, dtype=torch.float64)
+                    o[:, r0:r1].sub_(W_s @ block[:, s0 - r0:s1 - r0].T, alpha=scale)
 
 
 def check_hessian(H: object, in_features: int | None = None) -> None:

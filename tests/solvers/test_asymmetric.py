@@ -14,6 +14,7 @@ from bpdq.solvers.asymmetric import (
     asymmetric_target,
     asymmetric_target_projected,
     asymmetric_targets,
+    corrected_targets,
 )
 from tests.solvers.cases import correlated_inputs, heavy_weight
 from tests.strategies import seeds
@@ -207,6 +208,51 @@ def test_the_projected_correction_is_read_from_the_hessian_sum_without_an_in_by_
     torch.testing.assert_close(M, P - W @ H_q, rtol=1e-9, atol=1e-9)
     with pytest.raises(ValueError, match="undefined"):
         acc.corrections([W])  # the moment is spent
+
+
+def test_the_projected_correction_is_taken_a_block_of_rows_at_a_time_with_the_same_bits(monkeypatch):
+    """``P - W H_q`` multiplies a block of ``out`` rows at a time when ``out`` rows exceed the product limit
+    (no ``[out, in]`` float64 product), with the bits of one product over all rows."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from bpdq.solvers import hessian
+
+    class Products(TorchDispatchMode):
+        rows = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            if func is torch.ops.aten.mm.default:
+                self.rows = max(self.rows, out.shape[0])
+            return out
+
+    x_fp, x_q = (x.float() for x in _pair(3, n=900, tokens=300))
+    W = heavy_weight(64, 900, 3).float()
+    accs = []
+    for _ in range(2):
+        acc = AsymmetricAccumulator(900, out_features=64)
+        acc.add(x_q, x_fp, x_fp @ W.T)
+        accs.append(acc)
+    with Products() as whole_mode:
+        (whole,) = accs[0].corrections([W])
+    monkeypatch.setattr(hessian, "_PRODUCT_BYTES", 8 * 900 * 10)  # 10 rows at a time
+    with Products() as blocked_mode:
+        (blocked,) = accs[1].corrections([W])
+    assert torch.equal(blocked, whole)
+    assert (whole_mode.rows, blocked_mode.rows) == (64, 10)
+
+
+def test_targets_written_in_place_have_the_bits_of_the_copies():
+    x_fp, x_q = (x.float() for x in _pair(4, n=96, tokens=400))
+    weights = [heavy_weight(40, 96, 4).float(), heavy_weight(24, 96, 5).float()]
+    acc = AsymmetricAccumulator(96)
+    acc.add(x_q, x_fp)
+    corrections, H_q = acc.corrections(weights), acc.hessian
+    copies = corrected_targets(weights, H_q, corrections)
+    originals = [W.clone() for W in weights]
+    written = corrected_targets(weights, H_q, corrections, in_place=True)
+    assert all(w is W for w, W in zip(written, weights))
+    assert all(torch.equal(W, c) and not torch.equal(W, o) for W, c, o in zip(weights, copies, originals))
 
 
 def test_aligned_rows_are_whole_blocks_covering_the_share():
