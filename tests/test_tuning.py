@@ -134,3 +134,26 @@ def test_auto_autocast_uses_bfloat16_only_on_a_cpu_with_bf16_units(quantized_lay
 def test_unknown_autocast_names_the_allowed_values():
     with pytest.raises(ValueError, match="auto"):
         TuningOptions(autocast="fp8")
+
+
+def test_learned_planes_are_written_back_and_give_the_reported_loss(quantized_layer):
+    layer, batches, targets = quantized_layer
+    before = {k: v.clone() for k, v in layer.state_dict().items() if k.endswith("planes")}
+    res = tune_layer(layer, batches, targets, {"steps": 60, "lr": 2e-3, "windows_per_step": 2, "learn_planes": True,
+                                               "planes_lr": 0.02})
+    assert res.loss_after < 0.9 * res.loss_before and res.best_step > 0
+    after = {k: v for k, v in layer.state_dict().items() if k.endswith("planes")}
+    assert any(not torch.equal(after[k], before[k]) for k in before), "no plane choice moved"
+    with torch.no_grad():
+        mse = sum(float((layer(b.hidden, *b.args, **b.kwargs) - t).pow(2).mean()) for b, t in zip(batches, targets)) / len(batches)
+    assert mse == pytest.approx(res.loss_after, rel=1e-3)
+
+
+def test_learned_planes_without_steps_change_nothing_and_frozen_planes_keep_their_fingerprint(quantized_layer):
+    layer, batches, targets = quantized_layer
+    state = _state(layer)
+    res = tune_layer(layer, batches, targets, {"steps": 0, "learn_planes": True})
+    assert res.loss_after == res.loss_before
+    assert all(torch.equal(v, state[k]) for k, v in layer.state_dict().items())
+    assert "learn_planes" not in TuningOptions().fingerprint()
+    assert TuningOptions(learn_planes=True).fingerprint()["planes_bound"] == 1.0
