@@ -143,15 +143,12 @@ class _TunableLinear(nn.Module):
         the weight the starting planes give with the current coefficients."""
         with torch.no_grad():
             target = dequantize_bits(self.bits, self.coeffs).addcmul_(self.offsets, self.step)
-            levels = self.levels()
-            best = (target - levels[0]).abs_()
-            code = torch.zeros(target.shape, dtype=torch.uint8, device=target.device)
-            for q in range(1, levels.shape[0]):
-                d = (target - levels[q]).abs_()
-                closer = d < best
-                best = torch.where(closer, d, best)
-                code.masked_fill_(closer, q)
-            return codes_to_bits(code, self.shape[0])
+            levels, order = self.levels().squeeze(-1).movedim(0, -1).sort(-1)  # [out, groups, 2^k] ascending
+            mids = (levels[..., 1:] + levels[..., :-1]).mul_(0.5)
+            rank = torch.zeros(target.shape, dtype=torch.int64, device=target.device)
+            for j in range(mids.shape[-1]):  # how many midpoints lie below: the nearest level's rank
+                rank += target > mids[..., j : j + 1]
+            return codes_to_bits(torch.gather(order, -1, rank), self.shape[0])
 
     def weight(self) -> torch.Tensor:
         _, out, n_groups, g = self.shape
