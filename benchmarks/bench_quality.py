@@ -441,7 +441,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tuning-eval-windows", type=int, default=None,
                    help=f"calibration batches the tuning rows choose their kept state on (default {TUNING_EVAL})")
     p.add_argument("--tuning-learn-planes", action="store_true",
-                   help="the tuning rows also learn plane choices (tuning option learn_planes; experimental)")
+                   help="the tuning rows also learn plane choices (tuning option learn_planes)")
     p.add_argument("--tuning-planes-lr", type=float, default=None,
                    help="step of the plane offsets in grid steps per optimizer step (default: 1 / steps)")
     p.add_argument("--calibration-autocast", choices=["none", "bfloat16", "float16", "auto"], default=None,

@@ -1,5 +1,6 @@
-"""Coefficient tuning: after a decoder layer is quantized, train its coefficients (planes frozen) so that the
-quantized layer's outputs match the full-precision layer's on the calibration windows.
+"""Coefficient tuning: after a decoder layer is quantized, train its coefficients (planes frozen, or with
+``learn_planes`` moved through bounded learned offsets) so that the quantized layer's outputs match the
+full-precision layer's on the calibration windows.
 
 :func:`tune_layer` swaps every :class:`~bpdq.linear.QuantLinear` of the layer for a temporary differentiable
 module (planes unpacked once with :func:`bpdq.bits.unpack_bits`, the dense weight rebuilt from float32
@@ -13,7 +14,8 @@ A non-finite loss or coefficient ends training; what is written back is always f
 
 Cost: one forward and backward of the layer per batch window per step, plus one forward per evaluated window
 per evaluation; memory: the layer's planes as uint8 plus its float32 coefficients and Adam state, and the
-activations of ``windows_per_step`` windows.
+activations of ``windows_per_step`` windows; with ``learn_planes`` also two float32 values per weight (the
+offsets and their gradient) and a nearest-level search per forward.
 """
 
 from __future__ import annotations
@@ -64,7 +66,7 @@ class TuningOptions(BaseModel):
     learn_planes: bool = Field(
         default=False,
         description="also move plane choices: each weight's code is the grid level nearest to its starting value "
-        "plus a learned offset (sign-gradient steps, bounded by planes_bound grid steps); experimental",
+        "plus a learned offset (sign-gradient steps, bounded by planes_bound grid steps)",
     )
     planes_lr: float | None = Field(
         default=None, gt=0.0, le=1.0,
