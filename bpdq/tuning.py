@@ -14,8 +14,9 @@ A non-finite loss or coefficient ends training; what is written back is always f
 
 Cost: one forward and backward of the layer per batch window per step, plus one forward per evaluated window
 per evaluation; memory: the layer's planes as uint8 plus its float32 coefficients and Adam state, and the
-activations of ``windows_per_step`` windows; with ``learn_planes`` also two float32 values per weight (the
-offsets and their gradient) and a nearest-level search per forward.
+activations of ``windows_per_step`` windows; with ``learn_planes`` also three bytes per weight (the offset as
+an ``int16`` count of steps, the sign of its gradient; four more with ``windows_per_step`` > 1) and a
+nearest-level search per forward.
 """
 
 from __future__ import annotations
@@ -114,11 +115,15 @@ class _TunableLinear(nn.Module):
 
     With ``learn_planes`` the planes are not frozen: each weight's code is the grid level nearest to
     ``w + v * s`` (``w`` the weight its starting planes give with the current coefficients, ``s`` its group's
-    starting mean level spacing, ``v`` a trainable offset bounded by ``bound``) and gradients reach ``v``
-    straight through the rounding. At ``v = 0`` the codes are the starting planes (up to levels of equal value).
+    starting mean level spacing, ``v`` an offset bounded by ``bound``) and gradients reach ``v`` straight
+    through the rounding. ``v`` moves by sign-gradient steps of ``lr``, so it is kept as a count of steps
+    (``int16``, or ``int32`` when ``bound / lr`` needs it) and only the sign of its gradient is kept (``int8``;
+    a float32 sum over the windows of a step when ``accumulate``). At ``v = 0`` the codes are the starting
+    planes (up to levels of equal value).
     """
 
-    def __init__(self, q: QuantLinear, learn_planes: bool = False, bound: float = 1.0) -> None:
+    def __init__(self, q: QuantLinear, learn_planes: bool = False, bound: float = 1.0, lr: float = 0.01,
+                 accumulate: bool = False) -> None:
         super().__init__()
         k, out, inp, g = q.k, q.out_features, q.in_features, q.group_size
         self.shape = (k, out, inp // g, g)
@@ -126,14 +131,19 @@ class _TunableLinear(nn.Module):
         # coeffs [groups, k+1, out] -> [k+1, out, groups, 1]
         self.coeffs = nn.Parameter(q.coeffs.detach().to(torch.float32).permute(1, 2, 0).unsqueeze(-1).contiguous())
         self.bias = q.bias
-        self.bound = bound
-        self.offsets: nn.Parameter | None = None
+        self.counts: torch.Tensor | None
+        self.lr, self.limit, self.accumulate = lr, math.floor(bound / lr + 1e-9), accumulate
+        self._grad: torch.Tensor | None = None  # sign (int8) or float32 sum of the weight's gradient this step
         if learn_planes:
             with torch.no_grad():
                 levels = self.levels()
                 spread = levels.amax(0) - levels.amin(0)
                 self.register_buffer("step", (spread / (2**k - 1)).clamp_min(torch.finfo(torch.float32).tiny), persistent=False)
-            self.offsets = nn.Parameter(torch.zeros(self.bits.shape[1:], dtype=torch.float32, device=self.bits.device))
+            dtype = torch.int16 if self.limit <= torch.iinfo(torch.int16).max else torch.int32
+            self.register_buffer("counts", torch.zeros(self.bits.shape[1:], dtype=dtype, device=self.bits.device),
+                                 persistent=False)
+        else:
+            self.counts = None
 
     def levels(self) -> torch.Tensor:
         """The grid levels of every group in code order, ``[2^k, out, groups, 1]``."""
@@ -141,10 +151,11 @@ class _TunableLinear(nn.Module):
         return torch.einsum("qc,c...->q...", plane_matrix(k, device=self.coeffs.device), self.coeffs)
 
     def codes(self) -> torch.Tensor:
-        """Bits ``uint8[k, out, groups, g]`` of the level nearest to ``w + offsets * step`` (learned planes), ``w``
+        """Bits ``uint8[k, out, groups, g]`` of the level nearest to ``w + v * step`` (learned planes), ``w``
         the weight the starting planes give with the current coefficients."""
+        assert self.counts is not None
         with torch.no_grad():
-            target = dequantize_bits(self.bits, self.coeffs).addcmul_(self.offsets, self.step)
+            target = dequantize_bits(self.bits, self.coeffs).addcmul_(self.counts.to(torch.float32).mul_(self.lr), self.step)
             levels, order = self.levels().squeeze(-1).movedim(0, -1).sort(-1)  # [out, groups, 2^k] ascending
             mids = (levels[..., 1:] + levels[..., :-1]).mul_(0.5)
             rank = torch.zeros(target.shape, dtype=torch.int64, device=target.device)
@@ -154,23 +165,33 @@ class _TunableLinear(nn.Module):
 
     def weight(self) -> torch.Tensor:
         _, out, n_groups, g = self.shape
-        if self.offsets is None:
+        if self.counts is None:
             return dequantize_bits(self.bits, self.coeffs).reshape(out, n_groups * g)
         w = dequantize_bits(self.codes(), self.coeffs)
-        moved = self.offsets * self.step
-        return (w + (moved - moved.detach())).reshape(out, n_groups * g)
+        if w.requires_grad:  # d loss / d v = d loss / d w * step, step > 0: the sign is the weight gradient's
+            w.register_hook(self._collect)
+        return w.reshape(out, n_groups * g)
 
-    def sign_step(self, lr: float) -> None:
+    def _collect(self, grad: torch.Tensor) -> None:
+        if not self.accumulate:
+            self._grad = grad.sign().to(torch.int8)
+        elif self._grad is None:
+            self._grad = grad.detach().to(torch.float32, copy=True)
+        else:
+            self._grad.add_(grad)
+
+    def sign_step(self) -> None:
         """One sign-gradient step of the offsets, clamped to the bound."""
-        if self.offsets is None or self.offsets.grad is None:
+        if self.counts is None or self._grad is None:
             return
         with torch.no_grad():
-            self.offsets.sub_(lr * self.offsets.grad.sign()).clamp_(-self.bound, self.bound)
-            self.offsets.grad = None
+            sign = self._grad if self._grad.dtype == torch.int8 else self._grad.sign().to(torch.int8)
+            self.counts.sub_(sign).clamp_(-self.limit, self.limit)
+        self._grad = None
 
     def stored_planes(self) -> torch.Tensor | None:
         """The learned planes in QuantLinear layout (packed), or None when the planes are frozen."""
-        if self.offsets is None:
+        if self.counts is None:
             return None
         k, out, n_groups, g = self.shape
         return pack_bits(self.codes().reshape(k, out, n_groups * g))
@@ -213,8 +234,9 @@ def tune_layer(
     if opts.autocast == "auto":
         opts = opts.model_copy(update={"autocast": resolve_autocast(opts.autocast, dev)})
     start = time.perf_counter()
-    tunables = {n: _TunableLinear(m, opts.learn_planes, opts.planes_bound).to(dev) for n, m in quantized}
-    offsets = [t.offsets for t in tunables.values() if t.offsets is not None]
+    planes_lr = opts.planes_lr if opts.planes_lr is not None else 1.0 / max(opts.steps, 1)
+    tunables = {n: _TunableLinear(m, opts.learn_planes, opts.planes_bound, planes_lr, opts.windows_per_step > 1).to(dev)
+                for n, m in quantized}
     norms = [m for _, m in layer.named_modules() if type(m).__name__.endswith("RMSNorm")] if opts.tune_norms else []
     with ExitStack() as stack:
         stack.enter_context(_frozen(layer))
@@ -222,9 +244,8 @@ def tune_layer(
             stack.enter_context(swapped_module(layer, name, module))
         masters = [stack.enter_context(_float_weight(n)) for n in norms]
         params = [t.coeffs for t in tunables.values()] + masters
-        for p in params + offsets:
+        for p in params:
             p.requires_grad_(True)
-        planes_lr = opts.planes_lr if opts.planes_lr is not None else 1.0 / max(opts.steps, 1)
         chosen = _eval_subset(len(batches), opts)
         def evaluate() -> float:
             return _loss(layer, [batches[i] for i in chosen], [targets[i] for i in chosen], dev, opts, tunables.values())
@@ -239,7 +260,7 @@ def tune_layer(
             for steps in range(1, opts.steps + 1):
                 ok = _step(layer, batches, targets, next(order), dev, opts, optim, params)
                 for t in tunables.values():
-                    t.sign_step(planes_lr)
+                    t.sign_step()
                 if not ok:
                     logger.warning("coefficient tuning stopped at step %d: non-finite loss or coefficients", steps)
                     break

@@ -136,11 +136,12 @@ def test_unknown_autocast_names_the_allowed_values():
         TuningOptions(autocast="fp8")
 
 
-def test_learned_planes_are_written_back_and_give_the_reported_loss(quantized_layer):
+@pytest.mark.parametrize("windows", [1, 2])
+def test_learned_planes_are_written_back_and_give_the_reported_loss(quantized_layer, windows):
     layer, batches, targets = quantized_layer
     before = {k: v.clone() for k, v in layer.state_dict().items() if k.endswith("planes")}
-    res = tune_layer(layer, batches, targets, {"steps": 60, "lr": 2e-3, "windows_per_step": 2, "learn_planes": True,
-                                               "planes_lr": 0.02})
+    res = tune_layer(layer, batches, targets, {"steps": 60, "lr": 2e-3, "windows_per_step": windows,
+                                               "learn_planes": True, "planes_lr": 0.02})
     assert res.loss_after < 0.9 * res.loss_before and res.best_step > 0
     after = {k: v for k, v in layer.state_dict().items() if k.endswith("planes")}
     assert any(not torch.equal(after[k], before[k]) for k in before), "no plane choice moved"
