@@ -34,6 +34,7 @@ import copy
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -390,6 +391,14 @@ def plot_points(results_files: list[Path]) -> dict[str, list[dict[str, Any]]]:
     return {name: list(points[name].values()) for name in sorted(points, key=lambda n: (order + [n]).index(n))}
 
 
+def _point_label(point: dict[str, Any]) -> str:
+    """The row's name, with its tuning steps and learned planes when the description gives them."""
+    steps = re.search(r"\((\d+) steps/layer", point["description"])
+    extra = [f"{steps.group(1)} steps"] if steps else []
+    extra += ["learned planes"] if "learned planes" in point["description"] else []
+    return point["row"] + (f" ({', '.join(extra)})" if extra else "")
+
+
 def plot(results_files: list[Path], png: Path) -> dict[str, list[dict[str, Any]]]:
     """Draw perplexity ratio vs bits per weight, one panel per evaluation text, into ``png``; the points."""
     points = plot_points(results_files)
@@ -407,13 +416,21 @@ def plot(results_files: list[Path], png: Path) -> dict[str, list[dict[str, Any]]
             sel = [p for p in pts if p["peer"] is peer]
             if sel:
                 ax.scatter([p["bpw"] for p in sel], [p["ratio"] for p in sel], marker=marker, color=color, label=label)
-        # labels of points at about the same bpw stacked downwards, highest ratio first, so they do not overlap
-        stacked: dict[float, int] = {}
-        for p in sorted(pts, key=lambda q: -q["ratio"]):
-            i = stacked[round(p["bpw"], 1)] = stacked.get(round(p["bpw"], 1), -1) + 1
-            ax.annotate(p["row"], (p["bpw"], p["ratio"]), fontsize=6, xytext=(4, 3 - 9 * i), textcoords="offset points")
         ax.axhline(1.0, color="grey", linewidth=0.8, linestyle=":")
         ax.margins(x=0.12)  # room for the labels of the outermost points
+        ax.autoscale_view()
+        # each label beside its point, pushed down (with a line to the point) only as far as the label above it
+        # at about the same bpw requires; highest ratio first
+        line = 9 * fig.dpi / 72  # one label's height, in pixels
+        lowest: dict[float, float] = {}
+        for p in sorted(pts, key=lambda q: -q["ratio"]):
+            y = ax.transData.transform((p["bpw"], p["ratio"]))[1]
+            key = next((k for k in lowest if abs(k - p["bpw"]) < 0.08), p["bpw"])  # labels within 0.08 bpw collide
+            at = min(y + 2, lowest.get(key, float("inf")) - line)
+            lowest[key] = at
+            moved = y + 2 - at > line / 2
+            ax.annotate(_point_label(p), (p["bpw"], p["ratio"]), fontsize=6, xytext=(6, at - y), textcoords="offset pixels",
+                        va="bottom", arrowprops={"arrowstyle": "-", "color": "grey", "lw": 0.5} if moved else None)
         ax.set_title(f"{name}", fontsize=10)
         ax.set_xlabel("bits per weight")
         ax.grid(True, alpha=0.3)
