@@ -70,7 +70,7 @@ class TuningOptions(BaseModel):
         "plus a learned offset (sign-gradient steps, bounded by planes_bound grid steps)",
     )
     planes_lr: float | None = Field(
-        default=None, gt=0.0, le=1.0,
+        default=None, ge=1e-5, le=1.0,
         description="step of the offsets, in grid steps per optimizer step; null: 1 / steps",
     )
     planes_bound: float = Field(
