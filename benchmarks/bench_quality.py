@@ -425,7 +425,7 @@ def plot(results_files: list[Path], png: Path) -> dict[str, list[dict[str, Any]]
         lowest: dict[float, float] = {}
         for p in sorted(pts, key=lambda q: -q["ratio"]):
             y = ax.transData.transform((p["bpw"], p["ratio"]))[1]
-            key = next((k for k in lowest if abs(k - p["bpw"]) < 0.08), p["bpw"])  # labels within 0.08 bpw collide
+            key = next((k for k in lowest if abs(k - p["bpw"]) < 0.15), p["bpw"])  # labels within 0.15 bpw collide
             at = min(y + 2, lowest.get(key, float("inf")) - line)
             lowest[key] = at
             moved = y + 2 - at > line / 2
