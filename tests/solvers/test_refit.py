@@ -198,7 +198,8 @@ def test_refit_chunks_give_the_same_coefficients():
     for rows in (0, 2, 3, 5, 12):
         part = refit_coefficients(W, H, codes, coeffs, 2, 32, chunk_bytes=rows * row_bytes(256, 2, 32))
         assert torch.equal(part.coeffs, whole.coeffs), rows
-        assert part.loss_after == pytest.approx(whole.loss_after, rel=1e-12)
+        # the loss is a float32 quadratic form per chunk: its rounding may follow the chunk on some CPUs
+        assert part.loss_after == pytest.approx(whole.loss_after, rel=1e-6)
 
 
 def test_gptq_refit_needs_the_bitplane_grid_and_improves_it():
