@@ -270,7 +270,9 @@ def _builtins() -> str:
     archs = ", ".join(f"`{a}`" for a in bpdq.ADAPTERS.names())
     return (
         "## Built-in texts and models\n\n`model:` is a local transformers directory, a `.gguf` file, a hub id "
-        f"(when online) or a built-in offline alias:\n\n{models}\n\nSupported architectures (model adapters): "
+        f"(when online) or a built-in offline alias:\n\n{models}\n\nThe first load of an alias converts its GGUF file "
+        "(tens of seconds) into a float32 safetensors copy under `~/.cache/bpdq` (`$XDG_CACHE_HOME/bpdq`; "
+        "`BPDQ_CACHE=DIR` elsewhere, `BPDQ_CACHE=off` never), which later loads read in about a second.\n\nSupported architectures (model adapters): "
         f"{archs}.\n\n`calibration.text` built-ins (English prose from the Python documentation; the `-test` "
         f"split shares no topic with the other, for held-out perplexity):\n\n{texts}\n"
     )

@@ -15,6 +15,18 @@ settings.register_profile("thorough", max_examples=500, deadline=None)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _builtin_model_cache(tmp_path_factory):
+    """Built-in models converted once per test session into a temporary cache (inherited by CLI subprocesses),
+    not into the user's own; a ``BPDQ_CACHE`` already set is kept."""
+    if "BPDQ_CACHE" in os.environ:
+        yield
+        return
+    os.environ["BPDQ_CACHE"] = str(tmp_path_factory.mktemp("bpdq-cache"))
+    yield
+    os.environ.pop("BPDQ_CACHE", None)
+
+
 @pytest.fixture
 def register():
     """``register(registry, name, obj)``: register for the duration of one test, unregistered afterwards."""

