@@ -1,17 +1,16 @@
 """Memory and time per stage of quantizing one decoder layer at Llama-3-8B and Llama-3-70B widths, against the
 analytic budgets of docs/scaling.md; and the offload check.
 
-**Layer mode** (default). A synthetic bf16 model directory of *one* decoder layer per shape (random weights,
-the real vocabulary unless ``--vocab``): ``8b`` (hidden 4096, intermediate 14336, 32/8 heads) and ``70b``
-(8192, 28672, 64/8). Each recipe (``gptq``: uniform 2-bit GPTQ; ``bpdq``: BPDQ k=2, 1 iteration, the refit
-on; ``bpdq-asym``: + asymmetric calibration; ``bpdq-tune``: + coefficient tuning; ``gptq-asym`` on request)
-runs in its own process, whose RSS a thread samples every 2 ms; the run's stages are marked by wrapping the
-engine's functions (capture, Hessians per group, solve per linear, the layer's outputs, tuning, write,
-finish). The table gives, per stage, its seconds and its peak RSS above the process's RSS before the run
-(imports done), against the stage's analytic budget (:func:`budgets`, the formulas of docs/scaling.md);
-then the run's peak RSS (the kernel's ``VmHWM``). Targets: every recipe of the 70B-shaped layer under
-20 GB of peak RSS, each stage within 1.15x its budget; asymmetric calibration at most 1.3x the symmetric
-run's peak RSS (``--compare``).
+**Layer mode** (default). A synthetic bf16 model directory of *one* decoder layer per shape (random weights, the
+real vocabulary unless ``--vocab``): ``8b`` (hidden 4096, intermediate 14336, 32/8 heads) and ``70b`` (8192, 28672,
+64/8). Each recipe (``gptq``: uniform 2-bit GPTQ; ``bpdq``: BPDQ k=2, 1 iteration, the refit on; ``bpdq-asym``: +
+asymmetric calibration; ``bpdq-tune``: + coefficient tuning; on request ``gptq-asym`` and ``bpdq-tune-planes``,
+tuning that learns the planes) runs in its own process, whose RSS a thread samples every 2 ms; the run's stages are
+marked by wrapping the engine's functions (capture, Hessians per group, solve per linear, the layer's outputs,
+tuning, write, finish). The table gives, per stage, its seconds and its peak RSS above the process's RSS before the
+run (imports done), against the stage's analytic budget (:func:`budgets`, the formulas of docs/scaling.md); then the
+run's peak RSS (the kernel's ``VmHWM``). Targets: every recipe of the 70B-shaped layer under 20 GB of peak RSS, each
+stage within 1.15x its budget; asymmetric calibration at most 1.3x the symmetric run's peak RSS (``--compare``).
 
 **Offload mode** (``--offload``): a hidden-1024 two-layer bf16 model, GPTQ 2-bit with ``offload: 32MB``, its
 peak RSS with ``--big`` (default 256) and ``--small`` (32) windows of 512 tokens; target: the growth is at
@@ -74,6 +73,7 @@ RECIPES: dict[str, dict[str, Any]] = {
     "bpdq": {"recipe": BPDQ},
     "bpdq-asym": {"recipe": BPDQ, "asymmetric": True},
     "bpdq-tune": {"recipe": BPDQ, "tuning": {"steps": 8}},
+    "bpdq-tune-planes": {"recipe": BPDQ, "tuning": {"steps": 8, "learn_planes": True}},
     "gptq-asym": {"recipe": GPTQ, "asymmetric": True},
 }
 DEFAULT_RECIPES = "gptq,bpdq,bpdq-asym,bpdq-tune"
@@ -287,6 +287,8 @@ def budgets(shape: Shape, recipe: str, tokens: int, batch_tokens: int) -> dict[s
         out["fp outputs"] = run + layers + held + batch
     if spec.get("tuning") is not None:
         out["tuning"] = run + layers + held + 4 * layer + 4 * batch  # float32 dense weights and their autograd
+        if spec["tuning"].get("learn_planes"):
+            out["tuning"] += 1.5 * layer  # per weight an int16 offset and the int8 sign of its gradient
     packed = sum(r * n for r, n in linears.values()) * (2 + 16 * 3 / 64) / 8
     out["write"] = run + layer + held + packed
     out["finish"] = run + 2 * embed + packed
