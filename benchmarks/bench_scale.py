@@ -288,7 +288,9 @@ def budgets(shape: Shape, recipe: str, tokens: int, batch_tokens: int) -> dict[s
     if spec.get("tuning") is not None:
         out["tuning"] = run + layers + held + 4 * layer + 4 * batch  # float32 dense weights and their autograd
         if spec["tuning"].get("learn_planes"):
-            out["tuning"] += 1.5 * layer  # per weight an int16 offset and the int8 sign of its gradient
+            # per weight an int16 offset and the int8 sign of its gradient (1.5 L), and the plane search's float32
+            # work (2 L: the 8B-shaped layer's tuning peak grew by 3.4 L)
+            out["tuning"] += 3.5 * layer
     packed = sum(r * n for r, n in linears.values()) * (2 + 16 * 3 / 64) / 8
     out["write"] = run + layer + held + packed
     out["finish"] = run + 2 * embed + packed
