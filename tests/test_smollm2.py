@@ -38,7 +38,9 @@ MAX_PPL_FACTOR = 3.0
 
 @pytest.fixture(scope="module")
 def runs():
-    model, tok = load_pretrained("smollm2-135m")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("BPDQ_CACHE", "off")  # the GGUF read itself (not the cached copy), whose config checkpoints replace
+        model, tok = load_pretrained("smollm2-135m")
     assert model.config.quantization_config.quant_method == "gguf"
     text = load_text("builtin:python-docs-test")
     fp_ppl = perplexity(model, tok, text, seq_len=256, max_windows=2)
