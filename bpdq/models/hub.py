@@ -121,8 +121,9 @@ def _write_cache(model: Any, tokenizer: Any, target: Path) -> None:
             tmp = None
         except OSError:  # another process put it there first
             pass
-    except OSError as exc:
-        logger.warning("could not cache the converted built-in model in %s (%s); it is read from GGUF each time", target, exc)
+    except Exception as exc:  # noqa: BLE001 - whatever fails, the model just read is still returned
+        logger.warning("could not cache the converted built-in model in %s (%s: %s); it is read from GGUF each time",
+                       target, type(exc).__name__, exc)
     finally:
         if tmp is not None:
             shutil.rmtree(tmp, ignore_errors=True)

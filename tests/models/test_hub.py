@@ -116,6 +116,13 @@ def test_builtin_cache_off_damaged_unwritable_and_keyed_by_the_file(fake_builtin
     model, _ = load_pretrained("smollm2-135m")  # the cache cannot be written: a warning, and the model still loads
     assert isinstance(model, torch.nn.Module) and "could not cache" in caplog.text
 
+    monkeypatch.setenv("BPDQ_CACHE", str(tmp_path / "cache-2"))
+    monkeypatch.setattr(hub, "_save_float_model", lambda model, directory: (_ for _ in ()).throw(ValueError("refused")))
+    caplog.clear()
+    model, _ = load_pretrained("smollm2-135m")  # a writer error that is not an OSError: the same
+    assert isinstance(model, torch.nn.Module) and "ValueError: refused" in caplog.text
+    assert not list((tmp_path / "cache-2" / "builtin").iterdir())  # its temporary directory removed
+
 
 @pytest.mark.slow
 def test_builtin_model_from_the_cache_equals_the_gguf_read(tmp_path, monkeypatch):
