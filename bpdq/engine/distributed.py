@@ -23,7 +23,10 @@ The run is the same loop on every rank (:mod:`bpdq.engine.loop`), with these dif
   their solver's rows are independent (``Solver.rows_independent``: GPTQ, not BPDQ, whose groups keep the
   iterate that is best summed over all rows): every rank gets the whole Hessian, solves its contiguous
   share of the rows (:func:`row_share`), and the packed shares travel to every rank (:func:`gather_rows`);
-  a row's result does not depend on the other rows, so the bytes are those of one process. Otherwise
+  a row's result does not depend on the other rows, so the bytes are those of one process. With asymmetric
+  calibration such a linear needs two factorisations of its Hessian (its targets' and its solver's,
+  :meth:`~bpdq.solvers.base.Solver.prefactor`): one rank makes each and sends it to the others
+  (:func:`spread`). Otherwise
   o_proj and down_proj are solved by their owner while the others wait, and the output projection by
   rank 0.
 - **Output.** Rank 0 writes the checkpoint and the report; the others write nothing (their resume inputs
@@ -64,6 +67,7 @@ from bpdq.quantized import QuantizedWeight, SolveStats
 from bpdq.report import ModuleRecord
 from bpdq.solvers.base import relative_loss
 from bpdq.solvers.hessian import HessianAccumulator
+from bpdq.solvers.sweep import SweepFactor
 
 logger = logging.getLogger(__name__)
 
@@ -264,6 +268,41 @@ def gather_rows(part: QuantizedWeight, rows: int) -> QuantizedWeight:
         stats.append(json.loads(_broadcast_bytes(json.dumps(part.stats.to_dict()).encode() if mine else None, src)))
     return QuantizedWeight(torch.cat(planes, 1), torch.cat(coeffs, 2), part.group_size, (rows, part.shape[1]),
                            part.dtype, part.grid, part.solver, _merged_stats(stats))
+
+
+def spread(jobs: Sequence[Callable[[], torch.Tensor | SweepFactor]]) -> list[torch.Tensor | SweepFactor]:
+    """Each job run by one rank (job ``i`` by rank ``i`` mod the world size) and its result, a tensor or a
+    :class:`~bpdq.solvers.sweep.SweepFactor`, sent to every rank: each rank's results, in the jobs' order, on
+    its compute device. Factorisations that several ranks need are made once this way, side by side. A
+    transposed tensor arrives transposed (a factor is the transposed view of its storage; products with it
+    round as they do with the original's layout). Every job runs in one process."""
+    if not is_distributed():
+        return [job() for job in jobs]
+    world, me = world_size(), rank()
+    mine = {i: job() for i, job in enumerate(jobs) if i % world == me}
+    out: list[torch.Tensor | SweepFactor] = []
+    for i in range(len(jobs)):
+        agree()
+        src, value = i % world, mine.get(i)
+        meta = wire = None
+        if value is not None:
+            U = value.U if isinstance(value, SweepFactor) else value
+            flipped = not U.is_contiguous() and U.mT.is_contiguous()
+            wire = (U.mT if flipped else U).contiguous().to(_device())
+            extra = ({"damp": value.damp, "retries": value.retries, "mean_diag": value.mean_diag}
+                     if isinstance(value, SweepFactor) else None)
+            meta = json.dumps({"shape": list(wire.shape), "dtype": str(wire.dtype).removeprefix("torch."),
+                               "flipped": flipped, "extra": extra}).encode()
+        info = json.loads(_broadcast_bytes(meta, src))
+        if wire is None:
+            wire = torch.empty(info["shape"], dtype=getattr(torch, info["dtype"]), device=_device())
+        _dist().broadcast(wire, src)
+        if value is not None:
+            out.append(value)
+            continue
+        U = wire.mT if info["flipped"] else wire
+        out.append(U if info["extra"] is None else SweepFactor(U=U, **info["extra"]))
+    return out
 
 
 def _merged_stats(parts: list[dict[str, Any]]) -> SolveStats:

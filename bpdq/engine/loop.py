@@ -18,6 +18,7 @@ calibration batches out and sums the Hessians over the ranks (:mod:`bpdq.engine.
 
 from __future__ import annotations
 
+import functools
 import logging
 import sys
 import time
@@ -66,18 +67,19 @@ logger = logging.getLogger(__name__)
 
 def quantize_linear(
     root: nn.Module, rel: str, full: str, recipe: Recipe, hessian: torch.Tensor | None, *, release_hessian: bool = False,
-    split: bool = False,
+    split: bool = False, factor: Any = None,
 ) -> ModuleRecord:
     """Solve the ``nn.Linear`` ``rel`` of ``root`` and swap it for a QuantLinear (on the weight's device);
     ``release_hessian``: as :func:`~bpdq.solvers.build.quantize_weight`'s. ``split``: every rank of a
     distributed run calls this, solves its share of the rows, and all ranks get the whole result
-    (:func:`~bpdq.engine.distributed.gather_rows`)."""
+    (:func:`~bpdq.engine.distributed.gather_rows`). ``factor``: the solver's factorisation of ``hessian``,
+    made ahead (:attr:`~bpdq.engine.stages.LayerStep.factors`)."""
     linear = root.get_submodule(rel)
     rows = slice(*distributed.row_share(linear.out_features)) if split else slice(None)
     try:
         qw = quantize_weight(
             linear.weight[rows], hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size,
-            release_hessian=release_hessian,
+            release_hessian=release_hessian, factor=factor,
         )
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"cannot quantize {full}: {exc}") from None
@@ -146,6 +148,10 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
                 step.rows = {rel: distributed.row_share(layer.get_submodule(rel).out_features) if rel in split
                              else (0, layer.get_submodule(rel).out_features) if distributed.rank() in solvers[rel]
                              else None for rel in todo}
+                for rel in split:
+                    solver = build_solver(group[rel].solver)  # type: ignore[union-attr]
+                    if solver.prefactors:
+                        step.prefactors[rel] = functools.partial(solver.prefactor, group_size=group[rel].group_size)  # type: ignore[union-attr]
             if step.inputs is not None:
                 progress.describe(f"{prefix}: calibrating {', '.join(todo)}")
                 found = provider.hessians(step, todo) if provider is not None else None
@@ -158,12 +164,12 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
                     progress.describe(f"{prefix}.{rel}")
                     last = hessian is not None and not any(h is hessian for h in hessians.values())  # q/k/v share one
                     solved[rel] = quantize_linear(layer, rel, f"{prefix}.{rel}", group[rel], hessian,  # type: ignore[arg-type]
-                                                  release_hessian=last, split=rel in split)
+                                                  release_hessian=last, split=rel in split, factor=step.factors.pop(rel, None))
             for rel in todo:
                 step.records.append(solved[rel] if rel in split else distributed.share_linear(layer, rel, solved.get(rel), owner[rel]))
                 progress.advance()
             del hessians
-            step.rows = {}
+            step.rows, step.prefactors, step.factors = {}, {}, {}
             return_freed_memory()  # the group's Hessians and solver copies, before the next group's
         done.update(group)
         if replay is not None:

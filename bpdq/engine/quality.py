@@ -35,6 +35,7 @@ pass runs the block to its end: ``o_proj`` in the attention), one pass earlier t
 from __future__ import annotations
 
 import copy
+import functools
 from contextlib import nullcontext
 from typing import Any, Callable, ContextManager, Sequence
 
@@ -49,7 +50,7 @@ from bpdq.engine.replay import Replay
 from bpdq.engine.stages import LayerStep, Stage
 from bpdq.linear import QuantLinear
 from bpdq.report import RunReport
-from bpdq.solvers.asymmetric import AsymmetricAccumulator, aligned_rows, corrected_targets
+from bpdq.solvers.asymmetric import AsymmetricAccumulator, aligned_rows, corrected_targets, target_factor
 from bpdq.tuning import TuningOptions, tune_layer
 
 ASYMMETRIC_DAMP = 0.01  # damping of W~'s solve, relative to mean(diag H_q) (as GPTQ's default)
@@ -138,11 +139,15 @@ def accumulate_asymmetric(
 def asymmetric_targets_of(
     layer: nn.Module, names: Sequence[str], accs: dict[str, AsymmetricAccumulator], alias: dict[str, str],
     damp: float = ASYMMETRIC_DAMP, rows: dict[str, tuple[int, int] | None] | None = None,
+    prefactors: dict[str, Callable[[torch.Tensor], Any]] | None = None, factors: dict[str, Any] | None = None,
 ) -> dict[str, torch.Tensor | None]:
     """The second half of :func:`asymmetric_hessians`: each linear's weight replaced by its target, and
     ``H_q`` of each (``accs`` are spent, one at a time). ``rows`` (a distributed run's
     :attr:`~bpdq.engine.stages.LayerStep.rows`): only the rows this rank solves get their target (whole
-    blocks of them, computed as in one process), and a linear it does not solve gets neither (``None``)."""
+    blocks of them, computed as in one process), and a linear it does not solve gets neither (``None``).
+    ``prefactors`` and ``factors`` (the step's): for a linear whose rows every rank solves, the factorisation
+    of ``H_q`` for the targets and the solver's are made on two ranks side by side, and the solver's goes
+    into ``factors``."""
     hessians: dict[str, torch.Tensor | None] = {}
     for root in list(accs):  # H_q factorised once for the linears that share it
         acc = accs.pop(root)
@@ -171,9 +176,14 @@ def asymmetric_targets_of(
         del acc  # the float64 sums, before the factorisation
         if not identical:
             corrections = [c.to(dev) for c in corrections]
+            H_dev, U = H_q.to(dev), None
+            ahead = [n for n in mine if n in (prefactors or {})]
+            if ahead and factors is not None:  # both factorisations at once, one rank each (every rank takes part)
+                U, factors[ahead[0]] = distributed.spread([functools.partial(target_factor, H_dev, damp),
+                                                           functools.partial(prefactors[ahead[0]], H_q)])  # type: ignore[index]
             with torch.no_grad():  # each target written into its weight: no [out, in] copy at the stage's peak
-                corrected_targets(weights, H_q.to(dev), corrections, damp, in_place=True)
-            del corrections
+                corrected_targets(weights, H_dev, corrections, damp, in_place=True, factor=U)  # type: ignore[arg-type]
+            del corrections, H_dev, U
         for n in mine:
             hessians[n] = H_q
     return {n: hessians.get(n) for n in names}
@@ -254,7 +264,8 @@ class AsymmetricCalibration(Stage):
             if step.fp_replay is not None:
                 step.fp_replay.close()
             step.fp_layer = step.fp_replay = None
-        return asymmetric_targets_of(step.layer, names, accs, alias, rows=step.rows)
+        return asymmetric_targets_of(step.layer, names, accs, alias, rows=step.rows, prefactors=step.prefactors,
+                                     factors=step.factors)
 
     def finish(self, report: RunReport) -> None:
         report.asymmetric = {"damp": ASYMMETRIC_DAMP}

@@ -25,7 +25,7 @@ receives in the full-precision model beside the quantized model's (``LayerStep.f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Any, ClassVar, Sequence
+from typing import TYPE_CHECKING, Any, Callable, ClassVar, Sequence
 
 import torch
 from torch import nn
@@ -71,6 +71,12 @@ class LayerStep:
     #: While a group's Hessians are computed: the rows ``(r0, r1)`` of each of its linears this rank solves
     #: (``None``: none, another rank solves it). Empty outside a distributed run: every row of every linear.
     rows: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+    #: While a group's Hessians are computed, in a distributed run: the linears every rank solves rows of
+    #: whose solver factorises ahead (:meth:`~bpdq.solvers.base.Solver.prefactor`), each with that
+    #: function of its Hessian. A stage that factorises the Hessian too may make both factorisations on
+    #: two ranks (:func:`~bpdq.engine.distributed.spread`) and leave the solver's in ``factors``.
+    prefactors: dict[str, Callable[[torch.Tensor], Any]] = field(default_factory=dict)
+    factors: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass

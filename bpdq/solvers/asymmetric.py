@@ -212,14 +212,15 @@ def _check_weights(weights: Sequence[torch.Tensor], H_q: torch.Tensor) -> int:
 
 def corrected_targets(
     weights: Sequence[torch.Tensor], H_q: torch.Tensor, corrections: Sequence[torch.Tensor], damp: float = 0.01,
-    *, max_retries: int = 6, in_place: bool = False,
+    *, max_retries: int = 6, in_place: bool = False, factor: torch.Tensor | None = None,
 ) -> list[torch.Tensor]:
     """``W + M (H_q + damp * mean(diag H_q) I)^-1`` for each weight ``W`` and its correction ``M`` (``W D``:
     :meth:`AsymmetricAccumulator.corrections`), in ``W``'s dtype, with ``H_q`` factorised once
     (:func:`~bpdq.solvers.hessian.damped_inverse_cholesky`, in ``H_q``'s dtype; ``H_q`` is not modified).
     A weight whose correction is all zero is returned unchanged (a copy), and when all are, nothing is
     factorised. ``in_place``: each target is written into its weight, a block of rows at a time (the same
-    bits; no ``[out, in]`` copy), and the weights themselves are returned."""
+    bits; no ``[out, in]`` copy), and the weights themselves are returned. ``factor``: that factorisation
+    made ahead (:func:`target_factor` of ``H_q``), used as it is."""
     if len(weights) != len(corrections):
         raise ValueError(f"{len(weights)} weights but {len(corrections)} corrections")
     if not weights:
@@ -233,7 +234,9 @@ def corrected_targets(
     zero = [not any(bool(M[r0:r1].any()) for r0, r1 in _row_ranges(*M.shape)) for M in corrections]  # no [o, n] bool
     if all(zero):
         return [W if in_place else W.clone() for W in weights]
-    U = damped_inverse_cholesky(H_q.clone, damp, max_retries=max_retries, what="H_q", widen=True)[0]
+    if factor is not None and factor.shape != H_q.shape:
+        raise ValueError(f"a factor of shape {tuple(factor.shape)} for H_q of shape {tuple(H_q.shape)}")
+    U = factor if factor is not None else target_factor(H_q, damp, max_retries=max_retries)
     out = []
     for W, M, z in zip(weights, corrections, zero):
         target = W if in_place else W.clone()
@@ -243,6 +246,12 @@ def corrected_targets(
                 target[r0:r1] = (W[r0:r1].to(torch.float64) + X.to(device=W.device, dtype=torch.float64)).to(W.dtype)
         out.append(target)
     return out
+
+
+def target_factor(H_q: torch.Tensor, damp: float = 0.01, *, max_retries: int = 6) -> torch.Tensor:
+    """``U`` with ``U^T U = (H_q + damp * mean(diag H_q) I)^-1``, as :func:`corrected_targets` factorises it
+    (in ``H_q``'s dtype, float64 where that fails; ``H_q`` is not modified)."""
+    return damped_inverse_cholesky(H_q.clone, damp, max_retries=max_retries, what="H_q", widen=True)[0]
 
 
 def asymmetric_target(

@@ -10,6 +10,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
+from typing import Any
 
 import torch
 
@@ -22,6 +23,8 @@ from bpdq.solvers.hessian import check_hessian
 #: The caller's Hessian of the solve in progress, when its caller allowed the solver to free it
 #: (``Solver.__call__(release_hessian=True)``); see :func:`release_hessian`.
 _RELEASABLE: ContextVar[tuple[torch.Tensor, ...] | None] = ContextVar("bpdq_releasable_hessian", default=None)
+#: The factorisation of the solve in progress made ahead (``Solver.__call__(factor=...)``); see :func:`given_factor`.
+_FACTOR: ContextVar[Any] = ContextVar("bpdq_given_factor", default=None)
 
 
 def release_hessian() -> bool:
@@ -38,6 +41,12 @@ def release_hessian() -> bool:
     return True
 
 
+def given_factor() -> Any:
+    """The factorisation of the solve in progress that its caller made ahead with :meth:`Solver.prefactor`
+    (``None`` when there is none): a solver that has one uses it instead of factorising the Hessian."""
+    return _FACTOR.get()
+
+
 class Solver(Configurable, ABC):
     """Abstract solver. ``requires_hessian`` solvers raise if called without one."""
 
@@ -49,10 +58,11 @@ class Solver(Configurable, ABC):
 
     def __call__(
         self, weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid, group_size: int, *,
-        release_hessian: bool = False,
+        release_hessian: bool = False, factor: Any = None,
     ) -> QuantizedWeight:
         """Quantize ``weight`` with ``hessian``. ``release_hessian``: the caller will not read ``hessian`` again,
-        so the solver may free its memory once done with it (:func:`release_hessian`)."""
+        so the solver may free its memory once done with it (:func:`release_hessian`). ``factor``: what
+        :meth:`prefactor` returned for this ``hessian`` and ``group_size`` (:func:`given_factor`)."""
         check_weight(weight, group_size)
         if not isinstance(grid, Grid):
             raise TypeError(f"grid must be a Grid instance, got {type(grid).__name__}")
@@ -67,9 +77,11 @@ class Solver(Configurable, ABC):
         H = hessian.detach().to(torch.float32) if hessian is not None else None
         start = time.perf_counter()
         token = _RELEASABLE.set((hessian, H) if release_hessian and hessian is not None else None)
+        given = _FACTOR.set(factor)
         try:
             codes, coeffs, stats = self._solve(W, H, grid, group_size)
         finally:
+            _FACTOR.reset(given)
             _RELEASABLE.reset(token)
         elapsed = time.perf_counter() - start
         qw = QuantizedWeight.from_codes(
@@ -88,6 +100,17 @@ class Solver(Configurable, ABC):
                 raise RuntimeError(f"solver {self.name!r} released the Hessian but left no proxy loss in its stats")
             qw.stats.proxy_loss, qw.stats.relative_loss = proxy_loss(weight.detach().to(torch.float32), qw.dequantize(torch.float32), H)
         return qw
+
+    def prefactor(self, hessian: torch.Tensor, group_size: int) -> Any:
+        """The factorisation of ``hessian`` that a solve with it would make, made ahead, for ``__call__``'s
+        ``factor`` (the same result, the same bits): in a distributed run one process makes it for the
+        others that solve rows of the same weight. ``None`` (the default): nothing to make ahead."""
+        return None
+
+    @property
+    def prefactors(self) -> bool:
+        """Whether :meth:`prefactor` makes anything (the solver overrides it)."""
+        return type(self).prefactor is not Solver.prefactor
 
     def check_grid(self, grid: Grid, group_size: int) -> None:
         """Raise ``ValueError`` if this solver cannot work with ``grid`` at ``group_size`` (the default accepts

@@ -34,11 +34,11 @@ from bpdq.grids.bitplane import BitPlaneGrid
 from bpdq.options import Options
 from bpdq.quantized import SolveStats
 from bpdq.registry import SOLVERS
-from bpdq.solvers.base import Solver
+from bpdq.solvers.base import Solver, given_factor
 from bpdq.solvers.fit import WhitenedFit
 from bpdq.solvers.ordering import Order
 from bpdq.solvers.refit import Refit, apply_refit
-from bpdq.solvers.sweep import block_width, prepare_layer, restore_order
+from bpdq.solvers.sweep import SweepFactor, block_width, prepare_layer, restore_order, sweep_factor
 
 
 class BPDQOptions(Options):
@@ -83,11 +83,14 @@ class BPDQ(Solver):
     def check_grid(self, grid: Grid, group_size: int) -> None:
         check_bitplane_grid(grid, self.options.init_bits)
 
+    def prefactor(self, hessian: torch.Tensor, group_size: int) -> SweepFactor:
+        return sweep_factor(hessian.detach().to(torch.float32), group_size, self.options.order, self.options.damp)
+
     def _solve(self, W: torch.Tensor, H: torch.Tensor | None, grid: Grid, group_size: int) -> tuple[torch.Tensor, torch.Tensor, SolveStats]:
         assert H is not None  # Solver.__call__ enforces requires_hessian
         init_grid = check_bitplane_grid(grid, self.options.init_bits)
         opts = self.options
-        layer = prepare_layer(W, H, group_size, opts.order, opts.damp)
+        layer = prepare_layer(W, H, group_size, opts.order, opts.damp, factor=given_factor())
         # the refit's target: W itself unless the sweep overwrites it (no permutation and no dead input)
         original = None if Refit(opts.refit) is Refit.NONE else W.clone() if layer.W.data_ptr() == W.data_ptr() else W
         res = bpdq_sweep(

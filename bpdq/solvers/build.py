@@ -32,10 +32,12 @@ def quantize_weight(
     solver: Any = "rtn",
     group_size: int,
     release_hessian: bool = False,
+    factor: Any = None,
 ) -> QuantizedWeight:
     """Quantize one ``[out, in]`` weight; ``hessian`` is ``[in, in]`` (``None`` for Hessian-free solvers).
     ``release_hessian=True``: ``hessian`` is not read again, and the solver may free its memory (leaving it
     empty) as soon as it no longer needs it, which lowers the solve's peak memory by one ``[in, in]`` matrix.
+    ``factor``: the solver's :meth:`~bpdq.solvers.base.Solver.prefactor` of ``hessian``, made ahead.
 
     >>> qw = quantize_weight(torch.randn(16, 64), grid={"type": "bitplane", "planes": 2}, solver="rtn",
     ...                      group_size=32)
@@ -44,4 +46,4 @@ def quantize_weight(
     """
     g = build_grid(grid)
     s = build_solver(solver)
-    return s(weight, hessian, g, group_size, release_hessian=release_hessian)
+    return s(weight, hessian, g, group_size, release_hessian=release_hessian, factor=factor)

@@ -17,10 +17,12 @@ from bpdq.grids.bitplane import BitPlaneGrid
 from bpdq.options import Options
 from bpdq.quantized import SolveStats
 from bpdq.registry import SOLVERS
-from bpdq.solvers.base import Solver, quadratic_forms, relative_loss
+from bpdq.solvers.base import Solver, given_factor, quadratic_forms, relative_loss
 from bpdq.solvers.ordering import Order
 from bpdq.solvers.refit import Refit, apply_refit
-from bpdq.solvers.sweep import SweepErrors, block_width, prepare_layer, restore_order, sweep_proxy_loss
+from bpdq.solvers.sweep import (
+    SweepErrors, SweepFactor, block_width, prepare_layer, restore_order, sweep_factor, sweep_proxy_loss,
+)
 
 
 class GPTQOptions(Options):
@@ -40,6 +42,9 @@ class GPTQ(Solver):
     requires_hessian = True
     rows_independent = True  # per row: the grid's initial fit, the snaps, the error propagation; the refit
 
+    def prefactor(self, hessian: torch.Tensor, group_size: int) -> SweepFactor:
+        return sweep_factor(hessian.detach().to(torch.float32), group_size, self.options.order, self.options.damp)
+
     def _solve(self, W: torch.Tensor, H: torch.Tensor | None, grid: Grid, group_size: int) -> tuple[torch.Tensor, torch.Tensor, SolveStats]:
         assert H is not None  # Solver.__call__ enforces requires_hessian
         opts = self.options
@@ -55,7 +60,7 @@ class GPTQ(Solver):
         # overwrites W, which layer.W may be), else (tiny damping, H not PSD) Solver.__call__'s explicit formula.
         # Without a refit, H is not needed once U exists: it is freed then where the caller allows it.
         reference = float(quadratic_forms(W, H).sum()) if original is None else None
-        layer = prepare_layer(W, H, group_size, opts.order, opts.damp, release=original is None)
+        layer = prepare_layer(W, H, group_size, opts.order, opts.damp, factor=given_factor(), release=original is None)
         from_sweep = original is None and layer.loss_from_errors
         codes, coeffs, errors = gptq_sweep(layer.W, layer.U, grid, group_size, block_width(opts.block_size, group_size))
         codes, coeffs, _ = restore_order(codes, coeffs, layer.perm, group_size)

@@ -44,43 +44,78 @@ class SweepLayer:
         return {"damp": self.damp, "cholesky_retries": self.retries, "dead_inputs": self.n_dead}
 
 
+@dataclass
+class SweepFactor:
+    """What :func:`prepare_layer` factorises, computed ahead (:func:`sweep_factor`): ``U`` in sweep order, the
+    damping used, its retries and ``mean(diag H)`` of the factorised Hessian."""
+
+    U: torch.Tensor
+    damp: float
+    retries: int
+    mean_diag: float
+
+
+def _setup(H: torch.Tensor, group_size: int, order: Order | str) -> tuple[torch.Tensor, bool, torch.Tensor, torch.Tensor | None]:
+    """Dead inputs (``H_jj = 0``, original order), whether they are isolated (their rows of ``H`` all zero),
+    the column order, and ``H``'s diagonal in that order with dead entries set to 1."""
+    dead = torch.diagonal(H) == 0
+    isolated = not bool(H[dead].any())  # else H is not PSD: the loss comes from the explicit formula
+    diag = torch.diagonal(H).clone()
+    diag[dead] = 1.0
+    perm = column_permutation(order, diag, group_size)
+    return dead, isolated, (diag if perm is None else diag[perm]), perm
+
+
+def _factorise(H: torch.Tensor, diag: torch.Tensor, perm: torch.Tensor | None, dtype: torch.dtype, damp: float) -> SweepFactor:
+    """:func:`damped_inverse_cholesky` of one working copy of ``H`` in ``dtype``: permuted, its diagonal
+    replaced by ``diag`` (built in blocks of rows)."""
+
+    def working_copy() -> torch.Tensor:
+        work = torch.empty(H.shape, dtype=dtype, device=H.device)
+        for r0, r1 in row_blocks(H.shape[0], _COPY_BLOCK):
+            rows = H[r0:r1] if perm is None else H.index_select(0, perm[r0:r1]).index_select(1, perm)
+            work[r0:r1] = rows
+        torch.diagonal(work).copy_(diag.to(dtype))
+        return work
+
+    return SweepFactor(*damped_inverse_cholesky(working_copy, damp))
+
+
+def sweep_factor(H: torch.Tensor, group_size: int, order: Order | str, damp: float) -> SweepFactor:
+    """The factor :func:`prepare_layer` computes for ``H`` with these options and a weight of ``H``'s dtype,
+    the same bits: one process may factorise for others that solve rows of the same weight."""
+    check_hessian(H)
+    _, _, diag, perm = _setup(H, group_size, order)
+    return _factorise(H, diag, perm, H.dtype, damp)
+
+
 def prepare_layer(
-    W: torch.Tensor, H: torch.Tensor, group_size: int, order: Order | str, damp: float, *, release: bool = False
+    W: torch.Tensor, H: torch.Tensor, group_size: int, order: Order | str, damp: float, *, release: bool = False,
+    factor: SweepFactor | None = None,
 ) -> SweepLayer:
     """Dead inputs (``H_jj = 0``: ``H_jj = 1`` and ``W[:, j] = 0``), column order, and ``U`` of the damped
     inverse Hessian.
 
     ``H`` is not modified, and one ``[in, in]`` matrix exists beside it: the dead-input fix, the permutation
     and the damping go into one working copy (built in blocks of rows), which
-    :func:`damped_inverse_cholesky` turns into ``U`` in place. ``release``: once ``U`` exists, free ``H``
-    (:func:`~bpdq.solvers.base.release_hessian`, where the solve's caller allows it) if the proxy loss can
-    come from the sweep's errors (``loss_from_errors``), before the permuted copy of ``W`` is made.
+    :func:`damped_inverse_cholesky` turns into ``U`` in place. ``factor``: that factorisation done already
+    (:func:`sweep_factor` of this ``H`` with these options), used as it is. ``release``: once ``U`` exists,
+    free ``H`` (:func:`~bpdq.solvers.base.release_hessian`, where the solve's caller allows it) if the proxy
+    loss can come from the sweep's errors (``loss_from_errors``), before the permuted copy of ``W`` is made.
     """
     check_hessian(H, W.shape[1])
-    dead = torch.diagonal(H) == 0
-    isolated = not bool(H[dead].any())  # else H is not PSD: the loss comes from the explicit formula
+    dead, isolated, diag, perm = _setup(H, group_size, order)
     n_dead = int(dead.sum())
-    diag = torch.diagonal(H).clone()
     if n_dead:  # dead inputs: H_jj = 1 and W[:, j] = 0 (as fix_dead_inputs)
-        diag[dead] = 1.0
         W = W.clone()
         W[:, dead] = 0.0
-    perm = column_permutation(order, diag, group_size)
     if perm is not None:
         dead = dead[perm]
-        diag = diag[perm]
-    diag = diag.to(W.dtype)
-
-    def working_copy() -> torch.Tensor:
-        work = torch.empty(H.shape, dtype=W.dtype, device=H.device)
-        for r0, r1 in row_blocks(H.shape[0], _COPY_BLOCK):
-            rows = H[r0:r1] if perm is None else H.index_select(0, perm[r0:r1]).index_select(1, perm)
-            work[r0:r1] = rows
-        torch.diagonal(work).copy_(diag)
-        return work
-
-    U, used, retries, mean_diag = damped_inverse_cholesky(working_copy, damp)
-    loss_from_errors = used >= SWEEP_LOSS_MIN_DAMP and isolated
+    if factor is None:
+        factor = _factorise(H, diag, perm, W.dtype, damp)
+    elif factor.U.shape != H.shape:
+        raise ValueError(f"a sweep factor of shape {tuple(factor.U.shape)} for a Hessian of shape {tuple(H.shape)}")
+    loss_from_errors = factor.damp >= SWEEP_LOSS_MIN_DAMP and isolated
     if release and loss_from_errors:
         from bpdq.solvers.base import release_hessian
 
@@ -88,8 +123,8 @@ def prepare_layer(
     if perm is not None:
         W = W[:, perm]
     return SweepLayer(
-        W=W.contiguous(), U=U, perm=perm, damp=used, retries=retries, n_dead=n_dead,
-        mean_diag=mean_diag, dead=dead, loss_from_errors=loss_from_errors,
+        W=W.contiguous(), U=factor.U, perm=perm, damp=factor.damp, retries=factor.retries, n_dead=n_dead,
+        mean_diag=factor.mean_diag, dead=dead, loss_from_errors=loss_from_errors,
     )
 
 

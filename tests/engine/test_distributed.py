@@ -50,6 +50,27 @@ if os.environ.get("BPDQ_TEST_SPLIT_DIR"):
     distributed.gather_rows = recording
 """
 
+FACTOR_PLUGIN = """
+import os
+import bpdq.solvers.asymmetric as asymmetric
+import bpdq.solvers.sweep as sweep
+
+def counting(module):
+    factorise = module.damped_inverse_cholesky
+
+    def counted(build, *args, **kwargs):  # each rank notes the size of every matrix it factorises
+        result = factorise(build, *args, **kwargs)
+        with open(os.path.join(os.environ["BPDQ_TEST_FACTOR_DIR"], f"rank-{os.environ['RANK']}.txt"), "a") as f:
+            f.write(f"{result[0].shape[0]}\\n")
+        return result
+
+    module.damped_inverse_cholesky = counted
+
+if os.environ.get("BPDQ_TEST_FACTOR_DIR"):
+    counting(asymmetric)
+    counting(sweep)
+"""
+
 BREAK_PLUGIN = """
 import os
 import bpdq.shards as shards
@@ -98,7 +119,8 @@ def setup(tmp_path_factory):
     strategy["rules"].append({"match": "lm_head", "grid": {"type": "bitplane", "planes": 3}})
     cfg = tmp / "s.yaml"
     cfg.write_text(yaml.safe_dump(strategy))
-    for name, text in (("stop.py", STOP_PLUGIN), ("break.py", BREAK_PLUGIN), ("split.py", SPLIT_PLUGIN)):
+    for name, text in (("stop.py", STOP_PLUGIN), ("break.py", BREAK_PLUGIN), ("split.py", SPLIT_PLUGIN),
+                       ("factor.py", FACTOR_PLUGIN)):
         (tmp / name).write_text(text)
     bpdq.quantize_model(src, recipe=strategy["quantize"], calibration=strategy["calibration"], rules=strategy["rules"],
                         progress=False, output=tmp / "one")  # the single-process reference
@@ -273,9 +295,46 @@ def test_hessians_are_reduced_onto_their_owners():
                 assert torch.equal(H, refs[i].hessian)
 
 
+def _spread_worker(r: int, port: str, result) -> None:
+    import torch.distributed as dist
+
+    from bpdq.solvers.sweep import SweepFactor
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=2)
+    try:
+        def first():  # rank 0's: a transposed view, as a factor is
+            return torch.arange(12.0).reshape(3, 4).mT
+
+        def second():  # rank 1's
+            return SweepFactor(U=torch.arange(9, dtype=torch.float64).reshape(3, 3), damp=0.1, retries=1, mean_diag=1 / 3)
+
+        ran = []
+        got = distributed.spread([lambda: ran.append(0) or first(), lambda: ran.append(1) or second()])
+        result[r] = (ran, got[0], got[0].stride(), got[1].U, got[1].damp, got[1].retries, got[1].mean_diag)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_each_job_of_a_spread_runs_on_one_rank_and_reaches_every_rank_in_its_layout():
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_spread_worker, args=(str(free_port()), result), nprocs=2)
+        got = dict(result)
+    for r in range(2):
+        ran, t, stride, U, damp, retries, mean_diag = got[r]
+        assert ran == [r]
+        assert torch.equal(t, torch.arange(12.0).reshape(3, 4).mT) and stride == (1, 4)
+        assert U.dtype == torch.float64 and torch.equal(U, torch.arange(9, dtype=torch.float64).reshape(3, 3))
+        assert (damp, retries, mean_diag) == (0.1, 1, 1 / 3)
+
+
 def test_asymmetric_calibration_in_two_ranks_matches_one_process(setup):
     """Each rank carries its share of the full-precision stream; the cross moments are summed over the ranks
-    with the Hessians (float64 sums of the same per-batch terms), so the checkpoint is the single-process one."""
+    with the Hessians (float64 sums of the same per-batch terms), so the checkpoint is the single-process one.
+    ``down_proj`` (the only linear with 128 inputs), whose rows both ranks solve, needs two factorisations per
+    layer (its target's and its sweep's): one rank makes each."""
     tmp, symmetric_cfg = setup
     src = tmp / "src"
     strategy = yaml.safe_load(symmetric_cfg.read_text())  # the symmetric runs' strategy, asymmetric
@@ -285,13 +344,18 @@ def test_asymmetric_calibration_in_two_ranks_matches_one_process(setup):
     report = bpdq.quantize_model(src, recipe=strategy["quantize"], calibration=strategy["calibration"],
                                  rules=strategy["rules"], progress=False, output=tmp / "asym-one")
     assert report.asymmetric is not None
-    args = ["quantize", str(cfg), "-o", str(tmp / "asym-two"), "--plugin", str(tmp / "stop.py")]
-    first = ranks(2, *args, env={"BPDQ_TEST_STOP": "1"})  # stopped after the first layer, then resumed
+    counts = tmp / "factors"
+    counts.mkdir()
+    args = ["quantize", str(cfg), "-o", str(tmp / "asym-two"), "--plugin", str(tmp / "stop.py"),
+            "--plugin", str(tmp / "factor.py")]
+    first = ranks(2, *args, env={"BPDQ_TEST_STOP": "1", "BPDQ_TEST_FACTOR_DIR": str(counts)})  # stopped after layer 0
     assert [p.returncode for p in first] == [130, 130], [p.stderr for p in first]
     saved = sorted(p.name for p in (tmp / ".asym-two.bpdq-resume" / "inputs-00001").iterdir())
     assert saved == sorted(f"{s}-{j:05d}.safetensors" for s in ("fp", "hidden") for j in range(4))  # both streams
-    procs = ranks(2, *args)
+    procs = ranks(2, *args, env={"BPDQ_TEST_FACTOR_DIR": str(counts)})  # resumed: layer 1
     assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
+    sizes = [(counts / f"rank-{r}.txt").read_text().split() for r in range(2)]
+    assert [s.count("128") for s in sizes] == [2, 2], sizes  # one of down_proj's two per layer on each rank
     one, two = (tmp / "asym-one" / "model.safetensors").read_bytes(), (tmp / "asym-two" / "model.safetensors").read_bytes()
     symmetric = (tmp / "one" / "model.safetensors").read_bytes()
     assert two == one and one != symmetric

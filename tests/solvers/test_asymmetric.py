@@ -15,6 +15,7 @@ from bpdq.solvers.asymmetric import (
     asymmetric_target_projected,
     asymmetric_targets,
     corrected_targets,
+    target_factor,
 )
 from tests.solvers.cases import correlated_inputs, heavy_weight
 from tests.strategies import seeds
@@ -253,6 +254,20 @@ def test_targets_written_in_place_have_the_bits_of_the_copies():
     written = corrected_targets(weights, H_q, corrections, in_place=True)
     assert all(w is W for w, W in zip(written, weights))
     assert all(torch.equal(W, c) and not torch.equal(W, o) for W, c, o in zip(weights, copies, originals))
+
+
+def test_a_factor_made_ahead_gives_the_same_targets(monkeypatch):
+    x_fp, x_q = (x.float() for x in _pair(4, n=96, tokens=400))
+    weights = [heavy_weight(40, 96, 4).float()]
+    acc = AsymmetricAccumulator(96)
+    acc.add(x_q, x_fp)
+    corrections, H_q = acc.corrections(weights), acc.hessian
+    plain = corrected_targets(weights, H_q, corrections)
+    U = target_factor(H_q)
+    monkeypatch.setattr(asymmetric, "damped_inverse_cholesky", lambda *a, **k: pytest.fail("factorised again"))
+    assert torch.equal(corrected_targets(weights, H_q, corrections, factor=U)[0], plain[0])
+    with pytest.raises(ValueError, match=r"a factor of shape \(96, 96\) for H_q of shape \(48, 48\)"):
+        corrected_targets([w[:, :48] for w in weights], H_q[:48, :48], [c[:, :48] for c in corrections], factor=U)
 
 
 def test_aligned_rows_are_whole_blocks_covering_the_share():

@@ -6,6 +6,7 @@ import pytest
 import torch
 
 import bpdq.solvers.base
+import bpdq.solvers.sweep
 from bpdq.grids import BitPlaneGrid, UniformGrid
 from bpdq.solvers import BPDQ, GPTQ, bpdq_sweep, fix_dead_inputs, gptq_sweep, inverse_cholesky, prepare_layer, restore_order
 from bpdq.solvers.ordering import column_permutation
@@ -94,3 +95,23 @@ def test_sweeps_keep_one_byte_codes():
     res = bpdq_sweep(layer.W.clone(), layer.U, BitPlaneGrid(planes=2), 32, iters=2)
     assert codes.dtype == res.codes.dtype == torch.uint8
     assert int(codes.max()) < 8 and int(res.codes.max()) < 4
+
+
+@pytest.mark.parametrize("solver", [GPTQ(), BPDQ(iters=2), GPTQ(order="none", damp=0.1)])
+def test_a_factor_made_ahead_gives_the_same_solve(solver, monkeypatch):
+    """``prefactor`` makes what the solve would factorise, bit for bit: a solve given it factorises nothing
+    and stores the same codes, coefficients and statistics (dead inputs and the GAR order included)."""
+    W, H = heavy_weight(24, 256, 3), correlated_hessian(256, 3)
+    H[7, :] = H[:, 7] = 0.0  # a dead input
+    grid = BitPlaneGrid(planes=2)
+    plain = solver(W, H, grid, 64)
+    factor = solver.prefactor(H, 64)
+    assert solver.prefactors and factor.U.shape == (256, 256)
+    calls = []
+    monkeypatch.setattr(bpdq.solvers.sweep, "damped_inverse_cholesky", lambda *a, **k: calls.append(a))
+    given = solver(W, H, grid, 64, factor=factor)
+    assert not calls
+    assert torch.equal(given.planes, plain.planes) and torch.equal(given.coeffs, plain.coeffs)
+    assert given.stats.proxy_loss == plain.stats.proxy_loss and given.stats.extra == plain.stats.extra
+    with pytest.raises(ValueError, match=r"a sweep factor of shape \(256, 256\) for a Hessian of shape \(128, 128\)"):
+        prepare_layer(W[:, :128], H[:128, :128], 64, "gar", 0.01, factor=factor)
