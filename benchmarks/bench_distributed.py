@@ -17,7 +17,8 @@ thread counts the float32 matrix products round differently, in one process as i
 heads) and two decoder layers, GPTQ over the 2-bit uniform grid, g = 64, 64 windows of 512 tokens, one
 thread per process (``--threads 1``), one process against ``torchrun --nproc_per_node=2``: the speed-up
 (target >= 1.7) with byte-identical checkpoints. With ``--tiny`` it shrinks to a smoke run. ``--asymmetric false``
-turns the library's default asymmetric calibration off.
+turns the library's default asymmetric calibration off. ``--rounds R`` runs the process counts in turn R
+times and gives the median time of each (the runs of one round see the same spell of a shared machine).
 """
 
 from __future__ import annotations
@@ -26,6 +27,7 @@ import argparse
 import json
 import os
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -110,9 +112,13 @@ def main() -> None:
     parser.add_argument("--workdir", default=None, help="where the model and checkpoints go (default: a temp dir)")
     parser.add_argument("--asymmetric", choices=["auto", "false"], default="auto",
                         help="calibration.asymmetric (auto, the library default: on for these recipes; false: off)")
+    parser.add_argument("--rounds", type=int, default=1,
+                        help="run the process counts in turn this many times; the table gives medians")
     parser.add_argument("--synthetic", action="store_true",
                         help="the scaling check: hidden-1024 two-layer bf16 Llama, GPTQ 2-bit, 64 x 512 tokens, 1 thread per process")
     args = parser.parse_args()
+    if args.rounds < 1:
+        parser.error(f"--rounds must be at least 1, got {args.rounds}")
     work = Path(args.workdir or tempfile.mkdtemp(prefix="bpdq-bench-distributed-"))
     work.mkdir(parents=True, exist_ok=True)
     if args.synthetic:
@@ -142,20 +148,33 @@ def main() -> None:
         "quantize": quantize,
         "device": "cpu",
     }))
-    rows, reference = [], None
-    for n in (int(x) for x in args.procs.split(",")):
-        out = work / f"out-{n}"
-        for old in (out, work / f".{out.name}.bpdq-resume"):  # a previous run's output and resume state
-            shutil.rmtree(old, ignore_errors=True)
-        r = run_procs(n, config, out, work, args.threads)
-        weights = checkpoint_bytes(out)
-        reference = reference or (r["seconds"], weights)
-        same = "yes" if weights and weights == reference[1] else "no"
-        rows.append(f"| {n} | {r['seconds']:.1f} | {reference[0] / r['seconds']:.2f} | "
-                    f"{', '.join(f'{p / 1e9:.2f}' for p in r['peak_rss'])} | {same} |")
+    counts = [int(x) for x in args.procs.split(",")]
+    seconds: dict[int, list[float]] = {n: [] for n in counts}
+    peaks: dict[int, list[int]] = {}
+    same: dict[int, bool] = dict.fromkeys(counts, True)
+    reference = None
+    for _ in range(args.rounds):  # the process counts in turn, so that a slow spell of the machine hits each
+        for n in counts:
+            out = work / f"out-{n}"
+            for old in (out, work / f".{out.name}.bpdq-resume"):  # a previous run's output and resume state
+                shutil.rmtree(old, ignore_errors=True)
+            r = run_procs(n, config, out, work, args.threads)
+            weights = checkpoint_bytes(out)
+            reference = reference or weights
+            same[n] = same[n] and bool(weights) and weights == reference
+            seconds[n].append(r["seconds"])
+            peaks[n] = [max(a, b) for a, b in zip(peaks.get(n, r["peak_rss"]), r["peak_rss"])]
+    base = statistics.median(seconds[counts[0]])
+    rows = []
+    for n in counts:
+        mid = statistics.median(seconds[n])
+        each = ", ".join(f"{t:.1f}" for t in seconds[n])
+        rows.append(f"| {n} | {mid:.1f} ({each}) | {base / mid:.2f} | "
+                    f"{', '.join(f'{p / 1e9:.2f}' for p in peaks[n])} | {'yes' if same[n] else 'no'} |")
     print(f"{title}, {samples} windows x {seq_len} tokens, asymmetric calibration {args.asymmetric}, "
           f"{args.threads or 'cpu_count // N'} thread(s) per process")
-    print("| processes | seconds | speed-up | peak RSS per rank (GB) | same bytes as 1 process |")
+    print("| processes | seconds: median (each round) | speed-up of the medians | peak RSS per rank (GB) | "
+          "same bytes as 1 process |")
     print("|---|---|---|---|---|")
     print("\n".join(rows))
 
