@@ -43,7 +43,7 @@ The run is the same loop on every rank (:mod:`bpdq.engine.loop`), with these dif
 A mixture of experts' experts are solved in rounds of one expert per rank, each Hessian reduced onto its
 expert's rank and each quantized projection sent to every rank (:func:`share_weight`; see
 :func:`bpdq.engine.moe.solve_experts`). Asymmetric calibration runs as the rest: each rank carries its share of the full-precision stream, and the
-cross moments are reduced with the Hessians (:meth:`~bpdq.solvers.asymmetric.AsymmetricAccumulator.reduce`).
+cross moments are reduced with the Hessians onto the ranks that solve their linears (:func:`reduce_hessians`).
 Not supported with several processes (refused with a ``ValueError`` before any work): the quality stages
 ``tuning`` and ``target_bpw``.
 """
@@ -66,6 +66,7 @@ from bpdq.linear import QuantLinear
 from bpdq.quantized import QuantizedWeight, SolveStats
 from bpdq.report import ModuleRecord
 from bpdq.solvers.base import relative_loss
+from bpdq.solvers.asymmetric import AsymmetricAccumulator
 from bpdq.solvers.hessian import HessianAccumulator
 from bpdq.solvers.sweep import SweepFactor
 
@@ -318,9 +319,9 @@ def _merged_stats(parts: list[dict[str, Any]]) -> SolveStats:
     return merged
 
 
-def reduce_hessians(accs: Sequence[HessianAccumulator], dests: Sequence[Collection[int]]) -> None:
-    """Sum each accumulator over the ranks, in place, onto the ranks in its ``dests`` (the owners of the
-    linears it serves): one status exchange for all of them, then every float64 block is reduced
+def reduce_hessians(accs: Sequence[HessianAccumulator | AsymmetricAccumulator], dests: Sequence[Collection[int]]) -> None:
+    """Sum each accumulator (a Hessian's, or asymmetric calibration's with its cross moment) over the ranks,
+    in place, onto the ranks in its ``dests`` (the owners of the linears it serves): one status exchange for all of them, then every float64 block is reduced
     asynchronously (``dist.reduce`` to a single owner; an all-reduce where several ranks own linears that
     share the accumulator) and the sample counts go to every rank in one all-reduce. Afterwards only the
     ranks in ``dests`` hold the sum; on the others the accumulator's blocks are undefined (drop it). A no-op
@@ -350,20 +351,6 @@ def reduce_hessians(accs: Sequence[HessianAccumulator], dests: Sequence[Collecti
         block.copy_(wire)
     for acc, n in zip(accs, counts.tolist()):
         acc.n = int(n)
-
-
-def all_reduce_hessian(total: torch.Tensor, n: int) -> tuple[torch.Tensor, int]:
-    """``(sum over ranks of total, sum of n)`` on every rank (asymmetric calibration's accumulators, whose
-    targets every rank computes): the sums travel in float64 and come back in ``total``'s dtype."""
-    if not is_distributed():
-        return total, n
-    agree()
-    dev = _device()
-    wide = total.to(device=dev, dtype=torch.float64)
-    count = torch.tensor([n], dtype=torch.int64, device=dev)
-    _dist().all_reduce(wide)
-    _dist().all_reduce(count)
-    return wide.to(device=total.device, dtype=total.dtype), int(count.item())
 
 
 def all_reduce_counts(counts: torch.Tensor) -> torch.Tensor:

@@ -148,6 +148,7 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
                 step.rows = {rel: distributed.row_share(layer.get_submodule(rel).out_features) if rel in split
                              else (0, layer.get_submodule(rel).out_features) if distributed.rank() in solvers[rel]
                              else None for rel in todo}
+                step.owners = solvers
                 for rel in split:
                     solver = build_solver(group[rel].solver)  # type: ignore[union-attr]
                     if solver.prefactors:
@@ -169,7 +170,7 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
                 step.records.append(solved[rel] if rel in split else distributed.share_linear(layer, rel, solved.get(rel), owner[rel]))
                 progress.advance()
             del hessians
-            step.rows, step.prefactors, step.factors = {}, {}, {}
+            step.rows, step.owners, step.prefactors, step.factors = {}, {}, {}, {}
             return_freed_memory()  # the group's Hessians and solver copies, before the next group's
         done.update(group)
         if replay is not None:

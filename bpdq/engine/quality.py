@@ -83,10 +83,12 @@ def accumulate_asymmetric(
     layer: nn.Module, fp_layer: nn.Module, names: Sequence[str], inputs: Sequence[Batch], fp_inputs: Sequence[Batch],
     device: torch.device, *, replay: Replay | None = None, fp_replay: Replay | None = None, fp_out: Any = None,
     fp_complete: Sequence[str] = (), group: bool = False,
-    token_weights: Callable[[str, int], torch.Tensor] | None = None,
+    token_weights: Callable[[str, int], torch.Tensor] | None = None, owners: dict[str, set[int]] | None = None,
 ) -> tuple[dict[str, AsymmetricAccumulator], dict[str, str]]:
-    """The passes of :func:`asymmetric_hessians`: its accumulators (summed over the ranks of a distributed run)
-    by the first linear of each shared input, and the other linears' aliases to it. ``token_weights(name,
+    """The passes of :func:`asymmetric_hessians`: its accumulators by the first linear of each shared input,
+    and the other linears' aliases to it. In a distributed run the accumulators are summed over the ranks onto
+    the ranks that solve their linears (``owners``, default: every rank); on the others they are undefined
+    (drop them). ``token_weights(name,
     batch)``: a non-negative weight per token of that batch (``[tokens]``) for the linear's sums, each linear
     then accumulated on its own (see :mod:`bpdq.engine.guided`)."""
     if len(inputs) != len(fp_inputs):
@@ -130,8 +132,11 @@ def accumulate_asymmetric(
     for r in (replay, fp_replay):
         if r is not None:
             r.end_pass(len(inputs))
-    for acc in accs.values():  # the same order on every rank of a distributed run: with the Hessian sums
-        acc.reduce(distributed.all_reduce_hessian)
+    everyone = set(range(distributed.world_size()))
+    dests = [set().union(*(owners[n] for n in names if alias.get(n, n) == key)) if owners is not None else everyone
+             for key in accs]
+    distributed.reduce_hessians(list(accs.values()), dests)  # the same order on every rank
+    for acc in accs.values():
         acc.identical = not distributed.any_rank(not acc.identical)
     return accs, alias
 
@@ -258,7 +263,8 @@ class AsymmetricCalibration(Stage):
             fp_out = outputs_like(step.fp_inputs)
         accs, alias = accumulate_asymmetric(step.layer, step.fp_layer, names, step.inputs, step.fp_inputs, step.device,
                                             replay=step.replay, fp_replay=step.fp_replay, fp_out=fp_out,
-                                            fp_complete=complete, group=True, token_weights=token_weights)
+                                            fp_complete=complete, group=True, token_weights=token_weights,
+                                            owners=step.owners or None)
         if fp_out is not None:  # the copy's last pass is done: it goes before the targets' factorisation
             step.fp_outputs = fp_out
             if step.fp_replay is not None:

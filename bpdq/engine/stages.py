@@ -71,6 +71,9 @@ class LayerStep:
     #: While a group's Hessians are computed: the rows ``(r0, r1)`` of each of its linears this rank solves
     #: (``None``: none, another rank solves it). Empty outside a distributed run: every row of every linear.
     rows: dict[str, tuple[int, int] | None] = field(default_factory=dict)
+    #: Likewise: the ranks that solve each of the group's linears (rows of it or all of it), where its
+    #: calibration sums must be reduced. Empty outside a distributed run.
+    owners: dict[str, set[int]] = field(default_factory=dict)
     #: While a group's Hessians are computed, in a distributed run: the linears every rank solves rows of
     #: whose solver factorises ahead (:meth:`~bpdq.solvers.base.Solver.prefactor`), each with that
     #: function of its Hessian. A stage that factorises the Hessian too may make both factorisations on

@@ -34,7 +34,7 @@ half in float32, one when retried in float64). At most two are alive at any poin
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -67,6 +67,10 @@ class AsymmetricAccumulator:
     @property
     def n(self) -> int:
         return self._hq.n
+
+    @n.setter
+    def n(self, value: int) -> None:
+        self._hq.n = value
 
     def add(self, x_q: torch.Tensor, x_fp: torch.Tensor, y_fp: torch.Tensor | None = None) -> None:
         """One batch of quantized-model inputs ``x_q`` and the full-precision inputs ``x_fp`` of the same
@@ -104,18 +108,14 @@ class AsymmetricAccumulator:
             for r0, r1 in _row_ranges(rows, d):  # no [rows, in] temporary in ``dtype``
                 self._moment[r0:r1].add_(f[:, r0:r1].T @ q)
 
-    def reduce(self, reduce_block: Callable[[torch.Tensor, int], tuple[torch.Tensor, int]]) -> None:
-        """Combine with the accumulators of other ranks: the Hessian's blocks, then ``D`` (or ``P``) by
-        blocks of rows, each through ``reduce_block`` as in
-        :meth:`~bpdq.solvers.hessian.HessianAccumulator.reduce` (the cross moment travels with the Hessian)."""
-        self._hq.reduce(reduce_block)
-        assert self._moment is not None
-        n = self.n
-        for r0, r1 in _row_ranges(self._moment.shape[0], self.in_features):
-            rows = self._moment[r0:r1]
-            block, _ = reduce_block(rows, n)
-            if block is not rows:
-                rows.copy_(block)
+    @property
+    def sums(self) -> list[torch.Tensor]:
+        """The float64 sums, in order, for a caller that combines accumulators in place over the ranks of a
+        distributed run (as :attr:`~bpdq.solvers.hessian.HessianAccumulator.sums`; it then sets :attr:`n`):
+        the Hessian's blocks, then ``D`` (or ``P``) by blocks of rows."""
+        if self._moment is None:
+            raise ValueError("no calibration inputs were accumulated on this rank; nothing to reduce")
+        return [*self._hq.sums, *(self._moment[r0:r1] for r0, r1 in _row_ranges(self._moment.shape[0], self.in_features))]
 
     @property
     def hessian(self) -> torch.Tensor:

@@ -295,6 +295,57 @@ def test_hessians_are_reduced_onto_their_owners():
                 assert torch.equal(H, refs[i].hessian)
 
 
+def _asymmetric_pairs(r: int) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+    gen = torch.Generator().manual_seed(10 + r)
+    pairs = []
+    for j in range(2):
+        x_q = torch.randn(5 + r + j, 700, generator=gen)
+        pairs.append((x_q, x_q + 0.1 * torch.randn(x_q.shape, generator=gen), torch.randn(5 + r + j, 300, generator=gen)))
+    return pairs
+
+
+def _asymmetric_reduce_worker(r: int, port: str, result) -> None:
+    import torch.distributed as dist
+
+    from bpdq.solvers.asymmetric import AsymmetricAccumulator
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=2)
+    try:
+        accs = [AsymmetricAccumulator(700), AsymmetricAccumulator(700, out_features=300)]  # D, and P
+        for x_q, x_fp, y in _asymmetric_pairs(r):
+            accs[0].add(x_q, x_fp)
+            accs[1].add(x_q, x_fp, y)
+        distributed.reduce_hessians(accs, [{1}, {0, 1}])
+        result[r] = [(acc.n, (acc.hessian, acc.moment) if r in dests else None) for acc, dests in zip(accs, [{1}, {0, 1}])]
+    finally:
+        dist.destroy_process_group()
+
+
+def test_asymmetric_sums_are_reduced_onto_their_owners():
+    """The cross moments travel with the Hessians, onto the ranks that solve (700 inputs: several blocks)."""
+    import torch.multiprocessing as mp
+
+    from bpdq.solvers.asymmetric import AsymmetricAccumulator
+
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_asymmetric_reduce_worker, args=(str(free_port()), result), nprocs=2)
+        got = dict(result)
+    refs = [AsymmetricAccumulator(700), AsymmetricAccumulator(700, out_features=300)]  # one process, every batch
+    for r in range(2):
+        for x_q, x_fp, y in _asymmetric_pairs(r):
+            refs[0].add(x_q, x_fp)
+            refs[1].add(x_q, x_fp, y)
+    for r in range(2):
+        for i, (n, sums) in enumerate(got[r]):
+            assert n == refs[i].n == 24
+            if i == 0 and r == 0:
+                assert sums is None  # not its owner
+            else:
+                assert torch.equal(sums[0], refs[i].hessian)  # float32, as the solvers receive it
+                assert torch.allclose(sums[1], refs[i].moment, rtol=1e-12, atol=0)  # float64, summed in another order
+
+
 def _spread_worker(r: int, port: str, result) -> None:
     import torch.distributed as dist
 
