@@ -20,15 +20,16 @@ The run is the same loop on every rank (:mod:`bpdq.engine.loop`), with these dif
   the other ranks swap it in. Groups are solved one after another (each one's Hessians need the previous
   ones quantized), so the solves run in parallel within a group only: q/k/v and gate/up in a Llama layer.
   A linear alone in its group (o_proj, down_proj) and the output projection are split by rows instead when
-  their solver's rows are independent (``Solver.rows_independent``: GPTQ, not BPDQ, whose groups keep the
-  iterate that is best summed over all rows): every rank gets the whole Hessian, solves its contiguous
-  share of the rows (:func:`row_share`), and the packed shares travel to every rank (:func:`gather_rows`);
-  a row's result does not depend on the other rows, so the bytes are those of one process. With asymmetric
+  their solver allows it: every rank gets the whole Hessian, solves its contiguous share of the rows
+  (:func:`row_share`), and the packed shares travel to every rank (:func:`gather_rows`). GPTQ's rows are
+  independent (``Solver.rows_independent``); BPDQ's groups keep the iterate whose error summed over all rows
+  is the smallest, so each rank gathers every row's error of each iterate from the others
+  (``Solver.rows_gathered``, :func:`row_values`) and all decide alike. Either way the bytes are those of
+  one process. With asymmetric
   calibration such a linear needs two factorisations of its Hessian (its targets' and its solver's,
   :meth:`~bpdq.solvers.base.Solver.prefactor`): one rank makes each and sends it to the others
-  (:func:`spread`). Otherwise
-  o_proj and down_proj are solved by their owner while the others wait, and the output projection by
-  rank 0.
+  (:func:`spread`). Otherwise (a solver that allows neither) o_proj and down_proj are solved by their
+  owner while the others wait, and the output projection by rank 0.
 - **Output.** Rank 0 writes the checkpoint and the report; the others write nothing (their resume inputs
   excepted: each rank saves its own share of the next layer's inputs under their global batch numbers, so
   the state directory must be on a filesystem all ranks share).
@@ -231,6 +232,23 @@ def _share(n: int, r: int) -> tuple[int, int]:
     world = world_size()
     start = r * (n // world) + min(r, n % world)
     return start, start + n // world + (r < n % world)
+
+
+def row_values(values: torch.Tensor, rows: int) -> torch.Tensor:
+    """A per-row value of this rank's share of a weight of ``rows`` rows (:func:`row_share`), gathered from
+    every rank: ``[rows]``, in row order, the same on every rank (a solve's
+    :func:`~bpdq.solvers.base.given_row_gather`). A status exchange first: a rank whose solve failed ends
+    the others' solves here."""
+    if not is_distributed():
+        return values
+    agree()
+    dev, world = _device(), world_size()
+    widest = max(_share(rows, r)[1] - _share(rows, r)[0] for r in range(world))
+    wire = torch.zeros(widest, dtype=values.dtype, device=dev)
+    wire[:values.shape[0]] = values.to(dev)
+    parts = [torch.empty_like(wire) for _ in range(world)]
+    _dist().all_gather(parts, wire)
+    return torch.cat([p[:_share(rows, r)[1] - _share(rows, r)[0]] for r, p in enumerate(parts)]).to(values.device)
 
 
 def splits_rows(rows: int, rows_independent: bool) -> bool:

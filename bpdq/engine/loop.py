@@ -76,10 +76,11 @@ def quantize_linear(
     made ahead (:attr:`~bpdq.engine.stages.LayerStep.factors`)."""
     linear = root.get_submodule(rel)
     rows = slice(*distributed.row_share(linear.out_features)) if split else slice(None)
+    gather = functools.partial(distributed.row_values, rows=linear.out_features) if split else None
     try:
         qw = quantize_weight(
             linear.weight[rows], hessian, grid=recipe.grid, solver=recipe.solver, group_size=recipe.group_size,
-            release_hessian=release_hessian, factor=factor,
+            release_hessian=release_hessian, factor=factor, row_gather=gather,
         )
     except (ValueError, TypeError) as exc:
         raise type(exc)(f"cannot quantize {full}: {exc}") from None
@@ -96,6 +97,13 @@ def quantize_linear(
         relative_loss=qw.stats.relative_loss,
         time_s=qw.stats.time_s,
     )
+
+
+def splittable(recipe: Recipe) -> bool:
+    """Whether the recipe's solver may solve a block of a weight's rows alone (``rows_independent``) or with
+    the other blocks' per-row values (``rows_gathered``)."""
+    solver = build_solver(recipe.solver)
+    return solver.rows_independent or solver.rows_gathered
 
 
 def use_tails(inputs: Sequence[Batch] | None, device: torch.device) -> bool:
@@ -140,7 +148,7 @@ def solve_layer(step: LayerStep, plan: RunPlan, progress: RunProgress, stages: S
             # a linear alone in its group is solved by every rank (a share of its rows each) where its solver
             # allows it; the others each by one owner rank
             split = {rel for rel in todo if len(todo) == 1 and distributed.splits_rows(
-                layer.get_submodule(rel).out_features, build_solver(group[rel].solver).rows_independent)}  # type: ignore[union-attr]
+                layer.get_submodule(rel).out_features, splittable(group[rel]))}  # type: ignore[arg-type]
             owner = distributed.owners({rel: layer.get_submodule(rel).weight.numel() for rel in todo})
             solvers = {rel: set(range(distributed.world_size())) if rel in split else {owner[rel]} for rel in todo}
             hessians: dict[str, torch.Tensor | None] = dict.fromkeys(todo)
@@ -220,7 +228,7 @@ def quantize_head(source: ModelSource, plan: RunPlan, batches: Sequence[Batch] |
     model = source.model
     head = source.load(plan.adapter.head)
     assert plan.head_recipe is not None
-    split = distributed.splits_rows(head.out_features, build_solver(plan.head_recipe.solver).rows_independent)
+    split = distributed.splits_rows(head.out_features, splittable(plan.head_recipe))
     owner = 0
     mine = split or distributed.rank() == owner
     hessian = None

@@ -10,7 +10,7 @@ import math
 import time
 from abc import ABC, abstractmethod
 from contextvars import ContextVar
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -23,6 +23,8 @@ from bpdq.solvers.hessian import check_hessian
 #: The caller's Hessian of the solve in progress, when its caller allowed the solver to free it
 #: (``Solver.__call__(release_hessian=True)``); see :func:`release_hessian`.
 _RELEASABLE: ContextVar[tuple[torch.Tensor, ...] | None] = ContextVar("bpdq_releasable_hessian", default=None)
+#: How the solve in progress gathers per-row values over the other row shares of its weight; see :func:`given_row_gather`.
+_ROW_GATHER: ContextVar[Callable[[torch.Tensor], torch.Tensor] | None] = ContextVar("bpdq_row_gather", default=None)
 #: The factorisation of the solve in progress made ahead (``Solver.__call__(factor=...)``); see :func:`given_factor`.
 _FACTOR: ContextVar[Any] = ContextVar("bpdq_given_factor", default=None)
 
@@ -41,6 +43,13 @@ def release_hessian() -> bool:
     return True
 
 
+def given_row_gather() -> Callable[[torch.Tensor], torch.Tensor] | None:
+    """How the solve in progress, of a block of rows of a larger weight (``Solver.__call__(row_gather=...)``),
+    gets a per-row value of every row: ``gather(values [rows here])`` returns ``[all rows]`` in row order, the
+    same tensor on every share's process. ``None``: the weight is all here."""
+    return _ROW_GATHER.get()
+
+
 def given_factor() -> Any:
     """The factorisation of the solve in progress that its caller made ahead with :meth:`Solver.prefactor`
     (``None`` when there is none): a solver that has one uses it instead of factorising the Hessian."""
@@ -55,14 +64,21 @@ class Solver(Configurable, ABC):
     #: options alone (not on the other rows): then solving a block of rows gives those rows' result, and a
     #: distributed run may split the solve by rows over its processes (statistics are sums over rows).
     rows_independent: bool = False
+    #: Whether the rows depend on each other only through per-row values that the solve gathers from the
+    #: other rows with :func:`given_row_gather` (so a block of rows solved with the gather gives those rows'
+    #: result): a distributed run may then split the solve by rows too.
+    rows_gathered: bool = False
 
     def __call__(
         self, weight: torch.Tensor, hessian: torch.Tensor | None, grid: Grid, group_size: int, *,
         release_hessian: bool = False, factor: Any = None,
+        row_gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> QuantizedWeight:
         """Quantize ``weight`` with ``hessian``. ``release_hessian``: the caller will not read ``hessian`` again,
         so the solver may free its memory once done with it (:func:`release_hessian`). ``factor``: what
-        :meth:`prefactor` returned for this ``hessian`` and ``group_size`` (:func:`given_factor`)."""
+        :meth:`prefactor` returned for this ``hessian`` and ``group_size`` (:func:`given_factor`).
+        ``row_gather``: ``weight`` is a block of rows of a larger weight, whose other blocks are solved
+        elsewhere at the same time (:func:`given_row_gather`; for a ``rows_gathered`` solver)."""
         check_weight(weight, group_size)
         if not isinstance(grid, Grid):
             raise TypeError(f"grid must be a Grid instance, got {type(grid).__name__}")
@@ -77,10 +93,11 @@ class Solver(Configurable, ABC):
         H = hessian.detach().to(torch.float32) if hessian is not None else None
         start = time.perf_counter()
         token = _RELEASABLE.set((hessian, H) if release_hessian and hessian is not None else None)
-        given = _FACTOR.set(factor)
+        given, gather = _FACTOR.set(factor), _ROW_GATHER.set(row_gather)
         try:
             codes, coeffs, stats = self._solve(W, H, grid, group_size)
         finally:
+            _ROW_GATHER.reset(gather)
             _FACTOR.reset(given)
             _RELEASABLE.reset(token)
         elapsed = time.perf_counter() - start

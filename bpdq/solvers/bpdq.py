@@ -25,6 +25,7 @@ test suite (``tests/solvers/oracle.py``) and the tests check both give the same 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Callable
 
 import torch
 from pydantic import Field
@@ -34,7 +35,7 @@ from bpdq.grids.bitplane import BitPlaneGrid
 from bpdq.options import Options
 from bpdq.quantized import SolveStats
 from bpdq.registry import SOLVERS
-from bpdq.solvers.base import Solver, given_factor
+from bpdq.solvers.base import Solver, given_factor, given_row_gather
 from bpdq.solvers.fit import WhitenedFit
 from bpdq.solvers.ordering import Order
 from bpdq.solvers.refit import Refit, apply_refit
@@ -79,6 +80,7 @@ class BPDQ(Solver):
     Options = BPDQOptions
     requires_hessian = True
     rows_independent = False  # each group keeps the iterate with the smallest error summed over all rows
+    rows_gathered = True  # ... which a block of rows gets from the others (each iterate's error per row)
 
     def check_grid(self, grid: Grid, group_size: int) -> None:
         check_bitplane_grid(grid, self.options.init_bits)
@@ -96,6 +98,7 @@ class BPDQ(Solver):
         res = bpdq_sweep(
             layer.W, layer.U, init_grid, group_size,
             iters=opts.iters, alpha=opts.alpha, block=block_width(opts.block_size, group_size), tol=opts.tol,
+            gather=given_row_gather(),
         )
         codes, coeffs, group_of = restore_order(res.codes, res.coeffs, layer.perm, group_size)
         layer_extra, best_iters, iters_run, shift = layer.extra(), res.best_iters, res.iters_run, layer.refit_shift()
@@ -137,8 +140,12 @@ def bpdq_sweep(
     alpha: float = 1e-4,
     block: int = 128,
     tol: float | None = None,
+    gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
 ) -> BPDQSweep:
-    """BPDQ over ``W [out, in]`` (modified in place) with ``U`` (upper, ``H^-1 = U^T U``), both in sweep order."""
+    """BPDQ over ``W [out, in]`` (modified in place) with ``U`` (upper, ``H^-1 = U^T U``), both in sweep order.
+    ``gather``: ``W`` is a block of rows of a larger weight solved elsewhere at the same time; each iterate's
+    score (float32 squared errors summed per row, then over the rows in float64) takes every row's from it
+    (see :func:`~bpdq.solvers.base.given_row_gather`)."""
     if block <= 0 or block % group_size:
         raise ValueError(f"block ({block}) must be a positive multiple of group_size ({group_size})")
     out, inp = W.shape
@@ -154,7 +161,7 @@ def bpdq_sweep(
         E1 = torch.empty(out, i2 - i1, dtype=W.dtype, device=W.device)
         for s in range(i1, i2, g):
             e = s + g
-            res = sweeper.solve(W[:, s:e], U[s:e, s:e], grid, iters=iters, alpha=alpha, tol=tol)
+            res = sweeper.solve(W[:, s:e], U[s:e, s:e], grid, iters=iters, alpha=alpha, tol=tol, gather=gather)
             codes[:, s:e] = res.codes
             coeffs[:, s // g] = res.coeffs
             E1[:, s - i1 : e - i1] = res.errors
@@ -190,7 +197,8 @@ class _GroupSweeper:
         self.eye = torch.eye(g, dtype=dtype, device=device)
 
     def solve(
-        self, Wg: torch.Tensor, Ug: torch.Tensor, grid: BitPlaneGrid, *, iters: int, alpha: float, tol: float | None
+        self, Wg: torch.Tensor, Ug: torch.Tensor, grid: BitPlaneGrid, *, iters: int, alpha: float, tol: float | None,
+        gather: Callable[[torch.Tensor], torch.Tensor] | None = None,
     ) -> _GroupResult:
         g = Ug.shape[0]
         entry = Wg.clone()
@@ -219,7 +227,8 @@ class _GroupSweeper:
             codes = new_codes
             values = grid.dequant(codes, coeffs)
             errors = (entry - values) @ Uinv
-            score = float(errors.pow(2).sum())
+            per_row = errors.pow(2).sum(dim=1)
+            score = float((per_row if gather is None else gather(per_row)).sum(dtype=torch.float64))
             if best is None or score < best.score:
                 prev = best.score if best is not None else None
                 best = _GroupResult(codes, coeffs, values, errors, score, it, it)

@@ -33,11 +33,13 @@ def quantize_weight(
     group_size: int,
     release_hessian: bool = False,
     factor: Any = None,
+    row_gather: Any = None,
 ) -> QuantizedWeight:
     """Quantize one ``[out, in]`` weight; ``hessian`` is ``[in, in]`` (``None`` for Hessian-free solvers).
     ``release_hessian=True``: ``hessian`` is not read again, and the solver may free its memory (leaving it
     empty) as soon as it no longer needs it, which lowers the solve's peak memory by one ``[in, in]`` matrix.
-    ``factor``: the solver's :meth:`~bpdq.solvers.base.Solver.prefactor` of ``hessian``, made ahead.
+    ``factor``: the solver's :meth:`~bpdq.solvers.base.Solver.prefactor` of ``hessian``, made ahead;
+    ``row_gather``: ``weight`` is rows of a larger weight solved elsewhere too (see ``Solver.__call__``).
 
     >>> qw = quantize_weight(torch.randn(16, 64), grid={"type": "bitplane", "planes": 2}, solver="rtn",
     ...                      group_size=32)
@@ -46,4 +48,5 @@ def quantize_weight(
     """
     g = build_grid(grid)
     s = build_solver(solver)
-    return s(weight, hessian, g, group_size, release_hessian=release_hessian, factor=factor)
+    return s(weight, hessian, g, group_size, release_hessian=release_hessian, factor=factor,
+             row_gather=row_gather)

@@ -157,6 +157,33 @@ def test_two_ranks_stop_together_resume_and_match_one_process(setup):
     assert (out / "config.json").read_text() == (tmp / "one" / "config.json").read_text()
 
 
+def test_bpdq_splits_the_rows_of_lone_linears_over_two_ranks_with_the_one_process_bytes(setup):
+    """BPDQ's rows are coupled only by each group's choice of iterate, taken on every row's error gathered
+    from both ranks: o_proj, down_proj and the head are solved half by each rank (with asymmetric
+    calibration, each of their two factorisations by one rank), and the checkpoint is the single-process one."""
+    tmp, symmetric_cfg = setup
+    src = tmp / "src"
+    strategy = yaml.safe_load(symmetric_cfg.read_text())
+    strategy["quantize"]["solver"] = {"type": "bpdq", "iters": 3}
+    strategy["calibration"]["asymmetric"] = True
+    cfg = tmp / "bpdq.yaml"
+    cfg.write_text(yaml.safe_dump(strategy))
+    bpdq.quantize_model(src, recipe=strategy["quantize"], calibration=strategy["calibration"], rules=strategy["rules"],
+                        progress=False, output=tmp / "bpdq-one")
+    split = tmp / "bpdq-split"
+    split.mkdir()
+    procs = ranks(2, "quantize", str(cfg), "-o", str(tmp / "bpdq-two"), "--plugin", str(tmp / "split.py"),
+                  env={"BPDQ_TEST_SPLIT_DIR": str(split)})
+    assert [p.returncode for p in procs] == [0, 0], [p.stderr for p in procs]
+    for r in range(2):
+        seen = (split / f"rank-{r}.txt").read_text().split()
+        vocab = int(seen[-1].split("x")[0])
+        # o_proj and down_proj of layer 0, the down_proj of layer 1 (its o_proj is skipped by a rule), the head
+        assert seen == ["64x64:32", "64x128:32", "64x128:32", f"{vocab}x64:{vocab // 2 + (r < vocab % 2)}"]
+    one, two = (tmp / "bpdq-one" / "model.safetensors").read_bytes(), (tmp / "bpdq-two" / "model.safetensors").read_bytes()
+    assert two == one
+
+
 def test_a_failure_on_one_rank_ends_both_with_its_exit_code(setup):
     tmp, cfg = setup
     procs = ranks(2, "quantize", str(cfg), "-o", str(tmp / "broken"), "--plugin", str(tmp / "break.py"))
@@ -187,7 +214,7 @@ def test_row_shares_and_merged_statistics(monkeypatch):
     monkeypatch.setattr(distributed, "is_distributed", lambda: True)
     monkeypatch.setattr(distributed, "world_size", lambda: 3)
     assert distributed.splits_rows(6, True) and not distributed.splits_rows(5, True)  # each share >= 2 rows
-    assert not distributed.splits_rows(64, False)  # BPDQ: rows coupled by the group's best iterate
+    assert not distributed.splits_rows(64, False)  # a solver whose rows may not be split
     shares = []
     for r in range(3):
         monkeypatch.setattr(distributed, "rank", lambda r=r: r)
@@ -344,6 +371,44 @@ def test_asymmetric_sums_are_reduced_onto_their_owners():
             else:
                 assert torch.equal(sums[0], refs[i].hessian)  # float32, as the solvers receive it
                 assert torch.allclose(sums[1], refs[i].moment, rtol=1e-12, atol=0)  # float64, summed in another order
+
+
+def _bpdq_rows_worker(r: int, port: str, result) -> None:
+    import torch.distributed as dist
+
+    from bpdq.solvers import BPDQ
+    from bpdq.grids import BitPlaneGrid
+    from tests.solvers.cases import correlated_hessian, heavy_weight
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=r, world_size=2)
+    try:
+        W, H = heavy_weight(37, 256, 2), correlated_hessian(256, 2)  # 37 rows: shares of 19 and 18
+        r0, r1 = distributed.row_share(37)
+        gather = lambda values: distributed.row_values(values, 37)  # noqa: E731
+        qw = BPDQ(iters=4)(W[r0:r1], H, BitPlaneGrid(planes=2), 64, row_gather=gather)
+        result[r] = (r0, r1, qw.planes, qw.coeffs, qw.stats.best_iters)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_bpdq_solves_shares_of_rows_that_gather_each_iterate_s_errors():
+    """Each group keeps the iterate that is best over all rows: with every row's error gathered from the
+    other rank, two shares of the rows give the one-process planes and coefficients."""
+    import torch.multiprocessing as mp
+
+    from bpdq.grids import BitPlaneGrid
+    from bpdq.solvers import BPDQ
+    from tests.solvers.cases import correlated_hessian, heavy_weight
+
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(_bpdq_rows_worker, args=(str(free_port()), result), nprocs=2)
+        got = dict(result)
+    one = BPDQ(iters=4)(heavy_weight(37, 256, 2), correlated_hessian(256, 2), BitPlaneGrid(planes=2), 64)
+    assert [got[r][:2] for r in range(2)] == [(0, 19), (19, 37)]
+    assert torch.equal(torch.cat([got[0][2], got[1][2]], 1), one.planes)
+    assert torch.equal(torch.cat([got[0][3], got[1][3]], 2), one.coeffs)
+    assert got[0][4] == got[1][4] == one.stats.best_iters and len(set(one.stats.best_iters)) > 1
 
 
 def _spread_worker(r: int, port: str, result) -> None:
