@@ -17,7 +17,7 @@ thread counts the float32 matrix products round differently, in one process as i
 heads) and two decoder layers, GPTQ over the 2-bit uniform grid, g = 64, 64 windows of 512 tokens, one
 thread per process (``--threads 1``), one process against ``torchrun --nproc_per_node=2``: the speed-up
 (target >= 1.7) with byte-identical checkpoints. With ``--tiny`` it shrinks to a smoke run. ``--asymmetric false``
-turns the library's default asymmetric calibration off. ``--rounds R`` runs the process counts in turn R
+turns the library's default asymmetric calibration off; ``--solver bpdq`` solves with BPDQ k=2 instead. ``--rounds R`` runs the process counts in turn R
 times and gives the median time of each (the runs of one round see the same spell of a shared machine).
 """
 
@@ -114,6 +114,8 @@ def main() -> None:
                         help="calibration.asymmetric (auto, the library default: on for these recipes; false: off)")
     parser.add_argument("--rounds", type=int, default=1,
                         help="run the process counts in turn this many times; the table gives medians")
+    parser.add_argument("--solver", choices=["gptq", "bpdq"], default="gptq",
+                        help="--synthetic: GPTQ over the uniform 2-bit grid (the default) or BPDQ k=2 (--iters)")
     parser.add_argument("--synthetic", action="store_true",
                         help="the scaling check: hidden-1024 two-layer bf16 Llama, GPTQ 2-bit, 64 x 512 tokens, 1 thread per process")
     args = parser.parse_args()
@@ -126,9 +128,13 @@ def main() -> None:
         if not model_dir.exists():
             synthetic_model(model_dir, args.tiny)
         samples, seq_len, group = (16, 64, 64) if args.tiny else (64, 512, 64)
-        quantize = {"group_size": group, "grid": {"type": "uniform", "bits": 2}, "solver": {"type": "gptq"}}
+        quantize = ({"group_size": group, "grid": {"type": "uniform", "bits": 2}, "solver": {"type": "gptq"}}
+                    if args.solver == "gptq" else
+                    {"group_size": group, "grid": {"type": "bitplane", "planes": 2},
+                     "solver": {"type": "bpdq", "iters": 2 if args.tiny else args.iters}})
         args.threads = args.threads or 1
-        title = f"synthetic bf16 Llama (hidden {128 if args.tiny else 1024}, 2 layers), GPTQ 2-bit g={group}"
+        what = "GPTQ 2-bit" if args.solver == "gptq" else f"BPDQ k=2 ({args.iters} iterations)"
+        title = f"synthetic bf16 Llama (hidden {128 if args.tiny else 1024}, 2 layers), {what} g={group}"
     else:
         model_dir = work / ("tiny-llama" if args.tiny else "smollm2-135m")
         if not model_dir.exists():
