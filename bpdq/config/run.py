@@ -49,6 +49,15 @@ class CalibrationConfig(ConfigModel):
         "applies (a solver that uses a Hessian, dense decoder layers, no other stage computing the Hessians); "
         "true: required; false: off",
     )
+    asymmetric_damp: float = Field(
+        default=0.01,
+        ge=0.0,
+        le=10.0,
+        allow_inf_nan=False,
+        description="asymmetric calibration: damping of each target's solve, W + W D (H_q + damp * mean(diag H_q) I)^-1, "
+        "relative to the mean diagonal; more keeps the targets nearer the weights, less fits them closer to the "
+        "calibration text",
+    )
     autocast: Autocast = Field(
         default="none",
         description="compute dtype of the calibration passes' forwards (torch.autocast): none (the model's dtype), "

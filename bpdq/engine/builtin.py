@@ -36,7 +36,7 @@ def config_stages(config: QuantizeConfig, given: Sequence[Stage] = ()) -> list[S
     if asymmetric or config.tuning is not None or any(s.fp_stream for s in [*named, *given]):
         stages.append(FullPrecisionStream())
     if asymmetric:
-        stages.append(AsymmetricCalibration(auto=asymmetric == "auto"))
+        stages.append(AsymmetricCalibration(auto=asymmetric == "auto", damp=config.calibration.asymmetric_damp))
     if config.tuning is not None:
         stages.append(CoefficientTuning(config.tuning))
     if config.target_bpw is not None:

@@ -229,11 +229,14 @@ class AsymmetricCalibration(Stage):
     fp_stream = True
     needs_calibration = True
 
-    def __init__(self, *, auto: bool = False) -> None:
+    def __init__(self, *, auto: bool = False, damp: float = ASYMMETRIC_DAMP) -> None:
+        if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not 0.0 <= damp <= 10.0:
+            raise ValueError(f"asymmetric calibration: damp must be a number in [0, 10], got {damp!r}")
         self.auto = auto  # turned on by ``calibration.asymmetric: auto``: left out where it does not apply
+        self.damp = float(damp)  # of the targets' solve, relative to mean(diag H_q)
 
     def fingerprint(self) -> dict[str, Any]:
-        return {"damp": ASYMMETRIC_DAMP}
+        return {"damp": self.damp}
 
     def before_solve(self, step: LayerStep) -> None:
         if step.fp_layer is not None:
@@ -270,11 +273,11 @@ class AsymmetricCalibration(Stage):
             if step.fp_replay is not None:
                 step.fp_replay.close()
             step.fp_layer = step.fp_replay = None
-        return asymmetric_targets_of(step.layer, names, accs, alias, rows=step.rows, prefactors=step.prefactors,
-                                     factors=step.factors)
+        return asymmetric_targets_of(step.layer, names, accs, alias, self.damp, rows=step.rows,
+                                     prefactors=step.prefactors, factors=step.factors)
 
     def finish(self, report: RunReport) -> None:
-        report.asymmetric = {"damp": ASYMMETRIC_DAMP}
+        report.asymmetric = {"damp": self.damp}
 
 
 class _Hidden(Sequence[torch.Tensor]):

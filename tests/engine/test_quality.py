@@ -12,7 +12,7 @@ import bpdq
 from bpdq.calibration import calibration_windows
 from bpdq.linear import QuantLinear
 from bpdq.engine.passes import collect_hessians
-from bpdq.engine.quality import asymmetric_hessians
+from bpdq.engine.quality import AsymmetricCalibration, asymmetric_hessians
 from bpdq.solvers.hessian import HessianAccumulator
 from tests.engine.test_loop import checkpoint_files
 from tests.tiny_models import TINY_CALIBRATION, tiny_model, tiny_model_dir, tiny_tokenizer
@@ -82,6 +82,25 @@ def test_equal_streams_give_the_symmetric_hessian_and_leave_the_weight_unchanged
         expected = run_layer(layer, inputs, torch.device("cpu"))
     assert len(fp_out) == len(expected) == len(inputs)
     assert all(torch.equal(a.hidden, b.hidden) and a.kwargs is b.kwargs for a, b in zip(fp_out, expected))
+
+
+def test_the_asymmetric_damping_comes_from_the_calibration_config():
+    """``calibration.asymmetric_damp`` damps the targets' solve: reported, in the resume fingerprint, and it
+    changes the weights; out of [0, 10] it is refused before any work."""
+    runs = {}
+    for damp in (None, 0.5):
+        model = tiny_model(layers=2)
+        extra = {} if damp is None else {"asymmetric_damp": damp}
+        report = bpdq.quantize_model(model, tiny_tokenizer(), recipe=RECIPE_2BIT, progress=False, device="cpu",
+                                     calibration={**TINY_CALIBRATION, "asymmetric": True, **extra})
+        runs[damp] = (report, model.model.layers[1].mlp.down_proj.planes.clone())
+    assert runs[0.5][0].asymmetric == {"damp": 0.5} and runs[None][0].asymmetric["damp"] != 0.5
+    assert not torch.equal(runs[0.5][1], runs[None][1])
+    assert AsymmetricCalibration(damp=0.5).fingerprint() != AsymmetricCalibration().fingerprint()
+    for bad in (-1, 11, float("nan")):
+        with pytest.raises(ValueError, match="asymmetric_damp"):
+            bpdq.quantize_model(tiny_model(layers=2), tiny_tokenizer(), recipe=RECIPE_2BIT, progress=False,
+                                calibration={**TINY_CALIBRATION, "asymmetric_damp": bad})
 
 
 @pytest.mark.parametrize("tuning", [None, {"steps": 2}], ids=["asymmetric", "asymmetric+tuning"])
