@@ -109,6 +109,17 @@ def ranks(n: int, *args: str, env: dict[str, str] | None = None) -> list[subproc
     return out
 
 
+def on_two_ranks(worker) -> dict:
+    """``worker(rank, port, result)`` run by two processes (which make one gloo group): each one's
+    ``result[rank]``."""
+    import torch.multiprocessing as mp
+
+    with mp.Manager() as manager:
+        result = manager.dict()
+        mp.spawn(worker, args=(str(free_port()), result), nprocs=2)
+        return dict(result)
+
+
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("dist")
@@ -297,14 +308,9 @@ def _reduce_worker(r: int, port: str, result) -> None:
 
 
 def test_hessians_are_reduced_onto_their_owners():
-    import torch.multiprocessing as mp
-
     from bpdq.solvers.hessian import HessianAccumulator
 
-    with mp.Manager() as manager:
-        result = manager.dict()
-        mp.spawn(_reduce_worker, args=(str(free_port()), result), nprocs=2)
-        got = dict(result)
+    got = on_two_ranks(_reduce_worker)
     refs = []
     for i in range(2):  # the reference: one process accumulating both ranks' inputs
         ref = HessianAccumulator(900)
@@ -350,14 +356,9 @@ def _asymmetric_reduce_worker(r: int, port: str, result) -> None:
 
 def test_asymmetric_sums_are_reduced_onto_their_owners():
     """The cross moments travel with the Hessians, onto the ranks that solve (700 inputs: several blocks)."""
-    import torch.multiprocessing as mp
-
     from bpdq.solvers.asymmetric import AsymmetricAccumulator
 
-    with mp.Manager() as manager:
-        result = manager.dict()
-        mp.spawn(_asymmetric_reduce_worker, args=(str(free_port()), result), nprocs=2)
-        got = dict(result)
+    got = on_two_ranks(_asymmetric_reduce_worker)
     refs = [AsymmetricAccumulator(700), AsymmetricAccumulator(700, out_features=300)]  # one process, every batch
     for r in range(2):
         for x_q, x_fp, y in _asymmetric_pairs(r):
@@ -394,16 +395,11 @@ def _bpdq_rows_worker(r: int, port: str, result) -> None:
 def test_bpdq_solves_shares_of_rows_that_gather_each_iterate_s_errors():
     """Each group keeps the iterate that is best over all rows: with every row's error gathered from the
     other rank, two shares of the rows give the one-process planes and coefficients."""
-    import torch.multiprocessing as mp
-
     from bpdq.grids import BitPlaneGrid
     from bpdq.solvers import BPDQ
     from tests.solvers.cases import correlated_hessian, heavy_weight
 
-    with mp.Manager() as manager:
-        result = manager.dict()
-        mp.spawn(_bpdq_rows_worker, args=(str(free_port()), result), nprocs=2)
-        got = dict(result)
+    got = on_two_ranks(_bpdq_rows_worker)
     one = BPDQ(iters=4)(heavy_weight(37, 256, 2), correlated_hessian(256, 2), BitPlaneGrid(planes=2), 64)
     assert [got[r][:2] for r in range(2)] == [(0, 19), (19, 37)]
     assert torch.equal(torch.cat([got[0][2], got[1][2]], 1), one.planes)
@@ -432,12 +428,7 @@ def _spread_worker(r: int, port: str, result) -> None:
 
 
 def test_each_job_of_a_spread_runs_on_one_rank_and_reaches_every_rank_in_its_layout():
-    import torch.multiprocessing as mp
-
-    with mp.Manager() as manager:
-        result = manager.dict()
-        mp.spawn(_spread_worker, args=(str(free_port()), result), nprocs=2)
-        got = dict(result)
+    got = on_two_ranks(_spread_worker)
     for r in range(2):
         ran, t, stride, U, damp, retries, mean_diag = got[r]
         assert ran == [r]
