@@ -50,7 +50,7 @@ class CalibrationConfig(ConfigModel):
         "true: required; false: off",
     )
     asymmetric_damp: float = Field(
-        default=0.01,
+        default=0.1,
         ge=0.0,
         le=10.0,
         allow_inf_nan=False,

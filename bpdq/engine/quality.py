@@ -53,7 +53,7 @@ from bpdq.report import RunReport
 from bpdq.solvers.asymmetric import AsymmetricAccumulator, aligned_rows, corrected_targets, target_factor
 from bpdq.tuning import TuningOptions, tune_layer
 
-ASYMMETRIC_DAMP = 0.01  # damping of W~'s solve, relative to mean(diag H_q) (as GPTQ's default)
+ASYMMETRIC_DAMP = 0.1  # damping of W~'s solve, relative to mean(diag H_q): calibration.asymmetric_damp's default
 
 
 def _batch(replay: Replay | None, index: int) -> ContextManager[None]:

@@ -222,7 +222,7 @@ def test_the_levers_run_from_the_config_and_reach_the_json_summary(in_process, c
     cfg = write_config(tmp_path / "s.yaml", data)
     assert in_process(["quantize", str(cfg), "-o", str(tmp_path / "out"), "--json"]) == 0
     summary = json.loads(capsys.readouterr().out)
-    assert summary["asymmetric"] == {"damp": 0.01}
+    assert summary["asymmetric"] == {"damp": 0.1}
     assert [t["layer"] for t in summary["tuning"]] == ["model.layers.0", "model.layers.1"]
     assert summary["allocation"]["target_bpw"] == 2.6 and summary["avg_bpw_quantized"] <= 2.6
     assert json.loads((tmp_path / "out" / "bpdq_summary.json").read_text()) == summary

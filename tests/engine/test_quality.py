@@ -49,8 +49,8 @@ def test_asymmetric_flag_comes_from_the_calibration_config_and_is_reported():
     model = tiny_model(layers=2)
     report = bpdq.quantize_model(model, tiny_tokenizer(), recipe=RECIPE_2BIT, progress=False, device="cpu",
                                  calibration={**TINY_CALIBRATION, "asymmetric": True})
-    assert report.asymmetric == {"damp": 0.01} and report.tuning is None and report.allocation is None
-    assert report.to_dict()["asymmetric"] == {"damp": 0.01}
+    assert report.asymmetric == {"damp": 0.1} and report.tuning is None and report.allocation is None
+    assert report.to_dict()["asymmetric"] == {"damp": 0.1}
     plain = bpdq.quantize_model(tiny_model(layers=2), tiny_tokenizer(), recipe=RECIPE_2BIT, progress=False,
                                 device="cpu", calibration=TINY_CALIBRATION)
     assert plain.asymmetric is None
@@ -268,7 +268,7 @@ def test_asymmetric_calibration_is_the_default_where_it_applies():
     assert bpdq.QuantizeConfig().calibration.asymmetric == "auto"
     cfg = {"quantize": RECIPE_2BIT, "calibration": _default_calibration(), "progress": False, "device": "cpu"}
     auto = bpdq.quantize(tiny_model(layers=2), cfg, tokenizer=tiny_tokenizer())
-    assert auto.asymmetric == {"damp": 0.01} and auto.stages == ["fp_stream", "asymmetric"]
+    assert auto.asymmetric == {"damp": 0.1} and auto.stages == ["fp_stream", "asymmetric"]
     on = tiny_model(layers=2)
     required = bpdq.quantize(on, {**cfg, "calibration": {**cfg["calibration"], "asymmetric": True}}, tokenizer=tiny_tokenizer())
     off = tiny_model(layers=2)
